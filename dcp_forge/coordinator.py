@@ -1,0 +1,230 @@
+"""CheckpointCoordinator: save and load declared state components through DCP.
+
+Call protocol: every rank constructs its coordinator at the same point of the program (construction
+is collective: it gathers the topology and creates the coordinator's own gloo process group, and
+creating process groups must happen in the same order on every rank). Afterwards every rank calls
+``save_checkpoint`` / ``load_checkpoint`` together, with the same arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from .errors import (
+    CheckpointNotFoundError,
+    ComponentDeclarationError,
+    MissingComponentError,
+    TopologyChangeError,
+    UnexpectedComponentError,
+)
+from .keys import parse_storage_key, storage_key, top_level_key
+from .manifest import CheckpointManifest
+from .placement import ChunkPolicy
+from .planners import ForgeLoadPlanner, ForgeSavePlanner
+from .sharing import SharingPattern, StateComponent, group_names, validate_components
+from .statefuls import prepare_for_load
+from .storage import ForgeStorageReader, ForgeStorageWriter, join_url, latest_checkpoint, open_backend, redact_url
+from .storage.layout import MANIFEST_FILE, validate_checkpoint_id
+from .topology import Topology, gather_topology
+from .validation import check_replication
+
+logger = logging.getLogger(__name__)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class CheckpointCoordinator:
+    """Saves and loads ``state_components`` under ``output_dir`` (a local path or fsspec URL).
+
+    ``process_groups`` names the groups PER_GROUP components refer to (``ProcessGroup`` objects,
+    e.g. from ``DeviceMesh.get_group``). ``node`` overrides this rank's node identity (default:
+    torchrun's LOCAL_RANK layout, else the host name).
+    """
+
+    def __init__(self, state_components: Sequence[StateComponent],
+                 process_groups: Mapping[str, Any] | None = None, output_dir: str | os.PathLike = ".",
+                 storage_options: Mapping[str, Any] | None = None, *, node: int | str | None = None,
+                 thread_count: int = 2, chunk_policy: ChunkPolicy = ChunkPolicy(),
+                 verify_checksums: bool = True, training_args_hash: str | None = None) -> None:
+        self.components = validate_components(state_components)
+        self.process_groups = dict(process_groups or {})
+        missing = sorted(group_names(self.components) - set(self.process_groups))
+        if missing:
+            users = [c.key for c in self.components if c.process_group_name in missing]
+            raise ComponentDeclarationError(
+                f"components {users} are PER_GROUP over {missing}, which process_groups does not name "
+                f"(it has {sorted(self.process_groups) or 'none'}); return them from get_process_groups()")
+        self.output_dir = os.fspath(output_dir)
+        self.storage_options = dict(storage_options or {})
+        self.thread_count = thread_count
+        self.chunk_policy = chunk_policy
+        self.verify_checksums = verify_checksums
+        self.training_args_hash = training_args_hash
+        # A group of its own keeps checkpoint collectives off the training loop's (possibly NCCL) group.
+        self.group = dist.new_group(backend="gloo") if _distributed() else None
+        self.topology: Topology = gather_topology(self.process_groups, node=node, group=self.group)
+        self._check_declarations_agree()
+        self.last_manifest: CheckpointManifest | None = None
+
+    # --- helpers ------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.topology.rank
+
+    def _all_gather(self, obj: Any) -> list[Any]:
+        if self.group is None:
+            return [obj]
+        out: list[Any] = [None] * self.topology.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def _check_declarations_agree(self) -> None:
+        mine = [c.declaration for c in self.components]
+        for rank, theirs in enumerate(self._all_gather(mine)):
+            if theirs != mine:
+                diff = sorted(set(map(str, theirs)) ^ set(map(str, mine)))
+                raise ComponentDeclarationError(
+                    f"state components differ between rank {self.rank} and rank {rank}: every rank must "
+                    f"declare the same keys, patterns, groups and required flags (differences: {diff[:6]})")
+
+    def _broadcast_from_coordinator(self, fn) -> Any:
+        """Run ``fn`` on rank 0 and give its result (or its exception) to every rank."""
+        box: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                box[0] = ("ok", fn())
+            except Exception as err:  # re-raised on every rank below
+                box[0] = ("err", err)
+        if self.group is not None:
+            dist.broadcast_object_list(box, src=0, group=self.group)
+        status, value = box[0]
+        if status == "err":
+            raise value
+        return value
+
+    def checkpoint_path(self, checkpoint_id: str) -> str:
+        return join_url(self.output_dir, validate_checkpoint_id(checkpoint_id))
+
+    # --- save ---------------------------------------------------------------------------------
+    def save_checkpoint(self, checkpoint_path: str | os.PathLike | None = None, checkpoint_id: str | None = None,
+                        validate: bool = False, extra: Mapping[str, Any] | None = None) -> str:
+        """Save every component; returns the committed checkpoint's path. Collective."""
+        if (checkpoint_path is None) == (checkpoint_id is None):
+            raise ValueError("pass exactly one of checkpoint_path or checkpoint_id")
+        path = os.fspath(checkpoint_path) if checkpoint_path is not None else self.checkpoint_path(checkpoint_id)
+        if validate:
+            check_replication(self.components, self.topology, self.group)
+        writer = ForgeStorageWriter(path, self.storage_options, thread_count=self.thread_count,
+                                    extra=extra, training_args_hash=self.training_args_hash)
+        planner = ForgeSavePlanner(self.components, self.topology, chunk_policy=self.chunk_policy)
+        dcp.save({c.key: c.stateful for c in self.components}, storage_writer=writer, planner=planner,
+                 process_group=self.group, no_dist=self.group is None)
+        self.last_manifest = writer.manifest
+        logger.info("rank %d: saved %s", self.rank, redact_url(path))
+        return path
+
+    # --- load ---------------------------------------------------------------------------------
+    def _resolve_load_path(self, checkpoint_path: str | os.PathLike | None) -> str:
+        if checkpoint_path is not None:
+            return os.fspath(checkpoint_path)
+        latest = self._broadcast_from_coordinator(lambda: latest_checkpoint(self.output_dir, self.storage_options))
+        if latest is None:
+            raise CheckpointNotFoundError(f"no committed checkpoint under {redact_url(self.output_dir)}")
+        return latest
+
+    def _saved_storage_keys(self, reader: ForgeStorageReader) -> tuple[set[str], CheckpointManifest | None]:
+        metadata = reader.read_metadata()
+        return {top_level_key(fqn) for fqn in metadata.state_dict_metadata}, reader.manifest
+
+    def load_checkpoint(self, checkpoint_path: str | os.PathLike | None = None, strict: bool = True) -> str:
+        """Load every component from ``checkpoint_path`` (default: the latest committed one). Collective.
+
+        Missing required components raise unless ``strict=False``; missing optional ones are skipped
+        with a warning. In strict mode, components in the checkpoint that nobody declared raise.
+        Returns the loaded checkpoint's path.
+        """
+        path = self._resolve_load_path(checkpoint_path)
+        reader = ForgeStorageReader(path, self.storage_options, thread_count=self.thread_count,
+                                    verify_checksums=self.verify_checksums)
+        saved_keys, manifest = self._broadcast_from_coordinator(lambda: self._saved_storage_keys(reader))
+        loading = self._select_components(saved_keys, manifest, strict, path)
+        for c in loading:
+            prepare_for_load(c.stateful)
+        planner = ForgeLoadPlanner(loading, self.topology, allow_partial_load=not strict)
+        dcp.load({c.key: c.stateful for c in loading}, storage_reader=reader, planner=planner,
+                 process_group=self.group, no_dist=self.group is None)
+        self.last_manifest = manifest
+        logger.info("rank %d: loaded %s (%s)", self.rank, redact_url(path), ", ".join(c.key for c in loading))
+        return path
+
+    def _select_components(self, saved_keys: set[str], manifest: CheckpointManifest | None, strict: bool,
+                           path: str) -> list[StateComponent]:
+        saved_components = {parse_storage_key(k).component for k in saved_keys}
+        declared = {c.key for c in self.components}
+        unknown = sorted(saved_components - declared)
+        if unknown:
+            message = (f"checkpoint {redact_url(path)} holds components nobody declared: {unknown} "
+                       f"(declared: {sorted(declared)})")
+            if strict:
+                raise UnexpectedComponentError(message + "; pass strict=False to ignore them")
+            warnings.warn(message, stacklevel=3)
+        saved_topology = manifest.save_topology if manifest is not None else None
+        loading = []
+        for c in self.components:
+            key = storage_key(c.key, c.sharing_pattern, self.topology, c.process_group_name)
+            if key in saved_keys:
+                self._check_topology(c, saved_topology)
+                loading.append(c)
+                continue
+            message = (f"component {c.key!r} (rank {self.rank}) is not in checkpoint {redact_url(path)}: "
+                       f"expected storage key {key!r}; the checkpoint has "
+                       f"{sorted(k for k in saved_keys if parse_storage_key(k).component == c.key)[:4] or 'no copy of it'}")
+            if c.key in saved_components and saved_topology is not None:
+                self._check_topology(c, saved_topology)
+            if c.required and strict:
+                raise MissingComponentError(message + " (declare it required=False or load with strict=False)")
+            warnings.warn(message + "; keeping its current state", stacklevel=3)
+        return loading
+
+    def _check_topology(self, component: StateComponent, saved: Topology | None) -> None:
+        """Per-rank/node/group copies only map back 1:1 onto the topology they were saved from."""
+        if saved is None or component.sharing_pattern in (SharingPattern.GLOBAL, SharingPattern.REPLICATED):
+            return
+        now = self.topology
+        same = saved.world_size == now.world_size and (
+            component.sharing_pattern is SharingPattern.PER_RANK
+            or (component.sharing_pattern is SharingPattern.PER_NODE and saved.node_of_rank == now.node_of_rank)
+            or (component.sharing_pattern is SharingPattern.PER_GROUP
+                and saved.groups.get(component.process_group_name) == now.groups.get(component.process_group_name)))
+        if not same:
+            raise TopologyChangeError(
+                f"{component.sharing_pattern.name} component {component.key!r} was saved with topology "
+                f"{_describe_topology(saved, component)} but this job has {_describe_topology(now, component)}; "
+                "its per-copy state cannot be mapped onto the new layout")
+
+
+def _describe_topology(topology: Topology, component: StateComponent) -> str:
+    text = f"world_size={topology.world_size}, nodes={topology.num_nodes}"
+    if component.process_group_name:
+        groups = topology.groups.get(component.process_group_name, ())
+        text += f", {component.process_group_name}={[list(g) for g in groups]}"
+    return text
+
+
+def read_manifest(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> CheckpointManifest:
+    """The manifest of the checkpoint at ``path`` (FileNotFoundError for plain DCP checkpoints)."""
+    backend, native = open_backend(path, storage_options)
+    try:
+        return CheckpointManifest.from_json(backend.read_bytes(backend.join(native, MANIFEST_FILE)))
+    except FileNotFoundError as err:
+        raise CheckpointNotFoundError(
+            f"{redact_url(path)} has no {MANIFEST_FILE} (not a dcp_forge checkpoint, or not one at all)") from err

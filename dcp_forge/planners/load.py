@@ -1,0 +1,159 @@
+"""ForgeLoadPlanner: DCP's default load planner reading each rank's own copy of its state.
+
+Call protocol (DCP's): on every rank ``set_up_planner`` then ``create_local_plan``; on the
+coordinator ``create_global_plan``; on every rank ``finish_plan``, then the storage reader calls
+``load_bytes`` / ``resolve_tensor`` / ``commit_tensor`` per read item.
+
+What it adds over ``DefaultLoadPlanner``:
+
+- top-level keys are mapped to the storage keys of this rank's copy (or to an explicit ``key_map``
+  the coordinator computed, e.g. for a changed topology);
+- missing keys, shape and dtype mismatches raise errors that name the component and key, before any
+  byte is read (DCP itself would cast dtypes silently);
+- it never takes DCP's pre-2.4 compatibility branch, which re-flattens the state dict and flips a
+  module-level flag whenever a checkpoint holds keys this rank does not request — always the case
+  here, since every rank skips the other ranks' copies;
+- non-tensor values are unpickled with ``weights_only=True`` (safe_load.py).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_local_load_plan
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
+
+from ..errors import MissingComponentError, StateMismatchError
+from ..keys import top_level_key
+from ..safe_load import load_object
+from ..sharing import ComponentLayout, LayoutSpec, layouts_from
+from ..topology import Topology
+from .keymap import default_topology, storage_keys_for
+
+
+class ForgeLoadPlanner(DefaultLoadPlanner):
+    """Load planner applying dcp_forge keys.
+
+    ``components`` / ``topology`` as for ForgeSavePlanner. ``key_map`` overrides the computed
+    ``{state-dict key: storage key}``. ``allow_partial_load``: keys absent from the checkpoint are
+    left untouched instead of raising.
+    """
+
+    def __init__(self, components: LayoutSpec | None = None, topology: Topology | None = None, *,
+                 key_map: Mapping[str, str] | None = None, allow_partial_load: bool = False) -> None:
+        super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True,
+                         allow_partial_load=allow_partial_load)
+        self.layouts: dict[str, ComponentLayout] = layouts_from(components)
+        self._topology = topology
+        self._explicit_key_map = dict(key_map or {})
+        self.key_map: dict[str, str] = {}
+        self._user_key: dict[str, str] = {}
+        self._user_state_dict: dict[str, Any] = {}
+        self.skipped_keys: list[str] = []
+
+    @property
+    def topology(self) -> Topology:
+        if self._topology is None:
+            self._topology = default_topology(self.layouts)
+        return self._topology
+
+    def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None,
+                       is_coordinator: bool = False) -> None:
+        computed = storage_keys_for(
+            [k for k in state_dict if k not in self._explicit_key_map], self.layouts, self.topology)
+        self.key_map = {**computed, **{k: v for k, v in self._explicit_key_map.items() if k in state_dict}}
+        self._user_key = {sk: k for k, sk in self.key_map.items()}
+        self._user_state_dict = state_dict
+        super().set_up_planner({self.key_map[k]: v for k, v in state_dict.items()}, metadata, is_coordinator)
+        if metadata is not None:
+            self._add_saved_extras(metadata)
+
+    def _add_saved_extras(self, metadata: Metadata) -> None:
+        """Load saved keys the current state lacks *by value*, under the same component.
+
+        A fresh optimizer has no per-parameter state yet, and a dataloader's state shape can depend
+        on where it stopped: asking only for the keys the current object lists would silently drop
+        the rest. Such keys are added to the destination (a new tensor, or a value to unpickle) at
+        their saved nested path, so ``load_state_dict`` receives everything that was saved.
+        """
+        ours = set(self.key_map.values())
+        paths = metadata.planner_data or {}
+        for fqn, md in metadata.state_dict_metadata.items():
+            if fqn in self.state_dict or top_level_key(fqn) not in ours:
+                continue
+            path = tuple(paths.get(fqn) or fqn.split("."))
+            if isinstance(md, TensorStorageMetadata):
+                value: Any = torch.empty(md.size, dtype=md.properties.dtype)
+                set_element(self.original_state_dict, path, value)
+            else:
+                value = None  # placeholder: load_bytes sets the real value at ``path``
+            self.state_dict[fqn] = value
+            self.mappings[fqn] = path
+
+    def _component(self, fqn: str) -> str:
+        storage = top_level_key(fqn)
+        return self._user_key.get(storage, storage)
+
+    def _check_against_metadata(self) -> None:
+        if self.metadata is None:
+            raise RuntimeError("DCP called create_local_plan before set_up_planner gave it metadata")
+        saved = self.metadata.state_dict_metadata
+        self.skipped_keys = []
+        for fqn, obj in self.state_dict.items():
+            component = self._component(fqn)
+            md = saved.get(fqn)
+            if md is None:
+                if self.allow_partial_load:
+                    self.skipped_keys.append(fqn)
+                    continue
+                raise MissingComponentError(
+                    f"component {component!r} on rank {self.topology.rank}: key {fqn!r} is not in the "
+                    f"checkpoint (expected because the current state has it; the checkpoint has "
+                    f"{_nearby_keys(saved, top_level_key(fqn))})"
+                )
+            if isinstance(md, TensorStorageMetadata):
+                shape = getattr(obj, "shape", None)
+                dtype = getattr(obj, "dtype", None)
+                if shape is None:
+                    raise StateMismatchError(
+                        f"component {component!r} on rank {self.topology.rank}: {fqn!r} was saved as a "
+                        f"tensor {tuple(md.size)} but the current state holds {type(obj).__name__}")
+                if tuple(shape) != tuple(md.size):
+                    raise StateMismatchError(
+                        f"component {component!r} on rank {self.topology.rank}: shape mismatch for "
+                        f"{fqn!r}: checkpoint has {tuple(md.size)}, current state expects {tuple(shape)}")
+                if dtype != md.properties.dtype:
+                    raise StateMismatchError(
+                        f"component {component!r} on rank {self.topology.rank}: dtype mismatch for "
+                        f"{fqn!r}: checkpoint has {md.properties.dtype}, current state expects {dtype}")
+            elif isinstance(md, BytesStorageMetadata) and hasattr(obj, "shape") and hasattr(obj, "dtype"):
+                raise StateMismatchError(
+                    f"component {component!r} on rank {self.topology.rank}: {fqn!r} was saved as a "
+                    f"non-tensor value but the current state holds a tensor {tuple(obj.shape)}")
+
+    def create_local_plan(self) -> LoadPlan:
+        self._check_against_metadata()
+        return create_default_local_load_plan(self.state_dict, self.metadata, not self.allow_partial_load)
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        obj = load_object(value, name=f"{self._component(fqn)}: {fqn}")
+        path = self.mappings[fqn]
+        set_element(self.original_state_dict, path, obj)
+        if len(path) == 1:  # a top-level value was replaced: hand it back under the caller's key
+            self._user_state_dict[self._user_key.get(path[0], path[0])] = obj
+
+
+def _nearby_keys(saved: Mapping[str, Any], storage_key: str, limit: int = 5) -> str:
+    component = storage_key.split("@", 1)[0]
+    near = sorted(k for k in saved if k.split(".", 1)[0].split("@", 1)[0] == component)
+    if not near:
+        return "no keys for this component"
+    shown = ", ".join(repr(k) for k in near[:limit])
+    return f"{len(near)} key(s) for this component, e.g. {shown}"

@@ -1,0 +1,53 @@
+"""RNGState: the random number generators of one process, as a checkpointable Stateful.
+
+Covers python's ``random``, numpy's global generator, torch's CPU generator and, when present,
+every CUDA device's generator. The state holds only tensors and plain numbers, so it loads with
+``weights_only=True``. Declare it PER_RANK: each rank's streams differ.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import StateMismatchError
+
+
+class RNGState:
+    """Snapshot and restore this process's RNGs (``state_dict`` / ``load_state_dict``)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss_next = random.getstate()
+        np_kind, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+        state: dict[str, Any] = {
+            "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64),
+                       "gauss_next": gauss_next},
+            "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)),
+                      "pos": int(np_pos), "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_cached)},
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = {str(i): s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = {"python", "numpy", "torch"} - set(state)
+        if missing:
+            raise StateMismatchError(f"RNG state is missing {sorted(missing)}")
+        py = state["python"]
+        random.setstate((int(py["version"]), tuple(int(x) for x in py["state"].tolist()), py["gauss_next"]))
+        npst = state["numpy"]
+        np.random.set_state((npst["kind"], npst["keys"].numpy().astype(np.uint32), int(npst["pos"]),
+                             int(npst["has_gauss"]), float(npst["cached_gaussian"])))
+        torch.set_rng_state(state["torch"])
+        cuda = state.get("cuda")
+        if cuda and torch.cuda.is_available():
+            saved = [cuda[k] for k in sorted(cuda, key=int)]
+            if len(saved) != torch.cuda.device_count():
+                raise StateMismatchError(
+                    f"RNG state holds {len(saved)} CUDA generators, this process sees "
+                    f"{torch.cuda.device_count()} devices")
+            torch.cuda.set_rng_state_all(saved)

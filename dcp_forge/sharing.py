@@ -1,0 +1,190 @@
+"""How a piece of training state is shared across ranks: the declaration users write.
+
+A ``StateComponent`` names one stateful object (model, optimizer, scheduler, dataloader, RNG ...)
+and its ``SharingPattern``. Everything else in dcp_forge (storage keys, who writes what, who loads
+what) is derived from these declarations, so they validate themselves when built.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from .errors import ComponentDeclarationError, describe_type
+
+
+class SharingPattern(Enum):
+    """How a component's value relates across ranks (see docs/FORMAT.md for the exact semantics)."""
+
+    GLOBAL = "global"  # one logical value (rank 0's, or DTensor shards owned by their ranks)
+    PER_RANK = "per_rank"  # different on every rank
+    REPLICATED = "replicated"  # identical on every rank
+    PER_GROUP = "per_group"  # identical within each group of a named process group
+    PER_NODE = "per_node"  # identical within a node, different across nodes
+
+    @classmethod
+    def coerce(cls, value: SharingPattern | str, *, field_name: str = "sharing_pattern") -> SharingPattern:
+        """Accept a member or its string value; anything else is a ValueError naming the field."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls(value.lower())
+            except ValueError:
+                pass
+        allowed = ", ".join(repr(m.value) for m in cls)
+        raise ComponentDeclarationError(
+            f"{field_name!r} must be a SharingPattern or one of {allowed} (got {describe_type(value)})"
+        )
+
+
+class ValidationLevel(Enum):
+    """How thoroughly replicated state is compared across the ranks that share it."""
+
+    NONE = "none"  # no check
+    QUICK = "quick"  # one hash of the whole state
+    TENSOR = "tensor"  # one checksum per tensor, so a mismatch names the tensor
+    FULL = "full"  # element-wise comparison (debugging)
+
+    @classmethod
+    def coerce(cls, value: ValidationLevel | str, *, field_name: str = "validation_level") -> ValidationLevel:
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls(value.lower())
+            except ValueError:
+                pass
+        allowed = ", ".join(repr(m.value) for m in cls)
+        raise ComponentDeclarationError(
+            f"{field_name!r} must be a ValidationLevel or one of {allowed} (got {describe_type(value)})"
+        )
+
+
+# A component key becomes the first segment of DCP's dotted FQNs and of the namespaced storage key
+# (keys.py), so it may not contain '.', '@', '/' or anything that could escape a directory.
+_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,127}$")
+_GROUP_NAME_RE = _KEY_RE
+
+
+def validate_component_key(key: object, *, field_name: str = "key") -> str:
+    if not isinstance(key, str):
+        raise ComponentDeclarationError(f"{field_name!r} must be <str> (got {describe_type(key)})")
+    if not _KEY_RE.match(key):
+        raise ComponentDeclarationError(
+            f"{field_name!r} must be a non-empty identifier of letters, digits, '_' or '-', starting "
+            f"with a letter or '_', at most 128 characters (got {key!r})"
+        )
+    return key
+
+
+@dataclass
+class StateComponent:
+    """One checkpointable piece of state and how it is shared (seed 002's StateComponent)."""
+
+    key: str
+    stateful: Any
+    sharing_pattern: SharingPattern
+    process_group_name: str | None = None
+    required: bool = True
+    validate_replication: bool = False
+    metadata: dict[str, Any] = field(default_factory=dict)
+    validation_level: ValidationLevel = ValidationLevel.TENSOR
+
+    def __post_init__(self) -> None:
+        validate_component_key(self.key)
+        self.sharing_pattern = SharingPattern.coerce(self.sharing_pattern)
+        self.validation_level = ValidationLevel.coerce(self.validation_level)
+        if not (callable(getattr(self.stateful, "state_dict", None))
+                and callable(getattr(self.stateful, "load_state_dict", None))):
+            raise ComponentDeclarationError(
+                f"'stateful' of component {self.key!r} must have state_dict() and load_state_dict() "
+                f"(got {describe_type(self.stateful)})"
+            )
+        for name in ("required", "validate_replication"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ComponentDeclarationError(
+                    f"{name!r} of component {self.key!r} must be <bool> (got {describe_type(value)})"
+                )
+        if not isinstance(self.metadata, dict):
+            raise ComponentDeclarationError(
+                f"'metadata' of component {self.key!r} must be <dict> (got {describe_type(self.metadata)})"
+            )
+        if self.sharing_pattern is SharingPattern.PER_GROUP:
+            if self.process_group_name is None:
+                raise ComponentDeclarationError(
+                    f"'process_group_name' is required for PER_GROUP component {self.key!r}"
+                )
+            validate_component_key(self.process_group_name, field_name="process_group_name")
+        elif self.process_group_name is not None:
+            raise ComponentDeclarationError(
+                f"'process_group_name' is only meaningful for PER_GROUP; component {self.key!r} is "
+                f"{self.sharing_pattern.name} (got process_group_name={self.process_group_name!r})"
+            )
+
+    @property
+    def layout(self) -> ComponentLayout:
+        return ComponentLayout(self.key, self.sharing_pattern, self.process_group_name)
+
+    @property
+    def declaration(self) -> tuple[str, str, str | None, bool]:
+        """What must agree across ranks: key, pattern, group name, required."""
+        return (self.key, self.sharing_pattern.value, self.process_group_name, self.required)
+
+
+@dataclass(frozen=True)
+class ComponentLayout:
+    """The part of a declaration planning needs: a key, its pattern and (PER_GROUP) its group."""
+
+    key: str
+    pattern: SharingPattern
+    group_name: str | None = None
+
+
+LayoutSpec = Iterable["StateComponent"] | Mapping[str, "SharingPattern | str | tuple[SharingPattern | str, str]"]
+
+
+def layouts_from(spec: LayoutSpec | None) -> dict[str, ComponentLayout]:
+    """Normalise StateComponents, or a ``{key: pattern}`` / ``{key: (pattern, group)}`` mapping."""
+    if spec is None:
+        return {}
+    if isinstance(spec, Mapping):
+        out: dict[str, ComponentLayout] = {}
+        for key, value in spec.items():
+            validate_component_key(key)
+            pattern, group = (value if isinstance(value, tuple) else (value, None))
+            pattern = SharingPattern.coerce(pattern, field_name=f"pattern of {key!r}")
+            if (pattern is SharingPattern.PER_GROUP) != (group is not None):
+                raise ComponentDeclarationError(
+                    f"component {key!r}: a process group name is required for PER_GROUP and only for it "
+                    f"(got pattern {pattern.name}, group {group!r})"
+                )
+            out[key] = ComponentLayout(key, pattern, group)
+        return out
+    return {c.key: c.layout for c in validate_components(spec)}
+
+
+def validate_components(components: Iterable[StateComponent]) -> list[StateComponent]:
+    """Check a whole declaration: types and unique keys. Returns it as a list."""
+    result: list[StateComponent] = []
+    seen: set[str] = set()
+    for index, component in enumerate(components):
+        if not isinstance(component, StateComponent):
+            raise ComponentDeclarationError(
+                f"state_components[{index}] must be a StateComponent (got {describe_type(component)})"
+            )
+        if component.key in seen:
+            raise ComponentDeclarationError(
+                f"'key' must be unique across state_components: {component.key!r} is declared twice"
+            )
+        seen.add(component.key)
+        result.append(component)
+    return result
+
+
+def group_names(components: Sequence[StateComponent]) -> set[str]:
+    return {c.process_group_name for c in components if c.process_group_name is not None}

@@ -1,0 +1,44 @@
+"""Storage for dcp_forge checkpoints: backends by URL scheme, DCP writer/reader, commit protocol.
+
+``open_writer(url)`` / ``open_reader(url)`` give DCP ``StorageWriter`` / ``StorageReader`` objects
+for a local path, ``file://``, ``memory://``, ``s3://`` or any fsspec URL.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from .backends import FsspecBackend, LocalBackend, StorageBackend
+from .commit import (
+    CheckpointState,
+    checkpoint_state,
+    delete_checkpoint,
+    discard_partial_checkpoints,
+    latest_checkpoint,
+    list_checkpoints,
+)
+from .reader import ForgeStorageReader
+from .registry import BACKENDS, join_url, open_backend, redact_url
+from .writer import ForgeStorageWriter
+
+
+def open_writer(url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None,
+                **options: Any) -> ForgeStorageWriter:
+    """A DCP StorageWriter for the checkpoint directory ``url`` (options: see ForgeStorageWriter)."""
+    return ForgeStorageWriter(url, storage_options, **options)
+
+
+def open_reader(url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None,
+                **options: Any) -> ForgeStorageReader:
+    """A DCP StorageReader for the checkpoint directory ``url`` (options: see ForgeStorageReader)."""
+    return ForgeStorageReader(url, storage_options, **options)
+
+
+__all__ = [
+    "BACKENDS", "CheckpointState", "ForgeStorageReader", "ForgeStorageWriter", "FsspecBackend",
+    "LocalBackend", "StorageBackend", "checkpoint_state", "delete_checkpoint", "discard_partial_checkpoints",
+    "join_url", "latest_checkpoint", "list_checkpoints", "open_backend", "open_reader", "open_writer",
+    "redact_url",
+]

@@ -1,0 +1,82 @@
+"""Backends by URL scheme. Read-only to users: a ``MappingProxyType`` over the built-in table.
+
+Schemes not in the table reach fsspec's own registry (gs://, az://, ...), with fsspec's install
+hint when the package behind them is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import fsspec
+
+from .backends import FsspecBackend, LocalBackend, StorageBackend
+
+_INSTALL_HINTS = {
+    "s3": "pip install 'dcp-forge[s3]' to use s3:// URLs",
+    "s3a": "pip install 'dcp-forge[s3]' to use s3:// URLs",
+    "gs": "pip install gcsfs to use gs:// URLs",
+    "gcs": "pip install gcsfs to use gs:// URLs",
+    "az": "pip install adlfs to use az:// URLs",
+    "abfs": "pip install adlfs to use abfs:// URLs",
+}
+
+
+def _local(url: str, storage_options: Mapping[str, Any]) -> tuple[StorageBackend, str]:
+    path = url[len("file://"):] if url.startswith("file://") else url
+    return LocalBackend(fsspec.filesystem("file")), os.path.abspath(os.path.expanduser(path))
+
+
+def _fsspec(url: str, storage_options: Mapping[str, Any]) -> tuple[StorageBackend, str]:
+    scheme = scheme_of(url)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **dict(storage_options))
+    except ImportError as err:
+        hint = _INSTALL_HINTS.get(scheme) or f"install the fsspec implementation for {scheme}://"
+        raise ImportError(f"{hint} ({err.__class__.__name__}: {err})") from err
+    return FsspecBackend(fs), path.rstrip("/") or path
+
+
+BACKENDS: Mapping[str, Callable[[str, Mapping[str, Any]], tuple[StorageBackend, str]]] = types.MappingProxyType({
+    "": _local,
+    "file": _local,
+    "memory": _fsspec,
+    "s3": _fsspec,
+})
+
+
+def scheme_of(url: str) -> str:
+    if "://" not in url:
+        return ""
+    return url.split("://", 1)[0].lower()
+
+
+def open_backend(url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None
+                 ) -> tuple[StorageBackend, str]:
+    """The backend for ``url`` and the native path it names."""
+    url = os.fspath(url)
+    factory = BACKENDS.get(scheme_of(url), _fsspec)
+    return factory(url, storage_options or {})
+
+
+def redact_url(url: str | os.PathLike) -> str:
+    """The URL without any user:password part, for messages and logs."""
+    url = os.fspath(url)
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def join_url(url: str | os.PathLike, *parts: str) -> str:
+    """Join path segments onto a URL or local path."""
+    url = os.fspath(url)
+    if "://" in url:
+        return "/".join([url.rstrip("/"), *parts])
+    return os.path.join(url, *parts)

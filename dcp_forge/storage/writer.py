@@ -1,0 +1,225 @@
+"""ForgeStorageWriter: DCP storage writer over any backend, with checksums and an atomic commit.
+
+Call protocol (DCP's ``StorageWriter``): ``reset`` → on every rank ``set_up_storage_writer`` and
+``prepare_local_plan``; on the coordinator ``prepare_global_plan`` (claims the checkpoint id);
+on every rank ``write_data``; on the coordinator ``finish`` (index, metadata, manifest, commit).
+
+Files keep DCP's layout (``__<rank>_<n>.distcp`` holding ``torch.save`` blobs, a pickled
+``.metadata`` with plain ``_StorageInfo`` entries), so DCP's own ``FileSystemReader`` reads them.
+Each rank writes its items into ``thread_count`` files in parallel, hashing the bytes as they go.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import pickle
+import time
+import uuid
+from datetime import datetime, timezone
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+import xxhash
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+from torch.futures import Future
+
+from ..manifest import CheckpointManifest, checksum_bytes, component_manifests, item_records, versions
+from ..placement import item_bytes
+from ..sharing import ComponentLayout
+from ..topology import Topology
+from .backends import OutputStream, StorageBackend
+from .commit import CommitRecord, claim, commit
+from ..index import StoredItem, encode_index
+from .layout import INDEX_FILE, MANIFEST_FILE, METADATA_FILE, data_file_name
+from .registry import open_backend, redact_url
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RankFiles:
+    """``SavePlan.storage_data``: which rank's file names a plan writes to."""
+
+    rank: int
+
+
+class _HashingStream:
+    """Passes writes to ``out`` and hashes each item's bytes as they stream past."""
+
+    def __init__(self, out: OutputStream) -> None:
+        self.out = out
+        self._hasher = xxhash.xxh3_64()
+        self._start = 0
+
+    def begin_item(self) -> None:
+        self._hasher.reset()
+        self._start = self.out.tell()
+
+    def end_item(self) -> tuple[int, int, str]:
+        return self._start, self.out.tell() - self._start, self._hasher.hexdigest()
+
+    def write(self, data: Any) -> int:
+        self._hasher.update(data)
+        return self.out.write(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def tell(self) -> int:
+        return self.out.tell()
+
+
+def _bins(items: Sequence[WriteItem], count: int) -> list[list[WriteItem]]:
+    """Split items into ``count`` lists of about equal bytes (largest first onto the lightest)."""
+    bins: list[list[WriteItem]] = [[] for _ in range(max(1, count))]
+    loads = [0] * len(bins)
+    for item in sorted(items, key=item_bytes, reverse=True):
+        i = loads.index(min(loads))
+        bins[i].append(item)
+        loads[i] += item_bytes(item)
+    return [b for b in bins if b]
+
+
+def _write_item(stream: _HashingStream, item: WriteItem, planner: SavePlanner) -> None:
+    data = planner.resolve_data(item)
+    if item.type == WriteItemType.BYTE_IO:
+        stream.write(data.getbuffer() if isinstance(data, io.BytesIO) else data)
+        return
+    tensor = data.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    torch.save(tensor, stream)
+
+
+class ForgeStorageWriter(StorageWriter):
+    """Writes one checkpoint directory at ``url`` (a local path or any fsspec URL).
+
+    ``thread_count``: files (and threads) per rank. ``extra``: JSON-able data stored in the
+    manifest (step, metrics). ``on_committed``: called on the coordinator with the manifest once the
+    commit marker exists.
+    """
+
+    def __init__(self, url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, *,
+                 thread_count: int = 2, extra: Mapping[str, Any] | None = None,
+                 training_args_hash: str | None = None,
+                 on_committed: Callable[[CheckpointManifest], None] | None = None) -> None:
+        super().__init__()
+        if not isinstance(thread_count, int) or thread_count < 1:
+            raise ValueError(f"'thread_count' must be a positive int (got {thread_count!r})")
+        self.storage_options = dict(storage_options or {})
+        self.thread_count = thread_count
+        self.extra = dict(extra or {})
+        self.training_args_hash = training_args_hash
+        self.on_committed = on_committed
+        self.manifest: CheckpointManifest | None = None
+        self._layouts: Mapping[str, ComponentLayout] = {}
+        self._topology: Topology | None = None
+        self.is_coordinator = False
+        self.rank = 0
+        self.reset(url)
+
+    # --- DCP StorageWriter protocol ----------------------------------------------------------
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        if checkpoint_id is not None:
+            self.url = os.fspath(checkpoint_id)
+            self.backend, self.path = open_backend(self.url, self.storage_options)
+        self.save_id = uuid.uuid4().hex
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return isinstance(checkpoint_id, (str, os.PathLike))
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.url, save_id=self.save_id)
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = int(kwargs.get("rank", 0) or 0)
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        # Runs on the coordinator before any rank writes; an error here reaches every rank.
+        claim(self.backend, self.path, self.save_id, self.url)
+        return [dataclasses.replace(plan, storage_data=_RankFiles(rank)) for rank, plan in enumerate(plans)]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        self._layouts = getattr(planner, "layouts", {}) or {}
+        self._topology = getattr(planner, "topology", None)
+        rank = plan.storage_data.rank if isinstance(plan.storage_data, _RankFiles) else self.rank
+        bins = _bins(plan.items, self.thread_count)
+        results: list[WriteResult] = []
+        if bins:
+            with ThreadPoolExecutor(max_workers=len(bins), thread_name_prefix="forge-write") as pool:
+                futures = [pool.submit(self._write_file, data_file_name(rank, i), items, planner, rank)
+                           for i, items in enumerate(bins)]
+                errors = []
+                for f in futures:
+                    try:
+                        results.extend(f.result())
+                    except BaseException as err:  # collect, so every file is closed or aborted first
+                        errors.append(err)
+                if errors:
+                    raise errors[0]
+            self.backend.sync_dir(self.path)
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
+
+    def _write_file(self, name: str, items: Sequence[WriteItem], planner: SavePlanner,
+                    rank: int) -> list[WriteResult]:
+        out = self.backend.open_output(self.backend.join(self.path, name))
+        stream = _HashingStream(out)
+        results = []
+        try:
+            for item in items:
+                stream.begin_item()
+                _write_item(stream, item, planner)
+                offset, length, checksum = stream.end_item()
+                results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                           storage_data=StoredItem(name, offset, length, checksum, rank)))
+        except BaseException:
+            out.abort()
+            raise
+        out.close()
+        return results
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        started = time.perf_counter()
+        topology = self._topology or Topology(rank=0, world_size=max(1, len(results)))
+        records = item_records(metadata, results, self._layouts)
+        metadata.storage_data = {
+            r.index: _StorageInfo(r.storage_data.relative_path, r.storage_data.offset, r.storage_data.length)
+            for rank_results in results for r in rank_results
+        }
+        index_bytes = encode_index(records)
+        metadata_bytes = pickle.dumps(metadata)
+        self.backend.write_bytes(self.backend.join(self.path, INDEX_FILE), index_bytes)
+        self.backend.write_bytes(self.backend.join(self.path, METADATA_FILE), metadata_bytes)
+        manifest = CheckpointManifest(
+            checkpoint_path=redact_url(self.url), world_size=topology.world_size,
+            timestamp=datetime.now(timezone.utc), components=component_manifests(records, self._layouts, topology),
+            training_args_hash=self.training_args_hash, versions=versions(), topology=topology.to_json(),
+            files={METADATA_FILE: checksum_bytes(metadata_bytes), INDEX_FILE: checksum_bytes(index_bytes)},
+            extra=self.extra,
+        )
+        manifest_bytes = manifest.to_json().encode()
+        self.backend.write_bytes(self.backend.join(self.path, MANIFEST_FILE), manifest_bytes)
+        self.backend.sync_dir(self.path)
+        commit(self.backend, self.path, CommitRecord(
+            checkpoint_id=os.path.basename(self.path.rstrip("/")), save_id=self.save_id,
+            committed_at=time.time(), manifest_checksum=checksum_bytes(manifest_bytes)))
+        self.manifest = manifest
+        logger.info("committed %s: %d items, %d bytes (finish %.3fs)", redact_url(self.url), len(records),
+                    sum(r.length for r in records), time.perf_counter() - started)
+        if self.on_committed is not None:
+            self.on_committed(manifest)
