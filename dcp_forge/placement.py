@@ -77,7 +77,10 @@ def chunk_boxes(size: Sequence[int], itemsize: int, holders: int,
         return whole
     pieces = min(max(1, holders) * policy.chunks_per_holder, total // policy.min_chunk_bytes)
     dim = next((d for d, s in enumerate(size) if s >= pieces), max(range(len(size)), key=lambda d: size[d]))
-    pieces = min(pieces, size[dim])
+    # Whole rows only, and no piece under min_chunk_bytes (the smallest piece gets the fewest rows).
+    row_bytes = total // size[dim]
+    min_rows = -(-policy.min_chunk_bytes // row_bytes)
+    pieces = min(pieces, size[dim] // min_rows)
     if pieces <= 1:
         return whole
     base, extra = divmod(size[dim], pieces)

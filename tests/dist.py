@@ -1,0 +1,69 @@
+"""Run a function on N real processes joined in a gloo process group (CPU, 127.0.0.1).
+
+Rendezvous goes through a FileStore in a temp dir, so tests never race for TCP ports. Simulated
+nodes: ``ranks_per_node`` sets LOCAL_RANK / LOCAL_WORLD_SIZE the way torchrun would.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch.multiprocessing as mp
+
+
+def _worker(rank: int, world_size: int, init_file: str, ranks_per_node: int, fn: Callable, args: tuple,
+            results: Any) -> None:
+    import torch.distributed as dist
+
+    os.environ.update({
+        "RANK": str(rank), "WORLD_SIZE": str(world_size),
+        "LOCAL_RANK": str(rank % ranks_per_node), "LOCAL_WORLD_SIZE": str(ranks_per_node),
+        "GROUP_RANK": str(rank // ranks_per_node),
+    })
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+        try:
+            results.put((rank, "ok", fn(rank, world_size, *args)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # report every failure to the parent, with its traceback
+        results.put((rank, "err", traceback.format_exc()))
+
+
+def run_ranks(fn: Callable, world_size: int, *args: Any, ranks_per_node: int | None = None,
+              timeout: float = 180.0) -> list[Any]:
+    """``fn(rank, world_size, *args)`` on every rank; returns the results in rank order.
+
+    Raises AssertionError with every failing rank's traceback if any rank fails or times out.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = [ctx.Process(target=_worker, daemon=True,
+                             args=(r, world_size, init_file, ranks_per_node or world_size, fn, args, results))
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        collected: dict[int, tuple[str, Any]] = {}
+        try:
+            for _ in range(world_size):
+                rank, status, value = results.get(timeout=timeout)
+                collected[rank] = (status, value)
+        except Exception:
+            pass
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+    failures = {r: v for r, (s, v) in collected.items() if s == "err"}
+    missing = sorted(set(range(world_size)) - set(collected))
+    if failures or missing:
+        text = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))
+        raise AssertionError(f"ranks failed: {sorted(failures)}; no result from ranks {missing}\n{text}")
+    return [collected[r][1] for r in range(world_size)]
