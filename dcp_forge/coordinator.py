@@ -8,6 +8,7 @@ creating process groups must happen in the same order on every rank). Afterwards
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from .errors import (
     CheckpointNotFoundError,
@@ -23,6 +25,7 @@ from .errors import (
     MissingComponentError,
     TopologyChangeError,
     UnexpectedComponentError,
+    first_rank_failure,
 )
 from .keys import parse_storage_key, storage_key, top_level_key
 from .manifest import CheckpointManifest
@@ -40,6 +43,18 @@ logger = logging.getLogger(__name__)
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _rank_errors():
+    """Turn DCP's CheckpointException into the failing rank's own (typed) error, on every rank."""
+    try:
+        yield
+    except CheckpointException as exc:
+        original = first_rank_failure(exc)
+        if original is None:
+            raise
+        raise original from exc
 
 
 class CheckpointCoordinator:
@@ -126,8 +141,9 @@ class CheckpointCoordinator:
         writer = ForgeStorageWriter(path, self.storage_options, thread_count=self.thread_count,
                                     extra=extra, training_args_hash=self.training_args_hash)
         planner = ForgeSavePlanner(self.components, self.topology, chunk_policy=self.chunk_policy)
-        dcp.save({c.key: c.stateful for c in self.components}, storage_writer=writer, planner=planner,
-                 process_group=self.group, no_dist=self.group is None)
+        with _rank_errors():
+            dcp.save({c.key: c.stateful for c in self.components}, storage_writer=writer, planner=planner,
+                     process_group=self.group, no_dist=self.group is None)
         self.last_manifest = writer.manifest
         logger.info("rank %d: saved %s", self.rank, redact_url(path))
         return path
@@ -160,8 +176,9 @@ class CheckpointCoordinator:
         for c in loading:
             prepare_for_load(c.stateful)
         planner = ForgeLoadPlanner(loading, self.topology, allow_partial_load=not strict)
-        dcp.load({c.key: c.stateful for c in loading}, storage_reader=reader, planner=planner,
-                 process_group=self.group, no_dist=self.group is None)
+        with _rank_errors():
+            dcp.load({c.key: c.stateful for c in loading}, storage_reader=reader, planner=planner,
+                     process_group=self.group, no_dist=self.group is None)
         self.last_manifest = manifest
         logger.info("rank %d: loaded %s (%s)", self.rank, redact_url(path), ", ".join(c.key for c in loading))
         return path

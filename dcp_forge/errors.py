@@ -57,3 +57,22 @@ class TopologyChangeError(ForgeError, ValueError):
 def describe_type(value: object) -> str:
     """Render a value and its type the way attrs does: ``'a' that is a <str>``."""
     return f"{value!r} that is a <{type(value).__name__}>"
+
+
+def first_rank_failure(exc: BaseException) -> BaseException | None:
+    """The original error of the lowest failing rank inside DCP's ``CheckpointException``.
+
+    DCP gathers every rank's exception into one ``CheckpointException`` (a ``BaseException``, so
+    ``except Exception`` misses it). Re-raising the original keeps its type (ValueError,
+    FileExistsError, ...) and message for callers; every rank raises the same one.
+    """
+    failures = getattr(exc, "failures", None)
+    if not failures:
+        return None
+    rank = min(failures)
+    original = failures[rank][0]
+    if isinstance(original, BaseException):
+        if len(failures) > 1 and hasattr(original, "add_note"):
+            original.add_note(f"(failed on ranks {sorted(failures)}; showing rank {rank}'s error)")
+        return original
+    return None
