@@ -18,12 +18,12 @@ The languages are learnable, so the loss visibly falls:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from .losses import IGNORE_INDEX, shift_labels, token_logprobs
@@ -39,6 +39,7 @@ __all__ = [
     "ReversalPreferenceDataset",
     "RolloutDataset",
     "synthetic_ppo_rollouts",
+    "ShardedEpochSampler",
     "make_dataloader",
 ]
 
@@ -47,7 +48,7 @@ FIRST_CONTENT_ID = 4
 
 
 # Stream kinds, so the per-item streams never coincide with the dataset-wide ones.
-_ITEM, _TABLE, _NOISE = 0, 1, 2
+_ITEM, _TABLE, _NOISE, _SHUFFLE = 0, 1, 2, 3
 
 
 def _generator(seed: int, kind: int, index: int = 0) -> torch.Generator:
@@ -281,6 +282,77 @@ def synthetic_ppo_rollouts(
     return RolloutDataset(out)
 
 
+class ShardedEpochSampler(Sampler[int]):
+    """Shard ``shard_index`` of ``num_shards`` of a per-epoch order, with its position as state.
+
+    The order of epoch ``e`` is a pure function of ``(seed, e)`` (a permutation, or 0..n-1 without
+    shuffling); shard ``s`` takes positions ``s, s + num_shards, ...`` of it, cut so every shard has the
+    same length and ranks in lockstep never wait on each other. Each ``iter()`` starts the next epoch;
+    ``state_dict()`` is ``{"epoch", "yielded", "num_shards"}`` of the current one.
+
+    Why not StatefulDataLoader's own shuffling: in torchdata 0.11, after ``load_state_dict`` with
+    ``num_workers=0`` the shuffle generator is one draw away from an uninterrupted run's, so every
+    epoch after the resumed one is permuted differently; and ``StatefulDistributedSampler`` leaves the
+    epoch out of its state. Deriving each epoch's order from ``(seed, epoch)`` makes restore exact
+    whatever the worker count.
+    """
+
+    def __init__(self, length: int, *, shuffle: bool = True, seed: int = 0, num_shards: int = 1,
+                 shard_index: int = 0) -> None:
+        _check_positive("ShardedEpochSampler", length=length, num_shards=num_shards)
+        if not 0 <= shard_index < num_shards:
+            raise ValueError(
+                f"ShardedEpochSampler: shard_index must be in [0, num_shards={num_shards}) (got {shard_index})"
+            )
+        if length < num_shards:
+            raise ValueError(f"ShardedEpochSampler: length={length} leaves some of the {num_shards} shards empty")
+        self.length, self.shuffle, self.seed = length, shuffle, seed
+        self.num_shards, self.shard_index = num_shards, shard_index
+        self.epoch, self.yielded = -1, 0  # no epoch started yet
+        self._resume: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return self.length // self.num_shards
+
+    def order(self, epoch: int) -> list[int]:
+        """This shard's indices for ``epoch``."""
+        if self.shuffle:
+            full = torch.randperm(self.length, generator=_generator(self.seed, _SHUFFLE, epoch))
+        else:
+            full = torch.arange(self.length)
+        return full[self.shard_index :: self.num_shards][: len(self)].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        # Claim the epoch now, not at the first next(): state_dict() must describe the new epoch as
+        # soon as the loader has asked for it.
+        self.epoch, self.yielded = self._resume if self._resume is not None else (self.epoch + 1, 0)
+        self._resume = None
+        return self._walk(self.epoch, self.yielded)
+
+    def _walk(self, epoch: int, start: int) -> Iterator[int]:
+        for index in self.order(epoch)[start:]:
+            if epoch != self.epoch:  # a newer iter() has replaced this one
+                return
+            self.yielded += 1
+            yield index
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": max(self.epoch, 0), "yielded": self.yielded, "num_shards": self.num_shards}
+
+    def load_state_dict(self, state_dict: Mapping[str, int]) -> None:
+        if state_dict.get("num_shards") != self.num_shards:
+            raise ValueError(
+                f"ShardedEpochSampler.load_state_dict: num_shards must match the saved state "
+                f"(saved {state_dict.get('num_shards')}, this sampler has {self.num_shards})"
+            )
+        epoch, yielded = int(state_dict["epoch"]), int(state_dict["yielded"])
+        if not 0 <= yielded <= len(self):
+            raise ValueError(f"ShardedEpochSampler.load_state_dict: yielded must be in [0, {len(self)}] (got {yielded})")
+        # Applied by the next iter(), which the loader makes right after loading.
+        self._resume = (epoch, yielded)
+        self.epoch, self.yielded = epoch, yielded
+
+
 def make_dataloader(
     dataset: Dataset,
     batch_size: int,
@@ -292,23 +364,22 @@ def make_dataloader(
     num_shards: int = 1,
     shard_index: int = 0,
 ) -> StatefulDataLoader:
-    """A resumable loader over shard ``shard_index`` of ``num_shards`` of ``dataset``.
+    """A resumable ``StatefulDataLoader`` over shard ``shard_index`` of ``num_shards`` of ``dataset``.
 
-    Shards are strided (items shard_index, shard_index + num_shards, ...), so they are disjoint and
-    cover the dataset. Shuffling uses a generator seeded with ``seed`` that StatefulDataLoader keeps in
-    its state, so a restored loader continues the same permutation, and later epochs draw new ones
-    without a ``set_epoch`` call that the checkpoint would have to remember.
+    Order comes from a ``ShardedEpochSampler`` (see there for why), so ``state_dict()`` taken at any
+    step and loaded into a fresh loader built with the same arguments yields exactly the batches the
+    original would have, this epoch and the following ones. A private generator, seeded from
+    ``seed``, feeds the loader's worker seeds, so iterating never draws from the global RNG that a
+    checkpoint's RNG state covers.
     """
-    _check_positive("make_dataloader", batch_size=batch_size, num_shards=num_shards)
-    if not 0 <= shard_index < num_shards:
-        raise ValueError(f"make_dataloader: shard_index must be in [0, num_shards={num_shards}) (got {shard_index})")
-    if num_shards > 1:
-        dataset = Subset(dataset, range(shard_index, len(dataset), num_shards))
+    _check_positive("make_dataloader", batch_size=batch_size)
+    sampler = ShardedEpochSampler(len(dataset), shuffle=shuffle, seed=seed, num_shards=num_shards,
+                                  shard_index=shard_index)
     return StatefulDataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
-        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(seed),
         num_workers=num_workers,
         drop_last=drop_last,
     )
