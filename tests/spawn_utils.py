@@ -29,9 +29,7 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> 
     os.environ["MASTER_PORT"] = str(port)
     # Two cores shared by several processes: more threads per process only adds contention.
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60)
-    )
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
     try:
         fn(rank, world_size, *args)
     finally:

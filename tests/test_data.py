@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from itertools import pairwise
 
 import pytest
 import torch
@@ -56,7 +57,7 @@ def test_markov_walks_follow_the_chain():
     data = MarkovTokenDataset(32, 24, 20, seed=3, branching=3)
     for i in range(len(data)):
         ids = data[i]["input_ids"].tolist()
-        assert all(b in data.successors[a].tolist() for a, b in zip(ids, ids[1:]))
+        assert all(b in data.successors[a].tolist() for a, b in pairwise(ids))
     assert data.entropy_rate == pytest.approx(1.0986, abs=1e-4)
 
 
@@ -100,7 +101,10 @@ def test_preference_pairs_share_the_prompt_and_differ_in_the_corrupted_tokens():
         (lambda: ReversalPreferenceDataset(64, 16, 10, num_corrupted=2), "num_corrupted"),
         (lambda: MarkovTokenDataset(8, 16, 10, branching=9), "branching"),
         (lambda: RolloutDataset({"a": torch.zeros(3), "b": torch.zeros(4)}), "leading dimension"),
-        (lambda: make_dataloader(MarkovTokenDataset(8, 4, 10), 2, num_shards=2, shard_index=2), "shard_index"),
+        (
+            lambda: make_dataloader(MarkovTokenDataset(8, 4, 10), 2, num_shards=2, shard_index=2),
+            "shard_index",
+        ),
         (lambda: make_dataloader(MarkovTokenDataset(8, 4, 10), 0), "batch_size"),
     ],
 )
@@ -123,7 +127,7 @@ def test_ppo_rollouts_align_with_the_logits_and_score_accuracy():
     for i in range(len(data)):
         ids = t["input_ids"][i].tolist()
         n = ids.index(SEP_ID) - 1
-        correct = sum(a == b for a, b in zip(ids[n + 2 : 2 * n + 2], ids[1 : n + 1][::-1]))
+        correct = sum(a == b for a, b in zip(ids[n + 2 : 2 * n + 2], ids[1 : n + 1][::-1], strict=True))
         rewards.append(correct / n)
         assert t["returns"][i][mask[i]].unique().tolist() == pytest.approx([correct / n])
     assert len(set(rewards)) > 2
@@ -161,7 +165,10 @@ STOPS = [0, 3, 9, 10, 14]
 LOADER_CASES = [
     *(pytest.param(dict(shuffle=False), stop, id=f"sequential-{stop}") for stop in STOPS),
     *(pytest.param(dict(shuffle=True), stop, id=f"shuffle-{stop}") for stop in STOPS),
-    *(pytest.param(dict(shuffle=True, num_shards=3, shard_index=1), stop, id=f"shard-{stop}") for stop in STOPS),
+    *(
+        pytest.param(dict(shuffle=True, num_shards=3, shard_index=1), stop, id=f"shard-{stop}")
+        for stop in STOPS
+    ),
     # Worker processes cost about a second per case: the two stops that differ most.
     *(pytest.param(dict(shuffle=True, num_workers=2), stop, id=f"2workers-{stop}") for stop in (3, 10)),
 ]
@@ -192,7 +199,9 @@ def test_a_restored_loader_yields_exactly_the_remaining_batches(kwargs, stop_aft
     rest = collect(restored, 3 - epoch)
     expected = [reference[epoch][offset:]] + reference[epoch + 1 :]
     assert [len(e) for e in rest] == [len(e) for e in expected]
-    assert all(same(a, b) for got, want in zip(rest, expected) for a, b in zip(got, want))
+    assert all(
+        same(a, b) for got, want in zip(rest, expected, strict=True) for a, b in zip(got, want, strict=True)
+    )
 
 
 def test_later_epochs_reshuffle_and_shards_partition_each_epoch():

@@ -5,17 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from spawn_utils import run_spawned
 
 from dcp_forge.trainers.data import MarkovTokenDataset, ReversalSFTDataset, make_dataloader
 from dcp_forge.trainers.dispatch import DataloaderDispatcher
-from spawn_utils import run_spawned
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
 
 
 def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(
-        torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype if isinstance(a[k], torch.Tensor) else a[k] == b[k]
+        torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype
+        if isinstance(a[k], torch.Tensor)
+        else a[k] == b[k]
         for k in a
     )
 
@@ -47,8 +49,12 @@ def _check_broadcast_and_resume(rank: int) -> None:
     rest = [list(restored) for _ in range(2)]
     expected = [reference[0][3:], reference[1]]
     assert [len(e) for e in rest] == [7, 10]
-    assert all(same(a, b) for got_e, want_e in zip(rest, expected) for a, b in zip(got_e, want_e))
-    assert all(same(a, b) for a, b in zip(got, reference[0][:3]))
+    assert all(
+        same(a, b)
+        for got_e, want_e in zip(rest, expected, strict=True)
+        for a, b in zip(got_e, want_e, strict=True)
+    )
+    assert all(same(a, b) for a, b in zip(got, reference[0][:3], strict=True))
 
 
 def _check_split(rank: int, world: int) -> None:
@@ -56,7 +62,7 @@ def _check_split(rank: int, world: int) -> None:
     dispatcher = DataloaderDispatcher(_loader() if rank == 0 else None, split_batches=True)
     batches = list(dispatcher)
     assert len(batches) == len(reference)
-    for mine, full in zip(batches, reference):
+    for mine, full in zip(batches, reference, strict=True):
         assert same(mine, {k: v.chunk(world)[rank] for k, v in full.items()})
 
 
@@ -84,19 +90,29 @@ def _check_meshes(rank: int, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     def build(shard_index, num_shards):
-        return make_dataloader(MarkovTokenDataset(16, 4, 40, seed=1), 2, shuffle=True, seed=5,
-                               num_shards=num_shards, shard_index=shard_index)
+        return make_dataloader(
+            MarkovTokenDataset(16, 4, 40, seed=1),
+            2,
+            shuffle=True,
+            seed=5,
+            num_shards=num_shards,
+            shard_index=shard_index,
+        )
 
     # One replica of two stages: rank 0 loads the only shard, both stages see it.
-    one = DataloaderDispatcher.from_device_mesh(init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "pp")), build)
+    one = DataloaderDispatcher.from_device_mesh(
+        init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "pp")), build
+    )
     assert one.is_loading_rank == (rank == 0)
-    assert all(same(a, b) for a, b in zip(one, build(0, 1)))
+    assert all(same(a, b) for a, b in zip(one, build(0, 1), strict=True))
 
     # Two replicas of one stage: each loads its own shard.
-    two = DataloaderDispatcher.from_device_mesh(init_device_mesh("cpu", (world, 1), mesh_dim_names=("dp", "pp")), build)
+    two = DataloaderDispatcher.from_device_mesh(
+        init_device_mesh("cpu", (world, 1), mesh_dim_names=("dp", "pp")), build
+    )
     assert two.is_loading_rank
     mine = list(two)
-    assert all(same(a, b) for a, b in zip(mine, build(rank, world)))
+    assert all(same(a, b) for a, b in zip(mine, build(rank, world), strict=True))
     theirs = [None] * world
     dist.all_gather_object(theirs, torch.cat([b["input_ids"] for b in mine]))
     assert not torch.equal(theirs[0], theirs[1])
@@ -118,7 +134,7 @@ def test_dispatcher_on_two_gloo_ranks():
 def test_dispatcher_without_a_process_group_passes_batches_through():
     dispatcher = DataloaderDispatcher(_loader())
     assert dispatcher.is_loading_rank and len(dispatcher) == 10
-    assert all(same(a, b) for a, b in zip(dispatcher, _loader()))
+    assert all(same(a, b) for a, b in zip(dispatcher, _loader(), strict=True))
     with pytest.raises(ValueError, match="dataloader must be given"):
         DataloaderDispatcher(None)
     with pytest.raises(ValueError, match="src"):

@@ -83,7 +83,9 @@ def test_ppo_policy_loss_by_hand():
     logprobs = ratios.log().requires_grad_()
     advantages = torch.tensor([[1.0, -1.0, 2.0, -1.0]])
     mask = torch.ones(1, 4, dtype=torch.bool)
-    loss, clip_fraction, approx_kl = losses.ppo_policy_loss(logprobs, torch.zeros(1, 4), advantages, mask, 0.2)
+    loss, clip_fraction, approx_kl = losses.ppo_policy_loss(
+        logprobs, torch.zeros(1, 4), advantages, mask, 0.2
+    )
     # max(-A r, -A clip(r)): -1.2 (clipped), 0.8 (clipped), -2.0, 1.1
     assert loss.item() == pytest.approx((-1.2 + 0.8 - 2.0 + 1.1) / 4, rel=1e-6)
     assert clip_fraction.item() == pytest.approx(0.5)
@@ -120,7 +122,9 @@ def test_kl_penalty_and_entropy_by_hand():
 
 def test_pretrain_loss_ignores_padding_and_gives_it_no_gradient():
     ids = torch.tensor([[4, 5, 6, 0]])
-    batch = PretrainStrategy().prepare_batch({"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 0]])})
+    batch = PretrainStrategy().prepare_batch(
+        {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 0]])}
+    )
     assert batch["labels"].tolist() == [[5, 6, IGNORE_INDEX, IGNORE_INDEX]]
     logits = torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(0))
     model = FixedLogits(logits)
@@ -180,7 +184,10 @@ def dpo_batch(n: int = 4, seq_len: int = 16):
 def test_dpo_strategy_by_hand_with_fixed_logits():
     batch = DPOStrategy(FixedLogits(torch.zeros(2, 16, 64)), beta=0.1).prepare_batch(dpo_batch(n=1))
     gen = torch.Generator().manual_seed(3)
-    policy_logits, reference_logits = torch.randn(2, 16, 64, generator=gen), torch.randn(2, 16, 64, generator=gen)
+    policy_logits, reference_logits = (
+        torch.randn(2, 16, 64, generator=gen),
+        torch.randn(2, 16, 64, generator=gen),
+    )
     strategy = DPOStrategy(FixedLogits(reference_logits), beta=0.1)
     policy = FixedLogits(policy_logits)
     loss, metrics = strategy.compute_loss(policy, batch)
@@ -253,7 +260,9 @@ def test_ppo_strategy_by_hand_at_ratio_one():
     policy_loss = -prepared["advantages"][mask].mean().item()  # ratio 1: -mean(A)
     kl = math.exp(-0.1) + 0.1 - 1
     with torch.no_grad():
-        entropy = losses.token_entropy(policy(batch["input_ids"], batch["attention_mask"]))[mask].mean().item()
+        entropy = (
+            losses.token_entropy(policy(batch["input_ids"], batch["attention_mask"]))[mask].mean().item()
+        )
     assert metrics["policy_loss"] == pytest.approx(policy_loss, abs=1e-5)
     assert metrics["approx_kl"] == pytest.approx(0.0, abs=1e-6) and metrics["clip_fraction"] == 0.0
     assert metrics["kl"] == pytest.approx(kl, rel=1e-4)
@@ -291,7 +300,7 @@ def test_ppo_value_term_trains_the_critic_only_through_vf_coef():
     plain = PPOStrategy()
     plain.compute_loss(policy, plain.prepare_batch(batch))[0].backward()
     # The value term moves the critic, never the policy.
-    assert all(torch.equal(a, p.grad) for a, p in zip(with_value, policy.parameters()))
+    assert all(torch.equal(a, p.grad) for a, p in zip(with_value, policy.parameters(), strict=True))
     mask = batch["action_mask"]
     with torch.no_grad():
         values = critic(batch["input_ids"], batch["attention_mask"])

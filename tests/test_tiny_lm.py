@@ -93,29 +93,43 @@ def test_critic_returns_one_value_per_position():
     assert TinyCritic(CONFIG, seed=0)(tokens()).shape == (4, 16)
 
 
-def test_100_steps_at_batch_8_seq_32_are_fast_and_learn():
+@pytest.fixture
+def one_thread():
+    """A model this small runs fastest on one thread; more only adds synchronisation, which a busy
+    machine turns into long stalls."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_100_steps_at_batch_8_seq_32_are_fast_and_learn(one_thread):
     dataset = MarkovTokenDataset(CONFIG.vocab_size, 32, num_samples=800, seed=0)
     loader = make_dataloader(dataset, batch_size=8, shuffle=True, seed=0)
     model = TinyLM(CONFIG, seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     strategy = PretrainStrategy()
     losses = []
-    start = time.perf_counter()
+    # CPU time, not wall time: the budget is about the model's size, and a shared CI machine can
+    # stretch wall time arbitrarily.
+    start = time.process_time()
     for batch in loader:
         loss, _ = strategy.compute_loss(model, strategy.prepare_batch(batch))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert len(losses) == 100
-    assert elapsed < 10, f"100 steps took {elapsed:.1f} s"
+    assert elapsed < 10, f"100 steps took {elapsed:.1f} s of CPU time"
     # Starts at ln(64) ~ 4.16; the chain's floor is ln(2) ~ 0.69.
     assert losses[0] > 4.0
     assert sum(losses[-10:]) / 10 < 1.5
 
 
-@pytest.mark.parametrize("n_layers, n_stages, expected", [(3, 1, [3]), (3, 2, [2, 1]), (5, 3, [2, 2, 1]), (4, 4, [1] * 4)])
+@pytest.mark.parametrize(
+    "n_layers, n_stages, expected", [(3, 1, [3]), (3, 2, [2, 1]), (5, 3, [2, 2, 1]), (4, 4, [1] * 4)]
+)
 def test_stage_layer_ranges_are_contiguous_and_balanced(n_layers, n_stages, expected):
     ranges = stage_layer_ranges(n_layers, n_stages)
     assert [len(r) for r in ranges] == expected

@@ -69,11 +69,20 @@ def _check_positive(owner: str, **values: int) -> None:
 class MarkovTokenDataset(Dataset):
     """``{"input_ids": LongTensor(seq_len)}`` walks of a seeded sparse Markov chain over the vocabulary."""
 
-    def __init__(self, vocab_size: int, seq_len: int, num_samples: int, seed: int = 0, branching: int = 2) -> None:
-        _check_positive("MarkovTokenDataset", vocab_size=vocab_size, seq_len=seq_len,
-                        num_samples=num_samples, branching=branching)
+    def __init__(
+        self, vocab_size: int, seq_len: int, num_samples: int, seed: int = 0, branching: int = 2
+    ) -> None:
+        _check_positive(
+            "MarkovTokenDataset",
+            vocab_size=vocab_size,
+            seq_len=seq_len,
+            num_samples=num_samples,
+            branching=branching,
+        )
         if branching > vocab_size:
-            raise ValueError(f"MarkovTokenDataset: branching must be <= vocab_size={vocab_size} (got {branching})")
+            raise ValueError(
+                f"MarkovTokenDataset: branching must be <= vocab_size={vocab_size} (got {branching})"
+            )
         self.vocab_size, self.seq_len, self.num_samples = vocab_size, seq_len, num_samples
         self.seed, self.branching = seed, branching
         table_gen = _generator(seed, _TABLE)
@@ -105,10 +114,23 @@ class MarkovTokenDataset(Dataset):
 class _ReversalTask:
     """Shared layout of the reversal datasets: ``BOS prompt SEP response EOS PAD...``."""
 
-    def __init__(self, owner: str, vocab_size: int, seq_len: int, num_samples: int, seed: int,
-                 min_prompt_len: int, max_prompt_len: int | None) -> None:
-        _check_positive(owner, vocab_size=vocab_size, seq_len=seq_len, num_samples=num_samples,
-                        min_prompt_len=min_prompt_len)
+    def __init__(
+        self,
+        owner: str,
+        vocab_size: int,
+        seq_len: int,
+        num_samples: int,
+        seed: int,
+        min_prompt_len: int,
+        max_prompt_len: int | None,
+    ) -> None:
+        _check_positive(
+            owner,
+            vocab_size=vocab_size,
+            seq_len=seq_len,
+            num_samples=num_samples,
+            min_prompt_len=min_prompt_len,
+        )
         if vocab_size < FIRST_CONTENT_ID + 2:
             raise ValueError(f"{owner}: vocab_size must be >= {FIRST_CONTENT_ID + 2} (got {vocab_size})")
         longest = (seq_len - 3) // 2  # BOS, SEP and EOS around two copies of the prompt
@@ -139,8 +161,12 @@ class _ReversalTask:
         out[positions] = (response[positions] - FIRST_CONTENT_ID + offsets) % n_content + FIRST_CONTENT_ID
         return out
 
-    def layout(self, prompt: torch.Tensor, response: torch.Tensor, prefix: str = "") -> dict[str, torch.Tensor]:
-        body = torch.cat([torch.tensor([BOS_ID]), prompt, torch.tensor([SEP_ID]), response, torch.tensor([EOS_ID])])
+    def layout(
+        self, prompt: torch.Tensor, response: torch.Tensor, prefix: str = ""
+    ) -> dict[str, torch.Tensor]:
+        body = torch.cat(
+            [torch.tensor([BOS_ID]), prompt, torch.tensor([SEP_ID]), response, torch.tensor([EOS_ID])]
+        )
         input_ids = torch.full((self.seq_len,), PAD_ID, dtype=torch.long)
         input_ids[: len(body)] = body
         positions = torch.arange(self.seq_len)
@@ -155,10 +181,18 @@ class _ReversalTask:
 class ReversalSFTDataset(Dataset):
     """SFT pairs: ``input_ids``, ``attention_mask`` (long, 1 = real) and ``prompt_mask`` (bool)."""
 
-    def __init__(self, vocab_size: int, seq_len: int, num_samples: int, seed: int = 0,
-                 min_prompt_len: int = 1, max_prompt_len: int | None = None) -> None:
-        self.task = _ReversalTask("ReversalSFTDataset", vocab_size, seq_len, num_samples, seed,
-                                  min_prompt_len, max_prompt_len)
+    def __init__(
+        self,
+        vocab_size: int,
+        seq_len: int,
+        num_samples: int,
+        seed: int = 0,
+        min_prompt_len: int = 1,
+        max_prompt_len: int | None = None,
+    ) -> None:
+        self.task = _ReversalTask(
+            "ReversalSFTDataset", vocab_size, seq_len, num_samples, seed, min_prompt_len, max_prompt_len
+        )
 
     def __len__(self) -> int:
         return self.task.num_samples
@@ -173,10 +207,25 @@ class ReversalPreferenceDataset(Dataset):
     """DPO pairs: ``chosen_*`` (correct reversal) and ``rejected_*`` (``num_corrupted`` response tokens
     replaced), each with ``input_ids``, ``attention_mask`` and ``prompt_mask``; same prompt, same length."""
 
-    def __init__(self, vocab_size: int, seq_len: int, num_samples: int, seed: int = 0,
-                 min_prompt_len: int = 1, max_prompt_len: int | None = None, num_corrupted: int = 1) -> None:
-        self.task = _ReversalTask("ReversalPreferenceDataset", vocab_size, seq_len, num_samples, seed,
-                                  min_prompt_len, max_prompt_len)
+    def __init__(
+        self,
+        vocab_size: int,
+        seq_len: int,
+        num_samples: int,
+        seed: int = 0,
+        min_prompt_len: int = 1,
+        max_prompt_len: int | None = None,
+        num_corrupted: int = 1,
+    ) -> None:
+        self.task = _ReversalTask(
+            "ReversalPreferenceDataset",
+            vocab_size,
+            seq_len,
+            num_samples,
+            seed,
+            min_prompt_len,
+            max_prompt_len,
+        )
         _check_positive("ReversalPreferenceDataset", num_corrupted=num_corrupted)
         if num_corrupted > min_prompt_len:
             raise ValueError(
@@ -195,7 +244,10 @@ class ReversalPreferenceDataset(Dataset):
         chosen = prompt.flip(0)
         positions = torch.randperm(len(chosen), generator=gen)[: self.num_corrupted]
         rejected = self.task.corrupt(chosen, positions, gen)
-        return {**self.task.layout(prompt, chosen, "chosen_"), **self.task.layout(prompt, rejected, "rejected_")}
+        return {
+            **self.task.layout(prompt, chosen, "chosen_"),
+            **self.task.layout(prompt, rejected, "rejected_"),
+        }
 
 
 class RolloutDataset(Dataset):
@@ -218,8 +270,9 @@ class RolloutDataset(Dataset):
 
 
 @torch.no_grad()
-def _model_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    labels: torch.Tensor) -> torch.Tensor:
+def _model_logprobs(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     was_training = model.training
     model.eval()
     try:
@@ -297,15 +350,18 @@ class ShardedEpochSampler(Sampler[int]):
     whatever the worker count.
     """
 
-    def __init__(self, length: int, *, shuffle: bool = True, seed: int = 0, num_shards: int = 1,
-                 shard_index: int = 0) -> None:
+    def __init__(
+        self, length: int, *, shuffle: bool = True, seed: int = 0, num_shards: int = 1, shard_index: int = 0
+    ) -> None:
         _check_positive("ShardedEpochSampler", length=length, num_shards=num_shards)
         if not 0 <= shard_index < num_shards:
             raise ValueError(
                 f"ShardedEpochSampler: shard_index must be in [0, num_shards={num_shards}) (got {shard_index})"
             )
         if length < num_shards:
-            raise ValueError(f"ShardedEpochSampler: length={length} leaves some of the {num_shards} shards empty")
+            raise ValueError(
+                f"ShardedEpochSampler: length={length} leaves some of the {num_shards} shards empty"
+            )
         self.length, self.shuffle, self.seed = length, shuffle, seed
         self.num_shards, self.shard_index = num_shards, shard_index
         self.epoch, self.yielded = -1, 0  # no epoch started yet
@@ -347,7 +403,9 @@ class ShardedEpochSampler(Sampler[int]):
             )
         epoch, yielded = int(state_dict["epoch"]), int(state_dict["yielded"])
         if not 0 <= yielded <= len(self):
-            raise ValueError(f"ShardedEpochSampler.load_state_dict: yielded must be in [0, {len(self)}] (got {yielded})")
+            raise ValueError(
+                f"ShardedEpochSampler.load_state_dict: yielded must be in [0, {len(self)}] (got {yielded})"
+            )
         # Applied by the next iter(), which the loader makes right after loading.
         self._resume = (epoch, yielded)
         self.epoch, self.yielded = epoch, yielded
@@ -373,8 +431,9 @@ def make_dataloader(
     checkpoint's RNG state covers.
     """
     _check_positive("make_dataloader", batch_size=batch_size)
-    sampler = ShardedEpochSampler(len(dataset), shuffle=shuffle, seed=seed, num_shards=num_shards,
-                                  shard_index=shard_index)
+    sampler = ShardedEpochSampler(
+        len(dataset), shuffle=shuffle, seed=seed, num_shards=num_shards, shard_index=shard_index
+    )
     return StatefulDataLoader(
         dataset,
         batch_size=batch_size,

@@ -55,8 +55,10 @@ class DataloaderDispatcher:
         self.group_size = dist.get_world_size(self.group) if self._distributed else 1
         self.group_rank = dist.get_rank(self.group) if self._distributed else 0
         if not 0 <= src < self.group_size:
-            raise ValueError(f"DataloaderDispatcher: src must be a rank of the group, in [0, {self.group_size}) "
-                             f"(got {src})")
+            raise ValueError(
+                f"DataloaderDispatcher: src must be a rank of the group, in [0, {self.group_size}) "
+                f"(got {src})"
+            )
         self.src = src
         self.split_batches = split_batches
         self.is_loading_rank = self.group_rank == src
@@ -142,15 +144,23 @@ class DataloaderDispatcher:
         if batch is None:
             return {"kind": "end"}
         if not isinstance(batch, Mapping):
-            return {"kind": "error", "error": TypeError(
-                f"DataloaderDispatcher: batches must be dicts (got a {type(batch).__name__})")}
+            return {
+                "kind": "error",
+                "error": TypeError(
+                    f"DataloaderDispatcher: batches must be dicts (got a {type(batch).__name__})"
+                ),
+            }
         tensors, objects = {}, {}
         for key, value in batch.items():
             if isinstance(value, torch.Tensor):
                 if self.split_batches and (value.dim() == 0 or value.shape[0] % self.group_size):
-                    return {"kind": "error", "error": ValueError(
-                        f"DataloaderDispatcher: split_batches needs batch[{key!r}].shape[0] divisible by the "
-                        f"group size {self.group_size} (got shape {tuple(value.shape)})")}
+                    return {
+                        "kind": "error",
+                        "error": ValueError(
+                            f"DataloaderDispatcher: split_batches needs batch[{key!r}].shape[0] divisible by the "
+                            f"group size {self.group_size} (got shape {tuple(value.shape)})"
+                        ),
+                    }
                 tensors[key] = (tuple(value.shape), value.dtype)
             else:
                 objects[key] = value

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -132,7 +132,7 @@ class DPOStrategy(TrainingStrategy):
     the initial policy: ``DPOStrategy(copy.deepcopy(policy), beta=0.1)``.
     """
 
-    reference_model: nn.Module
+    reference_model: nn.Module = field(repr=False)
     beta: float = 0.1
 
     def __post_init__(self) -> None:
@@ -213,7 +213,7 @@ class PPOStrategy(TrainingStrategy):
     entropy_coef: float = 0.0
     vf_coef: float = 0.0
     value_clip_range: float | None = None
-    critic: nn.Module | None = None
+    critic: nn.Module | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.clip_range, (int, float)) and 0 < self.clip_range < 1):
@@ -223,7 +223,9 @@ class PPOStrategy(TrainingStrategy):
             if not (isinstance(value, (int, float)) and value >= 0):
                 raise ValueError(f"PPOStrategy.{name} must be a non-negative number (got {value!r})")
         if self.value_clip_range is not None and not self.value_clip_range > 0:
-            raise ValueError(f"PPOStrategy.value_clip_range must be positive or None (got {self.value_clip_range!r})")
+            raise ValueError(
+                f"PPOStrategy.value_clip_range must be positive or None (got {self.value_clip_range!r})"
+            )
         if (self.vf_coef > 0) != (self.critic is not None):
             raise ValueError(
                 "PPOStrategy.vf_coef > 0 and PPOStrategy.critic go together: the value loss needs a critic "
@@ -269,8 +271,11 @@ class PPOStrategy(TrainingStrategy):
             logprobs, batch["old_logprobs"], batch["advantages"], mask, self.clip_range
         )
         loss = policy_loss
-        metrics = {"policy_loss": float(policy_loss.detach()), "clip_fraction": float(clip_fraction),
-                   "approx_kl": float(approx_kl)}
+        metrics = {
+            "policy_loss": float(policy_loss.detach()),
+            "clip_fraction": float(clip_fraction),
+            "approx_kl": float(approx_kl),
+        }
         if self.entropy_coef > 0:
             entropy = losses.masked_mean(losses.token_entropy(logits), mask)
             loss = loss - self.entropy_coef * entropy

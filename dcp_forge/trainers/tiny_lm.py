@@ -9,7 +9,8 @@ model stays the one source of truth:
 - ``split_into_stages`` cuts it into pipeline stages for ``torch.distributed.pipelining``;
 - ``tensor_parallel_plan`` / ``apply_tensor_parallel`` shard the attention and MLP projections
   (Megatron style: column-parallel in, row-parallel out) on a 1-D tensor-parallel mesh;
-- FSDP2's ``fully_shard`` needs nothing model-specific (see the tests for the CPU/gloo evidence).
+- ``apply_fsdp2`` shards it with FSDP2's ``fully_shard``, one unit per block plus the root; it runs
+  on CPU/gloo, alone or across the data-parallel dimension of a TP model (DP×TP).
 
 Parameter names (FQNs) of a stage are the full model's names, so a pipeline checkpoint's keys are a
 partition of the single-device model's keys.
@@ -33,6 +34,7 @@ __all__ = [
     "stage_layer_ranges",
     "tensor_parallel_plan",
     "apply_tensor_parallel",
+    "apply_fsdp2",
 ]
 
 # GPT-2's init scale: small enough that a freshly built model predicts near-uniform logits.
@@ -188,7 +190,9 @@ class _Backbone(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = nn.LayerNorm(config.d_model)
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, T, d_model) final-norm hidden states. ``attention_mask``: (B, T), 1 = real token."""
         x = self.embed(input_ids)
         mask = _attention_mask(input_ids.shape[1], input_ids.device, attention_mask)
@@ -333,3 +337,17 @@ def apply_tensor_parallel(model: _Backbone, tp_mesh) -> _Backbone:
                 f"TinyLMConfig.{field}={value} must be divisible by the tensor-parallel size {size}"
             )
     return parallelize_module(model, tp_mesh, tensor_parallel_plan(model))
+
+
+def apply_fsdp2(model: _Backbone, dp_mesh, *, reshard_after_forward: bool = True) -> _Backbone:
+    """Shard ``model`` in place with FSDP2 over the 1-D ``dp_mesh`` and return it.
+
+    One FSDP unit per block, so only one block's parameters are gathered at a time, and the root
+    for the embeddings, final norm and head. Apply ``apply_tensor_parallel`` first for DP×TP.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    return model
