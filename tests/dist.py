@@ -1,11 +1,15 @@
 """Run a function on N real processes joined in a gloo process group (CPU, 127.0.0.1).
 
 Rendezvous goes through a FileStore in a temp dir, so tests never race for TCP ports. Simulated
-nodes: ``ranks_per_node`` sets LOCAL_RANK / LOCAL_WORLD_SIZE the way torchrun would.
+nodes: ``ranks_per_node`` sets LOCAL_RANK / LOCAL_WORLD_SIZE the way torchrun would. Each rank runs
+torch with one intra-op thread: on a 2-core machine shared by several ranks, more threads per process
+only add contention. Collectives time out after ``timeout`` seconds too, so a rank whose peer died
+fails instead of waiting forever.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import tempfile
 import traceback
@@ -15,9 +19,12 @@ from typing import Any
 import torch.multiprocessing as mp
 
 
-def _worker(rank: int, world_size: int, init_file: str, ranks_per_node: int, fn: Callable, args: tuple,
-            results: Any) -> None:
+def _worker(rank: int, world_size: int, init_file: str, ranks_per_node: int, timeout: float, fn: Callable,
+            args: tuple, results: Any) -> None:
+    import torch
     import torch.distributed as dist
+
+    torch.set_num_threads(1)
 
     os.environ.update({
         "RANK": str(rank), "WORLD_SIZE": str(world_size),
@@ -25,7 +32,8 @@ def _worker(rank: int, world_size: int, init_file: str, ranks_per_node: int, fn:
         "GROUP_RANK": str(rank // ranks_per_node),
     })
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout))
         try:
             results.put((rank, "ok", fn(rank, world_size, *args)))
         finally:
@@ -45,7 +53,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, ranks_per_node: int | N
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         procs = [ctx.Process(target=_worker, daemon=True,
-                             args=(r, world_size, init_file, ranks_per_node or world_size, fn, args, results))
+                             args=(r, world_size, init_file, ranks_per_node or world_size, timeout, fn, args, results))
                  for r in range(world_size)]
         for p in procs:
             p.start()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from spawn_utils import run_spawned
 
 from dcp_forge.trainers.data import MarkovTokenDataset, ReversalSFTDataset, make_dataloader
 from dcp_forge.trainers.dispatch import DataloaderDispatcher
+
+from .dist import run_ranks
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
 
@@ -128,7 +129,7 @@ def _dispatcher_worker(rank: int, world: int) -> None:
 
 @pytest.mark.dist
 def test_dispatcher_on_two_gloo_ranks():
-    run_spawned(_dispatcher_worker, 2)
+    run_ranks(_dispatcher_worker, 2)
 
 
 def test_dispatcher_without_a_process_group_passes_batches_through():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from spawn_utils import run_spawned
 
 from dcp_forge.trainers.data import MarkovTokenDataset
 from dcp_forge.trainers.strategies import PretrainStrategy
@@ -21,6 +20,8 @@ from dcp_forge.trainers.tiny_lm import (
     apply_tensor_parallel,
     split_into_stages,
 )
+
+from .dist import run_ranks
 
 pytestmark = pytest.mark.dist
 
@@ -112,7 +113,7 @@ def _run_pipeline(rank: int, world: int, schedule_name: str, ref: dict) -> None:
 
 
 def test_pipeline_schedules_gpipe_and_1f1b_run_on_gloo_and_match_one_process(reference):
-    run_spawned(_pipeline_worker, 2, reference)
+    run_ranks(_pipeline_worker, 2, reference)
 
 
 # -- tensor parallel and FSDP2 on a 1-D mesh --------------------------------------------------------
@@ -141,7 +142,7 @@ def _tp_and_fsdp2_worker(rank: int, world: int, ref: dict) -> None:
 
 
 def test_tensor_parallel_and_fsdp2_run_on_gloo_and_match_one_process(reference):
-    run_spawned(_tp_and_fsdp2_worker, 2, reference)
+    run_ranks(_tp_and_fsdp2_worker, 2, reference)
 
 
 # -- DP×TP on a 2×2 mesh --------------------------------------------------------------------------
@@ -171,4 +172,4 @@ def _dp_tp_worker(rank: int, world: int, ref: dict) -> None:
 
 
 def test_dp_x_tp_on_a_2x2_mesh_matches_one_process(reference):
-    run_spawned(_dp_tp_worker, 4, reference, timeout=180)
+    run_ranks(_dp_tp_worker, 4, reference, timeout=180)
