@@ -50,6 +50,10 @@ class IntegrityError(ForgeError, ValueError):
     """Stored bytes do not match their recorded checksum, or a file is truncated or missing."""
 
 
+class UnsupportedFormatError(ForgeError, ValueError):
+    """The checkpoint was written in a newer on-storage format than this dcp_forge understands."""
+
+
 class TopologyChangeError(ForgeError, ValueError):
     """A component cannot be mapped from the saved topology to the current one under its policy."""
 

@@ -12,7 +12,7 @@ import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 import torch
@@ -20,10 +20,10 @@ import xxhash
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.storage import WriteResult
 
-from .errors import IntegrityError
+from .errors import IntegrityError, UnsupportedFormatError
+from .index import ItemRecord, StoredItem
 from .keys import parse_storage_key, top_level_key
 from .sharing import ComponentLayout, SharingPattern
-from .index import ItemRecord, StoredItem
 from .topology import Topology
 
 FORMAT_VERSION = 1
@@ -88,16 +88,20 @@ class CheckpointManifest:
     def from_json(cls, text: str | bytes) -> CheckpointManifest:
         try:
             data = json.loads(text)
+            if not isinstance(data, dict):
+                raise TypeError(f"expected a JSON object, found {type(data).__name__}")
             version = data.pop("format_version", FORMAT_VERSION)
+            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+                raise ValueError(f"'format_version' must be a positive int (got {version!r})")
             if version > FORMAT_VERSION:
-                raise IntegrityError(
+                raise UnsupportedFormatError(
                     f"manifest format version {version} is newer than this dcp_forge understands "
                     f"({FORMAT_VERSION}); upgrade dcp_forge")
             data["timestamp"] = datetime.fromisoformat(data["timestamp"])
             data["components"] = {k: ComponentManifest.from_json(v) for k, v in data["components"].items()}
             return cls(**data)
         except (ValueError, KeyError, TypeError) as err:
-            if isinstance(err, IntegrityError):
+            if isinstance(err, UnsupportedFormatError):
                 raise
             raise IntegrityError(f"checkpoint manifest is malformed: {err}") from err
 

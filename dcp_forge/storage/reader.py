@@ -28,15 +28,26 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from ..errors import CheckpointNotFoundError, IntegrityError
+from ..index import ItemRecord
 from ..keys import top_level_key
-from ..manifest import CheckpointManifest, checksum_bytes
+from ..manifest import CheckpointManifest
 from ..safe_load import load_dcp_metadata
 from .commit import CheckpointState, checkpoint_state
-from ..index import ItemRecord, decode_index
-from .layout import INDEX_FILE, MANIFEST_FILE, METADATA_FILE
+from .consistency import (
+    ProblemKind,
+    RecordFiles,
+    parse_index,
+    raise_if_problems,
+    record_problems,
+    storage_location_problems,
+)
+from .layout import INDEX_FILE, METADATA_FILE
 from .registry import open_backend, redact_url
 
 logger = logging.getLogger(__name__)
+
+# What ``verify_checksums=False`` skips: comparisons of bytes with their recorded checksums.
+_CHECKSUM_KINDS = (ProblemKind.CHECKSUM_MISMATCH, ProblemKind.STALE_MANIFEST)
 
 
 class ForgeStorageReader(StorageReader):
@@ -78,23 +89,28 @@ class ForgeStorageReader(StorageReader):
         if state is CheckpointState.PARTIAL:
             raise CheckpointNotFoundError(
                 f"checkpoint {where} was never committed (a save is running or crashed); it cannot be loaded")
-        metadata_bytes = self._read_file(METADATA_FILE)
         if state is CheckpointState.COMMITTED:
-            self.manifest = CheckpointManifest.from_json(self._read_file(MANIFEST_FILE))
-            index_bytes = self._read_file(INDEX_FILE)
-            if self.verify_checksums:
-                self._check_file(METADATA_FILE, metadata_bytes)
-                self._check_file(INDEX_FILE, index_bytes)
-            self.records = decode_index(index_bytes)
+            files = RecordFiles.read(self.backend, self.path)
+            manifest, problems = record_problems(files, where)
+            if not self.verify_checksums:
+                problems = [p for p in problems if p.kind not in _CHECKSUM_KINDS]
+            raise_if_problems(problems)
+            self.manifest = manifest
+            metadata_bytes = files.metadata
+            self.records, problems = parse_index(files.index, where)
+            raise_if_problems(problems)
             self._checksums = {r.location: r for r in self.records}
+        else:  # plain DCP checkpoint: no records of ours to check against
+            metadata_bytes = self._read_file(METADATA_FILE)
         metadata = load_dcp_metadata(metadata_bytes, name=f"{where}/{METADATA_FILE}")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         return metadata
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        if metadata.storage_data is None:
+        if not isinstance(metadata.storage_data, dict):
             raise IntegrityError(f"{redact_url(self.url)}/{METADATA_FILE} has no storage locations")
+        raise_if_problems(storage_location_problems(metadata, redact_url(self.url)))
         self.storage_data = metadata.storage_data
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
@@ -124,13 +140,6 @@ class ForgeStorageReader(StorageReader):
             return self.backend.read_bytes(self.backend.join(self.path, name))
         except FileNotFoundError as err:
             raise IntegrityError(f"{redact_url(self.url)} is missing {name}") from err
-
-    def _check_file(self, name: str, data: bytes) -> None:
-        expected = self.manifest.files.get(name) if self.manifest is not None else None
-        if expected is not None and checksum_bytes(data) != expected:
-            raise IntegrityError(
-                f"{redact_url(self.url)}/{name} does not match the manifest (checksum {checksum_bytes(data)}, "
-                f"manifest says {expected}): the file was changed or replaced after the commit")
 
     def _read_from_file(self, name: str, reads: Mapping[tuple[int, int], Sequence[ReadItem]],
                         planner: LoadPlanner) -> None:

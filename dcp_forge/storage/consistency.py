@@ -1,0 +1,177 @@
+"""Does a checkpoint hold what its own records say? The checks shared by loading and ``verify``.
+
+A committed checkpoint carries a chain of checksums, each file vouching for the next:
+
+    _COMMITTED --manifest_checksum--> checkpoint_manifest.json --files--> .metadata, index.parquet
+    index.parquet --one xxh3 per stored item--> the bytes in the data files
+
+Loading walks the first links (cheap: small files it reads anyway) and checks each item as it reads
+it; ``dcp_forge.verify.verify_checkpoint`` walks all of them. Checks here *collect* ``Problem``s
+instead of raising, so ``verify`` can report everything that is wrong at once; loading raises the
+first one as an ``IntegrityError``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+import pyarrow as pa
+from torch.distributed.checkpoint.metadata import Metadata
+
+from ..errors import CheckpointNotFoundError, IntegrityError, UnsupportedFormatError
+from ..index import ItemRecord, decode_index
+from ..manifest import CheckpointManifest, checksum_bytes
+from ..safe_load import UnsafeCheckpointError
+from .backends import StorageBackend
+from .commit import CommitRecord
+from .layout import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE
+
+
+class ProblemKind(Enum):
+    MISSING_CHECKPOINT = "missing_checkpoint"  # nothing at the URL
+    NOT_COMMITTED = "not_committed"  # claimed or partly written, no commit marker
+    MISSING_FILE = "missing_file"
+    TRUNCATED = "truncated"  # a data file ends before an item it should hold
+    TRAILING_BYTES = "trailing_bytes"  # a data file is longer than the items recorded in it
+    CHECKSUM_MISMATCH = "checksum_mismatch"  # stored bytes differ from their recorded checksum
+    STALE_MANIFEST = "stale_manifest"  # the manifest is not the one the commit marker vouches for
+    MALFORMED = "malformed"  # a record file cannot be parsed
+    UNSUPPORTED_VERSION = "unsupported_version"  # written by a newer dcp_forge
+    UNSAFE = "unsafe"  # a record needs code execution to read, or points outside the checkpoint
+    INCOMPLETE = "incomplete"  # metadata, index and manifest disagree on what is stored
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a checkpoint: what, in which file, for which component."""
+
+    kind: ProblemKind
+    message: str  # full sentence, names the checkpoint, file, component and expected vs found
+    file: str | None = None  # file name inside the checkpoint directory
+    component: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+
+_ERROR_OF_KIND: dict[ProblemKind, type[Exception]] = {
+    ProblemKind.MISSING_CHECKPOINT: CheckpointNotFoundError,
+    ProblemKind.NOT_COMMITTED: CheckpointNotFoundError,
+    ProblemKind.UNSUPPORTED_VERSION: UnsupportedFormatError,
+    ProblemKind.UNSAFE: UnsafeCheckpointError,
+}
+
+
+def raise_if_problems(problems: list[Problem]) -> None:
+    """Raise the first problem as the error its kind means (IntegrityError unless listed above)."""
+    if not problems:
+        return
+    more = f" (and {len(problems) - 1} more problem(s); run dcp-forge verify for all)" if len(problems) > 1 else ""
+    raise _ERROR_OF_KIND.get(problems[0].kind, IntegrityError)(problems[0].message + more)
+
+
+# Data file names are one path segment: a crafted .metadata or index cannot make a reader open a file
+# outside the checkpoint directory ('../x', '/etc/passwd', 'a/../../b').
+_SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
+
+
+def unsafe_file_name(name: object) -> bool:
+    return not (isinstance(name, str) and _SAFE_NAME_RE.match(name) and ".." not in name)
+
+
+@dataclass(frozen=True)
+class RecordFiles:
+    """The small files of a checkpoint as stored (``None``: the file does not exist)."""
+
+    commit: bytes | None
+    manifest: bytes | None
+    metadata: bytes | None
+    index: bytes | None
+
+    @classmethod
+    def read(cls, backend: StorageBackend, path: str) -> RecordFiles:
+        def read(name: str) -> bytes | None:
+            try:
+                return backend.read_bytes(backend.join(path, name))
+            except FileNotFoundError:
+                return None
+
+        return cls(read(COMMIT_FILE), read(MANIFEST_FILE), read(METADATA_FILE), read(INDEX_FILE))
+
+
+def record_problems(files: RecordFiles, where: str) -> tuple[CheckpointManifest | None, list[Problem]]:
+    """Check the chain marker → manifest → .metadata / index of a *committed* checkpoint.
+
+    ``where`` is the checkpoint's URL without credentials, for messages. Returns the parsed manifest
+    (None if it is unusable) and the problems found.
+    """
+    problems: list[Problem] = []
+    record: CommitRecord | None = None
+    if files.commit is None:
+        problems.append(Problem(ProblemKind.NOT_COMMITTED, f"{where} has no {COMMIT_FILE} marker", COMMIT_FILE))
+    else:
+        try:
+            record = CommitRecord.from_bytes(files.commit, f"{where}/{COMMIT_FILE}")
+        except IntegrityError as err:
+            problems.append(Problem(ProblemKind.MALFORMED, str(err), COMMIT_FILE))
+
+    manifest: CheckpointManifest | None = None
+    if files.manifest is None:
+        problems.append(Problem(ProblemKind.MISSING_FILE, f"{where} is missing {MANIFEST_FILE}", MANIFEST_FILE))
+    else:
+        found = checksum_bytes(files.manifest)
+        if record is not None and record.manifest_checksum is not None and found != record.manifest_checksum:
+            problems.append(Problem(
+                ProblemKind.STALE_MANIFEST,
+                f"{where}/{MANIFEST_FILE} is not the manifest this checkpoint was committed with (checksum "
+                f"{found}, {COMMIT_FILE} says {record.manifest_checksum}): it was replaced or edited after "
+                "the commit", MANIFEST_FILE))
+        try:
+            manifest = CheckpointManifest.from_json(files.manifest)
+        except UnsupportedFormatError as err:
+            problems.append(Problem(ProblemKind.UNSUPPORTED_VERSION, f"{where}/{MANIFEST_FILE}: {err}", MANIFEST_FILE))
+        except IntegrityError as err:
+            problems.append(Problem(ProblemKind.MALFORMED, f"{where}/{MANIFEST_FILE}: {err}", MANIFEST_FILE))
+
+    for name, data in ((METADATA_FILE, files.metadata), (INDEX_FILE, files.index)):
+        if data is None:
+            problems.append(Problem(ProblemKind.MISSING_FILE, f"{where} is missing {name}", name))
+            continue
+        expected = manifest.files.get(name) if manifest is not None else None
+        if manifest is not None and expected is None:
+            problems.append(Problem(ProblemKind.INCOMPLETE, f"{where}/{MANIFEST_FILE} records no checksum "
+                                    f"for {name}", MANIFEST_FILE))
+        elif expected is not None and checksum_bytes(data) != expected:
+            problems.append(Problem(
+                ProblemKind.CHECKSUM_MISMATCH,
+                f"{where}/{name} does not match the manifest (checksum {checksum_bytes(data)}, manifest "
+                f"says {expected}): the file was changed or replaced after the commit", name))
+    return manifest, problems
+
+
+def parse_index(data: bytes | None, where: str) -> tuple[list[ItemRecord], list[Problem]]:
+    """The rows of ``index.parquet``, or the problem that keeps them from being read."""
+    if data is None:
+        return [], [Problem(ProblemKind.MISSING_FILE, f"{where} is missing {INDEX_FILE}", INDEX_FILE)]
+    try:
+        records = decode_index(data)
+    except (pa.ArrowException, OSError, ValueError, TypeError, KeyError) as err:
+        return [], [Problem(ProblemKind.MALFORMED, f"{where}/{INDEX_FILE} is not a readable index: {err}",
+                            INDEX_FILE)]
+    bad = sorted({r.file for r in records if unsafe_file_name(r.file)})
+    if bad:
+        return [], [Problem(ProblemKind.UNSAFE, f"{where}/{INDEX_FILE} names data files outside the checkpoint "
+                            f"directory: {bad[:3]}", INDEX_FILE)]
+    return records, []
+
+
+def storage_location_problems(metadata: Metadata, where: str) -> list[Problem]:
+    """Every location in DCP's metadata must be a file directly inside the checkpoint directory."""
+    bad = sorted({repr(getattr(info, "relative_path", info)) for info in metadata.storage_data.values()
+                  if unsafe_file_name(getattr(info, "relative_path", None))})
+    if not bad:
+        return []
+    return [Problem(ProblemKind.UNSAFE, f"{where}/{METADATA_FILE} points at data files outside the checkpoint "
+                    f"directory (refusing to read them): {', '.join(bad[:3])}", METADATA_FILE)]
