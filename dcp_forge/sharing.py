@@ -64,6 +64,10 @@ class ValidationLevel(Enum):
         )
 
 
+# What a replication mismatch does: "raise" a ReplicationError (default), or "warn" (log a warning and
+# save anyway), for state known to differ harmlessly across ranks.
+MISMATCH_ACTIONS = ("raise", "warn")
+
 # A component key becomes the first segment of DCP's dotted FQNs and of the namespaced storage key
 # (keys.py), so it may not contain '.', '@', '/' or anything that could escape a directory.
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,127}$")
@@ -93,6 +97,7 @@ class StateComponent:
     validate_replication: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
     validation_level: ValidationLevel = ValidationLevel.TENSOR
+    on_replication_mismatch: str = "raise"
 
     def __post_init__(self) -> None:
         validate_component_key(self.key)
@@ -110,6 +115,15 @@ class StateComponent:
                 raise ComponentDeclarationError(
                     f"{name!r} of component {self.key!r} must be <bool> (got {describe_type(value)})"
                 )
+        if self.validate_replication and self.sharing_pattern in (SharingPattern.GLOBAL, SharingPattern.PER_RANK):
+            raise ComponentDeclarationError(
+                f"'validate_replication' of component {self.key!r} needs copies to compare: it applies to "
+                f"REPLICATED, PER_GROUP and PER_NODE, not {self.sharing_pattern.name}")
+        if self.on_replication_mismatch not in MISMATCH_ACTIONS:
+            raise ComponentDeclarationError(
+                f"'on_replication_mismatch' of component {self.key!r} must be one of {list(MISMATCH_ACTIONS)} "
+                f"(got {describe_type(self.on_replication_mismatch)})"
+            )
         if not isinstance(self.metadata, dict):
             raise ComponentDeclarationError(
                 f"'metadata' of component {self.key!r} must be <dict> (got {describe_type(self.metadata)})"
@@ -131,9 +145,11 @@ class StateComponent:
         return ComponentLayout(self.key, self.sharing_pattern, self.process_group_name)
 
     @property
-    def declaration(self) -> tuple[str, str, str | None, bool]:
-        """What must agree across ranks: key, pattern, group name, required."""
-        return (self.key, self.sharing_pattern.value, self.process_group_name, self.required)
+    def declaration(self) -> tuple[str, str, str | None, bool, bool, str, str]:
+        """What must agree across ranks: key, pattern, group name, required, and how replication is checked
+        (the check is collective: ranks that disagree on it would wait for each other forever)."""
+        return (self.key, self.sharing_pattern.value, self.process_group_name, self.required,
+                self.validate_replication, self.validation_level.value, self.on_replication_mismatch)
 
 
 @dataclass(frozen=True)
