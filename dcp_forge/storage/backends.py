@@ -142,10 +142,11 @@ class StorageBackend(abc.ABC):
 class _LocalOutput:
     """A local file written with overlapped writeback and fsynced on close."""
 
-    # Ask the kernel to start writing back every this many bytes, and wait for the range two
-    # steps behind, so dirty memory stays bounded and the disk never idles.
+    # Every _WRITEBACK_STEP bytes written, ask the kernel to start writing them back, and wait for the
+    # range _WRITEBACK_LAG steps behind: dirty memory stays bounded and the disk never idles. Large
+    # writes are fed in pieces of one step, so a 256 MiB tensor does not sit in the page cache whole.
     _WRITEBACK_STEP = 32 * 1024 * 1024
-    _MAX_PIECE = 64 * 1024 * 1024
+    _WRITEBACK_LAG = 2
 
     def __init__(self, path: str, flags: int = os.O_WRONLY | os.O_CREAT | os.O_TRUNC) -> None:
         self.path = path
@@ -159,9 +160,13 @@ class _LocalOutput:
         total = len(view)
         done = 0
         while done < total:
-            done += os.write(self._fd, view[done:done + self._MAX_PIECE])
-        self._pos += total
-        self._start_writeback()
+            piece = view[done:done + self._WRITEBACK_STEP]
+            written = 0
+            while written < len(piece):
+                written += os.write(self._fd, piece[written:])
+            done += written
+            self._pos += written
+            self._start_writeback()
         return total
 
     def _start_writeback(self) -> None:
@@ -170,7 +175,7 @@ class _LocalOutput:
         while self._pos - self._flushed_to >= self._WRITEBACK_STEP:
             _sync_file_range(self._fd, self._flushed_to, self._WRITEBACK_STEP, _SYNC_FILE_RANGE_WRITE)
             self._flushed_to += self._WRITEBACK_STEP
-            lag_end = self._flushed_to - 2 * self._WRITEBACK_STEP
+            lag_end = self._flushed_to - self._WRITEBACK_LAG * self._WRITEBACK_STEP
             if lag_end > self._waited_to:
                 _sync_file_range(self._fd, self._waited_to, lag_end - self._waited_to,
                                  _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE |

@@ -5,33 +5,29 @@ Call protocol (DCP's ``StorageReader``): ``reset`` → on every rank ``read_meta
 on every rank ``read_data``.
 
 Reads only committed checkpoints (or plain DCP ones, which have no manifest). Each stored item is
-read once per ``read_data`` however many destinations need it, files are read by parallel threads,
-and every item is checked against its xxh3 checksum from ``index.parquet`` before it is used.
+read once per ``read_data`` however many destinations need it, ``thread_count`` threads each read
+a consecutive run of about equal bytes, tensors go straight into their destinations where they can
+(item_reader.py), and every item is checked against its xxh3 checksum from ``index.parquet``.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import torch
-import xxhash
-from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
-from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from ..errors import CheckpointNotFoundError, IntegrityError
 from ..index import ItemRecord
-from ..keys import top_level_key
 from ..manifest import CheckpointManifest
 from ..safe_load import load_dcp_metadata
+from .backends import InputFile
 from .commit import CheckpointState, checkpoint_state
 from .consistency import (
     ProblemKind,
@@ -41,6 +37,7 @@ from .consistency import (
     record_problems,
     storage_location_problems,
 )
+from .item_reader import StoredRead, group_reads, load_stored_item, split_runs
 from .layout import INDEX_FILE, METADATA_FILE
 from .registry import open_backend, redact_url
 
@@ -120,16 +117,14 @@ class ForgeStorageReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        per_file: dict[str, dict[tuple[int, int], list[ReadItem]]] = defaultdict(lambda: defaultdict(list))
-        for item in plan.items:
-            info = self.storage_data[item.storage_index]
-            per_file[info.relative_path][(info.offset, info.length)].append(item)
-        if per_file:
-            workers = min(self.thread_count, len(per_file))
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="forge-read") as pool:
-                for f in [pool.submit(self._read_from_file, name, reads, planner)
-                          for name, reads in per_file.items()]:
-                    f.result()
+        reads = group_reads(plan.items, self.storage_data)
+        runs = split_runs(reads, self.thread_count)
+        if len(runs) == 1:
+            self.bytes_read += self._read_run(runs[0], planner)
+        elif runs:
+            with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="forge-read") as pool:
+                for f in [pool.submit(self._read_run, run, planner) for run in runs]:
+                    self.bytes_read += f.result()
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
@@ -141,54 +136,40 @@ class ForgeStorageReader(StorageReader):
         except FileNotFoundError as err:
             raise IntegrityError(f"{redact_url(self.url)} is missing {name}") from err
 
-    def _read_from_file(self, name: str, reads: Mapping[tuple[int, int], Sequence[ReadItem]],
-                        planner: LoadPlanner) -> None:
+    def _read_run(self, run: Sequence[StoredRead], planner: LoadPlanner) -> int:
+        """Read consecutive stored items (one thread), one open handle per file; returns bytes read."""
+        handles: dict[str, InputFile] = {}
+        done = 0
+        check = self._verify if self.verify_checksums and self._checksums else None
         try:
-            handle = self.backend.open_input(self.backend.join(self.path, name))
-        except FileNotFoundError as err:
-            fqns = sorted({r.storage_index.fqn for items in reads.values() for r in items})
-            raise IntegrityError(
-                f"{redact_url(self.url)}: data file {name} is missing (holds {fqns[:3]}...)") from err
-        try:
-            for (offset, length), items in sorted(reads.items()):
-                buffer = bytearray(length)
+            for read in run:
+                handle = handles.get(read.file)
+                if handle is None:
+                    handle = handles[read.file] = self._open_data_file(read)
                 try:
-                    handle.read_into(offset, memoryview(buffer))
+                    load_stored_item(handle, read, planner, check)
                 except EOFError as err:
-                    raise IntegrityError(f"{redact_url(self.url)}: data file {name} is truncated "
-                                         f"({err}); it holds {items[0].storage_index.fqn!r}") from err
-                self.bytes_read += length
-                self._verify(name, offset, buffer, items[0])
-                self._apply(buffer, items, planner)
+                    raise IntegrityError(f"{redact_url(self.url)}: data file {read.file} is truncated "
+                                         f"({err}); it holds {read.fqn!r}") from err
+                done += read.length
         finally:
-            handle.close()
+            for handle in handles.values():
+                handle.close()
+        return done
 
-    def _verify(self, name: str, offset: int, buffer: bytearray, item: ReadItem) -> None:
-        if not self.verify_checksums or not self._checksums:
-            return
-        record = self._checksums.get((name, offset))
-        fqn = item.storage_index.fqn
+    def _open_data_file(self, read: StoredRead) -> InputFile:
+        try:
+            return self.backend.open_input(self.backend.join(self.path, read.file))
+        except FileNotFoundError as err:
+            raise IntegrityError(
+                f"{redact_url(self.url)}: data file {read.file} is missing (holds {read.fqn!r})") from err
+
+    def _verify(self, read: StoredRead, found: str) -> None:
+        record = self._checksums.get((read.file, read.offset))
         if record is None:
-            raise IntegrityError(f"{redact_url(self.url)}: {name}@{offset} ({fqn!r}) is not in {INDEX_FILE}")
-        found = xxhash.xxh3_64_hexdigest(buffer)
+            raise IntegrityError(
+                f"{redact_url(self.url)}: {read.file}@{read.offset} ({read.fqn!r}) is not in {INDEX_FILE}")
         if found != record.checksum:
             raise IntegrityError(
-                f"{redact_url(self.url)}: checksum mismatch in {name} at byte {offset} for component "
-                f"{record.component!r} ({fqn!r}): expected {record.checksum}, found {found}")
-
-    @staticmethod
-    def _apply(buffer: bytearray, items: Sequence[ReadItem], planner: LoadPlanner) -> None:
-        if items[0].type == LoadItemType.BYTE_IO:
-            for item in items:
-                planner.load_bytes(item, io.BytesIO(buffer))
-            return
-        stored = torch.load(io.BytesIO(buffer), map_location="cpu", weights_only=True)
-        for item in items:
-            source = narrow_tensor_by_index(stored, item.storage_offsets, item.lengths)
-            target = planner.resolve_tensor(item).detach()
-            if target.size() != source.size():
-                raise IntegrityError(
-                    f"stored chunk of {top_level_key(item.storage_index.fqn)!r} ({item.storage_index.fqn}) "
-                    f"has shape {tuple(source.size())}, destination expects {tuple(target.size())}")
-            target.copy_(source)
-            planner.commit_tensor(item, target)
+                f"{redact_url(self.url)}: checksum mismatch in {read.file} at byte {read.offset} for component "
+                f"{record.component!r} ({read.fqn!r}): expected {record.checksum}, found {found}")

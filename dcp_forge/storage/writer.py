@@ -4,8 +4,9 @@ Call protocol (DCP's ``StorageWriter``): ``reset`` → on every rank ``set_up_st
 ``prepare_local_plan``; on the coordinator ``prepare_global_plan`` (claims the checkpoint id);
 on every rank ``write_data``; on the coordinator ``finish`` (index, metadata, manifest, commit).
 
-Files keep DCP's layout (``__<rank>_<n>.distcp`` holding ``torch.save`` blobs, a pickled
-``.metadata`` with plain ``_StorageInfo`` entries), so DCP's own ``FileSystemReader`` reads them.
+Files keep DCP's layout (``__<rank>_<n>.distcp`` holding ``torch.save`` blobs, written without the
+zip CRC pass, see torch_blob.py; a pickled ``.metadata`` with plain ``_StorageInfo`` entries), so
+DCP's own ``FileSystemReader`` reads them.
 Each rank writes its items into ``thread_count`` files in parallel, hashing the bytes as they go.
 """
 
@@ -40,6 +41,7 @@ from .commit import CommitRecord, claim, commit
 from ..index import StoredItem, encode_index
 from .layout import INDEX_FILE, MANIFEST_FILE, METADATA_FILE, data_file_name
 from .registry import open_backend, redact_url
+from .torch_blob import save_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ def _write_item(stream: _HashingStream, item: WriteItem, planner: SavePlanner) -
     tensor = data.detach()
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
-    torch.save(tensor, stream)
+    save_tensor(tensor, stream)
 
 
 class ForgeStorageWriter(StorageWriter):

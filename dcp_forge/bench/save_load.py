@@ -1,0 +1,277 @@
+"""Save and load a state of N GiB on one rank: dcp_forge against DCP, torch.save and the disk's limits.
+
+Every repetition measures, back to back and with the same tensors:
+
+- saves: the durable-write limit (2 streams of os.write + fsync), dcp_forge (CheckpointCoordinator),
+  DCP ``FileSystemWriter`` with its defaults and with ``thread_count=2``, and ``torch.save`` + fsync;
+- loads into preallocated tensors, each from a cold page cache: the cold-read limit, dcp_forge,
+  DCP ``FileSystemReader`` and ``torch.load`` + copy.
+
+The order of the contenders rotates between repetitions, so none always runs right after the disk
+has been busiest, and every contender run is paired with a limit measurement next to it. Ratios are
+taken within a pair and reported as the median over repetitions. Every load is checked against the
+saved values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+from ..coordinator import CheckpointCoordinator
+from ..sharing import SharingPattern, StateComponent
+from .disk import cold_read_limit, drop_page_cache, durable_write_limit
+
+LIMIT = "disk limit"
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveLoadConfig:
+    """What to save: ``tensors`` float32 tensors of ``rows x 1024`` summing to ``size_mib`` MiB."""
+
+    size_mib: int = 1024
+    tensors: int = 16
+    repetitions: int = 5
+    directory: str | None = None  # default: a temporary directory on the default temp filesystem
+
+    def __post_init__(self) -> None:
+        for name in ("size_mib", "tensors", "repetitions"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name!r} must be a positive int (got {value!r})")
+        if self.size_mib * 256 % self.tensors:
+            raise ValueError(f"'size_mib' ({self.size_mib}) must split into {self.tensors} tensors of whole "
+                             "4 KiB rows")
+
+    @property
+    def nbytes(self) -> int:
+        return self.size_mib * 1024 * 1024
+
+
+class _TensorDict:
+    """A Stateful over a dict of tensors that loads in place (DCP fills the tensors it hands out)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.tensors = dict(tensors)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.tensors
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        for key, value in state.items():
+            if value.data_ptr() != self.tensors[key].data_ptr():
+                self.tensors[key].copy_(value)
+
+
+def make_state(config: SaveLoadConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    rows = config.nbytes // config.tensors // 4096
+    gen = torch.Generator().manual_seed(seed)
+    return {f"layer{i:03d}.weight": torch.randn(rows, 1024, generator=gen) for i in range(config.tensors)}
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- contenders: each takes (directory, state) and returns nothing; timing is done by the caller --------
+def _forge_save(path: str, state: dict[str, torch.Tensor]) -> None:
+    coord = CheckpointCoordinator([StateComponent("model", _TensorDict(state), SharingPattern.REPLICATED)],
+                                  output_dir=os.path.dirname(path))
+    coord.save_checkpoint(checkpoint_path=path)
+
+
+def _forge_load(path: str, state: dict[str, torch.Tensor]) -> None:
+    coord = CheckpointCoordinator([StateComponent("model", _TensorDict(state), SharingPattern.REPLICATED)],
+                                  output_dir=os.path.dirname(path))
+    coord.load_checkpoint(path)
+
+
+def _dcp_save(thread_count: int) -> Callable[[str, dict[str, torch.Tensor]], None]:
+    def save(path: str, state: dict[str, torch.Tensor]) -> None:
+        dcp.save({"model": state}, storage_writer=FileSystemWriter(path, thread_count=thread_count), no_dist=True)
+    return save
+
+
+def _dcp_load(path: str, state: dict[str, torch.Tensor]) -> None:
+    dcp.load({"model": state}, storage_reader=FileSystemReader(path), no_dist=True)
+
+
+def _torch_save(path: str, state: dict[str, torch.Tensor]) -> None:
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "state.pt"), "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_path(path)
+
+
+def _torch_load(path: str, state: dict[str, torch.Tensor]) -> None:
+    loaded = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    for key, value in loaded.items():
+        state[key].copy_(value)
+
+
+_SAVERS: dict[str, Callable[[str, dict[str, torch.Tensor]], None]] = {
+    "dcp_forge": _forge_save,
+    "dcp defaults": _dcp_save(1),
+    "dcp thread_count=2": _dcp_save(2),
+    "torch.save": _torch_save,
+}
+# Which saved checkpoint each loader reads (DCP's reader has no options that change its speed).
+_LOADERS: dict[str, tuple[str, Callable[[str, dict[str, torch.Tensor]], None]]] = {
+    "dcp_forge": ("dcp_forge", _forge_load),
+    "dcp defaults": ("dcp thread_count=2", _dcp_load),
+    "torch.load": ("torch.save", _torch_load),
+}
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def _rotated(names: Sequence[str], rep: int) -> list[str]:
+    k = rep % len(names)
+    return list(names[k:]) + list(names[:k])
+
+
+@dataclasses.dataclass
+class SaveLoadResult:
+    """Seconds per contender and, for each of its runs, the disk limit measured right next to it."""
+
+    config: SaveLoadConfig
+    save_seconds: dict[str, list[float]]
+    save_limit_seconds: dict[str, list[float]]
+    load_seconds: dict[str, list[float]]
+    load_limit_seconds: dict[str, list[float]]
+
+    def _summary(self, seconds: dict[str, list[float]], limits: dict[str, list[float]]) -> dict[str, dict]:
+        pooled = [t for times in limits.values() for t in times]
+        out = {LIMIT: {"gbps_median": self.config.nbytes / statistics.median(pooled) / 1e9, "seconds": pooled,
+                       "ratio_to_limit_median": 1.0, "ratio_to_limit_min": 1.0, "ratio_to_limit_max": 1.0}}
+        for name, times in seconds.items():
+            ratios = [limit / t for limit, t in zip(limits[name], times, strict=True)]
+            out[name] = {"gbps_median": self.config.nbytes / statistics.median(times) / 1e9,
+                         "seconds": times, "limit_seconds": limits[name],
+                         "ratio_to_limit_median": statistics.median(ratios),
+                         "ratio_to_limit_min": min(ratios), "ratio_to_limit_max": max(ratios)}
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": dataclasses.asdict(self.config), "bytes": self.config.nbytes,
+                "save": self._summary(self.save_seconds, self.save_limit_seconds),
+                "load": self._summary(self.load_seconds, self.load_limit_seconds)}
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def _paired(limit: Callable[[], float], contender: Callable[[], float], limit_first: bool) -> tuple[float, float]:
+    """(limit seconds, contender seconds), measured back to back in the given order."""
+    if limit_first:
+        return limit(), contender()
+    seconds = contender()
+    return limit(), seconds
+
+
+class _Run:
+    """One benchmark run: the source state, the preallocated destination, a scratch directory."""
+
+    def __init__(self, config: SaveLoadConfig, root: str) -> None:
+        self.config = config
+        self.root = root
+        self.source = make_state(config)
+        self.target = {k: torch.zeros_like(v) for k, v in self.source.items()}
+
+    def save_limit(self, rep_dir: str) -> float:
+        path = os.path.join(rep_dir, "limit")
+        shutil.rmtree(path, ignore_errors=True)
+        return durable_write_limit(path, list(self.source.values()))
+
+    def save(self, name: str, rep_dir: str) -> float:
+        return _timed(lambda: _SAVERS[name](os.path.join(rep_dir, _slug(name)), self.source))
+
+    def read_limit(self, rep_dir: str) -> float:
+        seconds = cold_read_limit(os.path.join(rep_dir, "limit"), list(self.target.values()))
+        self._zero_target()
+        return seconds
+
+    def load(self, name: str, rep_dir: str) -> float:
+        saved_by, loader = _LOADERS[name]
+        path = os.path.join(rep_dir, _slug(saved_by))
+        drop_page_cache(path)
+        seconds = _timed(lambda: loader(path, self.target))
+        bad = [k for k in self.source if not torch.equal(self.source[k], self.target[k])]
+        if bad:
+            raise RuntimeError(f"{name} loaded wrong values for {bad[:3]}")
+        self._zero_target()
+        return seconds
+
+    def _zero_target(self) -> None:
+        for t in self.target.values():
+            t.zero_()
+
+
+def run_save_load(config: SaveLoadConfig, log: Callable[[str], None] = print) -> SaveLoadResult:
+    """Run every repetition; returns the raw seconds. Needs about 3x ``size_mib`` of free memory.
+
+    Each contender's run is paired with a measurement of the disk limit right before or right after
+    it (alternating), and its ratio is taken against that one: on a disk whose speed drifts within
+    seconds, the neighbouring measurement is the fair reference.
+    """
+    result = SaveLoadResult(config, {n: [] for n in _SAVERS}, {n: [] for n in _SAVERS},
+                            {n: [] for n in _LOADERS}, {n: [] for n in _LOADERS})
+    root = tempfile.mkdtemp(prefix="forge-bench-", dir=config.directory)
+    gb = config.nbytes / 1e9
+    try:
+        run = _Run(config, root)
+        for rep in range(config.repetitions):
+            rep_dir = os.path.join(root, f"rep{rep}")
+            os.makedirs(rep_dir)
+            for i, name in enumerate(_rotated(list(_SAVERS), rep)):
+                limit, seconds = _paired(lambda: run.save_limit(rep_dir), lambda: run.save(name, rep_dir),  # noqa: B023
+                                         limit_first=(rep + i) % 2 == 0)
+                result.save_seconds[name].append(seconds)
+                result.save_limit_seconds[name].append(limit)
+                log(f"rep {rep} save {name:<20} {gb / seconds:6.2f} GB/s   limit {gb / limit:6.2f} GB/s   "
+                    f"ratio {limit / seconds:5.2f}")
+            for i, name in enumerate(_rotated(list(_LOADERS), rep)):
+                limit, seconds = _paired(lambda: run.read_limit(rep_dir), lambda: run.load(name, rep_dir),  # noqa: B023
+                                         limit_first=(rep + i) % 2 == 0)
+                result.load_seconds[name].append(seconds)
+                result.load_limit_seconds[name].append(limit)
+                log(f"rep {rep} load {name:<20} {gb / seconds:6.2f} GB/s   limit {gb / limit:6.2f} GB/s   "
+                    f"ratio {limit / seconds:5.2f}")
+            shutil.rmtree(rep_dir)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A markdown table of a ``SaveLoadResult.to_json()`` (as printed and pasted into the README)."""
+    gib = result["bytes"] / 2**30
+    lines = [f"| {gib:g} GiB, one rank | GB/s (median) | × disk limit (median, min–max) |",
+             "| --- | ---: | ---: |"]
+    for phase in ("save", "load"):
+        for name, row in result[phase].items():
+            label = f"{phase}: {name}" if name != LIMIT else f"{phase}: {'durable write' if phase == 'save' else 'cold read'} limit"
+            lines.append(f"| {label} | {row['gbps_median']:.2f} | {row['ratio_to_limit_median']:.2f} "
+                         f"({row['ratio_to_limit_min']:.2f}–{row['ratio_to_limit_max']:.2f}) |")
+    return "\n".join(lines)

@@ -1,0 +1,177 @@
+"""Reading stored items into their destinations: straight into the destination tensor when possible.
+
+DCP's own reader reads every stored tensor into a buffer, ``torch.load``s it (a second copy) and
+copies it into the destination (a third). Here a stored tensor that one destination takes whole, as a
+contiguous CPU tensor of the same dtype and shape, is read with one ``read_into`` directly into that
+destination's memory: the blob's small header and trailer are read separately (they locate the data
+record, see torch_blob.py) and the checksum is computed over header, destination bytes and trailer,
+in file order, so it is the same xxh3 as over the stored blob.
+
+Everything else takes the staged path: the whole blob is read into one uninitialised buffer, hashed,
+and the tensor is viewed inside it (no ``torch.load`` copy) before being copied into each destination;
+blobs that are not one plain tensor go through ``torch.load`` as before.
+
+A read that fails (truncation, checksum mismatch) raises after the bytes reached the destination: a
+failed load leaves the destination state partly overwritten, as with DCP's reader, where earlier
+items are already in place.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import xxhash
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlanner, ReadItem
+
+from ..errors import IntegrityError
+from ..keys import top_level_key
+from .backends import InputFile
+from .torch_blob import NotPlainTensor, TensorBlobLayout, open_blob, tensor_blob_layout
+
+# Below this, reading header and trailer separately costs more than one read of the whole blob.
+DIRECT_MIN_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StoredRead:
+    """One stored item (``length`` bytes at ``offset`` of ``file``) and the read items it serves."""
+
+    file: str
+    offset: int
+    length: int
+    items: tuple[ReadItem, ...]
+
+    @property
+    def fqn(self) -> str:
+        return self.items[0].storage_index.fqn
+
+
+# ``check(read, xxh3 hex digest of its bytes)`` raises if the digest is wrong; None skips hashing.
+Checker = Callable[[StoredRead, str], None] | None
+
+
+def group_reads(items: Sequence[ReadItem], storage_data: Mapping[MetadataIndex, Any]) -> list[StoredRead]:
+    """Read items grouped by the stored item they need, in file order (each stored item read once)."""
+    grouped: dict[tuple[str, int, int], list[ReadItem]] = defaultdict(list)
+    for item in items:
+        info = storage_data[item.storage_index]
+        grouped[(info.relative_path, info.offset, info.length)].append(item)
+    return [StoredRead(f, o, n, tuple(its)) for (f, o, n), its in sorted(grouped.items(), key=lambda kv: kv[0])]
+
+
+def split_runs(reads: Sequence[StoredRead], parts: int) -> list[list[StoredRead]]:
+    """``reads`` (in file order) cut into at most ``parts`` consecutive runs of about equal bytes.
+
+    Consecutive runs keep each thread's reads sequential within a file; the cut points fall where the
+    running byte count crosses each 1/parts of the total.
+    """
+    total = sum(r.length for r in reads)
+    runs: list[list[StoredRead]] = []
+    current: list[StoredRead] = []
+    done = 0
+    for read in reads:
+        current.append(read)
+        done += read.length
+        if len(runs) < parts - 1 and done * parts >= total * (len(runs) + 1):
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return runs
+
+
+def _read_bytes(handle: InputFile, offset: int, size: int) -> bytes:
+    buffer = bytearray(size)
+    handle.read_into(offset, memoryview(buffer))
+    return bytes(buffer)
+
+
+def _direct_target(read: StoredRead, targets: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The destination that can take this stored tensor's bytes as they are, if there is one."""
+    if len(read.items) != 1 or read.length < DIRECT_MIN_BYTES or any(read.items[0].storage_offsets):
+        return None
+    target = targets[0]
+    if (type(target) is not torch.Tensor or target.device.type != "cpu" or target.layout != torch.strided
+            or not target.is_contiguous() or target.is_conj() or target.is_neg()):
+        return None
+    return target
+
+
+def _byte_view(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def _read_direct(handle: InputFile, read: StoredRead, blob: Any, layout: TensorBlobLayout,
+                 target: torch.Tensor, check: Checker) -> None:
+    view = _byte_view(target) if layout.nbytes else memoryview(b"")
+    if layout.nbytes:
+        handle.read_into(read.offset + layout.data_offset, view)
+    if check is not None:
+        end = layout.data_offset + layout.nbytes
+        hasher = xxhash.xxh3_64()
+        hasher.update(blob.fetch(0, layout.data_offset))
+        hasher.update(view)
+        hasher.update(blob.fetch(end, read.length - end))
+        check(read, hasher.hexdigest())
+
+
+def _stored_tensor(buffer: torch.Tensor) -> torch.Tensor:
+    """The tensor a staged blob holds, as a view into ``buffer`` when it is one plain tensor."""
+    raw = _byte_view(buffer)
+    try:
+        layout = tensor_blob_layout(open_blob(lambda o, n: raw[o:o + n].tobytes(), len(raw)))
+    except NotPlainTensor:
+        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    if not layout.nbytes:
+        return torch.empty(layout.shape, dtype=layout.dtype)
+    data = buffer[layout.data_offset:layout.data_offset + layout.nbytes]
+    return data.view(layout.dtype).reshape(layout.shape)
+
+
+def load_stored_item(handle: InputFile, read: StoredRead, planner: LoadPlanner, check: Checker) -> None:
+    """Read one stored item and hand it to every read item that needs it (see the module docstring).
+
+    Raises EOFError when the file ends early, and whatever ``check`` raises on a wrong checksum.
+    """
+    if read.items[0].type == LoadItemType.BYTE_IO:
+        data = bytearray(read.length)
+        handle.read_into(read.offset, memoryview(data))
+        if check is not None:
+            check(read, xxhash.xxh3_64_hexdigest(data))
+        for item in read.items:
+            planner.load_bytes(item, io.BytesIO(data))
+        return
+
+    targets = [planner.resolve_tensor(item).detach() for item in read.items]
+    target = _direct_target(read, targets)
+    if target is not None:
+        blob = open_blob(lambda o, n: _read_bytes(handle, read.offset + o, n), read.length)
+        try:
+            layout: TensorBlobLayout | None = tensor_blob_layout(blob)
+        except NotPlainTensor:
+            layout = None
+        if layout is not None and layout.dtype == target.dtype and layout.shape == tuple(target.shape):
+            _read_direct(handle, read, blob, layout, target, check)
+            planner.commit_tensor(read.items[0], target)
+            return
+
+    buffer = torch.empty(read.length, dtype=torch.uint8)
+    handle.read_into(read.offset, _byte_view(buffer))
+    if check is not None:
+        check(read, xxhash.xxh3_64_hexdigest(_byte_view(buffer)))
+    stored = _stored_tensor(buffer)
+    for item, target in zip(read.items, targets, strict=True):
+        source = narrow_tensor_by_index(stored, item.storage_offsets, item.lengths)
+        if target.size() != source.size():
+            raise IntegrityError(
+                f"stored chunk of {top_level_key(item.storage_index.fqn)!r} ({item.storage_index.fqn}) "
+                f"has shape {tuple(source.size())}, destination expects {tuple(target.size())}")
+        target.copy_(source)
+        planner.commit_tensor(item, target)

@@ -1,0 +1,217 @@
+"""The fast save/load paths: CRC-less torch.save blobs, locating a tensor inside its blob, reading
+straight into destination tensors, the staged fallback, and checksum verification on both paths."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.distributed.checkpoint.api import CheckpointException
+
+from dcp_forge import CheckpointCoordinator, StateComponent
+from dcp_forge.errors import first_rank_failure
+from dcp_forge.storage import ForgeStorageReader, open_reader
+from dcp_forge.storage.item_reader import DIRECT_MIN_BYTES, StoredRead, split_runs
+from dcp_forge.storage.torch_blob import NotPlainTensor, open_blob, save_tensor, tensor_blob_layout
+
+from .strategies import DTYPES
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _blob(tensor: torch.Tensor, saver=save_tensor) -> bytes:
+    buf = io.BytesIO()
+    saver(tensor, buf)
+    return buf.getvalue()
+
+
+def _layout(data: bytes):
+    return tensor_blob_layout(open_blob(lambda o, n: data[o:o + n], len(data)))
+
+
+@st.composite
+def stored_tensors(draw) -> tuple[torch.Tensor, bool]:
+    """A tensor as a writer may store it, and whether it is plain (whole, contiguous storage)."""
+    shape = tuple(draw(st.lists(st.integers(0, 7), max_size=3)))
+    dtype = draw(st.sampled_from(DTYPES + [torch.bool, torch.complex64, torch.float64]))
+    base = (torch.rand(shape) * 100).to(dtype)
+    form = draw(st.sampled_from(["plain", "transposed", "view"]))
+    if form == "transposed" and base.dim() >= 2 and base.shape[0] > 1 and base.shape[1] > 1:
+        return base.transpose(0, 1), False
+    if form == "view" and base.numel() > 1:
+        return base.reshape(-1)[1:], False
+    return base, True
+
+
+@settings(max_examples=60, deadline=None)
+@given(stored_tensors(), st.booleans())
+def test_layout_finds_exactly_the_tensor_bytes_or_refuses(case, ours):
+    tensor, plain = case
+    data = _blob(tensor, save_tensor if ours else torch.save)
+    assert torch.equal(torch.load(io.BytesIO(data), weights_only=True), tensor)  # CRC-less blobs still load
+    if not plain:
+        with pytest.raises(NotPlainTensor):
+            _layout(data)
+        return
+    layout = _layout(data)
+    assert (layout.dtype, layout.shape, layout.nbytes) == (tensor.dtype, tuple(tensor.shape),
+                                                           tensor.numel() * tensor.element_size())
+    stored = bytes(data[layout.data_offset:layout.data_offset + layout.nbytes])
+    assert stored == tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("value", [{"a": torch.ones(3)}, [torch.ones(2)], 7, torch.ones(4).to(torch.float8_e4m3fn)])
+def test_layout_refuses_anything_but_one_plain_tensor(value):
+    with pytest.raises(NotPlainTensor):
+        _layout(_blob(value, torch.save))
+
+
+def test_layout_refuses_garbage_and_truncation():
+    data = _blob(torch.ones(100))
+    for bad in (b"", b"not a zip at all", data[:-30], data[:200]):
+        with pytest.raises(NotPlainTensor):
+            _layout(bad)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 1000), max_size=30), st.integers(1, 6))
+def test_split_runs_keeps_order_and_balances(lengths, parts):
+    reads = [StoredRead("f", i, n, ()) for i, n in enumerate(lengths)]
+    runs = split_runs(reads, parts)
+    assert [r for run in runs for r in run] == reads
+    assert len(runs) <= parts and all(runs)
+    if runs:
+        # every run but the last ends at the first read that crosses its share of the bytes
+        total = sum(lengths)
+        assert max(sum(r.length for r in run) for run in runs) <= total / parts + max(lengths)
+
+
+class _Holder:
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def state_dict(self):
+        return self.tensors
+
+    def load_state_dict(self, sd):
+        for k, v in sd.items():
+            if v is not self.tensors[k]:
+                self.tensors[k].copy_(v)
+
+
+def _big_state(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rows = DIRECT_MIN_BYTES // 2048  # "w" 8x, "h" 1x the direct-read threshold
+    return {"w": torch.randn(4 * rows, 1024, generator=gen), "h": torch.randn(rows, 1024, generator=gen).bfloat16(),
+            "small": torch.randn(10, generator=gen), "step": 3}
+
+
+def _save(tmp_path, state, chunk_bytes=None):
+    from dcp_forge.placement import ChunkPolicy
+
+    coord = CheckpointCoordinator([StateComponent("model", _Holder(state), "replicated")], output_dir=tmp_path,
+                                  chunk_policy=ChunkPolicy(chunk_bytes) if chunk_bytes else ChunkPolicy())
+    return coord.save_checkpoint(checkpoint_id="c")
+
+
+def _load(path, state, **reader_options):
+    reader = open_reader(path, **reader_options)
+    try:
+        dcp.load({"model": _Holder(state)}, storage_reader=reader, no_dist=True)
+    except CheckpointException as exc:  # DCP wraps the reader's error; show the original
+        raise first_rank_failure(exc) from exc
+    return reader
+
+
+@pytest.fixture
+def direct_reads(monkeypatch):
+    """The fqns read by the direct path (the staged path is the fallback, so this must be observed)."""
+    from dcp_forge.storage import item_reader
+
+    seen = []
+    original = item_reader._read_direct
+
+    def counting(handle, read, *args):
+        seen.append(read.fqn)
+        return original(handle, read, *args)
+
+    monkeypatch.setattr(item_reader, "_read_direct", counting)
+    return seen
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_direct_and_staged_reads_restore_exact_values(tmp_path, threads, direct_reads):
+    saved = _big_state()
+    path = _save(tmp_path, saved)
+    # contiguous destinations take the direct path; a transposed one (non-contiguous) the staged one
+    dest = {"w": torch.zeros_like(saved["w"]), "h": torch.zeros(1024, saved["h"].shape[0]).bfloat16().t(),
+            "small": torch.zeros(10), "step": 0}
+    w_ptr = dest["w"].data_ptr()
+    reader = _load(path, dest, thread_count=threads)
+    assert torch.equal(dest["w"], saved["w"]) and dest["w"].data_ptr() == w_ptr
+    assert torch.equal(dest["h"], saved["h"]) and torch.equal(dest["small"], saved["small"])
+    assert reader.bytes_read > saved["w"].nbytes + saved["h"].nbytes
+    assert direct_reads == ["model.w"]
+
+
+def test_row_chunks_are_read_directly_into_their_rows(tmp_path, direct_reads):
+    saved = _big_state()
+    path = _save(tmp_path, saved, chunk_bytes=2 * DIRECT_MIN_BYTES)  # "w" stored as 4 row-chunks
+    dest = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in saved.items()}
+    _load(path, dest)
+    assert all(torch.equal(dest[k], saved[k]) for k in ("w", "h", "small"))
+    assert sorted(direct_reads) == ["model.h"] + ["model.w"] * 4
+
+
+def _flip(path, name, offset):
+    with open(os.path.join(path, name), "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+def _record(path, fqn):
+    reader = ForgeStorageReader(path)
+    reader.read_metadata()
+    return next(r for r in reader.records if r.fqn == fqn)
+
+
+@pytest.mark.parametrize("where", ["header", "data", "trailer"])
+def test_a_flipped_byte_anywhere_in_a_directly_read_blob_is_detected(tmp_path, where):
+    saved = _big_state()
+    path = _save(tmp_path, saved)
+    rec = _record(path, "model.w")
+    offset = {"header": rec.offset + 40, "data": rec.offset + rec.length // 2, "trailer": rec.offset + rec.length - 30}
+    _flip(path, rec.file, offset[where])
+    dest = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in saved.items()}
+    with pytest.raises(ValueError, match=rf"checksum mismatch in {rec.file} at byte {rec.offset} for component 'model'"):
+        _load(path, dest)
+
+
+def test_a_truncated_data_file_names_file_and_key(tmp_path):
+    saved = _big_state()
+    path = _save(tmp_path, saved)
+    rec = _record(path, "model.w")
+    with open(os.path.join(path, rec.file), "r+b") as f:
+        f.truncate(rec.offset + rec.length // 2)
+    dest = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in saved.items()}
+    with pytest.raises(ValueError, match=rf"{rec.file} is truncated.*'model.w'"):
+        _load(path, dest)
+
+
+def test_plain_dcp_checkpoints_take_the_direct_path_too(tmp_path, direct_reads):
+    warnings.simplefilter("ignore")
+    saved = {k: v for k, v in _big_state().items() if k != "step"}
+    dcp.save({"model": saved}, checkpoint_id=tmp_path / "legacy")  # torch.save blobs, with CRC
+    dest = {k: torch.zeros_like(v) for k, v in saved.items()}
+    ptr = dest["w"].data_ptr()
+    dcp.load({"model": dest}, storage_reader=open_reader(tmp_path / "legacy"), no_dist=True)
+    assert all(torch.equal(dest[k], saved[k]) for k in saved) and dest["w"].data_ptr() == ptr
+    assert sorted(direct_reads) == ["model.h", "model.w"]
