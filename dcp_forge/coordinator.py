@@ -36,7 +36,7 @@ from .statefuls import prepare_for_load
 from .storage import ForgeStorageReader, ForgeStorageWriter, join_url, latest_checkpoint, open_backend, redact_url
 from .storage.layout import MANIFEST_FILE, validate_checkpoint_id
 from .topology import Topology, gather_topology
-from .validation import check_replication
+from .validation import needs_replication_check, start_replication_check
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,9 @@ class CheckpointCoordinator:
         self.group = dist.new_group(backend="gloo") if _distributed() else None
         self.topology: Topology = gather_topology(self.process_groups, node=node, group=self.group)
         self._check_declarations_agree()
+        # Replication checks run beside a save, on a thread and group of their own (validation.py).
+        self._validation_group = (dist.new_group(backend="gloo")
+                                  if _distributed() and needs_replication_check(self.components) else None)
         self.last_manifest: CheckpointManifest | None = None
 
     # --- helpers ------------------------------------------------------------------------------
@@ -136,14 +139,27 @@ class CheckpointCoordinator:
         if (checkpoint_path is None) == (checkpoint_id is None):
             raise ValueError("pass exactly one of checkpoint_path or checkpoint_id")
         path = os.fspath(checkpoint_path) if checkpoint_path is not None else self.checkpoint_path(checkpoint_id)
-        if validate:
-            check_replication(self.components, self.topology, self.group)
+        # The check hashes while DCP plans and writes; the coordinator rank waits for its verdict
+        # before committing, and every rank waits for it before returning.
+        check = start_replication_check(self.components, self.topology, self._validation_group) if validate else None
         writer = ForgeStorageWriter(path, self.storage_options, thread_count=self.thread_count,
-                                    extra=extra, training_args_hash=self.training_args_hash)
+                                    extra=extra, training_args_hash=self.training_args_hash,
+                                    commit_gate=check.wait if check is not None and self.rank == 0 else None)
         planner = ForgeSavePlanner(self.components, self.topology, chunk_policy=self.chunk_policy)
-        with _rank_errors():
-            dcp.save({c.key: c.stateful for c in self.components}, storage_writer=writer, planner=planner,
-                     process_group=self.group, no_dist=self.group is None)
+        try:
+            with _rank_errors():
+                dcp.save({c.key: c.stateful for c in self.components}, storage_writer=writer, planner=planner,
+                         process_group=self.group, no_dist=self.group is None)
+        except BaseException as err:
+            if check is not None:
+                try:
+                    check.wait()  # its thread must not outlive the save; the save's error wins
+                except BaseException as check_error:
+                    if check_error is not err:
+                        err.add_note(f"the replication check also failed: {check_error}")
+            raise
+        if check is not None:
+            check.wait()
         self.last_manifest = writer.manifest
         logger.info("rank %d: saved %s", self.rank, redact_url(path))
         return path

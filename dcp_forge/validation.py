@@ -15,8 +15,10 @@ release the GIL, so the cost is memory bandwidth spread over a few cores.
 Digests are pure functions of a state dict (testable in one process); ``check_replication`` is the
 collective that exchanges them.
 
-Call protocol: every rank calls ``check_replication`` with the same declarations, at the same point
-(the coordinator does, before writing, when ``save_checkpoint(validate=True)``).
+Call protocol: every rank calls ``check_replication`` (or ``start_replication_check``) with the same
+declarations, at the same point. ``save_checkpoint(validate=True)`` starts the check on a thread and
+process group of its own as the save begins, so hashing overlaps the save's I/O, and the coordinator
+rank waits for the verdict before it commits: a mismatch means nothing is committed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -212,6 +215,16 @@ def _replica_sets(component: StateComponent, topology: Topology) -> list[tuple[i
     return sorted(s for s in sets if len(s) > 1)
 
 
+def needs_replication_check(components: Sequence[StateComponent]) -> bool:
+    """Whether any component asks for a check (the same on every rank: declarations agree)."""
+    return any(_checked(c) for c in components)
+
+
+def _checked(c: StateComponent) -> bool:
+    return (c.validate_replication and c.validation_level is not ValidationLevel.NONE
+            and c.sharing_pattern in _REPLICA_PATTERNS)
+
+
 def check_replication(components: Sequence[StateComponent], topology: Topology, group: Any = None) -> None:
     """Collective: compare each validated component within its replica sets; raise or warn on mismatch.
 
@@ -220,15 +233,50 @@ def check_replication(components: Sequence[StateComponent], topology: Topology, 
     QUICK component that mismatched (to name its tensors), and for FULL components one exchange per
     batch of values.
     """
-    checked = [c for c in components if c.validate_replication and c.validation_level is not ValidationLevel.NONE
-               and c.sharing_pattern in _REPLICA_PATTERNS]
-    if not checked or not _distributed(topology):
-        return  # one rank holds every copy it compares with: nothing can disagree
-    states = {c.key: c.stateful.state_dict() for c in checked}
-    findings = _digest_round(checked, states, topology, group)
-    findings += [_full_round(c, states[c.key], topology, group)
-                 for c in checked if c.validation_level is ValidationLevel.FULL]
-    _report([f for f in findings if f.problems])
+    start_replication_check(components, topology, group).wait()
+
+
+class ReplicationCheck:
+    """A replication check running on a thread of its own, so that hashing overlaps a save's I/O.
+
+    Call protocol: every rank starts one (``start_replication_check``) at the same point, over a
+    process group no other thread uses meanwhile, and must not change the checked state until
+    ``wait()`` returned. ``wait()`` joins the thread and raises the ReplicationError (every rank finds
+    the same mismatches, so every rank raises); it may be called more than once.
+    """
+
+    def __init__(self, components: Sequence[StateComponent], topology: Topology, group: Any) -> None:
+        checked = [c for c in components if _checked(c)]
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if not checked or not _distributed(topology):
+            return  # one rank holds every copy it compares with: nothing can disagree
+        # state_dict() runs here, on the caller's thread: Statefuls need not be thread-safe.
+        states = {c.key: c.stateful.state_dict() for c in checked}
+        self._thread = threading.Thread(target=self._run, args=(checked, states, topology, group),
+                                        name="forge-replication-check", daemon=True)
+        self._thread.start()
+
+    def _run(self, checked: list[StateComponent], states: dict[str, Any], topology: Topology, group: Any) -> None:
+        try:
+            findings = _digest_round(checked, states, topology, group)
+            findings += [_full_round(c, states[c.key], topology, group)
+                         for c in checked if c.validation_level is ValidationLevel.FULL]
+            _report([f for f in findings if f.problems])
+        except BaseException as err:  # handed to wait(), on the caller's thread
+            self._error = err
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def start_replication_check(components: Sequence[StateComponent], topology: Topology,
+                            group: Any = None) -> ReplicationCheck:
+    """Collective: start checking ``components`` in the background; ``wait()`` for the verdict."""
+    return ReplicationCheck(components, topology, group)
 
 
 def _digest_round(checked: Sequence[StateComponent], states: Mapping[str, Any], topology: Topology,
@@ -260,57 +308,95 @@ def _digest_round(checked: Sequence[StateComponent], states: Mapping[str, Any], 
     return findings
 
 
+def _describe(value: Any) -> tuple:
+    """What FULL exchanges first: a tensor's dtype, shape and size; a plain value's pickle and repr."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", str(value.dtype), tuple(value.shape), value.nbytes)
+    return ("value", pickle.dumps(value, protocol=4), _short(value))
+
+
 def _full_round(component: StateComponent, state: Mapping[str, Any], topology: Topology, group: Any) -> _Finding:
-    """Exchange values in batches (same batches on every rank) and compare them bit for bit."""
+    """Compare values bit for bit: descriptors first, then tensor bytes in batches (every rank runs
+    the same batches, derived from the gathered descriptors, so the collectives line up)."""
     flat = flat_state(state)
-    sizes = _all_gather({k: (v.nbytes if isinstance(v, torch.Tensor) else 0) for k, v in flat.items()},
-                        topology, group)
-    largest: dict[str, int] = {}
-    for per_rank in sizes:
-        for key, nbytes in per_rank.items():
-            largest[key] = max(largest.get(key, 0), nbytes)
-    batches: list[list[str]] = [[]]
-    filled = 0
+    described = _all_gather({k: _describe(v) for k, v in flat.items()}, topology, group)
+    problems: list[str] = []
+    compare: dict[str, list[tuple[int, ...]]] = {}  # tensor key -> replica sets whose holders agree on its type
+    for ranks in _replica_sets(component, topology):
+        for key in sorted(set().union(*(described[r] for r in ranks))):
+            holders = [r for r in ranks if key in described[r]]
+            if len(holders) < len(ranks):
+                problems.append(f"{key!r}: present on ranks {holders}, absent on ranks "
+                                f"{sorted(set(ranks) - set(holders))}")
+                continue
+            kinds = split_by_value({r: described[r][key][:3] if described[r][key][0] == "tensor"
+                                    else described[r][key][:2] for r in holders})
+            if len(kinds) == 1 and described[holders[0]][key][0] == "tensor":
+                compare.setdefault(key, []).append(tuple(holders))
+            elif len(kinds) > 1:
+                shown = ", ".join(f"ranks {g} hold {_shown(described[g[0]][key])}" for g in kinds[:4])
+                problems.append(f"{key!r}: differs across ranks ({describe_split(kinds)} each agree): {shown}")
+    for batch in _batches(compare, described):
+        problems += _compare_batch(batch, compare, flat, described, topology, group)
+    return _Finding(component, problems)
+
+
+def _shown(description: tuple) -> str:
+    return f"{description[1]}{description[2]}" if description[0] == "tensor" else description[2]
+
+
+def _batches(keys: Mapping[str, Any], described: Sequence[Mapping[str, tuple]]) -> list[list[str]]:
+    largest = {k: max(d[k][3] for d in described if k in d) for k in keys}
+    batches: list[list[str]] = []
+    filled = FULL_BATCH_BYTES
     for key in sorted(largest):
-        if batches[-1] and filled + largest[key] > FULL_BATCH_BYTES:
+        if filled + largest[key] > FULL_BATCH_BYTES:
             batches.append([])
             filled = 0
         batches[-1].append(key)
         filled += largest[key]
-    problems: list[str] = []
-    replica_sets = _replica_sets(component, topology)
-    for batch in batches:
-        values = _all_gather({k: local_tensor(flat[k]) if isinstance(flat[k], torch.Tensor) else flat[k]
-                              for k in batch if k in flat}, topology, group)
-        for ranks in replica_sets:
-            for key in batch:
-                holders = [r for r in ranks if key in values[r]]
-                if len(holders) < len(ranks):
-                    if holders:
-                        problems.append(f"{key!r}: present on ranks {holders}, absent on ranks "
-                                        f"{sorted(set(ranks) - set(holders))}")
-                    continue
-                problems += _value_disagreements(key, {r: values[r][key] for r in holders})
-        del values
-    return _Finding(component, problems)
+    return batches
 
 
-def _value_disagreements(key: str, values: Mapping[int, Any]) -> list[str]:
-    """FULL: ranks grouped by bit-identical values, each minority group compared with the majority."""
-    classes: list[list[int]] = []
-    for rank in sorted(values):
-        home = next((c for c in classes if element_disagreement(values[c[0]], values[rank]) is None), None)
-        if home is None:
-            classes.append([rank])
-        else:
-            home.append(rank)
-    if len(classes) < 2:
-        return []
-    classes.sort(key=lambda ranks: (-len(ranks), ranks))
-    majority = classes[0]
-    return [f"{key!r}: differs across ranks ({describe_split(classes)} each agree); ranks {minority} vs ranks "
-            f"{majority}: {element_disagreement(values[majority[0]], values[minority[0]])}"
-            for minority in classes[1:]]
+def _compare_batch(batch: list[str], compare: Mapping[str, list[tuple[int, ...]]], flat: Mapping[str, Any],
+                   described: Sequence[Mapping[str, tuple]], topology: Topology, group: Any) -> list[str]:
+    """One all_gather of every rank's bytes for ``batch`` (one padded slot per key), then comparisons."""
+    import torch.distributed as dist
+
+    slots, end = {}, 0
+    for key in batch:  # 16-byte aligned, so each slot can be viewed as its dtype
+        slots[key] = end
+        end += -(-max(d[key][3] for d in described if key in d) // 16) * 16
+    mine = torch.zeros(end, dtype=torch.uint8)
+    for key in batch:
+        if key in flat:
+            data = raw_bytes(flat[key])
+            if len(data):
+                mine[slots[key]:slots[key] + len(data)] = torch.frombuffer(data, dtype=torch.uint8)
+    everyone = [torch.empty_like(mine) for _ in range(topology.world_size)]
+    dist.all_gather(everyone, mine, group=group)
+    problems = []
+    for key in batch:
+        for holders in compare[key]:
+            _, dtype, shape, nbytes = described[holders[0]][key]
+            values = {r: everyone[r][slots[key]:slots[key] + nbytes] for r in holders}
+            classes: list[list[int]] = []
+            for r in holders:  # bitwise classes: equal bytes
+                home = next((c for c in classes if torch.equal(values[c[0]], values[r])), None)
+                if home is None:
+                    classes.append([r])
+                else:
+                    home.append(r)
+            if len(classes) < 2:
+                continue
+            classes.sort(key=lambda ranks: (-len(ranks), ranks))
+            as_tensor = {r: values[r].view(getattr(torch, dtype.removeprefix("torch."))).reshape(shape)
+                         for r in holders}
+            majority = classes[0]
+            problems += [f"{key!r}: differs across ranks ({describe_split(classes)} each agree); ranks {minority} "
+                         f"vs ranks {majority}: {element_disagreement(as_tensor[majority[0]], as_tensor[minority[0]])}"
+                         for minority in classes[1:]]
+    return problems
 
 
 def _report(findings: Sequence[_Finding]) -> None:
@@ -331,5 +417,6 @@ def _report(findings: Sequence[_Finding]) -> None:
                                "on_replication_mismatch='warn' if the difference is harmless)")
 
 
-__all__ = ["FULL_BATCH_BYTES", "check_replication", "combine_digests", "digest_disagreements",
+__all__ = ["FULL_BATCH_BYTES", "ReplicationCheck", "check_replication", "needs_replication_check",
+           "start_replication_check", "combine_digests", "digest_disagreements",
            "element_disagreement", "quick_digest", "tensor_digests", "value_digest"]

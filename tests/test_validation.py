@@ -198,6 +198,7 @@ def validation_scenarios(rank: int, world: int, root: str) -> dict:
             if rank == 3:
                 c.stateful.state = _state(_copy_seed(c.sharing_pattern, rank))
         out[f"latest-{level.value}"] = latest_checkpoint(os.path.join(root, level.value))
+        out[f"left-{level.value}"] = sorted(os.listdir(os.path.join(root, level.value)))
 
     # 3. warn instead of raise: logged, and the save goes through.
     records: list[logging.LogRecord] = []
@@ -262,8 +263,9 @@ def test_one_ulp_on_one_rank_is_caught_and_named(outcome, pattern, level):
 
 
 @pytest.mark.parametrize("level", LEVELS, ids=lambda v: v.value)
-def test_nothing_is_committed_when_validation_fails(outcome, level):
+def test_nothing_is_committed_or_left_behind_when_validation_fails(outcome, level):
     assert all(r[f"latest-{level.value}"] is None for r in outcome)
+    assert all(r[f"left-{level.value}"] == [] for r in outcome)  # the failed saves' files were removed
 
 
 def test_warn_mode_logs_and_saves(outcome):

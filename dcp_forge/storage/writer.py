@@ -105,13 +105,17 @@ class ForgeStorageWriter(StorageWriter):
     """Writes one checkpoint directory at ``url`` (a local path or any fsspec URL).
 
     ``thread_count``: files (and threads) per rank. ``extra``: JSON-able data stored in the
-    manifest (step, metrics). ``on_committed``: called on the coordinator with the manifest once the
+    manifest (step, metrics). ``commit_gate``: called on the coordinator once every rank's data is
+    durable, before any record is written; if it raises, the save fails, nothing is committed and the
+    uncommitted directory (ours: this save claimed it) is removed. ``on_committed``: called on the
+    coordinator with the manifest once the
     commit marker exists.
     """
 
     def __init__(self, url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, *,
                  thread_count: int = 2, extra: Mapping[str, Any] | None = None,
                  training_args_hash: str | None = None,
+                 commit_gate: Callable[[], None] | None = None,
                  on_committed: Callable[[CheckpointManifest], None] | None = None) -> None:
         super().__init__()
         if not isinstance(thread_count, int) or thread_count < 1:
@@ -120,6 +124,7 @@ class ForgeStorageWriter(StorageWriter):
         self.thread_count = thread_count
         self.extra = dict(extra or {})
         self.training_args_hash = training_args_hash
+        self.commit_gate = commit_gate
         self.on_committed = on_committed
         self.manifest: CheckpointManifest | None = None
         self._layouts: Mapping[str, ComponentLayout] = {}
@@ -197,6 +202,12 @@ class ForgeStorageWriter(StorageWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         started = time.perf_counter()
+        if self.commit_gate is not None:
+            try:
+                self.commit_gate()
+            except BaseException:
+                self.backend.remove_tree(self.path)
+                raise
         topology = self._topology or Topology(rank=0, world_size=max(1, len(results)))
         records = item_records(metadata, results, self._layouts)
         metadata.storage_data = {
