@@ -4,8 +4,10 @@ atomically committed DCP checkpoints that every rank loads its own state back fr
 
 __version__ = "0.1.0"
 
+from .async_save import AsyncSaveHandle  # noqa: E402
 from .coordinator import CheckpointCoordinator, read_manifest  # noqa: E402
 from .errors import (  # noqa: E402
+    AsyncSaveError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     ComponentDeclarationError,
@@ -26,7 +28,7 @@ from .topology import Topology, gather_topology  # noqa: E402
 from .verify import Problem, ProblemKind, verify_checkpoint  # noqa: E402
 
 __all__ = [
-    "CheckpointCoordinator", "CheckpointExistsError", "CheckpointManifest", "CheckpointNotFoundError",
+    "AsyncSaveError", "AsyncSaveHandle", "CheckpointCoordinator", "CheckpointExistsError", "CheckpointManifest", "CheckpointNotFoundError",
     "ComponentDeclarationError", "ComponentManifest", "ForgeError", "IntegrityError", "MissingComponentError",
     "Problem", "ProblemKind", "RNGState", "ReplicationError", "SharingPattern", "StateComponent",
     "StateMismatchError", "Topology", "TopologyChangeError", "UnexpectedComponentError", "UnsupportedFormatError",

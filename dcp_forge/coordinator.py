@@ -3,7 +3,10 @@
 Call protocol: every rank constructs its coordinator at the same point of the program (construction
 is collective: it gathers the topology and creates the coordinator's own gloo process group, and
 creating process groups must happen in the same order on every rank). Afterwards every rank calls
-``save_checkpoint`` / ``load_checkpoint`` together, with the same arguments.
+``save_checkpoint`` / ``async_save`` / ``load_checkpoint`` together, with the same arguments. At most one
+async save is in flight: the next save (sync or async) waits for it, and a load waits for it too.
+``close()`` (or leaving a ``with`` block) waits for it and frees what the coordinator holds; call it
+before ``dist.destroy_process_group()``, which would pull the background save's group from under it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from .async_save import AsyncSaveHandle, AsyncSaver, release_group
 from .errors import (
     CheckpointNotFoundError,
     ComponentDeclarationError,
@@ -36,7 +40,7 @@ from .statefuls import prepare_for_load
 from .storage import ForgeStorageReader, ForgeStorageWriter, join_url, latest_checkpoint, open_backend, redact_url
 from .storage.layout import MANIFEST_FILE, validate_checkpoint_id
 from .topology import Topology, gather_topology
-from .validation import needs_replication_check, start_replication_check
+from .validation import ReplicationCheck, needs_replication_check, start_replication_check
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +96,7 @@ class CheckpointCoordinator:
         self._validation_group = (dist.new_group(backend="gloo")
                                   if _distributed() and needs_replication_check(self.components) else None)
         self.last_manifest: CheckpointManifest | None = None
+        self._async_saves = AsyncSaver(self.group, self.topology.rank)
 
     # --- helpers ------------------------------------------------------------------------------
     @property
@@ -133,22 +138,34 @@ class CheckpointCoordinator:
         return join_url(self.output_dir, validate_checkpoint_id(checkpoint_id))
 
     # --- save ---------------------------------------------------------------------------------
-    def save_checkpoint(self, checkpoint_path: str | os.PathLike | None = None, checkpoint_id: str | None = None,
-                        validate: bool = False, extra: Mapping[str, Any] | None = None) -> str:
-        """Save every component; returns the committed checkpoint's path. Collective."""
+    def _prepare_save(self, checkpoint_path: str | os.PathLike | None, checkpoint_id: str | None,
+                      validate: bool, extra: Mapping[str, Any] | None
+                      ) -> tuple[str, ForgeStorageWriter, ForgeSavePlanner, ReplicationCheck | None]:
+        """What a sync and an async save share: the path, the replication check, writer and planner."""
+        self._async_saves.settle()  # the previous async save commits first; its failure raises here
         if (checkpoint_path is None) == (checkpoint_id is None):
             raise ValueError("pass exactly one of checkpoint_path or checkpoint_id")
         path = os.fspath(checkpoint_path) if checkpoint_path is not None else self.checkpoint_path(checkpoint_id)
-        # The check hashes while DCP plans and writes; the coordinator rank waits for its verdict
-        # before committing, and every rank waits for it before returning.
+        # The check hashes while DCP plans and writes (sync) or stages (async); the coordinator rank
+        # waits for its verdict before committing, and every rank waits for it before returning.
         check = start_replication_check(self.components, self.topology, self._validation_group) if validate else None
         writer = ForgeStorageWriter(path, self.storage_options, thread_count=self.thread_count,
                                     extra=extra, training_args_hash=self.training_args_hash,
                                     commit_gate=check.wait if check is not None and self.rank == 0 else None)
         planner = ForgeSavePlanner(self.components, self.topology, chunk_policy=self.chunk_policy)
+        return path, writer, planner, check
+
+    def _state_to_save(self) -> dict[str, Any]:
+        return {c.key: c.stateful for c in self.components}
+
+    def save_checkpoint(self, checkpoint_path: str | os.PathLike | None = None, checkpoint_id: str | None = None,
+                        validate: bool = False, extra: Mapping[str, Any] | None = None) -> str:
+        """Save every component; returns the committed checkpoint's path. Collective."""
+        self._check_open()
+        path, writer, planner, check = self._prepare_save(checkpoint_path, checkpoint_id, validate, extra)
         try:
             with _rank_errors():
-                dcp.save({c.key: c.stateful for c in self.components}, storage_writer=writer, planner=planner,
+                dcp.save(self._state_to_save(), storage_writer=writer, planner=planner,
                          process_group=self.group, no_dist=self.group is None)
         except BaseException as err:
             if check is not None:
@@ -163,6 +180,56 @@ class CheckpointCoordinator:
         self.last_manifest = writer.manifest
         logger.info("rank %d: saved %s", self.rank, redact_url(path))
         return path
+
+    def async_save(self, checkpoint_path: str | os.PathLike | None = None, checkpoint_id: str | None = None,
+                   validate: bool = False, extra: Mapping[str, Any] | None = None) -> AsyncSaveHandle:
+        """Save every component in the background; returns once the state is staged. Collective.
+
+        The state may change freely once this returns. Waits for the previous async save first and
+        raises its failure if no save raised it yet. ``handle.result()`` gives the committed path or
+        raises the background error. See ``dcp_forge.async_save`` for how staging buffers are reused.
+        """
+        self._check_open()
+        path, writer, planner, check = self._prepare_save(checkpoint_path, checkpoint_id, validate, extra)
+        # The replication check reads the live state: its verdict is awaited once staged, before the
+        # upload starts and before this returns (a mismatch raises here, on every rank; nothing is saved).
+        return self._async_saves.start(self._state_to_save(), path, writer, planner,
+                                       after_staging=check.wait if check is not None else None,
+                                       on_committed=lambda handle: setattr(self, "last_manifest", handle.manifest))
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._async_saves.closed:
+            raise ValueError(f"CheckpointCoordinator of rank {self.rank} is closed")
+
+    def wait(self) -> None:
+        """Block until the in-flight async save (if any) finished; raise its failure if not raised yet."""
+        self._async_saves.settle()
+
+    def close(self) -> None:
+        """Wait for the in-flight async save, then free staging buffers and process groups. Idempotent.
+
+        Raises AsyncSaveError if an async save failed and no save raised it yet.
+        """
+        if self._async_saves.closed:
+            return
+        try:
+            self._async_saves.close()
+        finally:
+            release_group(self._validation_group)
+            release_group(self.group)
+
+    def __enter__(self) -> CheckpointCoordinator:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as close_error:  # keep the body's exception; say what close found
+            exc.add_note(f"while handling it, closing the CheckpointCoordinator raised: {close_error!r}")
 
     # --- load ---------------------------------------------------------------------------------
     def _resolve_load_path(self, checkpoint_path: str | os.PathLike | None) -> str:
@@ -184,6 +251,8 @@ class CheckpointCoordinator:
         with a warning. In strict mode, components in the checkpoint that nobody declared raise.
         Returns the loaded checkpoint's path.
         """
+        self._check_open()
+        self._async_saves.settle(raise_failure=False)  # a save in flight may become the latest
         path = self._resolve_load_path(checkpoint_path)
         reader = ForgeStorageReader(path, self.storage_options, thread_count=self.thread_count,
                                     verify_checksums=self.verify_checksums)

@@ -58,6 +58,14 @@ class TopologyChangeError(ForgeError, ValueError):
     """A component cannot be mapped from the saved topology to the current one under its policy."""
 
 
+class AsyncSaveError(ForgeError, RuntimeError):
+    """An async save failed: staging failed on another rank, or a background save failed earlier.
+
+    A background failure is raised by its handle's ``result()`` as the original typed error, and
+    once more as this error (chained to the original) at the next save or ``close()``.
+    """
+
+
 def describe_type(value: object) -> str:
     """Render a value and its type the way attrs does: ``'a' that is a <str>``."""
     return f"{value!r} that is a <{type(value).__name__}>"

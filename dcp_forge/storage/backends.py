@@ -19,6 +19,7 @@ import ctypes.util
 import os
 import posixpath
 import sys
+import uuid
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
@@ -241,6 +242,29 @@ class LocalBackend(StorageBackend):
             return f.read()
 
     def create_exclusive(self, path: str, data: bytes) -> None:
+        # Write and fsync a private temporary file, then hard-link it to the final name: link()
+        # fails if the name exists (exclusive) and the name never points at a partly written file.
+        # Creating the final name with O_EXCL and writing into it instead would leave an empty
+        # marker behind if the process is killed between the two steps (a "committed" checkpoint
+        # whose marker cannot be read).
+        directory, name = os.path.split(path)
+        temporary = os.path.join(directory, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        out = _LocalOutput(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        try:
+            out.write(data)
+            out.close()
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                raise
+            except OSError:  # a filesystem without hard links: fall back to O_EXCL on the final name
+                self._create_exclusive_in_place(path, data)
+        finally:
+            out.abort()  # closes if still open, and removes the temporary name
+        self.sync_dir(directory)
+
+    @staticmethod
+    def _create_exclusive_in_place(path: str, data: bytes) -> None:
         out = _LocalOutput(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
             out.write(data)
@@ -248,7 +272,6 @@ class LocalBackend(StorageBackend):
             out.abort()
             raise
         out.close()
-        self.sync_dir(os.path.dirname(path))
 
     def open_output(self, path: str) -> OutputStream:
         return _LocalOutput(path)

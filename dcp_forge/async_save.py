@@ -1,0 +1,359 @@
+"""Async save: stage the state into buffers reused across saves, then upload and commit in the background.
+
+Built on DCP's ``async_save`` (torch 2.13, ``state_dict_saver.py``), which already does the right
+thing with our storage: its background thread runs a plain ``dcp.save`` over the staged copy, and
+``ForgeStorageWriter.finish`` (index, ``.metadata``, manifest, ``_COMMITTED``) runs there on the
+coordinator rank only after every rank's ``write_data`` returned, i.e. after every data file and its
+directory were fsynced. So an async checkpoint is committed exactly like a sync one, and a crash at
+any moment before ``_COMMITTED`` leaves the previous checkpoint the latest.
+
+Where DCP did not fit, and what this module does instead:
+
+- ``async_save`` without ``async_stager`` builds and frees a new ``DefaultStager`` per call (the caller
+  is blocked 4-8x a memcpy while fresh memory is faulted in). ``ForgeStager`` keeps one
+  ``DefaultStager`` for the coordinator's lifetime: its ``StateDictStager`` caches one staging buffer
+  per source storage (weakly keyed, freed with the source), so from the second save on staging is
+  one copy into already-allocated memory.
+- ``StagingOptions()``'s defaults raise on a CPU-only machine (``use_non_blocking_copy`` needs an
+  accelerator) and pin memory only with CUDA: ``staging_options()`` picks per machine.
+- DCP's stager raises ``AssertionError`` ("Cached storage size does not match") when a source storage
+  grew in place (``Tensor.resize_``) since the last save: ``ForgeStager`` then drops its buffers and
+  stages again with a fresh stager.
+- A staging failure on one rank raises only there, and the other ranks' background saves would wait
+  in collectives until the process group times out: ``ForgeStager.stage`` agrees on success across
+  ranks before any background work starts, and every rank raises.
+- DCP's future has no bound on saves in flight and forgets failures nobody asked for; its errors are
+  DCP's ``CheckpointException``. ``AsyncSaver`` allows one save in flight (the next waits: the reused
+  buffers must not change under a running upload, one background group serves one save at a time,
+  and commits stay in save order), remembers a failure until the next save or ``close()`` raises it,
+  and ``AsyncSaveHandle.result()`` raises the failing rank's own typed error.
+- DCP's PROCESS executor is not used: it re-imports ``__main__`` in a daemon, sets up a process group
+  of its own, and would need the planner's declarations pickled across; the THREAD executor with a
+  gloo group of our own keeps background collectives off the training loop's groups.
+
+Call protocol: every rank calls ``AsyncSaver.start`` together (the first call creates the background
+process group, a collective), with the same checkpoint path. ``settle``/``close`` are local, but wait
+for the in-flight save, which finishes only when every rank's upload does.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures.thread  # noqa: F401  (registers its exit hook before ours; see the end)
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
+from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_leaves
+
+from .errors import AsyncSaveError, first_rank_failure
+from .manifest import CheckpointManifest
+from .planners import ForgeSavePlanner
+from .storage import ForgeStorageWriter, redact_url
+
+logger = logging.getLogger(__name__)
+
+# DCP's wording for a cached staging buffer whose source storage changed size (see module docstring).
+_RESIZED_STORAGE_MESSAGE = "Cached storage size does not match"
+
+
+def staging_options() -> StagingOptions:
+    """Staging settings for this machine: synchronous (the caller may mutate the state once staging
+    returns), pinned buffers only with CUDA, non-blocking device copies only with an accelerator."""
+    return StagingOptions(use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
+                          use_async_staging=False, use_non_blocking_copy=torch.accelerator.is_available())
+
+
+def _local_tensors(value: Any) -> list[torch.Tensor]:
+    """The plain tensors holding a value's local data (a DTensor's local shard, a ShardedTensor's shards)."""
+    if isinstance(value, DTensor):
+        return [value.to_local()]
+    if hasattr(value, "local_shards"):
+        return [shard.tensor for shard in value.local_shards()]
+    return [value] if isinstance(value, torch.Tensor) else []
+
+
+def staged_bytes(staged: Any) -> int:
+    """Bytes of the distinct storages behind the tensors of a staged state dict (views count once)."""
+    storages = {}
+    for leaf in tree_leaves(staged):
+        for tensor in _local_tensors(leaf):
+            if tensor.device.type == "cpu":
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+class ForgeStager(AsyncStager):
+    """DCP's ``DefaultStager``, kept across saves, that every rank agrees succeeded.
+
+    ``stage`` (DCP's ``AsyncStager`` protocol; called by ``dcp.async_save`` on the caller's thread, on
+    every rank together) returns a staged copy independent of later in-place changes to the state.
+    Views and tensors sharing a storage are staged as one copy of the whole base storage (DCP's
+    ``StateDictStager`` dedups by storage and rebuilds each view with its offset and strides), so a
+    small view of a large storage costs the large storage's bytes; ``last_staged_bytes`` tells.
+    """
+
+    # stage() returns fully staged data; nothing to synchronize after DCP starts the upload.
+    _synchronize_after_execute = False
+
+    def __init__(self, group: Any = None, rank: int = 0, options: StagingOptions | None = None) -> None:
+        self.options = options if options is not None else staging_options()
+        self.group = group
+        self.rank = rank
+        self._stager = DefaultStager(self.options)
+        self.last_staged_bytes = 0
+        self.last_staging_seconds = 0.0
+        # Called once this rank staged, before the agreement (e.g. a replication check's wait(), which
+        # must finish before the caller may change the state); its error fails the save on every rank.
+        self.after_staging: Callable[[], None] | None = None
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        started = time.perf_counter()
+        error: BaseException | None = None
+        staged: dict[str, Any] = {}
+        try:
+            staged = self._stage_reusing_buffers(state_dict)
+            if self.after_staging is not None:
+                self.after_staging()
+        except Exception as err:  # agreed on below, then raised on every rank
+            error = err
+        self._agree(error)
+        self.last_staged_bytes = staged_bytes(staged)
+        self.last_staging_seconds = time.perf_counter() - started
+        return staged
+
+    def _stage_reusing_buffers(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self._stager.stage(state_dict)
+        except AssertionError as err:
+            if _RESIZED_STORAGE_MESSAGE not in str(err):
+                raise
+            logger.info("rank %d: a staged tensor's storage changed size; re-allocating staging buffers",
+                        self.rank)
+            self._stager.close()
+            self._stager = DefaultStager(self.options)
+            return self._stager.stage(state_dict)
+
+    def _agree(self, error: BaseException | None) -> None:
+        """Raise on every rank if staging failed on any (so no rank starts a save the others skip)."""
+        if self.group is None:
+            if error is not None:
+                raise error
+            return
+        flag = torch.tensor([0 if error is None else 1], dtype=torch.int64)
+        dist.all_reduce(flag, group=self.group)
+        if int(flag.item()) == 0:
+            return
+        reports: list[Any] = [None] * dist.get_world_size(self.group)
+        mine = None if error is None else f"{type(error).__name__}: {error}"
+        dist.all_gather_object(reports, mine, group=self.group)
+        if error is not None:
+            raise error
+        failed = {rank: text for rank, text in enumerate(reports) if text is not None}
+        raise AsyncSaveError(f"async save not started: staging failed on rank(s) {sorted(failed)} "
+                             f"(rank {min(failed)}: {failed[min(failed)]}); rank {self.rank} staged fine")
+
+    def close(self) -> None:
+        """Free the staging buffers (they are re-created by the next ``stage``)."""
+        self._stager.close()
+        self._stager = DefaultStager(self.options)
+
+
+class AsyncSaveHandle:
+    """One async save: returned once the state is staged; the upload and commit run in the background.
+
+    ``result(timeout)`` gives the committed checkpoint's path, or raises the failing rank's error (the
+    same typed error a sync save raises). ``done()`` never blocks. ``staging_seconds`` is how long the
+    caller was blocked staging, ``staged_bytes`` the staging memory this save used, ``upload_seconds``
+    the time from staged to committed (None until done). ``manifest`` is the committed manifest on the
+    coordinator rank (None on the others, and until done).
+    """
+
+    def __init__(self, checkpoint_path: str) -> None:
+        self.checkpoint_path = checkpoint_path
+        self.staging_seconds = 0.0
+        self.staged_bytes = 0
+        self.upload_seconds: float | None = None
+        self.manifest: CheckpointManifest | None = None
+        self._future: Future[str] = Future()
+        self._staged_at = time.perf_counter()
+
+    def __repr__(self) -> str:
+        state = "pending" if not self.done() else ("failed" if self._future.exception() else "committed")
+        return f"AsyncSaveHandle({redact_url(self.checkpoint_path)!r}, {state})"
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> str:
+        """The committed path; raises the background error, or TimeoutError after ``timeout`` seconds."""
+        return self._future.result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return self._future.exception(timeout)
+
+    def add_done_callback(self, fn: Callable[[AsyncSaveHandle], None]) -> None:
+        """Call ``fn(handle)`` once the save committed or failed (on the background thread; at once if done)."""
+        self._future.add_done_callback(lambda _: fn(self))
+
+
+class AsyncSaver:
+    """Runs one coordinator's async saves: at most one in flight, failures never lost.
+
+    ``group`` is the caller's (coordinator's) process group for the staging agreement; the
+    background group is created by the first ``start`` (collectively). ``start`` waits for the
+    previous save and raises its failure first. Not thread-safe: call it from one thread per rank.
+    """
+
+    def __init__(self, group: Any = None, rank: int = 0) -> None:
+        self.group = group
+        self.rank = rank
+        self.background_group: Any = None
+        self._stager: ForgeStager | None = None
+        self._in_flight: AsyncSaveHandle | None = None
+        self._unraised: AsyncSaveHandle | None = None  # failed, not yet raised at a save or close
+        self._lock = threading.Lock()
+        self.closed = False
+        _LIVE_SAVERS.add(self)
+
+    @property
+    def in_flight(self) -> AsyncSaveHandle | None:
+        handle = self._in_flight
+        return handle if handle is not None and not handle.done() else None
+
+    def settle(self, raise_failure: bool = True) -> None:
+        """Wait for the in-flight save; with ``raise_failure``, raise a failure not raised at a save yet."""
+        handle = self._in_flight
+        if handle is not None:
+            handle.exception()  # waits; the failure is recorded by _finish
+            self._in_flight = None
+        if raise_failure:
+            with self._lock:
+                failed, self._unraised = self._unraised, None
+            if failed is not None:
+                raise AsyncSaveError(
+                    f"the async save of {redact_url(failed.checkpoint_path)} failed in the background (rank "
+                    f"{self.rank}): {type(failed.exception()).__name__}: {failed.exception()}"
+                ) from failed.exception()
+
+    def start(self, state: Mapping[str, Any], checkpoint_path: str, writer: ForgeStorageWriter,
+              planner: ForgeSavePlanner, *, after_staging: Callable[[], None] | None = None,
+              on_committed: Callable[[AsyncSaveHandle], None] | None = None) -> AsyncSaveHandle:
+        """Stage ``state`` (``{key: stateful}``) and save it to ``checkpoint_path`` in the background.
+
+        Collective. Returns once staged. ``after_staging()`` runs on the caller's thread once this rank
+        staged; if it raises (on any rank), every rank raises and nothing is saved.
+        ``on_committed(handle)`` runs on the background thread after the commit, before ``result()``
+        returns.
+        """
+        if self.closed:
+            raise ValueError(f"async saver of rank {self.rank} is closed; create a new coordinator")
+        self.settle()
+        if self.group is not None and self.background_group is None:
+            # Collective: every rank reaches its first async save together (documented call protocol).
+            self.background_group = dist.new_group(backend="gloo")
+        if self._stager is None:
+            self._stager = ForgeStager(self.group, self.rank)
+        started = time.perf_counter()
+        self._stager.after_staging = after_staging
+        try:
+            upload = dcp.async_save(dict(state), storage_writer=writer, planner=planner,
+                                    process_group=self.background_group, async_stager=self._stager,
+                                    no_dist=self.background_group is None)
+        finally:
+            self._stager.after_staging = None
+        handle = AsyncSaveHandle(checkpoint_path)
+        handle.staging_seconds = time.perf_counter() - started
+        handle.staged_bytes = self._stager.last_staged_bytes
+        self._in_flight = handle
+        upload.add_done_callback(lambda f: self._finish(handle, f, writer, on_committed))
+        return handle
+
+    def _finish(self, handle: AsyncSaveHandle, upload: Future, writer: ForgeStorageWriter,
+                on_committed: Callable[[AsyncSaveHandle], None] | None) -> None:
+        """Background thread: turn DCP's outcome into the handle's, bookkeeping first."""
+        handle.upload_seconds = time.perf_counter() - handle._staged_at
+        error = upload.exception()
+        if isinstance(error, CheckpointException):
+            error = first_rank_failure(error) or error
+        if error is None:
+            handle.manifest = writer.manifest
+            if on_committed is not None:
+                try:
+                    on_committed(handle)
+                except Exception as err:  # the checkpoint is committed; report the callback's failure
+                    error = err
+        if error is None:
+            logger.info("rank %d: async save of %s committed (staged %.3fs, upload %.3fs)", self.rank,
+                        redact_url(handle.checkpoint_path), handle.staging_seconds, handle.upload_seconds)
+            handle._future.set_result(handle.checkpoint_path)
+            return
+        with self._lock:
+            self._unraised = handle
+        logger.error("rank %d: async save of %s failed: %s: %s", self.rank, redact_url(handle.checkpoint_path),
+                     type(error).__name__, error)
+        handle._future.set_exception(error)
+
+    def close(self, raise_failure: bool = True) -> None:
+        """Wait for the in-flight save, free the staging buffers and the background group.
+
+        Raises AsyncSaveError for a failure no save has raised yet (unless ``raise_failure`` is False:
+        then it is logged). Idempotent.
+        """
+        if self.closed:
+            return
+        try:
+            self.settle(raise_failure=raise_failure)
+        finally:
+            self.closed = True
+            _LIVE_SAVERS.discard(self)
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
+            release_group(self.background_group)
+            self.background_group = None
+
+    def _wait_at_exit(self) -> None:
+        try:
+            self.settle(raise_failure=False)  # a failure was logged by _finish when it happened
+        except BaseException:  # never raise during interpreter exit (a second Ctrl-C, say)
+            logger.exception("rank %d: waiting for the async save at exit failed", self.rank)
+
+
+def release_group(group: Any) -> None:
+    """Destroy a subgroup this process created, if torch.distributed still knows it (local, not collective)."""
+    if group is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.destroy_process_group(group)
+    except ValueError:  # already destroyed, e.g. by destroy_process_group() of the whole world
+        pass
+
+
+_LIVE_SAVERS: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()
+
+
+def _wait_for_saves_at_exit() -> None:
+    for saver in list(_LIVE_SAVERS):
+        saver._wait_at_exit()
+
+
+# Interpreter exit waits for the in-flight save. It must wait *before* concurrent.futures stops
+# accepting work (its exit hook makes every later ThreadPoolExecutor.submit raise "cannot schedule
+# new futures after interpreter shutdown", which would fail the save's writer threads), so the hook
+# goes where concurrent.futures registers its own: threading's exit hooks, which run in reverse
+# order of registration, before non-daemon threads are joined and before atexit handlers.
+# concurrent.futures.thread is imported above (through DCP), so this one runs first.
+_register_thread_exit_hook = getattr(threading, "_register_atexit", atexit.register)
+_register_thread_exit_hook(_wait_for_saves_at_exit)

@@ -1,0 +1,85 @@
+"""Async save across process death: SIGKILL at a random moment leaves the previous checkpoint the
+latest (tools/crash_async.py, 3 trials here), and interpreter exit finishes the in-flight save."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import torch
+
+from dcp_forge import CheckpointCoordinator, StateComponent, latest_checkpoint, list_checkpoints
+from tools.crash_async import run_trials
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint_latest(tmp_path):
+    seed = random.randrange(1 << 30)
+    results = run_trials(3, mib=64, directory=str(tmp_path / "crash"), seed=seed)  # raises if a guarantee broke
+    assert len(results) == 3, f"seed {seed}"
+    assert all(r["latest"] in ("checkpoint-1", "checkpoint-2") for r in results)
+
+
+CHILD_PRELUDE = """
+import sys, torch
+from dcp_forge import CheckpointCoordinator, StateComponent
+
+class Holder:
+    def __init__(self, state): self.state = state
+    def state_dict(self): return self.state
+    def load_state_dict(self, state): self.state = state
+
+state = {"t": torch.arange(1 << 22, dtype=torch.float64), "step": 7}
+coord = CheckpointCoordinator([StateComponent("box", Holder(state), "global")], output_dir=sys.argv[1])
+"""
+
+# The script ends with a save in flight: no result(), no close().
+IN_FLIGHT_AT_EXIT = CHILD_PRELUDE + """
+coord.async_save(checkpoint_id="in-flight")
+state["t"].mul_(-1)  # after staging: must not reach the checkpoint
+state["step"] = 8
+print("STARTED", flush=True)
+"""
+
+# The script ends after a background failure that nothing raised (no later save, no close()).
+FAILURE_AT_EXIT = CHILD_PRELUDE + """
+coord.async_save(checkpoint_id="first").result()
+coord.async_save(checkpoint_id="first")  # fails in the background: the id is taken
+"""
+
+
+class Holder:
+    def __init__(self, state):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state):
+        self.state = state
+
+
+def _run(script: str, directory) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-c", script, str(directory)], capture_output=True, text=True,
+                          env=env, timeout=180)
+
+
+def test_interpreter_exit_finishes_the_in_flight_save(tmp_path):
+    proc = _run(IN_FLIGHT_AT_EXIT, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "STARTED" in proc.stdout
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "in-flight")
+    target = Holder({"t": torch.zeros(1 << 22, dtype=torch.float64), "step": 0})
+    CheckpointCoordinator([StateComponent("box", target, "global")], output_dir=tmp_path).load_checkpoint()
+    assert target.state["step"] == 7 and torch.equal(target.state["t"], torch.arange(1 << 22, dtype=torch.float64))
+
+
+def test_a_failure_nothing_raised_is_reported_at_exit(tmp_path):
+    proc = _run(FAILURE_AT_EXIT, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "async save of" in proc.stderr and "first failed: CheckpointExistsError" in proc.stderr
+    assert list_checkpoints(tmp_path) == [str(tmp_path / "first")]

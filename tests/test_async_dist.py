@@ -1,0 +1,145 @@
+"""Async save on 2 real gloo ranks (one spawn, several scenarios): byte-identical to a sync save,
+exact under mutation while the training loop runs its own collectives, DTensor shards, a staging
+failure on one rank raised on every rank, and background failures raised on every rank."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+from dcp_forge import AsyncSaveError, CheckpointCoordinator, CheckpointExistsError, StateComponent
+from dcp_forge.placement import ChunkPolicy
+
+from .dist import run_ranks
+from .test_async_save import Holder, assert_same, empty_like_state, mutate_in_place, snapshot, tricky_state
+
+pytestmark = pytest.mark.dist
+
+SMALL_CHUNKS = ChunkPolicy(min_chunk_bytes=4096, chunks_per_holder=2)
+
+
+def _components(rank: int, world: int, seed: int):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    torch.manual_seed(seed)  # identical on every rank: REPLICATED must be identical
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 16))
+    mesh = init_device_mesh("cpu", (world,))
+    sharded = distribute_tensor(torch.arange(64 * 8, dtype=torch.float32).view(64, 8) * seed, mesh, [Shard(0)])
+    mine = tricky_state(100 * seed + rank)
+    comps = [StateComponent("model", model, "replicated"), StateComponent("mine", Holder(mine), "per_rank"),
+             StateComponent("sharded", Holder({"w": sharded}), "global")]
+    return comps, model, mine, sharded
+
+
+def _same_files(a: str, b: str, skip=("_CLAIMED", "_COMMITTED", "checkpoint_manifest.json")) -> bool:
+    names = sorted(set(os.listdir(a)) - set(skip))
+    if names != sorted(set(os.listdir(b)) - set(skip)):
+        return False
+    return all(open(os.path.join(a, n), "rb").read() == open(os.path.join(b, n), "rb").read() for n in names)
+
+
+def scenarios(rank: int, world: int, root: str) -> dict:
+    import torch.distributed as dist
+
+    warnings.simplefilter("ignore")
+    out: dict = {}
+    comps, model, mine, sharded = _components(rank, world, seed=1)
+    coord = CheckpointCoordinator(comps, output_dir=root, chunk_policy=SMALL_CHUNKS)
+
+    # 1. Same content as a sync save of the same state.
+    coord.save_checkpoint(checkpoint_id="sync")
+    handle = coord.async_save(checkpoint_id="async")
+    out["async_path"] = handle.result(timeout=120)
+    dist.barrier()
+    out["identical"] = _same_files(os.path.join(root, "sync"), os.path.join(root, "async"))
+
+    # 2. Mutate everything right after the call while the training loop runs its own collectives.
+    expected_model = snapshot(dict(model.state_dict()))
+    expected_mine = snapshot(mine)
+    expected_shard = sharded.to_local().clone()
+    handle = coord.async_save(checkpoint_id="mutated")
+    mutate_in_place(mine)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-3)
+        sharded.to_local().add_(1000)
+    grad = torch.ones(1 << 12)
+    for _ in range(30):  # the default (training) group stays usable while the upload runs
+        dist.all_reduce(grad)
+    out["training_collectives_ok"] = bool(torch.all(grad == world ** 30))
+    path = handle.result(timeout=120)
+    fresh, fresh_model, fresh_mine, fresh_sharded = _components(rank, world, seed=2)
+    fresh_mine.clear()
+    fresh_mine.update(empty_like_state(expected_mine))
+    CheckpointCoordinator(fresh, output_dir=root).load_checkpoint(path)
+    assert_same(dict(fresh_model.state_dict()), expected_model, "model")
+    assert_same(fresh[1].stateful.state, expected_mine, "mine")
+    out["dtensor_exact"] = torch.equal(fresh[2].stateful.state["w"].to_local(), expected_shard)
+    out["mutation_exact"] = True
+
+    # 3. A staging failure on rank 1 only: every rank raises, no save starts, the next one works.
+    class Uncopyable:
+        def __reduce_ex__(self, protocol):
+            raise TypeError("rank 1 cannot copy this")
+
+    mine["bad"] = Uncopyable() if rank == 1 else 0
+    try:
+        coord.async_save(checkpoint_id="never")
+        out["staging_failure"] = "no error"
+    except AsyncSaveError as err:
+        out["staging_failure"] = f"AsyncSaveError: {err}"
+    except TypeError as err:
+        out["staging_failure"] = f"TypeError: {err}"
+    dist.barrier()
+    out["never_exists"] = os.path.exists(os.path.join(root, "never"))
+    del mine["bad"]
+    out["after_staging_failure"] = coord.async_save(checkpoint_id="after").result(timeout=120)
+
+    # 4. A background failure (the id is taken) reaches every rank, at result() and at the next save.
+    handle = coord.async_save(checkpoint_id="after")
+    try:
+        handle.result(timeout=120)
+        out["background_failure"] = "no error"
+    except CheckpointExistsError as err:
+        out["background_failure"] = type(err).__name__
+    try:
+        coord.async_save(checkpoint_id="later")
+        out["next_save"] = "no error"
+    except AsyncSaveError as err:
+        out["next_save"] = type(err.__cause__).__name__
+    coord.close()
+    out["closed_background_group"] = coord._async_saves.background_group is None
+    return out
+
+
+@pytest.fixture(scope="module")
+def outcome(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("async_dist"))
+    return run_ranks(scenarios, 2, root)
+
+
+def test_async_checkpoint_is_byte_identical_to_a_sync_one(outcome):
+    assert all(r["identical"] for r in outcome)
+
+
+def test_exact_under_mutation_with_training_collectives_running(outcome):
+    assert all(r["mutation_exact"] and r["training_collectives_ok"] for r in outcome)
+    assert all(r["dtensor_exact"] for r in outcome)
+
+
+def test_staging_failure_on_one_rank_raises_on_every_rank(outcome):
+    assert outcome[1]["staging_failure"] == "TypeError: rank 1 cannot copy this"
+    assert outcome[0]["staging_failure"].startswith("AsyncSaveError: async save not started: staging failed "
+                                                    "on rank(s) [1] (rank 1: TypeError: rank 1 cannot copy this)")
+    assert not any(r["never_exists"] for r in outcome)
+    assert all(r["after_staging_failure"].endswith("after") for r in outcome)
+
+
+def test_background_failure_reaches_every_rank(outcome):
+    assert [r["background_failure"] for r in outcome] == ["CheckpointExistsError"] * 2
+    assert [r["next_save"] for r in outcome] == ["CheckpointExistsError"] * 2
+    assert all(r["closed_background_group"] for r in outcome)

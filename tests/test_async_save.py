@@ -1,0 +1,316 @@
+"""Async save in one process: exactness under mutation (small, >= 512 MiB, views, shared storages),
+byte-identical to a sync save (local disk, memory://), one save in flight, failures that are never
+lost, close / context manager, staging memory."""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+
+import fsspec
+import pytest
+import torch
+
+from dcp_forge import (
+    AsyncSaveError,
+    AsyncSaveHandle,
+    CheckpointCoordinator,
+    CheckpointExistsError,
+    RNGState,
+    StateComponent,
+    latest_checkpoint,
+    list_checkpoints,
+    read_manifest,
+)
+from dcp_forge.placement import ChunkPolicy
+from dcp_forge.storage.layout import CLAIM_FILE, COMMIT_FILE, MANIFEST_FILE
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+SMALL_CHUNKS = ChunkPolicy(min_chunk_bytes=4096, chunks_per_holder=2)
+
+
+class Holder:
+    """A user stateful returning its live tensors (no copies), like nn.Module.state_dict does."""
+
+    def __init__(self, state: dict) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
+
+
+def tricky_state(seed: int) -> dict:
+    """Small tensors, views (offset, strided, transposed), tensors sharing one storage, python values."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(64, 96, generator=gen)
+    flat = torch.randn(4096, generator=gen)
+    shared = torch.arange(50, dtype=torch.int64) * (seed + 1)
+    return {
+        "base": base,
+        "row_view": base[3:9],  # offset view into base's storage
+        "col_view": base[:, 5],  # strided view
+        "transposed": base.t(),
+        "flat": flat,
+        "flat_as_matrix": flat.view(64, 64),  # same storage, other shape
+        "shared_a": shared,
+        "shared_b": shared[10:20],
+        "half": torch.randn(33, generator=gen).half(),
+        "scalar": torch.tensor(float(seed)),
+        "step": seed,
+        "name": f"run-{seed}",
+        "nested": {"lr": 0.1 * seed, "history": [seed, seed + 1]},
+    }
+
+
+def mutate_in_place(state: dict) -> None:
+    """Change every tensor in place (and every value reachable in place), as a training step would."""
+    for value in state.values():
+        if isinstance(value, torch.Tensor):
+            value.add_(7)
+    state["nested"]["history"].append(-1)
+
+
+def snapshot(state):
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    if isinstance(state, dict):
+        return {k: snapshot(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [snapshot(v) for v in state]
+    return state
+
+
+def assert_same(got, want, where="state"):
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want), where
+    elif isinstance(want, dict):
+        assert set(got) == set(want), where
+        for k in want:
+            assert_same(got[k], want[k], f"{where}.{k}")
+    else:
+        assert got == want, where
+
+
+def empty_like_state(state: dict) -> dict:
+    out = {}
+    for k, v in state.items():
+        out[k] = torch.zeros_like(v) if isinstance(v, torch.Tensor) else (
+            empty_like_state(v) if isinstance(v, dict) else None)
+    return out
+
+
+def load_into_fresh(path: str, like: dict, key: str = "box", pattern: str = "replicated") -> dict:
+    target = Holder(empty_like_state(like))
+    CheckpointCoordinator([StateComponent(key, target, pattern)], output_dir=os.path.dirname(path)
+                          ).load_checkpoint(path, strict=False)
+    return target.state
+
+
+def test_checkpoint_holds_the_values_of_the_call_despite_in_place_changes(tmp_path):
+    state = tricky_state(1)
+    box = Holder(state)
+    model = torch.nn.Linear(16, 8)
+    coord = CheckpointCoordinator([StateComponent("box", box, "replicated"),
+                                   StateComponent("model", model, "replicated")],
+                                  output_dir=tmp_path, chunk_policy=SMALL_CHUNKS)
+    for step in range(3):  # the first save allocates staging buffers, later ones reuse them
+        expected, expected_model = snapshot(state), snapshot(dict(model.state_dict()))
+        handle = coord.async_save(checkpoint_id=f"checkpoint-{step}")
+        assert isinstance(handle, AsyncSaveHandle)
+        mutate_in_place(state)
+        with torch.no_grad():
+            model.weight.mul_(-1)
+        path = handle.result(timeout=60)
+        assert_same(load_into_fresh(path, expected), expected)
+        loaded_model = torch.nn.Linear(16, 8)
+        CheckpointCoordinator([StateComponent("model", loaded_model, "replicated")], output_dir=tmp_path
+                              ).load_checkpoint(path, strict=False)
+        assert_same(dict(loaded_model.state_dict()), expected_model)
+    coord.close()
+
+
+def test_a_tensor_of_512_mib_with_views_is_exact_under_mutation(tmp_path):
+    numel = (512 << 20) // 4
+    big = torch.arange(numel, dtype=torch.int32)
+    # Views into big's storage: a tail slice and a strided column of a reshaped view.
+    state = {"big": big, "tail_view": big[-1000:], "same_storage": big.view(-1, 1024)[:, 7]}
+    coord = CheckpointCoordinator([StateComponent("box", Holder(state), "global")], output_dir=tmp_path)
+    handle = coord.async_save(checkpoint_id="big")
+    big.add_(1)  # in place, while the upload runs
+    assert handle.staged_bytes == big.nbytes  # views share big's staging buffer
+    path = handle.result(timeout=300)
+    coord.close()
+    target = Holder({"big": torch.empty(numel, dtype=torch.int32), "tail_view": torch.empty(1000, dtype=torch.int32),
+                     "same_storage": torch.empty(numel // 1024, dtype=torch.int32)})
+    CheckpointCoordinator([StateComponent("box", target, "global")], output_dir=tmp_path).load_checkpoint(path)
+    big.sub_(1)  # the values at the moment of the call
+    assert torch.equal(target.state["big"], big)
+    assert torch.equal(target.state["tail_view"], big[-1000:])
+    assert torch.equal(target.state["same_storage"], big.view(-1, 1024)[:, 7])
+
+
+def test_a_storage_grown_in_place_between_saves_is_staged_again(tmp_path):
+    t = torch.arange(10.0)
+    box = Holder({"t": t})
+    coord = CheckpointCoordinator([StateComponent("box", box, "global")], output_dir=tmp_path)
+    coord.async_save(checkpoint_id="a").result()
+    t.resize_(1000)  # grows the storage DCP's stager cached a buffer for
+    t.copy_(torch.arange(1000.0))
+    path = coord.async_save(checkpoint_id="b").result()
+    assert torch.equal(load_into_fresh(path, {"t": t}, pattern="global")["t"], torch.arange(1000.0))
+    coord.close()
+
+
+def _files(fs, root: str) -> dict[str, bytes]:
+    return {os.path.basename(p): fs.cat_file(p) for p in fs.ls(root, detail=False)}
+
+
+@pytest.mark.parametrize("scheme", ["local", "memory"])
+def test_async_checkpoint_is_byte_identical_to_a_sync_one(tmp_path, scheme):
+    warnings.simplefilter("ignore")
+    out = str(tmp_path) if scheme == "local" else f"memory://async-identical-{os.getpid()}"
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 8))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 32)).sum().backward()
+    opt.step()
+    comps = [StateComponent("model", model, "replicated"), StateComponent("optimizer", opt, "replicated"),
+             StateComponent("box", Holder(tricky_state(3)), "global"),
+             StateComponent("rng", RNGState(), "per_rank", required=False)]
+    with CheckpointCoordinator(comps, output_dir=out, chunk_policy=SMALL_CHUNKS) as coord:
+        sync_path = coord.save_checkpoint(checkpoint_id="sync", extra={"step": 5})
+        async_path = coord.async_save(checkpoint_id="async", extra={"step": 5}).result()
+    fs, sync_root = fsspec.core.url_to_fs(sync_path)
+    _, async_root = fsspec.core.url_to_fs(async_path)
+    sync_files, async_files = _files(fs, sync_root), _files(fs, async_root)
+    assert set(sync_files) == set(async_files)
+    data_files = set(sync_files) - {CLAIM_FILE, COMMIT_FILE, MANIFEST_FILE}
+    assert {".metadata", "index.parquet", "__0_0.distcp"} <= data_files
+    for name in sorted(data_files):
+        assert sync_files[name] == async_files[name], name
+    sync_manifest, async_manifest = read_manifest(sync_path), read_manifest(async_path)
+    assert async_manifest.checkpoint_path.endswith("async")
+    for field in ("timestamp", "checkpoint_path"):
+        setattr(async_manifest, field, getattr(sync_manifest, field))
+    assert async_manifest == sync_manifest
+    if scheme == "memory":
+        fs.rm(sync_root.rsplit("/", 1)[0], recursive=True)
+
+
+class PicklesBadly(Holder):
+    """Staging (a deep copy) works; writing (pickling) fails in the background."""
+
+    class Bomb:
+        def __deepcopy__(self, memo):
+            return self
+
+        def __reduce__(self):
+            raise RuntimeError("disk on fire")
+
+    def state_dict(self):
+        return {"t": torch.ones(3), "bomb": self.Bomb()}
+
+
+def test_a_background_failure_raises_at_result_then_at_the_next_save(tmp_path):
+    good = Holder({"t": torch.ones(4)})
+    bad = PicklesBadly({})
+    coord = CheckpointCoordinator([StateComponent("box", good, "global")], output_dir=tmp_path)
+    first = coord.async_save(checkpoint_id="checkpoint-1").result()
+    broken = CheckpointCoordinator([StateComponent("box", bad, "global")], output_dir=tmp_path)
+    handle = broken.async_save(checkpoint_id="checkpoint-2")
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        handle.result(timeout=60)
+    assert isinstance(handle.exception(), RuntimeError) and handle.done()
+    with pytest.raises(AsyncSaveError, match=r"checkpoint-2 failed in the background \(rank 0\).*disk on fire") as err:
+        broken.async_save(checkpoint_id="checkpoint-3")
+    assert isinstance(err.value.__cause__, RuntimeError)
+    assert not os.path.exists(tmp_path / "checkpoint-3")  # raising it started nothing
+    assert latest_checkpoint(tmp_path) == first  # the failed save is invisible
+    # Raised once at a save, the failure is cleared: saving works again.
+    broken.components[0].stateful.state_dict = lambda: {"t": torch.zeros(2)}
+    assert broken.async_save(checkpoint_id="checkpoint-4").result().endswith("checkpoint-4")
+    broken.close()
+    coord.close()
+
+
+def test_a_failure_nobody_asked_for_raises_at_close_and_at_a_sync_save(tmp_path):
+    coord = CheckpointCoordinator([StateComponent("box", Holder({"t": torch.ones(2)}), "global")],
+                                  output_dir=tmp_path)
+    coord.save_checkpoint(checkpoint_id="taken")
+    coord.async_save(checkpoint_id="taken")  # fails in the background: the id is committed already
+    with pytest.raises(AsyncSaveError, match="taken failed in the background") as err:
+        coord.save_checkpoint(checkpoint_id="next")
+    assert isinstance(err.value.__cause__, CheckpointExistsError)
+    coord.async_save(checkpoint_id="taken")
+    with pytest.raises(AsyncSaveError, match="already exists"):
+        coord.close()
+    assert coord.close() is None  # idempotent; the failure was raised once
+    with pytest.raises(ValueError, match="closed"):
+        coord.async_save(checkpoint_id="later")
+
+
+def test_a_staging_failure_raises_in_the_caller_and_starts_nothing(tmp_path):
+    class Uncopyable:
+        def __reduce_ex__(self, protocol):
+            raise TypeError("cannot copy this")
+
+    coord = CheckpointCoordinator([StateComponent("box", Holder({"x": Uncopyable()}), "global")],
+                                  output_dir=tmp_path)
+    with pytest.raises(TypeError, match="cannot copy this"):
+        coord.async_save(checkpoint_id="c")
+    assert not os.path.exists(tmp_path / "c")
+    coord.close()  # nothing pending
+
+
+def test_one_save_in_flight_and_commits_in_call_order(tmp_path):
+    box = Holder({"t": torch.zeros(1 << 16)})
+    coord = CheckpointCoordinator([StateComponent("box", box, "global")], output_dir=tmp_path)
+    handles = []
+    for i in range(4):
+        box.state["t"].fill_(i)
+        handles.append(coord.async_save(checkpoint_id=f"c{i}"))
+        assert all(h.done() for h in handles[:-1])  # the previous one finished before this returned
+        assert threading.active_count() <= 2 + 4  # main + one background save (+ its writer threads)
+    sync = coord.save_checkpoint(checkpoint_id="sync")  # waits for the in-flight async save too
+    assert handles[-1].done()
+    assert list_checkpoints(tmp_path) == [h.checkpoint_path for h in handles] + [sync]
+    coord.async_save(checkpoint_id="last")
+    coord.load_checkpoint()  # waits for it: the latest is the one just saved
+    assert coord.last_manifest.checkpoint_path.endswith("last")
+    coord.close()
+
+
+def test_context_manager_waits_and_keeps_the_body_exception(tmp_path):
+    box = Holder({"t": torch.ones(1 << 16)})
+    with CheckpointCoordinator([StateComponent("box", box, "global")], output_dir=tmp_path) as coord:
+        handle = coord.async_save(checkpoint_id="c")
+    assert handle.done() and handle.result() == str(tmp_path / "c")
+    assert coord.last_manifest is not None and handle.manifest == coord.last_manifest
+    assert handle.upload_seconds is not None and handle.staging_seconds > 0
+
+    with pytest.raises(KeyError, match="from the body") as err:
+        with CheckpointCoordinator([StateComponent("box", box, "global")], output_dir=tmp_path) as coord:
+            coord.async_save(checkpoint_id="c")  # fails in the background: exists
+            raise KeyError("from the body")
+    assert any("closing the CheckpointCoordinator raised" in note for note in err.value.__notes__)
+
+
+def test_staging_memory_is_the_state_size_and_reused(tmp_path):
+    tensors = {f"w{i}": torch.randn(1 << 14) for i in range(8)}
+    state_bytes = sum(t.nbytes for t in tensors.values())
+    coord = CheckpointCoordinator([StateComponent("box", Holder(tensors), "global")], output_dir=tmp_path)
+    first = coord.async_save(checkpoint_id="a")
+    first.result()
+    second = coord.async_save(checkpoint_id="b")
+    second.result()
+    assert first.staged_bytes == second.staged_bytes == state_bytes
+    stager = coord._async_saves._stager
+    cached = stager._stager._state_dict_stager._cached_storage_mapping  # DCP's buffer cache
+    assert len(cached) == len(tensors)  # one buffer per source storage, reused by the second save
+    coord.close()
+    assert coord._async_saves._stager is None
