@@ -1,6 +1,7 @@
 """Async save on 2 real gloo ranks (one spawn, several scenarios): byte-identical to a sync save,
 exact under mutation while the training loop runs its own collectives, DTensor shards, a staging
-failure on one rank raised on every rank, and background failures raised on every rank."""
+failure on one rank raised on every rank, background failures raised on every rank, and a
+replication check (validate=True) that judges the state of the call."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ import warnings
 import pytest
 import torch
 
-from dcp_forge import AsyncSaveError, CheckpointCoordinator, CheckpointExistsError, StateComponent
+from dcp_forge import (
+    AsyncSaveError,
+    CheckpointCoordinator,
+    CheckpointExistsError,
+    ReplicationError,
+    StateComponent,
+)
 from dcp_forge.placement import ChunkPolicy
 
 from .dist import run_ranks
@@ -113,6 +120,22 @@ def scenarios(rank: int, world: int, root: str) -> dict:
         out["next_save"] = type(err.__cause__).__name__
     coord.close()
     out["closed_background_group"] = coord._async_saves.background_group is None
+
+    # 5. validate=True: the replication check reads the live state, so its verdict comes before the
+    # call returns; a mismatch raises on every rank and saves nothing.
+    weights = Holder({"w": torch.ones(256)})
+    with CheckpointCoordinator([StateComponent("model", weights, "replicated", validate_replication=True)],
+                               output_dir=os.path.join(root, "validated")) as checked:
+        handle = checked.async_save(checkpoint_id="consistent", validate=True)
+        weights.state["w"].add_(rank)  # now the replicas differ, after the call
+        out["validated_consistent"] = os.path.basename(handle.result(timeout=120))
+        try:
+            checked.async_save(checkpoint_id="diverged", validate=True)
+            out["validated_diverged"] = "no error"
+        except ReplicationError as err:
+            out["validated_diverged"] = type(err).__name__
+        dist.barrier()
+        out["diverged_exists"] = os.path.exists(os.path.join(root, "validated", "diverged"))
     return out
 
 
@@ -143,3 +166,9 @@ def test_background_failure_reaches_every_rank(outcome):
     assert [r["background_failure"] for r in outcome] == ["CheckpointExistsError"] * 2
     assert [r["next_save"] for r in outcome] == ["CheckpointExistsError"] * 2
     assert all(r["closed_background_group"] for r in outcome)
+
+
+def test_validated_async_save_checks_the_state_of_the_call(outcome):
+    assert [r["validated_consistent"] for r in outcome] == ["consistent"] * 2
+    assert [r["validated_diverged"] for r in outcome] == ["ReplicationError"] * 2
+    assert not any(r["diverged_exists"] for r in outcome)
