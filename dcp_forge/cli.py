@@ -21,6 +21,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(manifest.to_json())
         return 0
     print(f"{manifest.checkpoint_path}: world size {manifest.world_size}, saved {manifest.timestamp.isoformat()}")
+    print(f"saved topology: {manifest.describe_topology()}")
     print(f"{'component':<14} {'pattern':<11} {'copies':>6} {'bytes':>12}  {'checksum':<16}  writers")
     for key, comp in manifest.components.items():
         print(f"{key:<14} {comp.sharing_pattern:<11} {len(comp.copies):>6} {comp.size_bytes:>12}  "

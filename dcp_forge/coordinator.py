@@ -15,7 +15,7 @@ import contextlib
 import logging
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch.distributed as dist
@@ -23,21 +23,23 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .async_save import AsyncSaveHandle, AsyncSaver, release_group
-from .errors import (
-    CheckpointNotFoundError,
-    ComponentDeclarationError,
-    MissingComponentError,
-    TopologyChangeError,
-    UnexpectedComponentError,
-    first_rank_failure,
-)
-from .keys import parse_storage_key, storage_key, top_level_key
+from .errors import CheckpointNotFoundError, ComponentDeclarationError, first_rank_failure
+from .keys import top_level_key
+from .loading import LoadResult, LoadSelection, decide_loads
 from .manifest import CheckpointManifest
 from .placement import ChunkPolicy
 from .planners import ForgeLoadPlanner, ForgeSavePlanner
-from .sharing import SharingPattern, StateComponent, group_names, validate_components
+from .read_once import ReadOnceStorageReader
+from .sharing import StateComponent, group_names, validate_components
 from .statefuls import prepare_for_load
-from .storage import ForgeStorageReader, ForgeStorageWriter, join_url, latest_checkpoint, open_backend, redact_url
+from .storage import (
+    ForgeStorageReader,
+    ForgeStorageWriter,
+    join_url,
+    latest_checkpoint,
+    open_backend,
+    redact_url,
+)
 from .storage.layout import MANIFEST_FILE, validate_checkpoint_id
 from .topology import Topology, gather_topology
 from .validation import ReplicationCheck, needs_replication_check, start_replication_check
@@ -240,86 +242,62 @@ class CheckpointCoordinator:
             raise CheckpointNotFoundError(f"no committed checkpoint under {redact_url(self.output_dir)}")
         return latest
 
-    def _saved_storage_keys(self, reader: ForgeStorageReader) -> tuple[set[str], CheckpointManifest | None]:
-        metadata = reader.read_metadata()
-        return {top_level_key(fqn) for fqn in metadata.state_dict_metadata}, reader.manifest
-
-    def load_checkpoint(self, checkpoint_path: str | os.PathLike | None = None, strict: bool = True) -> str:
-        """Load every component from ``checkpoint_path`` (default: the latest committed one). Collective.
+    def load_checkpoint(self, checkpoint_path: str | os.PathLike | None = None, strict: bool = True, *,
+                        components: Iterable[str] | None = None, keys: Mapping[str, Iterable[str]] | None = None,
+                        read_once: bool | None = None) -> LoadResult:
+        """Load components from ``checkpoint_path`` (default: the latest committed one). Collective.
 
         Missing required components raise unless ``strict=False``; missing optional ones are skipped
-        with a warning. In strict mode, components in the checkpoint that nobody declared raise.
-        Returns the loaded checkpoint's path.
+        with a warning. In strict mode, components in the checkpoint that nobody declared raise
+        (unless ``components`` selects what to load). Partial load: ``components`` names the
+        components to load; ``keys`` maps a component to glob patterns of its state keys to load
+        (``{"model": ["layers.0.*"]}``), the others keep their current value. A changed world size,
+        node or group layout is handled per component (docs/RESHARDING.md) and logged, one line per
+        component. ``read_once`` (default: on when world size > 1): each stored byte is read from
+        storage by one rank and sent to the others over the coordinator's gloo group.
+
+        Returns a ``LoadResult`` (path-like: ``os.fspath(result)`` is the checkpoint's path) saying
+        what was loaded and what was not.
         """
         self._check_open()
         self._async_saves.settle(raise_failure=False)  # a save in flight may become the latest
         path = self._resolve_load_path(checkpoint_path)
-        reader = ForgeStorageReader(path, self.storage_options, thread_count=self.thread_count,
-                                    verify_checksums=self.verify_checksums)
-        saved_keys, manifest = self._broadcast_from_coordinator(lambda: self._saved_storage_keys(reader))
-        loading = self._select_components(saved_keys, manifest, strict, path)
-        for c in loading:
+        selection = LoadSelection.build([c.key for c in self.components], components, keys)
+        read_once = (self.topology.world_size > 1 if read_once is None else read_once) and self.group is not None
+        reader = (ReadOnceStorageReader(path, self.storage_options, group=self.group, thread_count=self.thread_count,
+                                        verify_checksums=self.verify_checksums)
+                  if read_once else
+                  ForgeStorageReader(path, self.storage_options, thread_count=self.thread_count,
+                                     verify_checksums=self.verify_checksums))
+        # One rank reads the metadata files; every reader adopts them (no per-rank re-reads).
+        metadata, manifest, records = self._broadcast_from_coordinator(
+            lambda: (reader.read_metadata(), reader.manifest, reader.records))
+        reader.use_metadata(metadata, manifest, records)
+        decision = decide_loads(self.components, {top_level_key(fqn) for fqn in metadata.state_dict_metadata},
+                                manifest.save_topology if manifest is not None else None, self.topology,
+                                strict=strict, path=path, selection=selection)
+        for message in decision.warnings:
+            warnings.warn(message, stacklevel=2)
+        if self.rank == 0:
+            for change in decision.changes.values():
+                logger.info("%s", change.log_line())
+        for c in decision.loading:
             prepare_for_load(c.stateful)
-        planner = ForgeLoadPlanner(loading, self.topology, allow_partial_load=not strict)
+        planner = ForgeLoadPlanner(decision.loading, self.topology, key_map=decision.key_map,
+                                   allow_partial_load=not strict,
+                                   select_keys={k: v for k, v in selection.keys.items() if k in decision.key_map})
         with _rank_errors():
-            dcp.load({c.key: c.stateful for c in loading}, storage_reader=reader, planner=planner,
+            dcp.load({c.key: c.stateful for c in decision.loading}, storage_reader=reader, planner=planner,
                      process_group=self.group, no_dist=self.group is None)
+        for c in decision.reseed:
+            c.stateful.reseed(self.rank)
         self.last_manifest = manifest
-        logger.info("rank %d: loaded %s (%s)", self.rank, redact_url(path), ", ".join(c.key for c in loading))
-        return path
-
-    def _select_components(self, saved_keys: set[str], manifest: CheckpointManifest | None, strict: bool,
-                           path: str) -> list[StateComponent]:
-        saved_components = {parse_storage_key(k).component for k in saved_keys}
-        declared = {c.key for c in self.components}
-        unknown = sorted(saved_components - declared)
-        if unknown:
-            message = (f"checkpoint {redact_url(path)} holds components nobody declared: {unknown} "
-                       f"(declared: {sorted(declared)})")
-            if strict:
-                raise UnexpectedComponentError(message + "; pass strict=False to ignore them")
-            warnings.warn(message, stacklevel=3)
-        saved_topology = manifest.save_topology if manifest is not None else None
-        loading = []
-        for c in self.components:
-            key = storage_key(c.key, c.sharing_pattern, self.topology, c.process_group_name)
-            if key in saved_keys:
-                self._check_topology(c, saved_topology)
-                loading.append(c)
-                continue
-            message = (f"component {c.key!r} (rank {self.rank}) is not in checkpoint {redact_url(path)}: "
-                       f"expected storage key {key!r}; the checkpoint has "
-                       f"{sorted(k for k in saved_keys if parse_storage_key(k).component == c.key)[:4] or 'no copy of it'}")
-            if c.key in saved_components and saved_topology is not None:
-                self._check_topology(c, saved_topology)
-            if c.required and strict:
-                raise MissingComponentError(message + " (declare it required=False or load with strict=False)")
-            warnings.warn(message + "; keeping its current state", stacklevel=3)
-        return loading
-
-    def _check_topology(self, component: StateComponent, saved: Topology | None) -> None:
-        """Per-rank/node/group copies only map back 1:1 onto the topology they were saved from."""
-        if saved is None or component.sharing_pattern in (SharingPattern.GLOBAL, SharingPattern.REPLICATED):
-            return
-        now = self.topology
-        same = saved.world_size == now.world_size and (
-            component.sharing_pattern is SharingPattern.PER_RANK
-            or (component.sharing_pattern is SharingPattern.PER_NODE and saved.node_of_rank == now.node_of_rank)
-            or (component.sharing_pattern is SharingPattern.PER_GROUP
-                and saved.groups.get(component.process_group_name) == now.groups.get(component.process_group_name)))
-        if not same:
-            raise TopologyChangeError(
-                f"{component.sharing_pattern.name} component {component.key!r} was saved with topology "
-                f"{_describe_topology(saved, component)} but this job has {_describe_topology(now, component)}; "
-                "its per-copy state cannot be mapped onto the new layout")
-
-
-def _describe_topology(topology: Topology, component: StateComponent) -> str:
-    text = f"world_size={topology.world_size}, nodes={topology.num_nodes}"
-    if component.process_group_name:
-        groups = topology.groups.get(component.process_group_name, ())
-        text += f", {component.process_group_name}={[list(g) for g in groups]}"
-    return text
+        result = LoadResult(path=path, loaded=tuple(c.key for c in decision.loading),
+                            not_loaded=decision.not_loaded, keys_not_loaded=planner.keys_not_loaded(),
+                            topology_changes=tuple(c.log_line() for c in decision.changes.values()),
+                            bytes_read=reader.bytes_read, read_once=read_once)
+        logger.info("rank %d: %s", self.rank, result.summary())
+        return result
 
 
 def read_manifest(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> CheckpointManifest:

@@ -107,7 +107,21 @@ class CheckpointManifest:
 
     @property
     def save_topology(self) -> Topology:
+        """The job's layout at save time: world size, each rank's node, every named group."""
         return Topology.from_json(self.topology) if self.topology else Topology(rank=0, world_size=self.world_size)
+
+    @property
+    def num_nodes(self) -> int:
+        return self.save_topology.num_nodes
+
+    @property
+    def groups(self) -> dict[str, list[list[int]]]:
+        """Named process groups at save time: ``{"pp_group": [[0, 2], [1, 3]]}``."""
+        return {name: [list(g) for g in groups] for name, groups in self.save_topology.groups.items()}
+
+    def describe_topology(self) -> str:
+        """``world_size=4, nodes=2, pp_group=[[0, 2], [1, 3]]``: the layout the checkpoint was saved from."""
+        return self.save_topology.describe()
 
 
 def versions() -> dict[str, str]:

@@ -23,7 +23,8 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
@@ -160,21 +161,37 @@ def assign_writers(all_plans: Sequence[SavePlan]) -> list[SavePlan]:
 
     load = [0] * len(all_plans)
     keep: list[set[MetadataIndex]] = [set() for _ in all_plans]
-    shared: list[tuple[int, tuple, MetadataIndex]] = []
+    shared: list[tuple[int, tuple, MetadataIndex, tuple[int, ...]]] = []
     for idx, ranks in holders.items():
         size = item_bytes(first_seen[idx][1])
         if len(ranks) == 1:
             load[ranks[0]] += size
             keep[ranks[0]].add(idx)
         else:
-            shared.append((size, _index_order(idx), idx))
-    shared.sort(key=lambda t: (-t[0], t[1]))
+            shared.append((size, _index_order(idx), idx, tuple(ranks)))
+    for idx, rank in place_on_least_loaded(shared, load).items():
+        keep[rank].add(idx)
 
-    # One lazy min-heap of (load, rank) per distinct holder set: loads only grow, so a popped entry
+    return [
+        dataclasses.replace(plan, items=[it for it in plan.items if it.index in kept])
+        for plan, kept in zip(all_plans, keep)
+    ]
+
+
+def place_on_least_loaded(items: Sequence[tuple[int, Any, Hashable, Sequence[int]]],
+                          load: list[int]) -> dict[Hashable, int]:
+    """Give each ``(size, order, key, candidate ranks)`` item to its least-loaded candidate.
+
+    Largest items first (ties broken by ``order``, so the result does not depend on input order);
+    ``load`` holds each rank's bytes so far and is updated in place. Used for writers (save) and
+    for readers (read-once load).
+    """
+    # One lazy min-heap of (load, rank) per distinct candidate set: loads only grow, so a popped entry
     # whose load is stale is re-pushed with the current load until a fresh one surfaces.
     heaps: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-    for size, _, idx in shared:
-        ranks = tuple(sorted(holders[idx]))
+    chosen: dict[Hashable, int] = {}
+    for size, _, key, candidates in sorted(items, key=lambda t: (-t[0], t[1])):
+        ranks = tuple(sorted(candidates))
         heap = heaps.get(ranks)
         if heap is None:
             heap = heaps[ranks] = [(load[r], r) for r in ranks]
@@ -185,13 +202,9 @@ def assign_writers(all_plans: Sequence[SavePlan]) -> list[SavePlan]:
                 break
             heapq.heappush(heap, (load[rank], rank))
         load[rank] += size
-        keep[rank].add(idx)
+        chosen[key] = rank
         heapq.heappush(heap, (load[rank], rank))
-
-    return [
-        dataclasses.replace(plan, items=[it for it in plan.items if it.index in kept])
-        for plan, kept in zip(all_plans, keep)
-    ]
+    return chosen
 
 
 def plan_loads(plans: Sequence[SavePlan]) -> list[int]:

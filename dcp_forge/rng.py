@@ -3,6 +3,11 @@
 Covers python's ``random``, numpy's global generator, torch's CPU generator and, when present,
 every CUDA device's generator. The state holds only tensors and plain numbers, so it loads with
 ``weights_only=True``. Declare it PER_RANK: each rank's streams differ.
+
+Resuming on another world size, ``on_topology_change="reseed"`` loads the copy saved rank 0 held
+and calls ``reseed(rank)``: every generator is seeded from ``derive_seed(state, rank, generator)``,
+a 64-bit xxh3 of the loaded state, the new rank and the generator's name. Two restarts from one
+checkpoint at one world size get the same streams; two ranks get different ones (docs/RESHARDING.md).
 """
 
 from __future__ import annotations
@@ -12,12 +17,40 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 from .errors import StateMismatchError
 
 
+def derive_seed(state: dict[str, Any], rank: int, generator: str) -> int:
+    """A 64-bit seed for one generator (``"python"``, ``"numpy"``, ``"torch"``) from an
+    ``RNGState.state_dict()`` and a rank: xxh3_64 over the torch CPU state, the python
+    Mersenne-Twister words, the numpy key words (each as raw bytes), the rank as 8 little-endian
+    bytes and the generator's name. Distinct names keep python's and numpy's Mersenne Twisters from
+    producing the same stream."""
+    digest = xxhash.xxh3_64()
+    digest.update(state["torch"].numpy().tobytes())
+    digest.update(state["python"]["state"].numpy().tobytes())
+    digest.update(state["numpy"]["keys"].numpy().tobytes())
+    digest.update(int(rank).to_bytes(8, "little"))
+    digest.update(generator.encode())
+    return digest.intdigest()
+
+
 class RNGState:
     """Snapshot and restore this process's RNGs (``state_dict`` / ``load_state_dict``)."""
+
+    def reseed(self, rank: int) -> None:
+        """Seed every generator from the current state and ``rank`` (see ``derive_seed``).
+
+        Python's ``random`` and torch (CPU and every CUDA device) take their 64-bit seed; numpy takes
+        its seed as two 32-bit words.
+        """
+        state = self.state_dict()
+        random.seed(derive_seed(state, rank, "python"))
+        numpy_seed = derive_seed(state, rank, "numpy")
+        np.random.seed([numpy_seed & 0xFFFFFFFF, numpy_seed >> 32])
+        torch.manual_seed(derive_seed(state, rank, "torch"))
 
     def state_dict(self) -> dict[str, Any]:
         version, internal, gauss_next = random.getstate()

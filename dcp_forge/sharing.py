@@ -14,6 +14,7 @@ from enum import Enum
 from typing import Any
 
 from .errors import ComponentDeclarationError, describe_type
+from .policies import CopyMapper, TopologyPolicy, resolve_policy
 
 
 class SharingPattern(Enum):
@@ -98,6 +99,8 @@ class StateComponent:
     metadata: dict[str, Any] = field(default_factory=dict)
     validation_level: ValidationLevel = ValidationLevel.TENSOR
     on_replication_mismatch: str = "raise"
+    # PER_RANK / PER_NODE / PER_GROUP only: what to do when the job's layout changed (policies.py).
+    on_topology_change: TopologyPolicy | str | CopyMapper | None = None
 
     def __post_init__(self) -> None:
         validate_component_key(self.key)
@@ -139,17 +142,33 @@ class StateComponent:
                 f"'process_group_name' is only meaningful for PER_GROUP; component {self.key!r} is "
                 f"{self.sharing_pattern.name} (got process_group_name={self.process_group_name!r})"
             )
+        if self.on_topology_change is not None:
+            if self.sharing_pattern in (SharingPattern.GLOBAL, SharingPattern.REPLICATED):
+                raise ComponentDeclarationError(
+                    f"'on_topology_change' only applies to PER_RANK, PER_NODE and PER_GROUP components; "
+                    f"{self.sharing_pattern.name} component {self.key!r} loads on every rank whatever the "
+                    "topology (DTensors reshard)")
+            self.on_topology_change = TopologyPolicy.coerce(self.on_topology_change, component=self.key)
+        self.topology_policy.check_declaration(self.key, self.required, self.stateful)
+
+    @property
+    def topology_policy(self) -> TopologyPolicy:
+        """The policy in force: the declared one, else 'error' if required, 'skip' if optional."""
+        value = self.on_topology_change
+        return resolve_policy(value if isinstance(value, TopologyPolicy) else None, required=self.required)
 
     @property
     def layout(self) -> ComponentLayout:
         return ComponentLayout(self.key, self.sharing_pattern, self.process_group_name)
 
     @property
-    def declaration(self) -> tuple[str, str, str | None, bool, bool, str, str]:
-        """What must agree across ranks: key, pattern, group name, required, and how replication is checked
-        (the check is collective: ranks that disagree on it would wait for each other forever)."""
+    def declaration(self) -> tuple[str, str, str | None, bool, bool, str, str, str]:
+        """What must agree across ranks: key, pattern, group name, required, how replication is checked
+        (the check is collective: ranks that disagree on it would wait for each other forever), and the
+        topology policy (ranks must take the same copies on a changed topology)."""
         return (self.key, self.sharing_pattern.value, self.process_group_name, self.required,
-                self.validate_replication, self.validation_level.value, self.on_replication_mismatch)
+                self.validate_replication, self.validation_level.value, self.on_replication_mismatch,
+                self.topology_policy.name)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Preparing common training objects so DCP can load into them.
+"""Preparing common training objects so DCP can save and load them in a form that reshards.
 
 DCP loads *into* the state dict an object returns. A fresh optimizer has no per-parameter state yet,
 so it would ask for nothing; and loading the saved keys by value does not help either, because DCP's
@@ -8,9 +8,17 @@ creates the state first, as DCP's own (private) ``_init_optim_state`` does.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 
 def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -39,3 +47,45 @@ def prepare_for_load(stateful: Any) -> None:
     """Make ``stateful.state_dict()`` list every key a checkpoint of it may hold."""
     if isinstance(stateful, torch.optim.Optimizer):
         ensure_optimizer_state(stateful)
+
+
+class ModelState:
+    """A model's state dict in canonical FQN form (DCP's ``get/set_model_state_dict``).
+
+    Wrapper prefixes (DDP's ``module.``, ``torch.compile``'s ``_orig_mod.``) are removed and FSDP2 /
+    TP parameters stay DTensors, so a checkpoint saved under one wrapper and parallelism loads under
+    another and reshards to the current placement. Declare it GLOBAL when parameters are DTensors,
+    REPLICATED for a DDP-style replicated model.
+    """
+
+    def __init__(self, model: torch.nn.Module, options: StateDictOptions | None = None) -> None:
+        self.model = model
+        self.options = options
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.model, options=self.options)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, state_dict, options=self.options)
+
+
+class OptimizerState:
+    """Optimizer state keyed by parameter FQN (DCP's ``get/set_optimizer_state_dict``).
+
+    ``torch.optim.Optimizer.state_dict()`` keys state by parameter *position*, which only maps back
+    onto the same model under the same wrapping; keyed by FQN, with DTensor moments for FSDP2 / TP
+    parameters, the state reshards like the model. Missing per-parameter state (a fresh optimizer)
+    is created before loading, so every saved key has a destination. Declare it like its model.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer],
+                 options: StateDictOptions | None = None) -> None:
+        self.model = model
+        self.optimizers = optimizers if isinstance(optimizers, torch.optim.Optimizer) else tuple(optimizers)
+        self.options = options
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.model, self.optimizers, options=self.options)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.model, self.optimizers, state_dict, options=self.options)

@@ -146,6 +146,14 @@ class Topology:
             raise ComponentDeclarationError("a PER_GROUP replica set needs a process group name")
         return self.group_of(group_name, rank)
 
+    def describe(self, group_names: Sequence[str] | None = None) -> str:
+        """``world_size=4, nodes=2, pp_group=[[0, 2], [1, 3]]`` (all groups unless named)."""
+        text = f"world_size={self.world_size}, nodes={self.num_nodes}"
+        for name in sorted(self.groups) if group_names is None else group_names:
+            groups = self.groups.get(name)
+            text += f", {name}={[list(g) for g in groups] if groups is not None else 'absent'}"
+        return text
+
     # --- serialisation (manifest) ------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {

@@ -13,17 +13,18 @@ What it adds over ``DefaultLoadPlanner``:
 - it never takes DCP's pre-2.4 compatibility branch, which re-flattens the state dict and flips a
   module-level flag whenever a checkpoint holds keys this rank does not request — always the case
   here, since every rank skips the other ranks' copies;
-- non-tensor values are unpickled with ``weights_only=True`` (safe_load.py).
+- non-tensor values are unpickled with ``weights_only=True`` (safe_load.py);
+- ``select_keys`` loads only some keys of a component (partial load); the others keep their value.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_local_load_plan
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
@@ -31,6 +32,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 
 from ..errors import MissingComponentError, StateMismatchError
 from ..keys import top_level_key
+from ..loading import match_keys
 from ..safe_load import load_object
 from ..sharing import ComponentLayout, LayoutSpec, layouts_from
 from ..topology import Topology
@@ -42,11 +44,14 @@ class ForgeLoadPlanner(DefaultLoadPlanner):
 
     ``components`` / ``topology`` as for ForgeSavePlanner. ``key_map`` overrides the computed
     ``{state-dict key: storage key}``. ``allow_partial_load``: keys absent from the checkpoint are
-    left untouched instead of raising.
+    left untouched instead of raising. ``select_keys``: ``{state-dict key: glob patterns}``; only
+    matching keys of that component (relative to it, e.g. ``"layers.0.*"``) are loaded, and a pattern
+    matching nothing raises. ``keys_not_loaded()`` reports what stayed untouched.
     """
 
     def __init__(self, components: LayoutSpec | None = None, topology: Topology | None = None, *,
-                 key_map: Mapping[str, str] | None = None, allow_partial_load: bool = False) -> None:
+                 key_map: Mapping[str, str] | None = None, allow_partial_load: bool = False,
+                 select_keys: Mapping[str, Sequence[str]] | None = None) -> None:
         super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True,
                          allow_partial_load=allow_partial_load)
         self.layouts: dict[str, ComponentLayout] = layouts_from(components)
@@ -56,6 +61,8 @@ class ForgeLoadPlanner(DefaultLoadPlanner):
         self._user_key: dict[str, str] = {}
         self._user_state_dict: dict[str, Any] = {}
         self.skipped_keys: list[str] = []
+        self._select_keys = {k: tuple(v) for k, v in (select_keys or {}).items()}
+        self.unselected_keys: list[str] = []
 
     @property
     def topology(self) -> Topology:
@@ -71,8 +78,46 @@ class ForgeLoadPlanner(DefaultLoadPlanner):
         self._user_key = {sk: k for k, sk in self.key_map.items()}
         self._user_state_dict = state_dict
         super().set_up_planner({self.key_map[k]: v for k, v in state_dict.items()}, metadata, is_coordinator)
+        if self._select_keys:
+            self._apply_key_selection(metadata)
         if metadata is not None:
             self._add_saved_extras(metadata)
+
+    def _apply_key_selection(self, metadata: Metadata | None) -> None:
+        """Partial load: forget keys no pattern selects, so they are never read and keep their value.
+
+        Candidates are the current state's keys and the checkpoint's keys of the same component, so a
+        pattern can select saved state the current object does not list yet (a fresh optimizer's).
+        """
+        candidates = set(self.state_dict)
+        if metadata is not None:
+            ours = set(self.key_map.values())
+            candidates.update(f for f in metadata.state_dict_metadata if top_level_key(f) in ours)
+        by_component: dict[str, list[str]] = defaultdict(list)
+        for fqn in sorted(candidates):
+            if self._component(fqn) in self._select_keys and fqn != top_level_key(fqn):
+                by_component[self._component(fqn)].append(fqn)
+        unselected = []
+        for component, patterns in self._select_keys.items():
+            fqns = by_component.get(component, [])
+            prefix = len(self.key_map.get(component, component)) + 1
+            chosen, unmatched = match_keys(patterns, [f[prefix:] for f in fqns])
+            if unmatched:
+                raise MissingComponentError(
+                    f"component {component!r} on rank {self.topology.rank}: key pattern(s) {list(unmatched)} "
+                    f"match no key of its state or checkpoint (keys are e.g. {[f[prefix:] for f in fqns[:5]]})")
+            unselected.extend(f for f in fqns if f[prefix:] not in chosen)
+        for fqn in unselected:
+            self.state_dict.pop(fqn, None)
+        self.unselected_keys = unselected
+
+    def keys_not_loaded(self) -> dict[str, tuple[str, ...]]:
+        """Component → its keys (relative to it) this load left at their current value."""
+        out: dict[str, list[str]] = defaultdict(list)
+        for fqn in [*self.unselected_keys, *self.skipped_keys]:
+            skey = top_level_key(fqn)
+            out[self._user_key.get(skey, skey)].append(fqn[len(skey) + 1:] if fqn != skey else fqn)
+        return {k: tuple(sorted(v)) for k, v in out.items()}
 
     def _add_saved_extras(self, metadata: Metadata) -> None:
         """Load saved keys the current state lacks *by value*, under the same component.
@@ -83,9 +128,10 @@ class ForgeLoadPlanner(DefaultLoadPlanner):
         their saved nested path, so ``load_state_dict`` receives everything that was saved.
         """
         ours = set(self.key_map.values())
+        unselected = set(self.unselected_keys)
         paths = metadata.planner_data or {}
         for fqn, md in metadata.state_dict_metadata.items():
-            if fqn in self.state_dict or top_level_key(fqn) not in ours:
+            if fqn in self.state_dict or top_level_key(fqn) not in ours or fqn in unselected:
                 continue
             path = tuple(paths.get(fqn) or fqn.split("."))
             if isinstance(md, TensorStorageMetadata):

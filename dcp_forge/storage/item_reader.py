@@ -55,6 +55,8 @@ class StoredRead:
 
 # ``check(read, xxh3 hex digest of its bytes)`` raises if the digest is wrong; None skips hashing.
 Checker = Callable[[StoredRead, str], None] | None
+# What applies one stored item read from a handle: ``load_stored_item``'s signature.
+ItemLoader = Callable[[InputFile, StoredRead, LoadPlanner, Checker], None]
 
 
 def group_reads(items: Sequence[ReadItem], storage_data: Mapping[MetadataIndex, Any]) -> list[StoredRead]:

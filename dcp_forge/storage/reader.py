@@ -37,7 +37,7 @@ from .consistency import (
     record_problems,
     storage_location_problems,
 )
-from .item_reader import StoredRead, group_reads, load_stored_item, split_runs
+from .item_reader import Checker, ItemLoader, StoredRead, group_reads, load_stored_item, split_runs
 from .layout import INDEX_FILE, METADATA_FILE
 from .registry import open_backend, redact_url
 
@@ -62,7 +62,8 @@ class ForgeStorageReader(StorageReader):
         self.records: list[ItemRecord] = []
         self._checksums: dict[tuple[str, int], ItemRecord] = {}
         self.storage_data: dict[MetadataIndex, Any] = {}
-        self.bytes_read = 0
+        self.bytes_read = 0  # data bytes read from storage (stored items, not the metadata files)
+        self._known: Metadata | None = None
         self.reset(url)
 
     # --- DCP StorageReader protocol ----------------------------------------------------------
@@ -70,6 +71,7 @@ class ForgeStorageReader(StorageReader):
         if checkpoint_id is not None:
             self.url = os.fspath(checkpoint_id)
             self.backend, self.path = open_backend(self.url, self.storage_options)
+            self._known = None
         self.storage_data = {}
 
     @classmethod
@@ -77,8 +79,24 @@ class ForgeStorageReader(StorageReader):
         return isinstance(checkpoint_id, (str, os.PathLike))
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        """Read and check ``.metadata``, the manifest and the index (once; later calls reuse them)."""
         if kwargs.get("rank") is not None:
             raise FileNotFoundError("dcp_forge checkpoints have no per-rank metadata")
+        if self._known is None:
+            self._known = self._read_metadata_files()
+        return self._known
+
+    def use_metadata(self, metadata: Metadata, manifest: CheckpointManifest | None,
+                     records: Sequence[ItemRecord]) -> None:
+        """Adopt what another rank's ``read_metadata`` read and checked, instead of reading it again.
+
+        The coordinator reads the metadata files on one rank and broadcasts them, so they are read
+        from storage once per job rather than once per rank.
+        """
+        self._known, self.manifest, self.records = metadata, manifest, list(records)
+        self._checksums = {r.location: r for r in self.records}
+
+    def _read_metadata_files(self) -> Metadata:
         state = checkpoint_state(self.backend, self.path)
         where = redact_url(self.url)
         if state is CheckpointState.MISSING:
@@ -117,37 +135,47 @@ class ForgeStorageReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        reads = group_reads(plan.items, self.storage_data)
-        runs = split_runs(reads, self.thread_count)
-        if len(runs) == 1:
-            self.bytes_read += self._read_run(runs[0], planner)
-        elif runs:
-            with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="forge-read") as pool:
-                for f in [pool.submit(self._read_run, run, planner) for run in runs]:
-                    self.bytes_read += f.result()
+        self._read_stored(group_reads(plan.items, self.storage_data), planner)
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
 
     # --- helpers ----------------------------------------------------------------------------
+    @property
+    def checker(self) -> Checker:
+        """What verifies a stored item's checksum (None when there is nothing to verify against)."""
+        return self._verify if self.verify_checksums and self._checksums else None
+
+    def _read_stored(self, reads: Sequence[StoredRead], planner: LoadPlanner,
+                     load: ItemLoader = load_stored_item) -> None:
+        """Read stored items (in file order) on up to ``thread_count`` threads, ``load`` applying each."""
+        runs = split_runs(reads, self.thread_count)
+        if len(runs) == 1:
+            self.bytes_read += self._read_run(runs[0], planner, load)
+        elif runs:
+            with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="forge-read") as pool:
+                for f in [pool.submit(self._read_run, run, planner, load) for run in runs]:
+                    self.bytes_read += f.result()
+
     def _read_file(self, name: str) -> bytes:
         try:
             return self.backend.read_bytes(self.backend.join(self.path, name))
         except FileNotFoundError as err:
             raise IntegrityError(f"{redact_url(self.url)} is missing {name}") from err
 
-    def _read_run(self, run: Sequence[StoredRead], planner: LoadPlanner) -> int:
+    def _read_run(self, run: Sequence[StoredRead], planner: LoadPlanner,
+                  load: ItemLoader = load_stored_item) -> int:
         """Read consecutive stored items (one thread), one open handle per file; returns bytes read."""
         handles: dict[str, InputFile] = {}
         done = 0
-        check = self._verify if self.verify_checksums and self._checksums else None
+        check = self.checker
         try:
             for read in run:
                 handle = handles.get(read.file)
                 if handle is None:
                     handle = handles[read.file] = self._open_data_file(read)
                 try:
-                    load_stored_item(handle, read, planner, check)
+                    load(handle, read, planner, check)
                 except EOFError as err:
                     raise IntegrityError(f"{redact_url(self.url)}: data file {read.file} is truncated "
                                          f"({err}); it holds {read.fqn!r}") from err
