@@ -20,18 +20,22 @@ from .errors import (  # noqa: E402
     UnexpectedComponentError,
     UnsupportedFormatError,
 )
+from .loading import LoadResult  # noqa: E402
 from .manifest import CheckpointManifest, ComponentManifest  # noqa: E402
+from .policies import TopologyPolicy  # noqa: E402
 from .rng import RNGState  # noqa: E402
 from .sharing import SharingPattern, StateComponent, ValidationLevel  # noqa: E402
+from .statefuls import ModelState, OptimizerState  # noqa: E402
 from .storage import delete_checkpoint, discard_partial_checkpoints, latest_checkpoint, list_checkpoints  # noqa: E402
 from .topology import Topology, gather_topology  # noqa: E402
 from .verify import Problem, ProblemKind, verify_checkpoint  # noqa: E402
 
 __all__ = [
-    "AsyncSaveError", "AsyncSaveHandle", "CheckpointCoordinator", "CheckpointExistsError", "CheckpointManifest", "CheckpointNotFoundError",
-    "ComponentDeclarationError", "ComponentManifest", "ForgeError", "IntegrityError", "MissingComponentError",
-    "Problem", "ProblemKind", "RNGState", "ReplicationError", "SharingPattern", "StateComponent",
-    "StateMismatchError", "Topology", "TopologyChangeError", "UnexpectedComponentError", "UnsupportedFormatError",
+    "AsyncSaveError", "AsyncSaveHandle", "CheckpointCoordinator", "CheckpointExistsError", "CheckpointManifest",
+    "CheckpointNotFoundError", "ComponentDeclarationError", "ComponentManifest", "ForgeError", "IntegrityError",
+    "LoadResult", "MissingComponentError", "ModelState", "OptimizerState", "Problem", "ProblemKind", "RNGState",
+    "ReplicationError", "SharingPattern", "StateComponent", "StateMismatchError", "Topology",
+    "TopologyChangeError", "TopologyPolicy", "UnexpectedComponentError", "UnsupportedFormatError",
     "ValidationLevel", "delete_checkpoint", "discard_partial_checkpoints", "gather_topology", "latest_checkpoint",
     "list_checkpoints", "read_manifest", "verify_checkpoint", "__version__",
 ]

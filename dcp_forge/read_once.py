@@ -17,8 +17,8 @@ that every read succeeded (one all_gather), then they run the exchange batches i
 order. A rank that failed to read makes every rank skip the exchange, and DCP reports its error.
 
 Memory: a reader keeps the raw bytes it must send until its batches are sent (for REPLICATED state
-about 1/W of the checkpoint); a receiver holds one batch (at most ``batch_bytes``, or one item) at
-a time.
+about 1/W of the checkpoint); a rank holds at most one wave (``wave_bytes``, or one batch) of
+received bytes at a time.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ from .storage.backends import InputFile
 from .storage.item_reader import Checker, StoredRead, group_reads, load_stored_item
 
 DEFAULT_BATCH_BYTES = 64 * 1024 * 1024
+DEFAULT_WAVE_BYTES = 256 * 1024 * 1024
+SOLO_BYTES = 1024 * 1024  # items this big travel alone: concatenating them would cost a copy
 
 
 @dataclass(frozen=True, order=True)
@@ -55,11 +57,12 @@ class Location:
 
 @dataclass(frozen=True)
 class ExchangeBatch:
-    """Stored items ``source`` read and sends, concatenated, to each of ``receivers``."""
+    """Stored items ``source`` read and sends, concatenated, to each of ``receivers``, in ``wave``."""
 
     source: int
     receivers: tuple[int, ...]
     locations: tuple[Location, ...]
+    wave: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -75,18 +78,21 @@ class ReadOnceSchedule:
 
 
 def plan_read_once(needs: Sequence[Iterable[Location]], *, min_replicas: int = 2,
-                   batch_bytes: int = DEFAULT_BATCH_BYTES) -> list[ReadOnceSchedule]:
+                   batch_bytes: int = DEFAULT_BATCH_BYTES, wave_bytes: int = DEFAULT_WAVE_BYTES
+                   ) -> list[ReadOnceSchedule]:
     """Who reads each stored item and how the others get it (pure; ``needs[r]``: what rank r needs).
 
     An item needed by at least ``min_replicas`` ranks is read by one of them (the least loaded, largest
     items first) and sent to the rest; any other item is read by each rank that needs it. Batches
     hold items of one (source, receivers) pair, at most ``batch_bytes`` each unless one item is
-    bigger, in a deterministic order every rank follows.
+    bigger. They are ordered round-robin over sources and cut into waves of at most ``wave_bytes``
+    (or one batch): the batches of a wave are in flight together, so every source sends at once,
+    and no rank holds more than a wave of received bytes.
     """
-    if not isinstance(min_replicas, int) or min_replicas < 2:
-        raise ComponentDeclarationError(f"'min_replicas' must be an int >= 2 (got {min_replicas!r})")
-    if not isinstance(batch_bytes, int) or batch_bytes < 1:
-        raise ComponentDeclarationError(f"'batch_bytes' must be a positive int (got {batch_bytes!r})")
+    for name, value, low in (("min_replicas", min_replicas, 2), ("batch_bytes", batch_bytes, 1),
+                             ("wave_bytes", wave_bytes, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ComponentDeclarationError(f"{name!r} must be an int >= {low} (got {value!r})")
     world = len(needs)
     needers: dict[Location, set[int]] = defaultdict(set)
     for rank, locations in enumerate(needs):
@@ -106,37 +112,58 @@ def plan_read_once(needs: Sequence[Iterable[Location]], *, min_replicas: int = 2
     for loc, reader in place_on_least_loaded(shared, load).items():
         reads[reader].add(loc)
         grouped[(reader, tuple(sorted(needers[loc] - {reader})))].append(loc)
-    batches: list[ExchangeBatch] = []
+    per_source: dict[int, list[ExchangeBatch]] = defaultdict(list)
     for (source, receivers), locations in sorted(grouped.items()):
-        current: list[Location] = []
-        size = 0
-        for loc in sorted(locations):
-            if current and size + loc.length > batch_bytes:
-                batches.append(ExchangeBatch(source, receivers, tuple(current)))
-                current, size = [], 0
-            current.append(loc)
-            size += loc.length
-        batches.append(ExchangeBatch(source, receivers, tuple(current)))
+        for chunk in _cut(sorted(locations), batch_bytes):
+            per_source[source].append(ExchangeBatch(source, receivers, chunk))
+    interleaved = [queue[i] for i in range(max(map(len, per_source.values()), default=0))
+                   for _, queue in sorted(per_source.items()) if i < len(queue)]
+    batches = []
+    wave, size = 0, 0
+    for batch in interleaved:
+        if size and size + batch.nbytes > wave_bytes:
+            wave, size = wave + 1, 0
+        size += batch.nbytes
+        batches.append(dataclasses.replace(batch, wave=wave))
     shared_batches = tuple(batches)
     return [ReadOnceSchedule(frozenset(r), shared_batches) for r in reads]
+
+
+def _cut(locations: Sequence[Location], limit: int) -> list[tuple[Location, ...]]:
+    """Consecutive pieces of at most ``limit`` bytes. A location of ``SOLO_BYTES`` or more is a piece
+    of its own: it is sent as it was read, without being copied into a concatenation."""
+    pieces: list[tuple[Location, ...]] = [(loc,) for loc in locations if loc.length >= SOLO_BYTES]
+    current: list[Location] = []
+    size = 0
+    for loc in (loc for loc in locations if loc.length < SOLO_BYTES):
+        if current and size + loc.length > limit:
+            pieces.append(tuple(current))
+            current, size = [], 0
+        current.append(loc)
+        size += loc.length
+    if current:
+        pieces.append(tuple(current))
+    return pieces
 
 
 class ReadOnceStorageReader(ForgeStorageReader):
     """A ``ForgeStorageReader`` that reads each stored item once per job and exchanges it over ``group``.
 
     ``group``: the process group DCP's load runs over (the coordinator's gloo group); the ranks of
-    the load plans are ranks of this group. ``min_replicas`` / ``batch_bytes``: see ``plan_read_once``.
+    the load plans are ranks of this group. ``min_replicas`` / ``batch_bytes`` / ``wave_bytes``: see
+    ``plan_read_once``.
     ``bytes_received`` counts what this rank got from other ranks instead of storage.
     """
 
     def __init__(self, url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, *,
                  group: Any, thread_count: int = 2, verify_checksums: bool = True, min_replicas: int = 2,
-                 batch_bytes: int = DEFAULT_BATCH_BYTES) -> None:
+                 batch_bytes: int = DEFAULT_BATCH_BYTES, wave_bytes: int = DEFAULT_WAVE_BYTES) -> None:
         super().__init__(url, storage_options, thread_count=thread_count, verify_checksums=verify_checksums)
-        plan_read_once([], min_replicas=min_replicas, batch_bytes=batch_bytes)  # validates both
+        plan_read_once([], min_replicas=min_replicas, batch_bytes=batch_bytes, wave_bytes=wave_bytes)  # validates
         self.group = group
         self.min_replicas = min_replicas
         self.batch_bytes = batch_bytes
+        self.wave_bytes = wave_bytes
         self.bytes_received = 0
 
     def _location(self, item: ReadItem) -> Location:
@@ -145,7 +172,8 @@ class ReadOnceStorageReader(ForgeStorageReader):
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
         needs = [[self._location(item) for item in plan.items] for plan in plans]
-        schedules = plan_read_once(needs, min_replicas=self.min_replicas, batch_bytes=self.batch_bytes)
+        schedules = plan_read_once(needs, min_replicas=self.min_replicas, batch_bytes=self.batch_bytes,
+                                   wave_bytes=self.wave_bytes)
         return [dataclasses.replace(plan, storage_data=s) for plan, s in zip(plans, schedules, strict=True)]
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
@@ -189,33 +217,52 @@ class ReadOnceStorageReader(ForgeStorageReader):
 
     def _exchange(self, batches: Sequence[ExchangeBatch], me: int, kept: dict[Location, torch.Tensor],
                   reads: Mapping[Location, StoredRead], planner: LoadPlanner) -> BaseException | None:
-        """Run every batch this rank takes part in, in the shared order. Keeps communicating after a
-        local failure (so no peer blocks on it) and returns the first failure."""
+        """Run every wave in the shared order: post this rank's sends and receives of the wave, apply
+        what arrives, wait for the sends. Keeps communicating after a local failure (so no peer
+        blocks on it) and returns the first failure."""
         failure: BaseException | None = None
-        for batch in batches:
-            if batch.source == me:
-                payload = torch.empty(batch.nbytes, dtype=torch.uint8)
-                start = 0
-                for loc in batch.locations:
-                    buffer = kept.pop(loc, None)
-                    if buffer is not None:
-                        payload[start:start + loc.length] = buffer
-                    elif failure is None:
-                        failure = RuntimeError(f"read-once: rank {me} has no bytes of {loc} to send")
-                    start += loc.length
-                works = [dist.isend(payload, group=self.group, group_dst=r) for r in batch.receivers]
-                for work in works:
-                    work.wait()
-            elif me in batch.receivers:
-                payload = torch.empty(batch.nbytes, dtype=torch.uint8)
-                dist.recv(payload, group=self.group, group_src=batch.source)
+        waves: dict[int, list[tuple[int, ExchangeBatch]]] = defaultdict(list)
+        for tag, batch in enumerate(batches):  # the batch's index tags its messages
+            waves[batch.wave].append((tag, batch))
+        for wave in sorted(waves):
+            sends, receives = [], []
+            for tag, batch in waves[wave]:
+                if batch.source == me:
+                    payload, missing = self._payload(batch, kept)
+                    failure = failure or missing
+                    sends += [dist.isend(payload, group=self.group, group_dst=r, tag=tag) for r in batch.receivers]
+                elif me in batch.receivers:
+                    payload = torch.empty(batch.nbytes, dtype=torch.uint8)
+                    receives.append((batch, payload,
+                                     dist.irecv(payload, group=self.group, group_src=batch.source, tag=tag)))
+            for batch, payload, work in receives:
+                work.wait()
                 self.bytes_received += batch.nbytes
                 if failure is None:
                     try:
                         self._apply_received(payload, batch.locations, reads, planner)
                     except Exception as err:
                         failure = err
+            for work in sends:
+                work.wait()
         return failure
+
+    @staticmethod
+    def _payload(batch: ExchangeBatch, kept: dict[Location, torch.Tensor]) -> tuple[torch.Tensor, Exception | None]:
+        """The batch's stored bytes, concatenated (freeing what was kept for it)."""
+        if len(batch.locations) == 1 and batch.locations[0] in kept:
+            return kept.pop(batch.locations[0]), None
+        payload = torch.empty(batch.nbytes, dtype=torch.uint8)
+        missing = None
+        start = 0
+        for loc in batch.locations:
+            buffer = kept.pop(loc, None)
+            if buffer is not None:
+                payload[start:start + loc.length] = buffer
+            elif missing is None:
+                missing = RuntimeError(f"read-once: rank {batch.source} has no bytes of {loc} to send")
+            start += loc.length
+        return payload, missing
 
     def _apply_received(self, payload: torch.Tensor, locations: Sequence[Location],
                         reads: Mapping[Location, StoredRead], planner: LoadPlanner) -> None:

@@ -83,14 +83,19 @@ def _needs(metadata, plans):
 
 
 @SETTINGS
-@given(reshard_cases(), st.sampled_from([2, 3]), st.sampled_from([1, 100, 1 << 20]))
+@given(reshard_cases(), st.sampled_from([2, 3]), st.sampled_from([1, 100, 1 << 20]), st.sampled_from([1, 300, 1 << 20]))
 def test_read_once_reads_each_shared_item_once_and_delivers_it_to_every_rank_that_needs_it(case, min_replicas,
-                                                                                          batch_bytes):
+                                                                                          batch_bytes, wave_bytes):
     metadata, _, plans = _plan(case)
     needs = _needs(metadata, plans)
-    schedules = plan_read_once(needs, min_replicas=min_replicas, batch_bytes=batch_bytes)
+    schedules = plan_read_once(needs, min_replicas=min_replicas, batch_bytes=batch_bytes, wave_bytes=wave_bytes)
     batches = schedules[0].batches
     assert all(s.batches == batches for s in schedules)  # one order, known to every rank
+    waves = defaultdict(list)
+    for batch in batches:
+        waves[batch.wave].append(batch)
+    assert [b.wave for b in batches] == sorted(b.wave for b in batches)
+    assert all(len(w) == 1 or sum(b.nbytes for b in w) <= wave_bytes for w in waves.values())
     received = defaultdict(list)
     for batch in batches:
         assert batch.source not in batch.receivers and batch.receivers
