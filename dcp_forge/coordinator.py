@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -29,7 +30,7 @@ from .loading import LoadResult, LoadSelection, decide_loads
 from .manifest import CheckpointManifest
 from .placement import ChunkPolicy
 from .planners import ForgeLoadPlanner, ForgeSavePlanner
-from .read_once import ReadOnceStorageReader
+from .read_once import ReadOnceStorageReader, read_once_by_default
 from .sharing import StateComponent, group_names, validate_components
 from .statefuls import prepare_for_load
 from .storage import (
@@ -135,6 +136,29 @@ class CheckpointCoordinator:
         if status == "err":
             raise value
         return value
+
+    def _on_every_rank(self, fn) -> Any:
+        """Run ``fn`` on every rank; if it raised anywhere, raise the lowest failing rank's error everywhere.
+
+        For decisions taken before a collective: a rank raising alone would leave the others waiting
+        in the collective for it.
+        """
+        try:
+            value, error = fn(), None
+        except Exception as err:  # shared below, then raised on every rank
+            value, error = None, err
+            try:
+                pickle.dumps(err)
+            except Exception:  # an error that cannot travel still has to stop every rank
+                error = RuntimeError(f"rank {self.rank}: {err!r}")
+        errors = self._all_gather(error)
+        failed = [r for r, e in enumerate(errors) if e is not None]
+        if not failed:
+            return value
+        first = errors[failed[0]]
+        if len(failed) > 1 or failed[0] != self.rank:
+            first.add_note(f"(failed on ranks {failed}; showing rank {failed[0]}'s error)")
+        raise first
 
     def checkpoint_path(self, checkpoint_id: str) -> str:
         return join_url(self.output_dir, validate_checkpoint_id(checkpoint_id))
@@ -253,8 +277,9 @@ class CheckpointCoordinator:
         components to load; ``keys`` maps a component to glob patterns of its state keys to load
         (``{"model": ["layers.0.*"]}``), the others keep their current value. A changed world size,
         node or group layout is handled per component (docs/RESHARDING.md) and logged, one line per
-        component. ``read_once`` (default: on when world size > 1): each stored byte is read from
-        storage by one rank and sent to the others over the coordinator's gloo group.
+        component. ``read_once``: each stored byte is read from storage by one rank and sent to the
+        others over the coordinator's gloo group (default: when ranks on several nodes or an object
+        store are involved, see ``read_once_by_default``).
 
         Returns a ``LoadResult`` (path-like: ``os.fspath(result)`` is the checkpoint's path) saying
         what was loaded and what was not.
@@ -262,8 +287,9 @@ class CheckpointCoordinator:
         self._check_open()
         self._async_saves.settle(raise_failure=False)  # a save in flight may become the latest
         path = self._resolve_load_path(checkpoint_path)
-        selection = LoadSelection.build([c.key for c in self.components], components, keys)
-        read_once = (self.topology.world_size > 1 if read_once is None else read_once) and self.group is not None
+        if read_once is None:
+            read_once = read_once_by_default(self.topology, open_backend(path, self.storage_options)[0])
+        read_once = read_once and self.group is not None
         reader = (ReadOnceStorageReader(path, self.storage_options, group=self.group, thread_count=self.thread_count,
                                         verify_checksums=self.verify_checksums)
                   if read_once else
@@ -273,9 +299,12 @@ class CheckpointCoordinator:
         metadata, manifest, records = self._broadcast_from_coordinator(
             lambda: (reader.read_metadata(), reader.manifest, reader.records))
         reader.use_metadata(metadata, manifest, records)
-        decision = decide_loads(self.components, {top_level_key(fqn) for fqn in metadata.state_dict_metadata},
-                                manifest.save_topology if manifest is not None else None, self.topology,
-                                strict=strict, path=path, selection=selection)
+        selection: LoadSelection = self._on_every_rank(
+            lambda: LoadSelection.build([c.key for c in self.components], components, keys))
+        decision = self._on_every_rank(lambda: decide_loads(
+            self.components, {top_level_key(fqn) for fqn in metadata.state_dict_metadata},
+            manifest.save_topology if manifest is not None else None, self.topology, strict=strict, path=path,
+            selection=selection))
         for message in decision.warnings:
             warnings.warn(message, stacklevel=2)
         if self.rank == 0:
@@ -293,7 +322,7 @@ class CheckpointCoordinator:
             c.stateful.reseed(self.rank)
         self.last_manifest = manifest
         result = LoadResult(path=path, loaded=tuple(c.key for c in decision.loading),
-                            not_loaded=decision.not_loaded, keys_not_loaded=planner.keys_not_loaded(),
+                            not_loaded=dict(decision.not_loaded), keys_not_loaded=planner.keys_not_loaded(),
                             topology_changes=tuple(c.log_line() for c in decision.changes.values()),
                             bytes_read=reader.bytes_read, read_once=read_once)
         logger.info("rank %d: %s", self.rank, result.summary())

@@ -169,7 +169,8 @@ class LoadResult:
     ``keys_not_loaded``: component → state keys left at their current value (not selected by
     ``keys=``, or absent from the checkpoint under ``strict=False``); ``topology_changes``: one line
     per component whose topology changed, saying what the load did; ``bytes_read``: data bytes this
-    rank read from storage (read-once loads get the rest from other ranks).
+    rank read from storage (read-once loads get the rest from other ranks). Plain values, so a result
+    can be gathered from every rank (``all_gather_object``).
     """
 
     path: str

@@ -174,7 +174,7 @@ def assign_writers(all_plans: Sequence[SavePlan]) -> list[SavePlan]:
 
     return [
         dataclasses.replace(plan, items=[it for it in plan.items if it.index in kept])
-        for plan, kept in zip(all_plans, keep)
+        for plan, kept in zip(all_plans, keep, strict=True)
     ]
 
 

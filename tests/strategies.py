@@ -4,9 +4,8 @@ a one-process simulation of DCP's save planning across all ranks, and N -> M res
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 from hypothesis import strategies as st

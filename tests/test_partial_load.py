@@ -11,18 +11,9 @@ import torch
 from dcp_forge import CheckpointCoordinator, MissingComponentError, StateComponent, read_manifest
 from dcp_forge.statefuls import ModelState, OptimizerState
 
+from .test_coordinator import Counter
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-class Counter:
-    def __init__(self, step=0):
-        self.step = step
-
-    def state_dict(self):
-        return {"step": self.step}
-
-    def load_state_dict(self, state):
-        self.step = state["step"]
 
 
 def trained(seed):

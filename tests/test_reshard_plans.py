@@ -13,7 +13,9 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorSt
 
 from dcp_forge.keys import top_level_key
 from dcp_forge.loading import decide_loads
-from dcp_forge.read_once import Location, plan_read_once
+from dcp_forge.read_once import Location, plan_read_once, read_once_by_default
+from dcp_forge.storage import open_backend
+from dcp_forge.topology import Topology
 
 from .strategies import ReshardCase, load_plans, reshard_cases, save_metadata
 
@@ -119,3 +121,12 @@ def test_read_once_reads_each_shared_item_once_and_delivers_it_to_every_rank_tha
         assert readers[loc] == (1 if len(ranks) >= min_replicas else len(ranks))
     if min_replicas == 2:  # P7 at plan level: storage serves exactly the unique needed bytes
         assert sum(loc.length for s in schedules for loc in s.reads) == sum(loc.length for loc in needers)
+
+
+def test_read_once_is_automatic_where_it_saves_storage_traffic(tmp_path):
+    local, _ = open_backend(tmp_path)
+    remote, _ = open_backend("memory://bucket/run")  # any fsspec backend: every read is a request
+    assert not read_once_by_default(Topology.single(), remote)
+    assert not read_once_by_default(Topology.uniform(0, 4), local)  # one node: the page cache is shared
+    assert read_once_by_default(Topology.uniform(0, 4, ranks_per_node=2), local)
+    assert read_once_by_default(Topology.uniform(0, 2), remote)

@@ -29,6 +29,7 @@ from torch import nn
 
 from dcp_forge import (
     CheckpointCoordinator,
+    MissingComponentError,
     RNGState,
     StateComponent,
     TopologyChangeError,
@@ -158,6 +159,10 @@ def modulo_copy(new_rank, saved, current):
     return new_rank % saved.world_size
 
 
+def even_ranks_only(new_rank, saved, current):
+    return None if new_rank % 2 else 0
+
+
 class Box:
     def __init__(self, value):
         self.value = value
@@ -255,6 +260,12 @@ def load_policies(root: str) -> dict:
         out["strict_error"] = None
     except TopologyChangeError as err:
         out["strict_error"] = str(err)
+    try:  # fails on odd ranks only: every rank must raise (none may wait in dcp.load for the others)
+        CheckpointCoordinator([StateComponent("origin", Box(-1), "per_rank", on_topology_change=even_ranks_only)],
+                              output_dir=os.path.join(root, "policies")).load_checkpoint(components=["origin"])
+        out["odd_rank_error"] = None
+    except MissingComponentError as err:
+        out["odd_rank_error"] = str(err)
     return out
 
 
@@ -369,6 +380,12 @@ def test_error_policy_names_component_and_both_topologies(outcome):
         assert "world_size=2, nodes=2" in message
     assert "world_size=4, nodes=2" in outcome["policies4"][0]["strict_error"]
     assert "world_size=1, nodes=1" in outcome["policies1"]["strict_error"]
+
+
+def test_an_error_on_some_ranks_is_raised_on_every_rank(outcome):
+    errors = [r["odd_rank_error"] for r in outcome["policies4"]]
+    assert all(e is not None and "gives rank 1 no saved copy" in e for e in errors), errors
+    assert outcome["policies1"]["odd_rank_error"] is None  # world 1: rank 0 gets saved rank 0's copy
 
 
 def test_one_log_line_per_changed_component(outcome):

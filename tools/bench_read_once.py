@@ -3,13 +3,17 @@
 DCP loading of the same checkpoint.
 
     .venv/bin/python tools/bench_read_once.py [--worlds 2 4] [--size-mib 256] [--tensors 8]
-                                              [--repetitions 3] [--dir DIR] [--hot] [--json out.json]
+                                              [--repetitions 3] [--dir DIR | --url URL
+                                              --storage-options JSON] [--hot] [--json out.json]
 
 Each world size runs as that many gloo ranks on this machine. The ranks save one REPLICATED state
-(``size-mib`` MiB of float32 tensors, the same on every rank) with dcp_forge, then load it back into
-preallocated tensors, each load from a cold page cache (``--hot``: from a warm one), with:
+(``size-mib`` MiB of float32 tensors, the same on every rank) with dcp_forge, under ``--dir`` (default:
+the temp dir) or any fsspec ``--url`` (e.g. ``s3://bucket/prefix`` with ``--storage-options
+'{"endpoint_url": ...}'``), then load it back into preallocated tensors, each load of a local checkpoint
+from a cold page cache (``--hot``: from a warm one), with:
 
-- ``dcp``: plain ``dcp.load`` with DCP's ``FileSystemReader`` (every rank reads what it needs);
+- ``dcp``: plain ``dcp.load`` with DCP's ``FileSystemReader`` (``FsspecReader`` for a URL; every rank
+  reads what it needs);
 - ``forge``: ``load_checkpoint(read_once=False)`` (the same, through dcp_forge's reader);
 - ``forge read-once``: ``load_checkpoint(read_once=True)`` (each stored byte read by one rank, the rest
   sent over gloo).
@@ -33,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 
 import torch
@@ -40,15 +45,18 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
-from dcp_forge import CheckpointCoordinator, StateComponent, read_manifest
+from dcp_forge import CheckpointCoordinator, StateComponent, delete_checkpoint, read_manifest
 from dcp_forge.bench.disk import drop_page_cache
+from dcp_forge.bench.save_load import SaveLoadConfig, _TensorDict, make_state
+from dcp_forge.storage import redact_url
 
 CONTENDERS = ("dcp", "forge", "forge read-once")
 
 
 class CountingFileSystemReader(FileSystemReader):
-    """DCP's reader, counting the stored bytes of every file slice it reads."""
+    """DCP's local reader, counting the stored bytes of every file slice it reads."""
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
@@ -59,31 +67,24 @@ class CountingFileSystemReader(FileSystemReader):
         return super()._slice_file(file, sinfo)
 
 
-class Tensors:
-    """A Stateful over a dict of tensors that loads in place."""
+class CountingFsspecReader(FsspecReader):
+    """DCP's fsspec reader, counting the same way."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors = tensors
+    def __init__(self, path: str, storage_options: dict) -> None:
+        super().__init__(path, **storage_options)
+        self.bytes_read = 0
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.tensors
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for key, value in state.items():
-            if value.data_ptr() != self.tensors[key].data_ptr():
-                self.tensors[key].copy_(value)
-
-
-def _state(size_mib: int, tensors: int, fill: bool) -> dict[str, torch.Tensor]:
-    rows = size_mib * 1024 * 1024 // tensors // 4096
-    gen = torch.Generator().manual_seed(0)
-    return {f"layer{i:03d}": torch.randn(rows, 1024, generator=gen) if fill else torch.empty(rows, 1024)
-            for i in range(tensors)}
+    def _slice_file(self, file, sinfo):
+        self.bytes_read += sinfo.length
+        return super()._slice_file(file, sinfo)
 
 
 def _load_once(contender: str, coord: CheckpointCoordinator, path: str, target: dict) -> int:
     if contender == "dcp":
-        reader = CountingFileSystemReader(path)
+        if "://" in path:
+            reader: CountingFileSystemReader | CountingFsspecReader = CountingFsspecReader(path, coord.storage_options)
+        else:
+            reader = CountingFileSystemReader(path)
         dcp.load({"model": target}, storage_reader=reader)
         return reader.bytes_read
     result = coord.load_checkpoint(path, read_once=contender == "forge read-once")
@@ -94,20 +95,22 @@ def _rank(rank: int, world: int, init_file: str, args: argparse.Namespace, root:
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    options = json.loads(args.storage_options)
+    local = "://" not in root
     try:
-        saved = _state(args.size_mib, args.tensors, fill=True)
-        CheckpointCoordinator([StateComponent("model", Tensors(saved), "replicated")], output_dir=root
-                              ).save_checkpoint(checkpoint_id="c")
-        path = os.path.join(root, "c")
-        target = _state(args.size_mib, args.tensors, fill=False)
-        coord = CheckpointCoordinator([StateComponent("model", Tensors(target), "replicated")], output_dir=root)
+        saved = make_state(SaveLoadConfig(size_mib=args.size_mib, tensors=args.tensors))
+        path = CheckpointCoordinator([StateComponent("model", _TensorDict(saved), "replicated")], output_dir=root,
+                                     storage_options=options).save_checkpoint(checkpoint_id="c")
+        target = {k: torch.empty_like(v) for k, v in saved.items()}
+        coord = CheckpointCoordinator([StateComponent("model", _TensorDict(target), "replicated")],
+                                      output_dir=root, storage_options=options)
         samples: dict[str, list[tuple[float, int]]] = {c: [] for c in CONTENDERS}
         for rep in range(args.repetitions):
             order = CONTENDERS[rep % len(CONTENDERS):] + CONTENDERS[:rep % len(CONTENDERS)]
             for contender in order:
                 for t in target.values():
                     t.zero_()
-                if rank == 0 and not args.hot:
+                if rank == 0 and local and not args.hot:
                     drop_page_cache(path)
                 dist.barrier()
                 start = time.perf_counter()
@@ -119,10 +122,13 @@ def _rank(rank: int, world: int, init_file: str, args: argparse.Namespace, root:
                 reads: list[int] = [0] * world
                 dist.all_gather_object(reads, read)
                 samples[contender].append((elapsed, sum(reads)))
+        dist.barrier()
         if rank == 0:
-            unique = read_manifest(path).components["model"].size_bytes
+            unique = read_manifest(path, options).components["model"].size_bytes
             with open(out, "w") as f:
                 json.dump({"world": world, "unique_bytes": unique, "samples": samples}, f)
+            if not local:
+                delete_checkpoint(path, options)
     finally:
         dist.destroy_process_group()
 
@@ -130,8 +136,9 @@ def _rank(rank: int, world: int, init_file: str, args: argparse.Namespace, root:
 def run_world(world: int, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         out = os.path.join(tmp, "result.json")
-        mp.spawn(_rank, args=(world, os.path.join(tmp, "rendezvous"), args, os.path.join(tmp, "ckpt"), out),
-                 nprocs=world, join=True)
+        root = (f"{args.url.rstrip('/')}/bench-read-once-{uuid.uuid4().hex[:8]}-w{world}" if args.url
+                else os.path.join(tmp, "ckpt"))
+        mp.spawn(_rank, args=(world, os.path.join(tmp, "rendezvous"), args, root, out), nprocs=world, join=True)
         with open(out) as f:
             raw = json.load(f)
     rows = []
@@ -146,8 +153,8 @@ def run_world(world: int, args: argparse.Namespace) -> dict:
 
 
 def format_table(results: list[dict], args: argparse.Namespace) -> str:
-    cache = "warm" if args.hot else "cold"
-    lines = [f"{args.size_mib} MiB REPLICATED state, {cache} page cache, median of {args.repetitions}",
+    where = redact_url(args.url) if args.url else f"local disk, {'warm' if args.hot else 'cold'} page cache"
+    lines = [f"{args.size_mib} MiB REPLICATED state, {where}, median of {args.repetitions}",
              "", "| world | contender | load s | state GB/s per rank | bytes read / unique |",
              "| ---: | --- | ---: | ---: | ---: |"]
     for result in results:
@@ -164,11 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tensors", type=int, default=8, help="number of equal float32 tensors (default 8)")
     parser.add_argument("--repetitions", type=int, default=3, help="repetitions; medians reported (default 3)")
     parser.add_argument("--dir", default=None, help="directory for the checkpoint (default: the temp dir)")
+    parser.add_argument("--url", default=None, help="fsspec URL to save under instead of --dir (e.g. s3://bucket/x)")
+    parser.add_argument("--storage-options", default="{}", help="JSON storage options for --url (fsspec)")
     parser.add_argument("--hot", action="store_true", help="load from a warm page cache instead of a cold one")
     parser.add_argument("--json", default=None, help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
-    if args.size_mib * 256 % args.tensors:
-        parser.error(f"--size-mib {args.size_mib} must split into {args.tensors} tensors of whole 4 KiB rows")
+    try:
+        SaveLoadConfig(size_mib=args.size_mib, tensors=args.tensors, repetitions=args.repetitions)
+    except ValueError as err:
+        parser.error(str(err))
     results = [run_world(world, args) for world in args.worlds]
     print(format_table(results, args))
     if args.json:
