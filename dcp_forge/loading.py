@@ -35,39 +35,45 @@ class LoadSelection:
     components: frozenset[str] | None = None
     keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
-    @classmethod
-    def build(cls, declared: Sequence[str], components: Iterable[str] | None,
-              keys: Mapping[str, Iterable[str]] | None) -> LoadSelection:
-        """Validate the caller's ``components=`` / ``keys=`` against the declared component keys."""
-        known = set(declared)
-        chosen = None
-        if components is not None:
-            if isinstance(components, str):
+    def __post_init__(self) -> None:
+        if self.components is not None:
+            if isinstance(self.components, str) or not all(isinstance(c, str) for c in self.components):
                 raise ComponentDeclarationError(
-                    f"'components' must be a collection of component keys (got {describe_type(components)}); "
-                    f"write components=[{components!r}]")
-            chosen = frozenset(components)
-            _check_known(chosen, known, "components")
+                    f"'components' must be a collection of component keys (got {describe_type(self.components)})"
+                    + (f"; write components=[{self.components!r}]" if isinstance(self.components, str) else ""))
+            object.__setattr__(self, "components", frozenset(self.components))
         patterns: dict[str, tuple[str, ...]] = {}
-        for name, globs in (keys or {}).items():
-            _check_known({name}, known, "keys")
-            if chosen is not None and name not in chosen:
-                raise ComponentDeclarationError(
-                    f"keys= selects keys of component {name!r}, which components= leaves out ({sorted(chosen)})")
+        for name, globs in dict(self.keys).items():
             if isinstance(globs, str) or not all(isinstance(g, str) for g in globs):
                 raise ComponentDeclarationError(
                     f"keys[{name!r}] must be a list of glob patterns (got {describe_type(globs)})")
             patterns[name] = tuple(globs)
             if not patterns[name]:
-                raise ComponentDeclarationError(f"keys[{name!r}] is empty: leave {name!r} out of components= instead")
-        return cls(chosen, types.MappingProxyType(patterns))
+                raise ComponentDeclarationError(
+                    f"keys[{name!r}] is empty, which would load nothing of it: leave {name!r} out of keys= to "
+                    "load all its keys, or out of components= to load none")
+            if self.components is not None and name not in self.components:
+                raise ComponentDeclarationError(
+                    f"keys= selects keys of component {name!r}, which components= leaves out "
+                    f"({sorted(self.components)})")
+        object.__setattr__(self, "keys", types.MappingProxyType(patterns))
+
+    @classmethod
+    def build(cls, declared: Sequence[str], components: Iterable[str] | None,
+              keys: Mapping[str, Iterable[str]] | None) -> LoadSelection:
+        """The caller's ``components=`` / ``keys=``, checked against the declared component keys."""
+        selection = cls(components if components is None or isinstance(components, str) else frozenset(components),
+                        dict(keys or {}))
+        _check_known(selection.components or (), declared, "components")
+        _check_known(selection.keys, declared, "keys")
+        return selection
 
     def includes(self, component: str) -> bool:
         return self.components is None or component in self.components
 
 
-def _check_known(names: Iterable[str], known: set[str], what: str) -> None:
-    unknown = sorted(set(names) - known)
+def _check_known(names: Iterable[str], known: Iterable[str], what: str) -> None:
+    unknown = sorted(set(names) - set(known))
     if unknown:
         raise ComponentDeclarationError(
             f"{what}= names components that are not declared: {unknown} (declared: {sorted(known)})")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import warnings
 
 import pytest
@@ -29,6 +30,7 @@ from torch import nn
 
 from dcp_forge import (
     CheckpointCoordinator,
+    IntegrityError,
     MissingComponentError,
     RNGState,
     StateComponent,
@@ -38,6 +40,7 @@ from dcp_forge import (
 from dcp_forge.statefuls import ModelState, OptimizerState
 
 from .dist import run_ranks
+from .tamper import data_files, flip_byte
 
 pytestmark = pytest.mark.dist
 
@@ -281,6 +284,20 @@ def read_once_counts(root: str) -> dict:
         expected = torch.load(os.path.join(where, "reference.pt"), weights_only=False)
         out[read_once] = {"bytes_read": result.bytes_read, "bad": mismatches(expected, full_state(model, opt)),
                           "read_once": result.read_once}
+    # A corrupt item is read by one rank only: the others must learn of it instead of waiting for its bytes.
+    corrupt = os.path.join(root, "plain-2-corrupt")
+    if dist.get_rank() == 0:
+        shutil.copytree(os.path.join(root, "plain-2"), corrupt)
+        path = os.path.join(corrupt, "c")
+        largest = max(data_files(path), key=lambda f: os.path.getsize(os.path.join(path, f)))
+        flip_byte(os.path.join(path, largest), os.path.getsize(os.path.join(path, largest)) // 2)
+    dist.barrier()
+    model, opt = build("plain", seed=1, loading=True)
+    try:
+        CheckpointCoordinator(components("plain", model, opt), output_dir=corrupt).load_checkpoint(read_once=True)
+        out["corrupt"] = None
+    except IntegrityError as err:
+        out["corrupt"] = str(err)
     return out
 
 
@@ -408,3 +425,8 @@ def test_read_once_reads_each_unique_byte_once(outcome):
     assert [r["read_once"] for r in once] == [True] * 4
     assert sum(r["bytes_read"] for r in plain) == 4 * unique  # every rank reads everything
     assert sum(r["bytes_read"] for r in once) == unique  # P7: 1.0x the unique bytes
+
+
+def test_a_corrupt_item_fails_the_read_once_load_on_every_rank(outcome):
+    errors = [r["corrupt"] for r in outcome["read_once"]]
+    assert all(e is not None and "checksum mismatch" in e for e in errors), errors
