@@ -100,3 +100,10 @@ def test_result_is_path_like_and_logged(saved, caplog):
     assert f"rank 0: loaded {path}: model, optimizer, trainer" in caplog.text
     manifest = read_manifest(result)
     assert manifest.describe_topology() == "world_size=1, nodes=1" and manifest.groups == {}
+
+
+def test_inspect_shows_the_saved_topology(saved, capsys):
+    from dcp_forge.cli import main
+
+    assert main(["inspect", saved[0]]) == 0
+    assert "saved topology: world_size=1, nodes=1" in capsys.readouterr().out

@@ -10,7 +10,8 @@ state (optimizer in FQN form through ``OptimizerState``):
 
 World 1 runs in the test process on plain modules (DTensor checkpoint -> plain tensors and back).
 The topology-change policies run 2 -> 4 and 2 -> 1 (rank0, reseed, a remap callable, skip, error,
-a StatefulDataLoader), and read-once loading is measured at world 4 by counting storage reads.
+a StatefulDataLoader), and read-once loading is measured at world 4 by counting storage reads (and
+fails on every rank, without waiting, when one rank's item is corrupt).
 
 Everything is bundled into three spawns (world 2, 4, 2) driven by one module-scoped fixture.
 """
