@@ -299,10 +299,13 @@ class AsyncSaver:
                         redact_url(handle.checkpoint_path), handle.staging_seconds, handle.upload_seconds)
             handle._future.set_result(handle.checkpoint_path)
             return
+        if self.background_group is not None and not _group_alive(self.background_group):
+            error.add_note("the async save's process group was destroyed while the save was in flight: call "
+                           "CheckpointCoordinator.close() (or wait()) before dist.destroy_process_group()")
         with self._lock:
             self._unraised = handle
-        logger.error("rank %d: async save of %s failed: %s: %s", self.rank, redact_url(handle.checkpoint_path),
-                     type(error).__name__, error)
+        logger.error("rank %d: async save of %s failed: %s: %s%s", self.rank, redact_url(handle.checkpoint_path),
+                     type(error).__name__, error, "".join(f"; {note}" for note in getattr(error, "__notes__", ())))
         handle._future.set_exception(error)
 
     def close(self, raise_failure: bool = True) -> None:
@@ -329,6 +332,14 @@ class AsyncSaver:
             self.settle(raise_failure=False)  # a failure was logged by _finish when it happened
         except BaseException:  # never raise during interpreter exit (a second Ctrl-C, say)
             logger.exception("rank %d: waiting for the async save at exit failed", self.rank)
+
+
+def _group_alive(group: Any) -> bool:
+    try:
+        dist.get_rank(group)
+    except (ValueError, RuntimeError):  # not registered (destroyed), or no default group anymore
+        return False
+    return True
 
 
 def release_group(group: Any) -> None:

@@ -13,6 +13,8 @@ import torch
 from dcp_forge import CheckpointCoordinator, StateComponent, latest_checkpoint, list_checkpoints
 from tools.crash_async import run_trials
 
+from .statefuls import Box
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -26,14 +28,10 @@ def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint_latest(tmp_p
 CHILD_PRELUDE = """
 import sys, torch
 from dcp_forge import CheckpointCoordinator, StateComponent
-
-class Holder:
-    def __init__(self, state): self.state = state
-    def state_dict(self): return self.state
-    def load_state_dict(self, state): self.state = state
+from tests.statefuls import Box
 
 state = {"t": torch.arange(1 << 22, dtype=torch.float64), "step": 7}
-coord = CheckpointCoordinator([StateComponent("box", Holder(state), "global")], output_dir=sys.argv[1])
+coord = CheckpointCoordinator([StateComponent("box", Box(state), "global")], output_dir=sys.argv[1])
 """
 
 # The script ends with a save in flight: no result(), no close().
@@ -51,17 +49,6 @@ coord.async_save(checkpoint_id="first")  # fails in the background: the id is ta
 """
 
 
-class Holder:
-    def __init__(self, state):
-        self.state = state
-
-    def state_dict(self):
-        return self.state
-
-    def load_state_dict(self, state):
-        self.state = state
-
-
 def _run(script: str, directory) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=ROOT)
     return subprocess.run([sys.executable, "-c", script, str(directory)], capture_output=True, text=True,
@@ -73,7 +60,7 @@ def test_interpreter_exit_finishes_the_in_flight_save(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "STARTED" in proc.stdout
     assert latest_checkpoint(tmp_path) == str(tmp_path / "in-flight")
-    target = Holder({"t": torch.zeros(1 << 22, dtype=torch.float64), "step": 0})
+    target = Box({"t": torch.zeros(1 << 22, dtype=torch.float64), "step": 0})
     CheckpointCoordinator([StateComponent("box", target, "global")], output_dir=tmp_path).load_checkpoint()
     assert target.state["step"] == 7 and torch.equal(target.state["t"], torch.arange(1 << 22, dtype=torch.float64))
 

@@ -21,7 +21,8 @@ from dcp_forge import (
 from dcp_forge.placement import ChunkPolicy
 
 from .dist import run_ranks
-from .test_async_save import Holder, assert_same, empty_like_state, mutate_in_place, snapshot, tricky_state
+from .statefuls import Box
+from .test_async_save import assert_same, empty_like_state, mutate_in_place, snapshot, tricky_state
 
 pytestmark = pytest.mark.dist
 
@@ -37,8 +38,8 @@ def _components(rank: int, world: int, seed: int):
     mesh = init_device_mesh("cpu", (world,))
     sharded = distribute_tensor(torch.arange(64 * 8, dtype=torch.float32).view(64, 8) * seed, mesh, [Shard(0)])
     mine = tricky_state(100 * seed + rank)
-    comps = [StateComponent("model", model, "replicated"), StateComponent("mine", Holder(mine), "per_rank"),
-             StateComponent("sharded", Holder({"w": sharded}), "global")]
+    comps = [StateComponent("model", model, "replicated"), StateComponent("mine", Box(mine), "per_rank"),
+             StateComponent("sharded", Box({"w": sharded}), "global")]
     return comps, model, mine, sharded
 
 
@@ -123,7 +124,7 @@ def scenarios(rank: int, world: int, root: str) -> dict:
 
     # 5. validate=True: the replication check reads the live state, so its verdict comes before the
     # call returns; a mismatch raises on every rank and saves nothing.
-    weights = Holder({"w": torch.ones(256)})
+    weights = Box({"w": torch.ones(256)})
     with CheckpointCoordinator([StateComponent("model", weights, "replicated", validate_replication=True)],
                                output_dir=os.path.join(root, "validated")) as checked:
         handle = checked.async_save(checkpoint_id="consistent", validate=True)

@@ -26,22 +26,11 @@ from dcp_forge import (
 from dcp_forge.placement import ChunkPolicy
 from dcp_forge.storage.layout import CLAIM_FILE, COMMIT_FILE, MANIFEST_FILE
 
+from .statefuls import Box
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 SMALL_CHUNKS = ChunkPolicy(min_chunk_bytes=4096, chunks_per_holder=2)
-
-
-class Holder:
-    """A user stateful returning its live tensors (no copies), like nn.Module.state_dict does."""
-
-    def __init__(self, state: dict) -> None:
-        self.state = state
-
-    def state_dict(self) -> dict:
-        return self.state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state = state
 
 
 def tricky_state(seed: int) -> dict:
@@ -105,7 +94,7 @@ def empty_like_state(state: dict) -> dict:
 
 
 def load_into_fresh(path: str, like: dict, key: str = "box", pattern: str = "replicated") -> dict:
-    target = Holder(empty_like_state(like))
+    target = Box(empty_like_state(like))
     CheckpointCoordinator([StateComponent(key, target, pattern)], output_dir=os.path.dirname(path)
                           ).load_checkpoint(path, strict=False)
     return target.state
@@ -113,7 +102,7 @@ def load_into_fresh(path: str, like: dict, key: str = "box", pattern: str = "rep
 
 def test_checkpoint_holds_the_values_of_the_call_despite_in_place_changes(tmp_path):
     state = tricky_state(1)
-    box = Holder(state)
+    box = Box(state)
     model = torch.nn.Linear(16, 8)
     coord = CheckpointCoordinator([StateComponent("box", box, "replicated"),
                                    StateComponent("model", model, "replicated")],
@@ -139,13 +128,13 @@ def test_a_tensor_of_512_mib_with_views_is_exact_under_mutation(tmp_path):
     big = torch.arange(numel, dtype=torch.int32)
     # Views into big's storage: a tail slice and a strided column of a reshaped view.
     state = {"big": big, "tail_view": big[-1000:], "same_storage": big.view(-1, 1024)[:, 7]}
-    coord = CheckpointCoordinator([StateComponent("box", Holder(state), "global")], output_dir=tmp_path)
+    coord = CheckpointCoordinator([StateComponent("box", Box(state), "global")], output_dir=tmp_path)
     handle = coord.async_save(checkpoint_id="big")
     big.add_(1)  # in place, while the upload runs
     assert handle.staged_bytes == big.nbytes  # views share big's staging buffer
     path = handle.result(timeout=300)
     coord.close()
-    target = Holder({"big": torch.empty(numel, dtype=torch.int32), "tail_view": torch.empty(1000, dtype=torch.int32),
+    target = Box({"big": torch.empty(numel, dtype=torch.int32), "tail_view": torch.empty(1000, dtype=torch.int32),
                      "same_storage": torch.empty(numel // 1024, dtype=torch.int32)})
     CheckpointCoordinator([StateComponent("box", target, "global")], output_dir=tmp_path).load_checkpoint(path)
     big.sub_(1)  # the values at the moment of the call
@@ -156,7 +145,7 @@ def test_a_tensor_of_512_mib_with_views_is_exact_under_mutation(tmp_path):
 
 def test_a_storage_grown_in_place_between_saves_is_staged_again(tmp_path):
     t = torch.arange(10.0)
-    box = Holder({"t": t})
+    box = Box({"t": t})
     coord = CheckpointCoordinator([StateComponent("box", box, "global")], output_dir=tmp_path)
     coord.async_save(checkpoint_id="a").result()
     t.resize_(1000)  # grows the storage DCP's stager cached a buffer for
@@ -180,7 +169,7 @@ def test_async_checkpoint_is_byte_identical_to_a_sync_one(tmp_path, scheme):
     model(torch.randn(4, 32)).sum().backward()
     opt.step()
     comps = [StateComponent("model", model, "replicated"), StateComponent("optimizer", opt, "replicated"),
-             StateComponent("box", Holder(tricky_state(3)), "global"),
+             StateComponent("box", Box(tricky_state(3)), "global"),
              StateComponent("rng", RNGState(), "per_rank", required=False)]
     with CheckpointCoordinator(comps, output_dir=out, chunk_policy=SMALL_CHUNKS) as coord:
         sync_path = coord.save_checkpoint(checkpoint_id="sync", extra={"step": 5})
@@ -202,7 +191,7 @@ def test_async_checkpoint_is_byte_identical_to_a_sync_one(tmp_path, scheme):
         fs.rm(sync_root.rsplit("/", 1)[0], recursive=True)
 
 
-class PicklesBadly(Holder):
+class PicklesBadly(Box):
     """Staging (a deep copy) works; writing (pickling) fails in the background."""
 
     class Bomb:
@@ -217,7 +206,7 @@ class PicklesBadly(Holder):
 
 
 def test_a_background_failure_raises_at_result_then_at_the_next_save(tmp_path):
-    good = Holder({"t": torch.ones(4)})
+    good = Box({"t": torch.ones(4)})
     bad = PicklesBadly({})
     coord = CheckpointCoordinator([StateComponent("box", good, "global")], output_dir=tmp_path)
     first = coord.async_save(checkpoint_id="checkpoint-1").result()
@@ -239,7 +228,7 @@ def test_a_background_failure_raises_at_result_then_at_the_next_save(tmp_path):
 
 
 def test_a_failure_nobody_asked_for_raises_at_close_and_at_a_sync_save(tmp_path):
-    coord = CheckpointCoordinator([StateComponent("box", Holder({"t": torch.ones(2)}), "global")],
+    coord = CheckpointCoordinator([StateComponent("box", Box({"t": torch.ones(2)}), "global")],
                                   output_dir=tmp_path)
     coord.save_checkpoint(checkpoint_id="taken")
     coord.async_save(checkpoint_id="taken")  # fails in the background: the id is committed already
@@ -259,7 +248,7 @@ def test_a_staging_failure_raises_in_the_caller_and_starts_nothing(tmp_path):
         def __reduce_ex__(self, protocol):
             raise TypeError("cannot copy this")
 
-    coord = CheckpointCoordinator([StateComponent("box", Holder({"x": Uncopyable()}), "global")],
+    coord = CheckpointCoordinator([StateComponent("box", Box({"x": Uncopyable()}), "global")],
                                   output_dir=tmp_path)
     with pytest.raises(TypeError, match="cannot copy this"):
         coord.async_save(checkpoint_id="c")
@@ -268,7 +257,7 @@ def test_a_staging_failure_raises_in_the_caller_and_starts_nothing(tmp_path):
 
 
 def test_one_save_in_flight_and_commits_in_call_order(tmp_path):
-    box = Holder({"t": torch.zeros(1 << 16)})
+    box = Box({"t": torch.zeros(1 << 16)})
     coord = CheckpointCoordinator([StateComponent("box", box, "global")], output_dir=tmp_path)
     handles = []
     for i in range(4):
@@ -286,7 +275,7 @@ def test_one_save_in_flight_and_commits_in_call_order(tmp_path):
 
 
 def test_context_manager_waits_and_keeps_the_body_exception(tmp_path):
-    box = Holder({"t": torch.ones(1 << 16)})
+    box = Box({"t": torch.ones(1 << 16)})
     with CheckpointCoordinator([StateComponent("box", box, "global")], output_dir=tmp_path) as coord:
         handle = coord.async_save(checkpoint_id="c")
     assert handle.done() and handle.result() == str(tmp_path / "c")
@@ -303,7 +292,7 @@ def test_context_manager_waits_and_keeps_the_body_exception(tmp_path):
 def test_staging_memory_is_the_state_size_and_reused(tmp_path):
     tensors = {f"w{i}": torch.randn(1 << 14) for i in range(8)}
     state_bytes = sum(t.nbytes for t in tensors.values())
-    coord = CheckpointCoordinator([StateComponent("box", Holder(tensors), "global")], output_dir=tmp_path)
+    coord = CheckpointCoordinator([StateComponent("box", Box(tensors), "global")], output_dir=tmp_path)
     first = coord.async_save(checkpoint_id="a")
     first.result()
     second = coord.async_save(checkpoint_id="b")
