@@ -124,10 +124,16 @@ class ForgeStager(AsyncStager):
         staged: dict[str, Any] = {}
         try:
             staged = self._stage_reusing_buffers(state_dict)
-            if self.after_staging is not None:
-                self.after_staging()
         except Exception as err:  # agreed on below, then raised on every rank
             error = err
+        if self.after_staging is not None:
+            try:
+                self.after_staging()  # even after a staging failure: a check's thread must not outlive us
+            except Exception as err:
+                if error is None:
+                    error = err
+                else:
+                    error.add_note(f"after staging, {err.__class__.__name__}: {err}")
         self._agree(error)
         self.last_staged_bytes = staged_bytes(staged)
         self.last_staging_seconds = time.perf_counter() - started

@@ -25,27 +25,22 @@ def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint_latest(tmp_p
     assert all(r["latest"] in ("checkpoint-1", "checkpoint-2") for r in results)
 
 
-CHILD_PRELUDE = """
+# The script ends with one coordinator's save failed in the background (nothing raised it: no later
+# save, no close()) and another coordinator's save in flight (no result(), no close()).
+SCRIPT_ENDING_MID_SAVE = """
 import sys, torch
 from dcp_forge import CheckpointCoordinator, StateComponent
 from tests.statefuls import Box
 
 state = {"t": torch.arange(1 << 22, dtype=torch.float64), "step": 7}
-coord = CheckpointCoordinator([StateComponent("box", Box(state), "global")], output_dir=sys.argv[1])
-"""
-
-# The script ends with a save in flight: no result(), no close().
-IN_FLIGHT_AT_EXIT = CHILD_PRELUDE + """
-coord.async_save(checkpoint_id="in-flight")
+failing = CheckpointCoordinator([StateComponent("box", Box(state), "global")], output_dir=sys.argv[1])
+failing.async_save(checkpoint_id="first").result()
+failing.async_save(checkpoint_id="first")  # fails in the background: the id is taken
+saving = CheckpointCoordinator([StateComponent("box", Box(state), "global")], output_dir=sys.argv[1])
+saving.async_save(checkpoint_id="in-flight")
 state["t"].mul_(-1)  # after staging: must not reach the checkpoint
 state["step"] = 8
 print("STARTED", flush=True)
-"""
-
-# The script ends after a background failure that nothing raised (no later save, no close()).
-FAILURE_AT_EXIT = CHILD_PRELUDE + """
-coord.async_save(checkpoint_id="first").result()
-coord.async_save(checkpoint_id="first")  # fails in the background: the id is taken
 """
 
 
@@ -55,18 +50,13 @@ def _run(script: str, directory) -> subprocess.CompletedProcess:
                           env=env, timeout=180)
 
 
-def test_interpreter_exit_finishes_the_in_flight_save(tmp_path):
-    proc = _run(IN_FLIGHT_AT_EXIT, tmp_path)
+def test_interpreter_exit_finishes_the_in_flight_save_and_reports_unraised_failures(tmp_path):
+    proc = _run(SCRIPT_ENDING_MID_SAVE, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "STARTED" in proc.stdout
+    assert "async save of" in proc.stderr and "first failed: CheckpointExistsError" in proc.stderr
     assert latest_checkpoint(tmp_path) == str(tmp_path / "in-flight")
+    assert list_checkpoints(tmp_path) == [str(tmp_path / "first"), str(tmp_path / "in-flight")]
     target = Box({"t": torch.zeros(1 << 22, dtype=torch.float64), "step": 0})
     CheckpointCoordinator([StateComponent("box", target, "global")], output_dir=tmp_path).load_checkpoint()
     assert target.state["step"] == 7 and torch.equal(target.state["t"], torch.arange(1 << 22, dtype=torch.float64))
-
-
-def test_a_failure_nothing_raised_is_reported_at_exit(tmp_path):
-    proc = _run(FAILURE_AT_EXIT, tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "async save of" in proc.stderr and "first failed: CheckpointExistsError" in proc.stderr
-    assert list_checkpoints(tmp_path) == [str(tmp_path / "first")]

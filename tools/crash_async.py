@@ -1,10 +1,10 @@
 """Kill a real process (SIGKILL) at a random moment of an async save; the previous checkpoint must
 stay the latest and load bit-exactly (or, if the kill came after the commit, the new one must).
 
-Each trial starts a child that saves ``checkpoint-1`` synchronously (timing it), changes its state,
-starts ``async_save(checkpoint-2)``, says so, and keeps training (changing the state in place) until
-the save commits. The parent kills it at a uniformly random moment in [0, 1.2 x the sync save's
-duration] after the async save returned, then checks, with a fresh process's eyes: which checkpoint
+Each trial forks a child process (from a server that imported torch once) that saves
+``checkpoint-1`` synchronously (timing it), changes its state, starts ``async_save(checkpoint-2)``,
+says so, and keeps training (changing the state in place), also after the commit. The parent kills it at a uniformly random moment in [0, 2 x the sync save's
+duration] after the async save returned, then checks, as a process that did not write them: which checkpoint
 ``latest_checkpoint`` names, that every committed one loads bit-exactly to the values of its call,
 that an uncommitted ``checkpoint-2`` is invisible (and removable with
 ``discard_partial_checkpoints``), and that listing never raises.
@@ -21,11 +21,11 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import warnings
 from collections import Counter
+from typing import Any
 
 import torch
 
@@ -40,6 +40,7 @@ from dcp_forge import (  # noqa: E402
     list_checkpoints,
 )
 from dcp_forge.storage import CheckpointState, checkpoint_state, open_backend  # noqa: E402
+from tests.dist import rank_context  # noqa: E402
 
 
 class Weights:
@@ -64,23 +65,34 @@ class Weights:
         self.step += 1
 
 
-def child(directory: str, mib: int) -> None:
+def child(directory: str, mib: int, report: Any) -> None:
     """Save checkpoint-1 (version 1) sync, then checkpoint-2 (version 2) async while training on."""
     warnings.simplefilter("ignore")
     weights = Weights(mib, version=1)
     coord = CheckpointCoordinator([StateComponent("model", weights, "replicated")], output_dir=directory)
     start = time.perf_counter()
     coord.save_checkpoint(checkpoint_id="checkpoint-1")
-    print(f"SYNC {time.perf_counter() - start:.6f}", flush=True)
+    report.send(("SYNC", time.perf_counter() - start))
     weights.advance()  # version 2
     handle = coord.async_save(checkpoint_id="checkpoint-2")
-    print("STAGED", flush=True)
+    report.send(("STAGED", None))
     while not handle.done():
         weights.advance()  # training goes on, changing the state in place
         time.sleep(0.01)
     handle.result()
-    print("COMMITTED", flush=True)
-    coord.close()
+    report.send(("COMMITTED", None))
+    while True:  # keep living: the parent's kill must always hit a running process
+        weights.advance()
+        time.sleep(0.01)
+
+
+def _expect(conn: Any, what: str, proc: Any) -> Any:
+    if not conn.poll(300):
+        raise AssertionError(f"the child sent no {what} within 300 s (exit code {proc.exitcode})")
+    tag, value = conn.recv()
+    if tag != what:
+        raise AssertionError(f"the child sent {tag}, expected {what}")
+    return value
 
 
 def _loads_exactly(path: str, directory: str, mib: int, version: int) -> bool:
@@ -96,25 +108,25 @@ def trial(directory: str, mib: int, rng: random.Random) -> dict:
     """One kill; returns what was observed (raises AssertionError if a guarantee broke)."""
     shutil.rmtree(directory, ignore_errors=True)
     os.makedirs(directory)
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", directory, "--mib", str(mib)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # Children fork from a server that imported torch and dcp_forge once (a fresh interpreter per
+    # trial would spend seconds importing); SIGKILL ends them like any process.
+    ctx = rank_context()
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=child, args=(directory, mib, send), daemon=True)
+    proc.start()
+    send.close()
     try:
-        sync_line = proc.stdout.readline().split()
-        if not sync_line or sync_line[0] != "SYNC":
-            raise AssertionError(f"child did not save checkpoint-1: {sync_line} {proc.stderr.read()}")
-        if proc.stdout.readline().strip() != "STAGED":
-            raise AssertionError(f"child did not start the async save: {proc.stderr.read()}")
-        delay = rng.uniform(0.0, 1.2 * float(sync_line[1]))
+        sync_seconds = _expect(receive, "SYNC", proc)
+        _expect(receive, "STAGED", proc)
+        delay = rng.uniform(0.0, 2.0 * sync_seconds)
         time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(60)
     finally:
-        if proc.poll() is None:
+        if proc.is_alive():
             proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+            proc.join()
+        receive.close()
     first, second = os.path.join(directory, "checkpoint-1"), os.path.join(directory, "checkpoint-2")
     backend, native = open_backend(second)
     state = checkpoint_state(backend, native)
@@ -147,11 +159,7 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--dir", default=".bench/crash")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        child(args.child, args.mib)
-        return
     warnings.simplefilter("ignore")
     results = []
     for i in range(args.trials):

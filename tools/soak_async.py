@@ -4,8 +4,8 @@ not grow.
 Reports, per rank, RSS, threads, open file descriptors and child processes: before the coordinator
 exists, after the first save (staging buffers and the background process group now exist), after the
 last save, and after ``close()``. Targets (issue 4, P5): RSS after the last save within 5% of after
-the first; threads, fds and children after the last save equal to after the first; after close()
-threads, fds and children back to where they started.
+the first; threads, fds and children after the last save no more than after the first; after close()
+no more threads, fds and children than at the start.
 
 Usage: ``python tools/soak_async.py [--saves 100] [--mib 256] [--world 1] [--dir .bench/soak]``.
 A short version (10 saves of a small state) runs in CI: tests/test_async_soak.py.
@@ -125,7 +125,7 @@ def verdict(report: dict) -> list[str]:
     if growth > RSS_GROWTH_LIMIT:
         problems.append(f"RSS grew {growth:.1%} from the first to the last save (limit {RSS_GROWTH_LIMIT:.0%})")
     for key in ("threads", "fds", "children"):
-        if s["after_last"][key] != s["after_first"][key]:
+        if s["after_last"][key] > s["after_first"][key]:
             problems.append(f"{key}: {s['after_first'][key]} after the first save, {s['after_last'][key]} after the last")
         if s["after_close"][key] > s["start"][key]:
             problems.append(f"{key}: {s['start'][key]} at start, {s['after_close'][key]} after close()")
