@@ -1,0 +1,464 @@
+"""Crash consistency: SIGKILL one rank or all ranks at random points of saves, then check the survivors' view.
+
+Each trial is one job of ``--world`` real gloo ranks that resumes the way a restarted training job
+does (discard partial checkpoints, load the latest one and compare it bit for bit with the state
+that was saved), saves the next checkpoint, and keeps the newest two (``delete_checkpoint``). While
+it saves, one rank or all ranks are killed with SIGKILL, in one of four ways:
+
+- ``event-one`` / ``event-all``: at a random storage operation (a file write, fsync, directory sync,
+  marker creation, deletion; a write may be torn: half its bytes land first) of one / every rank;
+- ``timer-one`` / ``timer-all``: at a random moment of the save, from outside.
+
+Ranks that outlive the victim are killed after a grace period, as a job scheduler would. After each
+trial the harness checks, from storage:
+
+- ``latest_checkpoint`` is the newest checkpoint whose commit marker exists, i.e. the previous
+  committed checkpoint unless the kill came after the commit;
+- every listed checkpoint verifies clean (``verify_checkpoint``), and the next trial loads the latest
+  bit-exact on every rank;
+- nothing partial is visible: an uncommitted checkpoint is not listed, loads refuse it, and a
+  half-deleted one has lost its marker first.
+
+    .venv/bin/python tools/crash_harness.py --trials 200          # prints counts; exit 1 on any failure
+
+The CI test (tests/test_crash_consistency.py) runs the same harness with fewer trials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import itertools
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_any
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+MODES = ("event-one", "event-all", "timer-one", "timer-all")
+_GRACE_S = 0.5  # survivors of a killed rank get this long to fail on their own before they are killed
+_JOB_TIMEOUT_S = 120.0
+
+
+# --- the job (runs in each rank) ----------------------------------------------------------------
+class _Box:
+    def __init__(self, state: dict) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
+
+
+def make_state(step: int, rank: int, mib: float) -> dict[str, dict]:
+    """What each component holds at ``step`` on ``rank`` (deterministic, so a load can be checked)."""
+    import torch
+
+    shared = torch.Generator().manual_seed(step)
+    own = torch.Generator().manual_seed(step * 1000 + rank)
+    per_tensor = max(1, int(mib * 1024 * 1024) // 4 // 4)
+    return {
+        "model": {f"w{i}": torch.randn(per_tensor, generator=shared) for i in range(4)},
+        "rng": {"noise": torch.randn(257, generator=own), "step": step, "tag": f"rank{rank}-step{step}"},
+        "trainer": {"step": step, "loss": 1.0 / (step + 1)},
+    }
+
+
+def _same(a: Any, b: Any) -> bool:
+    import torch
+
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+            a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    return type(a) is type(b) and a == b
+
+
+def event_kind(label: str) -> str:
+    """``'write __1_0.distcp'`` -> ``'write data file'``: an event without its rank or file number."""
+    op, _, name = label.partition(" ")
+    torn = name.endswith(" (torn)")
+    name = name.removesuffix(" (torn)")
+    if name.endswith(".distcp"):
+        name = "data file"
+    elif name.startswith("checkpoint-"):
+        name = "checkpoint dir"
+    return f"{op} {name}" + (" (torn)" if torn else "")
+
+
+class _KillingOutput:
+    """An OutputStream that counts its writes and closes as events of ``_Killer``."""
+
+    def __init__(self, inner: Any, killer: _Killer, name: str) -> None:
+        self._inner, self._killer, self._name = inner, killer, name
+
+    def write(self, data: Any) -> int:
+        return self._killer.event(f"write {self._name}", lambda: self._inner.write(data),
+                                  torn=lambda: self._inner.write(memoryview(data).cast("B")[:len(memoryview(data).cast("B")) // 2]))
+
+    def tell(self) -> int:
+        return self._inner.tell()
+
+    def flush(self) -> None:
+        self._inner.flush()
+
+    def close(self) -> None:
+        self._killer.event(f"close {self._name}", self._inner.close)
+
+    def abort(self) -> None:
+        self._inner.abort()
+
+
+class _Killer:
+    """Counts the storage operations of this process and SIGKILLs it at the ``target``-th one."""
+
+    MUTATING = ("create_exclusive", "open_output", "write_bytes", "makedirs", "remove", "remove_tree", "sync_dir")
+
+    def __init__(self, target: int | None, torn: bool, report: Callable[..., None]) -> None:
+        self.target, self.torn, self.report = target, torn, report
+        self._counter = itertools.count()
+        self.kinds: list[str] = []  # the kind of every event so far, in order (see event_kind)
+
+    def install(self) -> None:
+        from dcp_forge.storage.backends import FsspecBackend, LocalBackend
+
+        for cls in (LocalBackend, FsspecBackend):
+            for name in self.MUTATING:
+                setattr(cls, name, self._hooked(name, getattr(cls, name)))
+
+    def _hooked(self, name: str, original: Callable) -> Callable:
+        killer = self
+
+        def hooked(backend: Any, path: str, *rest: Any) -> Any:
+            label = f"{name} {os.path.basename(str(path).rstrip('/'))}"
+            result = killer.event(label, lambda: original(backend, path, *rest))
+            if name == "open_output":
+                return _KillingOutput(result, killer, os.path.basename(str(path)))
+            return result
+
+        return hooked
+
+    def event(self, label: str, run: Callable[[], Any], torn: Callable[[], Any] | None = None) -> Any:
+        n = next(self._counter)
+        self.kinds.append(event_kind(label))
+        if n == self.target:
+            if self.torn and torn is not None:
+                torn()
+                label += " (torn)"
+            self.report("killing", label)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return run()
+
+
+def _rank_job(rank: int, world: int, init_file: str, out_dir: str, step: int, expect_step: int | None,
+              target: int | None, torn: bool, mib: float, conn: Any, environ: dict[str, str]) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.clear()
+    os.environ.update(environ)
+    torch.set_num_threads(1)
+
+    def send(*message: Any) -> None:
+        conn.send(message)
+
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=30))
+        from dcp_forge import CheckpointCoordinator, StateComponent, delete_checkpoint, list_checkpoints
+        from dcp_forge.placement import ChunkPolicy
+        from dcp_forge.storage import discard_partial_checkpoints
+
+        boxes = {key: _Box({}) for key in ("model", "rng", "trainer")}
+        coord = CheckpointCoordinator(
+            [StateComponent("model", boxes["model"], "replicated"), StateComponent("rng", boxes["rng"], "per_rank"),
+             StateComponent("trainer", boxes["trainer"], "global")],
+            output_dir=out_dir, chunk_policy=ChunkPolicy(min_chunk_bytes=64 * 1024, chunks_per_holder=2))
+        if rank == 0:
+            discard_partial_checkpoints(out_dir)  # what a resuming job does first
+        dist.barrier()
+        if expect_step is not None:
+            expected = make_state(expect_step, rank, mib)
+            for key, box in boxes.items():
+                box.state = {k: (v.clone().zero_() if isinstance(v, torch.Tensor) else None)
+                             for k, v in expected[key].items()}
+            loaded = coord.load_checkpoint()
+            send("loaded", os.path.basename(loaded),
+                 all(_same(boxes[key].state, expected[key]) for key in boxes))
+        for key, value in make_state(step, rank, mib).items():
+            boxes[key].state = value
+        killer = _Killer(target, torn, send)
+        killer.install()
+        send("saving")
+        started = time.perf_counter()
+        coord.save_checkpoint(checkpoint_id=f"checkpoint-{step:05d}")
+        send("saved", time.perf_counter() - started)
+        if rank == 0:
+            for old in list_checkpoints(out_dir)[:-2]:  # retention: keep the newest two
+                delete_checkpoint(old)
+        dist.barrier()
+        send("events", killer.kinds)
+    except BaseException:
+        send("error", traceback.format_exc(limit=3))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# --- the harness (runs in the parent) -----------------------------------------------------------
+@dataclass
+class _Job:
+    killed: list[int] = field(default_factory=list)  # ranks that died by SIGKILL (victims and survivors)
+    messages: dict[int, list[tuple]] = field(default_factory=dict)
+    kill_points: list[str] = field(default_factory=list)
+    timed_out: bool = False
+
+    def first(self, rank: int, kind: str) -> tuple | None:
+        return next((m for m in self.messages.get(rank, []) if m[0] == kind), None)
+
+
+def _run_job(ctx: Any, world: int, out_dir: str, step: int, expect_step: int | None, targets: dict[int, int],
+             torn: bool, timer: tuple[list[int], float] | None, mib: float) -> _Job:
+    job = _Job(messages={r: [] for r in range(world)})
+    with tempfile.TemporaryDirectory() as tmp:
+        pipes = [ctx.Pipe(duplex=False) for _ in range(world)]
+        procs = [ctx.Process(target=_rank_job, daemon=True,
+                             args=(r, world, os.path.join(tmp, "rendezvous"), out_dir, step, expect_step,
+                                   targets.get(r), torn, mib, pipes[r][1], dict(os.environ)))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        for _, sender in pipes:
+            sender.close()
+        readers = {pipes[r][0]: r for r in range(world)}
+        deadline = time.monotonic() + _JOB_TIMEOUT_S
+        kill_at: float | None = None
+        grace_until: float | None = None
+        while any(p.is_alive() for p in procs) or readers:
+            now = time.monotonic()
+            if timer is not None and kill_at is None and all(job.first(r, "saving") for r in range(world)):
+                kill_at = now + timer[1]
+            if kill_at is not None and now >= kill_at:
+                for r in timer[0]:
+                    if procs[r].is_alive():
+                        procs[r].kill()
+                        job.kill_points.append(f"timer rank {r} after {timer[1] * 1000:.0f} ms"
+                                               + (" (after its save returned)" if job.first(r, "saved") else ""))
+                kill_at = float("inf")
+            if grace_until is None and any(p.exitcode == -signal.SIGKILL for p in procs):
+                grace_until = now + _GRACE_S
+            if (grace_until is not None and now >= grace_until) or now >= deadline:
+                job.timed_out |= now >= deadline
+                for p in procs:
+                    if p.is_alive():
+                        p.kill()
+            timeouts = [t - now for t in (kill_at, grace_until, deadline) if t is not None and t > now]
+            ready = wait_any(list(readers) + [p.sentinel for p in procs if p.is_alive()],
+                             timeout=min(timeouts + [0.05]))
+            for conn in [c for c in ready if c in readers]:
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError, ValueError, TypeError, AttributeError, ImportError):
+                    # EOF: the rank exited; anything else: a message torn by SIGKILL mid-send.
+                    del readers[conn]
+                    continue
+                job.messages[readers[conn]].append(message)
+                if message[0] == "killing":
+                    job.kill_points.append(f"rank {readers[conn]}: {message[1]}")
+        for p in procs:
+            p.join()
+        job.killed = [r for r, p in enumerate(procs) if p.exitcode == -signal.SIGKILL]
+    return job
+
+
+@dataclass
+class Report:
+    trials: int = 0
+    killed_before_commit: int = 0
+    killed_after_commit: int = 0
+    not_killed: int = 0
+    loads_checked: int = 0
+    modes: dict[str, int] = field(default_factory=collections.Counter)
+    kill_points: dict[str, int] = field(default_factory=collections.Counter)
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        return (f"{self.trials} trials in {self.seconds:.1f} s: {self.killed_before_commit} killed before the "
+                f"commit, {self.killed_after_commit} after it, {self.not_killed} not killed; "
+                f"{self.loads_checked} bit-exact loads of the latest checkpoint; {len(self.failures)} failures")
+
+
+def _check_storage(out_dir: str, path: str, previous: str | None, report: Report, trial: str) -> str | None:
+    """The invariants after a trial; returns what the latest checkpoint must now be."""
+    from dcp_forge import CheckpointNotFoundError, latest_checkpoint, list_checkpoints, verify_checkpoint
+    from dcp_forge.storage import CheckpointState, checkpoint_state, open_backend, open_reader
+
+    backend, native = open_backend(path)
+    state = checkpoint_state(backend, native)
+    expected = path if state is CheckpointState.COMMITTED else previous
+    latest = latest_checkpoint(out_dir)
+    if latest != expected:
+        report.failures.append(f"{trial}: latest_checkpoint is {latest}, expected {expected} ({path} is {state.value})")
+    for listed in list_checkpoints(out_dir):
+        problems = verify_checkpoint(listed)
+        if problems:
+            report.failures.append(f"{trial}: listed checkpoint {listed} has problems: {[str(p) for p in problems]}")
+    if state is CheckpointState.PARTIAL:
+        try:
+            open_reader(path).read_metadata()
+            report.failures.append(f"{trial}: the uncommitted {path} is readable")
+        except CheckpointNotFoundError:
+            pass
+    return expected
+
+
+def run_trials(trials: int, *, world: int = 2, seed: int = 0, mib: float = 2.0, out_dir: str | None = None,
+               sweep: bool = True, keep_going: bool = False, log: Callable[[str], None] | None = None) -> Report:
+    """Run ``trials`` kill trials (plus a first job that kills nothing and a last one that only loads).
+
+    ``sweep``: begin by killing each rank once at each kind of storage operation it performs.
+    """
+    from tests.dist import rank_context
+
+    ctx = rank_context()
+    rng = random.Random(seed)
+    report = Report()
+    own_dir = out_dir is None
+    out_dir = out_dir or tempfile.mkdtemp(prefix="crash-")
+    started = time.monotonic()
+    try:
+        latest: str | None = None
+        kinds: list[list[str]] = [[] for _ in range(world)]  # each rank's events in the last full job
+        swept: set[tuple[int, str]] = set()
+        mixed = 0
+        save_s = 0.05
+        for step in range(trials + 2):
+            # Job 0 kills nothing (it calibrates and makes the first checkpoint); the last one only
+            # loads and checks the latest checkpoint of the last trial.
+            final = step == trials + 1
+            targets: dict[int, int] = {}
+            timer = None
+            torn = rng.random() < 0.5
+            # First a sweep: each kind of storage operation of each rank is killed once, rarest first
+            # (data writes outnumber the commit protocol's steps a hundredfold). Then the four modes
+            # take turns, killing at random operations or moments.
+            pending = [(r, k) for r in range(world) for k in sorted(set(kinds[r]), key=lambda k, r=r: (kinds[r].count(k), k))
+                       if (r, k) not in swept] if sweep else []
+            if not 0 < step <= trials:
+                mode = None
+            elif pending:
+                mode, (victim, kind) = "event-one", pending[0]
+                swept.add((victim, kind))
+                targets = {victim: rng.choice([i for i, k in enumerate(kinds[victim]) if k == kind])}
+            else:
+                mode = MODES[mixed % len(MODES)]
+                mixed += 1
+                victims = [rng.randrange(world)] if mode.endswith("-one") else list(range(world))
+                if mode.startswith("event"):
+                    for r in victims:
+                        kind = rng.choice(sorted(set(kinds[r])))
+                        targets[r] = rng.choice([i for i, k in enumerate(kinds[r]) if k == kind])
+                else:
+                    timer = (victims, rng.uniform(0.0, save_s))
+            expect_step = int(os.path.basename(latest).split("-")[1]) if latest else None
+            path = os.path.join(out_dir, f"checkpoint-{step:05d}")
+            job = _run_job(ctx, world, out_dir, step, expect_step, targets if not final else {}, torn,
+                           timer, mib)
+            trial = f"trial {step} ({mode or 'no kill'})"
+            for r in range(world):
+                loaded = job.first(r, "loaded")
+                if expect_step is not None:  # every rank loads before any kill is armed
+                    if loaded is None:
+                        report.failures.append(f"{trial}: rank {r} did not load: {job.messages[r]}")
+                    elif not loaded[2] or loaded[1] != os.path.basename(latest):
+                        report.failures.append(f"{trial}: rank {r} loaded {loaded[1]}, expected "
+                                               f"{os.path.basename(latest)} bit-exact (equal: {loaded[2]})")
+                    else:
+                        report.loads_checked += 1
+                counted = job.first(r, "events")
+                if counted is not None:
+                    kinds[r] = counted[1]
+                saved = job.first(r, "saved")
+                if saved is not None:
+                    save_s = saved[1]
+            if job.timed_out:
+                report.failures.append(f"{trial}: the job did not finish in {_JOB_TIMEOUT_S} s")
+            if final:
+                break
+            if mode is None and job.killed:
+                report.failures.append(f"{trial}: a rank died without being killed: {job.messages}")
+            errors = [m for r in range(world) for m in job.messages[r] if m[0] == "error"]
+            if not job.killed and errors:
+                report.failures.append(f"{trial}: {errors}")
+            latest_before = latest
+            latest = _check_storage(out_dir, path, latest, report, trial)
+            if mode is not None:
+                report.trials += 1
+                report.modes[mode] += 1
+                if not job.killed:
+                    report.not_killed += 1
+                elif latest == path:
+                    report.killed_after_commit += 1
+                else:
+                    report.killed_before_commit += 1
+                for point in job.kill_points:
+                    if point.startswith("timer"):
+                        report.kill_points["timer" + (" (after save)" if "after its save" in point else "")] += 1
+                    else:
+                        report.kill_points[event_kind(point.split(": ", 1)[1])] += 1
+            if report.failures and not keep_going:
+                break  # later trials would only repeat the damage this one found
+            if log is not None:
+                log(f"{trial}: killed ranks {job.killed} at {job.kill_points or '-'}; latest "
+                    f"{os.path.basename(latest or '-')} (was {os.path.basename(latest_before or '-')})")
+    finally:
+        report.seconds = time.monotonic() - started
+        if own_dir:
+            shutil.rmtree(out_dir, ignore_errors=True)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=200)
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mib", type=float, default=2.0, help="replicated model size per rank (MiB)")
+    parser.add_argument("--output-dir", default=None, help="local directory to save into (default: a temp dir)")
+    parser.add_argument("--verbose", action="store_true", help="print one line per trial")
+    parser.add_argument("--keep-going", action="store_true", help="do not stop at the first failing trial")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    report = run_trials(args.trials, world=args.world, seed=args.seed, mib=args.mib, out_dir=args.output_dir,
+                        keep_going=args.keep_going, log=print if args.verbose else None)
+    if args.json:
+        print(json.dumps({**vars(report), "modes": dict(report.modes), "kill_points": dict(report.kill_points)},
+                         indent=2))
+    else:
+        print(report.summary())
+        print("modes:", dict(report.modes))
+        print("kill points:", dict(sorted(report.kill_points.items(), key=lambda kv: -kv[1])))
+        for failure in report.failures:
+            print("FAILURE:", failure)
+    return 1 if report.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
