@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
-import itertools
 import json
 import os
 import random
@@ -37,6 +36,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -51,6 +51,7 @@ if ROOT not in sys.path:
 MODES = ("event-one", "event-all", "timer-one", "timer-all")
 _GRACE_S = 0.5  # survivors of a killed rank get this long to fail on their own before they are killed
 _JOB_TIMEOUT_S = 120.0
+_CALIBRATION = 3  # jobs without kills first: the third one is the first to delete an old checkpoint
 
 
 # --- the job (runs in each rank) ----------------------------------------------------------------
@@ -126,13 +127,15 @@ class _KillingOutput:
 
 
 class _Killer:
-    """Counts the storage operations of this process and SIGKILLs it at the ``target``-th one."""
+    """Counts the storage operations of this process by kind and SIGKILLs it at the ``target``
+    (kind, occurrence): by kind, because writer threads interleave differently from run to run."""
 
     MUTATING = ("create_exclusive", "open_output", "write_bytes", "makedirs", "remove", "remove_tree", "sync_dir")
 
-    def __init__(self, target: int | None, torn: bool, report: Callable[..., None]) -> None:
+    def __init__(self, target: tuple[str, int] | None, torn: bool, report: Callable[..., None]) -> None:
         self.target, self.torn, self.report = target, torn, report
-        self._counter = itertools.count()
+        self._lock = threading.Lock()
+        self._seen: collections.Counter[str] = collections.Counter()
         self.kinds: list[str] = []  # the kind of every event so far, in order (see event_kind)
 
     def install(self) -> None:
@@ -155,9 +158,12 @@ class _Killer:
         return hooked
 
     def event(self, label: str, run: Callable[[], Any], torn: Callable[[], Any] | None = None) -> Any:
-        n = next(self._counter)
-        self.kinds.append(event_kind(label))
-        if n == self.target:
+        kind = event_kind(label)
+        with self._lock:
+            occurrence = self._seen[kind]
+            self._seen[kind] += 1
+            self.kinds.append(kind)
+        if (kind, occurrence) == self.target:
             if self.torn and torn is not None:
                 torn()
                 label += " (torn)"
@@ -166,8 +172,17 @@ class _Killer:
         return run()
 
 
+def _train_in_place(boxes: dict[str, _Box]) -> None:
+    """What training does while an async save uploads: change every tensor in place."""
+    for box in boxes.values():
+        for value in box.state.values():
+            if hasattr(value, "add_"):
+                value.add_(1)
+
+
 def _rank_job(rank: int, world: int, init_file: str, out_dir: str, step: int, expect_step: int | None,
-              target: int | None, torn: bool, mib: float, conn: Any, environ: dict[str, str]) -> None:
+              target: tuple[str, int] | None, torn: bool, mib: float, use_async: bool, conn: Any,
+              environ: dict[str, str]) -> None:
     import torch
     import torch.distributed as dist
 
@@ -207,11 +222,19 @@ def _rank_job(rank: int, world: int, init_file: str, out_dir: str, step: int, ex
         killer.install()
         send("saving")
         started = time.perf_counter()
-        coord.save_checkpoint(checkpoint_id=f"checkpoint-{step:05d}")
+        if use_async:
+            handle = coord.async_save(checkpoint_id=f"checkpoint-{step:05d}")
+            while not handle.done():  # the saved values are those of the call, whatever happens next
+                _train_in_place(boxes)
+                time.sleep(0.002)
+            handle.result()
+        else:
+            coord.save_checkpoint(checkpoint_id=f"checkpoint-{step:05d}")
         send("saved", time.perf_counter() - started)
         if rank == 0:
             for old in list_checkpoints(out_dir)[:-2]:  # retention: keep the newest two
                 delete_checkpoint(old)
+        coord.close()
         dist.barrier()
         send("events", killer.kinds)
     except BaseException:
@@ -233,14 +256,15 @@ class _Job:
         return next((m for m in self.messages.get(rank, []) if m[0] == kind), None)
 
 
-def _run_job(ctx: Any, world: int, out_dir: str, step: int, expect_step: int | None, targets: dict[int, int],
-             torn: bool, timer: tuple[list[int], float] | None, mib: float) -> _Job:
+def _run_job(ctx: Any, world: int, out_dir: str, step: int, expect_step: int | None,
+             targets: dict[int, tuple[str, int]],
+             torn: bool, timer: tuple[list[int], float] | None, mib: float, use_async: bool) -> _Job:
     job = _Job(messages={r: [] for r in range(world)})
     with tempfile.TemporaryDirectory() as tmp:
         pipes = [ctx.Pipe(duplex=False) for _ in range(world)]
         procs = [ctx.Process(target=_rank_job, daemon=True,
                              args=(r, world, os.path.join(tmp, "rendezvous"), out_dir, step, expect_step,
-                                   targets.get(r), torn, mib, pipes[r][1], dict(os.environ)))
+                                   targets.get(r), torn, mib, use_async, pipes[r][1], dict(os.environ)))
                  for r in range(world)]
         for p in procs:
             p.start()
@@ -330,10 +354,13 @@ def _check_storage(out_dir: str, path: str, previous: str | None, report: Report
 
 
 def run_trials(trials: int, *, world: int = 2, seed: int = 0, mib: float = 2.0, out_dir: str | None = None,
-               sweep: bool = True, keep_going: bool = False, log: Callable[[str], None] | None = None) -> Report:
-    """Run ``trials`` kill trials (plus a first job that kills nothing and a last one that only loads).
+               use_async: bool = False, sweep: bool = True, keep_going: bool = False,
+               log: Callable[[str], None] | None = None) -> Report:
+    """Run ``trials`` kill trials (after three jobs that kill nothing, and before one that only loads).
 
-    ``sweep``: begin by killing each rank once at each kind of storage operation it performs.
+    ``use_async``: save with ``async_save`` (training changes the state in place while it uploads)
+    instead of ``save_checkpoint``. ``sweep``: begin by killing each rank once at each kind of storage
+    operation it performs.
     """
     from tests.dist import rank_context
 
@@ -349,11 +376,11 @@ def run_trials(trials: int, *, world: int = 2, seed: int = 0, mib: float = 2.0, 
         swept: set[tuple[int, str]] = set()
         mixed = 0
         save_s = 0.05
-        for step in range(trials + 2):
-            # Job 0 kills nothing (it calibrates and makes the first checkpoint); the last one only
-            # loads and checks the latest checkpoint of the last trial.
-            final = step == trials + 1
-            targets: dict[int, int] = {}
+        for step in range(_CALIBRATION + trials + 1):
+            # The first jobs kill nothing: they record which storage operations a save and retention
+            # (from the third checkpoint on) perform. The last job only loads and checks the latest.
+            final = step == _CALIBRATION + trials
+            targets: dict[int, tuple[str, int]] = {}
             timer = None
             torn = rng.random() < 0.5
             # First a sweep: each kind of storage operation of each rank is killed once, rarest first
@@ -361,12 +388,12 @@ def run_trials(trials: int, *, world: int = 2, seed: int = 0, mib: float = 2.0, 
             # take turns, killing at random operations or moments.
             pending = [(r, k) for r in range(world) for k in sorted(set(kinds[r]), key=lambda k, r=r: (kinds[r].count(k), k))
                        if (r, k) not in swept] if sweep else []
-            if not 0 < step <= trials:
+            if not _CALIBRATION <= step < _CALIBRATION + trials:
                 mode = None
             elif pending:
                 mode, (victim, kind) = "event-one", pending[0]
                 swept.add((victim, kind))
-                targets = {victim: rng.choice([i for i, k in enumerate(kinds[victim]) if k == kind])}
+                targets = {victim: (kind, rng.randrange(kinds[victim].count(kind)))}
             else:
                 mode = MODES[mixed % len(MODES)]
                 mixed += 1
@@ -374,13 +401,13 @@ def run_trials(trials: int, *, world: int = 2, seed: int = 0, mib: float = 2.0, 
                 if mode.startswith("event"):
                     for r in victims:
                         kind = rng.choice(sorted(set(kinds[r])))
-                        targets[r] = rng.choice([i for i, k in enumerate(kinds[r]) if k == kind])
+                        targets[r] = (kind, rng.randrange(kinds[r].count(kind)))
                 else:
                     timer = (victims, rng.uniform(0.0, save_s))
             expect_step = int(os.path.basename(latest).split("-")[1]) if latest else None
             path = os.path.join(out_dir, f"checkpoint-{step:05d}")
             job = _run_job(ctx, world, out_dir, step, expect_step, targets if not final else {}, torn,
-                           timer, mib)
+                           timer, mib, use_async)
             trial = f"trial {step} ({mode or 'no kill'})"
             for r in range(world):
                 loaded = job.first(r, "loaded")
@@ -442,12 +469,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mib", type=float, default=2.0, help="replicated model size per rank (MiB)")
     parser.add_argument("--output-dir", default=None, help="local directory to save into (default: a temp dir)")
+    parser.add_argument("--async", dest="use_async", action="store_true",
+                        help="async saves (training changes the state while they upload) instead of sync ones")
     parser.add_argument("--verbose", action="store_true", help="print one line per trial")
     parser.add_argument("--keep-going", action="store_true", help="do not stop at the first failing trial")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     report = run_trials(args.trials, world=args.world, seed=args.seed, mib=args.mib, out_dir=args.output_dir,
-                        keep_going=args.keep_going, log=print if args.verbose else None)
+                        use_async=args.use_async, keep_going=args.keep_going, log=print if args.verbose else None)
     if args.json:
         print(json.dumps({**vars(report), "modes": dict(report.modes), "kill_points": dict(report.kill_points)},
                          indent=2))
