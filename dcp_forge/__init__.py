@@ -18,6 +18,7 @@ from .errors import (  # noqa: E402
     StateMismatchError,
     TopologyChangeError,
     UnexpectedComponentError,
+    UnsafeCheckpointError,
     UnsupportedFormatError,
 )
 from .loading import LoadResult  # noqa: E402
@@ -35,7 +36,8 @@ __all__ = [
     "CheckpointNotFoundError", "ComponentDeclarationError", "ComponentManifest", "ForgeError", "IntegrityError",
     "LoadResult", "MissingComponentError", "ModelState", "OptimizerState", "Problem", "ProblemKind", "RNGState",
     "ReplicationError", "SharingPattern", "StateComponent", "StateMismatchError", "Topology",
-    "TopologyChangeError", "TopologyPolicy", "UnexpectedComponentError", "UnsupportedFormatError",
+    "TopologyChangeError", "TopologyPolicy", "UnexpectedComponentError", "UnsafeCheckpointError",
+    "UnsupportedFormatError",
     "ValidationLevel", "delete_checkpoint", "discard_partial_checkpoints", "gather_topology", "latest_checkpoint",
     "list_checkpoints", "read_manifest", "verify_checkpoint", "__version__",
 ]

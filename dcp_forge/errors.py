@@ -7,6 +7,8 @@ what was expected versus what was found.
 
 from __future__ import annotations
 
+import pickle
+
 
 class ForgeError(Exception):
     """Base of every dcp_forge error (mixed into builtin-derived classes below)."""
@@ -52,6 +54,10 @@ class IntegrityError(ForgeError, ValueError):
 
 class UnsupportedFormatError(ForgeError, ValueError):
     """The checkpoint was written in a newer on-storage format than this dcp_forge understands."""
+
+
+class UnsafeCheckpointError(IntegrityError, pickle.UnpicklingError):
+    """A stored value or the metadata needs code execution to unpickle, or points outside the checkpoint."""
 
 
 class TopologyChangeError(ForgeError, ValueError):

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 
 import torch
 
-from .errors import IntegrityError
+from .errors import IntegrityError, UnsafeCheckpointError
 
+__all__ = ["UnsafeCheckpointError", "load_dcp_metadata", "load_object"]
 
-class UnsafeCheckpointError(IntegrityError, pickle.UnpicklingError):
-    """A stored value needs code execution to unpickle; dcp_forge refuses it."""
+# torch's weights-only refusal names the global it refused in a long multi-line message.
+_REFUSED_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
 def load_object(data: io.BytesIO | bytes | memoryview, *, name: str) -> object:
@@ -25,20 +27,28 @@ def load_object(data: io.BytesIO | bytes | memoryview, *, name: str) -> object:
     try:
         return torch.load(stream, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        refused = _REFUSED_GLOBAL_RE.search(str(err))
+        what = f"it would call {refused.group(1)}" if refused else "it needs more than tensors and plain types"
         raise UnsafeCheckpointError(
-            f"refusing to load {name!r}: its stored value needs more than tensors and plain python "
-            f"types to unpickle ({err}). If you trust this checkpoint and the type is yours, allow it "
-            "with torch.serialization.add_safe_globals([...])."
+            f"refusing to load {name!r}: unpickling its stored value is not safe ({what}; a crafted "
+            "checkpoint?). If you trust this checkpoint and the type is yours, allow it with "
+            "torch.serialization.add_safe_globals([...])."
         ) from err
+    except (RuntimeError, EOFError, ValueError) as err:  # not a torch.save blob at all
+        raise IntegrityError(f"stored value of {name!r} is not readable: {err}") from err
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's ``.metadata`` allowing only the classes DCP itself puts there."""
+    """Unpickles DCP's ``.metadata`` allowing only the exact classes DCP itself puts there.
+
+    Exact (module, name) pairs, never a module prefix: protocol 4 resolves dotted names, so allowing
+    "any name in torch.distributed.checkpoint.filesystem" would let ``os.system`` through as
+    ``filesystem`` + ``"os.system"``.
+    """
 
     def find_class(self, module: str, name: str):  # noqa: D102 - pickle protocol
-        if module.startswith("torch.distributed.checkpoint.") or (module, name) in _METADATA_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+        if (module, name) in _METADATA_GLOBALS or (
+                module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype)):
             return super().find_class(module, name)
         raise UnsafeCheckpointError(
             f"refusing to load checkpoint metadata: it references {module}.{name}, which DCP metadata "
@@ -46,7 +56,14 @@ class _MetadataUnpickler(pickle.Unpickler):
         )
 
 
-_METADATA_GLOBALS = {
+# What DCP 2.x writes into .metadata (found by recording find_class over metadata of every dtype,
+# chunked, bytes and optimizer items, from both dcp_forge's writer and DCP's FileSystemWriter).
+_METADATA_GLOBALS = frozenset({
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
     ("torch.serialization", "_get_layout"),
     ("pathlib", "PosixPath"),
     ("pathlib", "PurePosixPath"),
@@ -55,9 +72,8 @@ _METADATA_GLOBALS = {
     ("collections", "OrderedDict"),
     ("builtins", "set"),
     ("builtins", "frozenset"),
-    ("builtins", "slice"),
     ("_codecs", "encode"),
-}
+})
 
 
 def load_dcp_metadata(data: bytes, *, name: str):

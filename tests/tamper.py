@@ -68,6 +68,8 @@ def replace_item_bytes(path: str | os.PathLike, fqn: str, payload: bytes) -> Non
         f.write(payload)
     metadata.storage_data[index] = dataclasses.replace(info, offset=offset, length=len(payload))
     write_metadata(path, metadata)
+    if not os.path.exists(os.path.join(path, INDEX_FILE)):
+        return  # a plain DCP checkpoint: .metadata is the only record
     records = [dataclasses.replace(r, offset=offset, length=len(payload)) if r.fqn == fqn else r
                for r in decode_index(open(os.path.join(path, INDEX_FILE), "rb").read())]
     with open(os.path.join(path, INDEX_FILE), "wb") as f:

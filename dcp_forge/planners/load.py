@@ -49,6 +49,10 @@ class ForgeLoadPlanner(DefaultLoadPlanner):
     matching nothing raises. ``keys_not_loaded()`` reports what stayed untouched.
     """
 
+    # Non-tensor values are unpickled weights-only (load_bytes below); storage readers that vet the
+    # bytes themselves for other planners skip that for this one.
+    unpickles_safely = True
+
     def __init__(self, components: LayoutSpec | None = None, topology: Topology | None = None, *,
                  key_map: Mapping[str, str] | None = None, allow_partial_load: bool = False,
                  select_keys: Mapping[str, Sequence[str]] | None = None) -> None:

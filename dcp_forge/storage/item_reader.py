@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlanner, Read
 
 from ..errors import IntegrityError
 from ..keys import top_level_key
+from ..safe_load import load_object
 from .backends import InputFile
 from .torch_blob import NotPlainTensor, TensorBlobLayout, open_blob, tensor_blob_layout
 
@@ -147,6 +148,11 @@ def load_stored_item(handle: InputFile, read: StoredRead, planner: LoadPlanner, 
         handle.read_into(read.offset, memoryview(data))
         if check is not None:
             check(read, xxhash.xxh3_64_hexdigest(data))
+        if not getattr(planner, "unpickles_safely", False):
+            # DCP's own planners unpickle with weights_only=False: vet the stream first with the
+            # weights-only loader (which refuses any global it does not allow), so that a crafted
+            # checkpoint cannot run code whichever planner reads it.
+            load_object(data, name=read.items[0].storage_index.fqn)
         for item in read.items:
             planner.load_bytes(item, io.BytesIO(data))
         return

@@ -7,10 +7,10 @@ hint when the package behind them is missing.
 from __future__ import annotations
 
 import os
+import re
 import types
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 
@@ -63,15 +63,16 @@ def open_backend(url: str | os.PathLike, storage_options: Mapping[str, Any] | No
     return factory(url, storage_options or {})
 
 
+# The user-info of a URL: "user@" or "user:password@". Not urlsplit: secrets often hold '/' or '+'
+# (AWS secret keys do), which ends urlsplit's netloc early and would leave the password in the path.
+_USERINFO_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)(?:[^/@]*@|[^/@:]*:[^@]*@)")
+
+
 def redact_url(url: str | os.PathLike) -> str:
-    """The URL without any user:password part, for messages and logs."""
+    """The URL without any user:password part, for messages, logs and manifests."""
     url = os.fspath(url)
-    if "://" not in url:
-        return url
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+    match = _USERINFO_RE.match(url)
+    return url if match is None else match.group(1) + "***@" + url[match.end():]
 
 
 def join_url(url: str | os.PathLike, *parts: str) -> str:
