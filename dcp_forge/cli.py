@@ -1,46 +1,302 @@
-"""The ``dcp-forge`` command line. Exit codes: 0 success, 1 a check failed, 2 bad usage/input."""
+"""The ``dcp-forge`` command line.
+
+Exit codes, for scripts: 0 success (``verify``: intact; ``diff``: no differences), 1 a check found
+something (``verify``: problems; ``diff``: differences), 2 bad usage or input (no such checkpoint,
+unreadable records, ...). Progress bars appear on a terminal only.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from . import list_checkpoints, read_manifest
 from .errors import ForgeError
+from .keys import encode_ranks
+
+EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
 
 
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _ranks(ranks: Sequence[int] | None) -> str:
+    if not ranks:
+        return "-"
+    try:
+        return encode_ranks(sorted(set(ranks)))
+    except ForgeError:
+        return ",".join(map(str, ranks))
+
+
+def _when(seconds: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if seconds else "-"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        padded = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(padded).rstrip())
+    return "\n".join(lines)
+
+
+def _progress(total: int | None, unit: str, desc: str) -> tuple[Callable[[int], None] | None, Callable[[], None]]:
+    """A tqdm progress callback on a terminal; (None, no-op) otherwise."""
+    if not sys.stderr.isatty():
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit=unit, unit_scale=True, desc=desc, leave=False)
+    return bar.update, bar.close
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
+    if not getattr(args, "storage_options", None):
+        return {}
+    try:
+        options = json.loads(args.storage_options)
+    except ValueError as err:
+        raise ValueError(f"--storage-options must be a JSON object ({err})") from err
+    if not isinstance(options, dict):
+        raise ValueError("--storage-options must be a JSON object")
+    return options
+
+
+# --- commands -------------------------------------------------------------------------------------
 def _cmd_ls(args: argparse.Namespace) -> int:
-    for path in list_checkpoints(args.output_dir):
-        print(path)
-    return 0
+    from .inspection import list_checkpoint_entries
+
+    entries = list_checkpoint_entries(args.output_dir, _storage_options(args), include_partial=not args.committed)
+    if args.json:
+        print(json.dumps([e.__dict__ for e in entries], indent=2))
+        return EXIT_OK
+    if not entries:
+        print(f"no checkpoints under {args.output_dir}", file=sys.stderr)
+        return EXIT_OK
+    print(_table(["checkpoint", "step", "size", "time", "state"],
+                 [[e.name, "-" if e.step is None else e.step, _size(e.size_bytes), _when(e.time), e.state]
+                  for e in entries], right=(1, 2)))
+    return EXIT_OK
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    manifest = read_manifest(args.url)
+    from .inspection import summarize_checkpoint
+
+    summary = summarize_checkpoint(args.url, _storage_options(args))
     if args.json:
-        print(manifest.to_json())
-        return 0
-    print(f"{manifest.checkpoint_path}: world size {manifest.world_size}, saved {manifest.timestamp.isoformat()}")
-    print(f"saved topology: {manifest.describe_topology()}")
-    print(f"{'component':<14} {'pattern':<11} {'copies':>6} {'bytes':>12}  {'checksum':<16}  writers")
-    for key, comp in manifest.components.items():
-        print(f"{key:<14} {comp.sharing_pattern:<11} {len(comp.copies):>6} {comp.size_bytes:>12}  "
-              f"{comp.checksum or '-':<16}  {comp.ranks}")
-    return 0
+        print(summary.to_json())
+        return EXIT_OK
+    print(f"checkpoint  {summary.path}")
+    print(f"state       {summary.state}" + (f", committed {_when(summary.committed_at)}" if summary.committed_at else ""))
+    if summary.topology:
+        print(f"saved topology: {summary.topology}")
+    if summary.versions:
+        print("versions    " + ", ".join(f"{k} {v}" for k, v in sorted(summary.versions.items())))
+    if summary.extra:
+        print("extra       " + json.dumps(summary.extra, sort_keys=True, default=str))
+    print(f"contents    {len(summary.components)} component(s), {summary.items} item(s), {_size(summary.size_bytes)}")
+    print()
+    print(_table(["component", "pattern", "ranks", "replicated_across", "group", "copies", "items", "size",
+                  "checksum"],
+                 [[c.key, c.pattern or "-", _ranks(c.ranks), _ranks(c.replicated_across), c.group or "-", c.copies,
+                   c.items, _size(c.size_bytes), c.checksum or "-"] for c in summary.components],
+                 right=(5, 6, 7)))
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .inspection import OpenCheckpoint
+    from .verify import verify_checkpoint
+
+    total = None
+    try:
+        opened = OpenCheckpoint.open(args.url, _storage_options(args))
+        total = sum(c.size_bytes for c in opened.manifest.components.values()) if opened.manifest else None
+    except (ForgeError, FileNotFoundError):
+        pass  # verify_checkpoint reports what is wrong
+    update, close = _progress(total, "B", "verify")
+    try:
+        problems = verify_checkpoint(args.url, _storage_options(args), thread_count=args.threads, progress=update)
+    finally:
+        close()
+    if args.json:
+        print(json.dumps([{"kind": p.kind.value, "file": p.file, "component": p.component, "message": p.message}
+                          for p in problems], indent=2))
+    elif problems:
+        for p in problems:
+            print(f"{p.file or '-'}\t{p.component or '-'}\t{p.message}")
+    else:
+        print(f"OK {args.url}: every checksum matches and the checkpoint is complete"
+              + (f" ({_size(total)} verified)" if total else ""))
+    return EXIT_FOUND if problems else EXIT_OK
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from .diffing import diff_checkpoints, differences_as_dicts
+
+    update, close = _progress(None, "item", "diff")
+    try:
+        diffs = diff_checkpoints(args.a, args.b, _storage_options(args), values=not args.no_values, progress=update)
+    finally:
+        close()
+    if args.json:
+        print(json.dumps(differences_as_dicts(diffs), indent=2))
+    else:
+        shown = diffs if args.limit <= 0 else diffs[:args.limit]
+        for d in shown:
+            print(d)
+        if len(shown) < len(diffs):
+            print(f"... and {len(diffs) - len(shown)} more difference(s) (--limit 0 shows all)")
+        if not diffs:
+            print("no differences")
+    return EXIT_FOUND if diffs else EXIT_OK
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import os
+
+    from .convert import (
+        guess_format,
+        load_checkpoint_state,
+        save_safetensors_file,
+        save_torch_file,
+        torch_file_to_checkpoint,
+    )
+
+    target = args.to or guess_format(args.dst)
+    options = _storage_options(args)
+    source_is_file = "://" not in args.src and os.path.isfile(args.src)
+    if target == "dcp_forge":
+        if not source_is_file:
+            raise ValueError(f"converting to dcp_forge needs a torch.save file as source (got {args.src!r})")
+        path = torch_file_to_checkpoint(args.src, args.dst, component=args.component, storage_options=options)
+        print(f"wrote dcp_forge checkpoint {path}")
+        return EXIT_OK
+    if source_is_file:
+        raise ValueError(f"{args.src!r} is a file; the source of a conversion to {target} is a checkpoint directory")
+    state = load_checkpoint_state(args.src, options)
+    if target == "torch":
+        save_torch_file(state, args.dst)
+        print(f"wrote torch.save file {args.dst} (top-level keys: {sorted(state)})")
+    else:
+        skipped = save_safetensors_file(state, args.dst)
+        print(f"wrote safetensors file {args.dst}")
+        if skipped:
+            print(f"left out {len(skipped)} non-tensor value(s) safetensors cannot hold: {skipped[:8]}"
+                  + (" ..." if len(skipped) > 8 else ""), file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.suite import BenchConfig, run_suite
+
+    config = BenchConfig(out_dir=args.out, size_mib=args.size_mib, repetitions=args.repetitions,
+                         directory=args.dir, index_items=args.index_items, plot=not args.no_plot,
+                         quick=args.quick)
+    report = run_suite(config, log=(lambda line: print(line, file=sys.stderr)) if args.verbose else (lambda _: None),
+                       progress=sys.stderr.isatty())
+    print(report.text)
+    print(f"\nwrote {report.json_path}" + (f" and {report.png_path}" if report.png_path else ""))
+    return EXIT_OK
+
+
+# --- parser ---------------------------------------------------------------------------------------
+def _add_storage_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage-options", metavar="JSON", help="fsspec storage options as a JSON object "
+                   "(e.g. '{\"endpoint_url\": \"http://127.0.0.1:8333\"}')")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dcp-forge", description="Inspect and manage dcp_forge checkpoints.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("ls", help="list committed checkpoints under an output_dir")
+    parser = argparse.ArgumentParser(
+        prog="dcp-forge", description="Inspect, verify, compare, convert and benchmark dcp_forge checkpoints.",
+        epilog="Exit codes: 0 success, 1 a check found problems or differences, 2 bad usage or input. "
+               "URLs may be local paths or fsspec URLs (s3://bucket/run/checkpoint-500).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ls", help="list the checkpoints under an output_dir (committed, legacy and partial)",
+                       description="List the checkpoints under OUTPUT_DIR, oldest first: name, step, size, "
+                       "commit time and state (committed; legacy = plain DCP; partial = never committed, "
+                       "invisible to loads).")
     p.add_argument("output_dir")
+    p.add_argument("--committed", action="store_true", help="leave out partial checkpoints")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_storage_options(p)
     p.set_defaults(fn=_cmd_ls)
-    p = sub.add_parser("inspect", help="show a checkpoint's components, patterns, sizes and checksums")
+
+    p = sub.add_parser("inspect", help="show a checkpoint's components, topology, versions and commit state",
+                       description="Show what a checkpoint holds, read from its manifest and index.parquet "
+                       "(never by unpickling DCP metadata): per component the sharing pattern, ranks that "
+                       "wrote it, ranks holding a copy, process group, copies, items, size and checksum.")
     p.add_argument("url")
-    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_storage_options(p)
     p.set_defaults(fn=_cmd_inspect)
+
+    p = sub.add_parser("verify", help="recompute every checksum and check completeness",
+                       description="Recompute the checksum of every stored item and check the checkpoint "
+                       "against its own records. Exit 0 when intact; otherwise exit 1 and print one line "
+                       "per problem: file, component, message.")
+    p.add_argument("url")
+    p.add_argument("--threads", type=int, default=2, help="parallel readers (default 2)")
+    p.add_argument("--json", action="store_true", help="print the problems as JSON")
+    _add_storage_options(p)
+    p.set_defaults(fn=_cmd_verify)
+
+    p = sub.add_parser("diff", help="compare two checkpoints: components, tensors, keys, max abs difference",
+                       description="Compare checkpoints A and B through their indexes: components and keys "
+                       "present in only one, dtype/shape changes, and for tensors whose bytes differ the "
+                       "maximum absolute difference. Exit 0 when identical, 1 when they differ.")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--no-values", action="store_true", help="compare checksums only; read no tensor data")
+    p.add_argument("--limit", type=int, default=50, help="print at most this many differences (0: all)")
+    p.add_argument("--json", action="store_true", help="print the differences as JSON")
+    _add_storage_options(p)
+    p.set_defaults(fn=_cmd_diff)
+
+    p = sub.add_parser("convert", help="dcp_forge → torch.save / safetensors; torch.save → dcp_forge",
+                       description="Convert SRC to DST. A checkpoint directory converts to one torch.save file "
+                       "(.pt/.pth/.bin) or a safetensors file (.safetensors; non-tensor values are left out "
+                       "and listed); a torch.save file converts to a dcp_forge checkpoint directory. Every "
+                       "checksum is verified on the way.")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", choices=["torch", "safetensors", "dcp_forge"], help="target format (default: from DST)")
+    p.add_argument("--component", help="torch.save → dcp_forge: store the whole file as this one component "
+                   "(default: each top-level key is a component)")
+    _add_storage_options(p)
+    p.set_defaults(fn=_cmd_convert)
+
     sub.add_parser("demo", help="run the demo job (train, interrupt, resume, compare); see demo --help",
                    add_help=False)
+
+    p = sub.add_parser("bench", help="run the benchmark suite; write a JSON report and a PNG plot",
+                       description="Save and load a state of --size-mib MiB with dcp_forge, DCP (defaults and "
+                       "thread_count=2) and torch.save against the disk's durable-write and cold-read limits "
+                       "measured in the same run; time planning for 10,000 items x 8 ranks; time inspect and "
+                       "diff of a synthetic --index-items index. Writes bench.json and bench.png to --out.")
+    p.add_argument("--out", default="bench-report", help="directory for bench.json and bench.png (default ./bench-report)")
+    p.add_argument("--size-mib", type=int, default=1024, help="state size for save/load (default 1024)")
+    p.add_argument("--repetitions", type=int, default=5, help="repetitions; medians are reported (default 5)")
+    p.add_argument("--dir", help="directory on the disk to measure (default: the system temp dir)")
+    p.add_argument("--index-items", type=int, default=1_000_000, help="rows of the synthetic index (default 1e6)")
+    p.add_argument("--quick", action="store_true", help="a small, fast run (64 MiB, 2 repetitions, 100k-row index)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every measurement to stderr")
+    p.set_defaults(fn=_cmd_bench)
     return parser
 
 
@@ -53,9 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ForgeError, FileNotFoundError, ValueError) as err:
-        print(f"dcp-forge: error: {err}", file=sys.stderr)
-        return 2
+    except (ForgeError, FileNotFoundError, ValueError, KeyError, ImportError, OSError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"dcp-forge {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

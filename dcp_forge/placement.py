@@ -141,39 +141,46 @@ def assign_writers(all_plans: Sequence[SavePlan]) -> list[SavePlan]:
     Deterministic: depends only on the multiset of items per plan, not on their order. Raises
     ComponentDeclarationError if holders of one item disagree on its shape, dtype or chunking.
     """
-    holders: dict[MetadataIndex, list[int]] = {}
-    first_seen: dict[MetadataIndex, tuple[int, WriteItem]] = {}
+    # Keyed by (fqn, offset) tuples: hashed in C, where MetadataIndex hashes through a Python method
+    # (a third of the global plan's time at 10,000 items x 8 ranks).
+    holders: dict[tuple, list[int]] = {}
+    first_seen: dict[tuple, tuple[int, WriteItem]] = {}
     for rank, plan in enumerate(all_plans):
         for item in plan.items:
             idx = item.index
-            if idx in first_seen:
-                other_rank, other = first_seen[idx]
-                if _describe(other) != _describe(item):
+            key = (idx.fqn, idx.offset)
+            seen = first_seen.get(key)
+            if seen is not None:
+                other_rank, other = seen
+                # Cheap field-wise equality first; _describe only when they may differ.
+                if (other.type != item.type or other.tensor_data != item.tensor_data) and \
+                        _describe(other) != _describe(item):
                     raise ComponentDeclarationError(
                         f"ranks {other_rank} and {rank} declare {idx.fqn!r} as the same shared state but "
                         f"disagree on it: rank {other_rank} has {_describe(other)}, rank {rank} has "
                         f"{_describe(item)}; check that its sharing pattern matches how it is really shared"
                     )
-                holders[idx].append(rank)
+                holders[key].append(rank)
             else:
-                first_seen[idx] = (rank, item)
-                holders[idx] = [rank]
+                first_seen[key] = (rank, item)
+                holders[key] = [rank]
 
     load = [0] * len(all_plans)
-    keep: list[set[MetadataIndex]] = [set() for _ in all_plans]
-    shared: list[tuple[int, tuple, MetadataIndex, tuple[int, ...]]] = []
-    for idx, ranks in holders.items():
-        size = item_bytes(first_seen[idx][1])
+    keep: list[set[tuple]] = [set() for _ in all_plans]
+    shared: list[tuple[int, tuple, tuple, tuple[int, ...]]] = []
+    for key, ranks in holders.items():
+        item = first_seen[key][1]
+        size = item_bytes(item)
         if len(ranks) == 1:
             load[ranks[0]] += size
-            keep[ranks[0]].add(idx)
+            keep[ranks[0]].add(key)
         else:
-            shared.append((size, _index_order(idx), idx, tuple(ranks)))
-    for idx, rank in place_on_least_loaded(shared, load).items():
-        keep[rank].add(idx)
+            shared.append((size, _index_order(item.index), key, tuple(ranks)))
+    for key, rank in place_on_least_loaded(shared, load).items():
+        keep[rank].add(key)
 
     return [
-        dataclasses.replace(plan, items=[it for it in plan.items if it.index in kept])
+        dataclasses.replace(plan, items=[it for it in plan.items if (it.index.fqn, it.index.offset) in kept])
         for plan, kept in zip(all_plans, keep, strict=True)
     ]
 

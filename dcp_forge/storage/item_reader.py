@@ -125,7 +125,14 @@ def _read_direct(handle: InputFile, read: StoredRead, blob: Any, layout: TensorB
         check(read, hasher.hexdigest())
 
 
-def _stored_tensor(buffer: torch.Tensor) -> torch.Tensor:
+def read_blob(handle: InputFile, offset: int, length: int) -> torch.Tensor:
+    """``length`` bytes at ``offset`` as an uninitialised-then-filled uint8 tensor (no zeroing pass)."""
+    buffer = torch.empty(length, dtype=torch.uint8)
+    handle.read_into(offset, _byte_view(buffer))
+    return buffer
+
+
+def stored_tensor(buffer: torch.Tensor) -> torch.Tensor:
     """The tensor a staged blob holds, as a view into ``buffer`` when it is one plain tensor."""
     raw = _byte_view(buffer)
     try:
@@ -170,11 +177,10 @@ def load_stored_item(handle: InputFile, read: StoredRead, planner: LoadPlanner, 
             planner.commit_tensor(read.items[0], target)
             return
 
-    buffer = torch.empty(read.length, dtype=torch.uint8)
-    handle.read_into(read.offset, _byte_view(buffer))
+    buffer = read_blob(handle, read.offset, read.length)
     if check is not None:
         check(read, xxhash.xxh3_64_hexdigest(_byte_view(buffer)))
-    stored = _stored_tensor(buffer)
+    stored = stored_tensor(buffer)
     for item, target in zip(read.items, targets, strict=True):
         source = narrow_tensor_by_index(stored, item.storage_offsets, item.lengths)
         if target.size() != source.size():

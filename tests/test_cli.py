@@ -1,0 +1,232 @@
+"""The ``dcp-forge`` command line on real checkpoints: ls, inspect, verify, diff, convert, bench.
+
+Most commands run in process through ``cli.main`` (fast); one test runs the real entry point as a
+subprocess to check exit codes end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from dcp_forge import CheckpointCoordinator, RNGState, StateComponent
+from dcp_forge.cli import EXIT_ERROR, EXIT_FOUND, EXIT_OK, main
+from dcp_forge.placement import ChunkPolicy
+from dcp_forge.storage.layout import CLAIM_FILE
+
+from .tamper import data_files, flip_byte
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Box:
+    def __init__(self, state):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state):
+        self.state = state
+
+
+def _components(seed=0, step=10, extra_component=False):
+    torch.manual_seed(seed)
+    comps = [StateComponent("model", torch.nn.Linear(64, 32), "replicated"),
+             StateComponent("trainer", Box({"step": step, "name": "run", "big": torch.arange(4096.0)}), "global"),
+             StateComponent("rng", RNGState(), "per_rank", required=False)]
+    if extra_component:
+        comps.append(StateComponent("ema", Box({"w": torch.ones(3)}), "replicated"))
+    return comps
+
+
+def _save(root, checkpoint_id, **kwargs):
+    coord = CheckpointCoordinator(_components(**kwargs), output_dir=root, chunk_policy=ChunkPolicy(2048, 2))
+    return coord.save_checkpoint(checkpoint_id=checkpoint_id, extra={"step": kwargs.get("step", 10)})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    a = _save(root, "checkpoint-10")
+    b = _save(root, "checkpoint-20", seed=1, step=20, extra_component=True)
+    same = _save(root / "again", "checkpoint-10")
+    return root, a, b, same
+
+
+def _cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_ls_lists_committed_and_partial_checkpoints(run, capsys, tmp_path):
+    root, a, b, _ = run
+    code, out, _ = _cli(capsys, "ls", root)
+    assert code == EXIT_OK
+    lines = out.splitlines()
+    assert lines[0].split() == ["checkpoint", "step", "size", "time", "state"]
+    assert [line.split()[0] for line in lines[1:]] == ["checkpoint-10", "checkpoint-20"]
+    assert "committed" in lines[1] and " 20 " in lines[2]
+
+    # a crashed save (claimed, never committed) shows as partial, and --committed hides it
+    partial = tmp_path / "checkpoint-30"
+    partial.mkdir()
+    (partial / CLAIM_FILE).write_text(json.dumps({"save_id": "x", "claimed_at": 1.0, "pid": 1}))
+    code, out, _ = _cli(capsys, "ls", tmp_path, "--json")
+    assert [(e["name"], e["state"], e["step"]) for e in json.loads(out)] == [("checkpoint-30", "partial", 30)]
+    code, out, err = _cli(capsys, "ls", tmp_path, "--committed")
+    assert code == EXIT_OK and out == "" and "no checkpoints" in err
+
+
+def test_inspect_table_and_json(run, capsys):
+    _, a, _, _ = run
+    code, out, _ = _cli(capsys, "inspect", a)
+    assert code == EXIT_OK
+    assert "state       committed" in out and "saved topology: world_size=1, nodes=1" in out and "torch" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("model", "rng", "trainer"))}
+    assert rows["model"][1] == "replicated" and rows["rng"][1] == "per_rank" and rows["trainer"][1] == "global"
+
+    code, out, _ = _cli(capsys, "inspect", a, "--json")
+    summary = json.loads(out)
+    comps = {c["key"]: c for c in summary["components"]}
+    assert set(comps) == {"model", "trainer", "rng"}
+    assert comps["model"]["replicated_across"] == [0] and comps["model"]["ranks"] == [0]
+    assert comps["model"]["size_bytes"] > 64 * 32 * 4 and comps["model"]["checksum"]
+    assert summary["save_topology"]["world_size"] == 1 and summary["versions"]["torch"] == torch.__version__
+    assert summary["state"] == "committed" and summary["extra"] == {"step": 10}
+
+
+def test_inspect_plain_dcp_checkpoint(tmp_path, capsys):
+    dcp.save({"model": {"w": torch.ones(4, 4)}, "step": 3}, checkpoint_id=tmp_path / "legacy")
+    code, out, _ = _cli(capsys, "inspect", tmp_path / "legacy", "--json")
+    summary = json.loads(out)
+    assert code == EXIT_OK and summary["state"] == "legacy"
+    assert {c["key"]: c["items"] for c in summary["components"]} == {"model": 1, "step": 1}
+
+
+def test_verify_intact_damaged_and_missing(run, capsys, tmp_path):
+    _, a, _, _ = run
+    code, out, _ = _cli(capsys, "verify", a)
+    assert code == EXIT_OK and out.startswith("OK")
+
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(a, copy)
+    name = data_files(copy)[0]
+    flip_byte(copy / name, os.path.getsize(copy / name) // 2)
+    code, out, _ = _cli(capsys, "verify", copy)
+    assert code == EXIT_FOUND
+    lines = out.splitlines()
+    assert lines and all(len(line.split("\t")) == 3 for line in lines)
+    assert any(line.startswith(f"{name}\t") and "checksum mismatch" in line for line in lines)
+
+    code, out, _ = _cli(capsys, "verify", tmp_path / "nowhere", "--json")
+    assert code == EXIT_FOUND and json.loads(out)[0]["kind"] == "missing_checkpoint"
+
+
+def test_diff_identical_and_different(run, capsys):
+    _, a, b, same = run
+    code, out, _ = _cli(capsys, "diff", a, same)
+    assert code == EXIT_OK and out.strip() == "no differences"
+
+    code, out, _ = _cli(capsys, "diff", a, b, "--json")
+    assert code == EXIT_FOUND
+    diffs = {(d["scope"], d["name"]): d for d in json.loads(out)}
+    assert diffs[("component", "ema")]["change"] == "only in B"
+    weight = diffs[("tensor", "model.weight")]
+    torch.manual_seed(0)
+    w0 = torch.nn.Linear(64, 32).weight
+    torch.manual_seed(1)
+    w1 = torch.nn.Linear(64, 32).weight
+    assert weight["change"] == "values" and weight["max_abs_diff"] == pytest.approx(float((w0 - w1).abs().max()))
+    assert diffs[("key", "trainer.step")]["detail"] == "A 10, B 20"
+    assert ("tensor", "trainer.big") not in diffs  # same values: no difference
+
+    code, out, _ = _cli(capsys, "diff", a, b, "--no-values", "--limit", "1")
+    assert code == EXIT_FOUND and "more difference(s)" in out
+
+
+def test_convert_to_torch_and_safetensors_and_back(run, capsys, tmp_path):
+    _, a, _, _ = run
+    code, out, _ = _cli(capsys, "convert", a, tmp_path / "full.pt")
+    assert code == EXIT_OK
+    full = torch.load(tmp_path / "full.pt", weights_only=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 32)
+    assert torch.equal(full["model"]["weight"], model.weight) and full["trainer"]["step"] == 10
+    assert set(full) == {"model", "trainer", "rng@rank0"}
+
+    code, out, err = _cli(capsys, "convert", a, tmp_path / "model.safetensors")
+    assert code == EXIT_OK and "trainer.step" in err
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(tensors["model.weight"], model.weight) and torch.equal(tensors["trainer.big"], torch.arange(4096.0))
+
+    # torch.save -> dcp_forge, both ways of naming components; the result verifies and loads
+    torch.save({"model": model.state_dict(), "opt": {"lr": 0.1}}, tmp_path / "plain.pt")
+    code, _, _ = _cli(capsys, "convert", tmp_path / "plain.pt", tmp_path / "out" / "checkpoint-1")
+    assert code == EXIT_OK and _cli(capsys, "verify", tmp_path / "out" / "checkpoint-1")[0] == EXIT_OK
+    fresh = torch.nn.Linear(64, 32)
+    CheckpointCoordinator([StateComponent("model", fresh, "replicated"),
+                           StateComponent("opt", Box({"lr": 0.0}), "replicated")],
+                          output_dir=tmp_path / "out").load_checkpoint()
+    assert torch.equal(fresh.weight, model.weight)
+
+    torch.save({"0.weight": model.weight}, tmp_path / "dotted.pt")
+    code, _, err = _cli(capsys, "convert", tmp_path / "dotted.pt", tmp_path / "bad")
+    assert code == EXIT_ERROR and "--component" in err
+    code, _, _ = _cli(capsys, "convert", tmp_path / "dotted.pt", tmp_path / "good", "--component", "model")
+    assert code == EXIT_OK
+    code, out, _ = _cli(capsys, "inspect", tmp_path / "good", "--json")
+    assert [c["key"] for c in json.loads(out)["components"]] == ["model"]
+
+
+def test_bench_quick_writes_report_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    code, out, _ = _cli(capsys, "bench", "--quick", "--size-mib", "8", "--repetitions", "1", "--index-items", "2000",
+                        "--out", tmp_path / "report", "--dir", tmp_path)
+    assert code == EXIT_OK
+    report = json.loads((tmp_path / "report" / "bench.json").read_text())
+    assert set(report["save_load"]["save"]) == {"disk limit", "dcp_forge", "dcp defaults", "dcp thread_count=2",
+                                                "torch.save"}
+    assert report["index"]["items"] == 2000 and report["planning"]["rows"]
+    assert (tmp_path / "report" / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| save: dcp_forge |" in out
+
+
+def test_entry_point_exit_codes(run, tmp_path):
+    _, a, _, _ = run
+    env = dict(os.environ, PYTHONPATH=ROOT)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "dcp_forge.cli", *map(str, args)], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    assert cli("verify", a).returncode == EXIT_OK
+    missing = cli("inspect", tmp_path / "nowhere")
+    assert missing.returncode == EXIT_ERROR and "no checkpoint" in missing.stderr
+
+
+def test_usage_errors_and_help(run, capsys):
+    _, a, _, _ = run
+    with pytest.raises(SystemExit) as exc:
+        main(["diff", a])
+    assert exc.value.code == 2 and "usage" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and all(c in out for c in ("inspect", "verify", "diff", "convert", "bench", "ls"))
+    for command in ("ls", "inspect", "verify", "diff", "convert", "bench"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert len(capsys.readouterr().out) > 200  # a description, not just the usage line
