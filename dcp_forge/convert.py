@@ -36,6 +36,8 @@ _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 class _SafeEmptyStateDictLoadPlanner(_EmptyStateDictLoadPlanner):
     """DCP's rebuild-everything planner, with non-tensor values unpickled safely."""
 
+    unpickles_safely = True  # the reader need not vet bytes items a second time
+
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         fqn = read_item.dest_index.fqn
         set_element(self.original_state_dict, self.mappings[fqn], load_object(value, name=fqn))
