@@ -8,18 +8,22 @@ fails instead of waiting forever.
 
 Ranks start from a fork server that has imported torch and dcp_forge once (``spawn`` would import
 torch afresh in every rank: seconds each on a loaded 2-core machine, against ~50 ms for a fork).
-Each rank gets the parent's current environment, as ``spawn`` would give it.
+Each rank gets the parent's current environment, as ``spawn`` would give it. Results travel as
+``torch.save`` bytes: a tensor put on a torch.multiprocessing queue as is would be shared through its
+sender's file descriptors, which are gone once the rank exits.
 """
 
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import tempfile
 import traceback
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.multiprocessing as mp
 
 # What the fork server imports before forking ranks: the heavy, side-effect-free imports every rank needs.
@@ -35,7 +39,6 @@ def rank_context():
 
 def _worker(rank: int, world_size: int, init_file: str, ranks_per_node: int, timeout: float, fn: Callable,
             args: tuple, results: Any, environ: dict[str, str]) -> None:
-    import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -51,7 +54,10 @@ def _worker(rank: int, world_size: int, init_file: str, ranks_per_node: int, tim
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout))
         try:
-            results.put((rank, "ok", fn(rank, world_size, *args)))
+            value = fn(rank, world_size, *args)
+            buffer = io.BytesIO()
+            torch.save(value, buffer)
+            results.put((rank, "ok", buffer.getvalue()))
         finally:
             dist.destroy_process_group()
     except BaseException:  # report every failure to the parent, with its traceback
@@ -75,12 +81,13 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, ranks_per_node: int | N
         for p in procs:
             p.start()
         collected: dict[int, tuple[str, Any]] = {}
+        waiting_failed = ""
         try:
             for _ in range(world_size):
                 rank, status, value = results.get(timeout=timeout)
                 collected[rank] = (status, value)
-        except Exception:
-            pass
+        except Exception as err:  # timeout (queue.Empty) or a result that could not be received
+            waiting_failed = f" (waiting for results: {type(err).__name__}: {err})"
         finally:
             for p in procs:
                 p.join(timeout=10)
@@ -90,5 +97,5 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, ranks_per_node: int | N
     missing = sorted(set(range(world_size)) - set(collected))
     if failures or missing:
         text = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))
-        raise AssertionError(f"ranks failed: {sorted(failures)}; no result from ranks {missing}\n{text}")
-    return [collected[r][1] for r in range(world_size)]
+        raise AssertionError(f"ranks failed: {sorted(failures)}; no result from ranks {missing}{waiting_failed}\n{text}")
+    return [torch.load(io.BytesIO(collected[r][1]), weights_only=False) for r in range(world_size)]

@@ -1,1 +1,28 @@
-"""Trainers for dcp_forge: a tiny causal LM, synthetic data, training strategies and thin trainers."""
+"""Trainers for dcp_forge: TrainingArguments, CheckpointManager and thin trainers for every parallelism,
+plus a tiny causal LM, synthetic data and training strategies so demos and tests need no downloads.
+
+Each trainer declares its state with ``get_state_components()`` / ``get_process_groups()`` (the
+patterns of seeds 000-002) and checkpoints through a ``CheckpointManager``; see ``base.py`` for the
+call protocol. Needs the ``trainers`` extra (torchdata); ``AccelTrainer`` also needs ``accelerate``.
+"""
+
+from .args import DDPTrainingArguments, PipelineTrainingArguments, TrainingArguments
+from .base import BaseTrainer, Sharing, Trainer
+from .callbacks import DivergenceDetector, TrainerCallback
+from .data_parallel import AccelTrainer, DDPTrainer, FSDPTrainer
+from .dispatch import DataloaderDispatcher
+from .manager import CheckpointManager
+from .pipeline import DPPPTrainer, PipelineTrainer
+from .retention import CheckpointRecord, MetricCredit, RetentionPolicy, plan_retention
+from .state import TrainerControl, TrainerState, TrainOutput
+from .strategies import DPOStrategy, PPOStrategy, PretrainStrategy, SFTStrategy, TrainingStrategy
+from .tensor_parallel import DPTPTrainer
+from .tiny_lm import TinyLM, TinyLMConfig
+
+__all__ = [
+    "AccelTrainer", "BaseTrainer", "CheckpointManager", "CheckpointRecord", "DDPTrainer", "DDPTrainingArguments",
+    "DPOStrategy", "DPPPTrainer", "DPTPTrainer", "DataloaderDispatcher", "DivergenceDetector", "FSDPTrainer",
+    "MetricCredit", "PPOStrategy", "PipelineTrainer", "PipelineTrainingArguments", "PretrainStrategy",
+    "RetentionPolicy", "SFTStrategy", "Sharing", "TinyLM", "TinyLMConfig", "TrainOutput", "Trainer",
+    "TrainerCallback", "TrainerControl", "TrainerState", "TrainingArguments", "TrainingStrategy", "plan_retention",
+]

@@ -1,0 +1,425 @@
+"""BaseTrainer: the training loop and checkpoint wiring every trainer shares; Trainer: one device.
+
+A trainer is thin: it says how the model is spread over ranks (``_setup_parallelism``), where batches
+come from (``_build_train_dataloader``), how a step runs forward and backward, and how each piece of
+state is shared (``sharing()``, from which ``get_state_components()`` is built). The loop, the
+checkpoint schedule, evaluation, callbacks and resuming live here once.
+
+Call protocol, on every rank:
+
+1. ``__init__``: validates its arguments; no communication.
+2. ``setup()`` (``train()`` calls it): collective. Wraps the model, builds the dataloader, optimizer,
+   LR scheduler and the ``CheckpointManager`` (whose coordinator construction is collective too).
+3. ``train()``: collective. Resumes if asked, runs the loop, saves on schedule; returns TrainOutput.
+4. ``evaluate()``, ``save_checkpoint()``, ``load_checkpoint()``: collective, between or after runs.
+
+Determinism: batches come from ``StatefulDataLoader``s whose order depends only on (seed, epoch),
+the global RNGs are seeded once from ``args.seed`` plus the data-parallel rank (model-parallel peers
+share a stream, so dropout on their replicated activations agrees), and every loss that callbacks,
+logs and checkpoints see is a global mean, identical on all ranks. With dataset, RNG, optimizer and
+scheduler state saved, a resumed run reproduces the uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import math
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..rng import RNGState
+from ..sharing import SharingPattern, StateComponent, ValidationLevel
+from .args import TrainingArguments
+from .callbacks import TrainerCallback, is_stateful
+from .data import make_dataloader
+from .manager import CheckpointManager
+from .state import StatefulGroup, TrainerControl, TrainerState, TrainOutput
+from .strategies import PretrainStrategy, TrainingStrategy
+
+__all__ = ["BaseTrainer", "Sharing", "Trainer", "build_lr_scheduler", "seed_everything"]
+
+logger = logging.getLogger(__name__)
+
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+# Component keys in checkpoints, in declaration order. Strategy modules (a PPO critic, a DPO
+# reference) follow under their own names.
+CORE_COMPONENTS = ("model", "optimizer", "scheduler", "dataset", "trainer", "callbacks", "rng")
+
+
+@dataclass(frozen=True)
+class Sharing:
+    """How one component is shared: a pattern, its group (PER_GROUP) and replication checking."""
+
+    pattern: SharingPattern
+    group: str | None = None
+    validation: ValidationLevel | None = None  # None: not checked at save
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments,
+                       total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """HF-style schedules: linear warm-up over ``warmup_steps``, then constant, linear decay to 0 or
+    cosine decay to 0 at ``total_steps``."""
+    warmup, kind = args.warmup_steps, args.lr_scheduler_type
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class BaseTrainer(abc.ABC):
+    """The shared loop; see the module docstring for the call protocol.
+
+    ``train_dataset`` / ``eval_dataset``: map-style datasets of dict items (``data.py`` has
+    synthetic ones). ``strategy`` turns batches into a loss (default ``PretrainStrategy``).
+    ``optimizer_factory(params)`` builds the optimizer (default AdamW at ``args.learning_rate``).
+    ``callbacks``: ``TrainerCallback``s; stateful ones are checkpointed.
+    """
+
+    args_class: type[TrainingArguments] = TrainingArguments
+
+    def __init__(self, model: nn.Module, args: TrainingArguments, train_dataset: Dataset, *,
+                 eval_dataset: Dataset | None = None, strategy: TrainingStrategy | None = None,
+                 optimizer_factory: OptimizerFactory | None = None,
+                 callbacks: Sequence[TrainerCallback] = ()) -> None:
+        if not isinstance(args, self.args_class):
+            raise TypeError(f"{type(self).__name__} needs args of type {self.args_class.__name__} "
+                            f"(got a {type(args).__name__})")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{type(self).__name__}: model must be an nn.Module (got a {type(model).__name__})")
+        if args.eval_steps is not None and eval_dataset is None:
+            raise ValueError(f"TrainingArguments.eval_steps={args.eval_steps} needs an eval_dataset")
+        self.args = args
+        self.model = model
+        self.train_model: nn.Module = model  # what the forward pass calls (a DDP wrapper, say)
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.strategy = strategy if strategy is not None else PretrainStrategy()
+        if not isinstance(self.strategy, TrainingStrategy):
+            raise TypeError(f"strategy must be a TrainingStrategy (got a {type(self.strategy).__name__})")
+        self.optimizer_factory = optimizer_factory or self._default_optimizer
+        self.callbacks = list(callbacks)
+        names = [cb.name for cb in self.callbacks if is_stateful(cb)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stateful callbacks need distinct names to be checkpointed (got {names})")
+        self.aux_modules = dict(self.strategy.auxiliary_modules())
+        clash = set(self.aux_modules) & set(CORE_COMPONENTS)
+        if clash:
+            raise ValueError(f"strategy modules {sorted(clash)} clash with the trainer's component keys")
+        self._check_strategy()
+        self.state = TrainerState()
+        self.control = TrainerControl()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.train_dataloader: Any = None
+        self.manager: CheckpointManager | None = None
+        self._rng = RNGState()
+        self._manager_state = _ManagerState(self)
+
+    # --- what subclasses provide ----------------------------------------------------------------
+    def _check_strategy(self) -> None:  # noqa: B027 (optional hook)
+        """Raise if this trainer cannot run ``self.strategy`` (at construction)."""
+
+    def _refuse_trainable_strategy_modules(self) -> None:
+        trainable = [n for n, m in self.aux_modules.items() if any(p.requires_grad for p in m.parameters())]
+        if trainable:
+            raise ValueError(f"{type(self).__name__} cannot train the strategy's modules {trainable} (they "
+                             "are not spread over the ranks like the model); use Trainer or DDPTrainer")
+
+    def _setup_parallelism(self) -> None:  # noqa: B027 (optional hook)
+        """Collective: spread ``self.model`` over the ranks, set ``self.train_model``."""
+
+    @abc.abstractmethod
+    def _build_train_dataloader(self) -> Any:
+        """A resumable iterable of batches (StatefulDataLoader or DataloaderDispatcher)."""
+
+    @abc.abstractmethod
+    def sharing(self) -> dict[str, Sharing]:
+        """How each component in CORE_COMPONENTS (and each strategy module) is shared."""
+
+    def get_process_groups(self) -> dict[str, Any]:
+        """Named process groups that PER_GROUP components refer to."""
+        return {}
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel coordinate (which shard of the data it trains on)."""
+        return 0
+
+    @property
+    def dp_size(self) -> int:
+        return 1
+
+    def _trainable_parameters(self) -> list[nn.Parameter]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for module in self.aux_modules.values():
+            params += [p for p in module.parameters() if p.requires_grad]
+        return params
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(self._trainable_parameters())
+
+    def _optimizer_stateful(self) -> Any:
+        return self.optimizer
+
+    def _forward_backward(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Run one batch forward and backward; returns this rank's detached loss."""
+        loss, _ = self.strategy.compute_loss(self.train_model, self.strategy.prepare_batch(batch))
+        self._backward(loss)
+        return loss.detach()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def _synchronize_gradients(self) -> None:  # noqa: B027 (optional hook)
+        """Make gradients what the optimizer should apply (DDP does it inside backward)."""
+
+    def _global_mean(self, value: torch.Tensor) -> float:
+        """The mean of ``value`` over the data-parallel replicas, identical on every rank."""
+        return float(value)
+
+    def _eval_batches(self) -> Iterable[Mapping[str, Any]]:
+        """This rank's share of the evaluation data (stateless: rebuilt for each evaluation)."""
+        return make_dataloader(self.eval_dataset, self.args.per_device_batch_size, shuffle=False,
+                               drop_last=False, num_shards=self.dp_size, shard_index=self.dp_rank)
+
+    def _evaluate_batch(self, batch: Mapping[str, Any]) -> dict[str, float]:
+        return self.strategy.compute_metrics(self.train_model, self.strategy.prepare_batch(batch))
+
+    # --- components -----------------------------------------------------------------------------
+    def _statefuls(self) -> dict[str, Any]:
+        statefuls = {
+            "model": self.model,
+            "optimizer": self._optimizer_stateful(),
+            "scheduler": self.lr_scheduler,
+            "dataset": self.train_dataloader,
+            "trainer": StatefulGroup({"progress": self.state, "checkpointing": self._manager_state}),
+            "rng": self._rng,
+        }
+        stateful_callbacks = {cb.name: cb for cb in self.callbacks if is_stateful(cb)}
+        if stateful_callbacks:
+            statefuls["callbacks"] = StatefulGroup(stateful_callbacks)
+        statefuls.update(self.aux_modules)
+        return statefuls
+
+    def get_state_components(self) -> list[StateComponent]:
+        """The components checkpoints hold, with the patterns of ``sharing()``. After ``setup()``.
+
+        ``save_optimizer_state`` / ``save_scheduler_state`` / ``save_dataset_state`` /
+        ``save_rng_state`` False leave that component out (it is neither saved nor resumed).
+        """
+        if self.optimizer is None:
+            raise RuntimeError(f"{type(self).__name__}.get_state_components() needs setup() (or train()) first")
+        flags = {"optimizer": self.args.save_optimizer_state, "scheduler": self.args.save_scheduler_state,
+                 "dataset": self.args.save_dataset_state, "rng": self.args.save_rng_state}
+        sharing = self.sharing()
+        components = []
+        for key, stateful in self._statefuls().items():
+            if not flags.get(key, True):
+                continue
+            how = sharing[key] if key in sharing else sharing["model"]  # strategy modules follow the model
+            components.append(StateComponent(
+                key=key, stateful=stateful, sharing_pattern=how.pattern, process_group_name=how.group,
+                validate_replication=how.validation is not None,
+                validation_level=how.validation or ValidationLevel.TENSOR))
+        return components
+
+    # --- set-up ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Collective and idempotent: everything ``train()`` needs, without training."""
+        if self.manager is not None:
+            return
+        self._setup_parallelism()
+        seed_everything(self.args.seed + self.dp_rank)
+        self.train_dataloader = self._build_train_dataloader()
+        if len(self.train_dataloader) == 0:
+            raise ValueError(f"{type(self).__name__}: train_dataset yields no full batch of "
+                             f"per_device_batch_size={self.args.per_device_batch_size} on this rank")
+        self.optimizer = self._build_optimizer()
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, self.args, self.total_steps)
+        self.manager = CheckpointManager(self.args, self.get_state_components(), self.get_process_groups())
+
+    @property
+    def total_steps(self) -> int:
+        if self.args.max_steps is not None:
+            return self.args.max_steps
+        return self.args.num_train_epochs * len(self.train_dataloader)
+
+    def _default_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=self.args.learning_rate)
+
+    # --- the loop -------------------------------------------------------------------------------
+    def train(self) -> TrainOutput:
+        """Train to ``max_steps`` (or ``num_train_epochs``), saving on schedule. Collective."""
+        self.setup()
+        resume = self.args.resume_target
+        self.manager.prepare_output_dir(resuming=resume is not False)
+        resumed_from = self.manager.resume(resume) if resume is not False else None
+        if resumed_from is not None and self.manager.rank == 0:
+            logger.info("resumed from %s at step %d", resumed_from, self.state.global_step)
+        self.control = TrainerControl()
+        for cb in self.callbacks:
+            cb.on_train_begin(self.state, self.control)
+        step_losses: list[float] = []
+        metrics: dict[str, float] = {}
+        self.train_model.train()
+        while not self._done() and not self.control.should_stop:
+            for batch in self.train_dataloader:
+                loss = self._train_step(batch)
+                step_losses.append(loss)
+                metrics.update(self._after_step(loss))
+                if self.control.should_stop or self._done(within_epoch=True):
+                    break
+            else:  # the epoch ran out
+                self.state.epoch += 1
+                if self.manager.should_save(self.state.global_step, epoch_end=True) and not self.control.should_stop:
+                    self.save_checkpoint()
+        if self.control.should_stop:
+            reason = self.control.stop_reason or "stopped by a callback"
+            logger.warning("rank %d: training stopped at step %d: %s", self.manager.rank,
+                           self.state.global_step, reason)
+        else:
+            reason = "max_steps" if self.args.max_steps is not None else "num_train_epochs"
+            if self.manager.should_save(self.state.global_step, final=True):
+                self.save_checkpoint()
+        for cb in self.callbacks:
+            cb.on_train_end(self.state, self.control)
+        return TrainOutput(global_step=self.state.global_step, step_losses=step_losses, stop_reason=reason,
+                           last_checkpoint=self.manager.last_checkpoint,
+                           best_checkpoint=self.manager.best_checkpoint(), resumed_from=resumed_from,
+                           metrics=metrics)
+
+    def _done(self, within_epoch: bool = False) -> bool:
+        if self.args.max_steps is not None:
+            return self.state.global_step >= self.args.max_steps
+        # Epoch-bounded runs end when the last epoch's loader runs out, so its end-of-epoch save happens.
+        return not within_epoch and self.state.epoch >= self.args.num_train_epochs
+
+    def _train_step(self, batch: Mapping[str, Any]) -> float:
+        loss = self._forward_backward(batch)
+        self._synchronize_gradients()
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.global_step += 1
+        return self._global_mean(loss)
+
+    def _after_step(self, loss: float) -> dict[str, float]:
+        step = self.state.global_step
+        self.state.loss_sum += loss
+        self.state.loss_count += 1
+        logs = {"loss": loss, "learning_rate": float(self.lr_scheduler.get_last_lr()[0])}
+        for cb in self.callbacks:
+            cb.on_step_end(self.state, self.control, logs)
+        if self.control.should_stop:
+            return {}
+        if step % self.args.logging_steps == 0:
+            self.state.log_history.append({"step": step, **logs})
+            if self.manager.rank == 0:
+                logger.info("step %d: loss %.5f, learning rate %.3g", step, loss, logs["learning_rate"])
+        metrics: dict[str, float] = {}
+        if self.manager.should_evaluate(step):
+            metrics = self.evaluate()
+            self.state.log_history.append({"step": step, **metrics})
+            for cb in self.callbacks:
+                cb.on_evaluate(self.state, self.control, metrics)
+            if self.control.should_stop:
+                return metrics
+        if self.manager.should_save(step, final=self._done(within_epoch=True)):
+            self.save_checkpoint()
+        return metrics
+
+    # --- evaluation and checkpoints -------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean strategy metrics over ``eval_dataset``, "eval_"-prefixed; counts toward the ranking
+        metric of the next checkpoint. Collective."""
+        if self.eval_dataset is None:
+            raise ValueError(f"{type(self).__name__}.evaluate() needs an eval_dataset")
+        self.setup()
+        self.train_model.eval()
+        sums: dict[str, float] = {}
+        batches = 0
+        try:
+            for batch in self._eval_batches():
+                for key, value in self._evaluate_batch(batch).items():
+                    sums[key] = sums.get(key, 0.0) + value
+                batches += 1
+        finally:
+            self.train_model.train()
+        keys = sorted(sums)
+        local = torch.tensor([sums[k] / max(batches, 1) for k in keys], dtype=torch.float64)
+        means = self._global_mean_vector(local)
+        metrics = {f"eval_{k}": float(v) for k, v in zip(keys, means, strict=True)}
+        self.manager.observe(metrics)
+        return metrics
+
+    def _global_mean_vector(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def save_checkpoint(self) -> str:
+        """Save every component now as ``checkpoint-<global_step>`` (then apply retention). Collective."""
+        self.setup()
+        mean_loss = self.state.take_mean_loss()
+        logs = {} if mean_loss is None else {"train_loss": mean_loss}
+        self.manager.observe(logs)
+        path = self.manager.save(step=self.state.global_step, epoch=self.state.epoch, logs=logs)
+        for cb in self.callbacks:
+            cb.on_save(self.state, path)
+        return path
+
+    def load_checkpoint(self, path: str | None = None, strict: bool = True) -> str:
+        """Load a checkpoint (default: the latest committed one) into every component. Collective."""
+        self.setup()
+        loaded = self.manager.coordinator.load_checkpoint(path, strict=strict)
+        self.manager.last_checkpoint = loaded
+        return loaded
+
+
+class _ManagerState:
+    """The manager's resumable bits (pending metric credit, last saved step), as a Stateful that
+    exists before the manager does (components are declared while the manager is being built)."""
+
+    def __init__(self, trainer: BaseTrainer) -> None:
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.trainer.manager.state_dict() if self.trainer.manager else {"pending_metric": None,
+                                                                             "last_saved_step": None}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.trainer.manager.load_state_dict(state)
+
+
+class Trainer(BaseTrainer):
+    """Single-device training. Every component is GLOBAL except the RNG (PER_RANK, as in seed 000,
+    so a checkpoint's layout does not change when the job later runs on more ranks)."""
+
+    def _build_train_dataloader(self) -> Any:
+        return make_dataloader(self.train_dataset, self.args.per_device_batch_size, shuffle=True,
+                               seed=self.args.seed, num_workers=self.args.dataloader_num_workers)
+
+    def sharing(self) -> dict[str, Sharing]:
+        g = Sharing(SharingPattern.GLOBAL)
+        return {"model": g, "optimizer": g, "scheduler": g, "dataset": g, "trainer": g, "callbacks": g,
+                "rng": Sharing(SharingPattern.PER_RANK)}

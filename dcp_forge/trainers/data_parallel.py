@@ -1,0 +1,209 @@
+"""Data-parallel trainers: DDPTrainer (torch DDP), FSDPTrainer (FSDP2 ``fully_shard``) and
+AccelTrainer (Hugging Face accelerate).
+
+All three train one model replica per rank on different data and keep the replicas equal, so they
+share the data path: ``dispatch_batches=True`` loads each global batch on rank 0 and scatters a
+slice to every rank through a ``DataloaderDispatcher`` (dataset state GLOBAL: only rank 0 has
+any); ``False`` gives every rank its own shard of each epoch (dataset state PER_RANK). They need an
+initialised process group (torchrun, or ``init_process_group`` yourself) — one rank works too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..sharing import SharingPattern, ValidationLevel
+from ..statefuls import OptimizerState
+from .args import DDPTrainingArguments, TrainingArguments
+from .base import BaseTrainer, Sharing
+from .data import make_dataloader
+from .dispatch import DataloaderDispatcher
+from .tiny_lm import apply_fsdp2
+
+__all__ = ["AccelTrainer", "DDPTrainer", "FSDPTrainer"]
+
+
+def require_process_group(owner: str) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"{owner} needs an initialised torch.distributed process group: launch with torchrun (and "
+            "call dist.init_process_group, or use `python -m dcp_forge.trainers.run`), or use Trainer")
+
+
+def all_reduce_mean(tensor: torch.Tensor, group: Any, size: int) -> torch.Tensor:
+    """In place: the mean over ``group``. SUM then divide, since gloo has no AVG."""
+    if size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        tensor /= size
+    return tensor
+
+
+def average_gradients(parameters: list[nn.Parameter], group: Any, size: int) -> None:
+    """Average the gradients of ``parameters`` over ``group`` (for modules no DDP wrapper covers).
+    DTensor gradients are reduced through their local shards."""
+    for p in parameters:
+        if p.grad is not None:
+            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            all_reduce_mean(grad, group, size)
+
+
+class _DataParallelTrainer(BaseTrainer):
+    """Shared by the data-parallel trainers: world-wide replicas, dispatched or sharded data."""
+
+    def _dispatching(self) -> bool:
+        return bool(getattr(self.args, "dispatch_batches", False))
+
+    @property
+    def dp_rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    @property
+    def dp_size(self) -> int:
+        return dist.get_world_size() if dist.is_initialized() else 1
+
+    def _build_train_dataloader(self) -> Any:
+        batch = self.args.per_device_batch_size
+        common = dict(shuffle=True, seed=self.args.seed, num_workers=self.args.dataloader_num_workers)
+        if not self._dispatching():
+            return make_dataloader(self.train_dataset, batch, num_shards=self.dp_size,
+                                   shard_index=self.dp_rank, **common)
+        loader = make_dataloader(self.train_dataset, batch * self.dp_size, **common) if self.dp_rank == 0 else None
+        return DataloaderDispatcher(loader, split_batches=True)
+
+    def _dataset_sharing(self) -> Sharing:
+        return Sharing(SharingPattern.GLOBAL if self._dispatching() else SharingPattern.PER_RANK)
+
+    def _global_mean(self, value: torch.Tensor) -> float:
+        return float(all_reduce_mean(value.detach().clone().float(), None, self.dp_size))
+
+    def _global_mean_vector(self, values: torch.Tensor) -> torch.Tensor:
+        return all_reduce_mean(values, None, self.dp_size)
+
+    def _synchronize_gradients(self) -> None:
+        # The wrapper averages the model's gradients; a strategy's trainable modules (a PPO critic)
+        # are called outside it.
+        aux = [p for m in self.aux_modules.values() for p in m.parameters() if p.requires_grad]
+        average_gradients(aux, None, self.dp_size)
+
+    def get_process_groups(self) -> dict[str, Any]:
+        return {"ddp_group": dist.group.WORLD}
+
+
+class DDPTrainer(_DataParallelTrainer):
+    """torch ``DistributedDataParallel`` over all ranks (seed 000's DDPTrainer).
+
+    Model and optimizer are REPLICATED (checked at every save: model per tensor, optimizer by one
+    hash), scheduler, trainer progress and callbacks REPLICATED, dataset GLOBAL or PER_RANK by
+    ``dispatch_batches``, RNG PER_RANK.
+    """
+
+    args_class = DDPTrainingArguments
+
+    def _setup_parallelism(self) -> None:
+        require_process_group(type(self).__name__)
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.train_model = DistributedDataParallel(self.model)
+
+    def sharing(self) -> dict[str, Sharing]:
+        r = Sharing(SharingPattern.REPLICATED)
+        return {"model": Sharing(SharingPattern.REPLICATED, validation=ValidationLevel.TENSOR),
+                "optimizer": Sharing(SharingPattern.REPLICATED, validation=ValidationLevel.QUICK),
+                "scheduler": r, "dataset": self._dataset_sharing(),
+                "trainer": Sharing(SharingPattern.REPLICATED, validation=ValidationLevel.QUICK),
+                "callbacks": Sharing(SharingPattern.REPLICATED, validation=ValidationLevel.QUICK),
+                "rng": Sharing(SharingPattern.PER_RANK)}
+
+
+class FSDPTrainer(_DataParallelTrainer):
+    """FSDP2: ``shard_fn(model, mesh)`` (default ``tiny_lm.apply_fsdp2``) shards parameters over a
+    1-D data-parallel mesh of all ranks.
+
+    Model and optimizer are GLOBAL: their tensors are DTensor shards, written by their owners and
+    resharded on load (the optimizer as FQN-keyed state through ``statefuls.OptimizerState``).
+    Scheduler, trainer progress and callbacks REPLICATED, dataset GLOBAL/PER_RANK by
+    ``dispatch_batches``, RNG PER_RANK.
+    """
+
+    args_class = DDPTrainingArguments
+
+    def __init__(self, model: nn.Module, args: DDPTrainingArguments, train_dataset, *, shard_fn=apply_fsdp2,
+                 **kwargs: Any) -> None:
+        super().__init__(model, args, train_dataset, **kwargs)
+        self.shard_fn = shard_fn
+        self.mesh = None
+
+    def _check_strategy(self) -> None:
+        self._refuse_trainable_strategy_modules()
+
+    def _setup_parallelism(self) -> None:
+        require_process_group(type(self).__name__)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        device = "cuda" if next(self.model.parameters()).is_cuda else "cpu"
+        self.mesh = init_device_mesh(device, (dist.get_world_size(),), mesh_dim_names=("dp",))
+        self.model = self.train_model = self.shard_fn(self.model, self.mesh)
+
+    def _optimizer_stateful(self) -> Any:
+        return OptimizerState(self.model, self.optimizer)
+
+    def sharing(self) -> dict[str, Sharing]:
+        r = Sharing(SharingPattern.REPLICATED, validation=ValidationLevel.QUICK)
+        return {"model": Sharing(SharingPattern.GLOBAL), "optimizer": Sharing(SharingPattern.GLOBAL),
+                "scheduler": Sharing(SharingPattern.REPLICATED), "dataset": self._dataset_sharing(),
+                "trainer": r, "callbacks": r, "rng": Sharing(SharingPattern.PER_RANK)}
+
+    def get_process_groups(self) -> dict[str, Any]:
+        return {"dp_group": self.mesh.get_group("dp")}
+
+
+class AccelTrainer(_DataParallelTrainer):
+    """Hugging Face accelerate (DDP under the hood); ``accelerator`` defaults to ``Accelerator()`` on
+    CPU when no GPU is present. Needs the ``accelerate`` extra.
+
+    As in seed 000: model REPLICATED (checked per tensor), optimizer REPLICATED without replication
+    checks (accelerate's ``AcceleratedOptimizer`` wrapper), scheduler and trainer REPLICATED, dataset
+    PER_RANK (every rank iterates its own shard; the loader is not handed to accelerate, whose
+    wrappers would replace StatefulDataLoader's resumable state), RNG PER_RANK. The LR scheduler is
+    not prepared either: accelerate would step it once per process.
+    """
+
+    args_class = TrainingArguments
+
+    def __init__(self, model: nn.Module, args: TrainingArguments, train_dataset, *, accelerator: Any = None,
+                 **kwargs: Any) -> None:
+        super().__init__(model, args, train_dataset, **kwargs)
+        self.accelerator = accelerator
+
+    def _dispatching(self) -> bool:
+        return False
+
+    def _setup_parallelism(self) -> None:
+        try:
+            from accelerate import Accelerator
+        except ImportError as err:
+            raise ImportError("AccelTrainer needs Hugging Face accelerate: pip install 'dcp-forge[accelerate]'") from err
+        if self.accelerator is None:
+            self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.train_model = self.accelerator.prepare(self.model)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        return self.accelerator.prepare(super()._build_optimizer())
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def sharing(self) -> dict[str, Sharing]:
+        r = Sharing(SharingPattern.REPLICATED)
+        return {"model": Sharing(SharingPattern.REPLICATED, validation=ValidationLevel.TENSOR),
+                "optimizer": r, "scheduler": r, "dataset": Sharing(SharingPattern.PER_RANK),
+                "trainer": Sharing(SharingPattern.REPLICATED, validation=ValidationLevel.QUICK),
+                "callbacks": Sharing(SharingPattern.REPLICATED, validation=ValidationLevel.QUICK),
+                "rng": Sharing(SharingPattern.PER_RANK)}
+
+    def get_process_groups(self) -> dict[str, Any]:
+        return {}

@@ -1,0 +1,175 @@
+"""CheckpointManager: when to save, what to keep, where to resume from.
+
+It owns one ``CheckpointCoordinator`` over the trainer's declared components and adds the policy
+around it: the save and evaluation schedules from ``TrainingArguments``, crediting checkpoints with
+the ranking metric (``retention.MetricCredit``), ``save_total_limit`` retention with best-N
+preservation (``retention.plan_retention``), and resuming.
+
+Call protocol: every rank builds its manager at the same point of the program (building the
+coordinator is collective) and calls ``prepare_output_dir``, ``resume``, ``save`` and ``finish``
+together. Storage housekeeping (discarding uncommitted leftovers, reading manifests, deleting what
+retention drops) runs on rank 0 only; its outcome is broadcast, so every rank sees the same answer.
+The pure ``should_save`` / ``should_evaluate`` / ``observe`` need no communication.
+
+Each checkpoint's manifest ``extra`` records ``{"checkpoint_id", "step", "epoch", "metric_name",
+"metric", "logs"}``; retention only ever considers (and deletes) checkpoints carrying that record,
+so a manager never touches checkpoints another tool put into the same ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..coordinator import CheckpointCoordinator, read_manifest
+from ..sharing import StateComponent
+from ..storage import delete_checkpoint, discard_partial_checkpoints, list_checkpoints, redact_url
+from .args import TrainingArguments
+from .retention import CheckpointRecord, MetricCredit, RetentionPlan, RetentionPolicy, plan_retention
+
+__all__ = ["CheckpointManager"]
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_id_for_step(step: int) -> str:
+    return f"checkpoint-{step}"
+
+
+class CheckpointManager:
+    """Checkpoint policy for one training run over ``components`` (see the module docstring)."""
+
+    def __init__(self, args: TrainingArguments, components: Sequence[StateComponent],
+                 process_groups: Mapping[str, Any] | None = None) -> None:
+        if args.async_save and not hasattr(CheckpointCoordinator, "async_save"):
+            raise NotImplementedError(
+                "TrainingArguments.async_save=True needs CheckpointCoordinator.async_save, which this "
+                "version of dcp_forge does not have yet; use async_save=False")
+        self.args = args
+        self.policy = RetentionPolicy(args.save_total_limit, args.preserve_n_best, args.greater_is_better)
+        self.coordinator = CheckpointCoordinator(components, process_groups, output_dir=args.output_dir,
+                                                 storage_options=args.storage_options,
+                                                 training_args_hash=args.training_hash())
+        self.credit = MetricCredit()
+        self.last_checkpoint: str | None = None
+        self.last_saved_step: int | None = None
+        self.deleted: list[str] = []
+        self.preserved: tuple[str, ...] = ()
+
+    @property
+    def rank(self) -> int:
+        return self.coordinator.rank
+
+    # --- schedules (pure) ----------------------------------------------------------------------
+    def should_save(self, step: int, *, epoch_end: bool = False, final: bool = False) -> bool:
+        """Whether to save after ``step``: at epoch ends ("epoch"), every ``save_steps`` steps and at
+        the final step ("steps"), never twice for one step."""
+        if self.args.save_strategy == "no" or step == self.last_saved_step or step == 0:
+            return False
+        if self.args.save_strategy == "epoch":
+            return epoch_end
+        return final or step % self.args.save_steps == 0
+
+    def should_evaluate(self, step: int) -> bool:
+        return self.args.eval_steps is not None and step % self.args.eval_steps == 0
+
+    def observe(self, metrics: Mapping[str, float]) -> None:
+        """Account logged or evaluated metrics for ranking the next checkpoint."""
+        name = self.args.metric_for_best_model
+        if name in metrics:
+            self.credit = self.credit.observe(metrics[name], self.args.greater_is_better)
+
+    # --- state (saved with the trainer component) ---------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"pending_metric": self.credit.pending, "last_saved_step": self.last_saved_step}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pending = state["pending_metric"]
+        self.credit = MetricCredit(None if pending is None else float(pending))
+        self.last_saved_step = None if state["last_saved_step"] is None else int(state["last_saved_step"])
+
+    # --- storage ------------------------------------------------------------------------------
+    def prepare_output_dir(self, resuming: bool) -> list[str]:
+        """Before training: drop uncommitted leftovers of a crashed save (they would block saving the
+        same id again), and refuse to start fresh over committed checkpoints of an earlier run.
+        Returns the discarded paths."""
+        args = self.args
+
+        def housekeeping():
+            discarded = discard_partial_checkpoints(args.output_dir, args.storage_options)
+            existing = list_checkpoints(args.output_dir, args.storage_options)
+            return discarded, existing
+
+        discarded, existing = self.coordinator._broadcast_from_coordinator(housekeeping)
+        for path in discarded:
+            if self.rank == 0:
+                logger.warning("discarded uncommitted checkpoint %s (left by an interrupted save)",
+                               redact_url(path))
+        if existing and not resuming and args.save_strategy != "no":
+            raise ValueError(
+                f"TrainingArguments.output_dir {redact_url(args.output_dir)} already holds {len(existing)} "
+                f"committed checkpoint(s) (newest: {redact_url(existing[-1])}); set resume_from_checkpoint=True "
+                "to continue that run, or choose an empty output_dir")
+        return discarded
+
+    def resume(self, target: bool | str) -> str | None:
+        """Load ``target`` (True: the latest committed checkpoint, None when there is none; a path:
+        that checkpoint) into the components. Returns the loaded path. Collective."""
+        if target is True:
+            latest = self.coordinator._broadcast_from_coordinator(
+                lambda: (list_checkpoints(self.args.output_dir, self.args.storage_options) or [None])[-1])
+            if latest is None:
+                return None
+            target = latest
+        path = self.coordinator.load_checkpoint(target)
+        self.last_checkpoint = path
+        return path
+
+    def save(self, *, step: int, epoch: int, logs: Mapping[str, float] | None = None) -> str:
+        """Save every component as ``checkpoint-<step>``, then apply retention. Collective."""
+        metric, self.credit = self.credit.claim()
+        self.last_saved_step = step
+        checkpoint_id = checkpoint_id_for_step(step)
+        extra = {"checkpoint_id": checkpoint_id, "step": step, "epoch": epoch,
+                 "metric_name": self.args.metric_for_best_model, "metric": metric, "logs": dict(logs or {})}
+        path = self.coordinator.save_checkpoint(checkpoint_id=checkpoint_id,
+                                                validate=self.args.validate_replication, extra=extra)
+        self.last_checkpoint = path
+        self.apply_retention()
+        return path
+
+    def records(self) -> list[tuple[CheckpointRecord, str]]:
+        """This run's committed checkpoints with their paths, read from storage (rank 0's view)."""
+        out = []
+        for path in list_checkpoints(self.args.output_dir, self.args.storage_options):
+            extra = read_manifest(path, self.args.storage_options).extra
+            if not isinstance(extra, Mapping) or "step" not in extra or "checkpoint_id" not in extra:
+                continue  # not written by a CheckpointManager: never ours to delete
+            metric = extra.get("metric") if extra.get("metric_name") == self.args.metric_for_best_model else None
+            out.append((CheckpointRecord(str(extra["checkpoint_id"]), int(extra["step"]), metric), path))
+        return out
+
+    def apply_retention(self) -> RetentionPlan | None:
+        """Delete what ``save_total_limit`` no longer keeps (never the newest or a preserved one).
+        Collective; rank 0 deletes. Returns the plan (None when nothing is limited or ranked)."""
+        if self.policy.save_total_limit is None and self.policy.preserve_n_best == 0:
+            return None
+
+        def retain():
+            records = self.records()
+            plan = plan_retention([r for r, _ in records], self.policy)
+            paths = {r.checkpoint_id: p for r, p in records}
+            for checkpoint_id in plan.delete:
+                delete_checkpoint(paths[checkpoint_id], self.args.storage_options)
+                logger.info("retention: deleted %s", redact_url(paths[checkpoint_id]))
+            return plan, [paths[c] for c in plan.preserved]
+
+        plan, preserved_paths = self.coordinator._broadcast_from_coordinator(retain)
+        self.preserved = tuple(preserved_paths)
+        self.deleted.extend(plan.delete)
+        return plan
+
+    def best_checkpoint(self) -> str | None:
+        """The best preserved checkpoint, else the newest one this manager saved or loaded."""
+        return self.preserved[0] if self.preserved else self.last_checkpoint
