@@ -233,3 +233,32 @@ def load_plans(case: ReshardCase, metadata: Metadata, key_maps: list[dict[str, s
         planner.set_up_planner(case.state(rank, loading=True), metadata, is_coordinator=rank == 0)
         plans.append(planner.create_local_plan())
     return plans
+
+# --- trainers: checkpoint retention and divergence detection -----------------------------------
+
+# A metric value as evaluations produce them: mostly ordinary, sometimes tied, now and then NaN/inf.
+metric_values = st.one_of(
+    st.floats(0.0, 10.0, allow_nan=False).map(lambda v: round(v, 1)),  # rounding makes ties likely
+    st.sampled_from([float("nan"), float("inf")]),
+)
+
+
+@st.composite
+def save_eval_schedules(draw, max_events: int = 40) -> list[tuple[str, float | None]]:
+    """A run's interleaving of evaluations ("eval", value) and saves ("save", None), in step order."""
+    events = draw(st.lists(st.one_of(st.tuples(st.just("eval"), metric_values),
+                                     st.just(("save", None))), min_size=1, max_size=max_events))
+    return events
+
+
+@st.composite
+def retention_policies(draw):
+    from dcp_forge.trainers.retention import RetentionPolicy
+
+    return RetentionPolicy(save_total_limit=draw(st.one_of(st.none(), st.integers(1, 4))),
+                           preserve_n_best=draw(st.integers(0, 3)), greater_is_better=draw(st.booleans()))
+
+
+# Training losses: a falling curve with noise, and occasional spikes or NaNs.
+loss_sequences = st.lists(st.one_of(st.floats(0.5, 4.0), st.floats(10.0, 100.0),
+                                    st.sampled_from([float("nan"), float("inf")])), min_size=1, max_size=60)

@@ -93,16 +93,6 @@ def test_critic_returns_one_value_per_position():
     assert TinyCritic(CONFIG, seed=0)(tokens()).shape == (4, 16)
 
 
-@pytest.fixture
-def one_thread():
-    """A model this small runs fastest on one thread; more only adds synchronisation, which a busy
-    machine turns into long stalls."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_100_steps_at_batch_8_seq_32_are_fast_and_learn(one_thread):
     dataset = MarkovTokenDataset(CONFIG.vocab_size, 32, num_samples=800, seed=0)
     loader = make_dataloader(dataset, batch_size=8, shuffle=True, seed=0)

@@ -296,8 +296,8 @@ class BaseTrainer(abc.ABC):
                     self.save_checkpoint()
         if self.control.should_stop:
             reason = self.control.stop_reason or "stopped by a callback"
-            logger.warning("rank %d: training stopped at step %d: %s", self.manager.rank,
-                           self.state.global_step, reason)
+            if self.manager.rank == 0:
+                logger.warning("training stopped at step %d: %s", self.state.global_step, reason)
         else:
             reason = "max_steps" if self.args.max_steps is not None else "num_train_epochs"
             if self.manager.should_save(self.state.global_step, final=True):

@@ -92,6 +92,29 @@ class _DataParallelTrainer(BaseTrainer):
     def get_process_groups(self) -> dict[str, Any]:
         return {"ddp_group": dist.group.WORLD}
 
+    def _settle_gradient_buckets(self) -> None:
+        """One throwaway forward and backward, so DDP fixes its gradient buckets before the first step.
+
+        DDP lays out its first iteration's buckets by parameter order, then rebuilds them in the order
+        gradients became ready. Ring all-reduce sums each element in an order that depends on its
+        position in the bucket, so with more than two ranks a process's first step would round
+        differently from the same step of an uninterrupted run, and a resumed run would drift from
+        it in the last bits. Nothing else changes: no dropout or RNG draws reach the training
+        stream (eval mode, forked RNG), the gradients are dropped and the optimizer does not step.
+        """
+        probe = make_dataloader(self.train_dataset, self.args.per_device_batch_size, num_shards=self.dp_size,
+                                shard_index=self.dp_rank)
+        batch = self.strategy.prepare_batch(next(iter(probe)))
+        self.train_model.eval()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                loss, _ = self.strategy.compute_loss(self.train_model, batch)
+                self._backward(loss)
+        finally:
+            self.train_model.train()
+            for p in self._trainable_parameters():
+                p.grad = None
+
 
 class DDPTrainer(_DataParallelTrainer):
     """torch ``DistributedDataParallel`` over all ranks (seed 000's DDPTrainer).
@@ -108,6 +131,8 @@ class DDPTrainer(_DataParallelTrainer):
         from torch.nn.parallel import DistributedDataParallel
 
         self.train_model = DistributedDataParallel(self.model)
+        if self.dp_size > 1:
+            self._settle_gradient_buckets()
 
     def sharing(self) -> dict[str, Sharing]:
         r = Sharing(SharingPattern.REPLICATED)
@@ -190,6 +215,8 @@ class AccelTrainer(_DataParallelTrainer):
         if self.accelerator is None:
             self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.train_model = self.accelerator.prepare(self.model)
+        if self.dp_size > 1:
+            self._settle_gradient_buckets()
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         return self.accelerator.prepare(super()._build_optimizer())

@@ -81,6 +81,9 @@ class PipelineTrainer(BaseTrainer):
         from torch.distributed import pipelining
 
         self._layout()
+        if self.args.pipeline_schedule == "1F1B" and self.args.n_microbatches < self.num_stages:
+            raise ValueError(f"TrainingArguments.n_microbatches={self.args.n_microbatches} must be at least the "
+                             f"number of pipeline stages ({self.num_stages}) for the 1F1B schedule")
         stages = self.model_splitter(self.model, self.num_stages)
         if len(stages) != self.num_stages:
             raise ValueError(f"model_splitter returned {len(stages)} stages for {self.num_stages} pipeline ranks")

@@ -71,6 +71,7 @@ class TinyJob:
     n_layers: int = 2
     d_model: int = 32
     parallel_size: int = 2
+    n_microbatches: int = 4
     storage_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -83,8 +84,10 @@ class TinyJob:
 
     def training_arguments(self) -> TrainingArguments:
         _, args_class, extra = TRAINER_KINDS[self.trainer]
-        if args_class is PipelineTrainingArguments and self.trainer == "dp-pp":
-            extra = {**extra, "pipeline_parallel_size": self.parallel_size}
+        if args_class is PipelineTrainingArguments:
+            extra = {**extra, "n_microbatches": self.n_microbatches}
+            if self.trainer == "dp-pp":
+                extra["pipeline_parallel_size"] = self.parallel_size
         return args_class(output_dir=self.output_dir, max_steps=self.max_steps, save_steps=self.save_steps,
                           save_total_limit=self.save_total_limit, resume_from_checkpoint=self.resume,
                           per_device_batch_size=self.per_device_batch_size, seed=self.seed,
@@ -181,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-option", action="append", type=_storage_option, default=[], metavar="KEY=VALUE",
                    help="fsspec storage option (repeatable), e.g. endpoint_url=http://host:8333")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--results-file", default=None, metavar="PATH",
+                   help="torch.save each rank's step losses and model tensors here ('{rank}' is replaced)")
     return p
 
 
@@ -193,6 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   parallel_size=opts.parallel_size, storage_options=dict(opts.storage_option))
     try:
         result = run_job(job)
+        if opts.results_file:
+            torch.save({"step_losses": result.output.step_losses, "params": result.params,
+                        "stop_reason": result.output.stop_reason, "resumed_from": result.output.resumed_from},
+                       opts.results_file.format(rank=result.rank))
         if result.rank == 0:
             _report(job, result, opts.log_every)
     finally:
