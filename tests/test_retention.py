@@ -229,3 +229,22 @@ def test_save_schedules(tmp_path):
     assert epochs.should_save(7, epoch_end=True) and not epochs.should_save(500)
     never = manager(save_strategy="no")
     assert not never.should_save(500, final=True) and not never.should_evaluate(500)
+
+
+def test_async_saves_apply_retention_once_committed(tmp_path):
+    out = str(tmp_path)
+    counter = Counter()
+    manager = CheckpointManager(TrainingArguments(output_dir=out, save_total_limit=2, async_save=True),
+                                [StateComponent("counter", counter, SharingPattern.GLOBAL)])
+    for step in range(1, 6):
+        counter.value += 1
+        assert manager.save(step=step, epoch=0).endswith(f"checkpoint-{step}")
+        # the previous save committed (and retention ran) before this one started
+        assert manager.last_checkpoint is None if step == 1 else manager.last_checkpoint.endswith(f"checkpoint-{step - 1}")
+    manager.close()
+    assert manager.last_checkpoint.endswith("checkpoint-5")
+    assert _ids(out) == ["checkpoint-4", "checkpoint-5"]
+    restored = Counter()
+    CheckpointManager(TrainingArguments(output_dir=out, resume_from_checkpoint=True),
+                      [StateComponent("counter", restored, SharingPattern.GLOBAL)]).resume(True)
+    assert torch.equal(restored.value, torch.full((4,), 5.0))

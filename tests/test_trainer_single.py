@@ -36,16 +36,20 @@ CONFIG = TinyLMConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, max_seq_
 
 def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
     """40 steps (past an epoch end) uninterrupted vs interrupted after step 25 (last checkpoint: 20)
-    and resumed by `python -m dcp_forge.trainers.run --resume` in a new process."""
-    job = TinyJob(trainer="single", max_steps=40, save_steps=10, output_dir=str(tmp_path / "interrupted"))
-    reference = run_job(TinyJob(**{**job.__dict__, "output_dir": str(tmp_path / "reference")}))
+    and resumed by `python -m dcp_forge.trainers.run --resume` in a new process; the interrupted and
+    the resumed run save asynchronously, the reference synchronously."""
+    job = TinyJob(trainer="single", max_steps=40, save_steps=10, output_dir=str(tmp_path / "interrupted"),
+                  async_save=True)
+    reference = run_job(TinyJob(**{**job.__dict__, "output_dir": str(tmp_path / "reference"),
+                                   "async_save": False}))
     interrupted = run_job(TinyJob(**{**job.__dict__, "interrupt_at": 25}))
     assert interrupted.output.stop_reason == "interrupted after step 25"
     assert interrupted.output.step_losses == reference.output.step_losses[:25]
     results = tmp_path / "resumed.pt"
     proc = subprocess.run(
         [sys.executable, "-m", "dcp_forge.trainers.run", "--trainer", "single", "--max-steps", "40",
-         "--save-steps", "10", "--output-dir", job.output_dir, "--resume", "--results-file", str(results)],
+         "--save-steps", "10", "--output-dir", job.output_dir, "--resume", "--async-save",
+         "--results-file", str(results)],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and "checkpoint-20" in proc.stdout

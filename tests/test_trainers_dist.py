@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from dcp_forge import read_manifest
 from dcp_forge.trainers.callbacks import DivergenceDetector
-from dcp_forge.trainers.run import TinyJob, build_trainer, local_tensors
+from dcp_forge.trainers.run import TinyJob, build_trainer, local_tensors, run_job
 
 from .dist import run_ranks
 
@@ -29,6 +29,7 @@ WORLD = 4
 K, INTERRUPT, SAVE_STEPS = 8, 6, 4  # resumes from checkpoint-4: 4 steps after resume
 RESUME_STEP = 4
 KINDS = ("ddp", "ddp-independent", "fsdp", "accelerate", "pipeline", "dp-pp", "dp-tp")
+ASYNC_KINDS = ("ddp-independent", "dp-pp")  # these save in the background (TrainingArguments.async_save)
 
 R, G, PR, PG = "replicated", "global", "per_rank", "per_group"
 # (pattern, process group, replication checked at save) per component, from seeds 000-002:
@@ -62,7 +63,7 @@ EXPECTED_GROUPS = {
 
 def _job(kind: str, root: str, run: str, **kwargs) -> TinyJob:
     return TinyJob(trainer=kind, output_dir=os.path.join(root, kind, run), max_steps=K, save_steps=SAVE_STEPS,
-                   n_layers=4 if kind == "pipeline" else 2, num_samples=96, **kwargs)
+                   n_layers=4 if kind == "pipeline" else 2, num_samples=96, async_save=kind in ASYNC_KINDS, **kwargs)
 
 
 def _detector() -> DivergenceDetector:
@@ -79,7 +80,8 @@ def _first_runs(rank: int, world: int, root: str) -> dict:
         table = {c.key: (c.sharing_pattern.value, c.process_group_name, c.validate_replication)
                  for c in trainer.get_state_components()}
         groups = {name: sorted(dist.get_process_group_ranks(pg)) for name, pg in trainer.get_process_groups().items()}
-        interrupted = build_trainer(_job(kind, root, "resumed", interrupt_at=INTERRUPT), [_detector()]).train()
+        trainer.close()
+        interrupted = run_job(_job(kind, root, "resumed", interrupt_at=INTERRUPT), [_detector()]).output
         out[kind] = {"losses": full.step_losses, "params": local_tensors(trainer.model),
                      "detector": detector.state_dict(), "table": table, "groups": groups,
                      "interrupted": interrupted.step_losses, "interrupted_reason": interrupted.stop_reason,
@@ -92,9 +94,9 @@ def _resumed_runs(rank: int, world: int, root: str) -> dict:
     out = {}
     for kind in KINDS:
         detector = _detector()
-        trainer = build_trainer(_job(kind, root, "resumed", resume=True), [detector])
-        resumed = trainer.train()
-        out[kind] = {"losses": resumed.step_losses, "params": local_tensors(trainer.model),
+        result = run_job(_job(kind, root, "resumed", resume=True), [detector])
+        resumed = result.output
+        out[kind] = {"losses": resumed.step_losses, "params": result.params,
                      "detector": detector.state_dict(), "resumed_from": resumed.resumed_from,
                      "last": resumed.last_checkpoint}
     return out

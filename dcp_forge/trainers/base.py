@@ -12,6 +12,8 @@ Call protocol, on every rank:
    LR scheduler and the ``CheckpointManager`` (whose coordinator construction is collective too).
 3. ``train()``: collective. Resumes if asked, runs the loop, saves on schedule; returns TrainOutput.
 4. ``evaluate()``, ``save_checkpoint()``, ``load_checkpoint()``: collective, between or after runs.
+5. ``close()``: collective, last (before ``dist.destroy_process_group()``): waits for an async save
+   in flight and frees the checkpointing groups.
 
 Determinism: batches come from ``StatefulDataLoader``s whose order depends only on (seed, epoch),
 the global RNGs are seeded once from ``args.seed`` plus the data-parallel rank (model-parallel peers
@@ -25,6 +27,7 @@ from __future__ import annotations
 import abc
 import logging
 import math
+import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -302,6 +305,7 @@ class BaseTrainer(abc.ABC):
             reason = "max_steps" if self.args.max_steps is not None else "num_train_epochs"
             if self.manager.should_save(self.state.global_step, final=True):
                 self.save_checkpoint()
+        self.manager.settle()  # an async save in flight commits (and retention runs) before we report
         for cb in self.callbacks:
             cb.on_train_end(self.state, self.control)
         return TrainOutput(global_step=self.state.global_step, step_losses=step_losses, stop_reason=reason,
@@ -388,12 +392,20 @@ class BaseTrainer(abc.ABC):
             cb.on_save(self.state, path)
         return path
 
-    def load_checkpoint(self, path: str | None = None, strict: bool = True) -> str:
-        """Load a checkpoint (default: the latest committed one) into every component. Collective."""
+    def load_checkpoint(self, path: str | None = None, strict: bool = True) -> Any:
+        """Load a checkpoint (default: the latest committed one) into every component; returns the
+        coordinator's path-like ``LoadResult``. Collective."""
         self.setup()
+        self.manager.settle()
         loaded = self.manager.coordinator.load_checkpoint(path, strict=strict)
-        self.manager.last_checkpoint = loaded
+        self.manager.last_checkpoint = os.fspath(loaded)
         return loaded
+
+    def close(self) -> None:
+        """Wait for an async save in flight, then free the checkpointing process groups and staging
+        buffers. Collective; call it before ``dist.destroy_process_group()``."""
+        if self.manager is not None:
+            self.manager.close()
 
 
 class _ManagerState:

@@ -6,19 +6,25 @@ the ranking metric (``retention.MetricCredit``), ``save_total_limit`` retention 
 preservation (``retention.plan_retention``), and resuming.
 
 Call protocol: every rank builds its manager at the same point of the program (building the
-coordinator is collective) and calls ``prepare_output_dir``, ``resume``, ``save`` and ``finish``
-together. Storage housekeeping (discarding uncommitted leftovers, reading manifests, deleting what
+coordinator is collective) and calls ``prepare_output_dir``, ``resume``, ``save``, ``settle`` and
+``close`` together. Storage housekeeping (discarding uncommitted leftovers, reading manifests, deleting what
 retention drops) runs on rank 0 only; its outcome is broadcast, so every rank sees the same answer.
 The pure ``should_save`` / ``should_evaluate`` / ``observe`` need no communication.
 
 Each checkpoint's manifest ``extra`` records ``{"checkpoint_id", "step", "epoch", "metric_name",
 "metric", "logs"}``; retention only ever considers (and deletes) checkpoints carrying that record,
 so a manager never touches checkpoints another tool put into the same ``output_dir``.
+
+With ``async_save`` a save returns once the state is staged (``CheckpointCoordinator.async_save``);
+the checkpoint commits in the background, and retention for it runs when the manager next settles:
+at the next save, at the end of training (``settle``) or when closed. Until then ``last_checkpoint``
+names the previous committed one.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,10 +48,6 @@ class CheckpointManager:
 
     def __init__(self, args: TrainingArguments, components: Sequence[StateComponent],
                  process_groups: Mapping[str, Any] | None = None) -> None:
-        if args.async_save and not hasattr(CheckpointCoordinator, "async_save"):
-            raise NotImplementedError(
-                "TrainingArguments.async_save=True needs CheckpointCoordinator.async_save, which this "
-                "version of dcp_forge does not have yet; use async_save=False")
         self.args = args
         self.policy = RetentionPolicy(args.save_total_limit, args.preserve_n_best, args.greater_is_better)
         self.coordinator = CheckpointCoordinator(components, process_groups, output_dir=args.output_dir,
@@ -56,6 +58,7 @@ class CheckpointManager:
         self.last_saved_step: int | None = None
         self.deleted: list[str] = []
         self.preserved: tuple[str, ...] = ()
+        self._in_flight: Any = None  # the AsyncSaveHandle of an uncommitted async save
 
     @property
     def rank(self) -> int:
@@ -122,22 +125,47 @@ class CheckpointManager:
             if latest is None:
                 return None
             target = latest
-        path = self.coordinator.load_checkpoint(target)
+        self.settle()
+        path = os.fspath(self.coordinator.load_checkpoint(target))
         self.last_checkpoint = path
         return path
 
     def save(self, *, step: int, epoch: int, logs: Mapping[str, float] | None = None) -> str:
-        """Save every component as ``checkpoint-<step>``, then apply retention. Collective."""
+        """Save every component as ``checkpoint-<step>``, then apply retention (with ``async_save``:
+        once it has committed, see the module docstring). Returns its path. Collective."""
+        self.settle()
         metric, self.credit = self.credit.claim()
         self.last_saved_step = step
         checkpoint_id = checkpoint_id_for_step(step)
         extra = {"checkpoint_id": checkpoint_id, "step": step, "epoch": epoch,
                  "metric_name": self.args.metric_for_best_model, "metric": metric, "logs": dict(logs or {})}
+        if self.args.async_save:
+            self._in_flight = self.coordinator.async_save(checkpoint_id=checkpoint_id,
+                                                          validate=self.args.validate_replication, extra=extra)
+            return self.coordinator.checkpoint_path(checkpoint_id)
         path = self.coordinator.save_checkpoint(checkpoint_id=checkpoint_id,
                                                 validate=self.args.validate_replication, extra=extra)
+        self._committed(path)
+        return path
+
+    def _committed(self, path: str) -> None:
         self.last_checkpoint = path
         self.apply_retention()
-        return path
+
+    def settle(self) -> None:
+        """Wait for the in-flight async save to commit (raising its failure), then apply retention.
+        Collective; nothing to do after sync saves."""
+        handle, self._in_flight = self._in_flight, None
+        if handle is not None:
+            self._committed(handle.result())
+
+    def close(self) -> None:
+        """Settle, then release the coordinator's staging buffers and process groups. Collective;
+        call before ``dist.destroy_process_group()``."""
+        try:
+            self.settle()
+        finally:
+            self.coordinator.close()
 
     def records(self) -> list[tuple[CheckpointRecord, str]]:
         """This run's committed checkpoints with their paths, read from storage (rank 0's view)."""

@@ -72,6 +72,7 @@ class TinyJob:
     d_model: int = 32
     parallel_size: int = 2
     n_microbatches: int = 4
+    async_save: bool = False
     storage_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -91,7 +92,7 @@ class TinyJob:
         return args_class(output_dir=self.output_dir, max_steps=self.max_steps, save_steps=self.save_steps,
                           save_total_limit=self.save_total_limit, resume_from_checkpoint=self.resume,
                           per_device_batch_size=self.per_device_batch_size, seed=self.seed,
-                          learning_rate=self.learning_rate, logging_steps=10,
+                          learning_rate=self.learning_rate, logging_steps=10, async_save=self.async_save,
                           storage_options=dict(self.storage_options), **extra)
 
 
@@ -138,7 +139,10 @@ def local_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def run_job(job: TinyJob, callbacks: Sequence[TrainerCallback] = ()) -> JobResult:
     """Build the trainer and train. Collective when a process group is initialised."""
     trainer = build_trainer(job, callbacks)
-    output = trainer.train()
+    try:
+        output = trainer.train()
+    finally:
+        trainer.close()
     rank = dist.get_rank() if dist.is_initialized() else 0
     return JobResult(rank, output, local_tensors(trainer.model))
 
@@ -176,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-steps", type=int, default=defaults.save_steps)
     p.add_argument("--save-total-limit", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue from the latest committed checkpoint")
+    p.add_argument("--async-save", action="store_true", help="save in the background while training goes on")
     p.add_argument("--interrupt-at", type=int, default=None, help="stop after this step without saving")
     p.add_argument("--batch-size", type=int, default=defaults.per_device_batch_size, help="per device")
     p.add_argument("--seed", type=int, default=defaults.seed)
@@ -195,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     job = TinyJob(trainer=opts.trainer, output_dir=opts.output_dir, max_steps=opts.max_steps,
                   save_steps=opts.save_steps, save_total_limit=opts.save_total_limit, resume=opts.resume,
                   interrupt_at=opts.interrupt_at, per_device_batch_size=opts.batch_size, seed=opts.seed,
-                  parallel_size=opts.parallel_size, storage_options=dict(opts.storage_option))
+                  parallel_size=opts.parallel_size, async_save=opts.async_save,
+                  storage_options=dict(opts.storage_option))
     try:
         result = run_job(job)
         if opts.results_file:
