@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--parallel-size", type=int, default=defaults.parallel_size,
                    help="pipeline (dp-pp) or tensor-parallel (dp-tp) size")
+    p.add_argument("--n-layers", type=int, default=defaults.n_layers,
+                   help="transformer blocks (at least the number of pipeline stages)")
     p.add_argument("--storage-option", action="append", type=_storage_option, default=[], metavar="KEY=VALUE",
                    help="fsspec storage option (repeatable), e.g. endpoint_url=http://host:8333")
     p.add_argument("--log-every", type=int, default=10)
@@ -200,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     job = TinyJob(trainer=opts.trainer, output_dir=opts.output_dir, max_steps=opts.max_steps,
                   save_steps=opts.save_steps, save_total_limit=opts.save_total_limit, resume=opts.resume,
                   interrupt_at=opts.interrupt_at, per_device_batch_size=opts.batch_size, seed=opts.seed,
-                  parallel_size=opts.parallel_size, async_save=opts.async_save,
+                  parallel_size=opts.parallel_size, n_layers=opts.n_layers, async_save=opts.async_save,
                   storage_options=dict(opts.storage_option))
     try:
         result = run_job(job)
