@@ -1,7 +1,7 @@
 """The tiny-LM training job: one definition for ``dcp-forge demo``, the tests, the resume benchmark
 and torchrun.
 
-Under torchrun (env:// rendezvous; gloo on CPU, NCCL when every rank has a GPU)::
+Under torchrun (env:// rendezvous; the job runs on CPU with gloo, also on machines with GPUs)::
 
     torchrun --nproc-per-node 2 -m dcp_forge.trainers.run --trainer ddp --output-dir ./checkpoints \\
         --max-steps 200 --save-steps 50
@@ -148,15 +148,13 @@ def run_job(job: TinyJob, callbacks: Sequence[TrainerCallback] = ()) -> JobResul
 
 
 def init_distributed() -> bool:
-    """Join torchrun's process group (env://) when launched by it; True when distributed."""
+    """Join torchrun's process group (env://, gloo: the job's tensors live on the CPU) when launched
+    by it; True when distributed."""
     if dist.is_initialized():
         return True
     if "WORLD_SIZE" not in os.environ:
         return False
-    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    dist.init_process_group("gloo")
     return True
 
 
