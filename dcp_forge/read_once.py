@@ -306,5 +306,8 @@ class BufferInput:
         if len(buffer):
             torch.frombuffer(buffer, dtype=torch.uint8).copy_(self.data[start:start + len(buffer)])
 
+    def prefetch(self, offset: int, length: int) -> None:
+        pass  # already in memory
+
     def close(self) -> None:
         pass

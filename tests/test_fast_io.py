@@ -215,3 +215,44 @@ def test_plain_dcp_checkpoints_take_the_direct_path_too(tmp_path, direct_reads):
     dcp.load({"model": dest}, storage_reader=open_reader(tmp_path / "legacy"), no_dist=True)
     assert all(torch.equal(dest[k], saved[k]) for k in saved) and dest["w"].data_ptr() == ptr
     assert sorted(direct_reads) == ["model.h", "model.w"]
+
+
+def test_every_item_is_prefetched_before_it_is_read_and_not_too_far_ahead(tmp_path, monkeypatch):
+    from dcp_forge.storage import backends, reader
+
+    saved = _big_state()
+    path = _save(tmp_path, saved, chunk_bytes=2 * DIRECT_MIN_BYTES)
+    events = []
+    real_prefetch, real_read = backends._LocalInput.prefetch, backends._LocalInput.read_into
+
+    def prefetch(self, offset, length):
+        events.append(("prefetch", os.path.basename(self.path), offset))
+        real_prefetch(self, offset, length)
+
+    def read_into(self, offset, buffer):
+        events.append(("read", os.path.basename(self.path), offset))
+        real_read(self, offset, buffer)
+
+    monkeypatch.setattr(backends._LocalInput, "prefetch", prefetch)
+    monkeypatch.setattr(backends._LocalInput, "read_into", read_into)
+    monkeypatch.setattr(reader, "PREFETCH_BYTES", 3 * DIRECT_MIN_BYTES)
+    dest = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in saved.items()}
+    _load(path, dest, thread_count=1)
+    assert all(torch.equal(dest[k], saved[k]) for k in ("w", "h", "small"))
+    records = ForgeStorageReader(path)
+    records.read_metadata()
+    starts = {(r.file, r.offset): r for r in records.records}
+    prefetched = [(f, o) for kind, f, o in events if kind == "prefetch"]
+    assert sorted(prefetched) == sorted(starts)  # each stored item once
+    for n, (kind, f, o) in enumerate(events):
+        if kind == "read":  # the item holding this byte was prefetched first ...
+            item = max((s for s in starts if s[0] == f and s[1] <= o), key=lambda s: s[1])
+            assert ("prefetch", *item) in events[:n]
+    # ... and never more than the window (plus the item being worked on) ahead of the reading
+    largest = max(r.length for r in starts.values())
+    latest = 0
+    for kind, _file, o in events:
+        if kind == "read":
+            latest = max(latest, o)
+        else:
+            assert o < latest + 3 * DIRECT_MIN_BYTES + largest

@@ -157,6 +157,8 @@ class SaveLoadResult:
     save_limit_seconds: dict[str, list[float]]
     load_seconds: dict[str, list[float]]
     load_limit_seconds: dict[str, list[float]]
+    # 1-minute load average before and after: other work on the machine distorts every number
+    load_average: list[float] = dataclasses.field(default_factory=list)
 
     def _summary(self, seconds: dict[str, list[float]], limits: dict[str, list[float]]) -> dict[str, dict]:
         pooled = [t for times in limits.values() for t in times]
@@ -172,6 +174,7 @@ class SaveLoadResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"config": dataclasses.asdict(self.config), "bytes": self.config.nbytes,
+                "load_average": self.load_average, "cpus": os.cpu_count(),
                 "save": self._summary(self.save_seconds, self.save_limit_seconds),
                 "load": self._summary(self.load_seconds, self.load_limit_seconds)}
 
@@ -237,6 +240,7 @@ def run_save_load(config: SaveLoadConfig, log: Callable[[str], None] = print) ->
     """
     result = SaveLoadResult(config, {n: [] for n in _SAVERS}, {n: [] for n in _SAVERS},
                             {n: [] for n in _LOADERS}, {n: [] for n in _LOADERS})
+    result.load_average.append(os.getloadavg()[0])
     root = tempfile.mkdtemp(prefix="forge-bench-", dir=config.directory)
     gb = config.nbytes / 1e9
     try:
@@ -261,13 +265,16 @@ def run_save_load(config: SaveLoadConfig, log: Callable[[str], None] = print) ->
             shutil.rmtree(rep_dir)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    result.load_average.append(os.getloadavg()[0])
     return result
 
 
 def format_table(result: dict[str, Any]) -> str:
     """A markdown table of a ``SaveLoadResult.to_json()`` (as printed and pasted into the README)."""
     gib = result["bytes"] / 2**30
-    lines = [f"| {gib:g} GiB, one rank | GB/s (median) | × disk limit (median, min–max) |",
+    load = "/".join(f"{x:.1f}" for x in result.get("load_average", []))
+    lines = [f"| {gib:g} GiB, one rank (load average {load} on {result.get('cpus')} CPUs) | GB/s (median) | "
+             "× disk limit (median, min–max) |",
              "| --- | ---: | ---: |"]
     for phase in ("save", "load"):
         for name, row in result[phase].items():

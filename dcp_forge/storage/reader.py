@@ -43,6 +43,9 @@ from .registry import open_backend, redact_url
 
 logger = logging.getLogger(__name__)
 
+# How far each reader thread asks the storage to read ahead of the item it is working on.
+PREFETCH_BYTES = 64 * 1024 * 1024
+
 # What ``verify_checksums=False`` skips: comparisons of bytes with their recorded checksums.
 _CHECKSUM_KINDS = (ProblemKind.CHECKSUM_MISMATCH, ProblemKind.STALE_MANIFEST)
 
@@ -165,17 +168,32 @@ class ForgeStorageReader(StorageReader):
 
     def _read_run(self, run: Sequence[StoredRead], planner: LoadPlanner,
                   load: ItemLoader = load_stored_item) -> int:
-        """Read consecutive stored items (one thread), one open handle per file; returns bytes read."""
+        """Read consecutive stored items (one thread), one open handle per file; returns bytes read.
+
+        The next ``PREFETCH_BYTES`` of the run are always requested ahead (``InputFile.prefetch``),
+        so the disk keeps working while this thread verifies and places the current item.
+        """
         handles: dict[str, InputFile] = {}
         done = 0
         check = self.checker
+        ahead = 0  # run[:ahead] have been prefetched
+
+        def handle_for(read: StoredRead) -> InputFile:
+            handle = handles.get(read.file)
+            if handle is None:
+                handle = handles[read.file] = self._open_data_file(read)
+            return handle
+
         try:
-            for read in run:
-                handle = handles.get(read.file)
-                if handle is None:
-                    handle = handles[read.file] = self._open_data_file(read)
+            for i, read in enumerate(run):
+                window_end = read.offset + PREFETCH_BYTES
+                while ahead < len(run) and (ahead <= i or (run[ahead].file == read.file
+                                                           and run[ahead].offset < window_end)):
+                    nxt = run[ahead]
+                    handle_for(nxt).prefetch(nxt.offset, nxt.length)
+                    ahead += 1
                 try:
-                    load(handle, read, planner, check)
+                    load(handle_for(read), read, planner, check)
                 except EOFError as err:
                     raise IntegrityError(f"{redact_url(self.url)}: data file {read.file} is truncated "
                                          f"({err}); it holds {read.fqn!r}") from err
