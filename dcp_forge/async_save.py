@@ -101,7 +101,9 @@ class ForgeStager(AsyncStager):
     every rank together) returns a staged copy independent of later in-place changes to the state.
     Views and tensors sharing a storage are staged as one copy of the whole base storage (DCP's
     ``StateDictStager`` dedups by storage and rebuilds each view with its offset and strides), so a
-    small view of a large storage costs the large storage's bytes; ``last_staged_bytes`` tells.
+    small view of a large storage costs the large storage's bytes; ``last_staged_bytes`` tells. The
+    planner's row-chunks are cut later, from the staged tensors (``exact_storage`` slices the staging
+    buffer without copying), so chunking costs no staging memory.
     """
 
     # stage() returns fully staged data; nothing to synchronize after DCP starts the upload.
