@@ -12,6 +12,7 @@ before ``dist.destroy_process_group()``, which would pull the background save's 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import pickle
@@ -24,7 +25,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .async_save import AsyncSaveHandle, AsyncSaver, release_group
-from .errors import CheckpointNotFoundError, ComponentDeclarationError, first_rank_failure
+from .errors import (
+    CheckpointNotFoundError,
+    ComponentDeclarationError,
+    DeclarationTypeError,
+    describe_type,
+    expect_type,
+    first_rank_failure,
+)
 from .keys import top_level_key
 from .loading import LoadResult, LoadSelection, decide_loads
 from .manifest import CheckpointManifest
@@ -77,6 +85,8 @@ class CheckpointCoordinator:
                  storage_options: Mapping[str, Any] | None = None, *, node: int | str | None = None,
                  thread_count: int = 2, chunk_policy: ChunkPolicy = ChunkPolicy(),
                  verify_checksums: bool = True, training_args_hash: str | None = None) -> None:
+        _check_arguments(state_components, process_groups, output_dir, storage_options, node, thread_count,
+                         chunk_policy, verify_checksums, training_args_hash)
         self.components = validate_components(state_components)
         self.process_groups = dict(process_groups or {})
         missing = sorted(group_names(self.components) - set(self.process_groups))
@@ -169,8 +179,10 @@ class CheckpointCoordinator:
                       ) -> tuple[str, ForgeStorageWriter, ForgeSavePlanner, ReplicationCheck | None]:
         """What a sync and an async save share: the path, the replication check, writer and planner."""
         self._async_saves.settle()  # the previous async save commits first; its failure raises here
+        expect_type("validate", validate, bool)
+        _check_extra(extra)
         if (checkpoint_path is None) == (checkpoint_id is None):
-            raise ValueError("pass exactly one of checkpoint_path or checkpoint_id")
+            raise ComponentDeclarationError("pass exactly one of checkpoint_path or checkpoint_id")
         path = os.fspath(checkpoint_path) if checkpoint_path is not None else self.checkpoint_path(checkpoint_id)
         # The check hashes while DCP plans and writes (sync) or stages (async); the coordinator rank
         # waits for its verdict before committing, and every rank waits for it before returning.
@@ -285,6 +297,9 @@ class CheckpointCoordinator:
         what was loaded and what was not.
         """
         self._check_open()
+        expect_type("strict", strict, bool)
+        expect_type("read_once", read_once, bool, optional=True)
+        expect_type("checkpoint_path", checkpoint_path, (str, os.PathLike), optional=True)
         self._async_saves.settle(raise_failure=False)  # a save in flight may become the latest
         path = self._resolve_load_path(checkpoint_path)
         if read_once is None:
@@ -327,6 +342,34 @@ class CheckpointCoordinator:
                             bytes_read=reader.bytes_read, read_once=read_once)
         logger.info("rank %d: %s", self.rank, result.summary())
         return result
+
+
+def _check_arguments(state_components: Any, process_groups: Any, output_dir: Any, storage_options: Any, node: Any,
+                     thread_count: Any, chunk_policy: Any, verify_checksums: Any, training_args_hash: Any) -> None:
+    """Types of CheckpointCoordinator's arguments, checked before anything collective happens."""
+    if isinstance(state_components, (StateComponent, str, bytes, Mapping)) or not isinstance(state_components,
+                                                                                                 Iterable):
+        raise DeclarationTypeError(f"'state_components' must be a list of StateComponent (got "
+                                   f"{describe_type(state_components)})")
+    expect_type("process_groups", process_groups, Mapping, optional=True)
+    expect_type("output_dir", output_dir, (str, os.PathLike))
+    expect_type("storage_options", storage_options, Mapping, optional=True)
+    expect_type("node", node, (int, str), optional=True)
+    expect_type("thread_count", thread_count, int)
+    if thread_count < 1:
+        raise ComponentDeclarationError(f"'thread_count' must be >= 1 (got {thread_count})")
+    expect_type("chunk_policy", chunk_policy, ChunkPolicy)
+    expect_type("verify_checksums", verify_checksums, bool)
+    expect_type("training_args_hash", training_args_hash, str, optional=True)
+
+
+def _check_extra(extra: Any) -> None:
+    """``extra`` goes into the JSON manifest, written last: refuse what JSON cannot hold before writing."""
+    expect_type("extra", extra, Mapping, optional=True)
+    try:
+        json.dumps(dict(extra or {}), allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise DeclarationTypeError(f"'extra' must hold JSON values only (string keys; no NaN): {err}") from err
 
 
 def read_manifest(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> CheckpointManifest:

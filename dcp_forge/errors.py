@@ -18,6 +18,10 @@ class ComponentDeclarationError(ForgeError, ValueError):
     """A StateComponent, Topology or planner argument is malformed or inconsistent."""
 
 
+class DeclarationTypeError(ComponentDeclarationError, TypeError):
+    """A declaration field or an argument has the wrong type (so it is a TypeError too)."""
+
+
 class CheckpointNotFoundError(ForgeError, FileNotFoundError):
     """No committed checkpoint at the given location."""
 
@@ -75,6 +79,18 @@ class AsyncSaveError(ForgeError, RuntimeError):
 def describe_type(value: object) -> str:
     """Render a value and its type the way attrs does: ``'a' that is a <str>``."""
     return f"{value!r} that is a <{type(value).__name__}>"
+
+
+def expect_type(name: str, value: object, expected: type | tuple[type, ...], *, optional: bool = False,
+                owner: str = "") -> None:
+    """Raise DeclarationTypeError unless ``value`` is an ``expected`` (bools are not ints here)."""
+    if value is None and optional:
+        return
+    kinds = expected if isinstance(expected, tuple) else (expected,)
+    if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds and int in kinds):
+        return
+    wanted = " or ".join(f"<{k.__name__}>" for k in kinds) + (" or None" if optional else "")
+    raise DeclarationTypeError(f"{name!r}{owner} must be {wanted} (got {describe_type(value)})")
 
 
 def first_rank_failure(exc: BaseException) -> BaseException | None:

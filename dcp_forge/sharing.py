@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from .errors import ComponentDeclarationError, describe_type
+from .errors import ComponentDeclarationError, DeclarationTypeError, describe_type, expect_type
 from .policies import CopyMapper, TopologyPolicy, resolve_policy
 
 
@@ -76,8 +76,7 @@ _GROUP_NAME_RE = _KEY_RE
 
 
 def validate_component_key(key: object, *, field_name: str = "key") -> str:
-    if not isinstance(key, str):
-        raise ComponentDeclarationError(f"{field_name!r} must be <str> (got {describe_type(key)})")
+    expect_type(field_name, key, str)
     if not _KEY_RE.match(key):
         raise ComponentDeclarationError(
             f"{field_name!r} must be a non-empty identifier of letters, digits, '_' or '-', starting "
@@ -108,16 +107,12 @@ class StateComponent:
         self.validation_level = ValidationLevel.coerce(self.validation_level)
         if not (callable(getattr(self.stateful, "state_dict", None))
                 and callable(getattr(self.stateful, "load_state_dict", None))):
-            raise ComponentDeclarationError(
+            raise DeclarationTypeError(
                 f"'stateful' of component {self.key!r} must have state_dict() and load_state_dict() "
                 f"(got {describe_type(self.stateful)})"
             )
         for name in ("required", "validate_replication"):
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise ComponentDeclarationError(
-                    f"{name!r} of component {self.key!r} must be <bool> (got {describe_type(value)})"
-                )
+            expect_type(name, getattr(self, name), bool, owner=f" of component {self.key!r}")
         if self.validate_replication and self.sharing_pattern in (SharingPattern.GLOBAL, SharingPattern.PER_RANK):
             raise ComponentDeclarationError(
                 f"'validate_replication' of component {self.key!r} needs copies to compare: it applies to "
@@ -127,10 +122,7 @@ class StateComponent:
                 f"'on_replication_mismatch' of component {self.key!r} must be one of {list(MISMATCH_ACTIONS)} "
                 f"(got {describe_type(self.on_replication_mismatch)})"
             )
-        if not isinstance(self.metadata, dict):
-            raise ComponentDeclarationError(
-                f"'metadata' of component {self.key!r} must be <dict> (got {describe_type(self.metadata)})"
-            )
+        expect_type("metadata", self.metadata, dict, owner=f" of component {self.key!r}")
         if self.sharing_pattern is SharingPattern.PER_GROUP:
             if self.process_group_name is None:
                 raise ComponentDeclarationError(
@@ -209,7 +201,7 @@ def validate_components(components: Iterable[StateComponent]) -> list[StateCompo
     seen: set[str] = set()
     for index, component in enumerate(components):
         if not isinstance(component, StateComponent):
-            raise ComponentDeclarationError(
+            raise DeclarationTypeError(
                 f"state_components[{index}] must be a StateComponent (got {describe_type(component)})"
             )
         if component.key in seen:

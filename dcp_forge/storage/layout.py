@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ..errors import ComponentDeclarationError
+from ..errors import ComponentDeclarationError, expect_type
 
 METADATA_FILE = ".metadata"  # DCP's own metadata (plain dcp.load reads it)
 MANIFEST_FILE = "checkpoint_manifest.json"
@@ -23,7 +23,8 @@ def data_file_name(rank: int, index: int) -> str:
 
 def validate_checkpoint_id(checkpoint_id: object) -> str:
     """A checkpoint id is one path segment: it cannot escape output_dir or hide among our files."""
-    if not isinstance(checkpoint_id, str) or not _ID_RE.match(checkpoint_id) or ".." in checkpoint_id:
+    expect_type("checkpoint_id", checkpoint_id, str)
+    if not _ID_RE.match(checkpoint_id) or ".." in checkpoint_id:
         raise ComponentDeclarationError(
             "'checkpoint_id' must be one path segment of letters, digits and '_.-=+', not starting "
             f"with '.' or containing '..' (got {checkpoint_id!r})"

@@ -43,15 +43,45 @@ def _private_save_available() -> bool:
 _FAST_SAVE = _private_save_available()
 
 
+class _FirstErrorOnly:
+    """A stream that passes writes on until one fails, then swallows the rest.
+
+    torch's zip writer finishes the archive in its C++ destructor; if the stream raised (disk full,
+    read-only), that second round of writes fails too, the destructor throws, and the whole process
+    aborts (SIGABRT, no Python exception). Swallowing writes after the first error keeps the writer's
+    bookkeeping consistent; ``save_tensor`` raises the first error once torch has let go of it.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.error: BaseException | None = None
+
+    def write(self, data: Any) -> int:
+        if self.error is None:
+            try:
+                return self.stream.write(data)
+            except BaseException as err:  # raised by save_tensor after the writer is gone
+                self.error = err
+        return memoryview(data).nbytes
+
+    def flush(self) -> None:
+        if self.error is None:
+            self.stream.flush()
+
+
 def save_tensor(tensor: torch.Tensor, stream: Any) -> None:
     """``torch.save(tensor, stream)`` without the CRC-32 pass (falls back to torch.save if torch's
-    private writer entry points change)."""
+    private writer entry points change). A failing ``stream`` raises its error (see _FirstErrorOnly)."""
+    guarded = _FirstErrorOnly(stream)
     if not _FAST_SAVE:
-        torch.save(tensor, stream)
-        return
-    writer = torch._C.PyTorchFileWriter(stream, False, torch.serialization._get_storage_alignment())
-    torch.serialization._save(tensor, writer, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
-    writer.write_end_of_file()
+        torch.save(tensor, guarded)
+    else:
+        writer = torch._C.PyTorchFileWriter(guarded, False, torch.serialization._get_storage_alignment())
+        torch.serialization._save(tensor, writer, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
+        writer.write_end_of_file()
+        del writer  # its destructor may still write: into the guard
+    if guarded.error is not None:
+        raise guarded.error
     stream.flush()
 
 

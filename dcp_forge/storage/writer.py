@@ -19,12 +19,11 @@ import os
 import pickle
 import time
 import uuid
-from datetime import datetime, timezone
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any
 
-import torch
 import xxhash
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
@@ -32,13 +31,14 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
+from ..index import StoredItem, encode_index
+from ..keys import top_level_key
 from ..manifest import CheckpointManifest, checksum_bytes, component_manifests, item_records, versions
 from ..placement import item_bytes
 from ..sharing import ComponentLayout
 from ..topology import Topology
-from .backends import OutputStream, StorageBackend
+from .backends import OutputStream
 from .commit import CommitRecord, claim, commit
-from ..index import StoredItem, encode_index
 from .layout import INDEX_FILE, MANIFEST_FILE, METADATA_FILE, data_file_name
 from .registry import open_backend, redact_url
 from .torch_blob import save_tensor
@@ -184,7 +184,20 @@ class ForgeStorageWriter(StorageWriter):
 
     def _write_file(self, name: str, items: Sequence[WriteItem], planner: SavePlanner,
                     rank: int) -> list[WriteResult]:
-        out = self.backend.open_output(self.backend.join(self.path, name))
+        full = self.backend.join(self.path, name)
+        try:
+            return self._write_items(full, name, items, planner, rank)
+        except OSError as err:  # disk full, read-only, permissions: say which file and what it holds
+            held = sorted({top_level_key(item.index.fqn) for item in items})
+            context = f"rank {rank} writing {name} of checkpoint {redact_url(self.url)} (holds {held[:4]})"
+            if err.errno is None:
+                err.add_note(context)
+                raise
+            raise OSError(err.errno, f"{err.strerror}: {context}", full) from err
+
+    def _write_items(self, full: str, name: str, items: Sequence[WriteItem], planner: SavePlanner,
+                     rank: int) -> list[WriteResult]:
+        out = self.backend.open_output(full)
         stream = _HashingStream(out)
         results = []
         try:
@@ -218,7 +231,7 @@ class ForgeStorageWriter(StorageWriter):
         metadata_bytes = pickle.dumps(metadata)
         manifest = CheckpointManifest(
             checkpoint_path=redact_url(self.url), world_size=topology.world_size,
-            timestamp=datetime.now(timezone.utc), components=component_manifests(records, self._layouts, topology),
+            timestamp=datetime.now(UTC), components=component_manifests(records, self._layouts, topology),
             training_args_hash=self.training_args_hash, versions=versions(), topology=topology.to_json(),
             files={METADATA_FILE: checksum_bytes(metadata_bytes), INDEX_FILE: checksum_bytes(index_bytes)},
             extra=self.extra,
