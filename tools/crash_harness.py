@@ -180,9 +180,18 @@ def _train_in_place(boxes: dict[str, _Box]) -> None:
                 value.add_(1)
 
 
-def _rank_job(rank: int, world: int, init_file: str, out_dir: str, step: int, expect_step: int | None,
-              target: tuple[str, int] | None, torn: bool, mib: float, use_async: bool, conn: Any,
-              environ: dict[str, str]) -> None:
+@dataclass(frozen=True)
+class _Setup:
+    """What every job of a run shares."""
+
+    out_dir: str  # a local directory or any URL dcp_forge takes
+    storage_options: dict[str, Any]
+    mib: float
+    use_async: bool
+
+
+def _rank_job(rank: int, world: int, init_file: str, setup: _Setup, step: int, expect_step: int | None,
+              target: tuple[str, int] | None, torn: bool, conn: Any, environ: dict[str, str]) -> None:
     import torch
     import torch.distributed as dist
 
@@ -204,25 +213,26 @@ def _rank_job(rank: int, world: int, init_file: str, out_dir: str, step: int, ex
         coord = CheckpointCoordinator(
             [StateComponent("model", boxes["model"], "replicated"), StateComponent("rng", boxes["rng"], "per_rank"),
              StateComponent("trainer", boxes["trainer"], "global")],
-            output_dir=out_dir, chunk_policy=ChunkPolicy(min_chunk_bytes=64 * 1024, chunks_per_holder=2))
+            output_dir=setup.out_dir, storage_options=setup.storage_options,
+            chunk_policy=ChunkPolicy(min_chunk_bytes=64 * 1024, chunks_per_holder=2))
         if rank == 0:
-            discard_partial_checkpoints(out_dir)  # what a resuming job does first
+            discard_partial_checkpoints(setup.out_dir, setup.storage_options)  # what a resuming job does first
         dist.barrier()
         if expect_step is not None:
-            expected = make_state(expect_step, rank, mib)
+            expected = make_state(expect_step, rank, setup.mib)
             for key, box in boxes.items():
                 box.state = {k: (v.clone().zero_() if isinstance(v, torch.Tensor) else None)
                              for k, v in expected[key].items()}
             loaded = coord.load_checkpoint()
             send("loaded", os.path.basename(loaded),
                  all(_same(boxes[key].state, expected[key]) for key in boxes))
-        for key, value in make_state(step, rank, mib).items():
+        for key, value in make_state(step, rank, setup.mib).items():
             boxes[key].state = value
         killer = _Killer(target, torn, send)
         killer.install()
         send("saving")
         started = time.perf_counter()
-        if use_async:
+        if setup.use_async:
             handle = coord.async_save(checkpoint_id=f"checkpoint-{step:05d}")
             while not handle.done():  # the saved values are those of the call, whatever happens next
                 _train_in_place(boxes)
@@ -232,8 +242,8 @@ def _rank_job(rank: int, world: int, init_file: str, out_dir: str, step: int, ex
             coord.save_checkpoint(checkpoint_id=f"checkpoint-{step:05d}")
         send("saved", time.perf_counter() - started)
         if rank == 0:
-            for old in list_checkpoints(out_dir)[:-2]:  # retention: keep the newest two
-                delete_checkpoint(old)
+            for old in list_checkpoints(setup.out_dir, setup.storage_options)[:-2]:  # retention: keep two
+                delete_checkpoint(old, setup.storage_options)
         coord.close()
         dist.barrier()
         send("events", killer.kinds)
@@ -256,15 +266,14 @@ class _Job:
         return next((m for m in self.messages.get(rank, []) if m[0] == kind), None)
 
 
-def _run_job(ctx: Any, world: int, out_dir: str, step: int, expect_step: int | None,
-             targets: dict[int, tuple[str, int]],
-             torn: bool, timer: tuple[list[int], float] | None, mib: float, use_async: bool) -> _Job:
+def _run_job(ctx: Any, world: int, setup: _Setup, step: int, expect_step: int | None,
+             targets: dict[int, tuple[str, int]], torn: bool, timer: tuple[list[int], float] | None) -> _Job:
     job = _Job(messages={r: [] for r in range(world)})
     with tempfile.TemporaryDirectory() as tmp:
         pipes = [ctx.Pipe(duplex=False) for _ in range(world)]
         procs = [ctx.Process(target=_rank_job, daemon=True,
-                             args=(r, world, os.path.join(tmp, "rendezvous"), out_dir, step, expect_step,
-                                   targets.get(r), torn, mib, use_async, pipes[r][1], dict(os.environ)))
+                             args=(r, world, os.path.join(tmp, "rendezvous"), setup, step, expect_step,
+                                   targets.get(r), torn, pipes[r][1], dict(os.environ)))
                  for r in range(world)]
         for p in procs:
             p.start()
@@ -329,24 +338,25 @@ class Report:
                 f"{self.loads_checked} bit-exact loads of the latest checkpoint; {len(self.failures)} failures")
 
 
-def _check_storage(out_dir: str, path: str, previous: str | None, report: Report, trial: str) -> str | None:
+def _check_storage(setup: _Setup, path: str, previous: str | None, report: Report, trial: str) -> str | None:
     """The invariants after a trial; returns what the latest checkpoint must now be."""
     from dcp_forge import CheckpointNotFoundError, latest_checkpoint, list_checkpoints, verify_checkpoint
     from dcp_forge.storage import CheckpointState, checkpoint_state, open_backend, open_reader
 
-    backend, native = open_backend(path)
+    options = setup.storage_options
+    backend, native = open_backend(path, options)
     state = checkpoint_state(backend, native)
     expected = path if state is CheckpointState.COMMITTED else previous
-    latest = latest_checkpoint(out_dir)
+    latest = latest_checkpoint(setup.out_dir, options)
     if latest != expected:
         report.failures.append(f"{trial}: latest_checkpoint is {latest}, expected {expected} ({path} is {state.value})")
-    for listed in list_checkpoints(out_dir):
-        problems = verify_checkpoint(listed)
+    for listed in list_checkpoints(setup.out_dir, options):
+        problems = verify_checkpoint(listed, options)
         if problems:
             report.failures.append(f"{trial}: listed checkpoint {listed} has problems: {[str(p) for p in problems]}")
     if state is CheckpointState.PARTIAL:
         try:
-            open_reader(path).read_metadata()
+            open_reader(path, options).read_metadata()
             report.failures.append(f"{trial}: the uncommitted {path} is readable")
         except CheckpointNotFoundError:
             pass
@@ -354,21 +364,23 @@ def _check_storage(out_dir: str, path: str, previous: str | None, report: Report
 
 
 def run_trials(trials: int, *, world: int = 2, seed: int = 0, mib: float = 2.0, out_dir: str | None = None,
-               use_async: bool = False, sweep: bool = True, keep_going: bool = False,
-               log: Callable[[str], None] | None = None) -> Report:
+               storage_options: dict[str, Any] | None = None, use_async: bool = False, sweep: bool = True,
+               keep_going: bool = False, log: Callable[[str], None] | None = None) -> Report:
     """Run ``trials`` kill trials (after three jobs that kill nothing, and before one that only loads).
 
-    ``use_async``: save with ``async_save`` (training changes the state in place while it uploads)
+    ``out_dir``: a local directory or a URL (with ``storage_options``), empty or new; default: a
+    temporary directory, removed afterwards. ``use_async``: save with ``async_save`` (training changes the state in place while it uploads)
     instead of ``save_checkpoint``. ``sweep``: begin by killing each rank once at each kind of storage
     operation it performs.
     """
+    from dcp_forge.storage import join_url
     from tests.dist import rank_context
 
     ctx = rank_context()
     rng = random.Random(seed)
     report = Report()
     own_dir = out_dir is None
-    out_dir = out_dir or tempfile.mkdtemp(prefix="crash-")
+    setup = _Setup(out_dir or tempfile.mkdtemp(prefix="crash-"), dict(storage_options or {}), mib, use_async)
     started = time.monotonic()
     try:
         latest: str | None = None
@@ -405,9 +417,8 @@ def run_trials(trials: int, *, world: int = 2, seed: int = 0, mib: float = 2.0, 
                 else:
                     timer = (victims, rng.uniform(0.0, save_s))
             expect_step = int(os.path.basename(latest).split("-")[1]) if latest else None
-            path = os.path.join(out_dir, f"checkpoint-{step:05d}")
-            job = _run_job(ctx, world, out_dir, step, expect_step, targets if not final else {}, torn,
-                           timer, mib, use_async)
+            path = join_url(setup.out_dir, f"checkpoint-{step:05d}")
+            job = _run_job(ctx, world, setup, step, expect_step, targets if not final else {}, torn, timer)
             trial = f"trial {step} ({mode or 'no kill'})"
             for r in range(world):
                 loaded = job.first(r, "loaded")
@@ -435,7 +446,7 @@ def run_trials(trials: int, *, world: int = 2, seed: int = 0, mib: float = 2.0, 
             if not job.killed and errors:
                 report.failures.append(f"{trial}: {errors}")
             latest_before = latest
-            latest = _check_storage(out_dir, path, latest, report, trial)
+            latest = _check_storage(setup, path, latest, report, trial)
             if mode is not None:
                 report.trials += 1
                 report.modes[mode] += 1
@@ -458,7 +469,7 @@ def run_trials(trials: int, *, world: int = 2, seed: int = 0, mib: float = 2.0, 
     finally:
         report.seconds = time.monotonic() - started
         if own_dir:
-            shutil.rmtree(out_dir, ignore_errors=True)
+            shutil.rmtree(setup.out_dir, ignore_errors=True)
     return report
 
 
@@ -468,7 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mib", type=float, default=2.0, help="replicated model size per rank (MiB)")
-    parser.add_argument("--output-dir", default=None, help="local directory to save into (default: a temp dir)")
+    parser.add_argument("--output-dir", default=None,
+                        help="local directory or URL (s3://...) to save into, empty or new (default: a temp dir)")
+    parser.add_argument("--storage-options", default="{}", help="JSON storage options for --output-dir")
     parser.add_argument("--async", dest="use_async", action="store_true",
                         help="async saves (training changes the state while they upload) instead of sync ones")
     parser.add_argument("--verbose", action="store_true", help="print one line per trial")
@@ -476,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     report = run_trials(args.trials, world=args.world, seed=args.seed, mib=args.mib, out_dir=args.output_dir,
+                        storage_options=json.loads(args.storage_options),
                         use_async=args.use_async, keep_going=args.keep_going, log=print if args.verbose else None)
     if args.json:
         print(json.dumps({**vars(report), "modes": dict(report.modes), "kill_points": dict(report.kill_points)},
