@@ -1,8 +1,9 @@
 """Crash consistency: SIGKILL one rank or all ranks at random points of saves, then check the survivors' view.
 
 Each trial is one job of ``--world`` real gloo ranks that resumes the way a restarted training job
-does (discard partial checkpoints, load the latest one and compare it bit for bit with the state
-that was saved), saves the next checkpoint, and keeps the newest two (``delete_checkpoint``). While
+does (through the trainers' ``CheckpointManager``: discard partial checkpoints, load the latest one,
+which the harness compares bit for bit with the state that was saved), saves the next checkpoint,
+and keeps the newest two (the manager's ``save_total_limit`` retention). While
 it saves, one rank or all ranks are killed with SIGKILL, in one of four ways:
 
 - ``event-one`` / ``event-all``: at a random storage operation (a file write, fsync, directory sync,
@@ -205,26 +206,25 @@ def _rank_job(rank: int, world: int, init_file: str, setup: _Setup, step: int, e
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=30))
-        from dcp_forge import CheckpointCoordinator, StateComponent, delete_checkpoint, list_checkpoints
-        from dcp_forge.placement import ChunkPolicy
-        from dcp_forge.storage import discard_partial_checkpoints
+        from dcp_forge import StateComponent
+        from dcp_forge.trainers.args import TrainingArguments
+        from dcp_forge.trainers.manager import CheckpointManager
 
         boxes = {key: _Box({}) for key in ("model", "rng", "trainer")}
-        coord = CheckpointCoordinator(
-            [StateComponent("model", boxes["model"], "replicated"), StateComponent("rng", boxes["rng"], "per_rank"),
-             StateComponent("trainer", boxes["trainer"], "global")],
-            output_dir=setup.out_dir, storage_options=setup.storage_options,
-            chunk_policy=ChunkPolicy(min_chunk_bytes=64 * 1024, chunks_per_holder=2))
-        if rank == 0:
-            discard_partial_checkpoints(setup.out_dir, setup.storage_options)  # what a resuming job does first
-        dist.barrier()
+        # Resume, save and retention (keep two) the way a trainer does them: through CheckpointManager.
+        args = TrainingArguments(output_dir=setup.out_dir, storage_options=setup.storage_options, save_steps=1,
+                                 save_total_limit=2, async_save=setup.use_async, validate_replication=False)
+        manager = CheckpointManager(args, [
+            StateComponent("model", boxes["model"], "replicated"), StateComponent("rng", boxes["rng"], "per_rank"),
+            StateComponent("trainer", boxes["trainer"], "global")])
+        manager.prepare_output_dir(resuming=True)  # discards what an interrupted save left
         if expect_step is not None:
             expected = make_state(expect_step, rank, setup.mib)
             for key, box in boxes.items():
                 box.state = {k: (v.clone().zero_() if isinstance(v, torch.Tensor) else None)
                              for k, v in expected[key].items()}
-            loaded = coord.load_checkpoint()
-            send("loaded", os.path.basename(loaded),
+            loaded = manager.resume(True)
+            send("loaded", os.path.basename(loaded or "-"),
                  all(_same(boxes[key].state, expected[key]) for key in boxes))
         for key, value in make_state(step, rank, setup.mib).items():
             boxes[key].state = value
@@ -232,19 +232,14 @@ def _rank_job(rank: int, world: int, init_file: str, setup: _Setup, step: int, e
         killer.install()
         send("saving")
         started = time.perf_counter()
+        manager.save(step=step, epoch=0)  # async: returns once staged
         if setup.use_async:
-            handle = coord.async_save(checkpoint_id=f"checkpoint-{step:05d}")
-            while not handle.done():  # the saved values are those of the call, whatever happens next
+            for _ in range(20):  # the saved values are those of the call, whatever training does next
                 _train_in_place(boxes)
                 time.sleep(0.002)
-            handle.result()
-        else:
-            coord.save_checkpoint(checkpoint_id=f"checkpoint-{step:05d}")
+        manager.settle()  # commit (async) and retention
         send("saved", time.perf_counter() - started)
-        if rank == 0:
-            for old in list_checkpoints(setup.out_dir, setup.storage_options)[:-2]:  # retention: keep two
-                delete_checkpoint(old, setup.storage_options)
-        coord.close()
+        manager.close()
         dist.barrier()
         send("events", killer.kinds)
     except BaseException:
@@ -374,6 +369,7 @@ def run_trials(trials: int, *, world: int = 2, seed: int = 0, mib: float = 2.0, 
     operation it performs.
     """
     from dcp_forge.storage import join_url
+    from dcp_forge.trainers.manager import checkpoint_id_for_step
     from tests.dist import rank_context
 
     ctx = rank_context()
@@ -417,7 +413,7 @@ def run_trials(trials: int, *, world: int = 2, seed: int = 0, mib: float = 2.0, 
                 else:
                     timer = (victims, rng.uniform(0.0, save_s))
             expect_step = int(os.path.basename(latest).split("-")[1]) if latest else None
-            path = join_url(setup.out_dir, f"checkpoint-{step:05d}")
+            path = join_url(setup.out_dir, checkpoint_id_for_step(step))
             job = _run_job(ctx, world, setup, step, expect_step, targets if not final else {}, torn, timer)
             trial = f"trial {step} ({mode or 'no kill'})"
             for r in range(world):

@@ -2,8 +2,8 @@
 
 Each rank holds a REPLICATED model (validated at every save, so the replication check's thread and
 group are soaked too), its PER_RANK RNG state and a GLOBAL step counter, and trains between saves.
-Retention keeps the newest ``KEEP`` checkpoints (``dcp_forge.delete_checkpoint``, run on rank 0 as
-each save commits, the way a trainer's CheckpointManager would).
+Saves go through the trainers' ``CheckpointManager`` with ``save_total_limit=KEEP``: its retention
+deletes older checkpoints (on rank 0) as each save commits.
 
 Reported per rank and mode: RSS, threads, open file descriptors and child processes before the
 coordinator exists (start), after the first save, after the last save and after ``close()``.
@@ -35,13 +35,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from dcp_forge import (  # noqa: E402
-    CheckpointCoordinator,
-    RNGState,
-    StateComponent,
-    delete_checkpoint,
-    list_checkpoints,
-)
+from dcp_forge import RNGState, StateComponent, list_checkpoints  # noqa: E402
+from dcp_forge.trainers.args import TrainingArguments  # noqa: E402
+from dcp_forge.trainers.manager import CheckpointManager  # noqa: E402
 
 KEEP = 2  # committed checkpoints kept; older ones are deleted as each save commits
 RSS_GROWTH_LIMIT = 0.05
@@ -111,45 +107,33 @@ def resources() -> dict[str, int]:
             "children": _children()}
 
 
-def _delete_old(directory: str) -> None:
-    for path in list_checkpoints(directory)[:-KEEP]:
-        delete_checkpoint(path)
-
-
 def soak(rank: int, world: int, directory: str, saves: int, mib: float, use_async: bool = True) -> dict:
     """``saves`` saves of ``mib`` MiB on this rank (async or sync); returns the resource snapshots."""
     warnings.simplefilter("ignore")
     weights, counter = Weights(mib), _Counter()
     snapshots = {"start": resources()}
-    coord = CheckpointCoordinator([
+    args = TrainingArguments(output_dir=directory, save_steps=1, save_total_limit=KEEP, async_save=use_async,
+                             validate_replication=True)
+    manager = CheckpointManager(args, [
         StateComponent("model", weights, "replicated", validate_replication=True, validation_level="tensor"),
         StateComponent("rng", RNGState(), "per_rank"),
         StateComponent("trainer", counter, "global"),
-    ], output_dir=directory)
+    ])
     blocked = []
     for i in range(saves):
         weights.train_step()
-        counter.step += 1
+        counter.step = i
         started = time.perf_counter()
-        if use_async:
-            handle = coord.async_save(checkpoint_id=f"checkpoint-{i}", validate=True)
-            blocked.append(handle.staging_seconds)
-            if rank == 0:  # retention as a trainer would do it: once a save commits, drop the old ones
-                handle.add_done_callback(lambda h: h.exception() is None and _delete_old(directory))
-            weights.train_step()  # training goes on while the save uploads
-            if i == 0:
-                handle.result()
-        else:
-            coord.save_checkpoint(checkpoint_id=f"checkpoint-{i}", validate=True)
-            blocked.append(time.perf_counter() - started)
-            if rank == 0:
-                _delete_old(directory)
+        manager.save(step=i, epoch=0)  # async: waits for the previous save to commit, then stages
+        blocked.append(time.perf_counter() - started)
+        weights.train_step()  # with async_save, training goes on while the save uploads
         if i == 0:
+            manager.settle()
             snapshots["after_first"] = resources()
-    coord.wait()
+    manager.settle()
     snapshots["after_last"] = resources()
-    coord.close()
-    del coord
+    manager.close()
+    del manager
     snapshots["after_close"] = resources()
     committed = list_checkpoints(directory)
     return {"mode": "async" if use_async else "sync", "snapshots": snapshots,
@@ -195,7 +179,7 @@ def print_reports(reports: list[dict], saves: int, mib: float, world: int, elaps
     for i, report in enumerate(reports):
         rank = i % world
         print(f"{report['mode']} rank {rank}: {saves} saves of {mib} MiB; committed at the end {report['committed']}; "
-              f"caller blocked first {report['blocked_first_s']:.3f}s, median {report['blocked_median_s']:.3f}s")
+              f"save() blocked first {report['blocked_first_s']:.3f}s, median {report['blocked_median_s']:.3f}s")
         print(f"{'':14}{'RSS MiB':>10}{'threads':>9}{'fds':>6}{'children':>10}")
         for name, snap in report["snapshots"].items():
             print(f"{name:<14}{snap['rss'] / (1 << 20):10.1f}{snap['threads']:9d}{snap['fds']:6d}{snap['children']:10d}")
