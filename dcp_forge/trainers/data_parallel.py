@@ -10,18 +10,22 @@ initialised process group (torchrun, or ``init_process_group`` yourself) — one
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import Dataset
 
 from ..sharing import SharingPattern, ValidationLevel
 from ..statefuls import OptimizerState
 from .args import DDPTrainingArguments, TrainingArguments
-from .base import BaseTrainer, Sharing
+from .base import BaseTrainer, OptimizerFactory, Sharing
+from .callbacks import TrainerCallback
 from .data import make_dataloader
 from .dispatch import DataloaderDispatcher
+from .strategies import TrainingStrategy
 from .tiny_lm import apply_fsdp2
 
 __all__ = ["AccelTrainer", "DDPTrainer", "FSDPTrainer"]
@@ -156,9 +160,12 @@ class FSDPTrainer(_DataParallelTrainer):
 
     args_class = DDPTrainingArguments
 
-    def __init__(self, model: nn.Module, args: DDPTrainingArguments, train_dataset, *, shard_fn=apply_fsdp2,
-                 **kwargs: Any) -> None:
-        super().__init__(model, args, train_dataset, **kwargs)
+    def __init__(self, model: nn.Module, args: DDPTrainingArguments, train_dataset: Dataset, *,
+                 shard_fn: Callable[[nn.Module, Any], nn.Module] = apply_fsdp2, eval_dataset: Dataset | None = None, strategy: TrainingStrategy | None = None,
+                 optimizer_factory: OptimizerFactory | None = None,
+                 callbacks: Sequence[TrainerCallback] = ()) -> None:
+        super().__init__(model, args, train_dataset, eval_dataset=eval_dataset, strategy=strategy,
+                         optimizer_factory=optimizer_factory, callbacks=callbacks)
         self.shard_fn = shard_fn
         self.mesh = None
 
@@ -199,9 +206,12 @@ class AccelTrainer(_DataParallelTrainer):
 
     args_class = TrainingArguments
 
-    def __init__(self, model: nn.Module, args: TrainingArguments, train_dataset, *, accelerator: Any = None,
-                 **kwargs: Any) -> None:
-        super().__init__(model, args, train_dataset, **kwargs)
+    def __init__(self, model: nn.Module, args: TrainingArguments, train_dataset: Dataset, *,
+                 accelerator: Any = None, eval_dataset: Dataset | None = None, strategy: TrainingStrategy | None = None,
+                 optimizer_factory: OptimizerFactory | None = None,
+                 callbacks: Sequence[TrainerCallback] = ()) -> None:
+        super().__init__(model, args, train_dataset, eval_dataset=eval_dataset, strategy=strategy,
+                         optimizer_factory=optimizer_factory, callbacks=callbacks)
         self.accelerator = accelerator
 
     def _dispatching(self) -> bool:

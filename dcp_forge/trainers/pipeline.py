@@ -10,20 +10,22 @@ a ``TokenLossStrategy`` (pretraining or SFT).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import Dataset
 
 from ..sharing import SharingPattern, ValidationLevel
 from .args import PipelineTrainingArguments
-from .base import BaseTrainer, Sharing
+from .base import BaseTrainer, OptimizerFactory, Sharing
+from .callbacks import TrainerCallback
 from .data import make_dataloader
 from .data_parallel import all_reduce_mean, average_gradients, require_process_group
 from .dispatch import DataloaderDispatcher
-from .strategies import TokenLossStrategy
+from .strategies import TokenLossStrategy, TrainingStrategy
 from .tiny_lm import split_into_stages
 
 __all__ = ["DPPPTrainer", "PipelineTrainer"]
@@ -40,9 +42,12 @@ class PipelineTrainer(BaseTrainer):
 
     args_class = PipelineTrainingArguments
 
-    def __init__(self, model: nn.Module, args: PipelineTrainingArguments, train_dataset, *,
-                 model_splitter: ModelSplitter = split_into_stages, **kwargs: Any) -> None:
-        super().__init__(model, args, train_dataset, **kwargs)
+    def __init__(self, model: nn.Module, args: PipelineTrainingArguments, train_dataset: Dataset, *,
+                 model_splitter: ModelSplitter = split_into_stages, eval_dataset: Dataset | None = None, strategy: TrainingStrategy | None = None,
+                 optimizer_factory: OptimizerFactory | None = None,
+                 callbacks: Sequence[TrainerCallback] = ()) -> None:
+        super().__init__(model, args, train_dataset, eval_dataset=eval_dataset, strategy=strategy,
+                         optimizer_factory=optimizer_factory, callbacks=callbacks)
         self.model_splitter = model_splitter
         self.pipeline_group: Any = None  # the ranks of this rank's pipeline, in stage order
         self.stage_index, self.num_stages = 0, 1
@@ -164,11 +169,15 @@ class DPPPTrainer(PipelineTrainer):
     loader per replica, on its first stage), scheduler, trainer and callbacks REPLICATED, RNG PER_RANK.
     """
 
-    def __init__(self, model: nn.Module, args: PipelineTrainingArguments, train_dataset, *, mesh: Any = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, model: nn.Module, args: PipelineTrainingArguments, train_dataset: Dataset, *,
+                 mesh: Any = None, model_splitter: ModelSplitter = split_into_stages,
+                 eval_dataset: Dataset | None = None, strategy: TrainingStrategy | None = None,
+                 optimizer_factory: OptimizerFactory | None = None,
+                 callbacks: Sequence[TrainerCallback] = ()) -> None:
         if args.pipeline_parallel_size is None and mesh is None:
             raise ValueError("DPPPTrainer needs TrainingArguments.pipeline_parallel_size (or a ('dp', 'pp') mesh)")
-        super().__init__(model, args, train_dataset, **kwargs)
+        super().__init__(model, args, train_dataset, model_splitter=model_splitter, eval_dataset=eval_dataset,
+                         strategy=strategy, optimizer_factory=optimizer_factory, callbacks=callbacks)
         self.mesh = mesh
 
     def _layout(self) -> None:

@@ -8,18 +8,22 @@ peers (a ``DataloaderDispatcher`` per replica), since they all need the whole ba
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import Dataset
 
 from ..sharing import SharingPattern, ValidationLevel
 from .args import TrainingArguments
-from .base import BaseTrainer, Sharing
+from .base import BaseTrainer, OptimizerFactory, Sharing
+from .callbacks import TrainerCallback
 from .data import make_dataloader
 from .data_parallel import all_reduce_mean, average_gradients, require_process_group
 from .dispatch import DataloaderDispatcher
+from .strategies import TrainingStrategy
 from .tiny_lm import apply_tensor_parallel
 
 __all__ = ["DPTPTrainer"]
@@ -39,13 +43,17 @@ class DPTPTrainer(BaseTrainer):
 
     args_class = TrainingArguments
 
-    def __init__(self, model: nn.Module, args: TrainingArguments, train_dataset, *,
+    def __init__(self, model: nn.Module, args: TrainingArguments, train_dataset: Dataset, *,
                  tensor_parallel_size: int | None = None, mesh: Any = None,
-                 parallelize_fn=apply_tensor_parallel, **kwargs: Any) -> None:
+                 parallelize_fn: Callable[[nn.Module, Any], nn.Module] = apply_tensor_parallel,
+                 eval_dataset: Dataset | None = None, strategy: TrainingStrategy | None = None,
+                 optimizer_factory: OptimizerFactory | None = None,
+                 callbacks: Sequence[TrainerCallback] = ()) -> None:
         if mesh is None and not (isinstance(tensor_parallel_size, int) and tensor_parallel_size >= 1):
             raise ValueError(f"DPTPTrainer needs tensor_parallel_size (a positive int) or a ('dp', 'tp') mesh "
                              f"(got tensor_parallel_size={tensor_parallel_size!r})")
-        super().__init__(model, args, train_dataset, **kwargs)
+        super().__init__(model, args, train_dataset, eval_dataset=eval_dataset, strategy=strategy,
+                         optimizer_factory=optimizer_factory, callbacks=callbacks)
         self.tensor_parallel_size, self.mesh, self.parallelize_fn = tensor_parallel_size, mesh, parallelize_fn
 
     def _check_strategy(self) -> None:
