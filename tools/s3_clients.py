@@ -50,8 +50,11 @@ class S3Settings:
     access_key: str | None = None
     secret_key: str | None = dataclasses.field(default=None, repr=False)
     region: str = "us-east-1"
-    # Total attempts per request (botocore "standard" mode and Arrow's AwsStandardS3RetryStrategy
-    # both back off exponentially with jitter, capped, on 5xx, SlowDown, throttling and resets).
+    # Total attempts per request, first one included (botocore "standard" mode and Arrow's
+    # AwsStandardS3RetryStrategy both back off exponentially with jitter, capped, on 5xx, SlowDown,
+    # throttling and resets). botocore's own ``max_attempts`` key counts *retries* (total - 1), so
+    # s3fs gets ``total_max_attempts``. s3fs adds up to 5 more tries of its own on top for
+    # SlowDown, timeouts and broken bodies (``S3FileSystem.retries``).
     max_attempts: int = 10
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
@@ -89,7 +92,7 @@ def s3fs_kwargs(settings: S3Settings, **extra) -> dict:
         "config_kwargs": {
             # Region here signs requests without s3fs adding a LocationConstraint to CreateBucket.
             "region_name": settings.region,
-            "retries": {"max_attempts": settings.max_attempts, "mode": "standard"},
+            "retries": {"total_max_attempts": settings.max_attempts, "mode": "standard"},
             "connect_timeout": settings.connect_timeout,
             "read_timeout": settings.read_timeout,
         },

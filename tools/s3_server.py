@@ -175,7 +175,7 @@ def _client(service: str, endpoint_url: str, access_key: str, secret_key: str, r
     import botocore.session
 
     cfg = botocore.config.Config(connect_timeout=timeout, read_timeout=timeout,
-                                 retries={"max_attempts": 1, "mode": "standard"})
+                                 retries={"total_max_attempts": 1, "mode": "standard"})
     return botocore.session.get_session().create_client(
         service, endpoint_url=endpoint_url, aws_access_key_id=access_key,
         aws_secret_access_key=secret_key, region_name=region, config=cfg)
@@ -208,7 +208,7 @@ def _ready(info: ServerInfo, buckets: Sequence[str]) -> bool:
         client.close()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         # Reap it if it is our own exited child; otherwise it would linger as a zombie and look alive.
         done, _ = os.waitpid(pid, os.WNOHANG)
@@ -382,7 +382,7 @@ def start_server(
     state.mkdir(parents=True, exist_ok=True)
     if (state / STATE_FILE).exists():
         old = read_state(state)
-        if _pid_alive(old.pid) and _pid_is_ours(old.pid, old.state_dir):
+        if pid_alive(old.pid) and _pid_is_ours(old.pid, old.state_dir):
             raise FileExistsError(f"a {old.backend} server (pid {old.pid}) already runs with state dir "
                                   f"{state}; stop it first")
     data = Path(data_dir).absolute() if data_dir else state / "data"
@@ -430,13 +430,13 @@ def _terminate(pid: int, *, timeout: float) -> bool:
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return False
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while _pid_alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     return True
 
@@ -450,7 +450,7 @@ def stop_server(info: ServerInfo | str | os.PathLike, *, timeout: float = 15.0,
     """
     if not isinstance(info, ServerInfo):
         info = read_state(info)
-    if _pid_alive(info.pid):
+    if pid_alive(info.pid):
         if not _pid_is_ours(info.pid, info.state_dir):
             raise ProcessLookupError(
                 f"pid {info.pid} is alive but is not the {info.backend} server of {info.state_dir} "
@@ -483,7 +483,7 @@ def running_server(backend: str = "seaweedfs", **kwargs) -> Iterator[ServerInfo]
 
 def server_status(state_dir: str | os.PathLike) -> dict:
     info = read_state(state_dir)
-    alive = _pid_alive(info.pid) and _pid_is_ours(info.pid, info.state_dir)
+    alive = pid_alive(info.pid) and _pid_is_ours(info.pid, info.state_dir)
     ready = False
     if alive:
         try:

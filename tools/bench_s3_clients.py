@@ -1,0 +1,266 @@
+"""Raw S3 client throughput: s3fs vs pyarrow, writing and reading one large object.
+
+Starts a local SeaweedFS with ``tools/s3_server.py`` (or uses ``--state-dir`` of a running one),
+then times each (client, method, settings) on a fresh key, median of ``--repeats`` runs, and
+prints a table in MB/s (1 MB = 10^6 bytes). Data is random (incompressible) and checked after
+each read variant's first run, outside the timing.
+
+    python tools/bench_s3_clients.py [--size-mib 256] [--repeats 3] [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import s3_clients as C  # noqa: E402
+import s3_server  # noqa: E402
+
+MiB = 2**20
+BUCKET = "bench"
+
+
+def _s3fs(settings, **kw):
+    return C.make_s3fs(settings, skip_instance_cache=True, use_listings_cache=False, **kw)
+
+
+# --------------------------------------------------------------------------------------- writes
+
+def w_s3fs_open(settings, block_mib: int, piece_mib: int = 8, **fskw):
+    fs = _s3fs(settings, **fskw)
+
+    def run(path: str, data: memoryview):
+        # s3fs uploads the parts of an open() file one after another ("TODO: concurrent here" in
+        # s3fs 2026.9); writing in pieces keeps each part near block_size.
+        with fs.open(path, "wb", block_size=block_mib * MiB) as f:
+            for off in range(0, len(data), piece_mib * MiB):
+                f.write(data[off:off + piece_mib * MiB])
+    return fs, run
+
+
+def w_s3fs_pipe(settings, chunk_mib: int, concurrency: int, **fskw):
+    fs = _s3fs(settings, **fskw)
+
+    def run(path: str, data: memoryview):
+        # botocore refuses a memoryview Body; s3fs slices the bytes into parts (a copy per part).
+        fs.pipe_file(path, data.obj, chunksize=chunk_mib * MiB, max_concurrency=concurrency)
+    return fs, run
+
+
+def w_arrow(settings, threads: int, piece_mib: int = 8):
+    import pyarrow as pa
+
+    afs = C.make_arrow_fs(settings)
+
+    def run(path: str, data: memoryview):
+        pa.set_io_thread_count(threads)
+        with afs.open_output_stream(path) as f:
+            for off in range(0, len(data), piece_mib * MiB):
+                f.write(data[off:off + piece_mib * MiB])
+    return afs, run
+
+
+# ---------------------------------------------------------------------------------------- reads
+
+def r_s3fs_cat(settings, block_mib: int, concurrency: int):
+    fs = _s3fs(settings, default_block_size=block_mib * MiB, max_concurrency=concurrency)
+    return lambda path, size: fs.cat_file(path)
+
+
+def r_s3fs_ranges(settings, chunk_mib: int, threads: int):
+    """Ranged cat_file calls from a thread pool, each landing in its slice of one buffer."""
+    fs = _s3fs(settings)
+
+    def run(path, size):
+        out = bytearray(size)
+        mv = memoryview(out)
+
+        def one(off):
+            end = min(size, off + chunk_mib * MiB)
+            mv[off:end] = fs.cat_file(path, start=off, end=end)
+        with cf.ThreadPoolExecutor(threads) as ex:
+            list(ex.map(one, range(0, size, chunk_mib * MiB)))
+        return out
+    return run
+
+
+def r_arrow_read(settings, threads: int):
+    import pyarrow as pa
+
+    afs = C.make_arrow_fs(settings)
+
+    def run(path, size):
+        pa.set_io_thread_count(threads)
+        with afs.open_input_file(path) as f:
+            return f.read()
+    return run
+
+
+def r_arrow_readinto(settings, chunk_mib: int, threads: int):
+    """One input file per thread, ``readinto`` the destination slice: no intermediate bytes."""
+    afs = C.make_arrow_fs(settings)
+
+    def run(path, size):
+        out = bytearray(size)
+        mv = memoryview(out)
+        offs = list(range(0, size, chunk_mib * MiB))
+
+        def worker(my_offs):
+            with afs.open_input_file(path) as f:
+                for off in my_offs:
+                    C.readinto_arrow(f, off, mv[off:min(size, off + chunk_mib * MiB)])
+        with cf.ThreadPoolExecutor(threads) as ex:
+            list(ex.map(worker, [offs[i::threads] for i in range(threads)]))
+        return out
+    return run
+
+
+def r_arrow_read_at(settings, chunk_mib: int, threads: int):
+    """One shared input file, ``read_at`` from a thread pool (thread-safe in Arrow), copied in place."""
+    afs = C.make_arrow_fs(settings)
+
+    def run(path, size):
+        out = bytearray(size)
+        mv = memoryview(out)
+        with afs.open_input_file(path) as f:
+            def one(off):
+                n = min(chunk_mib * MiB, size - off)
+                mv[off:off + n] = f.read_at(n, off)
+            with cf.ThreadPoolExecutor(threads) as ex:
+                list(ex.map(one, range(0, size, chunk_mib * MiB)))
+        return out
+    return run
+
+
+# ---------------------------------------------------------------------------------------- driver
+
+def _median_rate(times: list[float], nbytes: int) -> tuple[float, float, float]:
+    rates = [nbytes / t / 1e6 for t in times]
+    return statistics.median(rates), min(rates), max(rates)
+
+
+def bench(settings, size: int, repeats: int, quick: bool) -> list[dict]:
+    data = os.urandom(size)
+    digest = hashlib.sha256(data).hexdigest()
+    mv = memoryview(data)
+    ctl = _s3fs(settings)
+    results = []
+    nochk = {"config_kwargs": {**C.s3fs_kwargs(settings)["config_kwargs"],
+                               "request_checksum_calculation": "when_required",
+                               "response_checksum_validation": "when_required"}}
+
+    writers: list[tuple[str, str, str, Callable]] = [
+        ("s3fs", "open/write", "block 50 MiB (default)", lambda: w_s3fs_open(settings, 50)),
+        ("s3fs", "open/write", "block 16 MiB", lambda: w_s3fs_open(settings, 16)),
+        ("s3fs", "pipe_file", "chunk 50 MiB x10 (default)", lambda: w_s3fs_pipe(settings, 50, 10)),
+        ("s3fs", "pipe_file", "chunk 16 MiB x4", lambda: w_s3fs_pipe(settings, 16, 4)),
+        ("s3fs", "pipe_file", "chunk 16 MiB x16", lambda: w_s3fs_pipe(settings, 16, 16)),
+        ("s3fs", "pipe_file", "chunk 8 MiB x8", lambda: w_s3fs_pipe(settings, 8, 8)),
+        ("s3fs", "pipe_file", "chunk 16 MiB x16, no CRC", lambda: w_s3fs_pipe(settings, 16, 16, **nochk)),
+        ("s3fs", "open/write", "block 50 MiB, no CRC", lambda: w_s3fs_open(settings, 50, **nochk)),
+        ("pyarrow", "open_output_stream", "io_threads 8 (default)", lambda: w_arrow(settings, 8)),
+        ("pyarrow", "open_output_stream", "io_threads 4", lambda: w_arrow(settings, 4)),
+        ("pyarrow", "open_output_stream", "io_threads 16", lambda: w_arrow(settings, 16)),
+        ("pyarrow", "open_output_stream", "io_threads 32", lambda: w_arrow(settings, 32)),
+    ]
+    if quick:
+        writers = [w for w in writers if "default" in w[2]]
+    for client, method, setting, make in writers:
+        _, run = make()
+        times = []
+        for _ in range(repeats):
+            path = f"{BUCKET}/w/{uuid.uuid4().hex}"
+            t0 = time.perf_counter()
+            run(path, mv)
+            times.append(time.perf_counter() - t0)
+            ctl.rm(path)
+        med, lo, hi = _median_rate(times, size)
+        results.append(dict(op="write", client=client, method=method, settings=setting,
+                            mb_s=round(med, 1), min=round(lo, 1), max=round(hi, 1)))
+        print(f"  write {client:8s} {method:20s} {setting:30s} {med:7.1f} MB/s", file=sys.stderr)
+
+    src = f"{BUCKET}/r/{uuid.uuid4().hex}"
+    ctl.pipe_file(src, data)
+    readers: list[tuple[str, str, str, Callable]] = [
+        ("s3fs", "cat_file", "block 50 MiB x10 (default)", lambda: r_s3fs_cat(settings, 50, 10)),
+        ("s3fs", "cat_file", "block 16 MiB x8", lambda: r_s3fs_cat(settings, 16, 8)),
+        ("s3fs", "cat_file", "block 8 MiB x16", lambda: r_s3fs_cat(settings, 8, 16)),
+        ("s3fs", "ranged cat_file", "16 MiB ranges, 8 threads", lambda: r_s3fs_ranges(settings, 16, 8)),
+        ("pyarrow", "read()", "io_threads 8 (default)", lambda: r_arrow_read(settings, 8)),
+        ("pyarrow", "read_at", "16 MiB ranges, 4 threads", lambda: r_arrow_read_at(settings, 16, 4)),
+        ("pyarrow", "read_at", "16 MiB ranges, 8 threads", lambda: r_arrow_read_at(settings, 16, 8)),
+        ("pyarrow", "read_at", "8 MiB ranges, 16 threads", lambda: r_arrow_read_at(settings, 8, 16)),
+        ("pyarrow", "readinto", "16 MiB ranges, 8 threads", lambda: r_arrow_readinto(settings, 16, 8)),
+    ]
+    if quick:
+        readers = [r for r in readers if "default" in r[2]]
+    for client, method, setting, make in readers:
+        run = make()
+        times = []
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            out = run(src, size)
+            times.append(time.perf_counter() - t0)
+            if i == 0 and hashlib.sha256(out).hexdigest() != digest:
+                raise AssertionError(f"{client} {method} {setting}: read back different bytes")
+            del out
+        med, lo, hi = _median_rate(times, size)
+        results.append(dict(op="read", client=client, method=method, settings=setting,
+                            mb_s=round(med, 1), min=round(lo, 1), max=round(hi, 1)))
+        print(f"  read  {client:8s} {method:20s} {setting:30s} {med:7.1f} MB/s", file=sys.stderr)
+    ctl.rm(src)
+    return results
+
+
+def print_table(results: list[dict], size: int, repeats: int) -> None:
+    print(f"\nS3 client throughput, {size // MiB} MiB object, median of {repeats} (min-max), MB/s\n")
+    print("| op    | client  | method             | settings                       |   MB/s | min-max   |")
+    print("|-------|---------|--------------------|--------------------------------|-------:|-----------|")
+    for r in results:
+        span = f"{r['min']:.0f}-{r['max']:.0f}"
+        print(f"| {r['op']:5s} | {r['client']:7s} | {r['method']:18s} | {r['settings']:30s} | "
+              f"{r['mb_s']:6.1f} | {span:9s} |")
+    for op in ("write", "read"):
+        best = max((r for r in results if r["op"] == op), key=lambda r: r["mb_s"])
+        print(f"\nfastest {op}: {best['client']} {best['method']} [{best['settings']}] {best['mb_s']} MB/s")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size-mib", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="default settings only")
+    p.add_argument("--state-dir", help="use the server of this state dir instead of starting one")
+    p.add_argument("--json", help="also write the results here")
+    a = p.parse_args(argv)
+    size = a.size_mib * MiB
+    with contextlib.ExitStack() as stack:
+        if a.state_dir:
+            info = s3_server.read_state(a.state_dir)
+        else:
+            info = stack.enter_context(s3_server.running_server("seaweedfs", buckets=[BUCKET]))
+        settings = C.S3Settings.from_server(info)
+        with contextlib.suppress(FileExistsError):
+            _s3fs(settings).mkdir(BUCKET)
+        results = bench(settings, size, a.repeats, a.quick)
+    print_table(results, size, a.repeats)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"size_bytes": size, "repeats": a.repeats,
+                                            "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
