@@ -26,13 +26,14 @@ import pytest
 from tools import fault_proxy, s3_clients, s3_server
 from tools.fault_proxy import FaultConfig, FaultProxy
 
-pytestmark = pytest.mark.s3
-
-botocore = pytest.importorskip("botocore")
-s3fs = pytest.importorskip("s3fs")
+# s3fs (the 's3' extra) brings botocore along; without it there is nothing to test here.
+pytest.importorskip("s3fs")
+import botocore  # noqa: E402
 import botocore.config  # noqa: E402
 import botocore.exceptions  # noqa: E402
 import botocore.session  # noqa: E402
+
+pytestmark = pytest.mark.s3
 
 BUCKET = "tools-test"
 REPO = Path(__file__).resolve().parents[1]
@@ -484,3 +485,14 @@ def test_exhausted_retry_budget_fails_with_a_clear_error(weed):
             c.put_object(Bucket=BUCKET, Key=key(), Body=b"x")
         assert e.value.response["Error"]["Code"] == "InternalError"
         assert px.stats()["requests"] == 3
+        # s3fs: spent 5xx budgets become OSError; spent connection budgets do not (see
+        # s3_clients.transport_errors), which put_if_absent turns into the builtin ConnectionError.
+        fs = fs_for(px.endpoint_url, weed, max_attempts=2)
+        with pytest.raises(OSError) as e:
+            fs.pipe_file(f"{BUCKET}/{key()}", b"x")
+        assert e.value.errno == errno.EREMOTEIO
+        px.configure(kinds=("reset",))
+        with pytest.raises(s3_clients.transport_errors()):
+            fs.pipe_file(f"{BUCKET}/{key()}", b"x")
+        with pytest.raises(ConnectionError, match="may or may not exist"):
+            s3_clients.put_if_absent(fs, f"{BUCKET}/{key()}", b"x")

@@ -180,6 +180,27 @@ def _is_conditional_conflict(exc: BaseException) -> bool:
     return any(r["Error"].get("Code") == "ConditionalRequestConflict" for r in _client_errors(exc))
 
 
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """What s3fs lets escape *untranslated* once retries are spent on a broken connection.
+
+    Not OSError subclasses, so ``except OSError`` misses them: botocore's
+    ``EndpointConnectionError`` (also raised for a reset after connecting: "Could not connect to
+    the endpoint URL"), ``ConnectionClosedError``, ``ResponseStreamingError``, and aiohttp's
+    ``ClientPayloadError`` (a body cut mid-stream in s3fs's concurrent ``cat_file``). Exhausted
+    5xx answers, by contrast, come out as ``OSError(EREMOTEIO)`` (500) / ``OSError(EBUSY)`` (503).
+    """
+    import botocore.exceptions as be
+
+    errs: list[type[BaseException]] = [be.HTTPClientError, be.ConnectionError]
+    try:
+        import aiohttp
+
+        errs.append(aiohttp.ClientError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
 def put_if_absent(fs, path: str, data: bytes, *, verify_lost_reply: bool = True,
                   conflict_retries: int = 5) -> None:
     """Create ``path`` holding ``data`` with one conditional PUT; ``FileExistsError`` if it exists.
@@ -189,6 +210,9 @@ def put_if_absent(fs, path: str, data: bytes, *, verify_lost_reply: bool = True,
     applied but its reply lost, the retry sees 412 for our *own* object. With
     ``verify_lost_reply`` we then read the object back and treat identical bytes as success, which
     is sound only if ``data`` is unique to this writer (put a UUID / writer id / timestamp in it).
+
+    When retries run out on transport errors the outcome is unknown; that surfaces as the builtin
+    ``ConnectionError`` (never as "created" or "exists"), so the caller can look before retrying.
     """
     if len(data) > MAX_MARKER_BYTES:
         raise ValueError(f"conditional create is for small markers (<= {MAX_MARKER_BYTES} bytes); got "
@@ -197,6 +221,9 @@ def put_if_absent(fs, path: str, data: bytes, *, verify_lost_reply: bool = True,
         try:
             fs.pipe_file(path, data, mode="create")
             return
+        except transport_errors() as e:  # first: botocore's ReadTimeoutError is also an OSError
+            raise ConnectionError(f"conditional PUT of {path!r} failed on the connection after all "
+                                  f"retries ({type(e).__name__}); the object may or may not exist now") from e
         except OSError as e:  # FileExistsError is an OSError too
             if isinstance(e, FileExistsError) or is_precondition_failed(e):
                 cause = e
@@ -210,7 +237,10 @@ def put_if_absent(fs, path: str, data: bytes, *, verify_lost_reply: bool = True,
             if fs.cat_file(path) == data:
                 return
         except FileNotFoundError:
-            pass
+            pass  # deleted meanwhile: still not ours, and someone else's 412 stands
+        except transport_errors() as e:
+            raise ConnectionError(f"conditional PUT of {path!r} was refused and reading the object back "
+                                  f"failed ({type(e).__name__}); whose object it is is unknown") from e
     raise FileExistsError(errno.EEXIST, "object already exists (conditional PUT If-None-Match: * was "
                           "refused)", path) from cause
 
