@@ -151,7 +151,44 @@ def _median_rate(times: list[float], nbytes: int) -> tuple[float, float, float]:
     return statistics.median(rates), min(rates), max(rates)
 
 
-def bench(settings, size: int, repeats: int, quick: bool) -> list[dict]:
+class _Clock:
+    """Wall time plus CPU seconds of this process (all threads) and of the server process.
+
+    On a small shared machine CPU-seconds per GB is the steadier number: wall-clock MB/s falls
+    with whatever else runs, the CPU cost of moving a byte does not (much)."""
+
+    def __init__(self, server_pid: int | None):
+        self.pid = server_pid
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def _server_cpu(self) -> float:
+        if self.pid is None:
+            return 0.0
+        try:
+            f = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(f[11]) + int(f[12])) / self.tick  # utime + stime
+        except OSError:
+            return 0.0
+
+    def start(self):
+        self._t = (time.perf_counter(), time.process_time(), self._server_cpu())
+
+    def stop(self) -> tuple[float, float, float]:
+        w, c, s = self._t
+        return time.perf_counter() - w, time.process_time() - c, self._server_cpu() - s
+
+
+def _row(op, client, method, setting, samples, size) -> dict:
+    med, lo, hi = _median_rate([t[0] for t in samples], size)
+    gb = size / 1e9
+    return dict(op=op, client=client, method=method, settings=setting, mb_s=round(med, 1),
+                min=round(lo, 1), max=round(hi, 1),
+                client_cpu_s_per_gb=round(statistics.median(t[1] for t in samples) / gb, 2),
+                server_cpu_s_per_gb=round(statistics.median(t[2] for t in samples) / gb, 2))
+
+
+def bench(settings, size: int, repeats: int, quick: bool, server_pid: int | None = None) -> list[dict]:
+    clock = _Clock(server_pid)
     data = os.urandom(size)
     digest = hashlib.sha256(data).hexdigest()
     mv = memoryview(data)
@@ -180,19 +217,18 @@ def bench(settings, size: int, repeats: int, quick: bool) -> list[dict]:
     # Repeats go round-robin over the variants, so load from anything else on the machine
     # spreads over all of them instead of sinking whichever variant ran at that moment.
     runs = [(spec, spec[3]()[1]) for spec in writers]
-    wtimes: dict[int, list[float]] = {i: [] for i in range(len(runs))}
+    wtimes: dict[int, list[tuple[float, float, float]]] = {i: [] for i in range(len(runs))}
     for _ in range(repeats):
         for i, (_, run) in enumerate(runs):
             path = f"{BUCKET}/w/{uuid.uuid4().hex}"
-            t0 = time.perf_counter()
+            clock.start()
             run(path, mv)
-            wtimes[i].append(time.perf_counter() - t0)
+            wtimes[i].append(clock.stop())
             ctl.rm(path)
     for i, ((client, method, setting, _), _) in enumerate(runs):
-        med, lo, hi = _median_rate(wtimes[i], size)
-        results.append(dict(op="write", client=client, method=method, settings=setting,
-                            mb_s=round(med, 1), min=round(lo, 1), max=round(hi, 1)))
-        print(f"  write {client:8s} {method:20s} {setting:30s} {med:7.1f} MB/s", file=sys.stderr)
+        results.append(_row("write", client, method, setting, wtimes[i], size))
+        print(f"  write {client:8s} {method:20s} {setting:30s} {results[-1]['mb_s']:7.1f} MB/s",
+              file=sys.stderr)
 
     src = f"{BUCKET}/r/{uuid.uuid4().hex}"
     ctl.pipe_file(src, data)
@@ -210,32 +246,34 @@ def bench(settings, size: int, repeats: int, quick: bool) -> list[dict]:
     if quick:
         readers = [r for r in readers if "default" in r[2]]
     rruns = [(spec, spec[3]()) for spec in readers]
-    rtimes: dict[int, list[float]] = {i: [] for i in range(len(rruns))}
+    rtimes: dict[int, list[tuple[float, float, float]]] = {i: [] for i in range(len(rruns))}
     for rep in range(repeats):
         for i, ((client, method, setting, _), run) in enumerate(rruns):
-            t0 = time.perf_counter()
+            clock.start()
             out = run(src, size)
-            rtimes[i].append(time.perf_counter() - t0)
+            rtimes[i].append(clock.stop())
             if rep == 0 and hashlib.sha256(out).hexdigest() != digest:
                 raise AssertionError(f"{client} {method} {setting}: read back different bytes")
             del out
     for i, ((client, method, setting, _), _) in enumerate(rruns):
-        med, lo, hi = _median_rate(rtimes[i], size)
-        results.append(dict(op="read", client=client, method=method, settings=setting,
-                            mb_s=round(med, 1), min=round(lo, 1), max=round(hi, 1)))
-        print(f"  read  {client:8s} {method:20s} {setting:30s} {med:7.1f} MB/s", file=sys.stderr)
+        results.append(_row("read", client, method, setting, rtimes[i], size))
+        print(f"  read  {client:8s} {method:20s} {setting:30s} {results[-1]['mb_s']:7.1f} MB/s",
+              file=sys.stderr)
     ctl.rm(src)
     return results
 
 
 def print_table(results: list[dict], size: int, repeats: int) -> None:
     print(f"\nS3 client throughput, {size // MiB} MiB object, median of {repeats} (min-max), MB/s\n")
-    print("| op    | client  | method             | settings                       |   MB/s | min-max   |")
-    print("|-------|---------|--------------------|--------------------------------|-------:|-----------|")
+    print("| op    | client  | method             | settings                       |   MB/s | min-max   "
+          "| client CPU s/GB | server CPU s/GB |")
+    print("|-------|---------|--------------------|--------------------------------|-------:|-----------"
+          "|----------------:|----------------:|")
     for r in results:
         span = f"{r['min']:.0f}-{r['max']:.0f}"
         print(f"| {r['op']:5s} | {r['client']:7s} | {r['method']:18s} | {r['settings']:30s} | "
-              f"{r['mb_s']:6.1f} | {span:9s} |")
+              f"{r['mb_s']:6.1f} | {span:9s} | {r['client_cpu_s_per_gb']:15.2f} | "
+              f"{r['server_cpu_s_per_gb']:15.2f} |")
     for op in ("write", "read"):
         best = max((r for r in results if r["op"] == op), key=lambda r: r["mb_s"])
         print(f"\nfastest {op}: {best['client']} {best['method']} [{best['settings']}] {best['mb_s']} MB/s")
@@ -249,6 +287,8 @@ def main(argv=None) -> int:
     p.add_argument("--state-dir", help="use the server of this state dir instead of starting one")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--gomemlimit", default="512MiB", help="GOMEMLIMIT of the started server")
+    p.add_argument("--data-dir", help="data dir of the started server (e.g. under /dev/shm to take "
+                                      "the disk out of the measurement)")
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra 'weed mini' flag for the started server, e.g. -filer.maxMB=16")
     a = p.parse_args(argv)
@@ -258,15 +298,17 @@ def main(argv=None) -> int:
             info = s3_server.read_state(a.state_dir)
         else:
             info = stack.enter_context(s3_server.running_server(
-                "seaweedfs", buckets=[BUCKET], gomemlimit=a.gomemlimit, extra_args=a.server_arg))
+                "seaweedfs", buckets=[BUCKET], gomemlimit=a.gomemlimit, extra_args=a.server_arg,
+                data_dir=a.data_dir))
         settings = C.S3Settings.from_server(info)
         with contextlib.suppress(FileExistsError):
             _s3fs(settings).mkdir(BUCKET)
         load0 = os.getloadavg()[0]
-        results = bench(settings, size, a.repeats, a.quick)
+        results = bench(settings, size, a.repeats, a.quick, server_pid=None if a.state_dir else info.pid)
         load1 = os.getloadavg()[0]
     print_table(results, size, a.repeats)
-    print(f"server: {info.backend}, GOMEMLIMIT={a.gomemlimit}, extra args {a.server_arg or 'none'}; "
+    print(f"server: {info.backend}, GOMEMLIMIT={a.gomemlimit}, extra args {a.server_arg or 'none'}, "
+          f"data in {info.data_dir}; "
           f"{os.cpu_count()} CPUs shared by client and server; load average {load0:.1f} before, "
           f"{load1:.1f} after (above ~3 means other work competed for the CPUs: rerun)")
     if a.json:
