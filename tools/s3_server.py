@@ -286,6 +286,8 @@ def _launch_weed(state: Path, data_dir: Path, ports: dict[str, int], env: dict[s
         "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
         "-s3.port.iceberg=0", "-s3.port.lance=0",
+        # mini waits 1 s after announcing shutdown to the master; nobody listens for a test server.
+        "-volume.preStopSeconds=0",
         *(f"-{flag}={port}" for flag, port in ports.items()),
         *extra_args,
     ]
@@ -504,13 +506,14 @@ def stop_server(info: ServerInfo | str | os.PathLike, *, timeout: float = 15.0,
 
 
 @contextlib.contextmanager
-def running_server(backend: str = "seaweedfs", **kwargs) -> Iterator[ServerInfo]:
+def running_server(backend: str = "seaweedfs", *, stop_timeout: float = 15.0,
+                   **kwargs) -> Iterator[ServerInfo]:
     """``start_server`` / ``stop_server`` as a context manager (for a pytest session fixture)."""
     info = start_server(backend, **kwargs)
     try:
         yield info
     finally:
-        stop_server(info)
+        stop_server(info, timeout=stop_timeout)
 
 
 def server_status(state_dir: str | os.PathLike) -> dict:
