@@ -26,6 +26,8 @@ import pytest
 from tools import fault_proxy, s3_clients, s3_server
 from tools.fault_proxy import FaultConfig, FaultProxy
 
+from .conftest import S3_BUCKET
+
 # s3fs (the 's3' extra) brings botocore along; without it there is nothing to test here.
 pytest.importorskip("s3fs")
 import botocore  # noqa: E402
@@ -35,23 +37,20 @@ import botocore.session  # noqa: E402
 
 pytestmark = pytest.mark.s3
 
-BUCKET = "tools-test"
+# The session's servers (tests/conftest.py): one SeaweedFS and one moto for every test module.
+BUCKET = S3_BUCKET
 REPO = Path(__file__).resolve().parents[1]
 MiB = 2**20
 
 
-@pytest.fixture(scope="session")
-def weed():
-    # A test server's data is throwaway: SIGKILL it if SIGTERM takes more than 5 s.
-    with s3_server.running_server("seaweedfs", buckets=[BUCKET], stop_timeout=5) as info:
-        yield info
+@pytest.fixture
+def weed(s3_server_info):
+    return s3_server_info
 
 
-@pytest.fixture(scope="session")
-def moto():
-    pytest.importorskip("moto")
-    with s3_server.running_server("moto", buckets=[BUCKET], stop_timeout=5) as info:
-        yield info
+@pytest.fixture
+def moto(moto_server_info):
+    return moto_server_info
 
 
 @pytest.fixture(params=["seaweedfs", "moto"])
