@@ -31,20 +31,12 @@ from dcp_forge.placement import ChunkPolicy
 from dcp_forge.storage.layout import COMMIT_FILE, MANIFEST_FILE
 
 from .dist import rank_context, run_ranks
+from .statefuls import Box
 from .tamper import reseal
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-class Box:
-    def __init__(self, state):
-        self.state = state
-
-    def state_dict(self):
-        return self.state
-
-    def load_state_dict(self, state):
-        self.state = state
 
 
 class Broken(Box):

@@ -31,20 +31,12 @@ from dcp_forge import (
 from dcp_forge.safe_load import UnsafeCheckpointError
 from dcp_forge.storage import open_reader, redact_url
 
+from .statefuls import Box
 from .tamper import read_metadata, replace_item_bytes, reseal, write_metadata
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-class Box:
-    def __init__(self, state):
-        self.state = state
-
-    def state_dict(self):
-        return self.state
-
-    def load_state_dict(self, state):
-        self.state = state
 
 
 class CreatesFile:

@@ -34,6 +34,7 @@ from dcp_forge.validation import (
 )
 
 from .dist import run_ranks
+from .statefuls import Box
 from .strategies import DTYPES
 
 PATTERNS = [SharingPattern.REPLICATED, SharingPattern.PER_GROUP, SharingPattern.PER_NODE]
@@ -120,15 +121,6 @@ def test_validation_needs_copies_to_compare(pattern):
 
 
 # --- real gloo ----------------------------------------------------------------------------------
-class Box:
-    def __init__(self, state):
-        self.state = state
-
-    def state_dict(self):
-        return self.state
-
-    def load_state_dict(self, state):
-        self.state = state
 
 
 def _copy_seed(pattern: SharingPattern, rank: int) -> int:

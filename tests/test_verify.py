@@ -24,20 +24,12 @@ from dcp_forge.index import decode_index
 from dcp_forge.placement import ChunkPolicy
 from dcp_forge.storage.layout import CLAIM_FILE, COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE
 
+from .statefuls import Box
 from .tamper import data_files, flip_byte, flip_value_byte, truncate
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-class Box:
-    def __init__(self, state):
-        self.state = state
-
-    def state_dict(self):
-        return self.state
-
-    def load_state_dict(self, state):
-        self.state = state
 
 
 def _state(seed: int) -> dict:

@@ -28,16 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-
-class _Box:
-    def __init__(self, state):
-        self.state = state
-
-    def state_dict(self):
-        return self.state
-
-    def load_state_dict(self, state):
-        self.state = state
+from tests.statefuls import Box  # noqa: E402
 
 
 def _state(mib: int, tensors: int):
@@ -58,7 +49,7 @@ def _rank(rank: int, world: int, out_dir: str, mib: int, tensors: int, reps: int
 
     state = _state(mib, tensors)
     coords = {level: CheckpointCoordinator(
-        [StateComponent("model", _Box(state), "replicated", validate_replication=True, validation_level=level)],
+        [StateComponent("model", Box(state), "replicated", validate_replication=True, validation_level=level)],
         output_dir=out_dir) for level in levels}
     times: dict[str, list[float]] = {"save": [], **{f"check_{lv}": [] for lv in levels},
                                      **{f"save_{lv}": [] for lv in levels}}

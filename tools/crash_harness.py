@@ -49,6 +49,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from tests.statefuls import Box  # noqa: E402
+
 MODES = ("event-one", "event-all", "timer-one", "timer-all")
 _GRACE_S = 0.5  # survivors of a killed rank get this long to fail on their own before they are killed
 _JOB_TIMEOUT_S = 120.0
@@ -56,15 +58,6 @@ _CALIBRATION = 3  # jobs without kills first: the third one is the first to dele
 
 
 # --- the job (runs in each rank) ----------------------------------------------------------------
-class _Box:
-    def __init__(self, state: dict) -> None:
-        self.state = state
-
-    def state_dict(self) -> dict:
-        return self.state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state = state
 
 
 def make_state(step: int, rank: int, mib: float) -> dict[str, dict]:
@@ -173,7 +166,7 @@ class _Killer:
         return run()
 
 
-def _train_in_place(boxes: dict[str, _Box]) -> None:
+def _train_in_place(boxes: dict[str, Box]) -> None:
     """What training does while an async save uploads: change every tensor in place."""
     for box in boxes.values():
         for value in box.state.values():
@@ -210,7 +203,7 @@ def _rank_job(rank: int, world: int, init_file: str, setup: _Setup, step: int, e
         from dcp_forge.trainers.args import TrainingArguments
         from dcp_forge.trainers.manager import CheckpointManager
 
-        boxes = {key: _Box({}) for key in ("model", "rng", "trainer")}
+        boxes = {key: Box({}) for key in ("model", "rng", "trainer")}
         # Resume, save and retention (keep two) the way a trainer does them: through CheckpointManager.
         args = TrainingArguments(output_dir=setup.out_dir, storage_options=setup.storage_options, save_steps=1,
                                  save_total_limit=2, async_save=setup.use_async, validate_replication=False)
