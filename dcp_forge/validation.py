@@ -27,7 +27,7 @@ import logging
 import os
 import pickle
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -209,6 +209,23 @@ def _all_gather(obj: Any, topology: Topology, group: Any) -> list[Any]:
     return out
 
 
+def _gather_computed(compute: Callable[[], Any], topology: Topology, group: Any, what: str) -> list[Any]:
+    """Every rank's ``compute()``, gathered; if it failed anywhere, raise on every rank.
+
+    A rank that failed alone and left would leave the others waiting in the exchange forever.
+    """
+    try:
+        mine, failure = compute(), None
+    except Exception as err:  # shared below, raised on every rank
+        mine, failure = None, f"{type(err).__name__}: {err}"
+    everyone = _all_gather((mine, failure), topology, group)
+    failed = {rank: f for rank, (_, f) in enumerate(everyone) if f is not None}
+    if failed:
+        raise ReplicationError(f"replication check could not read {what} on ranks {sorted(failed)}: "
+                               + "; ".join(f"rank {r}: {f}" for r, f in sorted(failed.items())))
+    return [value for value, _ in everyone]
+
+
 def _replica_sets(component: StateComponent, topology: Topology) -> list[tuple[int, ...]]:
     sets = {topology.replica_set(component.sharing_pattern, component.process_group_name, r)
             for r in range(topology.world_size)}
@@ -284,10 +301,14 @@ def _digest_round(checked: Sequence[StateComponent], states: Mapping[str, Any], 
     hashed = [c for c in checked if c.validation_level in (ValidationLevel.QUICK, ValidationLevel.TENSOR)]
     if not hashed:
         return []
-    digests = {c.key: tensor_digests(states[c.key]) for c in hashed}
-    mine = {c.key: combine_digests(digests[c.key]) if c.validation_level is ValidationLevel.QUICK else digests[c.key]
-            for c in hashed}
-    everyone = _all_gather(mine, topology, group)
+    digests: dict[str, dict[str, str]] = {}
+
+    def mine() -> dict[str, Any]:
+        digests.update({c.key: tensor_digests(states[c.key]) for c in hashed})
+        return {c.key: combine_digests(digests[c.key]) if c.validation_level is ValidationLevel.QUICK
+                else digests[c.key] for c in hashed}
+
+    everyone = _gather_computed(mine, topology, group, f"the state of {[c.key for c in hashed]}")
     findings = []
     for c in hashed:
         if c.validation_level is ValidationLevel.TENSOR:
@@ -318,8 +339,13 @@ def _describe(value: Any) -> tuple:
 def _full_round(component: StateComponent, state: Mapping[str, Any], topology: Topology, group: Any) -> _Finding:
     """Compare values bit for bit: descriptors first, then tensor bytes in batches (every rank runs
     the same batches, derived from the gathered descriptors, so the collectives line up)."""
-    flat = flat_state(state)
-    described = _all_gather({k: _describe(v) for k, v in flat.items()}, topology, group)
+    flat: dict[str, Any] = {}
+
+    def describe() -> dict[str, tuple]:
+        flat.update(flat_state(state))
+        return {k: _describe(v) for k, v in flat.items()}
+
+    described = _gather_computed(describe, topology, group, f"the state of {component.key!r}")
     problems: list[str] = []
     compare: dict[str, list[tuple[int, ...]]] = {}  # tensor key -> replica sets whose holders agree on its type
     for ranks in _replica_sets(component, topology):

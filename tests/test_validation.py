@@ -204,7 +204,17 @@ def validation_scenarios(rank: int, world: int, root: str) -> dict:
     out["warn_saved"] = os.path.basename(coord.save_checkpoint(checkpoint_id="checkpoint-1", validate=True))
     out["warn_logs"] = [r.getMessage() for r in records]
 
-    # 4. random single-element divergences, one ulp each: every one must be caught and named.
+    # 4. state one rank cannot hash (a lambda cannot be pickled): every rank raises, nobody waits forever.
+    odd = {"w": torch.ones(3), "fn": (lambda: 0) if rank == 1 else 0}
+    coord = CheckpointCoordinator([StateComponent("odd", Box(odd), "replicated", validate_replication=True)],
+                                  groups, os.path.join(root, "odd"))
+    try:
+        check_replication(coord.components, coord.topology, coord.group)
+        out["unhashable"] = "passed"
+    except ReplicationError as err:
+        out["unhashable"] = str(err)
+
+    # 5. random single-element divergences, one ulp each: every one must be caught and named.
     caught, named, trials = 0, 0, 60
     coords = {level: CheckpointCoordinator(_components(level), groups, os.path.join(root, "random"))
               for level in LEVELS}
@@ -265,6 +275,12 @@ def test_warn_mode_logs_and_saves(outcome):
     logs = outcome[0]["warn_logs"]
     assert len(logs) == 1 and "component 'replicated_tensor'" in logs[0] and "'step'" in logs[0]
     assert "on_replication_mismatch='warn'" in logs[0]
+
+
+def test_state_one_rank_cannot_hash_fails_on_every_rank(outcome):
+    messages = {r["unhashable"] for r in outcome}
+    assert len(messages) == 1, messages
+    assert messages.pop().startswith("replication check could not read the state of ['odd'] on ranks [1]: rank 1:")
 
 
 def test_every_random_one_ulp_divergence_is_caught(outcome):
