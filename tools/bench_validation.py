@@ -125,15 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     # Each round's validated save against that round's plain save, then the median: drift cancels.
     paired = {lv: statistics.median(v / p - 1 for v, p in zip(step[f"save_{lv}"], step["save"], strict=True))
               for lv in levels}
+    best = {name: min(values) for name, values in step.items()}  # least disturbed by other tenants
     result = {
         "world": args.world, "mib": args.mib, "tensors": args.tensors, "reps": args.reps,
         "hash_gb_per_s": round(_hash_rate(min(args.mib, 256)), 2),
-        "save_s": round(med["save"], 4),
+        "save_s": round(med["save"], 4), "save_best_s": round(best["save"], 4),
         "save_gb_per_s": round(args.mib / 1024 * 1.073741824 / med["save"], 3),
         "levels": {lv: {"check_s": round(med[f"check_{lv}"], 4),
                         "check_over_save": round(med[f"check_{lv}"] / med["save"], 4),
                         "validated_save_s": round(med[f"save_{lv}"], 4),
-                        "validated_save_overhead": round(paired[lv], 4)}
+                        "validated_save_overhead": round(paired[lv], 4),
+                        "validated_save_best_s": round(best[f"save_{lv}"], 4),
+                        "best_overhead": round(best[f"save_{lv}"] / best["save"] - 1, 4)}
                    for lv in levels},
     }
     if args.json:
@@ -141,12 +144,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"world {args.world}, {args.mib} MiB replicated in {args.tensors} tensors, median of {args.reps} "
           f"(xxh3 on this machine: {result['hash_gb_per_s']} GB/s per thread)")
-    print(f"plain save: {result['save_s']:.3f} s ({result['save_gb_per_s']} GB/s of state)")
-    print(f"{'level':<8} {'check s':>9} {'check/save':>11} {'validated save s':>17} {'overhead':>9}"
-          "   (check: the check alone, sequentially; overhead: validate=True save vs plain save, paired per round)")
+    print(f"plain save: median {result['save_s']:.3f} s ({result['save_gb_per_s']} GB/s of state), "
+          f"best {result['save_best_s']:.3f} s")
+    print(f"{'level':<8} {'check s':>9} {'check/save':>11} {'validated save s':>17} {'overhead':>9} {'best s':>8} "
+          f"{'best ovh':>9}")
     for lv, r in result["levels"].items():
         print(f"{lv:<8} {r['check_s']:>9.4f} {r['check_over_save']:>10.1%} {r['validated_save_s']:>17.3f} "
-              f"{r['validated_save_overhead']:>9.1%}")
+              f"{r['validated_save_overhead']:>9.1%} {r['validated_save_best_s']:>8.3f} {r['best_overhead']:>9.1%}")
+    print("check: the check alone, run sequentially (median); overhead: a validate=True save against the plain "
+          "save of the same round (median of rounds); best: fastest of the rounds")
     return 0
 
 
