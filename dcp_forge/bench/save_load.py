@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import shutil
 import statistics
 import tempfile
@@ -159,30 +160,55 @@ class SaveLoadResult:
     load_limit_seconds: dict[str, list[float]]
     # 1-minute load average before and after: other work on the machine distorts every number
     load_average: list[float] = dataclasses.field(default_factory=list)
+    # [user, system] CPU seconds (all threads) per run, keyed "save:<name>" / "load:<name>". User time
+    # is the software's own cost; system time is mostly the kernel copying pages and, on a busy
+    # machine, reclaiming memory, so it varies from run to run for the same work.
+    cpu_seconds: dict[str, list[list[float]]] = dataclasses.field(default_factory=dict)
 
-    def _summary(self, seconds: dict[str, list[float]], limits: dict[str, list[float]]) -> dict[str, dict]:
+    def _summary(self, phase: str, seconds: dict[str, list[float]], limits: dict[str, list[float]]
+                 ) -> dict[str, dict]:
+        gib = self.config.nbytes / 2**30
+
+        def cpu_per_gib(name: str) -> dict[str, float] | None:
+            runs = self.cpu_seconds.get(f"{phase}:{name}")
+            if not runs:
+                return None
+            return {"user": statistics.median(r[0] for r in runs) / gib,
+                    "system": statistics.median(r[1] for r in runs) / gib}
+
         pooled = [t for times in limits.values() for t in times]
         out = {LIMIT: {"gbps_median": self.config.nbytes / statistics.median(pooled) / 1e9, "seconds": pooled,
-                       "ratio_to_limit_median": 1.0, "ratio_to_limit_min": 1.0, "ratio_to_limit_max": 1.0}}
+                       "ratio_to_limit_median": 1.0, "ratio_to_limit_min": 1.0, "ratio_to_limit_max": 1.0,
+                       "cpu_seconds_per_gib": cpu_per_gib(LIMIT)}}
         for name, times in seconds.items():
             ratios = [limit / t for limit, t in zip(limits[name], times, strict=True)]
             out[name] = {"gbps_median": self.config.nbytes / statistics.median(times) / 1e9,
                          "seconds": times, "limit_seconds": limits[name],
                          "ratio_to_limit_median": statistics.median(ratios),
-                         "ratio_to_limit_min": min(ratios), "ratio_to_limit_max": max(ratios)}
+                         "ratio_to_limit_min": min(ratios), "ratio_to_limit_max": max(ratios),
+                         "cpu_seconds_per_gib": cpu_per_gib(name)}
         return out
 
     def to_json(self) -> dict[str, Any]:
         return {"config": dataclasses.asdict(self.config), "bytes": self.config.nbytes,
                 "load_average": self.load_average, "cpus": os.cpu_count(),
-                "save": self._summary(self.save_seconds, self.save_limit_seconds),
-                "load": self._summary(self.load_seconds, self.load_limit_seconds)}
+                "save": self._summary("save", self.save_seconds, self.save_limit_seconds),
+                "load": self._summary("load", self.load_seconds, self.load_limit_seconds)}
 
 
-def _timed(fn: Callable[[], None]) -> float:
-    started = time.perf_counter()
+def _cpu_seconds() -> tuple[float, float]:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
+    return usage.ru_utime, usage.ru_stime
+
+
+def _timed(fn: Callable[[], Any], cpu: list[list[float]] | None = None) -> float:
+    """Wall seconds of ``fn()``; its [user, system] CPU seconds (all threads) are appended to ``cpu``."""
+    cpu_started, started = _cpu_seconds(), time.perf_counter()
     fn()
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    if cpu is not None:
+        cpu.append([end - start for start, end in zip(cpu_started, _cpu_seconds(), strict=True)])
+    return seconds
 
 
 def _paired(limit: Callable[[], float], contender: Callable[[], float], limit_first: bool) -> tuple[float, float]:
@@ -196,22 +222,29 @@ def _paired(limit: Callable[[], float], contender: Callable[[], float], limit_fi
 class _Run:
     """One benchmark run: the source state, the preallocated destination, a scratch directory."""
 
-    def __init__(self, config: SaveLoadConfig, root: str) -> None:
+    def __init__(self, config: SaveLoadConfig, root: str, cpu: dict[str, list[list[float]]]) -> None:
         self.config = config
         self.root = root
+        self.cpu = cpu
         self.source = make_state(config)
         self.target = {k: torch.zeros_like(v) for k, v in self.source.items()}
+
+    def _cpu_list(self, key: str) -> list[list[float]]:
+        return self.cpu.setdefault(key, [])
 
     def save_limit(self, rep_dir: str) -> float:
         path = os.path.join(rep_dir, "limit")
         shutil.rmtree(path, ignore_errors=True)
-        return durable_write_limit(path, list(self.source.values()))
+        return _timed(lambda: durable_write_limit(path, list(self.source.values())), self._cpu_list(f"save:{LIMIT}"))
 
     def save(self, name: str, rep_dir: str) -> float:
-        return _timed(lambda: _SAVERS[name](os.path.join(rep_dir, _slug(name)), self.source))
+        return _timed(lambda: _SAVERS[name](os.path.join(rep_dir, _slug(name)), self.source),
+                      self._cpu_list(f"save:{name}"))
 
     def read_limit(self, rep_dir: str) -> float:
-        seconds = cold_read_limit(os.path.join(rep_dir, "limit"), list(self.target.values()))
+        limit_dir = os.path.join(rep_dir, "limit")
+        drop_page_cache(limit_dir)
+        seconds = _timed(lambda: cold_read_limit(limit_dir, list(self.target.values())), self._cpu_list(f"load:{LIMIT}"))
         self._zero_target()
         return seconds
 
@@ -219,7 +252,7 @@ class _Run:
         saved_by, loader = _LOADERS[name]
         path = os.path.join(rep_dir, _slug(saved_by))
         drop_page_cache(path)
-        seconds = _timed(lambda: loader(path, self.target))
+        seconds = _timed(lambda: loader(path, self.target), self._cpu_list(f"load:{name}"))
         bad = [k for k in self.source if not torch.equal(self.source[k], self.target[k])]
         if bad:
             raise RuntimeError(f"{name} loaded wrong values for {bad[:3]}")
@@ -244,7 +277,7 @@ def run_save_load(config: SaveLoadConfig, log: Callable[[str], None] = print) ->
     root = tempfile.mkdtemp(prefix="forge-bench-", dir=config.directory)
     gb = config.nbytes / 1e9
     try:
-        run = _Run(config, root)
+        run = _Run(config, root, result.cpu_seconds)
         for rep in range(config.repetitions):
             rep_dir = os.path.join(root, f"rep{rep}")
             os.makedirs(rep_dir)
@@ -274,11 +307,14 @@ def format_table(result: dict[str, Any]) -> str:
     gib = result["bytes"] / 2**30
     load = "/".join(f"{x:.1f}" for x in result.get("load_average", []))
     lines = [f"| {gib:g} GiB, one rank (load average {load} on {result.get('cpus')} CPUs) | GB/s (median) | "
-             "× disk limit (median, min–max) |",
-             "| --- | ---: | ---: |"]
+             "× disk limit (median, min–max) | CPU s/GiB user + system |",
+             "| --- | ---: | ---: | ---: |"]
     for phase in ("save", "load"):
         for name, row in result[phase].items():
             label = f"{phase}: {name}" if name != LIMIT else f"{phase}: {'durable write' if phase == 'save' else 'cold read'} limit"
+            cpu = row.get("cpu_seconds_per_gib")
+            cpu_text = "-" if cpu is None else f"{cpu['user']:.2f} + {cpu['system']:.2f}"
             lines.append(f"| {label} | {row['gbps_median']:.2f} | {row['ratio_to_limit_median']:.2f} "
-                         f"({row['ratio_to_limit_min']:.2f}–{row['ratio_to_limit_max']:.2f}) |")
+                         f"({row['ratio_to_limit_min']:.2f}–{row['ratio_to_limit_max']:.2f}) | "
+                         f"{cpu_text} |")
     return "\n".join(lines)
