@@ -17,21 +17,19 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 import xxhash
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from .errors import CheckpointNotFoundError, IntegrityError
 from .index import INDEX_SCHEMA, read_index_table
 from .keys import top_level_key
 from .manifest import CheckpointManifest
-from .safe_load import load_dcp_metadata, load_object
 from .storage.backends import StorageBackend
 from .storage.commit import CheckpointState, checkpoint_state, read_commit
-from .storage.item_reader import read_blob, stored_tensor
 from .storage.layout import CLAIM_FILE, DATA_SUFFIX, INDEX_FILE, MANIFEST_FILE, METADATA_FILE
 from .storage.registry import join_url, open_backend, redact_url
-from .tensors import narrow_box
+
+# torch is imported inside the functions that read values or DCP metadata: listing and summarising
+# committed checkpoints (``dcp-forge ls`` / ``inspect``) then start in a fraction of a second.
 
 _STEP_RE = re.compile(r"(\d+)$")
 # What read_values needs from the index.
@@ -116,6 +114,10 @@ def _legacy_table(metadata_bytes: bytes, where: str) -> pa.Table:
     Plain DCP records no checksums, writers or sharing patterns: those columns are null, and the
     component is the top-level key.
     """
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from .safe_load import load_dcp_metadata
+
     metadata = load_dcp_metadata(metadata_bytes, name=f"{where}/{METADATA_FILE}")
     rows: dict[str, list] = {name: [] for name in INDEX_SCHEMA.names}
     for index, info in (metadata.storage_data or {}).items():
@@ -202,6 +204,12 @@ class OpenCheckpoint:
 
         Checksums are verified when the index records them (``verify=False`` skips that).
         """
+        import torch
+
+        from .safe_load import load_object
+        from .storage.item_reader import read_blob, stored_tensor
+        from .tensors import narrow_box
+
         wanted = sorted(set(fqns))
         table = self.table(VALUE_COLUMNS)
         rows = table.filter(pc.is_in(table["fqn"], pa.array(wanted, pa.string()))).to_pylist()

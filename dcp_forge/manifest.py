@@ -13,18 +13,19 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import xxhash
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
-from torch.distributed.checkpoint.storage import WriteResult
 
 from .errors import IntegrityError, UnsupportedFormatError
 from .index import ItemRecord, StoredItem
 from .keys import parse_storage_key, top_level_key
 from .sharing import ComponentLayout, SharingPattern
 from .topology import Topology
+
+if TYPE_CHECKING:  # torch stays unimported until a save needs it (inspection tools start without it)
+    from torch.distributed.checkpoint.metadata import Metadata
+    from torch.distributed.checkpoint.storage import WriteResult
 
 FORMAT_VERSION = 1
 
@@ -125,6 +126,8 @@ class CheckpointManifest:
 
 
 def versions() -> dict[str, str]:
+    import torch
+
     from . import __version__
 
     return {"dcp_forge": __version__, "torch": torch.__version__, "format": str(FORMAT_VERSION)}
@@ -133,6 +136,8 @@ def versions() -> dict[str, str]:
 def item_records(metadata: Metadata, results: Sequence[Sequence[WriteResult]],
                  layouts: Mapping[str, ComponentLayout]) -> list[ItemRecord]:
     """One record per stored item, joining DCP's metadata with what each writer reported."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     records = []
     for rank_results in results:
         for result in rank_results:

@@ -230,3 +230,16 @@ def test_usage_errors_and_help(run, capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert len(capsys.readouterr().out) > 200  # a description, not just the usage line
+
+
+def test_ls_and_inspect_start_without_torch(run):
+    """Listing and inspecting must not import torch (seconds of start-up): see dcp_forge/__init__.py."""
+    root, a, _, _ = run
+    script = ("import sys, dcp_forge.cli as cli\n"
+              "codes = [cli.main(['ls', sys.argv[1]]), cli.main(['inspect', sys.argv[2], '--json'])]\n"
+              "heavy = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+              "print('TORCH', heavy[:5], codes, file=sys.stderr)\n"
+              "sys.exit(1 if heavy or codes != [0, 0] else 0)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(root), str(a)], env=dict(os.environ, PYTHONPATH=ROOT),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .backends import FsspecBackend, LocalBackend, StorageBackend
 from .commit import (
@@ -19,20 +19,40 @@ from .commit import (
     latest_checkpoint,
     list_checkpoints,
 )
-from .reader import ForgeStorageReader
 from .registry import BACKENDS, join_url, open_backend, redact_url
-from .writer import ForgeStorageWriter
+
+if TYPE_CHECKING:
+    from .reader import ForgeStorageReader
+    from .writer import ForgeStorageWriter
+
+
+def __getattr__(name: str):
+    # The DCP reader and writer (and with them torch) are imported on first use, so that listing
+    # and inspecting checkpoints (commit.py, backends.py) starts without torch.
+    if name == "ForgeStorageReader":
+        from .reader import ForgeStorageReader
+
+        return ForgeStorageReader
+    if name == "ForgeStorageWriter":
+        from .writer import ForgeStorageWriter
+
+        return ForgeStorageWriter
+    raise AttributeError(f"module 'dcp_forge.storage' has no attribute {name!r}")
 
 
 def open_writer(url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None,
                 **options: Any) -> ForgeStorageWriter:
     """A DCP StorageWriter for the checkpoint directory ``url`` (options: see ForgeStorageWriter)."""
+    from .writer import ForgeStorageWriter
+
     return ForgeStorageWriter(url, storage_options, **options)
 
 
 def open_reader(url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None,
                 **options: Any) -> ForgeStorageReader:
     """A DCP StorageReader for the checkpoint directory ``url`` (options: see ForgeStorageReader)."""
+    from .reader import ForgeStorageReader
+
     return ForgeStorageReader(url, storage_options, **options)
 
 
