@@ -125,9 +125,7 @@ class StorageBackend(abc.ABC):
             entries = self.fs.ls(path, detail=True)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        names = {posixpath.basename(str(e["name"]).rstrip("/")) for e in entries
-                 if not dirs_only or e.get("type") == "directory"}
-        return sorted(names - {""})
+        return entry_names(entries, dirs_only)
 
     def remove(self, path: str) -> None:
         try:
@@ -141,8 +139,15 @@ class StorageBackend(abc.ABC):
         except FileNotFoundError:
             pass
 
-    def sync_dir(self, path: str) -> None:
+    def sync_dir(self, path: str) -> None:  # noqa: B027 - a no-op unless a backend has directories to sync
         """Make the directory entries of files just created durable (no-op where meaningless)."""
+
+
+def entry_names(entries: list[dict[str, Any]], dirs_only: bool) -> list[str]:
+    """Sorted names (last path segment) of fsspec ``ls(detail=True)`` entries."""
+    names = {posixpath.basename(str(e["name"]).rstrip("/")) for e in entries
+             if not dirs_only or e.get("type") == "directory"}
+    return sorted(names - {""})
 
 
 class _LocalOutput:

@@ -41,11 +41,21 @@ def _fsspec(url: str, storage_options: Mapping[str, Any]) -> tuple[StorageBacken
     return FsspecBackend(fs), path.rstrip("/") or path
 
 
+def _s3(url: str, storage_options: Mapping[str, Any]) -> tuple[StorageBackend, str]:
+    try:
+        from .s3 import open_s3
+
+        return open_s3(url, storage_options)
+    except ImportError as err:
+        raise ImportError(f"{_INSTALL_HINTS['s3']} ({err.__class__.__name__}: {err})") from err
+
+
 BACKENDS: Mapping[str, Callable[[str, Mapping[str, Any]], tuple[StorageBackend, str]]] = types.MappingProxyType({
     "": _local,
     "file": _local,
     "memory": _fsspec,
-    "s3": _fsspec,
+    "s3": _s3,
+    "s3a": _s3,
 })
 
 
