@@ -110,3 +110,13 @@ def first_rank_failure(exc: BaseException) -> BaseException | None:
             original.add_note(f"(failed on ranks {sorted(failures)}; showing rank {rank}'s error)")
         return original
     return None
+
+
+def os_error_with_context(err: OSError, context: str, path: str | None = None) -> OSError:
+    """``err`` saying where it happened: a new error of the same class (errno picks the builtin
+    subclass: EACCES -> PermissionError, ENOSPC -> OSError...) when it has an errno, else ``err``
+    itself with the context as a note. Raise the result ``from err``."""
+    if err.errno is None:
+        err.add_note(context)
+        return err
+    return OSError(err.errno, f"{err.strerror or err}: {context}", path)

@@ -11,6 +11,7 @@ import torch
 
 from dcp_forge import CheckpointCoordinator, SharingPattern, StateComponent, read_manifest
 from dcp_forge.placement import ChunkPolicy
+from dcp_forge.storage import join_url
 
 from .dist import run_ranks
 
@@ -59,7 +60,8 @@ def _mesh_groups(world: int):
     return mine
 
 
-def roundtrip_all_patterns(rank: int, world: int, root: str) -> dict:
+def roundtrip_all_patterns(rank: int, world: int, root: str, storage_options: dict | None = None) -> dict:
+    """Every pattern saved and loaded under ``root`` (a local path or any URL)."""
     warnings.simplefilter("ignore")
     pg, group = _mesh_groups(world)
     node = rank // int(os.environ["LOCAL_WORLD_SIZE"])
@@ -70,20 +72,20 @@ def roundtrip_all_patterns(rank: int, world: int, root: str) -> dict:
         held = _value_id(pattern, rank, world, node, group)
         # GLOBAL: only rank 0's value is meaningful; others hold junk that must not be saved.
         source = Box(held if pattern is not SharingPattern.GLOBAL or rank == 0 else 999 + rank)
-        out = os.path.join(root, pattern.value)
+        out = join_url(root, pattern.value)
         saver = CheckpointCoordinator([StateComponent("box", source, pattern, process_group_name=group_name)],
-                                      groups, out, chunk_policy=SMALL_CHUNKS)
+                                      groups, out, storage_options, chunk_policy=SMALL_CHUNKS)
         path = saver.save_checkpoint(checkpoint_id="checkpoint-1")
         target = Box(None)
         loader = CheckpointCoordinator([StateComponent("box", target, pattern, process_group_name=group_name)],
-                                       groups, out, chunk_policy=SMALL_CHUNKS)
+                                       groups, out, storage_options, chunk_policy=SMALL_CHUNKS)
         loader.load_checkpoint()
         expected = Box(held)
         ok = (torch.equal(target.state["big"], expected.state["big"])
               and torch.equal(target.state["nested"]["w"], expected.state["nested"]["w"])
               and target.state["nested"]["tag"] == expected.state["nested"]["tag"]
               and target.state["step"] == expected.state["step"])
-        manifest = read_manifest(path)
+        manifest = read_manifest(path, storage_options)
         comp = manifest.components["box"]
         results[pattern.value] = {"ok": ok, "writers": comp.ranks, "copies": len(comp.copies),
                                   "size": comp.size_bytes}

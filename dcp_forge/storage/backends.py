@@ -125,7 +125,7 @@ class StorageBackend(abc.ABC):
             entries = self.fs.ls(path, detail=True)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return entry_names(entries, dirs_only)
+        return entry_names(path, entries, dirs_only)
 
     def remove(self, path: str) -> None:
         try:
@@ -143,10 +143,15 @@ class StorageBackend(abc.ABC):
         """Make the directory entries of files just created durable (no-op where meaningless)."""
 
 
-def entry_names(entries: list[dict[str, Any]], dirs_only: bool) -> list[str]:
-    """Sorted names (last path segment) of fsspec ``ls(detail=True)`` entries."""
+def entry_names(path: str, entries: list[dict[str, Any]], dirs_only: bool) -> list[str]:
+    """Sorted names (last path segment) of the fsspec ``ls(path, detail=True)`` entries under ``path``.
+
+    Object stores may list the directory itself: SeaweedFS leaves a ``path/`` placeholder object
+    behind when everything under a prefix is deleted; it is not an entry of the directory.
+    """
+    own = path.rstrip("/")
     names = {posixpath.basename(str(e["name"]).rstrip("/")) for e in entries
-             if not dirs_only or e.get("type") == "directory"}
+             if str(e["name"]).rstrip("/") != own and (not dirs_only or e.get("type") == "directory")}
     return sorted(names - {""})
 
 

@@ -394,7 +394,7 @@ class S3Backend(StorageBackend):
         except transport_errors() as err:
             raise ConnectionError(f"listing s3://{path} failed on the connection after all retries "
                                   f"({type(err).__name__})") from err
-        return entry_names(entries, dirs_only)
+        return entry_names(path, entries, dirs_only)
 
     def remove_tree(self, path: str) -> None:
         prefix = path.rstrip("/") + "/"

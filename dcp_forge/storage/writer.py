@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
+from ..errors import os_error_with_context
 from ..index import StoredItem, encode_index
 from ..keys import top_level_key
 from ..manifest import CheckpointManifest, checksum_bytes, component_manifests, item_records, versions
@@ -190,10 +191,7 @@ class ForgeStorageWriter(StorageWriter):
         except OSError as err:  # disk full, read-only, permissions: say which file and what it holds
             held = sorted({top_level_key(item.index.fqn) for item in items})
             context = f"rank {rank} writing {name} of checkpoint {redact_url(self.url)} (holds {held[:4]})"
-            if err.errno is None:
-                err.add_note(context)
-                raise
-            raise OSError(err.errno, f"{err.strerror}: {context}", full) from err
+            raise os_error_with_context(err, context, full) from err
 
     def _write_items(self, full: str, name: str, items: Sequence[WriteItem], planner: SavePlanner,
                      rank: int) -> list[WriteResult]:
