@@ -159,10 +159,14 @@ def _files(fs, root: str) -> dict[str, bytes]:
     return {os.path.basename(p): fs.cat_file(p) for p in fs.ls(root, detail=False)}
 
 
-@pytest.mark.parametrize("scheme", ["local", "memory"])
-def test_async_checkpoint_is_byte_identical_to_a_sync_one(tmp_path, scheme):
+@pytest.mark.parametrize("scheme", ["local", "memory", "s3"])
+def test_async_checkpoint_is_byte_identical_to_a_sync_one(tmp_path, scheme, request):
     warnings.simplefilter("ignore")
-    out = str(tmp_path) if scheme == "local" else f"memory://async-identical-{os.getpid()}"
+    options = {}
+    if scheme == "s3":
+        out, options = request.getfixturevalue("s3_url"), request.getfixturevalue("s3_storage_options")
+    else:
+        out = str(tmp_path) if scheme == "local" else f"memory://async-identical-{os.getpid()}"
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 8))
     opt = torch.optim.AdamW(model.parameters())
@@ -171,18 +175,18 @@ def test_async_checkpoint_is_byte_identical_to_a_sync_one(tmp_path, scheme):
     comps = [StateComponent("model", model, "replicated"), StateComponent("optimizer", opt, "replicated"),
              StateComponent("box", Box(tricky_state(3)), "global"),
              StateComponent("rng", RNGState(), "per_rank", required=False)]
-    with CheckpointCoordinator(comps, output_dir=out, chunk_policy=SMALL_CHUNKS) as coord:
+    with CheckpointCoordinator(comps, output_dir=out, storage_options=options, chunk_policy=SMALL_CHUNKS) as coord:
         sync_path = coord.save_checkpoint(checkpoint_id="sync", extra={"step": 5})
         async_path = coord.async_save(checkpoint_id="async", extra={"step": 5}).result()
-    fs, sync_root = fsspec.core.url_to_fs(sync_path)
-    _, async_root = fsspec.core.url_to_fs(async_path)
+    fs, sync_root = fsspec.core.url_to_fs(sync_path, **options)
+    _, async_root = fsspec.core.url_to_fs(async_path, **options)
     sync_files, async_files = _files(fs, sync_root), _files(fs, async_root)
     assert set(sync_files) == set(async_files)
     data_files = set(sync_files) - {CLAIM_FILE, COMMIT_FILE, MANIFEST_FILE}
     assert {".metadata", "index.parquet", "__0_0.distcp"} <= data_files
     for name in sorted(data_files):
         assert sync_files[name] == async_files[name], name
-    sync_manifest, async_manifest = read_manifest(sync_path), read_manifest(async_path)
+    sync_manifest, async_manifest = read_manifest(sync_path, options), read_manifest(async_path, options)
     assert async_manifest.checkpoint_path.endswith("async")
     for field in ("timestamp", "checkpoint_path"):
         setattr(async_manifest, field, getattr(sync_manifest, field))

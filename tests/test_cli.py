@@ -47,8 +47,9 @@ def _components(seed=0, step=10, extra_component=False):
     return comps
 
 
-def _save(root, checkpoint_id, **kwargs):
-    coord = CheckpointCoordinator(_components(**kwargs), output_dir=root, chunk_policy=ChunkPolicy(2048, 2))
+def _save(root, checkpoint_id, storage_options=None, **kwargs):
+    coord = CheckpointCoordinator(_components(**kwargs), output_dir=root, storage_options=storage_options,
+                                  chunk_policy=ChunkPolicy(2048, 2))
     return coord.save_checkpoint(checkpoint_id=checkpoint_id, extra={"step": kwargs.get("step", 10)})
 
 
@@ -215,6 +216,29 @@ def test_entry_point_exit_codes(run, tmp_path):
     assert cli("verify", a).returncode == EXIT_OK
     missing = cli("inspect", tmp_path / "nowhere")
     assert missing.returncode == EXIT_ERROR and "no checkpoint" in missing.stderr
+
+
+def test_every_command_works_on_s3_with_credentials_from_the_environment(s3_url, s3_storage_options, s3_env,
+                                                                          tmp_path):
+    a = _save(s3_url, "checkpoint-10", s3_storage_options)
+    b = _save(s3_url, "checkpoint-20", s3_storage_options, seed=1, step=20)
+    env = dict(os.environ, PYTHONPATH=ROOT, **s3_env)
+
+    def cli(*args):
+        done = subprocess.run([sys.executable, "-m", "dcp_forge.cli", *map(str, args)], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert s3_env["AWS_SECRET_ACCESS_KEY"] not in done.stdout + done.stderr
+        return done
+
+    listed = cli("ls", s3_url)
+    assert listed.returncode == EXIT_OK and "checkpoint-10" in listed.stdout and "checkpoint-20" in listed.stdout
+    inspected = cli("inspect", a, "--json")
+    assert inspected.returncode == EXIT_OK and "model" in {c["key"] for c in json.loads(inspected.stdout)["components"]}
+    assert cli("verify", b).returncode == EXIT_OK
+    differ = cli("diff", a, b)
+    assert differ.returncode == EXIT_FOUND and "model" in differ.stdout
+    out = tmp_path / "model.pt"
+    assert cli("convert", a, out, "--to", "torch").returncode == EXIT_OK and out.stat().st_size > 0
 
 
 def test_usage_errors_and_help(run, capsys):

@@ -248,3 +248,21 @@ def test_async_saves_apply_retention_once_committed(tmp_path):
     CheckpointManager(TrainingArguments(output_dir=out, resume_from_checkpoint=True),
                       [StateComponent("counter", restored, SharingPattern.GLOBAL)]).resume(True)
     assert torch.equal(restored.value, torch.full((4,), 5.0))
+
+
+def test_retention_async_saves_and_resume_on_s3(s3_url, s3_storage_options):
+    args = TrainingArguments(output_dir=s3_url, storage_options=s3_storage_options, save_total_limit=2,
+                             async_save=True)
+    counter = Counter()
+    manager = CheckpointManager(args, [StateComponent("counter", counter, SharingPattern.GLOBAL)])
+    for step in range(1, 5):
+        counter.value += 1
+        manager.save(step=step, epoch=0)
+    manager.close()
+    names = [p.rsplit("/", 1)[-1] for p in list_checkpoints(s3_url, s3_storage_options)]
+    assert names == ["checkpoint-3", "checkpoint-4"]
+    restored = Counter()
+    resumed = CheckpointManager(args, [StateComponent("counter", restored, SharingPattern.GLOBAL)])
+    assert resumed.resume(True).endswith("checkpoint-4")
+    assert torch.equal(restored.value, torch.full((4,), 4.0))
+    resumed.close()
