@@ -38,7 +38,7 @@ def exact_storage(tensor: torch.Tensor) -> torch.Tensor:
 def narrow_box(tensor: torch.Tensor, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
     """The sub-box ``[offsets, offsets + sizes)`` of ``tensor`` as a view."""
     out = tensor
-    for dim, (start, length) in enumerate(zip(offsets, sizes)):
+    for dim, (start, length) in enumerate(zip(offsets, sizes, strict=True)):
         if start != 0 or length != out.shape[dim]:
             out = out.narrow(dim, int(start), int(length))
     return out

@@ -69,9 +69,9 @@ def test_full_training_state_round_trip(tmp_path):
     c2 = Counter()
     torch.manual_seed(99)
     CheckpointCoordinator(components(m2, o2, s2, c2), output_dir=tmp_path).load_checkpoint()
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), m2.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), m2.state_dict().values(), strict=True))
     assert c2.step == 3 and s2.state_dict() == sched.state_dict()
-    for p, q in zip(opt.state.values(), o2.state.values()):
+    for p, q in zip(opt.state.values(), o2.state.values(), strict=True):
         assert all(torch.equal(p[k], q[k]) for k in p)
     assert torch.equal(torch.rand(3), expected_rng)  # RNG restored to the moment of the save
     manifest = read_manifest(path)
@@ -148,7 +148,7 @@ def test_dcp_forge_checkpoint_loads_with_plain_dcp(tmp_path):
     sd = {"model": torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).state_dict(),
           "rng@rank0": rng.state_dict()}  # the documented storage keys (docs/FORMAT.md)
     dcp.load(sd, checkpoint_id=path)  # DCP's own FileSystemReader and DefaultLoadPlanner
-    assert all(torch.equal(a, b) for a, b in zip(sd["model"].values(), model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(sd["model"].values(), model.state_dict().values(), strict=True))
 
 
 def test_plain_dcp_checkpoint_loads_through_dcp_forge(tmp_path):

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import io
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcp_forge.index import ItemRecord, decode_index, encode_index, read_index_table
+from dcp_forge import CheckpointCoordinator, RNGState, StateComponent
+from dcp_forge.index import INDEX_SCHEMA, ItemRecord, decode_index, encode_index, read_index_table
+from dcp_forge.manifest import checksum_bytes
+from dcp_forge.placement import ChunkPolicy
+from dcp_forge.storage.layout import INDEX_FILE
+from dcp_forge.tensors import narrow_box
 
 _boxes = st.one_of(st.none(), st.just(()), st.lists(st.integers(0, 2**40), min_size=1, max_size=4).map(tuple))
 records = st.builds(
@@ -38,3 +45,54 @@ def test_columnar_reader_selects_and_checks_columns():
     pq.write_table(pa.table({"fqn": pa.array([1], pa.int64())}), sink)
     with pytest.raises(ValueError, match="'fqn' is int64, expected string"):
         read_index_table(sink.getvalue(), ["fqn"])
+
+
+# The issue's list of what each row tells (component, pattern, storage key, fqn, rank that wrote it, file,
+# offset, length, dtype, shape, chunk offsets, checksum), as schema columns.
+_PROMISED = ["component", "pattern", "storage_key", "fqn", "rank", "file", "offset", "length", "dtype", "shape",
+             "chunk_offsets", "checksum"]
+
+
+def _documented_columns() -> list[tuple[str, str]]:
+    """(column, type) pairs of the index table in docs/FORMAT.md, in order (``a, b | t1, t2`` rows split)."""
+    doc = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "FORMAT.md")).read()
+    section = doc.split("## `index.parquet`", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")]
+    out = []
+    for names, types, _meaning in rows[2:]:  # rows[0:2]: header and separator
+        names = [n.strip() for n in names.split(",")]
+        types = [t.strip() for t in types.split(",")]
+        out += list(zip(names, types * len(names) if len(types) == 1 else types, strict=True))
+    return out
+
+
+def test_format_doc_lists_exactly_the_written_columns():
+    written = [(f.name, str(f.type).replace("list<item: int64>", "list<int64>")) for f in INDEX_SCHEMA]
+    assert _documented_columns() == written
+    assert set(_PROMISED) <= set(INDEX_SCHEMA.names)
+
+
+def test_saved_index_rows_point_at_their_stored_bytes(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 32)  # 8 KiB weight: cut into row-chunks by ChunkPolicy(2048, 2)
+    comps = [StateComponent("model", model, "replicated"), StateComponent("rng", RNGState(), "per_rank")]
+    path = CheckpointCoordinator(comps, output_dir=tmp_path, chunk_policy=ChunkPolicy(2048, 2)).save_checkpoint(
+        checkpoint_id="checkpoint-1")
+    rows = decode_index(open(os.path.join(path, INDEX_FILE), "rb").read())
+    assert {(r.component, r.pattern, r.storage_key) for r in rows} == {
+        ("model", "replicated", "model"), ("rng", "per_rank", "rng@rank0")}
+    weight_chunks = [r for r in rows if r.fqn == "model.weight"]
+    assert len(weight_chunks) > 1 and sum(r.chunk_sizes[0] for r in weight_chunks) == 32
+    for r in rows:
+        assert r.rank == 0
+        with open(os.path.join(path, r.file), "rb") as f:
+            f.seek(r.offset)
+            blob = f.read(r.length)
+        assert len(blob) == r.length and checksum_bytes(blob) == r.checksum, r
+        if r.kind == "tensor":
+            value = torch.load(io.BytesIO(blob), weights_only=True)
+            assert str(value.dtype) == r.dtype and tuple(value.shape) == r.chunk_sizes
+        if r.fqn.startswith("model."):
+            source = model.state_dict()[r.fqn.split(".", 1)[1]]
+            assert r.shape == tuple(source.shape)
+            assert torch.equal(value, narrow_box(source, r.chunk_offsets, r.chunk_sizes))

@@ -55,7 +55,7 @@ def test_every_unique_byte_is_written_exactly_once(job):
             continue
         cover = np.zeros(tuple(md.size), dtype=np.int32)
         for chunk in md.chunks:
-            cover[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))] += 1
+            cover[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes, strict=True))] += 1
         assert (cover == 1).all(), f"{fqn} not tiled exactly once"
 
 
@@ -149,7 +149,7 @@ def test_chunk_boxes_tile_the_tensor(shape, itemsize, holders, min_chunk):
     boxes = chunk_boxes(shape, itemsize, holders, ChunkPolicy(min_chunk_bytes=min_chunk))
     cover = np.zeros(shape, dtype=np.int32)
     for offsets, sizes in boxes:
-        cover[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))] += 1
+        cover[tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))] += 1
     assert (cover == 1).all()
     if boxes and len(boxes) > 1:
         assert all(math.prod(s) * itemsize >= min_chunk for _, s in boxes)
