@@ -132,8 +132,13 @@ class CheckpointCoordinator:
                     f"state components differ between rank {self.rank} and rank {rank}: every rank must "
                     f"declare the same keys, patterns, groups and required flags (differences: {diff[:6]})")
 
-    def _broadcast_from_coordinator(self, fn) -> Any:
-        """Run ``fn`` on rank 0 and give its result (or its exception) to every rank."""
+    def run_on_coordinator(self, fn) -> Any:
+        """Run ``fn`` on rank 0 and give its result (or its exception) to every rank.
+
+        For storage housekeeping every rank must agree on (listing, retention, discarding leftovers):
+        one rank asks the store, so ranks never act on listings taken at different moments.
+        Collective: every rank calls it.
+        """
         box: list[Any] = [None]
         if self.rank == 0:
             try:
@@ -273,7 +278,7 @@ class CheckpointCoordinator:
     def _resolve_load_path(self, checkpoint_path: str | os.PathLike | None) -> str:
         if checkpoint_path is not None:
             return os.fspath(checkpoint_path)
-        latest = self._broadcast_from_coordinator(lambda: latest_checkpoint(self.output_dir, self.storage_options))
+        latest = self.run_on_coordinator(lambda: latest_checkpoint(self.output_dir, self.storage_options))
         if latest is None:
             raise CheckpointNotFoundError(f"no committed checkpoint under {redact_url(self.output_dir)}")
         return latest
@@ -311,7 +316,7 @@ class CheckpointCoordinator:
                   ForgeStorageReader(path, self.storage_options, thread_count=self.thread_count,
                                      verify_checksums=self.verify_checksums))
         # One rank reads the metadata files; every reader adopts them (no per-rank re-reads).
-        metadata, manifest, records = self._broadcast_from_coordinator(
+        metadata, manifest, records = self.run_on_coordinator(
             lambda: (reader.read_metadata(), reader.manifest, reader.records))
         reader.use_metadata(metadata, manifest, records)
         selection: LoadSelection = self._on_every_rank(

@@ -40,20 +40,22 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'dcp_forge.storage' has no attribute {name!r}")
 
 
-def open_writer(url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None,
-                **options: Any) -> ForgeStorageWriter:
-    """A DCP StorageWriter for the checkpoint directory ``url`` (options: see ForgeStorageWriter)."""
+def open_writer(url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, *,
+                thread_count: int = 2, extra: Mapping[str, Any] | None = None) -> ForgeStorageWriter:
+    """A DCP StorageWriter for the checkpoint directory ``url``: ``thread_count`` files (and threads)
+    per rank; ``extra``: JSON-able data stored in the manifest."""
     from .writer import ForgeStorageWriter
 
-    return ForgeStorageWriter(url, storage_options, **options)
+    return ForgeStorageWriter(url, storage_options, thread_count=thread_count, extra=extra)
 
 
-def open_reader(url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None,
-                **options: Any) -> ForgeStorageReader:
-    """A DCP StorageReader for the checkpoint directory ``url`` (options: see ForgeStorageReader)."""
+def open_reader(url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, *,
+                thread_count: int = 2, verify_checksums: bool = True) -> ForgeStorageReader:
+    """A DCP StorageReader for the checkpoint directory ``url``: ``thread_count`` reader threads per
+    rank; ``verify_checksums`` checks every item read against its recorded xxh3."""
     from .reader import ForgeStorageReader
 
-    return ForgeStorageReader(url, storage_options, **options)
+    return ForgeStorageReader(url, storage_options, thread_count=thread_count, verify_checksums=verify_checksums)
 
 
 __all__ = [

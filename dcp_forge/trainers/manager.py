@@ -104,7 +104,7 @@ class CheckpointManager:
             existing = list_checkpoints(args.output_dir, args.storage_options)
             return discarded, existing
 
-        discarded, existing = self.coordinator._broadcast_from_coordinator(housekeeping)
+        discarded, existing = self.coordinator.run_on_coordinator(housekeeping)
         for path in discarded:
             if self.rank == 0:
                 logger.warning("discarded uncommitted checkpoint %s (left by an interrupted save)",
@@ -120,7 +120,7 @@ class CheckpointManager:
         """Load ``target`` (True: the latest committed checkpoint, None when there is none; a path:
         that checkpoint) into the components. Returns the loaded path. Collective."""
         if target is True:
-            latest = self.coordinator._broadcast_from_coordinator(
+            latest = self.coordinator.run_on_coordinator(
                 lambda: (list_checkpoints(self.args.output_dir, self.args.storage_options) or [None])[-1])
             if latest is None:
                 return None
@@ -193,7 +193,7 @@ class CheckpointManager:
                 logger.info("retention: deleted %s", redact_url(paths[checkpoint_id]))
             return plan, [paths[c] for c in plan.preserved]
 
-        plan, preserved_paths = self.coordinator._broadcast_from_coordinator(retain)
+        plan, preserved_paths = self.coordinator.run_on_coordinator(retain)
         self.preserved = tuple(preserved_paths)
         self.deleted.extend(plan.delete)
         return plan
