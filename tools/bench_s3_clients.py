@@ -32,14 +32,15 @@ MiB = 2**20
 BUCKET = "bench"
 
 
-def _s3fs(settings, **kw):
+def fresh_s3fs(settings, **kw):
+    """An s3fs client of its own (no instance or listings cache shared with other variants)."""
     return C.make_s3fs(settings, skip_instance_cache=True, use_listings_cache=False, **kw)
 
 
 # --------------------------------------------------------------------------------------- writes
 
 def w_s3fs_open(settings, block_mib: int, piece_mib: int = 8, **fskw):
-    fs = _s3fs(settings, **fskw)
+    fs = fresh_s3fs(settings, **fskw)
 
     def run(path: str, data: memoryview):
         # s3fs uploads the parts of an open() file one after another ("TODO: concurrent here" in
@@ -51,7 +52,7 @@ def w_s3fs_open(settings, block_mib: int, piece_mib: int = 8, **fskw):
 
 
 def w_s3fs_pipe(settings, chunk_mib: int, concurrency: int, **fskw):
-    fs = _s3fs(settings, **fskw)
+    fs = fresh_s3fs(settings, **fskw)
 
     def run(path: str, data: memoryview):
         # botocore refuses a memoryview Body; s3fs slices the bytes into parts (a copy per part).
@@ -75,25 +76,31 @@ def w_arrow(settings, threads: int, piece_mib: int = 8):
 # ---------------------------------------------------------------------------------------- reads
 
 def r_s3fs_cat(settings, block_mib: int, concurrency: int):
-    fs = _s3fs(settings, default_block_size=block_mib * MiB, max_concurrency=concurrency)
+    fs = fresh_s3fs(settings, default_block_size=block_mib * MiB, max_concurrency=concurrency)
     return lambda path, size: fs.cat_file(path)
 
 
 def r_s3fs_ranges(settings, chunk_mib: int, threads: int):
     """Ranged cat_file calls from a thread pool, each landing in its slice of one buffer."""
-    fs = _s3fs(settings)
+    fs = fresh_s3fs(settings)
 
     def run(path, size):
         out = bytearray(size)
-        mv = memoryview(out)
-
-        def one(off):
-            end = min(size, off + chunk_mib * MiB)
-            mv[off:end] = fs.cat_file(path, start=off, end=end)
-        with cf.ThreadPoolExecutor(threads) as ex:
-            list(ex.map(one, range(0, size, chunk_mib * MiB)))
+        s3fs_ranges_into(fs, path, memoryview(out), chunk_mib * MiB, threads)
         return out
     return run
+
+
+def s3fs_ranges_into(fs, path: str, out: memoryview, chunk: int, threads: int, start: int = 0) -> None:
+    """Fill ``out`` with bytes ``[start, start + len(out))`` of ``path``: ranged ``cat_file`` calls of
+    ``chunk`` bytes from ``threads`` threads, each copied into its slice (s3fs cannot read into memory)."""
+    size = len(out)
+
+    def one(off):
+        end = min(size, off + chunk)
+        out[off:end] = fs.cat_file(path, start=start + off, end=start + end)
+    with cf.ThreadPoolExecutor(threads) as ex:
+        list(ex.map(one, range(0, size, chunk)))
 
 
 def r_arrow_read(settings, threads: int):
@@ -114,17 +121,24 @@ def r_arrow_readinto(settings, chunk_mib: int, threads: int):
 
     def run(path, size):
         out = bytearray(size)
-        mv = memoryview(out)
-        offs = list(range(0, size, chunk_mib * MiB))
-
-        def worker(my_offs):
-            with afs.open_input_file(path) as f:
-                for off in my_offs:
-                    C.readinto_arrow(f, off, mv[off:min(size, off + chunk_mib * MiB)])
-        with cf.ThreadPoolExecutor(threads) as ex:
-            list(ex.map(worker, [offs[i::threads] for i in range(threads)]))
+        arrow_ranges_into(afs, path, memoryview(out), chunk_mib * MiB, threads)
         return out
     return run
+
+
+def arrow_ranges_into(afs, path: str, out: memoryview, chunk: int, threads: int, start: int = 0) -> None:
+    """Fill ``out`` with bytes ``[start, start + len(out))`` of ``path``: ``threads`` threads, one
+    input file each, ``readinto`` ``chunk``-byte slices straight into ``out`` (no intermediate bytes)."""
+    size = len(out)
+    offs = list(range(0, size, chunk))
+    threads = max(1, min(threads, len(offs)))
+
+    def worker(my_offs):
+        with afs.open_input_file(path) as f:
+            for off in my_offs:
+                C.readinto_arrow(f, start + off, out[off:min(size, off + chunk)])
+    with cf.ThreadPoolExecutor(threads) as ex:
+        list(ex.map(worker, [offs[i::threads] for i in range(threads)]))
 
 
 def r_arrow_read_at(settings, chunk_mib: int, threads: int):
@@ -151,7 +165,7 @@ def _median_rate(times: list[float], nbytes: int) -> tuple[float, float, float]:
     return statistics.median(rates), min(rates), max(rates)
 
 
-class _Clock:
+class Clock:
     """Wall time plus CPU seconds of this process (all threads) and of the server process.
 
     On a small shared machine CPU-seconds per GB is the steadier number: wall-clock MB/s falls
@@ -188,11 +202,11 @@ def _row(op, client, method, setting, samples, size) -> dict:
 
 
 def bench(settings, size: int, repeats: int, quick: bool, server_pid: int | None = None) -> list[dict]:
-    clock = _Clock(server_pid)
+    clock = Clock(server_pid)
     data = os.urandom(size)
     digest = hashlib.sha256(data).hexdigest()
     mv = memoryview(data)
-    ctl = _s3fs(settings)
+    ctl = fresh_s3fs(settings)
     results = []
     nochk = {"config_kwargs": {**C.s3fs_kwargs(settings)["config_kwargs"],
                                "request_checksum_calculation": "when_required",
@@ -302,7 +316,7 @@ def main(argv=None) -> int:
                 data_dir=a.data_dir))
         settings = C.S3Settings.from_server(info)
         with contextlib.suppress(FileExistsError):
-            _s3fs(settings).mkdir(BUCKET)
+            fresh_s3fs(settings).mkdir(BUCKET)
         load0 = os.getloadavg()[0]
         results = bench(settings, size, a.repeats, a.quick, server_pid=None if a.state_dir else info.pid)
         load1 = os.getloadavg()[0]
