@@ -114,9 +114,13 @@ def first_rank_failure(exc: BaseException) -> BaseException | None:
 
 def os_error_with_context(err: OSError, context: str, path: str | None = None) -> OSError:
     """``err`` saying where it happened: a new error of the same class (errno picks the builtin
-    subclass: EACCES -> PermissionError, ENOSPC -> OSError...) when it has an errno, else ``err``
-    itself with the context as a note. Raise the result ``from err``."""
+    subclass: EACCES -> PermissionError, ENOSPC -> OSError...) when it has an errno; without one, a
+    builtin class (ConnectionError from S3 retries running out, Arrow's plain OSError) is rebuilt
+    with the context in its message, which is what logs and ``str(error)`` show; any other class
+    is ``err`` itself with the context as a note. Raise the result ``from err``."""
     if err.errno is None:
+        if type(err).__module__ == "builtins":
+            return type(err)(f"{err} ({context})")
         err.add_note(context)
         return err
     return OSError(err.errno, f"{err.strerror or err}: {context}", path)

@@ -31,6 +31,7 @@ Server quirks handled here (checked against SeaweedFS 4.48 and moto 5 server mod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -243,6 +244,25 @@ def transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+@contextlib.contextmanager
+def s3_errors(action: str, path: str) -> Iterator[None]:
+    """Errors of one s3fs call as builtins that say what failed on which object.
+
+    Transport errors (not OSError) become ``ConnectionError``; s3fs's translated answers
+    (``OSError(EREMOTEIO, 'We encountered an internal error...')``) carry no key, so they get the
+    ``s3://`` path as their filename. Errors that already name their object pass unchanged.
+    """
+    try:
+        yield
+    except transport_errors() as err:  # first: botocore's ReadTimeoutError is also an OSError
+        raise ConnectionError(f"{action} of s3://{path} failed on the connection after all retries "
+                              f"({type(err).__name__})") from err
+    except OSError as err:
+        if err.errno is None or err.filename is not None:
+            raise
+        raise OSError(err.errno, f"{action} failed: {err.strerror or err}", f"s3://{path}") from err
+
+
 def put_if_absent(fs: Any, path: str, data: bytes, *, verify_lost_reply: bool = True,
                   conflict_retries: int = 5) -> None:
     """Create ``path`` holding ``data`` with one conditional PUT; ``FileExistsError`` if it exists.
@@ -349,6 +369,18 @@ class _ArrowInput:
         self._file.close()
 
 
+class _S3fsOutput(_FsspecOutput):
+    """s3fs's buffered upload, its errors naming the object (``s3_errors``)."""
+
+    def write(self, data: Any) -> int:
+        with s3_errors("upload", self.path):
+            return super().write(data)
+
+    def close(self) -> None:
+        with s3_errors("upload", self.path):
+            super().close()
+
+
 class S3Backend(StorageBackend):
     """An S3 bucket. ``fs`` (s3fs) is the control path; ``arrow_fs`` (or None: s3fs) moves data."""
 
@@ -364,19 +396,18 @@ class S3Backend(StorageBackend):
         return "s3fs" if self.arrow_fs is None else "arrow"
 
     def read_bytes(self, path: str) -> bytes:
-        try:
+        with s3_errors("read", path):
             return self.fs.cat_file(path)
-        except transport_errors() as err:
-            raise ConnectionError(f"reading s3://{path} failed on the connection after all retries "
-                                  f"({type(err).__name__})") from err
 
     def create_exclusive(self, path: str, data: bytes) -> None:
-        put_if_absent(self.fs, path, data)
+        with s3_errors("conditional PUT", path):
+            put_if_absent(self.fs, path, data)
 
     def open_output(self, path: str) -> OutputStream:
         if self.arrow_fs is not None:
             return _ArrowOutput(self.arrow_fs, path)
-        return _FsspecOutput(self.fs, path)
+        with s3_errors("upload", path):
+            return _S3fsOutput(self.fs, path)
 
     def open_input(self, path: str) -> InputFile:
         if self.arrow_fs is not None:
@@ -386,21 +417,31 @@ class S3Backend(StorageBackend):
     def makedirs(self, path: str) -> None:
         pass  # prefixes exist by having objects under them
 
+    def exists(self, path: str) -> bool:
+        with s3_errors("existence check", path):
+            return self.fs.exists(path)
+
     def list_dir(self, path: str, dirs_only: bool = False) -> list[str]:
         try:
-            entries = self.fs.ls(path, detail=True, refresh=True)
+            with s3_errors("listing", path):
+                entries = self.fs.ls(path, detail=True, refresh=True)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        except transport_errors() as err:
-            raise ConnectionError(f"listing s3://{path} failed on the connection after all retries "
-                                  f"({type(err).__name__})") from err
         return entry_names(path, entries, dirs_only)
+
+    def remove(self, path: str) -> None:
+        try:
+            with s3_errors("delete", path):
+                self.fs.rm_file(path)
+        except FileNotFoundError:
+            pass
 
     def remove_tree(self, path: str) -> None:
         prefix = path.rstrip("/") + "/"
-        objects = [p for p, info in self.fs.find(prefix, detail=True).items() if info.get("type") != "directory"]
-        if objects:
-            self.fs.rm(objects)  # batched DeleteObjects, 1000 keys a request
+        with s3_errors("batched delete", prefix):
+            objects = [p for p, info in self.fs.find(prefix, detail=True).items() if info.get("type") != "directory"]
+            if objects:
+                self.fs.rm(objects)  # batched DeleteObjects, 1000 keys a request
         self.fs.invalidate_cache(path)
 
 
@@ -413,7 +454,12 @@ def control_options(storage_options: Mapping[str, Any]) -> tuple[dict[str, Any],
     # Ranks list what other processes wrote: a listing cached in this process would hide it.
     options.setdefault("use_listings_cache", False)
     config = dict(options.get("config_kwargs") or {})
-    config.setdefault("retries", {"total_max_attempts": DEFAULT_MAX_ATTEMPTS, "mode": "standard"})
+    # Standard mode unless the user chose one: a retries dict without "mode" would otherwise get
+    # botocore's legacy mode, whose backoff and error classes differ from Arrow's strategy.
+    retries = {"mode": "standard", **(config.get("retries") or {})}
+    if "total_max_attempts" not in retries and "max_attempts" not in retries:
+        retries["total_max_attempts"] = DEFAULT_MAX_ATTEMPTS
+    config["retries"] = retries
     config.setdefault("connect_timeout", S3Settings.connect_timeout)
     config.setdefault("read_timeout", S3Settings.read_timeout)
     options["config_kwargs"] = config

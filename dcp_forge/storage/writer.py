@@ -40,7 +40,7 @@ from ..sharing import ComponentLayout
 from ..topology import Topology
 from .backends import OutputStream
 from .commit import CommitRecord, claim, commit
-from .layout import INDEX_FILE, MANIFEST_FILE, METADATA_FILE, data_file_name
+from .layout import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE, data_file_name
 from .registry import open_backend, redact_url
 from .torch_blob import save_tensor
 
@@ -211,6 +211,14 @@ class ForgeStorageWriter(StorageWriter):
         out.close()
         return results
 
+    def _write_record(self, name: str, data: bytes) -> None:
+        full = self.backend.join(self.path, name)
+        try:
+            self.backend.write_bytes(full, data)
+        except OSError as err:
+            raise os_error_with_context(
+                err, f"rank {self.rank} writing {name} of checkpoint {redact_url(self.url)}", full) from err
+
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         started = time.perf_counter()
         if self.commit_gate is not None:
@@ -240,13 +248,18 @@ class ForgeStorageWriter(StorageWriter):
         # or their uploads overlap (object stores).
         records_to_write = {INDEX_FILE: index_bytes, METADATA_FILE: metadata_bytes, MANIFEST_FILE: manifest_bytes}
         with ThreadPoolExecutor(max_workers=len(records_to_write), thread_name_prefix="forge-records") as pool:
-            for f in [pool.submit(self.backend.write_bytes, self.backend.join(self.path, name), data)
-                      for name, data in records_to_write.items()]:
+            for f in [pool.submit(self._write_record, name, data) for name, data in records_to_write.items()]:
                 f.result()
         self.backend.sync_dir(self.path)
-        commit(self.backend, self.path, CommitRecord(
-            checkpoint_id=os.path.basename(self.path.rstrip("/")), save_id=self.save_id,
-            committed_at=time.time(), manifest_checksum=checksum_bytes(manifest_bytes)))
+        record = CommitRecord(checkpoint_id=os.path.basename(self.path.rstrip("/")), save_id=self.save_id,
+                              committed_at=time.time(), manifest_checksum=checksum_bytes(manifest_bytes))
+        try:
+            commit(self.backend, self.path, record)
+        except OSError as err:
+            # A lost reply on the last retry leaves the outcome unknown (ConnectionError): the
+            # checkpoint is then complete and committed exactly when latest_checkpoint lists it.
+            raise os_error_with_context(err, f"rank {self.rank} committing checkpoint {redact_url(self.url)}",
+                                        self.backend.join(self.path, COMMIT_FILE)) from err
         self.manifest = manifest
         logger.info("committed %s: %d items, %d bytes (finish %.3fs)", redact_url(self.url), len(records),
                     sum(r.length for r in records), time.perf_counter() - started)
