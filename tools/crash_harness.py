@@ -10,6 +10,10 @@ it saves, one rank or all ranks are killed with SIGKILL, in one of four ways:
   marker creation, deletion; a write may be torn: half its bytes land first) of one / every rank;
 - ``timer-one`` / ``timer-all``: at a random moment of the save, from outside.
 
+On s3:// the same operations of the S3 backend are the kill points: data uploads (Arrow or s3fs),
+the record uploads, the conditional PUTs of the claim and commit markers, the marker's delete and
+the batched delete of the rest.
+
 Ranks that outlive the victim are killed after a grace period, as a job scheduler would. After each
 trial the harness checks, from storage:
 
@@ -21,6 +25,8 @@ trial the harness checks, from storage:
   half-deleted one has lost its marker first.
 
     .venv/bin/python tools/crash_harness.py --trials 200          # prints counts; exit 1 on any failure
+    .venv/bin/python tools/crash_harness.py --trials 200 --s3     # the same on s3:// (starts and stops a SeaweedFS)
+    .venv/bin/python tools/crash_harness.py --output-dir s3://bucket/run --storage-options '{"endpoint_url": ...}'
 
 The CI test (tests/test_crash_consistency.py) runs the same harness with fewer trials.
 """
@@ -40,7 +46,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_any
 from typing import Any
@@ -134,8 +140,9 @@ class _Killer:
 
     def install(self) -> None:
         from dcp_forge.storage.backends import FsspecBackend, LocalBackend
+        from dcp_forge.storage.s3 import S3Backend
 
-        for cls in (LocalBackend, FsspecBackend):
+        for cls in (LocalBackend, FsspecBackend, S3Backend):
             for name in self.MUTATING:
                 setattr(cls, name, self._hooked(name, getattr(cls, name)))
 
@@ -351,15 +358,23 @@ def _check_storage(setup: _Setup, path: str, previous: str | None, report: Repor
     return expected
 
 
+def _sweep_order(kinds: list[str], sweep: bool | Sequence[str]) -> list[str]:
+    """The kinds of one rank's storage operations to sweep, in order."""
+    if sweep is True:
+        return sorted(set(kinds), key=lambda k: (kinds.count(k), k))
+    return [k for k in (sweep or ()) if k in kinds]
+
+
 def run_trials(trials: int, *, world: int = 2, seed: int = 0, mib: float = 2.0, out_dir: str | None = None,
-               storage_options: dict[str, Any] | None = None, use_async: bool = False, sweep: bool = True,
-               keep_going: bool = False, log: Callable[[str], None] | None = None) -> Report:
+               storage_options: dict[str, Any] | None = None, use_async: bool = False,
+               sweep: bool | Sequence[str] = True, keep_going: bool = False, log: Callable[[str], None] | None = None) -> Report:
     """Run ``trials`` kill trials (after three jobs that kill nothing, and before one that only loads).
 
     ``out_dir``: a local directory or a URL (with ``storage_options``), empty or new; default: a
     temporary directory, removed afterwards. ``use_async``: save with ``async_save`` (training changes the state in place while it uploads)
     instead of ``save_checkpoint``. ``sweep``: begin by killing each rank once at each kind of storage
-    operation it performs.
+    operation it performs; a sequence of kinds (``event_kind`` names): only at those, in that order
+    (short runs that must cover chosen steps of the protocol).
     """
     from dcp_forge.storage import join_url
     from dcp_forge.trainers.manager import checkpoint_id_for_step
@@ -387,8 +402,7 @@ def run_trials(trials: int, *, world: int = 2, seed: int = 0, mib: float = 2.0, 
             # First a sweep: each kind of storage operation of each rank is killed once, rarest first
             # (data writes outnumber the commit protocol's steps a hundredfold). Then the four modes
             # take turns, killing at random operations or moments.
-            pending = [(r, k) for r in range(world) for k in sorted(set(kinds[r]), key=lambda k, r=r: (kinds[r].count(k), k))
-                       if (r, k) not in swept] if sweep else []
+            pending = [(r, k) for r in range(world) for k in _sweep_order(kinds[r], sweep) if (r, k) not in swept]
             if not _CALIBRATION <= step < _CALIBRATION + trials:
                 mode = None
             elif pending:
@@ -462,6 +476,21 @@ def run_trials(trials: int, *, world: int = 2, seed: int = 0, mib: float = 2.0, 
     return report
 
 
+S3_BUCKET = "crash-harness"
+
+
+def _print_report(report: Report, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({**vars(report), "modes": dict(report.modes), "kill_points": dict(report.kill_points)},
+                         indent=2))
+        return
+    print(report.summary())
+    print("modes:", dict(report.modes))
+    print("kill points:", dict(sorted(report.kill_points.items(), key=lambda kv: -kv[1])))
+    for failure in report.failures:
+        print("FAILURE:", failure)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=200)
@@ -471,25 +500,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default=None,
                         help="local directory or URL (s3://...) to save into, empty or new (default: a temp dir)")
     parser.add_argument("--storage-options", default="{}", help="JSON storage options for --output-dir")
+    parser.add_argument("--s3", action="store_true",
+                        help="start a SeaweedFS on 127.0.0.1 (tools/s3_server.py) for this run, save into "
+                             f"s3://{S3_BUCKET}/run-<id> on it, and stop it at the end")
     parser.add_argument("--async", dest="use_async", action="store_true",
                         help="async saves (training changes the state while they upload) instead of sync ones")
     parser.add_argument("--verbose", action="store_true", help="print one line per trial")
     parser.add_argument("--keep-going", action="store_true", help="do not stop at the first failing trial")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
-    report = run_trials(args.trials, world=args.world, seed=args.seed, mib=args.mib, out_dir=args.output_dir,
-                        storage_options=json.loads(args.storage_options),
-                        use_async=args.use_async, keep_going=args.keep_going, log=print if args.verbose else None)
-    if args.json:
-        print(json.dumps({**vars(report), "modes": dict(report.modes), "kill_points": dict(report.kill_points)},
-                         indent=2))
-    else:
-        print(report.summary())
-        print("modes:", dict(report.modes))
-        print("kill points:", dict(sorted(report.kill_points.items(), key=lambda kv: -kv[1])))
-        for failure in report.failures:
-            print("FAILURE:", failure)
-    return 1 if report.failures else 0
+    if args.s3 and args.output_dir:
+        parser.error("--s3 starts a server of its own: leave out --output-dir")
+
+    def run(out_dir: str | None, options: dict[str, Any]) -> int:
+        report = run_trials(args.trials, world=args.world, seed=args.seed, mib=args.mib, out_dir=out_dir,
+                            storage_options=options, use_async=args.use_async, keep_going=args.keep_going,
+                            log=print if args.verbose else None)
+        _print_report(report, args.json)
+        return 1 if report.failures else 0
+
+    if not args.s3:
+        return run(args.output_dir, json.loads(args.storage_options))
+    from tools import s3_server
+
+    with s3_server.running_server("seaweedfs", buckets=[S3_BUCKET], stop_timeout=5) as info:
+        options = {"key": info.access_key, "secret": info.secret_key, "endpoint_url": info.endpoint_url,
+                   "config_kwargs": {"region_name": info.region}, **json.loads(args.storage_options)}
+        return run(f"s3://{S3_BUCKET}/run-{os.getpid()}-{int(time.time())}", options)
 
 
 if __name__ == "__main__":
