@@ -16,6 +16,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from dcp_forge import CheckpointCoordinator, RNGState, StateComponent
+from dcp_forge.bench.save_load import vs_best_dcp
 from dcp_forge.cli import EXIT_ERROR, EXIT_FOUND, EXIT_OK, main
 from dcp_forge.placement import ChunkPolicy
 from dcp_forge.storage.layout import CLAIM_FILE
@@ -203,6 +204,18 @@ def test_bench_quick_writes_report_and_plot(tmp_path, capsys):
     assert report["index"]["items"] == 2000 and report["planning"]["rows"]
     assert (tmp_path / "report" / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "| save: dcp_forge |" in out
+    for phase in ("save", "load"):
+        best = report["save_load"]["vs_best_dcp"][phase]
+        rows = report["save_load"][phase]
+        assert best["ratio"] == rows["dcp_forge"]["gbps_median"] / rows[best["best_dcp"]]["gbps_median"]
+
+
+def test_vs_best_dcp_picks_the_fastest_dcp_configuration():
+    rows = {"disk limit": {"gbps_median": 9.0}, "dcp_forge": {"gbps_median": 3.0},
+            "dcp defaults": {"gbps_median": 1.0}, "dcp thread_count=2": {"gbps_median": 2.0},
+            "torch.save": {"gbps_median": 5.0}}
+    assert vs_best_dcp(rows) == {"best_dcp": "dcp thread_count=2", "ratio": 1.5}
+    assert vs_best_dcp({"dcp_forge": {"gbps_median": 3.0}}) is None
 
 
 def test_entry_point_exit_codes(run, tmp_path):
