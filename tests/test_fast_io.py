@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 import warnings
 
 import pytest
@@ -15,9 +16,9 @@ from hypothesis import strategies as st
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_forge import CheckpointCoordinator, StateComponent
-from dcp_forge.errors import first_rank_failure
+from dcp_forge.errors import IntegrityError, first_rank_failure
 from dcp_forge.storage import ForgeStorageReader, open_reader
-from dcp_forge.storage.item_reader import DIRECT_MIN_BYTES, StoredRead, split_runs
+from dcp_forge.storage.item_reader import DIRECT_MIN_BYTES, PipelinedChecker, StoredRead, split_runs
 from dcp_forge.storage.torch_blob import NotPlainTensor, open_blob, save_tensor, tensor_blob_layout
 
 from .strategies import DTYPES
@@ -256,3 +257,29 @@ def test_every_item_is_prefetched_before_it_is_read_and_not_too_far_ahead(tmp_pa
             latest = max(latest, o)
         else:
             assert o < latest + 3 * DIRECT_MIN_BYTES + largest
+
+
+def test_pipelined_checker_waits_for_every_hash_and_raises_the_first_failure():
+    from concurrent.futures import ThreadPoolExecutor
+
+    checked = []
+    with ThreadPoolExecutor(2) as pool:
+        checker = PipelinedChecker(lambda read, found: checked.append((read, found)), pool)
+        checker("r0", "abc")  # a direct call checks at once
+        assert checked == [("r0", "abc")]
+        done = []
+
+        def fail(n):
+            def job():
+                time.sleep(0.01 * n)
+                done.append(n)
+                raise IntegrityError(f"bad {n}")
+            return job
+
+        for n in (3, 1):
+            checker.submit(fail(n))
+        checker.submit(lambda: done.append("ok"))
+        with pytest.raises(IntegrityError, match="bad 3"):  # first submitted, though it finished last
+            checker.wait()
+        assert sorted(map(str, done)) == ["1", "3", "ok"]
+        checker.wait()  # nothing pending any more

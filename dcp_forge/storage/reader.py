@@ -37,7 +37,15 @@ from .consistency import (
     record_problems,
     storage_location_problems,
 )
-from .item_reader import Checker, ItemLoader, StoredRead, group_reads, load_stored_item, split_runs
+from .item_reader import (
+    Checker,
+    ItemLoader,
+    PipelinedChecker,
+    StoredRead,
+    group_reads,
+    load_stored_item,
+    split_runs,
+)
 from .layout import INDEX_FILE, METADATA_FILE
 from .registry import open_backend, redact_url
 
@@ -153,12 +161,22 @@ class ForgeStorageReader(StorageReader):
                      load: ItemLoader = load_stored_item) -> None:
         """Read stored items (in file order) on up to ``thread_count`` threads, ``load`` applying each."""
         runs = split_runs(reads, self.thread_count)
-        if len(runs) == 1:
-            self.bytes_read += self._read_run(runs[0], planner, load)
-        elif runs:
-            with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="forge-read") as pool:
-                for f in [pool.submit(self._read_run, run, planner, load) for run in runs]:
-                    self.bytes_read += f.result()
+        if not runs:
+            return
+        with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="forge-hash") as hashers:
+            check = self.checker
+            if check is not None:
+                check = PipelinedChecker(check, hashers)
+            if len(runs) == 1:
+                self.bytes_read += self._read_run(runs[0], planner, load, check)
+            else:
+                with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="forge-read") as pool:
+                    for f in [pool.submit(self._read_run, run, planner, load, check) for run in runs]:
+                        self.bytes_read += f.result()
+            # After a read error, leaving this block still waits for the hashes (they read destination
+            # memory), and the read error is the one raised.
+            if check is not None:
+                check.wait()
 
     def _read_file(self, name: str) -> bytes:
         try:
@@ -167,7 +185,7 @@ class ForgeStorageReader(StorageReader):
             raise IntegrityError(f"{redact_url(self.url)} is missing {name}") from err
 
     def _read_run(self, run: Sequence[StoredRead], planner: LoadPlanner,
-                  load: ItemLoader = load_stored_item) -> int:
+                  load: ItemLoader = load_stored_item, check: Checker = None) -> int:
         """Read consecutive stored items (one thread), one open handle per file; returns bytes read.
 
         The next ``PREFETCH_BYTES`` of the run are always requested ahead (``InputFile.prefetch``),
@@ -175,7 +193,6 @@ class ForgeStorageReader(StorageReader):
         """
         handles: dict[str, InputFile] = {}
         done = 0
-        check = self.checker
         ahead = 0  # run[:ahead] have been prefetched
 
         def handle_for(read: StoredRead) -> InputFile:
