@@ -16,6 +16,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from dcp_forge import CheckpointCoordinator, RNGState, StateComponent
+from dcp_forge.bench.disk import drop_page_cache, resident_bytes
 from dcp_forge.bench.save_load import vs_best_dcp
 from dcp_forge.cli import EXIT_ERROR, EXIT_FOUND, EXIT_OK, main
 from dcp_forge.placement import ChunkPolicy
@@ -204,10 +205,37 @@ def test_bench_quick_writes_report_and_plot(tmp_path, capsys):
     assert report["index"]["items"] == 2000 and report["planning"]["rows"]
     assert (tmp_path / "report" / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "| save: dcp_forge |" in out
+    assert 0.0 <= report["save_load"]["resident_after_eviction_max"] <= 1.0
     for phase in ("save", "load"):
         best = report["save_load"]["vs_best_dcp"][phase]
         rows = report["save_load"][phase]
         assert best["ratio"] == rows["dcp_forge"]["gbps_median"] / rows[best["best_dcp"]]["gbps_median"]
+
+
+def _filesystem_type(path) -> str:
+    """The type of the filesystem holding ``path`` (longest matching mount point in /proc/mounts)."""
+    path, best, kind = os.path.realpath(path), "", ""
+    with open("/proc/mounts") as f:
+        for line in f:
+            _, mount, fstype = line.split()[:3]
+            if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best):
+                best, kind = mount, fstype
+    return kind
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/mounts"), reason="Linux page cache only")
+def test_bench_eviction_leaves_nothing_cached(tmp_path):
+    path = tmp_path / "data.bin"
+    with open(path, "wb") as f:
+        f.write(os.urandom(3 * 4096 + 100))
+        f.flush()
+        os.fsync(f.fileno())
+    assert resident_bytes(str(path)) == 3 * 4096 + 100  # just written: every page cached
+    assert resident_bytes(str(tmp_path)) == 3 * 4096 + 100  # a directory counts its files
+    assert drop_page_cache(str(tmp_path)) == 3 * 4096 + 100
+    if _filesystem_type(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip("this filesystem keeps its pages: nothing to evict them to")
+    assert resident_bytes(str(path)) == 0
 
 
 def test_vs_best_dcp_picks_the_fastest_dcp_configuration():

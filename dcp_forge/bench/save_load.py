@@ -31,7 +31,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
 from ..coordinator import CheckpointCoordinator
 from ..sharing import SharingPattern, StateComponent
-from .disk import cold_read_limit, drop_page_cache, durable_write_limit
+from .disk import cold_read_limit, drop_page_cache, durable_write_limit, resident_bytes
 
 LIMIT = "disk limit"
 
@@ -164,6 +164,8 @@ class SaveLoadResult:
     # is the software's own cost; system time is mostly the kernel copying pages and, on a busy
     # machine, reclaiming memory, so it varies from run to run for the same work.
     cpu_seconds: dict[str, list[list[float]]] = dataclasses.field(default_factory=dict)
+    # Fraction of each load's files still in the page cache right after eviction (0.0: a cold read)
+    resident_after_eviction: list[float] = dataclasses.field(default_factory=list)
 
     def _summary(self, phase: str, seconds: dict[str, list[float]], limits: dict[str, list[float]]
                  ) -> dict[str, dict]:
@@ -194,6 +196,7 @@ class SaveLoadResult:
         load = self._summary("load", self.load_seconds, self.load_limit_seconds)
         return {"config": dataclasses.asdict(self.config), "bytes": self.config.nbytes,
                 "load_average": self.load_average, "cpus": os.cpu_count(), "save": save, "load": load,
+                "resident_after_eviction_max": max(self.resident_after_eviction, default=None),
                 "vs_best_dcp": {"save": vs_best_dcp(save), "load": vs_best_dcp(load)}}
 
 
@@ -232,10 +235,12 @@ def _paired(limit: Callable[[], float], contender: Callable[[], float], limit_fi
 class _Run:
     """One benchmark run: the source state, the preallocated destination, a scratch directory."""
 
-    def __init__(self, config: SaveLoadConfig, root: str, cpu: dict[str, list[list[float]]]) -> None:
+    def __init__(self, config: SaveLoadConfig, root: str, cpu: dict[str, list[list[float]]],
+                 resident: list[float]) -> None:
         self.config = config
         self.root = root
         self.cpu = cpu
+        self.resident = resident
         self.source = make_state(config)
         self.target = {k: torch.zeros_like(v) for k, v in self.source.items()}
 
@@ -253,7 +258,7 @@ class _Run:
 
     def read_limit(self, rep_dir: str) -> float:
         limit_dir = os.path.join(rep_dir, "limit")
-        drop_page_cache(limit_dir)
+        self._evict(limit_dir)
         seconds = _timed(lambda: cold_read_limit(limit_dir, list(self.target.values())), self._cpu_list(f"load:{LIMIT}"))
         self._zero_target()
         return seconds
@@ -261,13 +266,20 @@ class _Run:
     def load(self, name: str, rep_dir: str) -> float:
         saved_by, loader = _LOADERS[name]
         path = os.path.join(rep_dir, _slug(saved_by))
-        drop_page_cache(path)
+        self._evict(path)
         seconds = _timed(lambda: loader(path, self.target), self._cpu_list(f"load:{name}"))
         bad = [k for k in self.source if not torch.equal(self.source[k], self.target[k])]
         if bad:
             raise RuntimeError(f"{name} loaded wrong values for {bad[:3]}")
         self._zero_target()
         return seconds
+
+    def _evict(self, path: str) -> None:
+        """Drop ``path`` from the page cache and record how much of it stayed (should be nothing)."""
+        size = drop_page_cache(path)
+        resident = resident_bytes(path)
+        if resident is not None and size:
+            self.resident.append(resident / size)
 
     def _zero_target(self) -> None:
         for t in self.target.values():
@@ -287,7 +299,7 @@ def run_save_load(config: SaveLoadConfig, log: Callable[[str], None] = print) ->
     root = tempfile.mkdtemp(prefix="forge-bench-", dir=config.directory)
     gb = config.nbytes / 1e9
     try:
-        run = _Run(config, root, result.cpu_seconds)
+        run = _Run(config, root, result.cpu_seconds, result.resident_after_eviction)
         for rep in range(config.repetitions):
             rep_dir = os.path.join(root, f"rep{rep}")
             os.makedirs(rep_dir)
@@ -316,7 +328,9 @@ def format_table(result: dict[str, Any]) -> str:
     """A markdown table of a ``SaveLoadResult.to_json()`` (as printed and pasted into the README)."""
     gib = result["bytes"] / 2**30
     load = "/".join(f"{x:.1f}" for x in result.get("load_average", []))
-    lines = [f"| {gib:g} GiB, one rank (load average {load} on {result.get('cpus')} CPUs) | GB/s (median) | "
+    resident = result.get("resident_after_eviction_max")
+    cold = "" if resident is None else f"; at most {resident:.1%} of a load's files cached when it started"
+    lines = [f"| {gib:g} GiB, one rank (load average {load} on {result.get('cpus')} CPUs{cold}) | GB/s (median) | "
              "× disk limit (median, min–max) | × DCP's best | CPU s/GiB user + system |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for phase in ("save", "load"):
