@@ -37,8 +37,11 @@ import errno
 import functools
 import os
 import random
+import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -49,6 +52,17 @@ from .backends import InputFile, OutputStream, StorageBackend, _FsspecInput, _Fs
 MAX_MARKER_BYTES = 5 * 2**20
 DEFAULT_MAX_ATTEMPTS = 10
 DATA_CLIENTS = ("auto", "arrow", "s3fs")
+
+# Data path sizing (measured with tools/bench_s3.py, see the README's "Object storage" section).
+# Multipart parts of 16 MiB: big enough that per-request costs vanish, small enough that each
+# writer stream keeps several uploads in flight and a part buffer is reused from the heap.
+PART_BYTES = 16 * 2**20
+MAX_PART_BYTES = 5 * 2**30  # S3's limit
+# Parts held (filling or uploading) per stream: bounds memory to thread_count x 8 x 16 MiB a rank.
+MAX_PARTS_IN_FLIGHT = 8
+# Reads above 2 x RANGE_BYTES are split into RANGE_BYTES ranges fetched on RANGE_THREADS threads.
+RANGE_BYTES = 16 * 2**20
+RANGE_THREADS = 8
 
 # s3fs options Arrow has no equivalent for: with any of them set, data goes through s3fs too, so
 # that both paths see the same identity, encryption and request settings.
@@ -309,19 +323,66 @@ def put_if_absent(fs: Any, path: str, data: bytes, *, verify_lost_reply: bool = 
 # --------------------------------------------------------------------------------- data path
 
 class _ArrowOutput:
-    """An object being uploaded by Arrow: parts go out in the background while we keep writing."""
+    """An object being uploaded by Arrow: parts go out in the background while we keep writing.
 
-    def __init__(self, arrow_fs: Any, path: str) -> None:
+    We cut the parts ourselves instead of handing Arrow the caller's writes: Arrow uploads a write
+    of 5 MiB or more as one part of that size (a 6 GiB tensor would be one part, above S3's 5 GiB
+    limit, and a one-tensor file would get no parallelism at all), and it buffers without limit
+    while parts upload (a fast writer would hold the whole file in memory). Here every part but the
+    last is ``part_bytes`` (``part_size``), at most ``max_in_flight`` of them are held per stream
+    (write blocks until an upload finishes), and each part is a copy: the caller's buffers may be
+    temporaries (torch's zip writer hands out views of memory it frees), so Arrow must not keep
+    views of them after ``write`` returns.
+    """
+
+    def __init__(self, arrow_fs: Any, path: str, part_bytes: int = PART_BYTES,
+                 max_in_flight: int = MAX_PARTS_IN_FLIGHT) -> None:
         self._arrow_fs = arrow_fs
         self.path = path
         self._file = arrow_fs.open_output_stream(path, metadata={})
         self._pos = 0
+        self._parts = 0
+        self._part_bytes = part_bytes
+        self._part: Any = None  # numpy uint8 array being filled
+        self._fill = 0
+        # A part's slot is given back when Arrow drops the last reference to its buffer (the
+        # upload finished or failed): the buffer is a numpy array, which supports weak references.
+        self._slots = threading.Semaphore(max_in_flight)
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        self._file.write(view)
+        done = 0
+        while done < len(view):
+            if self._part is None:
+                self._part = self._new_part()
+                self._fill = 0
+            take = min(len(view) - done, len(self._part) - self._fill)
+            memoryview(self._part)[self._fill:self._fill + take] = view[done:done + take]
+            self._fill += take
+            done += take
+            if self._fill == len(self._part):
+                self._send()
         self._pos += len(view)
         return len(view)
+
+    def _new_part(self) -> Any:
+        import numpy as np
+
+        self._slots.acquire()
+        try:
+            part = np.empty(part_size(self._parts, self._part_bytes), dtype=np.uint8)
+        except BaseException:
+            self._slots.release()
+            raise
+        weakref.finalize(part, self._slots.release)
+        return part
+
+    def _send(self) -> None:
+        part, fill = self._part, self._fill
+        self._part, self._fill = None, 0
+        self._parts += 1
+        # Arrow uploads a write of >= 5 MiB without copying it, on its io threads (background_writes).
+        self._file.write(part if fill == len(part) else memoryview(part)[:fill])
 
     def tell(self) -> int:
         return self._pos
@@ -330,11 +391,15 @@ class _ArrowOutput:
         pass
 
     def close(self) -> None:
+        if self._part is not None and self._fill:
+            self._send()
+        self._part = None
         self._file.close()  # waits for the parts and completes the upload
 
     def abort(self) -> None:
         # pyarrow exposes no abort of a multipart upload: complete it, then delete the object. The
         # checkpoint it belongs to has no commit marker, so it was never visible either way.
+        self._part = None
         try:
             self._file.close()
         except OSError:
@@ -345,28 +410,81 @@ class _ArrowOutput:
             pass
 
 
-class _ArrowInput:
-    """Ranged GETs straight into the destination buffer (``readinto``, no intermediate bytes)."""
+def part_size(index: int, part_bytes: int = PART_BYTES) -> int:
+    """Size of part ``index`` (0-based) of an upload: ``part_bytes``, doubling every 1000 parts.
 
-    def __init__(self, arrow_fs: Any, path: str) -> None:
+    S3 allows 10,000 parts of at most 5 GiB: 16 MiB parts alone would cap an object at ~156 GiB,
+    with the doubling 10,000 parts reach ~16 TiB while files of normal size keep small parts.
+    """
+    return min(part_bytes << (index // 1000), MAX_PART_BYTES)
+
+
+class _ArrowInput:
+    """Ranged GETs straight into the destination buffer (``readinto``, no intermediate bytes).
+
+    A read of more than ``2 * range_bytes`` is split into ranges of ``range_bytes`` fetched in
+    parallel (one GET each, on the shared range pool, each thread with a handle of its own), so one
+    large tensor is not one long sequential GET.
+    """
+
+    def __init__(self, arrow_fs: Any, path: str, range_bytes: int = RANGE_BYTES) -> None:
+        self._arrow_fs = arrow_fs
         self._file = arrow_fs.open_input_file(path)
         self.path = path
+        self._range_bytes = range_bytes
+        self._spare: list[Any] = []  # idle extra handles for parallel ranges
+        self._lock = threading.Lock()
 
     def read_into(self, offset: int, buffer: memoryview) -> None:
         view = memoryview(buffer).cast("B")
-        self._file.seek(offset)
-        done = 0
-        while done < len(view):
-            n = self._file.readinto(view[done:])
-            if not n:
-                raise EOFError(f"{self.path} ends at byte {offset + done}, expected {len(view) - done} more")
-            done += n
+        if len(view) <= 2 * self._range_bytes:
+            _readinto(self._file, self.path, offset, view)
+            return
+        step = self._range_bytes
+        futures = [_range_pool().submit(self._read_range, offset + start, view[start:start + step])
+                   for start in range(0, len(view), step)]
+        for f in futures:  # every future is awaited before the first error is raised
+            f.exception()
+        for f in futures:
+            f.result()
+
+    def _read_range(self, offset: int, view: memoryview) -> None:
+        with self._lock:
+            handle = self._spare.pop() if self._spare else None
+        if handle is None:
+            handle = self._arrow_fs.open_input_file(self.path)
+        try:
+            _readinto(handle, self.path, offset, view)
+        finally:
+            with self._lock:
+                self._spare.append(handle)
 
     def prefetch(self, offset: int, length: int) -> None:
         pass  # every read is one ranged GET of exactly what is needed
 
     def close(self) -> None:
         self._file.close()
+        with self._lock:
+            spare, self._spare = self._spare, []
+        for handle in spare:
+            handle.close()
+
+
+def _readinto(handle: Any, path: str, offset: int, view: memoryview) -> None:
+    handle.seek(offset)
+    done = 0
+    while done < len(view):
+        n = handle.readinto(view[done:])
+        if not n:
+            raise EOFError(f"{path} ends at byte {offset + done}, expected {len(view) - done} more")
+        done += n
+
+
+@functools.lru_cache(maxsize=1)
+def _range_pool() -> ThreadPoolExecutor:
+    # Shared by every reader of the process, so parallel ranges never multiply with reader threads
+    # into hundreds of connections; its tasks never wait on each other (no deadlock).
+    return ThreadPoolExecutor(max_workers=RANGE_THREADS, thread_name_prefix="forge-s3-range")
 
 
 class _S3fsOutput(_FsspecOutput):
