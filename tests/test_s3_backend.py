@@ -90,6 +90,14 @@ def test_part_sizes_stay_within_s3_limits():
     assert sum(s3.part_size(i) for i in range(10_000)) > 10 * 2**40  # 10,000 parts hold > 10 TiB
 
 
+def test_large_reads_are_split_into_bounded_ranges():
+    MiB = 2**20
+    assert s3.range_step(MiB) == MiB and s3.range_step(2 * s3.RANGE_BYTES - 1) == 2 * s3.RANGE_BYTES - 1
+    for length in (2 * s3.RANGE_BYTES, 64 * MiB + 5, 3 * 2**30 + 7):
+        step = s3.range_step(length)
+        assert s3.RANGE_BYTES // 2 < step <= s3.RANGE_BYTES
+
+
 def test_upload_with_one_part_in_flight_completes(s3_url, s3_storage_options):
     """Part buffers are given back as uploads finish: with one slot, writing many parts must not stall."""
     backend, path = open_backend(s3_url, s3_storage_options)

@@ -36,12 +36,13 @@ import dataclasses
 import errno
 import functools
 import os
+import queue
 import random
 import threading
 import time
 import weakref
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -60,9 +61,13 @@ PART_BYTES = 16 * 2**20
 MAX_PART_BYTES = 5 * 2**30  # S3's limit
 # Parts held (filling or uploading) per stream: bounds memory to thread_count x 8 x 16 MiB a rank.
 MAX_PARTS_IN_FLIGHT = 8
-# Reads above 2 x RANGE_BYTES are split into RANGE_BYTES ranges fetched on RANGE_THREADS threads.
+# Reads of 2 x RANGE_BYTES or more are split into parallel ranges of at most RANGE_BYTES, fetched
+# on RANGE_THREADS threads shared by the process. Ranges of 4 MiB were slower than 16 MiB here.
 RANGE_BYTES = 16 * 2**20
 RANGE_THREADS = 8
+# ``prefetch`` fetches this much at both ends of an upcoming item (the reader reads a stored tensor's
+# zip header and trailer, 4 KiB each, before its data), and items this small whole, in the background.
+EDGE_WINDOW = 64 * 2**10
 
 # s3fs options Arrow has no equivalent for: with any of them set, data goes through s3fs too, so
 # that both paths see the same identity, encryption and request settings.
@@ -343,11 +348,14 @@ class _ArrowOutput:
         self._pos = 0
         self._parts = 0
         self._part_bytes = part_bytes
-        self._part: Any = None  # numpy uint8 array being filled
+        self._part: Any = None  # numpy uint8 view of the part buffer being filled
         self._fill = 0
-        # A part's slot is given back when Arrow drops the last reference to its buffer (the
-        # upload finished or failed): the buffer is a numpy array, which supports weak references.
-        self._slots = threading.Semaphore(max_in_flight)
+        # Part buffers come from Arrow's memory pool and are reused: a buffer returns to ``_free``
+        # when Arrow drops the numpy view it uploaded (the upload finished or failed); numpy arrays
+        # support weak references, Arrow's buffers do not. At most ``max_in_flight`` exist.
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        self._buffers = 0
+        self._max_buffers = max_in_flight
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
@@ -367,14 +375,24 @@ class _ArrowOutput:
 
     def _new_part(self) -> Any:
         import numpy as np
+        import pyarrow as pa
 
-        self._slots.acquire()
-        try:
-            part = np.empty(part_size(self._parts, self._part_bytes), dtype=np.uint8)
-        except BaseException:
-            self._slots.release()
-            raise
-        weakref.finalize(part, self._slots.release)
+        size = part_size(self._parts, self._part_bytes)
+        buffer = None
+        while buffer is None:
+            if self._buffers < self._max_buffers:
+                try:
+                    buffer = self._free.get_nowait()
+                except queue.Empty:
+                    buffer = pa.allocate_buffer(size)
+                    self._buffers += 1
+            else:
+                buffer = self._free.get()  # blocks until an upload finishes
+            if buffer.size != size:  # the part size grew: let this one go
+                buffer = None
+                self._buffers -= 1
+        part = np.frombuffer(buffer, dtype=np.uint8)
+        weakref.finalize(part, self._free.put, buffer)
         return part
 
     def _send(self) -> None:
@@ -382,7 +400,7 @@ class _ArrowOutput:
         self._part, self._fill = None, 0
         self._parts += 1
         # Arrow uploads a write of >= 5 MiB without copying it, on its io threads (background_writes).
-        self._file.write(part if fill == len(part) else memoryview(part)[:fill])
+        self._file.write(part if fill == len(part) else part[:fill])
 
     def tell(self) -> int:
         return self._pos
@@ -422,9 +440,10 @@ def part_size(index: int, part_bytes: int = PART_BYTES) -> int:
 class _ArrowInput:
     """Ranged GETs straight into the destination buffer (``readinto``, no intermediate bytes).
 
-    A read of more than ``2 * range_bytes`` is split into ranges of ``range_bytes`` fetched in
-    parallel (one GET each, on the shared range pool, each thread with a handle of its own), so one
-    large tensor is not one long sequential GET.
+    A read of ``2 * RANGE_BYTES`` or more is split into ranges (``range_step``) fetched in parallel
+    (one GET each, on the shared range pool, each thread with a handle of its own), so one large
+    tensor is not one long GET. ``prefetch`` fetches the ends of upcoming items in the background,
+    so the small reads of a blob's header and trailer do not wait for a round trip each.
     """
 
     def __init__(self, arrow_fs: Any, path: str, range_bytes: int = RANGE_BYTES) -> None:
@@ -434,13 +453,16 @@ class _ArrowInput:
         self._range_bytes = range_bytes
         self._spare: list[Any] = []  # idle extra handles for parallel ranges
         self._lock = threading.Lock()
+        self._windows: dict[tuple[int, int], Future] = {}  # (start, end) -> bytes being prefetched
 
     def read_into(self, offset: int, buffer: memoryview) -> None:
         view = memoryview(buffer).cast("B")
-        if len(view) <= 2 * self._range_bytes:
+        if len(view) <= 2 * EDGE_WINDOW and self._from_window(offset, view):
+            return
+        step = range_step(len(view), self._range_bytes)
+        if step >= len(view):
             _readinto(self._file, self.path, offset, view)
             return
-        step = self._range_bytes
         futures = [_range_pool().submit(self._read_range, offset + start, view[start:start + step])
                    for start in range(0, len(view), step)]
         for f in futures:  # every future is awaited before the first error is raised
@@ -460,14 +482,56 @@ class _ArrowInput:
                 self._spare.append(handle)
 
     def prefetch(self, offset: int, length: int) -> None:
-        pass  # every read is one ranged GET of exactly what is needed
+        # Called by one reader thread, in file order, for the items it will read next.
+        ends = [(offset, length)] if length <= 2 * EDGE_WINDOW else \
+            [(offset, EDGE_WINDOW), (offset + length - EDGE_WINDOW, EDGE_WINDOW)]
+        for start, n in ends:
+            if (start, start + n) not in self._windows:
+                self._windows[(start, start + n)] = _range_pool().submit(self._fetch, start, n)
+
+    def _fetch(self, offset: int, length: int) -> bytearray:
+        out = bytearray(length)
+        self._read_range(offset, memoryview(out))
+        return out
+
+    def _from_window(self, offset: int, view: memoryview) -> bool:
+        """Serve a small read from a prefetched window; windows behind it are dropped (reads go forward)."""
+        end = offset + len(view)
+        hit = None
+        for (start, stop), future in list(self._windows.items()):
+            if start <= offset and end <= stop:
+                hit = (start, future)
+            elif stop <= offset:
+                del self._windows[(start, stop)]
+        if hit is None:
+            return False
+        start, future = hit
+        try:
+            data = future.result()
+        except EOFError:
+            return False  # read it directly: that read raises with the exact position
+        view[:] = memoryview(data)[offset - start:end - start]
+        return True
 
     def close(self) -> None:
+        windows, self._windows = self._windows, {}
+        for future in windows.values():
+            future.cancel()
+            with contextlib.suppress(BaseException):
+                future.exception()  # never leave a fetch running on a handle being closed
         self._file.close()
         with self._lock:
             spare, self._spare = self._spare, []
         for handle in spare:
             handle.close()
+
+
+def range_step(length: int, range_bytes: int = RANGE_BYTES) -> int:
+    """Bytes per parallel range for a read of ``length``: the whole read below ``2 * range_bytes``,
+    else equal ranges of at most ``range_bytes`` (smaller ranges only add requests: measured)."""
+    if length < 2 * range_bytes:
+        return max(length, 1)
+    return -(-length // -(-length // range_bytes))
 
 
 def _readinto(handle: Any, path: str, offset: int, view: memoryview) -> None:
