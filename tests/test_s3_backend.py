@@ -3,7 +3,7 @@
 The default data client (``auto``) and the s3fs fallback (asked for, or chosen by ``auto`` because an
 option only s3fs understands is set) each save and load a state whose large tensor spans several
 multipart parts and is read back as parallel ranges; checkpoints written by one client load with the
-other. Throughput is measured by ``tools/bench_s3.py``, not here.
+other. Throughput is measured by ``tools/bench_arrow_io.py``, not here.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from dcp_forge import CheckpointCoordinator, SharingPattern, StateComponent
-from dcp_forge.storage import s3
+from dcp_forge.storage import arrow_io
 from dcp_forge.storage.registry import open_backend
 
 pytest.importorskip("s3fs")
 pytestmark = pytest.mark.s3
 
 # Above 2 x RANGE_BYTES (read as parallel ranges) and 2 x PART_BYTES (three parts, the last partial).
-BIG_ELEMENTS = (2 * max(s3.RANGE_BYTES, s3.PART_BYTES) + 3 * 2**20 + 12) // 4
+BIG_ELEMENTS = (2 * max(arrow_io.RANGE_BYTES, arrow_io.PART_BYTES) + 3 * 2**20 + 12) // 4
 
 
 class TensorState:
@@ -84,18 +84,18 @@ def test_auto_falls_back_to_s3fs_for_s3fs_only_options(s3_url, s3_storage_option
 
 
 def test_part_sizes_stay_within_s3_limits():
-    assert s3.part_size(0) == s3.PART_BYTES >= 5 * 2**20  # S3's minimum for all but the last part
-    assert s3.part_size(999) == s3.PART_BYTES and s3.part_size(1000) == 2 * s3.PART_BYTES
-    assert s3.part_size(9999) <= s3.MAX_PART_BYTES
-    assert sum(s3.part_size(i) for i in range(10_000)) > 10 * 2**40  # 10,000 parts hold > 10 TiB
+    assert arrow_io.part_size(0) == arrow_io.PART_BYTES >= 5 * 2**20  # S3's minimum for all but the last part
+    assert arrow_io.part_size(999) == arrow_io.PART_BYTES and arrow_io.part_size(1000) == 2 * arrow_io.PART_BYTES
+    assert arrow_io.part_size(9999) <= arrow_io.MAX_PART_BYTES
+    assert sum(arrow_io.part_size(i) for i in range(10_000)) > 10 * 2**40  # 10,000 parts hold > 10 TiB
 
 
 def test_large_reads_are_split_into_bounded_ranges():
     MiB = 2**20
-    assert s3.range_step(MiB) == MiB and s3.range_step(2 * s3.RANGE_BYTES - 1) == 2 * s3.RANGE_BYTES - 1
-    for length in (2 * s3.RANGE_BYTES, 64 * MiB + 5, 3 * 2**30 + 7):
-        step = s3.range_step(length)
-        assert s3.RANGE_BYTES // 2 < step <= s3.RANGE_BYTES
+    assert arrow_io.range_step(MiB) == MiB and arrow_io.range_step(2 * arrow_io.RANGE_BYTES - 1) == 2 * arrow_io.RANGE_BYTES - 1
+    for length in (2 * arrow_io.RANGE_BYTES, 64 * MiB + 5, 3 * 2**30 + 7):
+        step = arrow_io.range_step(length)
+        assert arrow_io.RANGE_BYTES // 2 < step <= arrow_io.RANGE_BYTES
 
 
 def test_upload_with_one_part_in_flight_completes(s3_url, s3_storage_options):
@@ -103,7 +103,7 @@ def test_upload_with_one_part_in_flight_completes(s3_url, s3_storage_options):
     backend, path = open_backend(s3_url, s3_storage_options)
     payload = torch.randint(0, 256, (3 * 5 * 2**20 + 17,), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
     raw = memoryview(payload.numpy())
-    out = s3._ArrowOutput(backend.arrow_fs, backend.join(path, "obj"), part_bytes=5 * 2**20, max_in_flight=1)
+    out = arrow_io.ArrowOutput(backend.arrow_fs, backend.join(path, "obj"), part_bytes=5 * 2**20, max_in_flight=1)
     done = threading.Event()
 
     def write() -> None:
