@@ -98,7 +98,17 @@ def _claim(backend: StorageBackend, path: str, save_id: str, url: str) -> None:
 
 
 def commit(backend: StorageBackend, path: str, record: CommitRecord) -> None:
-    backend.create_exclusive(backend.join(path, COMMIT_FILE), record.to_bytes())
+    """Create the commit marker. If the store cannot say whether that worked (every reply lost:
+    ConnectionError), one read settles it: the marker is ours iff it carries our save_id."""
+    try:
+        backend.create_exclusive(backend.join(path, COMMIT_FILE), record.to_bytes())
+    except ConnectionError as unknown:
+        try:
+            ours = read_commit(backend, path).save_id == record.save_id
+        except (OSError, IntegrityError):
+            ours = False
+        if not ours:
+            raise unknown
 
 
 def read_commit(backend: StorageBackend, path: str) -> CommitRecord:
