@@ -181,45 +181,75 @@ class ArrowInput:
             f.result()
 
     def _read_range(self, offset: int, view: memoryview) -> None:
-        with self._lock:
-            handle = self._spare.pop() if self._spare else None
-        if handle is None:
-            handle = self._arrow_fs.open_input_file(self.path)
+        handle = self._handle()
         try:
             _readinto(handle, self.path, offset, view)
         finally:
-            with self._lock:
-                self._spare.append(handle)
+            self._give_back(handle)
+
+    def _handle(self) -> Any:
+        with self._lock:
+            handle = self._spare.pop() if self._spare else None
+        return handle if handle is not None else self._arrow_fs.open_input_file(self.path)
+
+    def _give_back(self, handle: Any) -> None:
+        with self._lock:
+            self._spare.append(handle)
 
     def prefetch(self, offset: int, length: int) -> None:
-        # Called by one reader thread, in file order, for the items it will read next.
-        ends = [(offset, length)] if length <= 2 * EDGE_WINDOW else \
-            [(offset, EDGE_WINDOW), (offset + length - EDGE_WINDOW, EDGE_WINDOW)]
-        for start, n in ends:
-            if (start, start + n) not in self._windows:
-                self._windows[(start, start + n)] = _range_pool().submit(self._fetch, start, n)
+        # Called by one reader thread, in file order, for the items it will read next. A large
+        # item's tail window runs on into the next item, whose header it then already holds: one
+        # small GET per item instead of two.
+        end = offset + length
+        if length <= 2 * EDGE_WINDOW:
+            wanted = [(offset, end)]
+        else:
+            wanted = [(offset, offset + EDGE_WINDOW), (end - EDGE_WINDOW, end + EDGE_WINDOW)]
+        for start, stop in wanted:
+            if self._window_for(start, min(stop, end)) is None:
+                self._windows[(start, stop)] = _range_pool().submit(self._fetch, start, stop - start)
 
-    def _fetch(self, offset: int, length: int) -> bytearray:
+    def _fetch(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset``; fewer where the object ends."""
         out = bytearray(length)
-        self._read_range(offset, memoryview(out))
-        return out
+        view = memoryview(out)
+        handle = self._handle()
+        try:
+            handle.seek(offset)
+            done = 0
+            while done < length:
+                n = handle.readinto(view[done:])
+                if not n:
+                    break
+                done += n
+        finally:
+            self._give_back(handle)
+        return bytes(view[:done])
 
-    def _from_window(self, offset: int, view: memoryview) -> bool:
-        """Serve a small read from a prefetched window; windows behind it are dropped (reads go forward)."""
-        end = offset + len(view)
+    def _window_for(self, offset: int, end: int, evict: bool = False) -> tuple[int, Future] | None:
+        """The window holding bytes [offset, end); ``evict`` (on reads, which go forward through the
+        file) drops the windows that end before ``offset``."""
         hit = None
         for (start, stop), future in list(self._windows.items()):
             if start <= offset and end <= stop:
                 hit = (start, future)
-            elif stop <= offset:
+            elif evict and stop <= offset:
                 del self._windows[(start, stop)]
+        return hit
+
+    def _from_window(self, offset: int, view: memoryview) -> bool:
+        """Serve a small read from a prefetched window, if one holds it."""
+        end = offset + len(view)
+        hit = self._window_for(offset, end, evict=True)
         if hit is None:
             return False
         start, future = hit
         try:
             data = future.result()
-        except EOFError:
-            return False  # read it directly: that read raises with the exact position
+        except OSError:
+            return False  # read it directly: that read raises with its own context
+        if len(data) < end - start:
+            return False  # past the end of the object: the direct read raises EOFError
         view[:] = memoryview(data)[offset - start:end - start]
         return True
 

@@ -14,6 +14,7 @@ first one as an ``IntegrityError``.
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 
@@ -98,7 +99,9 @@ class RecordFiles:
             except FileNotFoundError:
                 return None
 
-        return cls(read(COMMIT_FILE), read(MANIFEST_FILE), read(METADATA_FILE), read(INDEX_FILE))
+        # In parallel: on object storage each read is a round trip, and a load waits for all four.
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="forge-records") as pool:
+            return cls(*pool.map(read, (COMMIT_FILE, MANIFEST_FILE, METADATA_FILE, INDEX_FILE)))
 
 
 def record_problems(files: RecordFiles, where: str) -> tuple[CheckpointManifest | None, list[Problem]]:
