@@ -67,7 +67,7 @@ class Contender:
 def forge_contenders(options: dict, client: str, state: dict[str, torch.Tensor],
                      target: dict[str, torch.Tensor], thread_count: int, ctl) -> list[Contender]:
     opts = {**options, "data_client": client}
-    out = f"s3://{BUCKET}/forge-{client}"
+    out = f"s3://{BUCKET}/forge-{client}-{thread_count}"
 
     def coordinator(tensors):
         return CheckpointCoordinator([StateComponent("model", _TensorDict(tensors), SharingPattern.REPLICATED)],
@@ -241,7 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-mib", type=int, default=512)
     p.add_argument("--tensors", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--thread-count", type=int, default=2, help="dcp_forge thread_count (files and reader threads)")
+    p.add_argument("--thread-count", type=int, default=2,
+                   help="dcp_forge thread_count (files per rank, reader threads); the raw clients move the "
+                        "objects a save with this thread_count writes (default 2, the coordinator's default)")
+    p.add_argument("--extra-thread-counts", default="",
+                   help="comma-separated further thread_counts to measure dcp_forge (Arrow) with, e.g. 4")
     p.add_argument("--quick", action="store_true", help="fewer raw variants (128 MiB unless --size-mib is given)")
     p.add_argument("--data-dir", help="the server's data dir (default: under the temp dir, local disk)")
     p.add_argument("--gomemlimit", default="1GiB")
@@ -264,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"data objects per save: {', '.join(f'{n} ({len(b) / MiB:.1f} MiB)' for n, b in files.items())}")
         contenders = [c for client in ("arrow", "s3fs")
                       for c in forge_contenders(options, client, state, target, a.thread_count, ctl)]
+        for count in [int(x) for x in a.extra_thread_counts.split(",") if x.strip()]:
+            contenders += forge_contenders(options, "arrow", state, target, count, ctl)
         contenders += raw_contenders(settings, files, ctl, a.size_mib * MiB // a.tensors, a.quick)
         clock = B.Clock(info.pid)
         load0 = os.getloadavg()[0]
