@@ -144,9 +144,9 @@ def part_size(index: int, part_bytes: int = PART_BYTES) -> int:
     S3 allows 10,000 parts of at most 5 GiB: 16 MiB parts alone would cap an object at ~156 GiB,
     with the doubling 10,000 parts reach ~16 TiB while files of normal size keep small parts.
     Arrow's writer (in the C++ source we read; not measured with pyarrow 26) also raises its own
-    minimum part size by 5 MiB every 100 parts; from
-    part ~300 (~5 GB into an object) that exceeds 16 MiB and Arrow joins our writes into larger
-    parts (one more copy): slower for such objects, still within S3's limits.
+    minimum part size by 5 MiB every 100 parts; from part ~300 (~5 GB into an object) that exceeds
+    16 MiB and Arrow joins our writes into larger parts (one more copy): slower for such objects,
+    still within S3's limits.
     """
     return min(part_bytes << (index // 1000), MAX_PART_BYTES)
 
