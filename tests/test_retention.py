@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dcp_forge import SharingPattern, StateComponent, list_checkpoints, read_manifest
+from dcp_forge import SharingPattern, StateComponent, delete_checkpoint, list_checkpoints, read_manifest
 from dcp_forge.trainers.args import TrainingArguments
 from dcp_forge.trainers.manager import CheckpointManager
 from dcp_forge.trainers.retention import (
@@ -266,3 +266,14 @@ def test_retention_async_saves_and_resume_on_s3(s3_url, s3_storage_options):
     assert resumed.resume(True).endswith("checkpoint-4")
     assert torch.equal(restored.value, torch.full((4,), 4.0))
     resumed.close()
+
+
+def test_resuming_from_an_older_checkpoint_than_output_dirs_newest_is_refused_up_front(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path))
+    manager = CheckpointManager(args, [StateComponent("counter", Counter(), SharingPattern.GLOBAL)])
+    old, _ = manager.save(step=5, epoch=0), manager.save(step=10, epoch=0)
+    resumed = CheckpointManager(args, [StateComponent("counter", Counter(), SharingPattern.GLOBAL)])
+    with pytest.raises(ValueError, match=r"step 5.*collide with them when it saves step 10"):
+        resumed.resume(old)
+    delete_checkpoint(os.path.join(str(tmp_path), "checkpoint-10"))
+    assert resumed.resume(old) == old

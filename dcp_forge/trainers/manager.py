@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,6 +42,12 @@ logger = logging.getLogger(__name__)
 
 def checkpoint_id_for_step(step: int) -> str:
     return f"checkpoint-{step}"
+
+
+def step_of_checkpoint_id(checkpoint_id: str) -> int | None:
+    """The step a ``checkpoint-<step>`` id was saved at; None for any other id."""
+    prefix, _, step = checkpoint_id.rpartition("-")
+    return int(step) if prefix == "checkpoint" and step.isdigit() else None
 
 
 class CheckpointManager:
@@ -125,10 +132,29 @@ class CheckpointManager:
             if latest is None:
                 return None
             target = latest
+        else:
+            self._refuse_newer_checkpoints_than(os.fspath(target))
         self.settle()
         path = os.fspath(self.coordinator.load_checkpoint(target))
         self.last_checkpoint = path
         return path
+
+    def _refuse_newer_checkpoints_than(self, target: str) -> None:
+        """Resuming from an older checkpoint than output_dir's newest would reach a step whose
+        checkpoint already exists, and that save would fail hours into the run: refuse up front."""
+        resumed_step = step_of_checkpoint_id(posixpath.basename(target.rstrip("/")))
+        if resumed_step is None:
+            return
+        existing = self.coordinator.run_on_coordinator(
+            lambda: list_checkpoints(self.args.output_dir, self.args.storage_options))
+        newer = sorted((step, path) for path in existing
+                       if (step := step_of_checkpoint_id(posixpath.basename(path))) is not None and step > resumed_step)
+        if newer:
+            raise ValueError(
+                f"resume_from_checkpoint={redact_url(target)} (step {resumed_step}) is older than "
+                f"{len(newer)} checkpoint(s) in output_dir {redact_url(self.args.output_dir)} (first: "
+                f"{redact_url(newer[0][1])}); continuing would collide with them when it saves step "
+                f"{newer[0][0]}. Delete them first (dcp_forge.delete_checkpoint) or resume into another output_dir")
 
     def save(self, *, step: int, epoch: int, logs: Mapping[str, float] | None = None) -> str:
         """Save every component as ``checkpoint-<step>``, then apply retention (with ``async_save``:
