@@ -323,6 +323,18 @@ class _S3fsOutput(_FsspecOutput):
             super().close()
 
 
+class _S3fsInput(_FsspecInput):
+    """s3fs's ranged reads, their errors naming the object (``s3_errors``)."""
+
+    def __init__(self, fs: Any, path: str) -> None:
+        with s3_errors("open for reading", path):
+            super().__init__(fs, path)
+
+    def read_into(self, offset: int, buffer: memoryview) -> None:
+        with s3_errors("read", self.path):
+            super().read_into(offset, buffer)
+
+
 class S3Backend(StorageBackend):
     """An S3 bucket. ``fs`` (s3fs) is the control path; ``arrow_fs`` (or None: s3fs) moves data."""
 
@@ -354,7 +366,7 @@ class S3Backend(StorageBackend):
     def open_input(self, path: str) -> InputFile:
         if self.arrow_fs is not None:
             return ArrowInput(self.arrow_fs, path)
-        return _FsspecInput(self.fs, path)
+        return _S3fsInput(self.fs, path)
 
     def makedirs(self, path: str) -> None:
         pass  # prefixes exist by having objects under them
