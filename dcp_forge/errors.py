@@ -7,7 +7,9 @@ what was expected versus what was found.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+from collections.abc import Callable, Iterator
 
 
 class ForgeError(Exception):
@@ -124,3 +126,16 @@ def os_error_with_context(err: OSError, context: str, path: str | None = None) -
         err.add_note(context)
         return err
     return OSError(err.errno, f"{err.strerror or err}: {context}", path)
+
+
+@contextlib.contextmanager
+def os_error_context(context: str | Callable[[], str], path: str | None = None) -> Iterator[None]:
+    """OSErrors raised inside say where they happened (``os_error_with_context``); our own errors
+    (CheckpointExistsError...) already do and pass unchanged. ``context`` may be a function, for a
+    description only worth building once something failed."""
+    try:
+        yield
+    except ForgeError:
+        raise
+    except OSError as err:
+        raise os_error_with_context(err, context() if callable(context) else context, path) from err

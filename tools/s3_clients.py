@@ -1,4 +1,8 @@
-"""The right way to reach S3 from dcp_forge, as small functions the storage layer can import or copy.
+"""Client recipes for S3, checked against real servers, for the tools (benchmarks, harnesses).
+
+The settings, clients and conditional create the storage layer uses live in
+``dcp_forge/storage/s3.py`` and are re-exported here; this module adds the raw ranged reads, listing
+and deletion helpers the benchmarks compare dcp_forge against.
 
 Every function here was checked against SeaweedFS 4.48 (``weed mini``, SigV4 enforced) and moto
 5.2 server mode, both started by ``tools/s3_server.py``; tests: ``tests/test_s3_tools.py``.

@@ -22,6 +22,8 @@ import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from .backends import read_exactly, read_upto
+
 # Multipart parts of 16 MiB: big enough that per-request costs vanish, small enough that each
 # writer stream keeps several uploads in flight.
 PART_BYTES = 16 * 2**20
@@ -175,7 +177,7 @@ class ArrowInput:
             return
         step = range_step(len(view), self._range_bytes)
         if step >= len(view):
-            _readinto(self._file, self.path, offset, view)
+            read_exactly(self._file, self.path, offset, view)
             return
         futures = [_range_pool().submit(self._read_range, offset + start, view[start:start + step])
                    for start in range(0, len(view), step)]
@@ -187,7 +189,7 @@ class ArrowInput:
     def _read_range(self, offset: int, view: memoryview) -> None:
         handle = self._handle()
         try:
-            _readinto(handle, self.path, offset, view)
+            read_exactly(handle, self.path, offset, view)
         finally:
             self._give_back(handle)
 
@@ -216,19 +218,12 @@ class ArrowInput:
     def _fetch(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``offset``; fewer where the object ends."""
         out = bytearray(length)
-        view = memoryview(out)
         handle = self._handle()
         try:
-            handle.seek(offset)
-            done = 0
-            while done < length:
-                n = handle.readinto(view[done:])
-                if not n:
-                    break
-                done += n
+            done = read_upto(handle, offset, memoryview(out))
         finally:
             self._give_back(handle)
-        return bytes(view[:done])
+        return bytes(out[:done])
 
     def _window_for(self, offset: int, end: int, evict: bool = False) -> tuple[int, Future] | None:
         """The window holding bytes [offset, end); ``evict`` (on reads, which go forward through the
@@ -276,16 +271,6 @@ def range_step(length: int, range_bytes: int = RANGE_BYTES) -> int:
     if length < 2 * range_bytes:
         return max(length, 1)
     return -(-length // -(-length // range_bytes))
-
-
-def _readinto(handle: Any, path: str, offset: int, view: memoryview) -> None:
-    handle.seek(offset)
-    done = 0
-    while done < len(view):
-        n = handle.readinto(view[done:])
-        if not n:
-            raise EOFError(f"{path} ends at byte {offset + done}, expected {len(view) - done} more")
-        done += n
 
 
 @functools.lru_cache(maxsize=1)

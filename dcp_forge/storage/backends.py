@@ -363,20 +363,33 @@ class _FsspecOutput:
                     pass
 
 
+def read_upto(file: Any, offset: int, view: memoryview) -> int:
+    """Fill ``view`` from ``offset`` of a seekable file object (Python or Arrow) with as many
+    ``readinto`` calls as it takes; returns the bytes read, fewer only where the file ends."""
+    file.seek(offset)
+    done = 0
+    while done < len(view):
+        n = file.readinto(view[done:])
+        if not n:
+            break
+        done += n
+    return done
+
+
+def read_exactly(file: Any, path: str, offset: int, view: memoryview) -> None:
+    """``read_upto``, with EOFError naming ``path`` when the file ends before ``view`` is full."""
+    done = read_upto(file, offset, view)
+    if done < len(view):
+        raise EOFError(f"{path} ends at byte {offset + done}, expected {len(view) - done} more")
+
+
 class _FsspecInput:
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
         self._file = fs.open(path, "rb")
         self.path = path
 
     def read_into(self, offset: int, buffer: memoryview) -> None:
-        view = memoryview(buffer).cast("B")
-        self._file.seek(offset)
-        done = 0
-        while done < len(view):
-            n = self._file.readinto(view[done:])
-            if not n:
-                raise EOFError(f"{self.path} ends at byte {offset + done}, expected {len(view) - done} more")
-            done += n
+        read_exactly(self._file, self.path, offset, memoryview(buffer).cast("B"))
 
     def prefetch(self, offset: int, length: int) -> None:
         pass  # fsspec files read ahead on their own (block caches)

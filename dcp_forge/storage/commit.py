@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from ..errors import CheckpointExistsError, CheckpointNotFoundError, IntegrityError, os_error_with_context
+from ..errors import CheckpointExistsError, CheckpointNotFoundError, IntegrityError, os_error_context
 from .backends import StorageBackend
 from .layout import CLAIM_FILE, COMMIT_FILE, MANIFEST_FILE, METADATA_FILE
 from .registry import join_url, open_backend, redact_url
@@ -67,12 +67,9 @@ def checkpoint_state(backend: StorageBackend, path: str) -> CheckpointState:
 
 def claim(backend: StorageBackend, path: str, save_id: str, url: str) -> None:
     """Take ``path`` for one save, or raise CheckpointExistsError saying who holds it."""
-    try:
+    # No permission, read-only, unreachable store: the error says which checkpoint.
+    with os_error_context(f"claiming checkpoint {redact_url(url)} for a save", path):
         _claim(backend, path, save_id, url)
-    except CheckpointExistsError:
-        raise
-    except OSError as err:  # no permission, read-only, unreachable store: say which checkpoint
-        raise os_error_with_context(err, f"claiming checkpoint {redact_url(url)} for a save", path) from err
 
 
 def _claim(backend: StorageBackend, path: str, save_id: str, url: str) -> None:

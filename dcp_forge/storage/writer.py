@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from ..errors import os_error_with_context
+from ..errors import os_error_context
 from ..index import StoredItem, encode_index
 from ..keys import top_level_key
 from ..manifest import CheckpointManifest, checksum_bytes, component_manifests, item_records, versions
@@ -186,12 +186,12 @@ class ForgeStorageWriter(StorageWriter):
     def _write_file(self, name: str, items: Sequence[WriteItem], planner: SavePlanner,
                     rank: int) -> list[WriteResult]:
         full = self.backend.join(self.path, name)
-        try:
-            return self._write_items(full, name, items, planner, rank)
-        except OSError as err:  # disk full, read-only, permissions: say which file and what it holds
+        def context() -> str:  # disk full, read-only, permissions: which file, and what it holds
             held = sorted({top_level_key(item.index.fqn) for item in items})
-            context = f"rank {rank} writing {name} of checkpoint {redact_url(self.url)} (holds {held[:4]})"
-            raise os_error_with_context(err, context, full) from err
+            return f"rank {rank} writing {name} of checkpoint {redact_url(self.url)} (holds {held[:4]})"
+
+        with os_error_context(context, full):
+            return self._write_items(full, name, items, planner, rank)
 
     def _write_items(self, full: str, name: str, items: Sequence[WriteItem], planner: SavePlanner,
                      rank: int) -> list[WriteResult]:
@@ -213,11 +213,8 @@ class ForgeStorageWriter(StorageWriter):
 
     def _write_record(self, name: str, data: bytes) -> None:
         full = self.backend.join(self.path, name)
-        try:
+        with os_error_context(f"rank {self.rank} writing {name} of checkpoint {redact_url(self.url)}", full):
             self.backend.write_bytes(full, data)
-        except OSError as err:
-            raise os_error_with_context(
-                err, f"rank {self.rank} writing {name} of checkpoint {redact_url(self.url)}", full) from err
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         started = time.perf_counter()
@@ -253,13 +250,11 @@ class ForgeStorageWriter(StorageWriter):
         self.backend.sync_dir(self.path)
         record = CommitRecord(checkpoint_id=os.path.basename(self.path.rstrip("/")), save_id=self.save_id,
                               committed_at=time.time(), manifest_checksum=checksum_bytes(manifest_bytes))
-        try:
+        # If even reading the marker back fails, the outcome is unknown (ConnectionError): the
+        # checkpoint is then complete, and committed exactly when latest_checkpoint lists it.
+        with os_error_context(f"rank {self.rank} committing checkpoint {redact_url(self.url)}",
+                              self.backend.join(self.path, COMMIT_FILE)):
             commit(self.backend, self.path, record)
-        except OSError as err:
-            # A lost reply on the last retry leaves the outcome unknown (ConnectionError): the
-            # checkpoint is then complete and committed exactly when latest_checkpoint lists it.
-            raise os_error_with_context(err, f"rank {self.rank} committing checkpoint {redact_url(self.url)}",
-                                        self.backend.join(self.path, COMMIT_FILE)) from err
         self.manifest = manifest
         logger.info("committed %s: %d items, %d bytes (finish %.3fs)", redact_url(self.url), len(records),
                     sum(r.length for r in records), time.perf_counter() - started)
