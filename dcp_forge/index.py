@@ -1,8 +1,9 @@
 """The per-checkpoint item index (``index.parquet``): one row per stored item.
 
 Each row says where one stored item lives (file, offset, length), what it is (component, storage
-key, fqn, dtype, shape, chunk box), who wrote it and its xxh3 checksum. Readers verify checksums from
-it; inspection tools read it instead of unpickling DCP's metadata.
+key, fqn, dtype, shape, chunk box), who wrote it, its xxh3 checksum and, for large plain tensors,
+where the tensor's bytes start inside it. Readers verify checksums from it and read such tensors in
+one request; inspection tools read it instead of unpickling DCP's metadata.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class StoredItem:
     length: int
     checksum: str  # xxh3_64 hex of the stored bytes
     rank: int
+    data_offset: int | None = None  # where a plain tensor's bytes start inside the item (torch_blob.py)
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,9 @@ class ItemRecord:
     length: int
     checksum: str
     rank: int
+    # Where the tensor's bytes start inside the stored item, for a tensor blob a reader can fill its
+    # destination from in one read; None for bytes, small tensors, and indexes written before it existed.
+    data_offset: int | None = None
 
     @property
     def location(self) -> tuple[str, int]:
@@ -63,7 +68,11 @@ INDEX_SCHEMA = pa.schema([
     ("length", pa.int64()),
     ("checksum", pa.string()),
     ("rank", pa.int32()),
+    ("data_offset", pa.int64()),
 ])
+
+# Columns added after the first release: an index written before them reads them as all-null.
+_OPTIONAL_COLUMNS = frozenset({"data_offset"})
 
 
 def encode_index(records: Sequence[ItemRecord]) -> bytes:
@@ -85,7 +94,13 @@ def read_index_table(data: bytes, columns: Sequence[str] | None = None) -> pa.Ta
     unknown = [c for c in wanted if c not in INDEX_SCHEMA.names]
     if unknown:
         raise ValueError(f"index.parquet has no column(s) {unknown} (columns: {INDEX_SCHEMA.names})")
-    table = pq.read_table(io.BytesIO(data), columns=wanted)
+    parquet = pq.ParquetFile(io.BytesIO(data))
+    absent = [c for c in wanted if c in _OPTIONAL_COLUMNS and c not in parquet.schema_arrow.names]
+    table = parquet.read(columns=[c for c in wanted if c not in absent])
+    for name in absent:
+        field = INDEX_SCHEMA.field(name)
+        table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    table = table.select(wanted)
     for name in wanted:
         if table.schema.field(name).type != INDEX_SCHEMA.field(name).type:
             raise ValueError(f"index.parquet column {name!r} is {table.schema.field(name).type}, expected "

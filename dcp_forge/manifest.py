@@ -157,7 +157,7 @@ def item_records(metadata: Metadata, results: Sequence[Sequence[WriteResult]],
                 component=component, pattern=pattern_of(skey, layouts).value, storage_key=skey,
                 fqn=fqn, kind=kind, dtype=dtype, shape=shape, chunk_offsets=offsets, chunk_sizes=sizes,
                 file=info.relative_path, offset=info.offset, length=info.length,
-                checksum=info.checksum, rank=info.rank,
+                checksum=info.checksum, rank=info.rank, data_offset=info.data_offset,
             ))
     records.sort(key=lambda r: (r.fqn, r.chunk_offsets or ()))
     return records

@@ -38,8 +38,8 @@ from torch.futures import Future
 from .errors import ComponentDeclarationError
 from .placement import place_on_least_loaded
 from .storage import ForgeStorageReader
-from .storage.backends import InputFile, LocalBackend, StorageBackend
-from .storage.item_reader import Checker, StoredRead, group_reads, load_stored_item
+from .storage.backends import InputFile, LocalBackend, ReadsViewsInTurn, StorageBackend
+from .storage.item_reader import Checker, StoredRead, load_stored_item
 from .topology import Topology
 
 DEFAULT_BATCH_BYTES = 64 * 1024 * 1024
@@ -196,7 +196,7 @@ class ReadOnceStorageReader(ForgeStorageReader):
                 "ReadOnceStorageReader.read_data got a plan without a read-once schedule: DCP must call "
                 "prepare_global_plan on the coordinator first (dcp.load does)")
         me = dist.get_rank(self.group)
-        reads = {Location(r.file, r.offset, r.length): r for r in group_reads(plan.items, self.storage_data)}
+        reads = {Location(r.file, r.offset, r.length): r for r in self.group_reads(plan.items)}
         to_send = {loc for b in schedule.batches if b.source == me for loc in b.locations}
         kept: dict[Location, torch.Tensor] = {}
 
@@ -291,7 +291,7 @@ def _file_order(read: StoredRead) -> tuple[str, int]:
     return (read.file, read.offset)
 
 
-class BufferInput:
+class BufferInput(ReadsViewsInTurn):
     """An ``InputFile`` over bytes already in memory that were stored at ``base`` of their file."""
 
     def __init__(self, data: torch.Tensor, base: int) -> None:

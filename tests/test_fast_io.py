@@ -3,7 +3,9 @@ straight into destination tensors, the staged fallback, and checksum verificatio
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import math
 import os
 import time
 import warnings
@@ -19,7 +21,13 @@ from dcp_forge import CheckpointCoordinator, StateComponent
 from dcp_forge.errors import IntegrityError, first_rank_failure
 from dcp_forge.storage import ForgeStorageReader, open_reader
 from dcp_forge.storage.item_reader import DIRECT_MIN_BYTES, PipelinedChecker, StoredRead, split_runs
-from dcp_forge.storage.torch_blob import NotPlainTensor, open_blob, save_tensor, tensor_blob_layout
+from dcp_forge.storage.torch_blob import (
+    NotPlainTensor,
+    layout_from_edges,
+    open_blob,
+    save_tensor,
+    tensor_blob_layout,
+)
 
 from .strategies import DTYPES
 
@@ -65,6 +73,27 @@ def test_layout_finds_exactly_the_tensor_bytes_or_refuses(case, ours):
                                                            tensor.numel() * tensor.element_size())
     stored = bytes(data[layout.data_offset:layout.data_offset + layout.nbytes])
     assert stored == tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    # what a writer or a reader finds from the blob's edges alone
+    assert layout_from_edges(data[:layout.data_offset], data[layout.data_offset + layout.nbytes:], len(data)) == layout
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 200_000), st.lists(st.integers(1, 300_000), min_size=1, max_size=12))
+def test_the_writer_finds_each_blob_layout_however_torch_cuts_its_writes(numel, cuts):
+    from dcp_forge.storage.writer import _HashingStream
+
+    data = _blob(torch.arange(numel, dtype=torch.float32))
+    stream = _HashingStream(io.BytesIO(b"x" * 7))  # an earlier item: offsets are the stream's
+    stream.out.seek(7)
+    stream.begin_item()
+    view, at = memoryview(data), 0
+    for cut in cuts * (len(data) // sum(cuts) + 1):
+        stream.write(view[at:at + cut])
+        at += cut
+        if at >= len(data):
+            break
+    assert stream.end_item()[:2] == (7, len(data))
+    assert stream.data_offset(len(data)) == _layout(data).data_offset
 
 
 @pytest.mark.parametrize("value", [{"a": torch.ones(3)}, [torch.ones(2)], 7, torch.ones(4).to(torch.float8_e4m3fn)])
@@ -170,6 +199,85 @@ def test_row_chunks_are_read_directly_into_their_rows(tmp_path, direct_reads):
     assert sorted(direct_reads) == ["model.h"] + ["model.w"] * 4
 
 
+def _local_reads(monkeypatch):
+    """(file, offset, view sizes) of every read the local backend makes (read_into is one view)."""
+    from dcp_forge.storage import backends
+
+    calls = []
+    real = backends._LocalInput.read_scatter
+
+    def read_scatter(self, offset, views):
+        calls.append((os.path.basename(self.path), offset, [memoryview(v).nbytes for v in views]))
+        real(self, offset, views)
+
+    monkeypatch.setattr(backends._LocalInput, "read_scatter", read_scatter)
+    return calls
+
+
+def test_the_index_records_where_each_large_tensor_starts(tmp_path):
+    saved = _big_state()
+    path = _save(tmp_path, saved)
+    records = {r.fqn: r for r in _records(path)}
+    for fqn in ("model.w", "model.h"):
+        r = records[fqn]
+        with open(os.path.join(path, r.file), "rb") as f:
+            f.seek(r.offset + r.data_offset)
+            stored = f.read(saved[fqn[6:]].nbytes)
+        assert stored == saved[fqn[6:]].view(torch.uint8).numpy().tobytes()
+    assert records["model.small"].data_offset is None and records["model.step"].data_offset is None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_recorded_blob_is_one_read_straight_into_its_destination(tmp_path, monkeypatch, threads, direct_reads):
+    saved = _big_state()
+    path = _save(tmp_path, saved, chunk_bytes=2 * DIRECT_MIN_BYTES)  # "w" stored as 4 row-chunks
+    records = [r for r in _records(path) if r.data_offset is not None]
+    assert sorted(r.fqn for r in records) == ["model.h"] + ["model.w"] * 4
+    dest = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in saved.items()}
+    calls = _local_reads(monkeypatch)
+    _load(path, dest, thread_count=threads)
+    assert all(torch.equal(dest[k], saved[k]) for k in ("w", "h", "small"))
+    assert sorted(direct_reads) == ["model.h"] + ["model.w"] * 4
+    for r in records:  # one request for the whole blob: header, tensor, trailer
+        inside = [c for c in calls if c[0] == r.file and r.offset <= c[1] < r.offset + r.length]
+        nbytes = math.prod(r.chunk_sizes) * getattr(torch, r.dtype.removeprefix("torch.")).itemsize
+        assert inside == [(r.file, r.offset, [r.data_offset, nbytes, r.length - r.data_offset - nbytes])]
+
+
+def _set_data_offsets(path, change):
+    from dcp_forge.index import decode_index, encode_index
+
+    from .tamper import reseal
+
+    index = os.path.join(path, "index.parquet")
+    records = [dataclasses.replace(r, data_offset=change(r)) for r in decode_index(open(index, "rb").read())]
+    with open(index, "wb") as f:
+        f.write(encode_index(records))
+    reseal(path)
+
+
+def test_an_index_without_data_offsets_reads_the_edges_first(tmp_path, monkeypatch, direct_reads):
+    saved = _big_state()
+    path = _save(tmp_path, saved)
+    _set_data_offsets(path, lambda r: None)  # as indexes written before the column existed
+    dest = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in saved.items()}
+    calls = _local_reads(monkeypatch)
+    _load(path, dest)
+    assert all(torch.equal(dest[k], saved[k]) for k in ("w", "h", "small"))
+    assert sorted(direct_reads) == ["model.h", "model.w"]
+    assert all(len(views) == 1 for _, _, views in calls)
+
+
+@pytest.mark.parametrize("shift", [64, -8])
+def test_a_recorded_offset_the_blob_contradicts_is_refused(tmp_path, shift):
+    saved = _big_state()
+    path = _save(tmp_path, saved)
+    _set_data_offsets(path, lambda r: r.data_offset + shift if r.fqn == "model.w" else r.data_offset)
+    dest = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in saved.items()}
+    with pytest.raises(IntegrityError, match=r"'model.w'.*the index places its torch.float32 tensor \[\d+, 1024\] at byte \d+ of the item, its zip records do not"):
+        _load(path, dest)
+
+
 def _flip(path, name, offset):
     with open(os.path.join(path, name), "r+b") as f:
         f.seek(offset)
@@ -178,10 +286,14 @@ def _flip(path, name, offset):
         f.write(bytes([byte[0] ^ 0x40]))
 
 
-def _record(path, fqn):
+def _records(path):
     reader = ForgeStorageReader(path)
     reader.read_metadata()
-    return next(r for r in reader.records if r.fqn == fqn)
+    return reader.records
+
+
+def _record(path, fqn):
+    return next(r for r in _records(path) if r.fqn == fqn)
 
 
 @pytest.mark.parametrize("where", ["header", "data", "trailer"])
@@ -224,18 +336,18 @@ def test_every_item_is_prefetched_before_it_is_read_and_not_too_far_ahead(tmp_pa
     saved = _big_state()
     path = _save(tmp_path, saved, chunk_bytes=2 * DIRECT_MIN_BYTES)
     events = []
-    real_prefetch, real_read = backends._LocalInput.prefetch, backends._LocalInput.read_into
+    real_prefetch, real_read = backends._LocalInput.prefetch, backends._LocalInput.read_scatter
 
     def prefetch(self, offset, length):
         events.append(("prefetch", os.path.basename(self.path), offset))
         real_prefetch(self, offset, length)
 
-    def read_into(self, offset, buffer):
+    def read_scatter(self, offset, views):  # every local read (read_into is one view)
         events.append(("read", os.path.basename(self.path), offset))
-        real_read(self, offset, buffer)
+        real_read(self, offset, views)
 
     monkeypatch.setattr(backends._LocalInput, "prefetch", prefetch)
-    monkeypatch.setattr(backends._LocalInput, "read_into", read_into)
+    monkeypatch.setattr(backends._LocalInput, "read_scatter", read_scatter)
     monkeypatch.setattr(reader, "PREFETCH_BYTES", 3 * DIRECT_MIN_BYTES)
     dest = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in saved.items()}
     _load(path, dest, thread_count=1)

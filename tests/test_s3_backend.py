@@ -3,7 +3,7 @@
 The default data client (``auto``) and the s3fs fallback (asked for, or chosen by ``auto`` because an
 option only s3fs understands is set) each save and load a state whose large tensor spans several
 multipart parts and is read back as parallel ranges; checkpoints written by one client load with the
-other. Throughput is measured by ``tools/bench_arrow_io.py``, not here.
+other. Throughput is measured by ``tools/bench_s3.py``, not here.
 """
 
 from __future__ import annotations
@@ -114,3 +114,27 @@ def test_upload_with_one_part_in_flight_completes(s3_url, s3_storage_options):
     threading.Thread(target=write, daemon=True).start()
     assert done.wait(120), "upload stalled: part buffers were not released after their uploads"
     assert backend.read_bytes(backend.join(path, "obj")) == raw.tobytes()
+
+
+def test_a_load_reads_each_blob_where_the_index_says_on_one_handle_per_object(s3_server_info, s3_url):
+    """Each data object is opened once (opening costs a HEAD; edge windows are read positionally on
+    that handle) and each recorded tensor arrives in one GET, its edges from the prefetched windows."""
+    from tools.fault_proxy import FaultProxy
+
+    from .conftest import storage_options_for
+
+    gen = torch.Generator().manual_seed(5)
+    state = {f"t{i}": torch.randn(2**18 + i, generator=gen) for i in range(6)}  # ~1 MiB each, all recorded
+    with FaultProxy(s3_server_info.endpoint_url) as proxy:  # faults off: it relays and counts
+        options = {**storage_options_for(s3_server_info), "endpoint_url": proxy.endpoint_url, "data_client": "arrow"}
+        path = coordinator(s3_url, options, state).save_checkpoint(checkpoint_id="ckpt")
+        proxy.reset_stats()
+        target = {k: torch.zeros_like(v) for k, v in state.items()}
+        coordinator(s3_url, options, target).load_checkpoint(path)
+        requests = [(method, target_path) for _, method, target_path, _ in proxy.events()]
+    assert all(torch.equal(target[k], state[k]) for k in state)
+    data = [(method, p.rsplit("/", 1)[1]) for method, p in requests if p.endswith(".distcp")]
+    heads = [name for method, name in data if method == "HEAD"]
+    assert sorted(heads) == sorted(set(heads)) and heads  # one handle per object
+    gets = sum(method == "GET" for method, _ in data)
+    assert gets <= 2 * len(state) + len(heads)  # a GET per tensor, about one small window per blob

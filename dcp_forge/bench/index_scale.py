@@ -91,6 +91,7 @@ def write_synthetic_checkpoint(path: str, items: int, *, changed: int = 0, dropp
         "file": pa.array(["__0_0.distcp"] * n, pa.string()), "offset": pa.array(offsets[blob], pa.int64()),
         "length": pa.array(lengths[blob], pa.int64()), "checksum": pa.array(checksums[blob], pa.string()),
         "rank": pa.array((i % 8).astype(np.int32), pa.int32()),
+        "data_offset": pa.nulls(n, pa.int64()),  # the blobs are tiny: below LAYOUT_MIN_BYTES
     }
     table = pa.table(columns, schema=INDEX_SCHEMA)
     sink = io.BytesIO()

@@ -22,7 +22,7 @@ import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from .backends import read_exactly, read_upto
+from .backends import ReadsViewsInTurn, read_exactly
 
 # Multipart parts of 16 MiB: big enough that per-request costs vanish, small enough that each
 # writer stream keeps several uploads in flight.
@@ -153,7 +153,7 @@ def part_size(index: int, part_bytes: int = PART_BYTES) -> int:
     return min(part_bytes << (index // 1000), MAX_PART_BYTES)
 
 
-class ArrowInput:
+class ArrowInput(ReadsViewsInTurn):
     """Ranged GETs straight into the destination buffer (``readinto``, no intermediate bytes).
 
     A read of ``2 * RANGE_BYTES`` or more is split into ranges (``range_step``) fetched in parallel
@@ -217,13 +217,10 @@ class ArrowInput:
 
     def _fetch(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``offset``; fewer where the object ends."""
-        out = bytearray(length)
-        handle = self._handle()
-        try:
-            done = read_upto(handle, offset, memoryview(out))
-        finally:
-            self._give_back(handle)
-        return bytes(out[:done])
+        # read_at is positional (thread-safe beside the reading thread's seek + readinto on the same
+        # handle), so windows need no handle of their own: opening one costs a HEAD request.
+        length = min(length, self._file.size() - offset)
+        return bytes(self._file.read_at(length, offset)) if length > 0 else b""
 
     def _window_for(self, offset: int, end: int, evict: bool = False) -> tuple[int, Future] | None:
         """The window holding bytes [offset, end); ``evict`` (on reads, which go forward through the

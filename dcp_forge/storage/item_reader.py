@@ -2,10 +2,13 @@
 
 DCP's own reader reads every stored tensor into a buffer, ``torch.load``s it (a second copy) and
 copies it into the destination (a third). Here a stored tensor that one destination takes whole, as a
-contiguous CPU tensor of the same dtype and shape, is read with one ``read_into`` directly into that
-destination's memory: the blob's small header and trailer are read separately (they locate the data
-record, see torch_blob.py) and the checksum is computed over header, destination bytes and trailer,
-in file order, so it is the same xxh3 as over the stored blob.
+contiguous CPU tensor of the same dtype and shape, is read directly into that destination's memory.
+Where ``index.parquet`` records where the tensor starts (``data_offset``, dcp_forge's own
+checkpoints), the whole blob is one ``read_scatter``: its small header into one buffer, the tensor
+into the destination, its trailer into another, then the header and trailer are parsed to prove the
+index right. Otherwise (plain DCP checkpoints, older indexes) header and trailer are read first to
+locate the data record (torch_blob.py), then the data. Either way the checksum is computed over
+header, destination bytes and trailer, in file order, so it is the same xxh3 as over the stored blob.
 
 Everything else takes the staged path: the whole blob is read into one uninitialised buffer, hashed,
 and the tensor is viewed inside it (no ``torch.load`` copy) before being copied into each destination;
@@ -32,10 +35,18 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlanner, ReadItem
 
 from ..errors import IntegrityError
+from ..index import ItemRecord
 from ..keys import top_level_key
 from ..safe_load import load_object
 from .backends import InputFile
-from .torch_blob import NotPlainTensor, TensorBlobLayout, open_blob, tensor_blob_layout
+from .torch_blob import (
+    NotPlainTensor,
+    TensorBlobLayout,
+    layout_from_edges,
+    open_blob,
+    recorded_layout,
+    tensor_blob_layout,
+)
 
 # Below this, reading header and trailer separately costs more than one read of the whole blob.
 DIRECT_MIN_BYTES = 1024 * 1024
@@ -43,12 +54,14 @@ DIRECT_MIN_BYTES = 1024 * 1024
 
 @dataclass(frozen=True)
 class StoredRead:
-    """One stored item (``length`` bytes at ``offset`` of ``file``) and the read items it serves."""
+    """One stored item (``length`` bytes at ``offset`` of ``file``) and the read items it serves;
+    ``layout``: where the tensor is inside it, when the index records that."""
 
     file: str
     offset: int
     length: int
     items: tuple[ReadItem, ...]
+    layout: TensorBlobLayout | None = None
 
     @property
     def fqn(self) -> str:
@@ -61,13 +74,21 @@ Checker = Callable[[StoredRead, str], None] | None
 ItemLoader = Callable[[InputFile, StoredRead, LoadPlanner, Checker], None]
 
 
-def group_reads(items: Sequence[ReadItem], storage_data: Mapping[MetadataIndex, Any]) -> list[StoredRead]:
-    """Read items grouped by the stored item they need, in file order (each stored item read once)."""
+def group_reads(items: Sequence[ReadItem], storage_data: Mapping[MetadataIndex, Any],
+                records: Mapping[tuple[str, int], ItemRecord] | None = None) -> list[StoredRead]:
+    """Read items grouped by the stored item they need, in file order (each stored item read once),
+    with the tensor layouts that ``records`` (the index rows by location) hold."""
     grouped: dict[tuple[str, int, int], list[ReadItem]] = defaultdict(list)
     for item in items:
         info = storage_data[item.storage_index]
         grouped[(info.relative_path, info.offset, info.length)].append(item)
-    return [StoredRead(f, o, n, tuple(its)) for (f, o, n), its in sorted(grouped.items(), key=lambda kv: kv[0])]
+    reads = []
+    for (file, offset, length), its in sorted(grouped.items(), key=lambda kv: kv[0]):
+        record = (records or {}).get((file, offset))
+        layout = None if record is None else recorded_layout(record.data_offset, record.dtype, record.chunk_sizes,
+                                                             length)
+        reads.append(StoredRead(file, offset, length, tuple(its), layout))
+    return reads
 
 
 def split_runs(reads: Sequence[StoredRead], parts: int) -> list[list[StoredRead]]:
@@ -99,7 +120,7 @@ def _read_bytes(handle: InputFile, offset: int, size: int) -> bytes:
 
 def _direct_target(read: StoredRead, targets: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """The destination that can take this stored tensor's bytes as they are, if there is one."""
-    if len(read.items) != 1 or read.length < DIRECT_MIN_BYTES or any(read.items[0].storage_offsets):
+    if len(read.items) != 1 or any(read.items[0].storage_offsets):
         return None
     target = targets[0]
     if (type(target) is not torch.Tensor or target.device.type != "cpu" or target.layout != torch.strided
@@ -144,15 +165,35 @@ class PipelinedChecker:
             raise errors[0]
 
 
-def _read_direct(handle: InputFile, read: StoredRead, blob: Any, layout: TensorBlobLayout,
+def _stored_layout(handle: InputFile, read: StoredRead) -> tuple[TensorBlobLayout | None, Any]:
+    """Where the stored tensor is (the index's record, else parsed from the blob's edges), and the
+    parsed blob's edges (None when the index told)."""
+    if read.layout is not None:
+        return read.layout, None
+    if read.length < DIRECT_MIN_BYTES:
+        return None, None
+    blob = open_blob(lambda o, n: _read_bytes(handle, read.offset + o, n), read.length)
+    try:
+        return tensor_blob_layout(blob), blob
+    except NotPlainTensor:
+        return None, None
+
+
+def _read_direct(handle: InputFile, read: StoredRead, layout: TensorBlobLayout, edges: Any,
                  target: torch.Tensor, check: Checker) -> None:
+    """Read the tensor into ``target``: with its blob's head and tail in the same request when the
+    index told where it is (``edges`` None), else the data alone after the parsed ``edges``."""
     view = _byte_view(target) if layout.nbytes else memoryview(b"")
-    if layout.nbytes:
-        handle.read_into(read.offset + layout.data_offset, view)
-    if check is None:
-        return
     end = layout.data_offset + layout.nbytes
-    head, tail = blob.fetch(0, layout.data_offset), blob.fetch(end, read.length - end)  # read here, not later
+    if check is None:
+        handle.read_into(read.offset + layout.data_offset, view)
+        return
+    if edges is None:
+        head, tail = bytearray(layout.data_offset), bytearray(read.length - end)
+        handle.read_scatter(read.offset, [memoryview(head), view, memoryview(tail)])
+    else:
+        handle.read_into(read.offset + layout.data_offset, view)
+        head, tail = edges.fetch(0, layout.data_offset), edges.fetch(end, read.length - end)
 
     def verify() -> None:
         hasher = xxhash.xxh3_64()
@@ -160,6 +201,13 @@ def _read_direct(handle: InputFile, read: StoredRead, blob: Any, layout: TensorB
         hasher.update(view)
         hasher.update(tail)
         check(read, hasher.hexdigest())
+        # The checksum covers the blob however it was split, so also prove the split: the edges read
+        # must place the tensor where the index said.
+        if edges is None and layout_from_edges(head, tail, read.length) != layout:
+            raise IntegrityError(
+                f"stored item {read.fqn!r} in {read.file} at byte {read.offset}: the index places its "
+                f"{layout.dtype} tensor {list(layout.shape)} at byte {layout.data_offset} of the item, "
+                f"its zip records do not")
 
     if isinstance(check, PipelinedChecker):
         check.submit(verify)
@@ -209,13 +257,9 @@ def load_stored_item(handle: InputFile, read: StoredRead, planner: LoadPlanner, 
     targets = [planner.resolve_tensor(item).detach() for item in read.items]
     target = _direct_target(read, targets)
     if target is not None:
-        blob = open_blob(lambda o, n: _read_bytes(handle, read.offset + o, n), read.length)
-        try:
-            layout: TensorBlobLayout | None = tensor_blob_layout(blob)
-        except NotPlainTensor:
-            layout = None
+        layout, edges = _stored_layout(handle, read)
         if layout is not None and layout.dtype == target.dtype and layout.shape == tuple(target.shape):
-            _read_direct(handle, read, blob, layout, target, check)
+            _read_direct(handle, read, layout, edges, target, check)
             planner.commit_tensor(read.items[0], target)
             return
 

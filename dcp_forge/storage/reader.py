@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
-from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
@@ -71,7 +71,7 @@ class ForgeStorageReader(StorageReader):
         self.verify_checksums = verify_checksums
         self.manifest: CheckpointManifest | None = None
         self.records: list[ItemRecord] = []
-        self._checksums: dict[tuple[str, int], ItemRecord] = {}
+        self._record_at: dict[tuple[str, int], ItemRecord] = {}
         self.storage_data: dict[MetadataIndex, Any] = {}
         self.bytes_read = 0  # data bytes read from storage (stored items, not the metadata files)
         self._known: Metadata | None = None
@@ -105,7 +105,7 @@ class ForgeStorageReader(StorageReader):
         from storage once per job rather than once per rank.
         """
         self._known, self.manifest, self.records = metadata, manifest, list(records)
-        self._checksums = {r.location: r for r in self.records}
+        self._record_at = {r.location: r for r in self.records}
 
     def _read_metadata_files(self) -> Metadata:
         state = checkpoint_state(self.backend, self.path)
@@ -125,7 +125,7 @@ class ForgeStorageReader(StorageReader):
             metadata_bytes = files.metadata
             self.records, problems = parse_index(files.index, where)
             raise_if_problems(problems)
-            self._checksums = {r.location: r for r in self.records}
+            self._record_at = {r.location: r for r in self.records}
         else:  # plain DCP checkpoint: no records of ours to check against
             metadata_bytes = self._read_file(METADATA_FILE)
         metadata = load_dcp_metadata(metadata_bytes, name=f"{where}/{METADATA_FILE}")
@@ -146,16 +146,20 @@ class ForgeStorageReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        self._read_stored(group_reads(plan.items, self.storage_data), planner)
+        self._read_stored(self.group_reads(plan.items), planner)
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
 
     # --- helpers ----------------------------------------------------------------------------
+    def group_reads(self, items: Sequence[ReadItem]) -> list[StoredRead]:
+        """``items`` grouped by stored item, in file order, with the tensor layouts the index records."""
+        return group_reads(items, self.storage_data, self._record_at)
+
     @property
     def checker(self) -> Checker:
         """What verifies a stored item's checksum (None when there is nothing to verify against)."""
-        return self._verify if self.verify_checksums and self._checksums else None
+        return self._verify if self.verify_checksums and self._record_at else None
 
     def _read_stored(self, reads: Sequence[StoredRead], planner: LoadPlanner,
                      load: ItemLoader = load_stored_item) -> None:
@@ -228,7 +232,7 @@ class ForgeStorageReader(StorageReader):
                 f"{redact_url(self.url)}: data file {read.file} is missing (holds {read.fqn!r})") from err
 
     def _verify(self, read: StoredRead, found: str) -> None:
-        record = self._checksums.get((read.file, read.offset))
+        record = self._record_at.get((read.file, read.offset))
         if record is None:
             raise IntegrityError(
                 f"{redact_url(self.url)}: {read.file}@{read.offset} ({read.fqn!r}) is not in {INDEX_FILE}")

@@ -11,7 +11,9 @@ Reading: to read a stored tensor straight into its destination, a reader needs t
 tensor's data record inside the blob and proof that the blob holds exactly one plain tensor of the
 expected dtype and shape, laid out contiguously. ``tensor_blob_layout`` gets both from the zip's
 central directory and a restricted unpickling of ``data.pkl`` that never builds a tensor and never
-imports anything beyond the few names a tensor pickle uses.
+imports anything beyond the few names a tensor pickle uses. dcp_forge's writer runs the same parse
+on each large blob's edges as it writes them (``layout_from_edges``) and records the offset in
+``index.parquet``, so its own checkpoints are read without fetching and parsing the edges first.
 """
 
 from __future__ import annotations
@@ -268,6 +270,41 @@ def tensor_blob_layout(blob: _BlobFile) -> TensorBlobLayout:
     if data_size != nbytes or data_offset + nbytes > blob.length:
         raise NotPlainTensor(f"data record holds {data_size} bytes, the tensor needs {nbytes}")
     return TensorBlobLayout(data_offset, nbytes, ref.storage.dtype, ref.size)
+
+
+def layout_from_edges(head: bytes, tail: bytes, length: int) -> TensorBlobLayout | None:
+    """The layout of a blob of ``length`` bytes from its first bytes (``head``) and last bytes
+    (``tail``) alone, as a writer sees them stream past or a reader that read them; None when the
+    blob is not one plain tensor or a record the parse needs lies outside both edges."""
+    tail_start = length - len(tail)
+
+    def read_at(offset: int, size: int) -> bytes:
+        if offset + size <= len(head):
+            return head[offset:offset + size]
+        if offset >= tail_start:
+            return tail[offset - tail_start:offset - tail_start + size]
+        raise NotPlainTensor("a record lies between the edges the writer kept")
+
+    try:
+        return tensor_blob_layout(_BlobFile(read_at, length))
+    except NotPlainTensor:
+        return None
+
+
+def recorded_layout(data_offset: int | None, dtype: str | None, shape: tuple[int, ...] | None,
+                    length: int) -> TensorBlobLayout | None:
+    """The layout an index row records for a stored item of ``length`` bytes (``dtype`` as in
+    ``"torch.float32"``, ``shape`` the stored box); None where the row records none, or one the
+    item cannot hold."""
+    if data_offset is None or dtype is None or shape is None:
+        return None
+    torch_dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if not isinstance(torch_dtype, torch.dtype):
+        return None
+    nbytes = math.prod(shape) * torch_dtype.itemsize
+    if data_offset < 0 or data_offset + nbytes > length:
+        return None
+    return TensorBlobLayout(data_offset, nbytes, torch_dtype, tuple(shape))
 
 
 def open_blob(read_at: Callable[[int, int], bytes], length: int) -> _BlobFile:

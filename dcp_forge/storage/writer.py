@@ -42,7 +42,12 @@ from .backends import OutputStream
 from .commit import CommitRecord, claim, commit
 from .layout import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE, data_file_name
 from .registry import open_backend, redact_url
-from .torch_blob import save_tensor
+from .torch_blob import layout_from_edges, save_tensor
+
+# Tensor blobs from this size on get their data offset recorded in the index, so a load reads them
+# straight into their destination in one request. Below it the parse (~45 us) costs more than the
+# copy it saves.
+LAYOUT_MIN_BYTES = 256 * 1024
 
 logger = logging.getLogger(__name__)
 
@@ -55,22 +60,40 @@ class _RankFiles:
 
 
 class _HashingStream:
-    """Passes writes to ``out`` and hashes each item's bytes as they stream past."""
+    """Passes writes to ``out``, hashing each item's bytes and keeping its first and last
+    ``EDGE_BYTES`` as they stream past (where a tensor blob's zip records are, see torch_blob.py)."""
+
+    EDGE_BYTES = 64 * 1024
 
     def __init__(self, out: OutputStream) -> None:
         self.out = out
         self._hasher = xxhash.xxh3_64()
         self._start = 0
+        self._head = bytearray()
+        self._tail = bytearray()
 
     def begin_item(self) -> None:
         self._hasher.reset()
         self._start = self.out.tell()
+        self._head.clear()
+        self._tail.clear()
 
     def end_item(self) -> tuple[int, int, str]:
         return self._start, self.out.tell() - self._start, self._hasher.hexdigest()
 
+    def data_offset(self, length: int) -> int | None:
+        """Where the tensor's bytes start in the item just written, if it is one plain tensor."""
+        layout = layout_from_edges(self._head, self._tail[-self.EDGE_BYTES:], length)
+        return None if layout is None else layout.data_offset
+
     def write(self, data: Any) -> int:
         self._hasher.update(data)
+        view = memoryview(data).cast("B")
+        if len(self._head) < self.EDGE_BYTES:
+            self._head += view[:self.EDGE_BYTES - len(self._head)]
+        self._tail += view[-self.EDGE_BYTES:]
+        if len(self._tail) > 2 * self.EDGE_BYTES:  # trimmed now and then: amortised O(1) per byte
+            del self._tail[:-self.EDGE_BYTES]
         return self.out.write(data)
 
     def flush(self) -> None:
@@ -203,8 +226,10 @@ class ForgeStorageWriter(StorageWriter):
                 stream.begin_item()
                 _write_item(stream, item, planner)
                 offset, length, checksum = stream.end_item()
-                results.append(WriteResult(index=item.index, size_in_bytes=length,
-                                           storage_data=StoredItem(name, offset, length, checksum, rank)))
+                data_offset = (stream.data_offset(length)
+                               if item.type != WriteItemType.BYTE_IO and length >= LAYOUT_MIN_BYTES else None)
+                results.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=StoredItem(
+                    name, offset, length, checksum, rank, data_offset)))
         except BaseException:
             out.abort()
             raise
