@@ -133,8 +133,8 @@ def _legacy_table(metadata_bytes: bytes, where: str) -> pa.Table:
             "chunk_sizes": (list(chunk.sizes) if chunk is not None else list(md.size)) if tensor else None,
             "file": info.relative_path, "offset": info.offset, "length": info.length, "checksum": None, "rank": None,
         }
-        for name, value in values.items():
-            rows[name].append(value)
+        for name, column in rows.items():  # what plain DCP does not record (checksum, data_offset...) is null
+            column.append(values.get(name))
     return pa.table(rows, schema=INDEX_SCHEMA)
 
 
