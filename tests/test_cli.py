@@ -16,7 +16,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from dcp_forge import CheckpointCoordinator, RNGState, StateComponent
-from dcp_forge.bench.disk import drop_page_cache, resident_bytes
+from dcp_forge.bench.disk import drop_page_cache, recycle_page_cache, resident_bytes
 from dcp_forge.bench.save_load import vs_best_dcp
 from dcp_forge.cli import EXIT_ERROR, EXIT_FOUND, EXIT_OK, main
 from dcp_forge.placement import ChunkPolicy
@@ -236,6 +236,11 @@ def test_bench_eviction_leaves_nothing_cached(tmp_path):
     if _filesystem_type(tmp_path) in ("tmpfs", "ramfs"):
         pytest.skip("this filesystem keeps its pages: nothing to evict them to")
     assert resident_bytes(str(path)) == 0
+
+
+def test_recycling_page_cache_leaves_nothing_behind(tmp_path):
+    recycle_page_cache(str(tmp_path), [torch.ones(3000), torch.zeros(5, dtype=torch.int8)])
+    assert os.listdir(tmp_path) == []
 
 
 def test_vs_best_dcp_picks_the_fastest_dcp_configuration():

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
 from ..coordinator import CheckpointCoordinator
 from ..sharing import SharingPattern, StateComponent
-from .disk import cold_read_limit, drop_page_cache, durable_write_limit, resident_bytes
+from .disk import cold_read_limit, drop_page_cache, durable_write_limit, recycle_page_cache, resident_bytes
 
 LIMIT = "disk limit"
 
@@ -250,9 +250,11 @@ class _Run:
     def save_limit(self, rep_dir: str) -> float:
         path = os.path.join(rep_dir, "limit")
         shutil.rmtree(path, ignore_errors=True)
+        recycle_page_cache(rep_dir, list(self.source.values()))
         return _timed(lambda: durable_write_limit(path, list(self.source.values())), self._cpu_list(f"save:{LIMIT}"))
 
     def save(self, name: str, rep_dir: str) -> float:
+        recycle_page_cache(rep_dir, list(self.source.values()))
         return _timed(lambda: _SAVERS[name](os.path.join(rep_dir, _slug(name)), self.source),
                       self._cpu_list(f"save:{name}"))
 
