@@ -9,9 +9,10 @@ What is checked, in order (docs/FORMAT.md describes the files):
 4. completeness: every item DCP's metadata lists has a stored location, every stored location is in
    the index with the same extent, tensor chunks cover their tensors, and the manifest's
    per-component sizes and checksums match the index;
-5. the data files: each exists, none is shorter (truncated) or longer than its items, and every
-   item's bytes hash to the xxh3 the index recorded (plain DCP checkpoints record no checksums:
-   only presence and extents are checked).
+5. the data files: each exists, none is shorter (truncated) or longer than its items, every
+   item's bytes hash to the xxh3 the index recorded, and where the index records where a tensor
+   starts inside its blob (``data_offset``), the blob's own zip records say the same (plain DCP
+   checkpoints record neither: only presence and extents are checked).
 
 Every problem found is reported (not just the first), each naming the file and, where one is
 involved, the component. Nothing is modified.
@@ -52,6 +53,7 @@ from .storage.consistency import (
 )
 from .storage.layout import INDEX_FILE, MANIFEST_FILE, METADATA_FILE
 from .storage.registry import open_backend, redact_url
+from .storage.torch_blob import BlobEdges, TensorBlobLayout, recorded_layout
 
 __all__ = ["Problem", "ProblemKind", "verify_checkpoint"]
 
@@ -61,7 +63,8 @@ _READ_PIECE = 8 * 1024 * 1024
 
 @dataclass(frozen=True)
 class _Extent:
-    """One stored item: where it is and (when recorded) the checksum of its bytes."""
+    """One stored item: where it is and (when recorded) the checksum of its bytes and where its
+    tensor starts inside it."""
 
     file: str
     offset: int
@@ -69,6 +72,8 @@ class _Extent:
     checksum: str | None
     component: str
     fqn: str
+    data_offset: int | None = None
+    layout: TensorBlobLayout | None = None  # the tensor the index describes at data_offset
 
 
 def verify_checkpoint(url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, *,
@@ -111,7 +116,8 @@ def verify_checkpoint(url: str | os.PathLike, storage_options: Mapping[str, Any]
         problems += _manifest_problems(manifest, records, where)
 
     if records is not None:
-        extents = [_Extent(r.file, r.offset, r.length, r.checksum, r.component, r.fqn) for r in records]
+        extents = [_Extent(r.file, r.offset, r.length, r.checksum, r.component, r.fqn, r.data_offset,
+                           recorded_layout(r.data_offset, r.dtype, r.chunk_sizes, r.length)) for r in records]
     elif state is CheckpointState.LEGACY and metadata is not None and not problems:
         extents = [_Extent(info.relative_path, info.offset, info.length, None, top_level_key(index.fqn), index.fqn)
                    for index, info in metadata.storage_data.items()]
@@ -261,11 +267,14 @@ def _file_problems(backend: StorageBackend, path: str, where: str, name: str, ex
             if extent.checksum is None:
                 continue
             hasher = xxhash.xxh3_64()
+            edges = BlobEdges() if extent.data_offset is not None else None
             done = 0
             while done < extent.length:
                 piece = buffer[:min(_READ_PIECE, extent.length - done)]
                 handle.read_into(extent.offset + done, piece)
                 hasher.update(piece)
+                if edges is not None:
+                    edges.update(piece)
                 done += len(piece)
                 if progress is not None:
                     progress(len(piece))
@@ -274,6 +283,12 @@ def _file_problems(backend: StorageBackend, path: str, where: str, name: str, ex
                     ProblemKind.CHECKSUM_MISMATCH, f"{where}: checksum mismatch in data file {name} at byte "
                     f"{extent.offset} for component {extent.component!r} ({extent.fqn!r}): expected "
                     f"{extent.checksum}, found {hasher.hexdigest()}", name, extent.component))
+            elif edges is not None and (found := edges.layout(extent.length)) != extent.layout:
+                recorded = extent.layout or f"a tensor at byte {extent.data_offset}"
+                problems.append(Problem(
+                    ProblemKind.WRONG_LAYOUT, f"{where}: {INDEX_FILE} says the item of {extent.fqn!r} (component "
+                    f"{extent.component!r}) in data file {name} at byte {extent.offset} holds "
+                    f"{_describe(recorded)}; its zip records say {_describe(found)}", INDEX_FILE, extent.component))
     except EOFError as err:  # the file shrank while being read
         problems.append(Problem(ProblemKind.TRUNCATED, f"{where}: data file {name} is truncated ({err})", name,
                                 components[0]))
@@ -285,3 +300,11 @@ def _file_problems(backend: StorageBackend, path: str, where: str, name: str, ex
             ProblemKind.TRAILING_BYTES, f"{where}: data file {name} has {size - written_end} bytes after its last "
             f"item (ends at {written_end}, file has {size}): it was appended to or replaced", name, components[0]))
     return problems
+
+
+def _describe(layout: TensorBlobLayout | str | None) -> str:
+    if layout is None:
+        return "it is not one plain tensor"
+    if isinstance(layout, str):
+        return layout
+    return f"a {layout.dtype} tensor {list(layout.shape)} at byte {layout.data_offset}"

@@ -76,6 +76,15 @@ def replace_item_bytes(path: str | os.PathLike, fqn: str, payload: bytes) -> Non
         f.write(encode_index(records))
 
 
+def set_data_offsets(path: str | os.PathLike, change) -> None:
+    """Record ``change(record)`` as each index row's ``data_offset``, then ``reseal``."""
+    index = os.path.join(path, INDEX_FILE)
+    records = [dataclasses.replace(r, data_offset=change(r)) for r in decode_index(open(index, "rb").read())]
+    with open(index, "wb") as f:
+        f.write(encode_index(records))
+    reseal(path)
+
+
 def reseal(path: str | os.PathLike, manifest_edit=None) -> None:
     """Recompute item checksums, the index, the manifest and the commit marker from what is stored.
 

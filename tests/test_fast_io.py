@@ -3,7 +3,6 @@ straight into destination tensors, the staged fallback, and checksum verificatio
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import math
 import os
@@ -30,6 +29,7 @@ from dcp_forge.storage.torch_blob import (
 )
 
 from .strategies import DTYPES
+from .tamper import set_data_offsets
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -244,22 +244,10 @@ def test_a_recorded_blob_is_one_read_straight_into_its_destination(tmp_path, mon
         assert inside == [(r.file, r.offset, [r.data_offset, nbytes, r.length - r.data_offset - nbytes])]
 
 
-def _set_data_offsets(path, change):
-    from dcp_forge.index import decode_index, encode_index
-
-    from .tamper import reseal
-
-    index = os.path.join(path, "index.parquet")
-    records = [dataclasses.replace(r, data_offset=change(r)) for r in decode_index(open(index, "rb").read())]
-    with open(index, "wb") as f:
-        f.write(encode_index(records))
-    reseal(path)
-
-
 def test_an_index_without_data_offsets_reads_the_edges_first(tmp_path, monkeypatch, direct_reads):
     saved = _big_state()
     path = _save(tmp_path, saved)
-    _set_data_offsets(path, lambda r: None)  # as indexes written before the column existed
+    set_data_offsets(path, lambda r: None)  # as indexes written before the column existed
     dest = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in saved.items()}
     calls = _local_reads(monkeypatch)
     _load(path, dest)
@@ -272,7 +260,7 @@ def test_an_index_without_data_offsets_reads_the_edges_first(tmp_path, monkeypat
 def test_a_recorded_offset_the_blob_contradicts_is_refused(tmp_path, shift):
     saved = _big_state()
     path = _save(tmp_path, saved)
-    _set_data_offsets(path, lambda r: r.data_offset + shift if r.fqn == "model.w" else r.data_offset)
+    set_data_offsets(path, lambda r: r.data_offset + shift if r.fqn == "model.w" else r.data_offset)
     dest = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in saved.items()}
     with pytest.raises(IntegrityError, match=r"'model.w'.*the index places its torch.float32 tensor \[\d+, 1024\] at byte \d+ of the item, its zip records do not"):
         _load(path, dest)

@@ -25,7 +25,7 @@ from dcp_forge.placement import ChunkPolicy
 from dcp_forge.storage.layout import CLAIM_FILE, COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE
 
 from .statefuls import Box
-from .tamper import data_files, flip_byte, flip_value_byte, truncate
+from .tamper import data_files, flip_byte, flip_value_byte, set_data_offsets, truncate
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -214,6 +214,20 @@ def test_memory_backend(tmp_path):
     problem = _only(verify_checkpoint(path), ProblemKind.CHECKSUM_MISMATCH)
     assert problem.file == os.path.basename(name)
     fs.rm("/verify-test", recursive=True)
+
+
+@pytest.mark.parametrize("change", [lambda r: r.data_offset + 64, lambda r: r.data_offset - 8,
+                                    lambda r: r.length])
+def test_a_recorded_tensor_offset_the_blob_contradicts(tmp_path, change):
+    box = Box({"w": torch.randn(512, 512), "b": torch.ones(3)})  # "w": 1 MiB, its offset recorded
+    path = CheckpointCoordinator([StateComponent("box", box, "global")], output_dir=tmp_path).save_checkpoint(
+        checkpoint_id="c")
+    record = next(r for r in _records(path) if r.fqn == "box.w")
+    assert record.data_offset is not None and verify_checkpoint(path) == []
+    set_data_offsets(path, lambda r: change(r) if r.fqn == "box.w" else r.data_offset)
+    problem = _only(verify_checkpoint(path), ProblemKind.WRONG_LAYOUT)
+    assert problem.file == INDEX_FILE and problem.component == "box"
+    assert f"its zip records say a torch.float32 tensor [512, 512] at byte {record.data_offset}" in problem.message
 
 
 def test_thread_count_is_validated(saved):

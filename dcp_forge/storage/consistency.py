@@ -42,6 +42,7 @@ class ProblemKind(Enum):
     UNSUPPORTED_VERSION = "unsupported_version"  # written by a newer dcp_forge
     UNSAFE = "unsafe"  # a record needs code execution to read, or points outside the checkpoint
     INCOMPLETE = "incomplete"  # metadata, index and manifest disagree on what is stored
+    WRONG_LAYOUT = "wrong_layout"  # the index places a tensor elsewhere in its blob than the blob's zip does
 
 
 @dataclass(frozen=True)

@@ -291,6 +291,32 @@ def layout_from_edges(head: bytes, tail: bytes, length: int) -> TensorBlobLayout
         return None
 
 
+class BlobEdges:
+    """The first and last ``size`` bytes of a blob, kept as its bytes stream past in pieces of any
+    size (a writer's writes, a verifier's reads): what ``layout_from_edges`` needs."""
+
+    def __init__(self, size: int = 64 * 1024) -> None:
+        self.size = size
+        self._head = bytearray()
+        self._tail = bytearray()
+
+    def clear(self) -> None:
+        self._head.clear()
+        self._tail.clear()
+
+    def update(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        if len(self._head) < self.size:
+            self._head += view[:self.size - len(self._head)]
+        self._tail += view[-self.size:]
+        if len(self._tail) > 2 * self.size:  # trimmed now and then: amortised O(1) per byte
+            del self._tail[:-self.size]
+
+    def layout(self, length: int) -> TensorBlobLayout | None:
+        """The layout of the ``length``-byte blob that streamed past (None: not one plain tensor)."""
+        return layout_from_edges(self._head, self._tail[-self.size:], length)
+
+
 def recorded_layout(data_offset: int | None, dtype: str | None, shape: tuple[int, ...] | None,
                     length: int) -> TensorBlobLayout | None:
     """The layout an index row records for a stored item of ``length`` bytes (``dtype`` as in

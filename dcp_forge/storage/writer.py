@@ -42,7 +42,7 @@ from .backends import OutputStream
 from .commit import CommitRecord, claim, commit
 from .layout import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE, data_file_name
 from .registry import open_backend, redact_url
-from .torch_blob import layout_from_edges, save_tensor
+from .torch_blob import BlobEdges, save_tensor
 
 # Tensor blobs from this size on get their data offset recorded in the index, so a load reads them
 # straight into their destination in one request. Below it the parse (~45 us) costs more than the
@@ -60,40 +60,31 @@ class _RankFiles:
 
 
 class _HashingStream:
-    """Passes writes to ``out``, hashing each item's bytes and keeping its first and last
-    ``EDGE_BYTES`` as they stream past (where a tensor blob's zip records are, see torch_blob.py)."""
-
-    EDGE_BYTES = 64 * 1024
+    """Passes writes to ``out``, hashing each item's bytes and keeping its edges (where a tensor
+    blob's zip records are, see torch_blob.py) as they stream past."""
 
     def __init__(self, out: OutputStream) -> None:
         self.out = out
         self._hasher = xxhash.xxh3_64()
         self._start = 0
-        self._head = bytearray()
-        self._tail = bytearray()
+        self._edges = BlobEdges()
 
     def begin_item(self) -> None:
         self._hasher.reset()
         self._start = self.out.tell()
-        self._head.clear()
-        self._tail.clear()
+        self._edges.clear()
 
     def end_item(self) -> tuple[int, int, str]:
         return self._start, self.out.tell() - self._start, self._hasher.hexdigest()
 
     def data_offset(self, length: int) -> int | None:
         """Where the tensor's bytes start in the item just written, if it is one plain tensor."""
-        layout = layout_from_edges(self._head, self._tail[-self.EDGE_BYTES:], length)
+        layout = self._edges.layout(length)
         return None if layout is None else layout.data_offset
 
     def write(self, data: Any) -> int:
         self._hasher.update(data)
-        view = memoryview(data).cast("B")
-        if len(self._head) < self.EDGE_BYTES:
-            self._head += view[:self.EDGE_BYTES - len(self._head)]
-        self._tail += view[-self.EDGE_BYTES:]
-        if len(self._tail) > 2 * self.EDGE_BYTES:  # trimmed now and then: amortised O(1) per byte
-            del self._tail[:-self.EDGE_BYTES]
+        self._edges.update(data)
         return self.out.write(data)
 
     def flush(self) -> None:
