@@ -359,6 +359,24 @@ def test_every_item_is_prefetched_before_it_is_read_and_not_too_far_ahead(tmp_pa
             assert o < latest + 3 * DIRECT_MIN_BYTES + largest
 
 
+@pytest.mark.parametrize("verify", [True, False])
+def test_unverified_loads_prefetch_no_edges_of_recorded_tensors(tmp_path, monkeypatch, verify):
+    from dcp_forge.storage import backends
+
+    saved = _big_state()
+    path = _save(tmp_path, saved)
+    prefetched = []
+    monkeypatch.setattr(backends._LocalInput, "prefetch",
+                        lambda self, offset, length: prefetched.append((os.path.basename(self.path), offset)))
+    dest = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in saved.items()}
+    _load(path, dest, verify_checksums=verify)
+    assert all(torch.equal(dest[k], saved[k]) for k in ("w", "h", "small"))
+    records = _records(path)
+    recorded = {r.location for r in records if r.data_offset is not None}
+    assert recorded and recorded & set(prefetched) == (recorded if verify else set())  # edges: read to be hashed
+    assert {r.location for r in records if r.data_offset is None} <= set(prefetched)
+
+
 def test_pipelined_checker_waits_for_every_hash_and_raises_the_first_failure():
     from concurrent.futures import ThreadPoolExecutor
 

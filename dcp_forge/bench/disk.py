@@ -14,6 +14,7 @@ Both move the caller's own tensors (no extra gigabyte of scratch memory).
 from __future__ import annotations
 
 import ctypes
+import functools
 import ctypes.util
 import mmap
 import os
@@ -55,6 +56,7 @@ def drop_page_cache(path: str) -> int:
     return total
 
 
+@functools.cache
 def _mincore() -> Callable[[int, int, Any], int] | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

@@ -211,7 +211,8 @@ class ForgeStorageReader(StorageReader):
                 while ahead < len(run) and (ahead <= i or (run[ahead].file == read.file
                                                            and run[ahead].offset < window_end)):
                     nxt = run[ahead]
-                    handle_for(nxt).prefetch(nxt.offset, nxt.length)
+                    if check is not None or nxt.layout is None:  # else only its tensor's bytes are read
+                        handle_for(nxt).prefetch(nxt.offset, nxt.length)
                     ahead += 1
                 try:
                     load(handle_for(read), read, planner, check)
