@@ -14,8 +14,8 @@ Both move the caller's own tensors (no extra gigabyte of scratch memory).
 from __future__ import annotations
 
 import ctypes
-import functools
 import ctypes.util
+import functools
 import mmap
 import os
 import time
