@@ -283,7 +283,7 @@ def layout_from_edges(head: bytes, tail: bytes, length: int) -> TensorBlobLayout
             return head[offset:offset + size]
         if offset >= tail_start:
             return tail[offset - tail_start:offset - tail_start + size]
-        raise NotPlainTensor("a record lies between the edges the writer kept")
+        raise NotPlainTensor("a record lies between the edges given")
 
     try:
         return tensor_blob_layout(_BlobFile(read_at, length))
@@ -322,7 +322,7 @@ def recorded_layout(data_offset: int | None, dtype: str | None, shape: tuple[int
     """The layout an index row records for a stored item of ``length`` bytes (``dtype`` as in
     ``"torch.float32"``, ``shape`` the stored box); None where the row records none, or one the
     item cannot hold."""
-    if data_offset is None or dtype is None or shape is None:
+    if data_offset is None or dtype is None or shape is None or any(s < 0 for s in shape):
         return None
     torch_dtype = getattr(torch, dtype.removeprefix("torch."), None)
     if not isinstance(torch_dtype, torch.dtype):

@@ -45,7 +45,7 @@ from .registry import open_backend, redact_url
 from .torch_blob import BlobEdges, save_tensor
 
 # Tensor blobs from this size on get their data offset recorded in the index, so a load reads them
-# straight into their destination in one request. Below it the parse (~45 us) costs more than the
+# straight into their destination in one read. Below it the parse (~45 us) costs more than the
 # copy it saves.
 LAYOUT_MIN_BYTES = 256 * 1024
 
