@@ -1,10 +1,16 @@
-"""Tensor helpers shared by planners and storage: exact-storage views and chunk narrowing."""
+"""Tensor helpers shared by planners and storage: exact-storage views, chunk narrowing, dtype names."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+
+
+def dtype_named(name: str) -> torch.dtype | None:
+    """The dtype ``str(dtype)`` wrote (``"torch.float32"``), as the index records it; None if unknown."""
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def is_plain_tensor(obj: object) -> bool:

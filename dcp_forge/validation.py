@@ -38,6 +38,7 @@ from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 
 from .errors import ReplicationError
 from .sharing import SharingPattern, StateComponent, ValidationLevel
+from .tensors import dtype_named
 from .topology import Topology
 
 logger = logging.getLogger(__name__)
@@ -416,7 +417,7 @@ def _compare_batch(batch: list[str], compare: Mapping[str, list[tuple[int, ...]]
             if len(classes) < 2:
                 continue
             classes.sort(key=lambda ranks: (-len(ranks), ranks))
-            as_tensor = {r: values[r].view(getattr(torch, dtype.removeprefix("torch."))).reshape(shape)
+            as_tensor = {r: values[r].view(dtype_named(dtype)).reshape(shape)
                          for r in holders}
             majority = classes[0]
             problems += [f"{key!r}: differs across ranks ({describe_split(classes)} each agree); ranks {minority} "

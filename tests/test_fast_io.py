@@ -27,6 +27,7 @@ from dcp_forge.storage.torch_blob import (
     save_tensor,
     tensor_blob_layout,
 )
+from dcp_forge.tensors import dtype_named
 
 from .strategies import DTYPES
 from .tamper import set_data_offsets
@@ -240,7 +241,7 @@ def test_a_recorded_blob_is_one_read_straight_into_its_destination(tmp_path, mon
     assert sorted(direct_reads) == ["model.h"] + ["model.w"] * 4
     for r in records:  # one request for the whole blob: header, tensor, trailer
         inside = [c for c in calls if c[0] == r.file and r.offset <= c[1] < r.offset + r.length]
-        nbytes = math.prod(r.chunk_sizes) * getattr(torch, r.dtype.removeprefix("torch.")).itemsize
+        nbytes = math.prod(r.chunk_sizes) * dtype_named(r.dtype).itemsize
         assert inside == [(r.file, r.offset, [r.data_offset, nbytes, r.length - r.data_offset - nbytes])]
 
 

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 import torch.serialization
 
+from ..tensors import dtype_named
+
 # --- writing -------------------------------------------------------------------------------------
 
 
@@ -324,8 +326,8 @@ def recorded_layout(data_offset: int | None, dtype: str | None, shape: tuple[int
     item cannot hold."""
     if data_offset is None or dtype is None or shape is None or any(s < 0 for s in shape):
         return None
-    torch_dtype = getattr(torch, dtype.removeprefix("torch."), None)
-    if not isinstance(torch_dtype, torch.dtype):
+    torch_dtype = dtype_named(dtype)
+    if torch_dtype is None:
         return None
     nbytes = math.prod(shape) * torch_dtype.itemsize
     if data_offset < 0 or data_offset + nbytes > length:
