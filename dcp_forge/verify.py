@@ -53,7 +53,7 @@ from .storage.consistency import (
 )
 from .storage.layout import INDEX_FILE, MANIFEST_FILE, METADATA_FILE
 from .storage.registry import open_backend, redact_url
-from .storage.torch_blob import BlobEdges, TensorBlobLayout, recorded_layout
+from .storage.torch_blob import BlobEdges, TensorBlobLayout, describe_layout, recorded_layout
 
 __all__ = ["Problem", "ProblemKind", "verify_checkpoint"]
 
@@ -287,8 +287,8 @@ def _file_problems(backend: StorageBackend, path: str, where: str, name: str, ex
                 recorded = extent.layout or f"a tensor at byte {extent.data_offset}"
                 problems.append(Problem(
                     ProblemKind.WRONG_LAYOUT, f"{where}: {INDEX_FILE} says the item of {extent.fqn!r} (component "
-                    f"{extent.component!r}) in data file {name} at byte {extent.offset} holds "
-                    f"{_describe(recorded)}; its zip records say {_describe(found)}", INDEX_FILE, extent.component))
+                    f"{extent.component!r}) in data file {name} at byte {extent.offset} holds {recorded}; its "
+                    f"zip records say it holds {describe_layout(found)}", INDEX_FILE, extent.component))
     except EOFError as err:  # the file shrank while being read
         problems.append(Problem(ProblemKind.TRUNCATED, f"{where}: data file {name} is truncated ({err})", name,
                                 components[0]))
@@ -301,10 +301,3 @@ def _file_problems(backend: StorageBackend, path: str, where: str, name: str, ex
             f"item (ends at {written_end}, file has {size}): it was appended to or replaced", name, components[0]))
     return problems
 
-
-def _describe(layout: TensorBlobLayout | str | None) -> str:
-    if layout is None:
-        return "it is not one plain tensor"
-    if isinstance(layout, str):
-        return layout
-    return f"a {layout.dtype} tensor {list(layout.shape)} at byte {layout.data_offset}"

@@ -227,7 +227,7 @@ def test_a_recorded_tensor_offset_the_blob_contradicts(tmp_path, change):
     set_data_offsets(path, lambda r: change(r) if r.fqn == "box.w" else r.data_offset)
     problem = _only(verify_checkpoint(path), ProblemKind.WRONG_LAYOUT)
     assert problem.file == INDEX_FILE and problem.component == "box"
-    assert f"its zip records say a torch.float32 tensor [512, 512] at byte {record.data_offset}" in problem.message
+    assert f"its zip records say it holds a torch.float32 tensor [512, 512] at byte {record.data_offset}" in problem.message
 
 
 def test_thread_count_is_validated(saved):

@@ -42,6 +42,7 @@ from .backends import InputFile
 from .torch_blob import (
     NotPlainTensor,
     TensorBlobLayout,
+    describe_layout,
     layout_from_edges,
     open_blob,
     recorded_layout,
@@ -203,11 +204,10 @@ def _read_direct(handle: InputFile, read: StoredRead, layout: TensorBlobLayout, 
         check(read, hasher.hexdigest())
         # The checksum covers the blob however it was split, so also prove the split: the edges read
         # must place the tensor where the index said.
-        if edges is None and layout_from_edges(head, tail, read.length) != layout:
+        if edges is None and (found := layout_from_edges(head, tail, read.length)) != layout:
             raise IntegrityError(
-                f"stored item {read.fqn!r} in {read.file} at byte {read.offset}: the index places its "
-                f"{layout.dtype} tensor {list(layout.shape)} at byte {layout.data_offset} of the item, "
-                f"its zip records do not")
+                f"stored item of {top_level_key(read.fqn)!r} ({read.fqn!r}) in {read.file} at byte {read.offset}: "
+                f"the index says it holds {layout}, its zip records say it holds {describe_layout(found)}")
 
     if isinstance(check, PipelinedChecker):
         check.submit(verify)

@@ -107,6 +107,14 @@ class TensorBlobLayout:
     dtype: torch.dtype
     shape: tuple[int, ...]
 
+    def __str__(self) -> str:
+        return f"a {self.dtype} tensor {list(self.shape)} at byte {self.data_offset}"
+
+
+def describe_layout(layout: TensorBlobLayout | None) -> str:
+    """For messages: what a blob holds where (None: a blob that is not one plain tensor)."""
+    return "no plain tensor" if layout is None else str(layout)
+
 
 class NotPlainTensor(ValueError):
     """The blob is not one plain, contiguous, little-endian tensor: read it the generic way."""
