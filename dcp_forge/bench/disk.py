@@ -19,7 +19,7 @@ import functools
 import mmap
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -105,14 +105,19 @@ def split_by_bytes(tensors: Sequence[torch.Tensor], parts: int) -> list[list[tor
     return bins
 
 
-def _write_all(fd: int, tensors: Sequence[torch.Tensor]) -> None:
+def _pieces(tensors: Sequence[torch.Tensor]) -> Iterator[memoryview]:
+    """The tensors' bytes in file order, in pieces of at most ``_PIECE`` (one syscall each)."""
     for t in tensors:
         view = _byte_view(t)
         for start in range(0, len(view), _PIECE):
-            piece = view[start:start + _PIECE]
-            done = 0
-            while done < len(piece):
-                done += os.write(fd, piece[done:])
+            yield view[start:start + _PIECE]
+
+
+def _write_all(fd: int, tensors: Sequence[torch.Tensor]) -> None:
+    for piece in _pieces(tensors):
+        done = 0
+        while done < len(piece):
+            done += os.write(fd, piece[done:])
 
 
 def _write_stream(path: str, tensors: Sequence[torch.Tensor]) -> None:
@@ -147,17 +152,14 @@ def _read_stream(path: str, tensors: Sequence[torch.Tensor]) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         offset = 0
-        for t in tensors:
-            view = _byte_view(t)
-            for start in range(0, len(view), _PIECE):
-                piece = view[start:start + _PIECE]
-                done = 0
-                while done < len(piece):
-                    n = os.preadv(fd, [piece[done:]], offset)
-                    if n == 0:
-                        raise EOFError(f"{path} ended at byte {offset}")
-                    done += n
-                    offset += n
+        for piece in _pieces(tensors):
+            done = 0
+            while done < len(piece):
+                n = os.preadv(fd, [piece[done:]], offset)
+                if n == 0:
+                    raise EOFError(f"{path} ended at byte {offset}")
+                done += n
+                offset += n
     finally:
         os.close(fd)
 
