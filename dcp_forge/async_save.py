@@ -57,7 +57,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_leaves
 
 from .errors import AsyncSaveError, first_rank_failure
-from .manifest import CheckpointManifest
+from .format.manifest import CheckpointManifest
 from .planners import ForgeSavePlanner
 from .storage import ForgeStorageWriter, redact_url
 

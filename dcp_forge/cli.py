@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .core.keys import encode_ranks
 from .errors import ForgeError
-from .keys import encode_ranks
 
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
 
@@ -77,7 +77,7 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
 
 # --- commands -------------------------------------------------------------------------------------
 def _cmd_ls(args: argparse.Namespace) -> int:
-    from .inspection import list_checkpoint_entries
+    from .ops.inspection import list_checkpoint_entries
 
     entries = list_checkpoint_entries(args.output_dir, _storage_options(args), include_partial=not args.committed)
     if args.json:
@@ -93,7 +93,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspection import summarize_checkpoint
+    from .ops.inspection import summarize_checkpoint
 
     summary = summarize_checkpoint(args.url, _storage_options(args))
     if args.json:
@@ -118,8 +118,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .inspection import OpenCheckpoint
-    from .verify import verify_checkpoint
+    from .ops.inspection import OpenCheckpoint
+    from .ops.verify import verify_checkpoint
 
     total = None
     try:
@@ -145,7 +145,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
-    from .diffing import diff_checkpoints, differences_as_dicts
+    from .ops.diff import diff_checkpoints, differences_as_dicts
 
     update, close = _progress(None, "item", "diff")
     try:
@@ -168,7 +168,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     import os
 
-    from .convert import (
+    from .ops.convert import (
         guess_format,
         load_checkpoint_state,
         save_safetensors_file,
@@ -201,7 +201,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench.suite import BenchConfig, run_suite
+    from benchmarks.suite import BenchConfig, run_suite
 
     config = BenchConfig(out_dir=args.out, size_mib=args.size_mib, repetitions=args.repetitions,
                          directory=args.dir, index_items=args.index_items, plot=not args.no_plot,
@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["demo"]:  # the demo owns its options
-        from .demo import main as demo_main
+        from .trainers.demo import main as demo_main
 
         return demo_main(argv[1:])
     args = build_parser().parse_args(argv)

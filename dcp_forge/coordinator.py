@@ -25,6 +25,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .async_save import AsyncSaveHandle, AsyncSaver, release_group
+from .core.components import StateComponent, group_names, validate_components
+from .core.keys import top_level_key
+from .core.placement import ChunkPolicy
+from .core.topology import Topology, gather_topology
 from .errors import (
     CheckpointNotFoundError,
     ComponentDeclarationError,
@@ -33,13 +37,11 @@ from .errors import (
     expect_type,
     first_rank_failure,
 )
-from .keys import top_level_key
+from .format.manifest import CheckpointManifest
+from .format.names import MANIFEST_FILE, validate_checkpoint_id
 from .loading import LoadResult, LoadSelection, decide_loads
-from .manifest import CheckpointManifest
-from .placement import ChunkPolicy
 from .planners import ForgeLoadPlanner, ForgeSavePlanner
-from .read_once import ReadOnceStorageReader, read_once_by_default
-from .sharing import StateComponent, group_names, validate_components
+from .replication import ReplicationCheck, needs_replication_check, start_replication_check
 from .statefuls import prepare_for_load
 from .storage import (
     ForgeStorageReader,
@@ -49,9 +51,7 @@ from .storage import (
     open_backend,
     redact_url,
 )
-from .storage.layout import MANIFEST_FILE, validate_checkpoint_id
-from .topology import Topology, gather_topology
-from .validation import ReplicationCheck, needs_replication_check, start_replication_check
+from .storage.read_once import ReadOnceStorageReader, read_once_by_default
 
 logger = logging.getLogger(__name__)
 

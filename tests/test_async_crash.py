@@ -1,5 +1,5 @@
 """Async save across process death: SIGKILL at a random moment leaves the previous checkpoint the
-latest (tools/crash_async.py, 3 trials here), and interpreter exit finishes the in-flight save."""
+latest (tests/support/crash_async.py, 3 trials here), and interpreter exit finishes the in-flight save."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import sys
 import torch
 
 from dcp_forge import CheckpointCoordinator, StateComponent, latest_checkpoint, list_checkpoints
-from tools.crash_async import run_trials
-
-from .statefuls import Box
+from tests.support.crash_async import run_trials
+from tests.support.statefuls import Box
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +29,7 @@ def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint_latest(tmp_p
 SCRIPT_ENDING_MID_SAVE = """
 import sys, torch
 from dcp_forge import CheckpointCoordinator, StateComponent
-from tests.statefuls import Box
+from tests.support.statefuls import Box
 
 state = {"t": torch.arange(1 << 22, dtype=torch.float64), "step": 7}
 failing = CheckpointCoordinator([StateComponent("box", Box(state), "global")], output_dir=sys.argv[1])

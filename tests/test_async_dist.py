@@ -18,10 +18,10 @@ from dcp_forge import (
     ReplicationError,
     StateComponent,
 )
-from dcp_forge.placement import ChunkPolicy
+from dcp_forge.core.placement import ChunkPolicy
+from tests.support.dist import run_ranks
+from tests.support.statefuls import Box
 
-from .dist import run_ranks
-from .statefuls import Box
 from .test_async_save import assert_same, empty_like_state, mutate_in_place, snapshot, tricky_state
 
 pytestmark = pytest.mark.dist

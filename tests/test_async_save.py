@@ -23,10 +23,9 @@ from dcp_forge import (
     list_checkpoints,
     read_manifest,
 )
-from dcp_forge.placement import ChunkPolicy
-from dcp_forge.storage.layout import CLAIM_FILE, COMMIT_FILE, MANIFEST_FILE
-
-from .statefuls import Box
+from dcp_forge.core.placement import ChunkPolicy
+from dcp_forge.format.names import CLAIM_FILE, COMMIT_FILE, MANIFEST_FILE
+from tests.support.statefuls import Box
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

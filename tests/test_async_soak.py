@@ -1,9 +1,9 @@
-"""Short soak (the long one is tools/soak_async.py): 10 consecutive async saves, old checkpoints
+"""Short soak (the long one is python -m tools.soak --modes async): 10 consecutive async saves, old checkpoints
 deleted as new ones commit; RSS, threads, fds and child processes must not grow."""
 
 from __future__ import annotations
 
-from tools.soak_async import KEEP, soak, verdict
+from tests.support.soak import KEEP, soak, verdict
 
 
 def test_ten_async_saves_leak_nothing(tmp_path):

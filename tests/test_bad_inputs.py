@@ -27,12 +27,11 @@ from dcp_forge import (
     list_checkpoints,
     verify_checkpoint,
 )
-from dcp_forge.placement import ChunkPolicy
-from dcp_forge.storage.layout import COMMIT_FILE, MANIFEST_FILE
-
-from .dist import rank_context, run_ranks
-from .statefuls import Box
-from .tamper import reseal
+from dcp_forge.core.placement import ChunkPolicy
+from dcp_forge.format.names import COMMIT_FILE, MANIFEST_FILE
+from tests.support.dist import rank_context, run_ranks
+from tests.support.statefuls import Box
+from tests.support.tamper import reseal
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

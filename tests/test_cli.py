@@ -15,14 +15,13 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from benchmarks.disk import drop_page_cache, recycle_page_cache, resident_bytes
+from benchmarks.save_load import vs_best_dcp
 from dcp_forge import CheckpointCoordinator, RNGState, StateComponent
-from dcp_forge.bench.disk import drop_page_cache, recycle_page_cache, resident_bytes
-from dcp_forge.bench.save_load import vs_best_dcp
 from dcp_forge.cli import EXIT_ERROR, EXIT_FOUND, EXIT_OK, main
-from dcp_forge.placement import ChunkPolicy
-from dcp_forge.storage.layout import CLAIM_FILE
-
-from .tamper import data_files, flip_byte
+from dcp_forge.core.placement import ChunkPolicy
+from dcp_forge.format.names import CLAIM_FILE
+from tests.support.tamper import data_files, flip_byte
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -165,7 +165,7 @@ def test_plain_dcp_checkpoint_loads_through_dcp_forge(tmp_path):
 def test_planners_work_straight_in_dcp_with_dcps_own_storage(tmp_path):
     model, *_ = trained()
     big = torch.randn(1 << 20)  # 4 MiB, cut into chunks by the planner
-    from dcp_forge.placement import ChunkPolicy
+    from dcp_forge.core.placement import ChunkPolicy
 
     planner = ForgeSavePlanner({"rng": "per_rank", "model": "replicated"}, chunk_policy=ChunkPolicy(1 << 18))
     dcp.save({"model": model, "big": big, "rng": RNGState()}, checkpoint_id=tmp_path / "c", planner=planner)

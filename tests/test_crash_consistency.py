@@ -1,4 +1,4 @@
-"""SIGKILL during sync and async saves on local disk (tools/crash_harness.py: 30 + 16 trials here,
+"""SIGKILL during sync and async saves on local disk (tests/support/crash_harness.py: 30 + 16 trials here,
 200+ each by hand): the latest checkpoint is always the newest committed one, it loads bit-exact on
 every rank, and nothing partial is ever visible. The first trials kill each rank once at each kind of
 storage operation it performs (every step of the commit protocol and of retention, rarest first),
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tools.crash_harness import run_trials
+from tests.support.crash_harness import run_trials
 
 pytestmark = pytest.mark.dist
 

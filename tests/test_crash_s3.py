@@ -1,4 +1,4 @@
-"""SIGKILL during sync and async saves on s3:// (the session's SeaweedFS): tools/crash_harness.py
+"""SIGKILL during sync and async saves on s3:// (the session's SeaweedFS): tests/support/crash_harness.py
 with a handful of trials here (``--s3 --trials 200`` by hand, docs/INTEGRITY.md has the counts).
 
 After every kill the latest checkpoint is the newest one whose commit marker exists, it loads
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from tools.crash_harness import run_trials
+from tests.support.crash_harness import run_trials
 
 from .conftest import S3_BUCKET, fresh_prefix, storage_options_for
 

@@ -8,8 +8,7 @@ import torch.distributed as dist
 
 from dcp_forge.trainers.data import MarkovTokenDataset, ReversalSFTDataset, make_dataloader
 from dcp_forge.trainers.dispatch import DataloaderDispatcher
-
-from .dist import run_ranks
+from tests.support.dist import run_ranks
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
 

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from dcp_forge import CheckpointCoordinator, SharingPattern, StateComponent, read_manifest
-from dcp_forge.placement import ChunkPolicy
+from dcp_forge.core.placement import ChunkPolicy
 from dcp_forge.storage import join_url
-
-from .dist import run_ranks
+from tests.support.dist import run_ranks
 
 pytestmark = pytest.mark.dist
 

@@ -17,20 +17,19 @@ from hypothesis import strategies as st
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_forge import CheckpointCoordinator, StateComponent
+from dcp_forge.core.tensors import dtype_named
 from dcp_forge.errors import IntegrityError, first_rank_failure
-from dcp_forge.storage import ForgeStorageReader, open_reader
-from dcp_forge.storage.item_reader import DIRECT_MIN_BYTES, PipelinedChecker, StoredRead, split_runs
-from dcp_forge.storage.torch_blob import (
+from dcp_forge.format.torch_blob import (
     NotPlainTensor,
     layout_from_edges,
     open_blob,
     save_tensor,
     tensor_blob_layout,
 )
-from dcp_forge.tensors import dtype_named
-
-from .strategies import DTYPES
-from .tamper import set_data_offsets
+from dcp_forge.storage import ForgeStorageReader, open_reader
+from dcp_forge.storage.item_reader import DIRECT_MIN_BYTES, PipelinedChecker, StoredRead, split_runs
+from tests.support.strategies import DTYPES
+from tests.support.tamper import set_data_offsets
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -144,7 +143,7 @@ def _big_state(seed=0):
 
 
 def _save(tmp_path, state, chunk_bytes=None):
-    from dcp_forge.placement import ChunkPolicy
+    from dcp_forge.core.placement import ChunkPolicy
 
     coord = CheckpointCoordinator([StateComponent("model", _Holder(state), "replicated")], output_dir=tmp_path,
                                   chunk_policy=ChunkPolicy(chunk_bytes) if chunk_bytes else ChunkPolicy())

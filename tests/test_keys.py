@@ -6,11 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dcp_forge.keys import decode_ranks, encode_ranks, parse_storage_key, storage_key
-from dcp_forge.sharing import SharingPattern
-from dcp_forge.topology import Topology
-
-from .strategies import layouts, topologies
+from dcp_forge.core.keys import decode_ranks, encode_ranks, parse_storage_key, storage_key
+from dcp_forge.core.patterns import SharingPattern
+from dcp_forge.core.topology import Topology
+from tests.support.strategies import layouts, topologies
 
 
 @given(st.sets(st.integers(0, 2000), min_size=1, max_size=60))

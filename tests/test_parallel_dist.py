@@ -20,8 +20,7 @@ from dcp_forge.trainers.tiny_lm import (
     apply_tensor_parallel,
     split_into_stages,
 )
-
-from .dist import run_ranks
+from tests.support.dist import run_ranks
 
 pytestmark = pytest.mark.dist
 

@@ -11,13 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.distributed.checkpoint.planner import SavePlan, WriteItemType
 
-from dcp_forge.keys import parse_storage_key, top_level_key
-from dcp_forge.placement import ChunkPolicy, assign_writers, chunk_boxes, item_bytes, plan_loads
+from dcp_forge.core.keys import parse_storage_key, top_level_key
+from dcp_forge.core.patterns import SharingPattern
+from dcp_forge.core.placement import ChunkPolicy, assign_writers, chunk_boxes, item_bytes, plan_loads
+from dcp_forge.core.topology import Topology
 from dcp_forge.planners import ForgeSavePlanner
-from dcp_forge.sharing import SharingPattern
-from dcp_forge.topology import Topology
-
-from .strategies import jobs, local_plans
+from tests.support.strategies import jobs, local_plans
 
 SETTINGS = settings(max_examples=150, deadline=None)
 

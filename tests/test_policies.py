@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from dcp_forge import ComponentDeclarationError, RNGState, StateComponent, Topology, TopologyChangeError
+from dcp_forge.core.keys import match_keys, storage_key
+from dcp_forge.core.resharding import assign_copies, layout_changed
+from dcp_forge.core.topology_policy import PolicyKind, TopologyPolicy
 from dcp_forge.errors import MissingComponentError, UnexpectedComponentError
-from dcp_forge.keys import storage_key
-from dcp_forge.loading import LoadSelection, decide_loads, match_keys
-from dcp_forge.policies import PolicyKind, TopologyPolicy
-from dcp_forge.resharding import assign_copies, layout_changed
+from dcp_forge.loading import LoadSelection, decide_loads
 
 
 class Box:

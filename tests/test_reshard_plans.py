@@ -11,13 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-from dcp_forge.keys import top_level_key
+from dcp_forge.core.keys import top_level_key
+from dcp_forge.core.topology import Topology
 from dcp_forge.loading import decide_loads
-from dcp_forge.read_once import Location, plan_read_once, read_once_by_default
 from dcp_forge.storage import open_backend
-from dcp_forge.topology import Topology
-
-from .strategies import ReshardCase, load_plans, reshard_cases, save_metadata
+from dcp_forge.storage.read_once import Location, plan_read_once, read_once_by_default
+from tests.support.strategies import ReshardCase, load_plans, reshard_cases, save_metadata
 
 SETTINGS = settings(max_examples=120, deadline=None)
 

@@ -39,9 +39,8 @@ from dcp_forge import (
     read_manifest,
 )
 from dcp_forge.statefuls import ModelState, OptimizerState
-
-from .dist import run_ranks
-from .tamper import data_files, flip_byte
+from tests.support.dist import run_ranks
+from tests.support.tamper import data_files, flip_byte
 
 pytestmark = pytest.mark.dist
 

@@ -12,17 +12,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dcp_forge import SharingPattern, StateComponent, delete_checkpoint, list_checkpoints, read_manifest
-from dcp_forge.trainers.args import TrainingArguments
-from dcp_forge.trainers.manager import CheckpointManager
-from dcp_forge.trainers.retention import (
+from dcp_forge.manager.manager import CheckpointManager, CheckpointPolicy
+from dcp_forge.manager.retention import (
     CheckpointRecord,
     MetricCredit,
     RetentionPolicy,
     best_checkpoints,
     plan_retention,
 )
-
-from .strategies import retention_policies, save_eval_schedules
+from tests.support.strategies import retention_policies, save_eval_schedules
 
 
 def _better(a: float, b: float, greater: bool) -> bool:
@@ -153,9 +151,9 @@ def _ids(output_dir: str) -> list[str]:
 @given(save_eval_schedules(max_events=14), retention_policies())
 def test_manager_keeps_on_disk_exactly_what_the_rules_keep(tmp_path_factory, events, policy):
     out = str(tmp_path_factory.mktemp("run"))
-    args = TrainingArguments(output_dir=out, save_total_limit=policy.save_total_limit,
-                             preserve_n_best=policy.preserve_n_best, greater_is_better=policy.greater_is_better,
-                             metric_for_best_model="eval_loss", eval_steps=1)
+    args = CheckpointPolicy(output_dir=out, save_total_limit=policy.save_total_limit,
+                            preserve_n_best=policy.preserve_n_best, greater_is_better=policy.greater_is_better,
+                            metric_for_best_model="eval_loss")
     counter = Counter()
     manager = CheckpointManager(args, [StateComponent("counter", counter, SharingPattern.GLOBAL)])
     survivors, _ = simulate(events, policy)
@@ -181,7 +179,7 @@ def test_retention_never_touches_checkpoints_it_did_not_write(tmp_path):
     out = str(tmp_path)
     foreign = CheckpointCoordinator([StateComponent("counter", Counter(), SharingPattern.GLOBAL)], output_dir=out)
     foreign.save_checkpoint(checkpoint_id="hand-made")
-    manager = CheckpointManager(TrainingArguments(output_dir=out, save_total_limit=1),
+    manager = CheckpointManager(CheckpointPolicy(output_dir=out, save_total_limit=1),
                                 [StateComponent("counter", Counter(), SharingPattern.GLOBAL)])
     for step in (1, 2, 3):
         manager.save(step=step, epoch=0)
@@ -191,7 +189,7 @@ def test_retention_never_touches_checkpoints_it_did_not_write(tmp_path):
 
 def test_resuming_discards_uncommitted_leftovers_and_fresh_runs_refuse_old_checkpoints(tmp_path):
     out = str(tmp_path)
-    args = TrainingArguments(output_dir=out)
+    args = CheckpointPolicy(output_dir=out)
     manager = CheckpointManager(args, [StateComponent("counter", Counter(), SharingPattern.GLOBAL)])
     manager.save(step=5, epoch=0)
     partial = tmp_path / "checkpoint-10"
@@ -209,32 +207,31 @@ def test_resuming_discards_uncommitted_leftovers_and_fresh_runs_refuse_old_check
 
 
 def test_resume_true_without_checkpoints_starts_fresh(tmp_path):
-    manager = CheckpointManager(TrainingArguments(output_dir=str(tmp_path)),
+    manager = CheckpointManager(CheckpointPolicy(output_dir=str(tmp_path)),
                                 [StateComponent("counter", Counter(), SharingPattern.GLOBAL)])
     assert manager.resume(True) is None
 
 
 def test_save_schedules(tmp_path):
     def manager(**kwargs) -> CheckpointManager:
-        args = TrainingArguments(output_dir=str(tmp_path), **kwargs)
+        args = CheckpointPolicy(output_dir=str(tmp_path), **kwargs)
         return CheckpointManager(args, [StateComponent("counter", Counter(), SharingPattern.GLOBAL)])
 
-    steps = manager(save_steps=5, eval_steps=3)
+    steps = manager(save_steps=5)
     assert [s for s in range(1, 13) if steps.should_save(s)] == [5, 10]
     assert steps.should_save(12, final=True) and not steps.should_save(12, epoch_end=True)
-    assert [s for s in range(1, 10) if steps.should_evaluate(s)] == [3, 6, 9]
     steps.save(step=12, epoch=0)
     assert not steps.should_save(12, final=True), "never twice for one step"
     epochs = manager(save_strategy="epoch")
     assert epochs.should_save(7, epoch_end=True) and not epochs.should_save(500)
     never = manager(save_strategy="no")
-    assert not never.should_save(500, final=True) and not never.should_evaluate(500)
+    assert not never.should_save(500, final=True)
 
 
 def test_async_saves_apply_retention_once_committed(tmp_path):
     out = str(tmp_path)
     counter = Counter()
-    manager = CheckpointManager(TrainingArguments(output_dir=out, save_total_limit=2, async_save=True),
+    manager = CheckpointManager(CheckpointPolicy(output_dir=out, save_total_limit=2, async_save=True),
                                 [StateComponent("counter", counter, SharingPattern.GLOBAL)])
     for step in range(1, 6):
         counter.value += 1
@@ -245,14 +242,14 @@ def test_async_saves_apply_retention_once_committed(tmp_path):
     assert manager.last_checkpoint.endswith("checkpoint-5")
     assert _ids(out) == ["checkpoint-4", "checkpoint-5"]
     restored = Counter()
-    CheckpointManager(TrainingArguments(output_dir=out, resume_from_checkpoint=True),
+    CheckpointManager(CheckpointPolicy(output_dir=out),
                       [StateComponent("counter", restored, SharingPattern.GLOBAL)]).resume(True)
     assert torch.equal(restored.value, torch.full((4,), 5.0))
 
 
 def test_retention_async_saves_and_resume_on_s3(s3_url, s3_storage_options):
-    args = TrainingArguments(output_dir=s3_url, storage_options=s3_storage_options, save_total_limit=2,
-                             async_save=True)
+    args = CheckpointPolicy(output_dir=s3_url, storage_options=s3_storage_options, save_total_limit=2,
+                            async_save=True)
     counter = Counter()
     manager = CheckpointManager(args, [StateComponent("counter", counter, SharingPattern.GLOBAL)])
     for step in range(1, 5):
@@ -269,7 +266,7 @@ def test_retention_async_saves_and_resume_on_s3(s3_url, s3_storage_options):
 
 
 def test_resuming_from_an_older_checkpoint_than_output_dirs_newest_is_refused_up_front(tmp_path):
-    args = TrainingArguments(output_dir=str(tmp_path))
+    args = CheckpointPolicy(output_dir=str(tmp_path))
     manager = CheckpointManager(args, [StateComponent("counter", Counter(), SharingPattern.GLOBAL)])
     old, _ = manager.save(step=5, epoch=0), manager.save(step=10, epoch=0)
     resumed = CheckpointManager(args, [StateComponent("counter", Counter(), SharingPattern.GLOBAL)])

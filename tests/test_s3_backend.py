@@ -3,7 +3,7 @@
 The default data client (``auto``) and the s3fs fallback (asked for, or chosen by ``auto`` because an
 option only s3fs understands is set) each save and load a state whose large tensor spans several
 multipart parts and is read back as parallel ranges; checkpoints written by one client load with the
-other. Throughput is measured by ``tools/bench_s3.py``, not here.
+other. Throughput is measured by ``benchmarks/s3.py``, not here.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def test_upload_with_one_part_in_flight_completes(s3_url, s3_storage_options):
 def test_a_load_reads_each_blob_where_the_index_says_on_one_handle_per_object(s3_server_info, s3_url):
     """Each data object is opened once (opening costs a HEAD; edge windows are read positionally on
     that handle) and each recorded tensor arrives in one GET, its edges from the prefetched windows."""
-    from tools.fault_proxy import FaultProxy
+    from tests.support.fault_proxy import FaultProxy
 
     from .conftest import storage_options_for
 

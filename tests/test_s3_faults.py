@@ -1,6 +1,6 @@
 """Checkpoints on s3:// through injected faults: retries, the retry budget, lost replies, deletion.
 
-Every test puts ``tools/fault_proxy.py`` (a real HTTP proxy on loopback) between the clients and
+Every test puts ``tests/support/fault_proxy.py`` (a real HTTP proxy on loopback) between the clients and
 the session's SeaweedFS; the proxy answers a chosen fraction of requests with 500 InternalError,
 503 SlowDown, a connection reset before the request reaches S3 (``reset``) or after S3 applied it
 (``reset_after``: the reply is lost), or a delay. What the tests check, through a second client
@@ -33,14 +33,14 @@ from dcp_forge import (
     list_checkpoints,
     verify_checkpoint,
 )
-from dcp_forge.manifest import checksum_bytes
+from dcp_forge.format.manifest import checksum_bytes
+from dcp_forge.format.names import CLAIM_FILE, MANIFEST_FILE
 from dcp_forge.storage import CheckpointState, checkpoint_state, open_backend, open_reader
-from dcp_forge.storage.commit import claim, read_commit
-from dcp_forge.storage.layout import CLAIM_FILE, MANIFEST_FILE
-from tools.fault_proxy import FAILING_KINDS, KINDS, FaultConfig, FaultProxy
+from dcp_forge.storage.lifecycle import claim, read_commit
+from tests.support.fault_proxy import FAILING_KINDS, KINDS, FaultConfig, FaultProxy
+from tests.support.statefuls import Box
 
 from .conftest import S3_BUCKET, fresh_prefix, storage_options_for
-from .statefuls import Box
 
 pytest.importorskip("s3fs")
 from botocore.retries.standard import ExponentialBackoff  # noqa: E402

@@ -28,11 +28,10 @@ from dcp_forge import (
     StateComponent,
     verify_checkpoint,
 )
-from dcp_forge.safe_load import UnsafeCheckpointError
+from dcp_forge.format.safe_load import UnsafeCheckpointError
 from dcp_forge.storage import open_reader, redact_url
-
-from .statefuls import Box
-from .tamper import read_metadata, replace_item_bytes, reseal, write_metadata
+from tests.support.statefuls import Box
+from tests.support.tamper import read_metadata, replace_item_bytes, reseal, write_metadata
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

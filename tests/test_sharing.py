@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dcp_forge import SharingPattern, StateComponent, ValidationLevel
-from dcp_forge.sharing import layouts_from, validate_components
-from dcp_forge.topology import Topology
+from dcp_forge.core.components import layouts_from, validate_components
+from dcp_forge.core.topology import Topology
 
 
 def comp(**kw):

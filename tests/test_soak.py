@@ -1,4 +1,4 @@
-"""Short soak (the long one is tools/soak.py: 200 sync + 200 async saves): on 2 gloo ranks, 12 sync
+"""Short soak (the long one is python -m tools.soak: 200 sync + 200 async saves): on 2 gloo ranks, 12 sync
 then 12 async saves with replication checks and retention; RSS, threads, fds and child processes must
 not grow, and close() gives back every thread, fd and child process."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tools.soak import KEEP, run, verdict
+from tests.support.soak import KEEP, run, verdict
 
 pytestmark = pytest.mark.dist
 

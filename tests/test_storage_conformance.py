@@ -29,10 +29,10 @@ from dcp_forge import (
     read_manifest,
 )
 from dcp_forge.storage import CheckpointState, checkpoint_state, join_url, open_backend
+from tests.support.dist import run_ranks
+from tests.support.statefuls import Box
 
 from .conftest import S3_BUCKET, fresh_prefix, storage_options_for
-from .dist import run_ranks
-from .statefuls import Box
 from .test_dist_patterns import roundtrip_all_patterns
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -5,7 +5,7 @@ Two spawns serve every trainer (spawning is the expensive part): the first runs 
 uninterrupted to K steps and, separately, interrupted after step k; the second, in new processes,
 resumes each interrupted run from its last checkpoint to K. Losses and final parameters must be
 identical (``==`` / ``torch.equal``). Every run carries a stateful DivergenceDetector, whose state
-must come back too. tools/resume_check.py runs the same comparison for 50+ steps after resume.
+must come back too. python -m tools.resume_check runs the same comparison for 50+ steps after resume.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import torch.distributed as dist
 from dcp_forge import read_manifest
 from dcp_forge.trainers.callbacks import DivergenceDetector
 from dcp_forge.trainers.run import TinyJob, build_trainer, local_tensors, run_job
-
-from .dist import run_ranks
+from tests.support.dist import run_ranks
 
 pytestmark = pytest.mark.dist
 

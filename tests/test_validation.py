@@ -23,7 +23,7 @@ from dcp_forge import (
     ValidationLevel,
     latest_checkpoint,
 )
-from dcp_forge.validation import (
+from dcp_forge.replication import (
     check_replication,
     digest_disagreements,
     element_disagreement,
@@ -32,10 +32,9 @@ from dcp_forge.validation import (
     tensor_digests,
     value_digest,
 )
-
-from .dist import run_ranks
-from .statefuls import Box
-from .strategies import DTYPES
+from tests.support.dist import run_ranks
+from tests.support.statefuls import Box
+from tests.support.strategies import DTYPES
 
 PATTERNS = [SharingPattern.REPLICATED, SharingPattern.PER_GROUP, SharingPattern.PER_NODE]
 LEVELS = [ValidationLevel.QUICK, ValidationLevel.TENSOR, ValidationLevel.FULL]
@@ -196,7 +195,7 @@ def validation_scenarios(rank: int, world: int, root: str) -> dict:
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger("dcp_forge.validation").addHandler(handler)
+    logging.getLogger("dcp_forge.replication").addHandler(handler)
     components = _components(ValidationLevel.TENSOR, action="warn")
     if rank == 0:
         components[0].stateful.state["step"] = 8

@@ -20,12 +20,11 @@ from dcp_forge import (
     StateComponent,
     verify_checkpoint,
 )
-from dcp_forge.index import decode_index
-from dcp_forge.placement import ChunkPolicy
-from dcp_forge.storage.layout import CLAIM_FILE, COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE
-
-from .statefuls import Box
-from .tamper import data_files, flip_byte, flip_value_byte, set_data_offsets, truncate
+from dcp_forge.core.placement import ChunkPolicy
+from dcp_forge.format.index import decode_index
+from dcp_forge.format.names import CLAIM_FILE, COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE
+from tests.support.statefuls import Box
+from tests.support.tamper import data_files, flip_byte, flip_value_byte, set_data_offsets, truncate
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -7,8 +7,8 @@ the resume and its final model tensors must equal the uninterrupted run's exactl
 ``torch.equal``). The jobs are ``python -m dcp_forge.trainers.run`` under
 ``torch.distributed.run --standalone`` (env:// rendezvous), exactly as the README launches them.
 
-    python tools/resume_check.py                      # every kind, 4 ranks, 80 steps, resume from 20
-    python tools/resume_check.py --kinds ddp pipeline --world 2 --async-save
+    python -m tools.resume_check                    # every kind, 4 ranks, 80 steps, resume from 20
+    python -m tools.resume_check --kinds ddp pipeline --world 2 --async-save
 
 Exit status 0 when every kind matches. (tests/test_trainers_dist.py is the short CI version.)
 """
@@ -24,10 +24,9 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from dcp_forge.trainers.run import TRAINER_KINDS
 
-from dcp_forge.trainers.run import TRAINER_KINDS  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def launch(kind: str, world: int, output_dir: str, results: str, opts: argparse.Namespace, *extra: str) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from ..core.components import ComponentLayout
+from ..core.keys import storage_key
+from ..core.patterns import SharingPattern
+from ..core.topology import Topology
 from ..errors import ComponentDeclarationError
-from ..keys import storage_key
-from ..sharing import ComponentLayout, SharingPattern
-from ..topology import Topology
 
 
 def default_topology(layouts: Mapping[str, ComponentLayout]) -> Topology:

@@ -30,12 +30,11 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, cre
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 
+from ..core.components import ComponentLayout, LayoutSpec, layouts_from
+from ..core.keys import match_keys, top_level_key
+from ..core.topology import Topology
 from ..errors import MissingComponentError, StateMismatchError
-from ..keys import top_level_key
-from ..loading import match_keys
-from ..safe_load import load_object
-from ..sharing import ComponentLayout, LayoutSpec, layouts_from
-from ..topology import Topology
+from ..format.safe_load import load_object
 from .keymap import default_topology, storage_keys_for
 
 

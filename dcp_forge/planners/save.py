@@ -28,11 +28,12 @@ from torch.distributed.checkpoint.default_planner import (
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
 
-from ..keys import top_level_key
-from ..placement import ChunkPolicy, assign_writers, split_large_tensors
-from ..sharing import ComponentLayout, LayoutSpec, SharingPattern, layouts_from
-from ..tensors import exact_storage, is_plain_tensor, narrow_box
-from ..topology import Topology
+from ..core.components import ComponentLayout, LayoutSpec, layouts_from
+from ..core.keys import top_level_key
+from ..core.patterns import SharingPattern
+from ..core.placement import ChunkPolicy, assign_writers, split_large_tensors
+from ..core.tensors import exact_storage, is_plain_tensor, narrow_box
+from ..core.topology import Topology
 from .keymap import default_topology, holders_count, storage_keys_for
 
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .backends import FsspecBackend, LocalBackend, StorageBackend
-from .commit import (
+from .lifecycle import (
     CheckpointState,
     checkpoint_state,
     delete_checkpoint,

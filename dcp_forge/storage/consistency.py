@@ -6,7 +6,7 @@ A committed checkpoint carries a chain of checksums, each file vouching for the 
     index.parquet --one xxh3 per stored item--> the bytes in the data files
 
 Loading walks the first links (cheap: small files it reads anyway) and checks each item as it reads
-it; ``dcp_forge.verify.verify_checkpoint`` walks all of them. Checks here *collect* ``Problem``s
+it; ``dcp_forge.ops.verify.verify_checkpoint`` walks all of them. Checks here *collect* ``Problem``s
 instead of raising, so ``verify`` can report everything that is wrong at once; loading raises the
 first one as an ``IntegrityError``.
 """
@@ -22,12 +22,12 @@ import pyarrow as pa
 from torch.distributed.checkpoint.metadata import Metadata
 
 from ..errors import CheckpointNotFoundError, IntegrityError, UnsupportedFormatError
-from ..index import ItemRecord, decode_index
-from ..manifest import CheckpointManifest, checksum_bytes
-from ..safe_load import UnsafeCheckpointError
+from ..format.index import ItemRecord, decode_index
+from ..format.manifest import CheckpointManifest, checksum_bytes
+from ..format.names import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE
+from ..format.safe_load import UnsafeCheckpointError
 from .backends import StorageBackend
-from .commit import CommitRecord
-from .layout import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE
+from .lifecycle import CommitRecord
 
 
 class ProblemKind(Enum):

@@ -34,12 +34,11 @@ from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlanner, ReadItem
 
+from ..core.keys import top_level_key
 from ..errors import IntegrityError
-from ..index import ItemRecord
-from ..keys import top_level_key
-from ..safe_load import load_object
-from .backends import InputFile
-from .torch_blob import (
+from ..format.index import ItemRecord
+from ..format.safe_load import load_object
+from ..format.torch_blob import (
     NotPlainTensor,
     TensorBlobLayout,
     describe_layout,
@@ -48,6 +47,7 @@ from .torch_blob import (
     recorded_layout,
     tensor_blob_layout,
 )
+from .backends import InputFile
 
 # Below this, reading header and trailer separately costs more than one read of the whole blob.
 DIRECT_MIN_BYTES = 1024 * 1024

@@ -24,11 +24,11 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from ..errors import CheckpointNotFoundError, IntegrityError
-from ..index import ItemRecord
-from ..manifest import CheckpointManifest
-from ..safe_load import load_dcp_metadata
+from ..format.index import ItemRecord
+from ..format.manifest import CheckpointManifest
+from ..format.names import INDEX_FILE, METADATA_FILE
+from ..format.safe_load import load_dcp_metadata
 from .backends import InputFile
-from .commit import CheckpointState, checkpoint_state
 from .consistency import (
     ProblemKind,
     RecordFiles,
@@ -46,7 +46,7 @@ from .item_reader import (
     load_stored_item,
     split_runs,
 )
-from .layout import INDEX_FILE, METADATA_FILE
+from .lifecycle import CheckpointState, checkpoint_state
 from .registry import open_backend, redact_url
 
 logger = logging.getLogger(__name__)

@@ -3,8 +3,8 @@
 Why two clients: ``pyarrow.fs.S3FileSystem`` uploads the parts of a multipart upload in parallel
 from C++ threads and reads ranges straight into caller memory; s3fs uploads the parts of an open
 file one after another and copies every read. Against SeaweedFS here whole checkpoints through
-dcp_forge save ~1.3x and load ~2.3x faster with Arrow than with s3fs (``tools/bench_s3.py``; raw
-clients: ``tools/bench_s3_clients.py``). The Arrow data path lives in ``arrow_io.py``. s3fs
+dcp_forge save ~1.3x and load ~2.3x faster with Arrow than with s3fs (``benchmarks/s3.py``; raw
+clients: ``benchmarks/s3_clients.py``). The Arrow data path lives in ``arrow_io.py``. s3fs
 keeps the control path: conditional PUTs of the claim and commit markers (Arrow cannot send
 ``If-None-Match``), listing and batched deletes. Both clients get the same endpoint, credentials,
 region and retry budget, derived from one set of fsspec ``storage_options`` (``S3Settings``).

@@ -31,18 +31,18 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
+from ..core.components import ComponentLayout
+from ..core.keys import top_level_key
+from ..core.placement import item_bytes
+from ..core.topology import Topology
 from ..errors import os_error_context
-from ..index import StoredItem, encode_index
-from ..keys import top_level_key
-from ..manifest import CheckpointManifest, checksum_bytes, component_manifests, item_records, versions
-from ..placement import item_bytes
-from ..sharing import ComponentLayout
-from ..topology import Topology
+from ..format.index import StoredItem, encode_index
+from ..format.manifest import CheckpointManifest, checksum_bytes, component_manifests, item_records, versions
+from ..format.names import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE, data_file_name
+from ..format.torch_blob import BlobEdges, save_tensor
 from .backends import OutputStream
-from .commit import CommitRecord, claim, commit
-from .layout import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE, data_file_name
+from .lifecycle import CommitRecord, claim, commit
 from .registry import open_backend, redact_url
-from .torch_blob import BlobEdges, save_tensor
 
 # Tensor blobs from this size on get their data offset recorded in the index, so a load reads them
 # straight into their destination in one read. Below it the parse (~45 us) costs more than the

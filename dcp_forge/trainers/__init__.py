@@ -6,23 +6,23 @@ patterns of seeds 000-002) and checkpoints through a ``CheckpointManager``; see 
 call protocol. Needs the ``trainers`` extra (torchdata); ``AccelTrainer`` also needs ``accelerate``.
 """
 
+from ..manager.manager import CheckpointManager
+from ..manager.retention import CheckpointRecord, MetricCredit, RetentionPolicy, plan_retention
 from .args import DDPTrainingArguments, PipelineTrainingArguments, TrainingArguments
-from .base import BaseTrainer, Sharing, Trainer
+from .base import BaseTrainer, ComponentSharing, Trainer
 from .callbacks import DivergenceDetector, TrainerCallback
 from .data_parallel import AccelTrainer, DDPTrainer, FSDPTrainer
 from .dispatch import DataloaderDispatcher
-from .manager import CheckpointManager
 from .pipeline import DPPPTrainer, PipelineTrainer
-from .retention import CheckpointRecord, MetricCredit, RetentionPolicy, plan_retention
 from .state import TrainerControl, TrainerState, TrainOutput
 from .strategies import DPOStrategy, PPOStrategy, PretrainStrategy, SFTStrategy, TrainingStrategy
 from .tensor_parallel import DPTPTrainer
 from .tiny_lm import TinyLM, TinyLMConfig
 
 __all__ = [
-    "AccelTrainer", "BaseTrainer", "CheckpointManager", "CheckpointRecord", "DDPTrainer", "DDPTrainingArguments",
+    "AccelTrainer", "BaseTrainer", "CheckpointManager", "ComponentSharing", "CheckpointRecord", "DDPTrainer", "DDPTrainingArguments",
     "DPOStrategy", "DPPPTrainer", "DPTPTrainer", "DataloaderDispatcher", "DivergenceDetector", "FSDPTrainer",
     "MetricCredit", "PPOStrategy", "PipelineTrainer", "PipelineTrainingArguments", "PretrainStrategy",
-    "RetentionPolicy", "SFTStrategy", "Sharing", "TinyLM", "TinyLMConfig", "TrainOutput", "Trainer",
+    "RetentionPolicy", "SFTStrategy", "TinyLM", "TinyLMConfig", "TrainOutput", "Trainer",
     "TrainerCallback", "TrainerControl", "TrainerState", "TrainingArguments", "TrainingStrategy", "plan_retention",
 ]

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import describe_type
+from ..manager.policy import SAVE_STRATEGIES, CheckpointPolicy
 
 __all__ = ["TrainingArguments", "DDPTrainingArguments", "PipelineTrainingArguments"]
 
-SAVE_STRATEGIES = ("steps", "epoch", "no")
 LR_SCHEDULER_TYPES = ("constant", "linear", "cosine")
 PIPELINE_SCHEDULES = ("1F1B", "GPipe")
 
@@ -152,6 +152,15 @@ class TrainingArguments:
     def resume_target(self) -> bool | str:
         """False (start fresh), True (latest committed checkpoint, if any) or a checkpoint path."""
         return self.resume_from_checkpoint or False
+
+    def checkpoint_policy(self) -> CheckpointPolicy:
+        """What the trainer's ``CheckpointManager`` needs: where, when, what to keep, which metric ranks."""
+        return CheckpointPolicy(
+            output_dir=self.output_dir, save_strategy=self.save_strategy, save_steps=self.save_steps,
+            save_total_limit=self.save_total_limit, preserve_n_best=self.preserve_n_best,
+            metric_for_best_model=self.metric_for_best_model, greater_is_better=self.greater_is_better,
+            async_save=self.async_save, validate_replication=self.validate_replication,
+            training_args_hash=self.training_hash(), storage_options=self.storage_options)
 
     def to_dict(self) -> dict[str, Any]:
         """Every field except storage_options (which may hold credentials)."""

@@ -38,16 +38,17 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..core.components import StateComponent
+from ..core.patterns import SharingPattern, ValidationLevel
+from ..manager.manager import CheckpointManager
 from ..rng import RNGState
-from ..sharing import SharingPattern, StateComponent, ValidationLevel
 from .args import TrainingArguments
 from .callbacks import TrainerCallback, is_stateful
 from .data import make_dataloader
-from .manager import CheckpointManager
 from .state import StatefulGroup, TrainerControl, TrainerState, TrainOutput
 from .strategies import PretrainStrategy, TrainingStrategy
 
-__all__ = ["BaseTrainer", "Sharing", "Trainer", "build_lr_scheduler", "seed_everything"]
+__all__ = ["BaseTrainer", "ComponentSharing", "Trainer", "build_lr_scheduler", "seed_everything"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +60,11 @@ CORE_COMPONENTS = ("model", "optimizer", "scheduler", "dataset", "trainer", "cal
 
 
 @dataclass(frozen=True)
-class Sharing:
+class ComponentSharing:
     """How one component is shared: a pattern, its group (PER_GROUP) and replication checking."""
 
     pattern: SharingPattern
-    group: str | None = None
+    process_group_name: str | None = None
     validation: ValidationLevel | None = None  # None: not checked at save
 
 
@@ -157,7 +158,7 @@ class BaseTrainer(abc.ABC):
         """A resumable iterable of batches (StatefulDataLoader or DataloaderDispatcher)."""
 
     @abc.abstractmethod
-    def sharing(self) -> dict[str, Sharing]:
+    def sharing(self) -> dict[str, ComponentSharing]:
         """How each component in CORE_COMPONENTS (and each strategy module) is shared."""
 
     def get_process_groups(self) -> dict[str, Any]:
@@ -242,7 +243,7 @@ class BaseTrainer(abc.ABC):
                 continue
             how = sharing[key] if key in sharing else sharing["model"]  # strategy modules follow the model
             components.append(StateComponent(
-                key=key, stateful=stateful, sharing_pattern=how.pattern, process_group_name=how.group,
+                key=key, stateful=stateful, sharing_pattern=how.pattern, process_group_name=how.process_group_name,
                 validate_replication=how.validation is not None,
                 validation_level=how.validation or ValidationLevel.TENSOR))
         return components
@@ -260,7 +261,7 @@ class BaseTrainer(abc.ABC):
                              f"per_device_batch_size={self.args.per_device_batch_size} on this rank")
         self.optimizer = self._build_optimizer()
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.args, self.total_steps)
-        self.manager = CheckpointManager(self.args, self.get_state_components(), self.get_process_groups())
+        self.manager = CheckpointManager(self.args.checkpoint_policy(), self.get_state_components(), self.get_process_groups())
 
     @property
     def total_steps(self) -> int:
@@ -342,7 +343,7 @@ class BaseTrainer(abc.ABC):
             if self.manager.rank == 0:
                 logger.info("step %d: loss %.5f, learning rate %.3g", step, loss, logs["learning_rate"])
         metrics: dict[str, float] = {}
-        if self.manager.should_evaluate(step):
+        if self.args.eval_steps is not None and step % self.args.eval_steps == 0:
             metrics = self.evaluate()
             self.state.log_history.append({"step": step, **metrics})
             for cb in self.callbacks:
@@ -431,7 +432,7 @@ class Trainer(BaseTrainer):
         return make_dataloader(self.train_dataset, self.args.per_device_batch_size, shuffle=True,
                                seed=self.args.seed, num_workers=self.args.dataloader_num_workers)
 
-    def sharing(self) -> dict[str, Sharing]:
-        g = Sharing(SharingPattern.GLOBAL)
+    def sharing(self) -> dict[str, ComponentSharing]:
+        g = ComponentSharing(SharingPattern.GLOBAL)
         return {"model": g, "optimizer": g, "scheduler": g, "dataset": g, "trainer": g, "callbacks": g,
-                "rng": Sharing(SharingPattern.PER_RANK)}
+                "rng": ComponentSharing(SharingPattern.PER_RANK)}

@@ -18,10 +18,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..sharing import SharingPattern, ValidationLevel
+from ..core.patterns import SharingPattern, ValidationLevel
 from ..statefuls import OptimizerState
 from .args import DDPTrainingArguments, TrainingArguments
-from .base import BaseTrainer, OptimizerFactory, Sharing
+from .base import BaseTrainer, ComponentSharing, OptimizerFactory
 from .callbacks import TrainerCallback
 from .data import make_dataloader
 from .dispatch import DataloaderDispatcher
@@ -78,8 +78,8 @@ class _DataParallelTrainer(BaseTrainer):
         loader = make_dataloader(self.train_dataset, batch * self.dp_size, **common) if self.dp_rank == 0 else None
         return DataloaderDispatcher(loader, split_batches=True)
 
-    def _dataset_sharing(self) -> Sharing:
-        return Sharing(SharingPattern.GLOBAL if self._dispatching() else SharingPattern.PER_RANK)
+    def _dataset_sharing(self) -> ComponentSharing:
+        return ComponentSharing(SharingPattern.GLOBAL if self._dispatching() else SharingPattern.PER_RANK)
 
     def _global_mean(self, value: torch.Tensor) -> float:
         return float(all_reduce_mean(value.detach().clone().float(), None, self.dp_size))
@@ -138,14 +138,14 @@ class DDPTrainer(_DataParallelTrainer):
         if self.dp_size > 1:
             self._settle_gradient_buckets()
 
-    def sharing(self) -> dict[str, Sharing]:
-        r = Sharing(SharingPattern.REPLICATED)
-        return {"model": Sharing(SharingPattern.REPLICATED, validation=ValidationLevel.TENSOR),
-                "optimizer": Sharing(SharingPattern.REPLICATED, validation=ValidationLevel.QUICK),
+    def sharing(self) -> dict[str, ComponentSharing]:
+        r = ComponentSharing(SharingPattern.REPLICATED)
+        return {"model": ComponentSharing(SharingPattern.REPLICATED, validation=ValidationLevel.TENSOR),
+                "optimizer": ComponentSharing(SharingPattern.REPLICATED, validation=ValidationLevel.QUICK),
                 "scheduler": r, "dataset": self._dataset_sharing(),
-                "trainer": Sharing(SharingPattern.REPLICATED, validation=ValidationLevel.QUICK),
-                "callbacks": Sharing(SharingPattern.REPLICATED, validation=ValidationLevel.QUICK),
-                "rng": Sharing(SharingPattern.PER_RANK)}
+                "trainer": ComponentSharing(SharingPattern.REPLICATED, validation=ValidationLevel.QUICK),
+                "callbacks": ComponentSharing(SharingPattern.REPLICATED, validation=ValidationLevel.QUICK),
+                "rng": ComponentSharing(SharingPattern.PER_RANK)}
 
 
 class FSDPTrainer(_DataParallelTrainer):
@@ -183,11 +183,11 @@ class FSDPTrainer(_DataParallelTrainer):
     def _optimizer_stateful(self) -> Any:
         return OptimizerState(self.model, self.optimizer)
 
-    def sharing(self) -> dict[str, Sharing]:
-        r = Sharing(SharingPattern.REPLICATED, validation=ValidationLevel.QUICK)
-        return {"model": Sharing(SharingPattern.GLOBAL), "optimizer": Sharing(SharingPattern.GLOBAL),
-                "scheduler": Sharing(SharingPattern.REPLICATED), "dataset": self._dataset_sharing(),
-                "trainer": r, "callbacks": r, "rng": Sharing(SharingPattern.PER_RANK)}
+    def sharing(self) -> dict[str, ComponentSharing]:
+        r = ComponentSharing(SharingPattern.REPLICATED, validation=ValidationLevel.QUICK)
+        return {"model": ComponentSharing(SharingPattern.GLOBAL), "optimizer": ComponentSharing(SharingPattern.GLOBAL),
+                "scheduler": ComponentSharing(SharingPattern.REPLICATED), "dataset": self._dataset_sharing(),
+                "trainer": r, "callbacks": r, "rng": ComponentSharing(SharingPattern.PER_RANK)}
 
     def get_process_groups(self) -> dict[str, Any]:
         return {"dp_group": self.mesh.get_group("dp")}
@@ -234,13 +234,13 @@ class AccelTrainer(_DataParallelTrainer):
     def _backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
 
-    def sharing(self) -> dict[str, Sharing]:
-        r = Sharing(SharingPattern.REPLICATED)
-        return {"model": Sharing(SharingPattern.REPLICATED, validation=ValidationLevel.TENSOR),
-                "optimizer": r, "scheduler": r, "dataset": Sharing(SharingPattern.PER_RANK),
-                "trainer": Sharing(SharingPattern.REPLICATED, validation=ValidationLevel.QUICK),
-                "callbacks": Sharing(SharingPattern.REPLICATED, validation=ValidationLevel.QUICK),
-                "rng": Sharing(SharingPattern.PER_RANK)}
+    def sharing(self) -> dict[str, ComponentSharing]:
+        r = ComponentSharing(SharingPattern.REPLICATED)
+        return {"model": ComponentSharing(SharingPattern.REPLICATED, validation=ValidationLevel.TENSOR),
+                "optimizer": r, "scheduler": r, "dataset": ComponentSharing(SharingPattern.PER_RANK),
+                "trainer": ComponentSharing(SharingPattern.REPLICATED, validation=ValidationLevel.QUICK),
+                "callbacks": ComponentSharing(SharingPattern.REPLICATED, validation=ValidationLevel.QUICK),
+                "rng": ComponentSharing(SharingPattern.PER_RANK)}
 
     def get_process_groups(self) -> dict[str, Any]:
         return {}

@@ -18,9 +18,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..sharing import SharingPattern, ValidationLevel
+from ..core.patterns import SharingPattern, ValidationLevel
 from .args import PipelineTrainingArguments
-from .base import BaseTrainer, OptimizerFactory, Sharing
+from .base import BaseTrainer, ComponentSharing, OptimizerFactory
 from .callbacks import TrainerCallback
 from .data import make_dataloader
 from .data_parallel import all_reduce_mean, average_gradients, require_process_group
@@ -148,11 +148,11 @@ class PipelineTrainer(BaseTrainer):
     def _evaluate_batch(self, batch: Mapping[str, Any]) -> dict[str, float]:
         return {"loss": float(self._run_schedule(batch, evaluate=True))}
 
-    def sharing(self) -> dict[str, Sharing]:
-        r = Sharing(SharingPattern.REPLICATED, validation=ValidationLevel.QUICK)
-        return {"model": Sharing(SharingPattern.PER_RANK), "optimizer": Sharing(SharingPattern.PER_RANK),
-                "scheduler": Sharing(SharingPattern.REPLICATED), "dataset": Sharing(SharingPattern.GLOBAL),
-                "trainer": r, "callbacks": r, "rng": Sharing(SharingPattern.PER_RANK)}
+    def sharing(self) -> dict[str, ComponentSharing]:
+        r = ComponentSharing(SharingPattern.REPLICATED, validation=ValidationLevel.QUICK)
+        return {"model": ComponentSharing(SharingPattern.PER_RANK), "optimizer": ComponentSharing(SharingPattern.PER_RANK),
+                "scheduler": ComponentSharing(SharingPattern.REPLICATED), "dataset": ComponentSharing(SharingPattern.GLOBAL),
+                "trainer": r, "callbacks": r, "rng": ComponentSharing(SharingPattern.PER_RANK)}
 
     def get_process_groups(self) -> dict[str, Any]:
         return {"pp_group": self.pipeline_group}
@@ -203,11 +203,11 @@ class DPPPTrainer(PipelineTrainer):
     def _synchronize_gradients(self) -> None:
         average_gradients(list(self.model.parameters()), self._replica_group(), self.dp_size)
 
-    def sharing(self) -> dict[str, Sharing]:
+    def sharing(self) -> dict[str, ComponentSharing]:
         out = super().sharing()
-        out.update(model=Sharing(SharingPattern.PER_GROUP, "pp_group", ValidationLevel.TENSOR),
-                   optimizer=Sharing(SharingPattern.PER_GROUP, "pp_group", ValidationLevel.QUICK),
-                   dataset=Sharing(SharingPattern.PER_GROUP, "dp_group"))
+        out.update(model=ComponentSharing(SharingPattern.PER_GROUP, "pp_group", ValidationLevel.TENSOR),
+                   optimizer=ComponentSharing(SharingPattern.PER_GROUP, "pp_group", ValidationLevel.QUICK),
+                   dataset=ComponentSharing(SharingPattern.PER_GROUP, "dp_group"))
         return out
 
     def get_process_groups(self) -> dict[str, Any]:

@@ -16,9 +16,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..sharing import SharingPattern, ValidationLevel
+from ..core.patterns import SharingPattern, ValidationLevel
 from .args import TrainingArguments
-from .base import BaseTrainer, OptimizerFactory, Sharing
+from .base import BaseTrainer, ComponentSharing, OptimizerFactory
 from .callbacks import TrainerCallback
 from .data import make_dataloader
 from .data_parallel import all_reduce_mean, average_gradients, require_process_group
@@ -98,13 +98,13 @@ class DPTPTrainer(BaseTrainer):
     def _global_mean_vector(self, values: torch.Tensor) -> torch.Tensor:
         return all_reduce_mean(values, self.mesh.get_group("dp"), self.dp_size)
 
-    def sharing(self) -> dict[str, Sharing]:
-        r = Sharing(SharingPattern.REPLICATED, validation=ValidationLevel.QUICK)
-        return {"model": Sharing(SharingPattern.PER_GROUP, "tp_group", ValidationLevel.TENSOR),
-                "optimizer": Sharing(SharingPattern.PER_GROUP, "tp_group", ValidationLevel.QUICK),
-                "scheduler": Sharing(SharingPattern.REPLICATED),
-                "dataset": Sharing(SharingPattern.PER_GROUP, "dp_group"),
-                "trainer": r, "callbacks": r, "rng": Sharing(SharingPattern.PER_RANK)}
+    def sharing(self) -> dict[str, ComponentSharing]:
+        r = ComponentSharing(SharingPattern.REPLICATED, validation=ValidationLevel.QUICK)
+        return {"model": ComponentSharing(SharingPattern.PER_GROUP, "tp_group", ValidationLevel.TENSOR),
+                "optimizer": ComponentSharing(SharingPattern.PER_GROUP, "tp_group", ValidationLevel.QUICK),
+                "scheduler": ComponentSharing(SharingPattern.REPLICATED),
+                "dataset": ComponentSharing(SharingPattern.PER_GROUP, "dp_group"),
+                "trainer": r, "callbacks": r, "rng": ComponentSharing(SharingPattern.PER_RANK)}
 
     def get_process_groups(self) -> dict[str, Any]:
         return {"tp_group": self.mesh.get_group("dp"), "dp_group": self.mesh.get_group("tp")}

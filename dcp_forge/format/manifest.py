@@ -1,0 +1,215 @@
+"""What a checkpoint holds: ``checkpoint_manifest.json`` (seed 002's manifest, plus topology).
+
+The manifest is small JSON meant for people and tools: one ``ComponentManifest`` per component
+(pattern, which ranks wrote it, which ranks share each copy, size, checksum), the save topology,
+versions, and the checksums of ``.metadata`` and ``index.parquet`` so a stale or swapped file is
+detected. Per-item detail lives in ``index.parquet`` (storage/index.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import xxhash
+
+from ..core.components import ComponentLayout
+from ..core.keys import parse_storage_key, top_level_key
+from ..core.patterns import SharingPattern
+from ..core.topology import Topology
+from ..errors import IntegrityError, UnsupportedFormatError
+from .index import ItemRecord, StoredItem
+
+if TYPE_CHECKING:  # torch stays unimported until a save needs it (inspection tools start without it)
+    from torch.distributed.checkpoint.metadata import Metadata
+    from torch.distributed.checkpoint.storage import WriteResult
+
+FORMAT_VERSION = 1
+
+
+def checksum_bytes(data: bytes | memoryview) -> str:
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def combine_checksums(checksums: Sequence[str]) -> str:
+    """One checksum for a set of items, independent of the order they were written in."""
+    return checksum_bytes("\n".join(sorted(checksums)).encode())
+
+
+@dataclass
+class CopyManifest:
+    """One stored copy of a component (a PER_RANK component has one per rank, and so on)."""
+
+    holders: list[int]  # ranks that share this copy
+    writers: list[int]  # ranks that wrote its bytes
+    size_bytes: int
+    checksum: str
+
+
+@dataclass
+class ComponentManifest:
+    key: str
+    sharing_pattern: str
+    ranks: list[int]  # ranks that wrote bytes of this component
+    replicated_across: list[int] | None  # ranks holding a copy (REPLICATED/PER_GROUP/PER_NODE)
+    group_name: str | None
+    size_bytes: int = 0
+    checksum: str | None = None
+    copies: dict[str, CopyManifest] = field(default_factory=dict)  # storage key -> copy
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ComponentManifest:
+        data = dict(data)
+        data["copies"] = {k: CopyManifest(**v) for k, v in (data.get("copies") or {}).items()}
+        return cls(**data)
+
+
+@dataclass
+class CheckpointManifest:
+    checkpoint_path: str
+    world_size: int
+    timestamp: datetime
+    components: dict[str, ComponentManifest]
+    training_args_hash: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    topology: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # .metadata / index.parquet -> checksum
+    extra: dict[str, Any] = field(default_factory=dict)  # caller's data: step, metrics, ...
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["timestamp"] = self.timestamp.isoformat()
+        data["format_version"] = FORMAT_VERSION
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> CheckpointManifest:
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise TypeError(f"expected a JSON object, found {type(data).__name__}")
+            version = data.pop("format_version", FORMAT_VERSION)
+            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+                raise ValueError(f"'format_version' must be a positive int (got {version!r})")
+            if version > FORMAT_VERSION:
+                raise UnsupportedFormatError(
+                    f"manifest format version {version} is newer than this dcp_forge understands "
+                    f"({FORMAT_VERSION}); upgrade dcp_forge")
+            data["timestamp"] = datetime.fromisoformat(data["timestamp"])
+            data["components"] = {k: ComponentManifest.from_json(v) for k, v in data["components"].items()}
+            return cls(**data)
+        except (ValueError, KeyError, TypeError) as err:
+            if isinstance(err, UnsupportedFormatError):
+                raise
+            raise IntegrityError(f"checkpoint manifest is malformed: {err}") from err
+
+    @property
+    def save_topology(self) -> Topology:
+        """The job's layout at save time: world size, each rank's node, every named group."""
+        return Topology.from_json(self.topology) if self.topology else Topology(rank=0, world_size=self.world_size)
+
+    @property
+    def num_nodes(self) -> int:
+        return self.save_topology.num_nodes
+
+    @property
+    def groups(self) -> dict[str, list[list[int]]]:
+        """Named process groups at save time: ``{"pp_group": [[0, 2], [1, 3]]}``."""
+        return {name: [list(g) for g in groups] for name, groups in self.save_topology.groups.items()}
+
+    def describe_topology(self) -> str:
+        """``world_size=4, nodes=2, pp_group=[[0, 2], [1, 3]]``: the layout the checkpoint was saved from."""
+        return self.save_topology.describe()
+
+
+def versions() -> dict[str, str]:
+    import torch
+
+    from .. import __version__
+
+    return {"dcp_forge": __version__, "torch": torch.__version__, "format": str(FORMAT_VERSION)}
+
+
+def item_records(metadata: Metadata, results: Sequence[Sequence[WriteResult]],
+                 layouts: Mapping[str, ComponentLayout]) -> list[ItemRecord]:
+    """One record per stored item, joining DCP's metadata with what each writer reported."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    records = []
+    for rank_results in results:
+        for result in rank_results:
+            info: StoredItem = result.storage_data
+            fqn = result.index.fqn
+            skey = top_level_key(fqn)
+            component = parse_storage_key(skey).component
+            md = metadata.state_dict_metadata.get(fqn)
+            offsets = tuple(result.index.offset) if result.index.offset is not None else None
+            if isinstance(md, TensorStorageMetadata):
+                chunk = next((c for c in md.chunks if tuple(c.offsets) == offsets), None)
+                kind, dtype, shape = "tensor", str(md.properties.dtype), tuple(md.size)
+                sizes = tuple(chunk.sizes) if chunk is not None else tuple(md.size)
+            else:
+                kind, dtype, shape, sizes = "bytes", None, None, None
+            records.append(ItemRecord(
+                component=component, pattern=pattern_of(skey, layouts).value, storage_key=skey,
+                fqn=fqn, kind=kind, dtype=dtype, shape=shape, chunk_offsets=offsets, chunk_sizes=sizes,
+                file=info.relative_path, offset=info.offset, length=info.length,
+                checksum=info.checksum, rank=info.rank, data_offset=info.data_offset,
+            ))
+    records.sort(key=lambda r: (r.fqn, r.chunk_offsets or ()))
+    return records
+
+
+def pattern_of(storage_key: str, layouts: Mapping[str, ComponentLayout]) -> SharingPattern:
+    parsed = parse_storage_key(storage_key)
+    if parsed.pattern is not None:
+        return parsed.pattern
+    layout = layouts.get(parsed.component)
+    return layout.pattern if layout is not None else SharingPattern.REPLICATED
+
+
+def component_manifests(records: Sequence[ItemRecord], layouts: Mapping[str, ComponentLayout],
+                        topology: Topology) -> dict[str, ComponentManifest]:
+    by_copy: dict[str, list[ItemRecord]] = defaultdict(list)
+    for r in records:
+        by_copy[r.storage_key].append(r)
+    components: dict[str, ComponentManifest] = {}
+    for skey in sorted(by_copy):
+        items = by_copy[skey]
+        parsed = parse_storage_key(skey)
+        pattern = pattern_of(skey, layouts)
+        layout = layouts.get(parsed.component)
+        group = parsed.group_name or (layout.group_name if layout else None)
+        holders = _holders_of_copy(parsed, pattern, topology)
+        copy = CopyManifest(
+            holders=list(holders), writers=sorted({r.rank for r in items}),
+            size_bytes=sum(r.length for r in items), checksum=combine_checksums([r.checksum for r in items]),
+        )
+        comp = components.setdefault(parsed.component, ComponentManifest(
+            key=parsed.component, sharing_pattern=pattern.value, ranks=[], replicated_across=None,
+            group_name=group))
+        comp.copies[skey] = copy
+    for comp in components.values():
+        comp.ranks = sorted({w for c in comp.copies.values() for w in c.writers})
+        comp.size_bytes = sum(c.size_bytes for c in comp.copies.values())
+        comp.checksum = combine_checksums([c.checksum for c in comp.copies.values()])
+        if comp.sharing_pattern in (SharingPattern.REPLICATED.value, SharingPattern.PER_GROUP.value,
+                                    SharingPattern.PER_NODE.value):
+            comp.replicated_across = sorted({h for c in comp.copies.values() for h in c.holders})
+    return components
+
+
+def _holders_of_copy(parsed, pattern: SharingPattern, topology: Topology) -> tuple[int, ...]:
+    if pattern is SharingPattern.PER_RANK:
+        return (parsed.rank,)
+    if pattern is SharingPattern.PER_NODE:
+        return topology.ranks_on_node(parsed.node)
+    if pattern is SharingPattern.PER_GROUP:
+        return tuple(parsed.group_ranks)
+    if pattern is SharingPattern.GLOBAL:
+        return (0,)
+    return tuple(range(topology.world_size))

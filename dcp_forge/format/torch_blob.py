@@ -1,0 +1,355 @@
+"""The ``torch.save`` zip of one tensor, as DCP stores every tensor item: writing it fast, finding the
+tensor's bytes inside it.
+
+Writing: ``torch.save`` runs a CRC-32 over every byte it writes (about 3 GB/s on one core, a third of
+a second per GiB on the writer thread's critical path). dcp_forge checks its data with the xxh3
+checksums in ``index.parquet`` instead, and ``torch.load`` (hence DCP's own reader) never checks the
+zip CRC, so ``save_tensor`` writes the same zip with the CRC fields left 0 — torch's own
+``compute_crc32=False`` option, applied to this one writer instead of the process-wide setting.
+
+Reading: to read a stored tensor straight into its destination, a reader needs the offset of the
+tensor's data record inside the blob and proof that the blob holds exactly one plain tensor of the
+expected dtype and shape, laid out contiguously. ``tensor_blob_layout`` gets both from the zip's
+central directory and a restricted unpickling of ``data.pkl`` that never builds a tensor and never
+imports anything beyond the few names a tensor pickle uses. dcp_forge's writer runs the same parse
+on each large blob's edges as it writes them (``layout_from_edges``) and records the offset in
+``index.parquet``, so its own checkpoints are read without fetching and parsing the edges first.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import io
+import math
+import pickle
+import struct
+import sys
+import types
+import warnings
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.serialization
+
+from ..core.tensors import dtype_named
+
+# --- writing -------------------------------------------------------------------------------------
+
+
+def _private_save_available() -> bool:
+    return callable(getattr(torch.serialization, "_save", None)) and hasattr(torch._C, "PyTorchFileWriter")
+
+
+_FAST_SAVE = _private_save_available()
+
+
+class _FirstErrorOnly:
+    """A stream that passes writes on until one fails, then swallows the rest.
+
+    torch's zip writer finishes the archive in its C++ destructor; if the stream raised (disk full,
+    read-only), that second round of writes fails too, the destructor throws, and the whole process
+    aborts (SIGABRT, no Python exception). Swallowing writes after the first error keeps the writer's
+    bookkeeping consistent; ``save_tensor`` raises the first error once torch has let go of it.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.error: BaseException | None = None
+
+    def write(self, data: Any) -> int:
+        if self.error is None:
+            try:
+                return self.stream.write(data)
+            except BaseException as err:  # raised by save_tensor after the writer is gone
+                self.error = err
+        return memoryview(data).nbytes
+
+    def flush(self) -> None:
+        if self.error is None:
+            self.stream.flush()
+
+
+def save_tensor(tensor: torch.Tensor, stream: Any) -> None:
+    """``torch.save(tensor, stream)`` without the CRC-32 pass (falls back to torch.save if torch's
+    private writer entry points change). A failing ``stream`` raises its error (see _FirstErrorOnly)."""
+    guarded = _FirstErrorOnly(stream)
+    if not _FAST_SAVE:
+        torch.save(tensor, guarded)
+    else:
+        writer = torch._C.PyTorchFileWriter(guarded, False, torch.serialization._get_storage_alignment())
+        torch.serialization._save(tensor, writer, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
+        writer.write_end_of_file()
+        del writer  # its destructor may still write: into the guard
+    if guarded.error is not None:
+        raise guarded.error
+    stream.flush()
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+# A blob's records other than the tensor data are tiny (pickle ~160 B, a few version records); reading
+# this much from each end normally finds the central directory and every header in two reads.
+EDGE_BYTES = 4096
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # zip local file header, 30 bytes
+_LOCAL_MAGIC = b"PK\x03\x04"
+
+
+@dataclass(frozen=True)
+class TensorBlobLayout:
+    """Where a stored tensor's bytes are inside its blob, and what they are."""
+
+    data_offset: int  # from the start of the blob
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"a {self.dtype} tensor {list(self.shape)} at byte {self.data_offset}"
+
+
+def describe_layout(layout: TensorBlobLayout | None) -> str:
+    """For messages: what a blob holds where (None: a blob that is not one plain tensor)."""
+    return "no plain tensor" if layout is None else str(layout)
+
+
+class NotPlainTensor(ValueError):
+    """The blob is not one plain, contiguous, little-endian tensor: read it the generic way."""
+
+
+class _BlobFile:
+    """A read-only file over bytes [0, length) of a blob, served by ``read_at(offset, size)``.
+
+    ``zipfile`` seeks and reads a few small pieces; pieces already fetched are kept.
+    """
+
+    def __init__(self, read_at: Callable[[int, int], bytes], length: int) -> None:
+        self._read_at = read_at
+        self._length = length
+        self._pos = 0
+        self._pieces: dict[int, bytes] = {}
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def fetch(self, offset: int, size: int) -> bytes:
+        size = max(0, min(size, self._length - offset))
+        for start, data in self._pieces.items():
+            if start <= offset and offset + size <= start + len(data):
+                return data[offset - start:offset - start + size]
+        data = self._read_at(offset, size)
+        self._pieces[offset] = data
+        return data
+
+    # file protocol used by zipfile
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._length}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = self._length - self._pos
+        data = self.fetch(self._pos, size)
+        self._pos += len(data)
+        return data
+
+    def seekable(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class _StorageRef:
+    dtype: torch.dtype
+    key: str
+    numel: int
+
+
+@dataclass(frozen=True)
+class _TensorRef:
+    storage: _StorageRef
+    storage_offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                       metadata=None) -> _TensorRef:
+    if not isinstance(storage, _StorageRef) or backward_hooks:
+        raise NotPlainTensor("tensor with hooks or without a storage")
+    return _TensorRef(storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+
+
+class _LayoutUnpickler(pickle.Unpickler):
+    """Reads a tensor pickle's description (storage dtype/key/numel, offset, size, stride) only."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor_v2
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" and name in _storage_dtypes():
+            return _storage_dtypes()[name]
+        raise NotPlainTensor(f"{module}.{name} is not part of a plain tensor pickle")
+
+    def persistent_load(self, pid: Any) -> _StorageRef:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+            raise NotPlainTensor(f"unexpected persistent id {pid!r}")
+        return _StorageRef(pid[1], str(pid[2]), int(pid[4]))
+
+
+@functools.cache
+def _storage_dtypes() -> Mapping[str, torch.dtype]:
+    """``{"FloatStorage": torch.float32, ...}``: the legacy storage classes tensor pickles name."""
+    out = {}
+    with warnings.catch_warnings():  # touching the legacy TypedStorage classes warns
+        warnings.simplefilter("ignore")
+        for name in dir(torch):
+            if name.endswith("Storage"):
+                dtype = getattr(getattr(torch, name, None), "dtype", None)
+                if isinstance(dtype, torch.dtype):
+                    out[name] = dtype
+    return types.MappingProxyType(out)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(strides))
+
+
+def _stored_bytes(blob: _BlobFile, info: zipfile.ZipInfo) -> tuple[int, int]:
+    """(offset, size) of a STORED zip member's bytes inside the blob."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise NotPlainTensor(f"{info.filename} is compressed")
+    header = blob.fetch(info.header_offset, _LOCAL_HEADER.size)
+    if len(header) != _LOCAL_HEADER.size:
+        raise NotPlainTensor("truncated local header")
+    fields = _LOCAL_HEADER.unpack(header)
+    if fields[0] != _LOCAL_MAGIC:
+        raise NotPlainTensor(f"no local header for {info.filename}")
+    name_len, extra_len = fields[9], fields[10]
+    return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len, info.file_size
+
+
+def tensor_blob_layout(blob: _BlobFile) -> TensorBlobLayout:
+    """Parse a torch.save blob of one tensor; raises NotPlainTensor for anything else."""
+    try:
+        archive = zipfile.ZipFile(blob)  # reads only the end records and the central directory
+    except (zipfile.BadZipFile, OSError, ValueError, struct.error) as err:
+        raise NotPlainTensor(f"not a zip: {err}") from err
+    by_suffix = {}
+    for info in archive.infolist():
+        prefix, _, rest = info.filename.partition("/")
+        by_suffix[rest] = info
+    pkl = by_suffix.get("data.pkl")
+    order = by_suffix.get("byteorder")
+    if pkl is None or order is None:
+        raise NotPlainTensor("no data.pkl or byteorder record")
+    order_offset, order_size = _stored_bytes(blob, order)
+    if blob.fetch(order_offset, order_size) != sys.byteorder.encode():
+        raise NotPlainTensor("stored in another byte order")
+    pkl_offset, pkl_size = _stored_bytes(blob, pkl)
+    pickled = blob.fetch(pkl_offset, pkl_size)
+    try:
+        ref = _LayoutUnpickler(io.BytesIO(pickled)).load()
+    except NotPlainTensor:
+        raise
+    except Exception as err:  # any malformed pickle: the generic path reports it properly
+        raise NotPlainTensor(f"unreadable pickle: {err}") from err
+    if not isinstance(ref, _TensorRef):
+        raise NotPlainTensor(f"the blob holds a {type(ref).__name__}, not one tensor")
+    numel = math.prod(ref.size)
+    if ref.storage_offset != 0 or ref.storage.numel != numel or (
+            numel > 1 and ref.stride != _contiguous_strides(ref.size)):
+        raise NotPlainTensor("the tensor is a strided view of its storage")
+    data = by_suffix.get(f"data/{ref.storage.key}")
+    if data is None:
+        raise NotPlainTensor(f"no data record for storage {ref.storage.key!r}")
+    data_offset, data_size = _stored_bytes(blob, data)
+    nbytes = numel * ref.storage.dtype.itemsize
+    if data_size != nbytes or data_offset + nbytes > blob.length:
+        raise NotPlainTensor(f"data record holds {data_size} bytes, the tensor needs {nbytes}")
+    return TensorBlobLayout(data_offset, nbytes, ref.storage.dtype, ref.size)
+
+
+def layout_from_edges(head: bytes, tail: bytes, length: int) -> TensorBlobLayout | None:
+    """The layout of a blob of ``length`` bytes from its first bytes (``head``) and last bytes
+    (``tail``) alone, as a writer sees them stream past or a reader that read them; None when the
+    blob is not one plain tensor or a record the parse needs lies outside both edges."""
+    tail_start = length - len(tail)
+
+    def read_at(offset: int, size: int) -> bytes:
+        if offset + size <= len(head):
+            return head[offset:offset + size]
+        if offset >= tail_start:
+            return tail[offset - tail_start:offset - tail_start + size]
+        raise NotPlainTensor("a record lies between the edges given")
+
+    try:
+        return tensor_blob_layout(_BlobFile(read_at, length))
+    except NotPlainTensor:
+        return None
+
+
+class BlobEdges:
+    """The first and last ``size`` bytes of a blob, kept as its bytes stream past in pieces of any
+    size (a writer's writes, a verifier's reads): what ``layout_from_edges`` needs."""
+
+    def __init__(self, size: int = 64 * 1024) -> None:
+        self.size = size
+        self._head = bytearray()
+        self._tail = bytearray()
+
+    def clear(self) -> None:
+        self._head.clear()
+        self._tail.clear()
+
+    def update(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        if len(self._head) < self.size:
+            self._head += view[:self.size - len(self._head)]
+        self._tail += view[-self.size:]
+        if len(self._tail) > 2 * self.size:  # trimmed now and then: amortised O(1) per byte
+            del self._tail[:-self.size]
+
+    def layout(self, length: int) -> TensorBlobLayout | None:
+        """The layout of the ``length``-byte blob that streamed past (None: not one plain tensor)."""
+        return layout_from_edges(self._head, self._tail[-self.size:], length)
+
+
+def recorded_layout(data_offset: int | None, dtype: str | None, shape: tuple[int, ...] | None,
+                    length: int) -> TensorBlobLayout | None:
+    """The layout an index row records for a stored item of ``length`` bytes (``dtype`` as in
+    ``"torch.float32"``, ``shape`` the stored box); None where the row records none, or one the
+    item cannot hold."""
+    if data_offset is None or dtype is None or shape is None or any(s < 0 for s in shape):
+        return None
+    torch_dtype = dtype_named(dtype)
+    if torch_dtype is None:
+        return None
+    nbytes = math.prod(shape) * torch_dtype.itemsize
+    if data_offset < 0 or data_offset + nbytes > length:
+        return None
+    return TensorBlobLayout(data_offset, nbytes, torch_dtype, tuple(shape))
+
+
+def open_blob(read_at: Callable[[int, int], bytes], length: int) -> _BlobFile:
+    """A blob of ``length`` bytes read through ``read_at``, with both ends prefetched."""
+    blob = _BlobFile(read_at, length)
+    if length <= 2 * EDGE_BYTES:
+        blob.fetch(0, length)
+    else:
+        blob.fetch(0, EDGE_BYTES)
+        blob.fetch(length - EDGE_BYTES, EDGE_BYTES)
+    return blob
+

@@ -1,0 +1,1 @@
+"""Operations on stored checkpoints, above storage: inspect, verify, diff, convert."""

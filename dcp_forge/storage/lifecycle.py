@@ -1,0 +1,179 @@
+"""Checkpoint lifecycle on storage: claim, commit, list, delete.
+
+A checkpoint directory goes through three states:
+
+- *claimed*: ``_CLAIMED`` was created exclusively when its save began, so two savers can never
+  write one checkpoint id;
+- *committed*: ``_COMMITTED`` was created exclusively after every data file, ``.metadata``,
+  ``index.parquet`` and the manifest were durable. Only committed checkpoints are listed or loaded;
+- *deleted*: the marker goes first, then the rest, so a half-deleted checkpoint never looks
+  complete.
+
+A directory with ``.metadata`` but none of our files is a plain DCP ("legacy") checkpoint: DCP's own
+commit is writing ``.metadata`` last, so it counts as committed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from ..errors import CheckpointExistsError, CheckpointNotFoundError, IntegrityError, os_error_context
+from ..format.names import CLAIM_FILE, COMMIT_FILE, MANIFEST_FILE, METADATA_FILE
+from .backends import StorageBackend
+from .registry import join_url, open_backend, redact_url
+
+
+class CheckpointState(Enum):
+    MISSING = "missing"
+    PARTIAL = "partial"  # claimed or written, never committed: invisible
+    COMMITTED = "committed"
+    LEGACY = "legacy"  # plain DCP checkpoint (no manifest): loadable
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    checkpoint_id: str
+    save_id: str
+    committed_at: float  # seconds since the epoch, on the committing rank
+    manifest_checksum: str | None
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.__dict__, sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> CommitRecord:
+        try:
+            return cls(**json.loads(data))
+        except (ValueError, TypeError) as err:
+            raise IntegrityError(f"commit marker {where} is malformed: {err}") from err
+
+
+def checkpoint_state(backend: StorageBackend, path: str) -> CheckpointState:
+    names = set(backend.list_dir(path))
+    if COMMIT_FILE in names:
+        return CheckpointState.COMMITTED
+    if not names:
+        return CheckpointState.MISSING
+    if METADATA_FILE in names and not ({CLAIM_FILE, MANIFEST_FILE} & names):
+        return CheckpointState.LEGACY
+    return CheckpointState.PARTIAL
+
+
+def claim(backend: StorageBackend, path: str, save_id: str, url: str) -> None:
+    """Take ``path`` for one save, or raise CheckpointExistsError saying who holds it."""
+    # No permission, read-only, unreachable store: the error says which checkpoint.
+    with os_error_context(f"claiming checkpoint {redact_url(url)} for a save", path):
+        _claim(backend, path, save_id, url)
+
+
+def _claim(backend: StorageBackend, path: str, save_id: str, url: str) -> None:
+    backend.makedirs(path)
+    state = checkpoint_state(backend, path)
+    if state is CheckpointState.COMMITTED or state is CheckpointState.LEGACY:
+        raise CheckpointExistsError(
+            f"checkpoint {redact_url(url)} already exists and is committed; saves never overwrite "
+            "one (choose another checkpoint_id, or delete it first)")
+    names = backend.list_dir(path)
+    if names and CLAIM_FILE not in names:
+        raise CheckpointExistsError(
+            f"checkpoint directory {redact_url(url)} is not empty (holds {names[:5]}); expected a "
+            "new or empty directory")
+    record = json.dumps({"save_id": save_id, "claimed_at": time.time(), "pid": os.getpid()}).encode()
+    try:
+        backend.create_exclusive(backend.join(path, CLAIM_FILE), record)
+    except FileExistsError as err:
+        raise CheckpointExistsError(
+            f"checkpoint {redact_url(url)} is being written by another save, or a crashed save left it "
+            "uncommitted; it is invisible to loads. Delete it (dcp_forge.delete_checkpoint or "
+            "discard_partial_checkpoints) to reuse the id") from err
+
+
+def commit(backend: StorageBackend, path: str, record: CommitRecord) -> None:
+    """Create the commit marker. If the store cannot say whether that worked (every reply lost:
+    ConnectionError), one read settles it: the marker is ours iff it carries our save_id."""
+    try:
+        backend.create_exclusive(backend.join(path, COMMIT_FILE), record.to_bytes())
+    except ConnectionError as unknown:
+        try:
+            ours = read_commit(backend, path).save_id == record.save_id
+        except (OSError, IntegrityError):
+            ours = False
+        if not ours:
+            raise unknown
+
+
+def read_commit(backend: StorageBackend, path: str) -> CommitRecord:
+    marker = backend.join(path, COMMIT_FILE)
+    try:
+        return CommitRecord.from_bytes(backend.read_bytes(marker), marker)
+    except FileNotFoundError as err:
+        raise CheckpointNotFoundError(f"checkpoint {path} is not committed") from err
+
+
+def _committed_entries(output_dir: str, storage_options: Mapping[str, Any] | None
+                       ) -> list[tuple[float, str, str]]:
+    backend, root = open_backend(output_dir, storage_options)
+    entries = []
+    for name in backend.list_dir(root, dirs_only=True):
+        path = backend.join(root, name)
+        state = checkpoint_state(backend, path)
+        if state is CheckpointState.COMMITTED:
+            entries.append((read_commit(backend, path).committed_at, name, join_url(output_dir, name)))
+        elif state is CheckpointState.LEGACY:
+            entries.append((_legacy_time(backend, path), name, join_url(output_dir, name)))
+    entries.sort()
+    return entries
+
+
+def _legacy_time(backend: StorageBackend, path: str) -> float:
+    try:
+        info = backend.fs.info(backend.join(path, METADATA_FILE))
+    except (FileNotFoundError, OSError):
+        return 0.0
+    modified = info.get("mtime") or info.get("LastModified") or info.get("created") or 0.0
+    return modified.timestamp() if hasattr(modified, "timestamp") else float(modified)
+
+
+def list_checkpoints(output_dir: str | os.PathLike, storage_options: Mapping[str, Any] | None = None
+                     ) -> list[str]:
+    """Committed checkpoints under ``output_dir``, oldest commit first."""
+    return [url for _, _, url in _committed_entries(os.fspath(output_dir), storage_options)]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike, storage_options: Mapping[str, Any] | None = None
+                      ) -> str | None:
+    """The most recently committed checkpoint under ``output_dir``, or None."""
+    entries = _committed_entries(os.fspath(output_dir), storage_options)
+    return entries[-1][2] if entries else None
+
+
+def delete_checkpoint(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Remove a checkpoint: its commit marker first, so a half-deleted one never looks complete."""
+    backend, native = open_backend(path, storage_options)
+    if not backend.exists(native):
+        raise CheckpointNotFoundError(f"no checkpoint at {redact_url(path)}")
+    backend.remove(backend.join(native, COMMIT_FILE))
+    backend.sync_dir(native)
+    backend.remove_tree(native)
+
+
+def discard_partial_checkpoints(output_dir: str | os.PathLike,
+                                storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Delete every uncommitted checkpoint directory under ``output_dir`` (after a crash, on resume).
+
+    Only safe when no other job is saving into ``output_dir`` right now.
+    """
+    backend, root = open_backend(output_dir, storage_options)
+    removed = []
+    for name in backend.list_dir(root, dirs_only=True):
+        path = backend.join(root, name)
+        if checkpoint_state(backend, path) is CheckpointState.PARTIAL:
+            backend.remove_tree(path)
+            removed.append(join_url(os.fspath(output_dir), name))
+    return removed

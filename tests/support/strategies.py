@@ -1,0 +1,265 @@
+"""Hypothesis strategies shared by every property test: topologies, declarations, state dicts,
+a one-process simulation of DCP's save planning across all ranks, and N -> M resharding cases
+(real DTensors on process-group-less device meshes)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from hypothesis import strategies as st
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from dcp_forge.core.components import ComponentLayout, StateComponent
+from dcp_forge.core.patterns import SharingPattern
+from dcp_forge.core.placement import ChunkPolicy
+from dcp_forge.core.topology import Topology
+from dcp_forge.planners import ForgeLoadPlanner, ForgeSavePlanner
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8]
+
+
+@st.composite
+def topologies(draw, max_world: int = 8) -> Topology:
+    """World 1..max_world, equal nodes, and up to two named group families partitioning the world."""
+    world = draw(st.integers(1, max_world))
+    per_node = draw(st.sampled_from([d for d in range(1, world + 1) if world % d == 0]))
+    groups = {}
+    for name in draw(st.lists(st.sampled_from(["dp", "pp", "tp"]), unique=True, max_size=2)):
+        size = draw(st.sampled_from([d for d in range(1, world + 1) if world % d == 0]))
+        if draw(st.booleans()):  # contiguous blocks, like a DP group in a DPxPP mesh row
+            parts = [tuple(range(s, s + size)) for s in range(0, world, size)]
+        else:  # strided, like the ranks holding one pipeline stage
+            stride = world // size
+            parts = [tuple(range(s, world, stride)) for s in range(stride)]
+        groups[name] = tuple(parts)
+    return Topology(rank=0, world_size=world, node_of_rank=tuple(r // per_node for r in range(world)),
+                    groups=groups)
+
+
+@st.composite
+def layouts(draw, topology: Topology) -> dict[str, ComponentLayout]:
+    count = draw(st.integers(1, 5))
+    names = draw(st.lists(st.from_regex(r"[a-z][a-z0-9_]{0,6}", fullmatch=True), min_size=count,
+                          max_size=count, unique=True))
+    patterns = list(SharingPattern)
+    if not topology.groups:
+        patterns.remove(SharingPattern.PER_GROUP)
+    out = {}
+    for name in names:
+        pattern = draw(st.sampled_from(patterns))
+        group = draw(st.sampled_from(sorted(topology.groups))) if pattern is SharingPattern.PER_GROUP else None
+        out[name] = ComponentLayout(name, pattern, group)
+    return out
+
+
+@st.composite
+def shapes(draw) -> tuple[int, ...]:
+    ndim = draw(st.integers(0, 3))
+    return tuple(draw(st.lists(st.integers(1, 40), min_size=ndim, max_size=ndim)))
+
+
+@st.composite
+def component_state(draw) -> dict:
+    """A nested state dict of meta tensors (no memory) and plain values."""
+    entries = {}
+    for i in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["tensor", "tensor", "tensor", "value", "nested"]))
+        if kind == "tensor":
+            entries[f"t{i}"] = torch.empty(draw(shapes()), dtype=draw(st.sampled_from(DTYPES)), device="meta")
+        elif kind == "value":
+            entries[f"v{i}"] = draw(st.one_of(st.integers(), st.text(max_size=5), st.booleans()))
+        else:
+            entries[f"n{i}"] = {"w": torch.empty(draw(shapes()), device="meta"), "step": draw(st.integers(0, 9))}
+    return entries
+
+
+@dataclass
+class Job:
+    topology: Topology
+    layouts: dict[str, ComponentLayout]
+    states: dict[str, dict]  # component -> state (the same object on every rank: shapes agree)
+    policy: ChunkPolicy
+
+
+@st.composite
+def jobs(draw, max_world: int = 8) -> Job:
+    topology = draw(topologies(max_world))
+    lay = draw(layouts(topology))
+    states = {name: draw(component_state()) for name in lay}
+    # Tiny chunks, so that small test tensors get split the way gigabyte ones would.
+    policy = ChunkPolicy(min_chunk_bytes=draw(st.sampled_from([64, 256, 1024, 1 << 20])),
+                         chunks_per_holder=draw(st.integers(1, 4)))
+    return Job(topology, lay, states, policy)
+
+
+def local_plans(job: Job) -> tuple[list, list[ForgeSavePlanner]]:
+    """Every rank's local save plan, as DCP would compute them (in one process)."""
+    return save_plans([dict(job.states)] * job.topology.world_size, job.layouts, job.topology, job.policy)
+
+
+def save_plans(states: list[dict], layouts: dict[str, ComponentLayout], topology: Topology,
+               policy: ChunkPolicy) -> tuple[list, list[ForgeSavePlanner]]:
+    """Every rank's local save plan for ``states[rank]`` (in one process)."""
+    declared = {k: (v.pattern, v.group_name) if v.group_name else v.pattern for k, v in layouts.items()}
+    plans, planners = [], []
+    for rank in range(topology.world_size):
+        planner = ForgeSavePlanner(declared, topology.with_rank(rank), chunk_policy=policy)
+        planner.set_up_planner(states[rank], is_coordinator=rank == 0)
+        plans.append(planner.create_local_plan())
+        planners.append(planner)
+    return plans, planners
+
+
+# --- N -> M resharding ------------------------------------------------------------------------
+
+def dtensor_on_rank(shape: tuple[int, ...], dtype: torch.dtype, mesh_shape: tuple[int, ...], rank: int,
+                    placements: tuple) -> DTensor:
+    """The real DTensor rank ``rank`` of a ``mesh_shape`` mesh holds under ``placements``, built in
+    one process: the DeviceMesh has no process group behind it (DeviceMesh's ``_init_backend=False,
+    _rank=``), which planning never needs. Uneven and empty shards, Replicate and nested Shard come
+    out exactly as on a real job, through DTensor's own checkpoint protocol."""
+    mesh = DeviceMesh("cpu", torch.arange(math.prod(mesh_shape)).reshape(mesh_shape), _init_backend=False,
+                      _rank=rank)
+    sizes, _ = compute_local_shape_and_global_offset(shape, mesh, placements)
+    stride = tuple(math.prod(shape[d + 1:]) for d in range(len(shape)))
+    return DTensor.from_local(torch.zeros(sizes, dtype=dtype), mesh, placements, run_check=False,
+                              shape=torch.Size(shape), stride=stride)
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """A mesh of ``world`` ranks (1-D or 2-D, row-major like ``init_device_mesh``) and placements."""
+
+    mesh_shape: tuple[int, ...]
+    placements: tuple
+
+
+@st.composite
+def shardings(draw, world: int, ndim: int) -> Sharding:
+    pairs = [(a, world // a) for a in range(2, world) if world % a == 0]
+    mesh = draw(st.sampled_from([(world,), *pairs])) if pairs else (world,)
+    options = [Replicate()] + [Shard(d) for d in range(ndim)]
+    return Sharding(mesh, tuple(draw(st.sampled_from(options)) for _ in mesh))
+
+
+RESHARD_LAYOUTS = {"w": ComponentLayout("w", SharingPattern.GLOBAL),
+                   "rep": ComponentLayout("rep", SharingPattern.REPLICATED),
+                   "pr": ComponentLayout("pr", SharingPattern.PER_RANK)}
+
+
+@dataclass
+class ReshardCase:
+    """A job saved at ``saved.world_size`` and loaded at ``current.world_size``.
+
+    ``sharded``: fqn -> (shape, dtype, sharding at save, sharding at load), a GLOBAL component;
+    ``replicated``: a REPLICATED component of plain tensors (chunked at save by ``policy``);
+    ``per_rank``: a PER_RANK component whose topology policy is ``policy_name``.
+    """
+
+    saved: Topology
+    current: Topology
+    sharded: dict[str, tuple[tuple[int, ...], torch.dtype, Sharding, Sharding]]
+    replicated: dict[str, tuple[int, ...]]
+    policy: ChunkPolicy
+    policy_name: object
+
+    def state(self, rank: int, loading: bool) -> dict:
+        world = (self.current if loading else self.saved).world_size
+        sharded = {}
+        for fqn, (shape, dtype, at_save, at_load) in self.sharded.items():
+            sharding = at_load if loading else at_save
+            assert math.prod(sharding.mesh_shape) == world
+            sharded[fqn] = dtensor_on_rank(shape, dtype, sharding.mesh_shape, rank, sharding.placements)
+        # DCP's load planner materialises meta tensors on the process group's device: load into real ones.
+        device = "cpu" if loading else "meta"
+        return {"w": sharded,
+                "rep": {k: torch.empty(s, device=device) for k, s in self.replicated.items()},
+                "pr": {"x": torch.empty(3, device=device), "step": rank}}
+
+    def components(self) -> list[StateComponent]:
+        holder = _PlainStateful()
+        return [StateComponent("w", holder, "global"), StateComponent("rep", holder, "replicated"),
+                StateComponent("pr", holder, "per_rank", on_topology_change=self.policy_name)]
+
+
+class _PlainStateful:
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _remap_modulo(new_rank: int, saved: Topology, current: Topology) -> int:
+    return new_rank % saved.world_size
+
+
+@st.composite
+def reshard_cases(draw, max_world: int = 8) -> ReshardCase:
+    n = draw(st.integers(1, max_world))
+    m = draw(st.integers(1, max_world))
+    sharded = {}
+    for i in range(draw(st.integers(1, 3))):
+        ndim = draw(st.integers(1, 3))
+        shape = tuple(draw(st.lists(st.integers(1, 11), min_size=ndim, max_size=ndim)))
+        dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.int64]))
+        sharded[f"t{i}"] = (shape, dtype, draw(shardings(n, ndim)), draw(shardings(m, ndim)))
+    replicated = {f"r{i}": tuple(draw(st.lists(st.integers(1, 40), min_size=1, max_size=2)))
+                  for i in range(draw(st.integers(1, 2)))}
+    policy = ChunkPolicy(min_chunk_bytes=draw(st.sampled_from([64, 256, 1 << 20])),
+                         chunks_per_holder=draw(st.integers(1, 3)))
+    policy_name = draw(st.sampled_from(["rank0", _remap_modulo]))
+    return ReshardCase(Topology(rank=0, world_size=n), Topology(rank=0, world_size=m), sharded, replicated,
+                       policy, policy_name)
+
+
+def save_metadata(case: ReshardCase) -> Metadata:
+    """The checkpoint metadata a save of ``case`` at its saved world size produces."""
+    states = [case.state(r, loading=False) for r in range(case.saved.world_size)]
+    plans, planners = save_plans(states, RESHARD_LAYOUTS, case.saved, case.policy)
+    return planners[0].create_global_plan(plans)[1]
+
+
+def load_plans(case: ReshardCase, metadata: Metadata, key_maps: list[dict[str, str]]) -> list[LoadPlan]:
+    """Every current rank's local load plan against ``metadata`` (in one process)."""
+    plans = []
+    for rank in range(case.current.world_size):
+        planner = ForgeLoadPlanner(case.components(), case.current.with_rank(rank), key_map=key_maps[rank])
+        planner.set_up_planner(case.state(rank, loading=True), metadata, is_coordinator=rank == 0)
+        plans.append(planner.create_local_plan())
+    return plans
+
+# --- trainers: checkpoint retention and divergence detection -----------------------------------
+
+# A metric value as evaluations produce them: mostly ordinary, sometimes tied, now and then NaN/inf.
+metric_values = st.one_of(
+    st.floats(0.0, 10.0, allow_nan=False).map(lambda v: round(v, 1)),  # rounding makes ties likely
+    st.sampled_from([float("nan"), float("inf")]),
+)
+
+
+@st.composite
+def save_eval_schedules(draw, max_events: int = 40) -> list[tuple[str, float | None]]:
+    """A run's interleaving of evaluations ("eval", value) and saves ("save", None), in step order."""
+    events = draw(st.lists(st.one_of(st.tuples(st.just("eval"), metric_values),
+                                     st.just(("save", None))), min_size=1, max_size=max_events))
+    return events
+
+
+@st.composite
+def retention_policies(draw):
+    from dcp_forge.manager.retention import RetentionPolicy
+
+    return RetentionPolicy(save_total_limit=draw(st.one_of(st.none(), st.integers(1, 4))),
+                           preserve_n_best=draw(st.integers(0, 3)), greater_is_better=draw(st.booleans()))
+
+
+# Training losses: a falling curve with noise, and occasional spikes or NaNs.
+loss_sequences = st.lists(st.one_of(st.floats(0.5, 4.0), st.floats(10.0, 100.0),
+                                    st.sampled_from([float("nan"), float("inf")])), min_size=1, max_size=60)
