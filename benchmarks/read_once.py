@@ -45,11 +45,11 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
 from benchmarks.disk import drop_page_cache
 from benchmarks.save_load import SaveLoadConfig, _TensorDict, make_state
 from dcp_forge import CheckpointCoordinator, StateComponent, delete_checkpoint, read_manifest
+from dcp_forge._torch_compat import fsspec_reader_class
 from dcp_forge.storage import redact_url
 
 CONTENDERS = ("dcp", "forge", "forge read-once")
@@ -67,7 +67,7 @@ class CountingFileSystemReader(FileSystemReader):
         return super()._slice_file(file, sinfo)
 
 
-class CountingFsspecReader(FsspecReader):
+class CountingFsspecReader(fsspec_reader_class()):
     """DCP's fsspec reader, counting the same way."""
 
     def __init__(self, path: str, storage_options: dict) -> None:

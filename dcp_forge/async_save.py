@@ -54,8 +54,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
 from torch.distributed.tensor import DTensor
-from torch.utils._pytree import tree_leaves
 
+from ._torch_compat import tree_leaves
 from .errors import AsyncSaveError, first_rank_failure
 from .format.manifest import CheckpointManifest
 from .planners import ForgeSavePlanner

@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 import xxhash
-from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 
+from ._torch_compat import flatten_state_dict
 from .core.components import StateComponent
 from .core.patterns import SharingPattern, ValidationLevel
 from .core.tensors import dtype_named

@@ -1,4 +1,19 @@
-"""Fixtures shared by the test modules.
+"""Fixtures shared by the test modules, and the test tiers.
+
+Tiers are applied from the fixtures a test uses (directly or through other fixtures), never by hand:
+
+======== =============================================== =====================================
+tier     what the test does                              fixture that puts it there
+======== =============================================== =====================================
+``dist`` starts real gloo rank processes                 ``ranks``, ``rank_processes``
+``s3``   talks to a real S3 server                       ``s3_server_info``, ``moto_server_info``,
+                                                         ``s3_servers`` (and all built on them)
+``kill`` kills processes it started (crash harnesses)    ``kills``
+``unit`` none of the above: in-process, fast             -
+======== =============================================== =====================================
+
+``pytest -m unit`` is the quick loop; the README's test command runs every tier. The support code
+that starts ranks or servers refuses to run inside a test outside its tier (tests/support/tiers.py).
 
 Object storage: ``s3_url`` (a fresh ``s3://bucket/prefix`` per test) with ``s3_storage_options``
 (s3fs-form options: key, secret, endpoint_url, region) reach one real SeaweedFS server, started on
@@ -16,7 +31,67 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from tests.support import tiers
+
 S3_BUCKET = "forge-test"
+
+TIER_FIXTURES = {
+    "dist": {"ranks", "rank_processes", "kills"},
+    "s3": {"s3_server_info", "moto_server_info", "s3_servers"},
+    "kill": {"kills"},
+}
+TIERS = ("unit", *TIER_FIXTURES)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        found = {tier for tier, fixtures in TIER_FIXTURES.items() if used & fixtures}
+        found |= {m.name for m in item.iter_markers() if m.name in TIER_FIXTURES}  # a launcher test marks itself
+        for tier in sorted(found):
+            item.add_marker(tier)
+        if not found:
+            item.add_marker("unit")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    tiers.allowed = frozenset(m.name for m in item.iter_markers() if m.name in TIERS)
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    tiers.allowed = frozenset(m.name for m in item.iter_markers() if m.name in TIERS)
+
+
+@pytest.fixture(scope="session")
+def ranks():
+    """``ranks(fn, world_size, *args, ranks_per_node=None, timeout=180)``: ``fn(rank, world_size, *args)``
+    on real gloo ranks (tests/support/dist.py), results in rank order."""
+    from tests.support.dist import run_ranks
+
+    return run_ranks
+
+
+@pytest.fixture(scope="session")
+def rank_processes():
+    """The multiprocessing context ranks are started from, for tests that start processes themselves."""
+    from tests.support.dist import rank_context
+
+    return rank_context()
+
+
+@pytest.fixture(scope="session")
+def kills(rank_processes):
+    """For tests that kill the processes they start (crash harnesses): the rank process context."""
+    return rank_processes
+
+
+@pytest.fixture(scope="session")
+def s3_servers():
+    """``tests.support.s3_server``, for tests that start and stop servers of their own."""
+    pytest.importorskip("s3fs")
+    from tests.support import s3_server
+
+    return s3_server
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from tests.support.statefuls import Box
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint_latest(tmp_path):
+def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint_latest(kills, tmp_path):
     seed = random.randrange(1 << 30)
     results = run_trials(3, mib=64, directory=str(tmp_path / "crash"), seed=seed)  # raises if a guarantee broke
     assert len(results) == 3, f"seed {seed}"

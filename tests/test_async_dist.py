@@ -19,12 +19,9 @@ from dcp_forge import (
     StateComponent,
 )
 from dcp_forge.core.placement import ChunkPolicy
-from tests.support.dist import run_ranks
 from tests.support.statefuls import Box
 
 from .test_async_save import assert_same, empty_like_state, mutate_in_place, snapshot, tricky_state
-
-pytestmark = pytest.mark.dist
 
 SMALL_CHUNKS = ChunkPolicy(min_chunk_bytes=4096, chunks_per_holder=2)
 
@@ -141,9 +138,9 @@ def scenarios(rank: int, world: int, root: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def outcome(tmp_path_factory):
+def outcome(ranks, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("async_dist"))
-    return run_ranks(scenarios, 2, root)
+    return ranks(scenarios, 2, root)
 
 
 def test_async_checkpoint_is_byte_identical_to_a_sync_one(outcome):

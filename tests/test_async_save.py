@@ -158,7 +158,7 @@ def _files(fs, root: str) -> dict[str, bytes]:
     return {os.path.basename(p): fs.cat_file(p) for p in fs.ls(root, detail=False)}
 
 
-@pytest.mark.parametrize("scheme", ["local", "memory", "s3"])
+@pytest.mark.parametrize("scheme", ["local", "memory", pytest.param("s3", marks=pytest.mark.s3)])
 def test_async_checkpoint_is_byte_identical_to_a_sync_one(tmp_path, scheme, request):
     warnings.simplefilter("ignore")
     options = {}

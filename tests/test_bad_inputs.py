@@ -29,7 +29,6 @@ from dcp_forge import (
 )
 from dcp_forge.core.placement import ChunkPolicy
 from dcp_forge.format.names import COMMIT_FILE, MANIFEST_FILE
-from tests.support.dist import rank_context, run_ranks
 from tests.support.statefuls import Box
 from tests.support.tamper import reseal
 
@@ -67,6 +66,7 @@ class Case:
     match: str  # regex the message must match (what was expected, what was found)
     run: Callable  # run(root, good): does the bad thing
     forge: bool = True  # the error is a dcp_forge error (False: the user's own or the OS's, passed through)
+    tier: str | None = None  # "dist" for a case that starts a process of its own (tests/conftest.py tiers)
 
 
 def _sc(*args, **kwargs) -> Callable:
@@ -159,6 +159,8 @@ def _save_under_file_size_limit(output_dir: str, conn) -> None:
 
 def _full_disk(root, good):
     """A real kernel refusal: writes past RLIMIT_FSIZE fail with EFBIG (Python ignores SIGXFSZ)."""
+    from tests.support.dist import rank_context
+
     ctx = rank_context()
     receiver, sender = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_save_under_file_size_limit, args=(str(root), sender))
@@ -257,7 +259,7 @@ CASES = [
     Case("stateful whose state_dict raises", RuntimeError, r"state_dict\(\) of a broken stateful",
          _save(components=declared(box=StateComponent("box", Broken({}), "global"))), forge=False),
     Case("full disk (RLIMIT_FSIZE: EFBIG from the kernel)", OSError, r"File too large: rank 0 writing __0_\d\.distcp "
-         r"of checkpoint .*too-big \(holds \['weights'\]\)", _full_disk, forge=False),
+         r"of checkpoint .*too-big \(holds \['weights'\]\)", _full_disk, forge=False, tier="dist"),
     Case("full disk (1 MiB tmpfs: ENOSPC)", OSError, r"No space left on device: rank 0 writing __0_\d\.distcp",
          _full_tmpfs, forge=False),
     Case("storage scheme without its package", ImportError, r"pip install gcsfs to use gs:// URLs",
@@ -303,7 +305,8 @@ def test_the_catalogue_has_at_least_25_cases():
     assert len({c.name for c in CASES} | set(GLOO_CASES)) == len(CASES) + len(GLOO_CASES)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[getattr(pytest.mark, c.tier)] if c.tier else [])
+                                  for c in CASES], ids=lambda c: c.name)
 def test_bad_input(case, root, good):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -359,9 +362,9 @@ GLOO_CASES = {  # name -> (builtin, regex)
 
 
 @pytest.fixture(scope="module")
-def gloo_outcome(tmp_path_factory):
+def gloo_outcome(ranks, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("bad-gloo"))
-    results = run_ranks(gloo_cases, 2, root)
+    results = ranks(gloo_cases, 2, root)
     # The 2-rank checkpoint, loaded by a job of 1: its PER_RANK 'rng' has no copy for the new layout.
     path = os.path.join(root, "d", "world-2")
     results[0]["world-size change with a required PER_RANK component"] = _catch(
@@ -373,8 +376,8 @@ def gloo_outcome(tmp_path_factory):
 @pytest.mark.parametrize("name", list(GLOO_CASES))
 def test_bad_input_across_ranks(gloo_outcome, name):
     builtin, match = GLOO_CASES[name]
-    ranks = [r for r in gloo_outcome if name in r]
-    for kind, message, mro in (r[name] for r in ranks):
+    failed = [r for r in gloo_outcome if name in r]
+    for kind, message, mro in (r[name] for r in failed):
         assert builtin.__name__ in mro and "ForgeError" in mro, (kind, message)
         assert re.search(match, message, re.S), message
     assert gloo_outcome[0]["listed after the failed save"] == []

@@ -11,8 +11,6 @@ import pytest
 
 from tests.support.crash_harness import run_trials
 
-pytestmark = pytest.mark.dist
-
 TRIALS = 30
 ASYNC_TRIALS = 16
 
@@ -26,7 +24,7 @@ PROTOCOL_STEPS = [
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def report(kills, tmp_path_factory):
     return run_trials(TRIALS, world=2, seed=0, out_dir=str(tmp_path_factory.mktemp("crash")))
 
 
@@ -55,7 +53,7 @@ def test_all_kill_modes_ran(report):
     assert set(report.modes) == {"event-one", "event-all", "timer-one", "timer-all"}
 
 
-def test_async_saves_killed_mid_upload_expose_nothing_partial(tmp_path):
+def test_async_saves_killed_mid_upload_expose_nothing_partial(kills, tmp_path):
     report = run_trials(ASYNC_TRIALS, world=2, seed=1, out_dir=str(tmp_path), use_async=True)
     assert report.failures == []
     assert report.trials == ASYNC_TRIALS and report.killed_before_commit >= ASYNC_TRIALS // 2

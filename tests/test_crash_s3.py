@@ -16,8 +16,6 @@ from tests.support.crash_harness import run_trials
 
 from .conftest import S3_BUCKET, fresh_prefix, storage_options_for
 
-pytestmark = [pytest.mark.dist, pytest.mark.s3]
-
 SYNC_SWEEP = ("create_exclusive _COMMITTED", "remove _COMMITTED")
 SYNC_TRIALS = len(SYNC_SWEEP) + 4  # then event-one, event-all, timer-one, timer-all
 ASYNC_SWEEP = ("write data file", "create_exclusive _COMMITTED")
@@ -28,7 +26,7 @@ def run_dir(s3_server_info, request) -> tuple[str, dict]:
     return f"s3://{S3_BUCKET}/{fresh_prefix(request)}", storage_options_for(s3_server_info)
 
 
-def test_sync_saves_killed_on_s3_expose_nothing_partial(run_dir):
+def test_sync_saves_killed_on_s3_expose_nothing_partial(kills, run_dir):
     out, options = run_dir
     report = run_trials(SYNC_TRIALS, world=2, seed=3, mib=0.5, out_dir=out, storage_options=options,
                         sweep=SYNC_SWEEP)
@@ -41,7 +39,7 @@ def test_sync_saves_killed_on_s3_expose_nothing_partial(run_dir):
     assert report.killed_before_commit >= len(SYNC_SWEEP)
 
 
-def test_async_saves_killed_on_s3_expose_nothing_partial(run_dir):
+def test_async_saves_killed_on_s3_expose_nothing_partial(kills, run_dir):
     out, options = run_dir
     report = run_trials(len(ASYNC_SWEEP), world=2, seed=4, mib=0.5, out_dir=out, storage_options=options,
                         use_async=True, sweep=ASYNC_SWEEP)

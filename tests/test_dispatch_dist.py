@@ -8,7 +8,6 @@ import torch.distributed as dist
 
 from dcp_forge.trainers.data import MarkovTokenDataset, ReversalSFTDataset, make_dataloader
 from dcp_forge.trainers.dispatch import DataloaderDispatcher
-from tests.support.dist import run_ranks
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
 
@@ -126,9 +125,8 @@ def _dispatcher_worker(rank: int, world: int) -> None:
     _check_meshes(rank, world)
 
 
-@pytest.mark.dist
-def test_dispatcher_on_two_gloo_ranks():
-    run_ranks(_dispatcher_worker, 2)
+def test_dispatcher_on_two_gloo_ranks(ranks):
+    ranks(_dispatcher_worker, 2)
 
 
 def test_dispatcher_without_a_process_group_passes_batches_through():

@@ -12,9 +12,6 @@ import torch
 from dcp_forge import CheckpointCoordinator, SharingPattern, StateComponent, read_manifest
 from dcp_forge.core.placement import ChunkPolicy
 from dcp_forge.storage import join_url
-from tests.support.dist import run_ranks
-
-pytestmark = pytest.mark.dist
 
 SMALL_CHUNKS = ChunkPolicy(min_chunk_bytes=4096, chunks_per_holder=2)
 
@@ -92,11 +89,11 @@ def roundtrip_all_patterns(rank: int, world: int, root: str, storage_options: di
 
 
 @pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda w: f"world{w}")
-def outcome(request, tmp_path_factory):
+def outcome(ranks, request, tmp_path_factory):
     world = request.param
     root = str(tmp_path_factory.mktemp(f"patterns{world}"))
     per_node = 2 if world == 4 else 1  # world 4: 2 simulated nodes of 2 ranks; world 2: 2 nodes
-    return world, run_ranks(roundtrip_all_patterns, world, root, ranks_per_node=per_node)
+    return world, ranks(roundtrip_all_patterns, world, root, ranks_per_node=per_node)
 
 
 @pytest.mark.parametrize("pattern", list(SharingPattern), ids=lambda p: p.value)
@@ -149,8 +146,8 @@ def hazard(rank: int, world: int, root: str) -> dict:
     return {"plain": plain, "forge": (fresh.st["x"][0].item(), fresh.st["tag"])}
 
 
-def test_per_rank_values_under_one_key_come_back_to_their_own_rank(tmp_path):
-    results = run_ranks(hazard, 2, str(tmp_path))
+def test_per_rank_values_under_one_key_come_back_to_their_own_rank(ranks, tmp_path):
+    results = ranks(hazard, 2, str(tmp_path))
     assert [r["forge"] for r in results] == [(0.0, "r0"), (1.0, "r1")]
     # The hazard this guards against is real: plain DCP gives rank 1 a mixture of ranks' values.
     assert results[1]["plain"] != (1.0, "r1")

@@ -20,9 +20,6 @@ from dcp_forge.trainers.tiny_lm import (
     apply_tensor_parallel,
     split_into_stages,
 )
-from tests.support.dist import run_ranks
-
-pytestmark = pytest.mark.dist
 
 CONFIG = TinyLMConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2, max_seq_len=32)
 STEPS = 3
@@ -111,8 +108,8 @@ def _run_pipeline(rank: int, world: int, schedule_name: str, ref: dict) -> None:
     _assert_params_match(stage_module, ref["params"], f"{schedule_name} stage {rank}")
 
 
-def test_pipeline_schedules_gpipe_and_1f1b_run_on_gloo_and_match_one_process(reference):
-    run_ranks(_pipeline_worker, 2, reference)
+def test_pipeline_schedules_gpipe_and_1f1b_run_on_gloo_and_match_one_process(ranks, reference):
+    ranks(_pipeline_worker, 2, reference)
 
 
 # -- tensor parallel and FSDP2 on a 1-D mesh --------------------------------------------------------
@@ -140,8 +137,8 @@ def _tp_and_fsdp2_worker(rank: int, world: int, ref: dict) -> None:
     _assert_params_match(fsdp_model, ref["params"], "FSDP2")
 
 
-def test_tensor_parallel_and_fsdp2_run_on_gloo_and_match_one_process(reference):
-    run_ranks(_tp_and_fsdp2_worker, 2, reference)
+def test_tensor_parallel_and_fsdp2_run_on_gloo_and_match_one_process(ranks, reference):
+    ranks(_tp_and_fsdp2_worker, 2, reference)
 
 
 # -- DP×TP on a 2×2 mesh --------------------------------------------------------------------------
@@ -170,5 +167,5 @@ def _dp_tp_worker(rank: int, world: int, ref: dict) -> None:
     dist.barrier()
 
 
-def test_dp_x_tp_on_a_2x2_mesh_matches_one_process(reference):
-    run_ranks(_dp_tp_worker, 4, reference, timeout=180)
+def test_dp_x_tp_on_a_2x2_mesh_matches_one_process(ranks, reference):
+    ranks(_dp_tp_worker, 4, reference, timeout=180)

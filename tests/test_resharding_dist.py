@@ -39,10 +39,7 @@ from dcp_forge import (
     read_manifest,
 )
 from dcp_forge.statefuls import ModelState, OptimizerState
-from tests.support.dist import run_ranks
 from tests.support.tamper import data_files, flip_byte
-
-pytestmark = pytest.mark.dist
 
 KINDS = ("fsdp", "placed", "plain")
 WORLDS = (1, 2, 4)
@@ -322,17 +319,17 @@ def step_world2_again(rank: int, world: int, root: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def outcome(tmp_path_factory):
+def outcome(ranks, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("reshard"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         save_kinds(root)  # world 1, in this process
-    two = run_ranks(step_world2, 2, root, ranks_per_node=1)
-    four = run_ranks(step_world4, 4, root, ranks_per_node=2)
+    two = ranks(step_world2, 2, root, ranks_per_node=1)
+    four = ranks(step_world4, 4, root, ranks_per_node=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         one = {"loads": load_kinds(root, (1, 2, 4)), "policies": load_policies(root)}
-    two_again = run_ranks(step_world2_again, 2, root, ranks_per_node=1)
+    two_again = ranks(step_world2_again, 2, root, ranks_per_node=1)
     loads = {}
     for world, results in ((1, [one]), (2, two), (4, four), (2, two_again)):
         for rank, r in enumerate(results):

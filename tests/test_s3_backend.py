@@ -18,7 +18,6 @@ from dcp_forge.storage import arrow_io
 from dcp_forge.storage.registry import open_backend
 
 pytest.importorskip("s3fs")
-pytestmark = pytest.mark.s3
 
 # Above 2 x RANGE_BYTES (read as parallel ranges) and 2 x PART_BYTES (three parts, the last partial).
 BIG_ELEMENTS = (2 * max(arrow_io.RANGE_BYTES, arrow_io.PART_BYTES) + 3 * 2**20 + 12) // 4

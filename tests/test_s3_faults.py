@@ -45,7 +45,7 @@ from .conftest import S3_BUCKET, fresh_prefix, storage_options_for
 pytest.importorskip("s3fs")
 from botocore.retries.standard import ExponentialBackoff  # noqa: E402
 
-pytestmark = [pytest.mark.s3, pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 DATA_CLIENTS = ["arrow", "s3fs"]
 

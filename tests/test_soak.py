@@ -8,13 +8,11 @@ import pytest
 
 from tests.support.soak import KEEP, run, verdict
 
-pytestmark = pytest.mark.dist
-
 SAVES = 12
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory):
+def reports(rank_processes, tmp_path_factory):
     return run(("sync", "async"), saves=SAVES, mib=16, world=2, directory=str(tmp_path_factory.mktemp("soak")))
 
 

@@ -29,7 +29,6 @@ from dcp_forge import (
     read_manifest,
 )
 from dcp_forge.storage import CheckpointState, checkpoint_state, join_url, open_backend
-from tests.support.dist import run_ranks
 from tests.support.statefuls import Box
 
 from .conftest import S3_BUCKET, fresh_prefix, storage_options_for
@@ -37,7 +36,9 @@ from .test_dist_patterns import roundtrip_all_patterns
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-BACKENDS = ["local", "memory", "s3-seaweedfs", "s3-moto"]
+# The object stores are reached through fixtures chosen per parameter, so those parameters carry their tier.
+BACKENDS = ["local", "memory", pytest.param("s3-seaweedfs", marks=pytest.mark.s3),
+            pytest.param("s3-moto", marks=pytest.mark.s3)]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -199,10 +200,10 @@ def test_concurrent_savers_share_one_output_dir(store):
     assert same(load(store, join_url(url, "contended")), state(winners[0]))
 
 
-def test_every_pattern_on_four_ranks_against_s3(s3_server_info, request):
+def test_every_pattern_on_four_ranks_against_s3(ranks, s3_server_info, request):
     """Ranks share nothing but the bucket: 2 simulated nodes x 2 ranks, PER_GROUP on a 2x2 mesh."""
     url = f"s3://{S3_BUCKET}/{fresh_prefix(request)}"
-    results = run_ranks(roundtrip_all_patterns, 4, url, storage_options_for(s3_server_info), ranks_per_node=2)
+    results = ranks(roundtrip_all_patterns, 4, url, storage_options_for(s3_server_info), ranks_per_node=2)
     for pattern in SharingPattern:
         assert all(r[pattern.value]["ok"] for r in results), (pattern, [r[pattern.value] for r in results])
     assert results[0]["per_rank"]["copies"] == 4 and results[0]["per_node"]["copies"] == 2

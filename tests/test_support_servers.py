@@ -35,8 +35,6 @@ import botocore.config  # noqa: E402
 import botocore.exceptions  # noqa: E402
 import botocore.session  # noqa: E402
 
-pytestmark = pytest.mark.s3
-
 # The session's servers (tests/conftest.py): one SeaweedFS and one moto for every test module.
 BUCKET = S3_BUCKET
 REPO = Path(__file__).resolve().parents[1]
@@ -54,8 +52,8 @@ def moto(moto_server_info):
 
 
 @pytest.fixture(params=["seaweedfs", "moto"])
-def server(request):
-    return request.getfixturevalue("weed" if request.param == "seaweedfs" else "moto")
+def server(request, s3_server_info, moto_server_info):
+    return s3_server_info if request.param == "seaweedfs" else moto_server_info
 
 
 def client(endpoint_url, key, secret, *, attempts=1, unsigned=False):
@@ -172,8 +170,8 @@ def test_cli_start_status_stop_beside_a_running_server(tmp_path, weed):
     assert st.returncode == 1
 
 
-def test_identities_file_instead_of_environment_also_enforces_signatures(tmp_path):
-    with s3_server.running_server("seaweedfs", state_dir=tmp_path, credentials="config",
+def test_identities_file_instead_of_environment_also_enforces_signatures(s3_servers, tmp_path):
+    with s3_servers.running_server("seaweedfs", state_dir=tmp_path, credentials="config",
                                   stop_timeout=5) as info:
         assert oct(os.stat(tmp_path / "s3_identities.json").st_mode & 0o777) == "0o600"
         good = client(info.endpoint_url, info.access_key, info.secret_key)
@@ -185,13 +183,13 @@ def test_identities_file_instead_of_environment_also_enforces_signatures(tmp_pat
     assert not (tmp_path / "s3_identities.json").exists()
 
 
-def test_start_refuses_bad_arguments():
+def test_start_refuses_bad_arguments(s3_servers):
     with pytest.raises(ValueError, match="backend"):
-        s3_server.start_server("minio")
+        s3_servers.start_server("minio")
     with pytest.raises(ValueError, match="bucket names"):
-        s3_server.start_server("seaweedfs", buckets=["ab"])
+        s3_servers.start_server("seaweedfs", buckets=["ab"])
     with pytest.raises(ValueError, match="credentials"):
-        s3_server.start_server("moto", credentials="config")
+        s3_servers.start_server("moto", credentials="config")
 
 
 # ------------------------------------------------------------------------ conditional create

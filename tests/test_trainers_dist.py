@@ -20,9 +20,6 @@ import torch.distributed as dist
 from dcp_forge import read_manifest
 from dcp_forge.trainers.callbacks import DivergenceDetector
 from dcp_forge.trainers.run import TinyJob, build_trainer, local_tensors, run_job
-from tests.support.dist import run_ranks
-
-pytestmark = pytest.mark.dist
 
 WORLD = 4
 K, INTERRUPT, SAVE_STEPS = 8, 6, 4  # resumes from checkpoint-4: 4 steps after resume
@@ -102,10 +99,10 @@ def _resumed_runs(rank: int, world: int, root: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(ranks, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("trainers"))
-    first = run_ranks(_first_runs, WORLD, root, timeout=400)
-    resumed = run_ranks(_resumed_runs, WORLD, root, timeout=400)
+    first = ranks(_first_runs, WORLD, root, timeout=400)
+    resumed = ranks(_resumed_runs, WORLD, root, timeout=400)
     return first, resumed
 
 

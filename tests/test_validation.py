@@ -32,7 +32,6 @@ from dcp_forge.replication import (
     tensor_digests,
     value_digest,
 )
-from tests.support.dist import run_ranks
 from tests.support.statefuls import Box
 from tests.support.strategies import DTYPES
 
@@ -240,9 +239,9 @@ def validation_scenarios(rank: int, world: int, root: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def outcome(tmp_path_factory):
+def outcome(ranks, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("validation"))
-    return run_ranks(validation_scenarios, 4, root, ranks_per_node=2)
+    return ranks(validation_scenarios, 4, root, ranks_per_node=2)
 
 
 def test_consistent_state_passes_every_level(outcome):

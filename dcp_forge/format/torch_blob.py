@@ -35,16 +35,10 @@ from typing import Any
 import torch
 import torch.serialization
 
+from .._torch_compat import save_tensor_without_crc
 from ..core.tensors import dtype_named
 
 # --- writing -------------------------------------------------------------------------------------
-
-
-def _private_save_available() -> bool:
-    return callable(getattr(torch.serialization, "_save", None)) and hasattr(torch._C, "PyTorchFileWriter")
-
-
-_FAST_SAVE = _private_save_available()
 
 
 class _FirstErrorOnly:
@@ -77,13 +71,7 @@ def save_tensor(tensor: torch.Tensor, stream: Any) -> None:
     """``torch.save(tensor, stream)`` without the CRC-32 pass (falls back to torch.save if torch's
     private writer entry points change). A failing ``stream`` raises its error (see _FirstErrorOnly)."""
     guarded = _FirstErrorOnly(stream)
-    if not _FAST_SAVE:
-        torch.save(tensor, guarded)
-    else:
-        writer = torch._C.PyTorchFileWriter(guarded, False, torch.serialization._get_storage_alignment())
-        torch.serialization._save(tensor, writer, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
-        writer.write_end_of_file()
-        del writer  # its destructor may still write: into the guard
+    save_tensor_without_crc(tensor, guarded)
     if guarded.error is not None:
         raise guarded.error
     stream.flush()

@@ -1,7 +1,7 @@
 """Converting checkpoints: dcp_forge (or plain DCP) → one ``torch.save`` file or safetensors, and a
 ``torch.save`` file → dcp_forge.
 
-Reading a whole checkpoint reuses DCP's ``format_utils`` route (``_EmptyStateDictLoadPlanner``
+Reading a whole checkpoint follows DCP's ``format_utils`` route (``EmptyStateDictLoadPlanner``
 rebuilds the nested state dict from the metadata) with dcp_forge's reader, so every item's checksum
 is verified, and with non-tensor values unpickled by the restricted loader (DCP's planner would run
 ``torch.load(weights_only=False)`` on them). The top-level keys are storage keys (docs/FORMAT.md):
@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
 
+from .._torch_compat import EmptyStateDictLoadPlanner, set_element
 from ..core.patterns import SharingPattern
 from ..errors import ComponentDeclarationError, first_rank_failure
 from ..format.safe_load import UnsafeCheckpointError, load_object
@@ -33,7 +32,7 @@ FORMATS = ("torch", "safetensors", "dcp_forge")
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 
-class _SafeEmptyStateDictLoadPlanner(_EmptyStateDictLoadPlanner):
+class _SafeEmptyStateDictLoadPlanner(EmptyStateDictLoadPlanner):
     """DCP's rebuild-everything planner, with non-tensor values unpickled safely."""
 
     unpickles_safely = True  # the reader need not vet bytes items a second time

@@ -25,11 +25,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_local_load_plan
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 
+from .._torch_compat import set_element
 from ..core.components import ComponentLayout, LayoutSpec, layouts_from
 from ..core.keys import match_keys, top_level_key
 from ..core.topology import Topology

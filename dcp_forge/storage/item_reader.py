@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 import xxhash
-from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlanner, ReadItem
 
 from ..core.keys import top_level_key
+from ..core.tensors import narrow_box
 from ..errors import IntegrityError
 from ..format.index import ItemRecord
 from ..format.safe_load import load_object
@@ -268,7 +268,7 @@ def load_stored_item(handle: InputFile, read: StoredRead, planner: LoadPlanner, 
         check(read, xxhash.xxh3_64_hexdigest(_byte_view(buffer)))
     stored = stored_tensor(buffer)
     for item, target in zip(read.items, targets, strict=True):
-        source = narrow_tensor_by_index(stored, item.storage_offsets, item.lengths)
+        source = narrow_box(stored, item.storage_offsets, item.lengths)
         if target.size() != source.size():
             raise IntegrityError(
                 f"stored chunk of {top_level_key(item.storage_index.fqn)!r} ({item.storage_index.fqn}) "

@@ -25,12 +25,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import xxhash
-from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
+from .._torch_compat import StorageInfo
 from ..core.components import ComponentLayout
 from ..core.keys import top_level_key
 from ..core.placement import item_bytes
@@ -243,7 +243,7 @@ class ForgeStorageWriter(StorageWriter):
         topology = self._topology or Topology(rank=0, world_size=max(1, len(results)))
         records = item_records(metadata, results, self._layouts)
         metadata.storage_data = {
-            r.index: _StorageInfo(r.storage_data.relative_path, r.storage_data.offset, r.storage_data.length)
+            r.index: StorageInfo(r.storage_data.relative_path, r.storage_data.offset, r.storage_data.length)
             for rank_results in results for r in rank_results
         }
         index_bytes = encode_index(records)

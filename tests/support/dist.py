@@ -26,12 +26,15 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from tests.support import tiers
+
 # What the fork server imports before forking ranks: the heavy, side-effect-free imports every rank needs.
 _PRELOAD = ["torch", "torch.distributed", "torch.distributed.checkpoint", "dcp_forge"]
 
 
 def rank_context():
     """The multiprocessing context ranks are started from (a fork server with torch preloaded)."""
+    tiers.require("dist", "starts rank processes")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)  # only read when the server starts, once per test session
     return ctx

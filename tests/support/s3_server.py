@@ -378,6 +378,9 @@ def start_server(
     ``extra_args`` go to ``weed mini`` (e.g. ``-filer.maxMB=16``). A port stolen between picking
     and binding makes the process exit; we then retry with new ports.
     """
+    from tests.support import tiers  # here, not at the top: the moto child runs this file as a script
+
+    tiers.require("s3", "starts an S3 server")
     if backend not in BACKENDS:
         raise ValueError(f"'backend' must be one of {BACKENDS} (got {backend!r})")
     if credentials not in ("env", "config") or (credentials == "config" and backend != "seaweedfs"):

@@ -11,10 +11,9 @@ import torch
 from hypothesis import strategies as st
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadPlan
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from dcp_forge._torch_compat import local_shard_shape, simulated_device_mesh
 from dcp_forge.core.components import ComponentLayout, StateComponent
 from dcp_forge.core.patterns import SharingPattern
 from dcp_forge.core.placement import ChunkPolicy
@@ -121,12 +120,10 @@ def save_plans(states: list[dict], layouts: dict[str, ComponentLayout], topology
 def dtensor_on_rank(shape: tuple[int, ...], dtype: torch.dtype, mesh_shape: tuple[int, ...], rank: int,
                     placements: tuple) -> DTensor:
     """The real DTensor rank ``rank`` of a ``mesh_shape`` mesh holds under ``placements``, built in
-    one process: the DeviceMesh has no process group behind it (DeviceMesh's ``_init_backend=False,
-    _rank=``), which planning never needs. Uneven and empty shards, Replicate and nested Shard come
+    one process: the DeviceMesh has no process group behind it, which planning never needs. Uneven and empty shards, Replicate and nested Shard come
     out exactly as on a real job, through DTensor's own checkpoint protocol."""
-    mesh = DeviceMesh("cpu", torch.arange(math.prod(mesh_shape)).reshape(mesh_shape), _init_backend=False,
-                      _rank=rank)
-    sizes, _ = compute_local_shape_and_global_offset(shape, mesh, placements)
+    mesh = simulated_device_mesh(mesh_shape, rank)
+    sizes = local_shard_shape(shape, mesh, placements)
     stride = tuple(math.prod(shape[d + 1:]) for d in range(len(shape)))
     return DTensor.from_local(torch.zeros(sizes, dtype=dtype), mesh, placements, run_check=False,
                               shape=torch.Size(shape), stride=stride)

@@ -1,0 +1,272 @@
+"""Every private torch API dcp_forge uses, in one place.
+
+torch promises nothing about names that start with ``_``. Each one dcp_forge relies on is imported
+here and nowhere else, with a fallback of our own for when a torch release moves, renames or
+re-signs it: the fallback does the same job through public APIs (or by hand), at worst more slowly.
+``tests/test_torch_compat.py`` checks every name below against the installed torch, so an upgrade
+that changed one fails that test loudly instead of silently taking a fallback.
+
+The on-storage contract depends on one of them more tightly: ``.metadata`` pickles DCP's
+``_StorageInfo`` by its import path, so plain DCP readers find each item. Its fallback keeps the
+same fields; a torch that dropped the class would need a compatibility shim in DCP itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import pickle
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.serialization
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+# The torch release the private names below were checked against (tests/test_torch_compat.py).
+CHECKED_TORCH = "2.13"
+
+ObjectPath = tuple[str | int, ...]
+
+
+# --- nested state dicts ---------------------------------------------------------------------------
+def _set_element_by_hand(root: dict[str, Any], path: ObjectPath, value: Any) -> None:
+    """DCP's ``_traverse.set_element``: walk ``path`` creating dicts (str keys) and lists (int keys)."""
+    container: Any = root
+    for here, after in itertools.pairwise(path):
+        default: Any = {} if type(after) is str else []
+        if isinstance(container, Mapping):
+            container = container.setdefault(here, default)
+        else:
+            container.extend([None] * (here + 1 - len(container)))
+            if container[here] is None:
+                container[here] = default
+            container = container[here]
+    last = path[-1]
+    if type(last) is int:
+        container.extend([None] * (last + 1 - len(container)))
+    container[last] = value
+
+
+try:
+    from torch.distributed.checkpoint._traverse import set_element as _torch_set_element
+except ImportError:  # pragma: no cover - depends on the torch release
+    _torch_set_element = None
+
+
+def set_element(root: dict[str, Any], path: ObjectPath, value: Any) -> None:
+    """Put ``value`` into the nested ``root`` at DCP's object ``path`` (``Metadata.planner_data``)."""
+    if _torch_set_element is not None:
+        try:
+            _torch_set_element(root, path, value)
+            return
+        except TypeError:  # pragma: no cover - a changed signature: do it by hand
+            pass
+    _set_element_by_hand(root, path, value)
+
+
+def _flatten_by_hand(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, ObjectPath]]:
+    """DCP's flattening (``_traverse.traverse_state_dict``): mappings are walked with their keys as
+    strings, lists only when they hold tensors or containers that do; empty mappings vanish."""
+    flat: dict[str, Any] = {}
+    paths: dict[str, ObjectPath] = {}
+
+    def terminal(value: Any) -> bool:
+        if isinstance(value, Mapping):
+            return False
+        if not isinstance(value, list):
+            return True
+        return not any(isinstance(e, torch.Tensor) or (isinstance(e, (Mapping, list)) and not terminal(e))
+                       for e in value)
+
+    def walk(path: ObjectPath, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for key, inner in value.items():
+                walk((*path, str(key)), inner)
+        elif terminal(value):
+            key = ".".join(map(str, path))
+            flat[key] = value
+            paths[key] = path
+        else:
+            for i, inner in enumerate(value):
+                walk((*path, i), inner)
+
+    for key, value in state_dict.items():
+        walk((str(key),), value)
+    return flat, paths
+
+
+try:
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict as _torch_flatten
+except ImportError:  # pragma: no cover - depends on the torch release
+    _torch_flatten = None
+
+
+def flatten_state_dict(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, ObjectPath]]:
+    """``(flat, paths)``: the state dict with dotted keys as DCP flattens it, and each key's path."""
+    if _torch_flatten is not None:
+        try:
+            return _torch_flatten(dict(state_dict))
+        except TypeError:  # pragma: no cover - a changed signature: do it by hand
+            pass
+    return _flatten_by_hand(state_dict)
+
+
+def _leaves_by_hand(tree: Any) -> list[Any]:
+    if isinstance(tree, Mapping):
+        return [leaf for value in tree.values() for leaf in _leaves_by_hand(value)]
+    if isinstance(tree, (list, tuple)):
+        return [leaf for value in tree for leaf in _leaves_by_hand(value)]
+    return [tree]
+
+
+try:
+    from torch.utils._pytree import tree_leaves as _torch_tree_leaves
+except ImportError:  # pragma: no cover - depends on the torch release
+    _torch_tree_leaves = None
+
+
+def tree_leaves(tree: Any) -> list[Any]:
+    """The leaves of nested dicts, lists and tuples (torch's pytree, which knows more containers)."""
+    if _torch_tree_leaves is not None:
+        try:
+            return _torch_tree_leaves(tree)
+        except TypeError:  # pragma: no cover - a changed signature: do it by hand
+            pass
+    return _leaves_by_hand(tree)
+
+
+# --- DCP's metadata and planners -----------------------------------------------------------------
+try:
+    from torch.distributed.checkpoint.filesystem import _StorageInfo as StorageInfo
+except ImportError:  # pragma: no cover - depends on the torch release
+    @dataclasses.dataclass
+    class StorageInfo:  # type: ignore[no-redef]
+        """Where one stored item is: DCP's ``_StorageInfo`` fields."""
+
+        relative_path: str
+        offset: int
+        length: int
+
+
+class EmptyStateDictLoadPlanner(DefaultLoadPlanner):
+    """DCP's ``format_utils._EmptyStateDictLoadPlanner``, by hand: a load planner that rebuilds the
+    whole nested state dict from the checkpoint's metadata (new tensors, placeholders for values),
+    for reading a checkpoint without any model (conversion, export)."""
+
+    def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None,
+                       is_coordinator: bool = False) -> None:
+        if state_dict:
+            raise ValueError("EmptyStateDictLoadPlanner builds the state dict itself: pass an empty one")
+        if metadata is None:
+            raise ValueError("EmptyStateDictLoadPlanner needs the checkpoint's metadata")
+        paths = metadata.planner_data or {}
+        for fqn, item in metadata.state_dict_metadata.items():
+            value: Any = torch.empty(item.size, dtype=item.properties.dtype) if isinstance(
+                item, TensorStorageMetadata) else item
+            if fqn in paths:
+                set_element(state_dict, paths[fqn], value)
+            else:
+                state_dict[fqn] = value
+        super().set_up_planner(state_dict, metadata, is_coordinator)
+
+
+def fsspec_reader_class() -> type:
+    """DCP's fsspec ``StorageReader`` (the benchmarks compare against it; not re-exported publicly)."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    return FsspecReader
+
+
+# --- DTensor layouts ------------------------------------------------------------------------------
+def _local_shape_by_hand(shape: tuple[int, ...], mesh: Any, placements: Any) -> tuple[int, ...]:
+    """This rank's shard shape under ``Shard(d)`` / ``Replicate()`` placements (torch.chunk sizes)."""
+    sizes = list(shape)
+    coordinate = mesh.get_coordinate()
+    for mesh_dim, placement in enumerate(placements):
+        dim = getattr(placement, "dim", None)
+        if dim is None:
+            continue
+        parts = mesh.size(mesh_dim)
+        chunk = -(-sizes[dim] // parts)
+        start = min(coordinate[mesh_dim] * chunk, sizes[dim])
+        sizes[dim] = max(0, min(chunk, sizes[dim] - start))
+    return tuple(sizes)
+
+
+try:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset as _torch_local_shape
+except ImportError:  # pragma: no cover - depends on the torch release
+    _torch_local_shape = None
+
+
+def simulated_device_mesh(mesh_shape: tuple[int, ...], rank: int) -> Any:
+    """A CPU ``DeviceMesh`` as rank ``rank`` of a job would see it, with no process group behind it
+    (``_init_backend=False, _rank=``): planning tests simulate many ranks in one process with it."""
+    import math
+
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return DeviceMesh("cpu", torch.arange(math.prod(mesh_shape)).reshape(mesh_shape), _init_backend=False,
+                      _rank=rank)
+
+
+def local_shard_shape(shape: tuple[int, ...], mesh: Any, placements: Any) -> tuple[int, ...]:
+    """The shape of this rank's local shard of a DTensor of global ``shape``."""
+    if _torch_local_shape is not None:
+        try:
+            return tuple(_torch_local_shape(shape, mesh, placements)[0])
+        except TypeError:  # pragma: no cover - a changed signature: do it by hand
+            pass
+    return _local_shape_by_hand(tuple(shape), mesh, placements)
+
+
+# --- torch.save without its CRC pass -------------------------------------------------------------
+def _zip_writer_without_crc() -> Callable[[torch.Tensor, Any], None] | None:
+    """torch.save's own zip writer with ``compute_crc32=False`` for one call, if this torch has the
+    private entry points (``PyTorchFileWriter(buffer, compute_crc32, alignment)`` and ``_save``)."""
+    writer_class = getattr(torch._C, "PyTorchFileWriter", None)
+    save = getattr(torch.serialization, "_save", None)
+    alignment = getattr(torch.serialization, "_get_storage_alignment", None)
+    if writer_class is None or save is None or alignment is None:
+        return None
+
+    def write(tensor: torch.Tensor, stream: Any) -> None:
+        writer = writer_class(stream, False, alignment())
+        save(tensor, writer, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
+        writer.write_end_of_file()
+        del writer  # its destructor may still write
+
+    return write
+
+
+_write_without_crc = _zip_writer_without_crc()
+
+
+class _CountingStream:
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.written = 0
+
+    def write(self, data: Any) -> int:
+        self.written += memoryview(data).nbytes
+        return self.stream.write(data)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def save_tensor_without_crc(tensor: torch.Tensor, stream: Any) -> None:
+    """``torch.save(tensor, stream)``, skipping the CRC-32 torch computes over every byte when this
+    torch lets us (the zip's CRC fields are then 0, which ``torch.load`` never checks); else plain
+    ``torch.save``."""
+    if _write_without_crc is not None:
+        counted = _CountingStream(stream)
+        try:
+            _write_without_crc(tensor, counted)
+            return
+        except TypeError:  # a changed signature fails before writing; anything else is a real error
+            if counted.written:
+                raise
+    torch.save(tensor, stream)

@@ -1,0 +1,106 @@
+"""The private torch APIs dcp_forge uses (dcp_forge/_torch_compat.py) exist with the signatures it calls
+them with, and every by-hand fallback does what the torch version does.
+
+When a torch upgrade fails a test here, read the new torch's code for that name and update
+_torch_compat.py (the fallback keeps dcp_forge working meanwhile, possibly slower).
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.tensor import Replicate, Shard
+
+from dcp_forge import _torch_compat as compat
+
+
+def test_this_torch_is_the_release_the_private_names_were_checked_against():
+    assert torch.__version__.startswith(compat.CHECKED_TORCH), (
+        f"torch {torch.__version__}: re-check every name in dcp_forge/_torch_compat.py, then update CHECKED_TORCH")
+
+
+@pytest.mark.parametrize("module, name, parameters", [
+    ("torch.distributed.checkpoint._traverse", "set_element", ["root_dict", "path", "value"]),
+    ("torch.distributed.checkpoint._nested_dict", "flatten_state_dict", ["state_dict"]),
+    ("torch.utils._pytree", "tree_leaves", ["tree", "is_leaf"]),
+    ("torch.serialization", "_save", ["obj", "zip_file", "pickle_module", "pickle_protocol",
+                                      "_disable_byteorder_record"]),
+    ("torch.serialization", "_get_storage_alignment", []),
+    ("torch.distributed.tensor._utils", "compute_local_shape_and_global_offset", ["global_shape", "mesh", "placements"]),
+])
+def test_private_functions_exist_with_the_signatures_we_call(module, name, parameters):
+    function = getattr(__import__(module, fromlist=[name]), name)
+    assert list(inspect.signature(function).parameters)[:len(parameters)] == parameters
+
+
+def test_private_classes_exist_as_we_use_them():
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    assert compat.StorageInfo is _StorageInfo
+    assert list(_StorageInfo.__dataclass_fields__)[:3] == ["relative_path", "offset", "length"]
+    assert compat.fsspec_reader_class() is FsspecReader
+    assert "compute_crc32" in torch._C.PyTorchFileWriter.__init__.__doc__
+    assert compat._write_without_crc is not None, "torch's zip writer entry points changed: saves now run the CRC"
+    assert "_init_backend" in inspect.signature(torch.distributed.device_mesh.DeviceMesh.__init__).parameters
+
+
+def _nested():
+    return {"model": {"w": torch.arange(3.0), "blocks": [torch.ones(2), {"b": torch.zeros(1)}]},
+            "step": 7, "empty": {}, "names": ["a", "b"]}
+
+
+def test_flattening_by_hand_matches_dcp():
+    assert compat._flatten_by_hand(_nested())[1] == compat.flatten_state_dict(_nested())[1]
+
+
+def test_set_element_by_hand_matches_dcp():
+    _, paths = compat.flatten_state_dict(_nested())
+    ours, theirs = {}, {}
+    for key, path in paths.items():
+        compat._set_element_by_hand(ours, path, key)
+        compat.set_element(theirs, path, key)
+    assert ours == theirs
+
+
+def test_tree_leaves_by_hand_matches_torch():
+    tree = {"a": [1, (2, 3)], "b": {"c": torch.ones(1)}}
+    assert [id(x) for x in compat._leaves_by_hand(tree)] == [id(x) for x in compat.tree_leaves(tree)]
+
+
+def test_local_shard_shape_by_hand_matches_dtensor():
+    for mesh_shape, placements, rank in [((4,), (Shard(0),), 3), ((2, 2), (Shard(0), Shard(1)), 1),
+                                         ((2, 2), (Shard(0), Shard(0)), 3), ((3,), (Replicate(),), 2),
+                                         ((4,), (Shard(0),), 3)]:
+        mesh = compat.simulated_device_mesh(mesh_shape, rank)
+        for shape in [(10, 7), (3, 5), (1, 1)]:
+            expected = compat.local_shard_shape(shape, mesh, placements)
+            assert compat._local_shape_by_hand(shape, mesh, placements) == expected, (shape, placements, rank)
+
+
+def test_crc_free_blob_loads_like_a_torch_save(tmp_path):
+    tensor = torch.randn(4, 5)
+    ours, theirs = io.BytesIO(), io.BytesIO()
+    compat.save_tensor_without_crc(tensor, ours)
+    torch.save(tensor, theirs)
+    assert len(ours.getvalue()) == len(theirs.getvalue())
+    assert torch.equal(torch.load(io.BytesIO(ours.getvalue()), weights_only=True), tensor)
+
+
+def test_empty_state_dict_planner_rebuilds_what_dcp_format_utils_does(tmp_path):
+    import warnings
+
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    warnings.simplefilter("ignore")
+    dcp.save(_nested(), checkpoint_id=str(tmp_path), no_dist=True)
+    ours, theirs = compat.EmptyStateDictLoadPlanner(), _EmptyStateDictLoadPlanner()
+    for planner in (ours, theirs):
+        dcp.load({}, checkpoint_id=str(tmp_path), planner=planner, no_dist=True)
+    mine, torchs = (compat.flatten_state_dict(p.original_state_dict)[0] for p in (ours, theirs))
+    assert mine.keys() == torchs.keys() == compat.flatten_state_dict(_nested())[0].keys()
+    for key, value in mine.items():
+        assert torch.equal(value, torchs[key]) if isinstance(value, torch.Tensor) else value == torchs[key]
