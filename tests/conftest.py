@@ -24,16 +24,13 @@ Nothing is mocked: a test that uses these fixtures talks SigV4-signed HTTP to a 
 
 from __future__ import annotations
 
-import re
-import uuid
 from collections.abc import Iterator
 
 import pytest
 import torch
 
 from tests.support import tiers
-
-S3_BUCKET = "forge-test"
+from tests.support.object_store import S3_BUCKET, fresh_prefix, storage_options_for
 
 TIER_FIXTURES = {
     "dist": {"ranks", "rank_processes", "kills"},
@@ -55,10 +52,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    tiers.allowed = frozenset(m.name for m in item.iter_markers() if m.name in TIERS)
-
-
-def pytest_runtest_teardown(item: pytest.Item) -> None:
     tiers.allowed = frozenset(m.name for m in item.iter_markers() if m.name in TIERS)
 
 
@@ -96,8 +89,8 @@ def s3_servers():
 
 @pytest.fixture
 def one_thread():
-    """Tiny models run fastest on one thread; more only adds synchronisation, which a busy machine
-    turns into long stalls (a TinyLM step: ~5 ms on one thread, 150-600 ms on two of a loaded 2-core VM)."""
+    """Tiny models run fastest on one thread: more threads only add synchronisation, which a busy
+    machine turns into long stalls."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -129,16 +122,6 @@ def moto_server_info() -> Iterator:
         yield info
 
 
-def storage_options_for(info) -> dict:
-    """fsspec/s3fs ``storage_options`` reaching a server started by ``tests/support/s3_server.py``.
-
-    The region goes into botocore's config (``config_kwargs``): in ``client_kwargs`` s3fs would also
-    send it as CreateBucket's LocationConstraint, which moto and AWS refuse for us-east-1.
-    """
-    return {"key": info.access_key, "secret": info.secret_key, "endpoint_url": info.endpoint_url,
-            "config_kwargs": {"region_name": info.region}}
-
-
 @pytest.fixture(scope="session")
 def s3_storage_options(s3_server_info) -> dict:
     return storage_options_for(s3_server_info)
@@ -148,12 +131,6 @@ def s3_storage_options(s3_server_info) -> dict:
 def s3_env(s3_server_info) -> dict[str, str]:
     """AWS_* variables (keys, region, endpoint) for a subprocess that should reach the test server."""
     return s3_server_info.client_env()
-
-
-def fresh_prefix(request: pytest.FixtureRequest) -> str:
-    """A new key prefix named after the test (readable in server listings, unique per call)."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)[:60].strip("-")
-    return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture

@@ -20,8 +20,7 @@ from dcp_forge import (
 )
 from dcp_forge.core.placement import ChunkPolicy
 from tests.support.statefuls import Box
-
-from .test_async_save import assert_same, empty_like_state, mutate_in_place, snapshot, tricky_state
+from tests.support.states import assert_same, empty_like_state, mutate_in_place, snapshot, tricky_state
 
 SMALL_CHUNKS = ChunkPolicy(min_chunk_bytes=4096, chunks_per_holder=2)
 

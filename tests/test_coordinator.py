@@ -25,19 +25,9 @@ from dcp_forge import (
 )
 from dcp_forge.planners import ForgeLoadPlanner, ForgeSavePlanner
 from dcp_forge.storage import open_reader, open_writer
+from tests.support.statefuls import Counter
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-class Counter:
-    def __init__(self, step=0):
-        self.step = step
-
-    def state_dict(self):
-        return {"step": self.step}
-
-    def load_state_dict(self, sd):
-        self.step = sd["step"]
 
 
 def trained(seed=0):

@@ -13,8 +13,7 @@ from __future__ import annotations
 import pytest
 
 from tests.support.crash_harness import run_trials
-
-from .conftest import S3_BUCKET, fresh_prefix, storage_options_for
+from tests.support.object_store import S3_BUCKET, fresh_prefix, storage_options_for
 
 SYNC_SWEEP = ("create_exclusive _COMMITTED", "remove _COMMITTED")
 SYNC_TRIALS = len(SYNC_SWEEP) + 4  # then event-one, event-all, timer-one, timer-all

@@ -10,8 +10,7 @@ import torch
 
 from dcp_forge import CheckpointCoordinator, MissingComponentError, StateComponent, read_manifest
 from dcp_forge.statefuls import ModelState, OptimizerState
-
-from .test_coordinator import Counter
+from tests.support.statefuls import Counter
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -10,18 +10,11 @@ from dcp_forge.core.resharding import assign_copies, layout_changed
 from dcp_forge.core.topology_policy import PolicyKind, TopologyPolicy
 from dcp_forge.errors import MissingComponentError, UnexpectedComponentError
 from dcp_forge.loading import LoadSelection, decide_loads
-
-
-class Box:
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
+from tests.support.statefuls import Box
 
 
 def saved_keys(component: str, pattern: str, topology: Topology, group: str | None = None) -> set[str]:
-    c = StateComponent(component, Box(), pattern, process_group_name=group, required=False)
+    c = StateComponent(component, Box({}), pattern, process_group_name=group, required=False)
     return {storage_key(c.key, c.sharing_pattern, topology, group, rank=r) for r in range(topology.world_size)}
 
 
@@ -32,14 +25,14 @@ FOUR = Topology.uniform(0, 4, ranks_per_node=2, groups={"dp": [[0, 1], [2, 3]]})
 @pytest.mark.parametrize(("value", "kind"), [("error", PolicyKind.ERROR), ("RANK0", PolicyKind.RANK0),
                                              ("skip", PolicyKind.SKIP), (lambda r, s, c: 0, PolicyKind.REMAP)])
 def test_policy_spellings(value, kind):
-    component = StateComponent("c", Box(), "per_rank", required=False, on_topology_change=value)
+    component = StateComponent("c", Box({}), "per_rank", required=False, on_topology_change=value)
     assert component.topology_policy.kind is kind
     assert component.declaration[-1] == component.topology_policy.name
 
 
 def test_defaults_are_error_for_required_and_skip_for_optional():
-    assert StateComponent("a", Box(), "per_rank").topology_policy.kind is PolicyKind.ERROR
-    assert StateComponent("a", Box(), "per_rank", required=False).topology_policy.kind is PolicyKind.SKIP
+    assert StateComponent("a", Box({}), "per_rank").topology_policy.kind is PolicyKind.ERROR
+    assert StateComponent("a", Box({}), "per_rank", required=False).topology_policy.kind is PolicyKind.SKIP
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -52,7 +45,7 @@ def test_defaults_are_error_for_required_and_skip_for_optional():
 ])
 def test_bad_policies_are_rejected_when_declared(kwargs, message):
     with pytest.raises(ComponentDeclarationError, match=message):
-        StateComponent("c", Box(), **kwargs)
+        StateComponent("c", Box({}), **kwargs)
 
 
 def test_reseed_needs_a_reseedable_stateful():
@@ -75,7 +68,7 @@ def test_layout_changes_per_pattern():
 
 def test_error_policy_message_names_component_and_both_topologies():
     with pytest.raises(TopologyChangeError) as info:
-        assign_copies(StateComponent("sampler", Box(), "per_group", process_group_name="dp"), TWO, FOUR)
+        assign_copies(StateComponent("sampler", Box({}), "per_group", process_group_name="dp"), TWO, FOUR)
     text = str(info.value)
     assert "PER_GROUP component 'sampler'" in text
     assert "world_size=2, nodes=2, dp=[[0, 1]]" in text and "world_size=4, nodes=2, dp=[[0, 1], [2, 3]]" in text
@@ -83,16 +76,16 @@ def test_error_policy_message_names_component_and_both_topologies():
 
 
 def test_rank0_node_and_group_copies():
-    node = assign_copies(StateComponent("cache", Box(), "per_node", on_topology_change="rank0"), TWO, FOUR)
+    node = assign_copies(StateComponent("cache", Box({}), "per_node", on_topology_change="rank0"), TWO, FOUR)
     assert node.storage_keys == ("cache@node0",) * 4 and node.sources == (0,) * 4
-    group = assign_copies(StateComponent("s", Box(), "per_group", process_group_name="dp",
+    group = assign_copies(StateComponent("s", Box({}), "per_group", process_group_name="dp",
                                          on_topology_change="rank0"), FOUR, TWO)
     assert group.storage_keys == ("s@dp[0-1]",) * 2
     assert "every rank loads the copy saved rank 0 held (s@dp[0-1])" in group.log_line()
 
 
 def test_remap_result_is_checked():
-    bad = StateComponent("c", Box(), "per_rank", on_topology_change=lambda r, s, c: r)  # 2..3 do not exist
+    bad = StateComponent("c", Box({}), "per_rank", on_topology_change=lambda r, s, c: r)  # 2..3 do not exist
     with pytest.raises(TopologyChangeError, match=r"returned 2 that is a <int> for new rank 2; expected a saved rank "
                                                   r"in \[0, 2\) or None"):
         assign_copies(bad, TWO, FOUR)
@@ -103,24 +96,24 @@ def test_remap_none_keeps_fresh_state_for_optional_and_raises_for_required():
         return None if new_rank % 2 else new_rank // 2
 
     keys = saved_keys("c", "per_rank", TWO)
-    optional = StateComponent("c", Box(), "per_rank", required=False, on_topology_change=even_only)
+    optional = StateComponent("c", Box({}), "per_rank", required=False, on_topology_change=even_only)
     decisions = [decide_loads([optional], keys, TWO, FOUR.with_rank(r), strict=True, path="p") for r in range(4)]
     assert [dict(d.key_map).get("c") for d in decisions] == ["c@rank0", None, "c@rank1", None]
     assert "keeps its fresh state on rank 1" in decisions[1].not_loaded["c"]
-    required = StateComponent("c", Box(), "per_rank", on_topology_change=even_only)
+    required = StateComponent("c", Box({}), "per_rank", on_topology_change=even_only)
     with pytest.raises(MissingComponentError, match="'c' is required but its policy remap"):
         decide_loads([required], keys, TWO, FOUR.with_rank(1), strict=True, path="p")
 
 
 def test_unchanged_topology_loads_own_copy_whatever_the_policy():
     keys = saved_keys("c", "per_rank", FOUR)
-    c = StateComponent("c", Box(), "per_rank", on_topology_change="rank0")
+    c = StateComponent("c", Box({}), "per_rank", on_topology_change="rank0")
     decision = decide_loads([c], keys, FOUR, FOUR.with_rank(3), strict=True, path="p")
     assert decision.key_map == {"c": "c@rank3"} and not decision.changes
 
 
 def test_global_components_report_a_world_size_change():
-    decision = decide_loads([StateComponent("model", Box(), "global")], {"model"}, TWO, FOUR, strict=True, path="p")
+    decision = decide_loads([StateComponent("model", Box({}), "global")], {"model"}, TWO, FOUR, strict=True, path="p")
     assert decision.key_map == {"model": "model"}
     assert "loaded on every rank (DTensor shards reshard" in decision.changes["model"].log_line()
 
@@ -135,7 +128,7 @@ def test_selection_validates_names_and_ignores_unselected():
         LoadSelection.build(declared, ["model"], {"optimizer": ["state.*"]})
     with pytest.raises(ComponentDeclarationError, match="list of glob patterns"):
         LoadSelection.build(declared, None, {"model": "layers.*"})
-    comps = [StateComponent("model", Box(), "global"), StateComponent("optimizer", Box(), "global")]
+    comps = [StateComponent("model", Box({}), "global"), StateComponent("optimizer", Box({}), "global")]
     selection = LoadSelection.build(declared, ["model"], None)
     # The checkpoint also has a component nobody declared: with an explicit selection that is no error.
     decision = decide_loads(comps, {"model", "optimizer", "extra"}, None, Topology.single(), strict=True,

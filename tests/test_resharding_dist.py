@@ -39,6 +39,7 @@ from dcp_forge import (
     read_manifest,
 )
 from dcp_forge.statefuls import ModelState, OptimizerState
+from tests.support.statefuls import Box
 from tests.support.tamper import data_files, flip_byte
 
 KINDS = ("fsdp", "placed", "plain")
@@ -163,15 +164,8 @@ def even_ranks_only(new_rank, saved, current):
     return None if new_rank % 2 else 0
 
 
-class Box:
-    def __init__(self, value):
-        self.value = value
-
-    def state_dict(self):
-        return {"value": self.value}
-
-    def load_state_dict(self, state):
-        self.value = state["value"]
+def boxed(value) -> Box:
+    return Box({"value": value})
 
 
 def make_loader(world: int, rank: int):
@@ -200,11 +194,11 @@ def policy_components(rank: int, fresh: bool, loader) -> list[StateComponent]:
     return [
         StateComponent("rng", RNGState(), "per_rank", on_topology_change="reseed"),
         StateComponent("loader", loader, "per_rank", on_topology_change="rank0"),
-        StateComponent("origin", Box(mark), "per_rank", on_topology_change=modulo_copy),
-        StateComponent("scratch", Box(mark), "per_rank", required=False, on_topology_change="skip"),
-        StateComponent("node_cache", Box(mark if fresh else 100 + rank), "per_node",
+        StateComponent("origin", boxed(mark), "per_rank", on_topology_change=modulo_copy),
+        StateComponent("scratch", boxed(mark), "per_rank", required=False, on_topology_change="skip"),
+        StateComponent("node_cache", boxed(mark if fresh else 100 + rank), "per_node",
                        on_topology_change=node_index_copy),
-        StateComponent("stage", Box(mark if fresh else 200), "per_group", process_group_name="stages",
+        StateComponent("stage", boxed(mark if fresh else 200), "per_group", process_group_name="stages",
                        on_topology_change="rank0"),
     ]
 
@@ -218,7 +212,7 @@ def save_policies(root: str) -> None:
     for _ in range(rank + 1):  # rank r has consumed r + 1 batches
         next(batches)
     comps = policy_components(rank, fresh=False, loader=loader)
-    comps.append(StateComponent("strict", Box(rank), "per_rank"))  # required, default policy: error
+    comps.append(StateComponent("strict", boxed(rank), "per_rank"))  # required, default policy: error
     CheckpointCoordinator(comps, stage_groups(), os.path.join(root, "policies")).save_checkpoint(checkpoint_id="c")
 
 
@@ -248,20 +242,20 @@ def load_policies(root: str) -> dict:
                 strict=False)
     finally:
         log.removeHandler(handler)
-    out = {"origin": by_key["origin"].value, "scratch": by_key["scratch"].value,
-           "node_cache": by_key["node_cache"].value, "stage": by_key["stage"].value,
+    out = {"origin": by_key["origin"].state["value"], "scratch": by_key["scratch"].state["value"],
+           "node_cache": by_key["node_cache"].state["value"], "stage": by_key["stage"].state["value"],
            "next_batch": next(iter(loader)).tolist(), "draw": torch.rand(2).tolist(), "py": random.random(),
            "not_loaded": dict(result.not_loaded), "changes": list(result.topology_changes),
            "logged": [line for line in handler.lines if line.startswith("component ")],
            "warnings": [str(w.message) for w in caught]}
     try:
-        CheckpointCoordinator([StateComponent("strict", Box(-1), "per_rank")],
+        CheckpointCoordinator([StateComponent("strict", boxed(-1), "per_rank")],
                               output_dir=os.path.join(root, "policies")).load_checkpoint(components=["strict"])
         out["strict_error"] = None
     except TopologyChangeError as err:
         out["strict_error"] = str(err)
     try:  # fails on odd ranks only: every rank must raise (none may wait in dcp.load for the others)
-        CheckpointCoordinator([StateComponent("origin", Box(-1), "per_rank", on_topology_change=even_ranks_only)],
+        CheckpointCoordinator([StateComponent("origin", boxed(-1), "per_rank", on_topology_change=even_ranks_only)],
                               output_dir=os.path.join(root, "policies")).load_checkpoint(components=["origin"])
         out["odd_rank_error"] = None
     except MissingComponentError as err:

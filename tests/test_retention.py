@@ -132,7 +132,7 @@ def test_duplicate_ids_are_refused():
 # --- the manager on real storage ------------------------------------------------------------------
 
 
-class Counter:
+class TensorCounter:
     def __init__(self) -> None:
         self.value = torch.zeros(4)
 
@@ -154,7 +154,7 @@ def test_manager_keeps_on_disk_exactly_what_the_rules_keep(tmp_path_factory, eve
     args = CheckpointPolicy(output_dir=out, save_total_limit=policy.save_total_limit,
                             preserve_n_best=policy.preserve_n_best, greater_is_better=policy.greater_is_better,
                             metric_for_best_model="eval_loss")
-    counter = Counter()
+    counter = TensorCounter()
     manager = CheckpointManager(args, [StateComponent("counter", counter, SharingPattern.GLOBAL)])
     survivors, _ = simulate(events, policy)
     for step, (kind, value) in enumerate(events, start=1):
@@ -177,10 +177,10 @@ def test_retention_never_touches_checkpoints_it_did_not_write(tmp_path):
     from dcp_forge import CheckpointCoordinator
 
     out = str(tmp_path)
-    foreign = CheckpointCoordinator([StateComponent("counter", Counter(), SharingPattern.GLOBAL)], output_dir=out)
+    foreign = CheckpointCoordinator([StateComponent("counter", TensorCounter(), SharingPattern.GLOBAL)], output_dir=out)
     foreign.save_checkpoint(checkpoint_id="hand-made")
     manager = CheckpointManager(CheckpointPolicy(output_dir=out, save_total_limit=1),
-                                [StateComponent("counter", Counter(), SharingPattern.GLOBAL)])
+                                [StateComponent("counter", TensorCounter(), SharingPattern.GLOBAL)])
     for step in (1, 2, 3):
         manager.save(step=step, epoch=0)
     assert _ids(out) == ["hand-made", "checkpoint-3"]
@@ -190,7 +190,7 @@ def test_retention_never_touches_checkpoints_it_did_not_write(tmp_path):
 def test_resuming_discards_uncommitted_leftovers_and_fresh_runs_refuse_old_checkpoints(tmp_path):
     out = str(tmp_path)
     args = CheckpointPolicy(output_dir=out)
-    manager = CheckpointManager(args, [StateComponent("counter", Counter(), SharingPattern.GLOBAL)])
+    manager = CheckpointManager(args, [StateComponent("counter", TensorCounter(), SharingPattern.GLOBAL)])
     manager.save(step=5, epoch=0)
     partial = tmp_path / "checkpoint-10"
     partial.mkdir()
@@ -198,7 +198,7 @@ def test_resuming_discards_uncommitted_leftovers_and_fresh_runs_refuse_old_check
     with pytest.raises(ValueError, match="output_dir.*resume_from_checkpoint=True"):
         manager.prepare_output_dir(resuming=False)
     assert not partial.exists()
-    counter = Counter()
+    counter = TensorCounter()
     resumed = CheckpointManager(args, [StateComponent("counter", counter, SharingPattern.GLOBAL)])
     assert resumed.prepare_output_dir(resuming=True) == []
     assert resumed.resume(True).endswith("checkpoint-5")
@@ -208,14 +208,14 @@ def test_resuming_discards_uncommitted_leftovers_and_fresh_runs_refuse_old_check
 
 def test_resume_true_without_checkpoints_starts_fresh(tmp_path):
     manager = CheckpointManager(CheckpointPolicy(output_dir=str(tmp_path)),
-                                [StateComponent("counter", Counter(), SharingPattern.GLOBAL)])
+                                [StateComponent("counter", TensorCounter(), SharingPattern.GLOBAL)])
     assert manager.resume(True) is None
 
 
 def test_save_schedules(tmp_path):
     def manager(**kwargs) -> CheckpointManager:
         args = CheckpointPolicy(output_dir=str(tmp_path), **kwargs)
-        return CheckpointManager(args, [StateComponent("counter", Counter(), SharingPattern.GLOBAL)])
+        return CheckpointManager(args, [StateComponent("counter", TensorCounter(), SharingPattern.GLOBAL)])
 
     steps = manager(save_steps=5)
     assert [s for s in range(1, 13) if steps.should_save(s)] == [5, 10]
@@ -230,7 +230,7 @@ def test_save_schedules(tmp_path):
 
 def test_async_saves_apply_retention_once_committed(tmp_path):
     out = str(tmp_path)
-    counter = Counter()
+    counter = TensorCounter()
     manager = CheckpointManager(CheckpointPolicy(output_dir=out, save_total_limit=2, async_save=True),
                                 [StateComponent("counter", counter, SharingPattern.GLOBAL)])
     for step in range(1, 6):
@@ -241,7 +241,7 @@ def test_async_saves_apply_retention_once_committed(tmp_path):
     manager.close()
     assert manager.last_checkpoint.endswith("checkpoint-5")
     assert _ids(out) == ["checkpoint-4", "checkpoint-5"]
-    restored = Counter()
+    restored = TensorCounter()
     CheckpointManager(CheckpointPolicy(output_dir=out),
                       [StateComponent("counter", restored, SharingPattern.GLOBAL)]).resume(True)
     assert torch.equal(restored.value, torch.full((4,), 5.0))
@@ -250,7 +250,7 @@ def test_async_saves_apply_retention_once_committed(tmp_path):
 def test_retention_async_saves_and_resume_on_s3(s3_url, s3_storage_options):
     args = CheckpointPolicy(output_dir=s3_url, storage_options=s3_storage_options, save_total_limit=2,
                             async_save=True)
-    counter = Counter()
+    counter = TensorCounter()
     manager = CheckpointManager(args, [StateComponent("counter", counter, SharingPattern.GLOBAL)])
     for step in range(1, 5):
         counter.value += 1
@@ -258,7 +258,7 @@ def test_retention_async_saves_and_resume_on_s3(s3_url, s3_storage_options):
     manager.close()
     names = [p.rsplit("/", 1)[-1] for p in list_checkpoints(s3_url, s3_storage_options)]
     assert names == ["checkpoint-3", "checkpoint-4"]
-    restored = Counter()
+    restored = TensorCounter()
     resumed = CheckpointManager(args, [StateComponent("counter", restored, SharingPattern.GLOBAL)])
     assert resumed.resume(True).endswith("checkpoint-4")
     assert torch.equal(restored.value, torch.full((4,), 4.0))
@@ -267,9 +267,9 @@ def test_retention_async_saves_and_resume_on_s3(s3_url, s3_storage_options):
 
 def test_resuming_from_an_older_checkpoint_than_output_dirs_newest_is_refused_up_front(tmp_path):
     args = CheckpointPolicy(output_dir=str(tmp_path))
-    manager = CheckpointManager(args, [StateComponent("counter", Counter(), SharingPattern.GLOBAL)])
+    manager = CheckpointManager(args, [StateComponent("counter", TensorCounter(), SharingPattern.GLOBAL)])
     old, _ = manager.save(step=5, epoch=0), manager.save(step=10, epoch=0)
-    resumed = CheckpointManager(args, [StateComponent("counter", Counter(), SharingPattern.GLOBAL)])
+    resumed = CheckpointManager(args, [StateComponent("counter", TensorCounter(), SharingPattern.GLOBAL)])
     with pytest.raises(ValueError, match=r"step 5.*collide with them when it saves step 10"):
         resumed.resume(old)
     delete_checkpoint(os.path.join(str(tmp_path), "checkpoint-10"))

@@ -119,8 +119,7 @@ def test_a_load_reads_each_blob_where_the_index_says_on_one_handle_per_object(s3
     """Each data object is opened once (opening costs a HEAD; edge windows are read positionally on
     that handle) and each recorded tensor arrives in one GET, its edges from the prefetched windows."""
     from tests.support.fault_proxy import FaultProxy
-
-    from .conftest import storage_options_for
+    from tests.support.object_store import storage_options_for
 
     gen = torch.Generator().manual_seed(5)
     state = {f"t{i}": torch.randn(2**18 + i, generator=gen) for i in range(6)}  # ~1 MiB each, all recorded

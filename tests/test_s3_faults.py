@@ -38,9 +38,8 @@ from dcp_forge.format.names import CLAIM_FILE, MANIFEST_FILE
 from dcp_forge.storage import CheckpointState, checkpoint_state, open_backend, open_reader
 from dcp_forge.storage.lifecycle import claim, read_commit
 from tests.support.fault_proxy import FAILING_KINDS, KINDS, FaultConfig, FaultProxy
+from tests.support.object_store import S3_BUCKET, fresh_prefix, storage_options_for
 from tests.support.statefuls import Box
-
-from .conftest import S3_BUCKET, fresh_prefix, storage_options_for
 
 pytest.importorskip("s3fs")
 from botocore.retries.standard import ExponentialBackoff  # noqa: E402

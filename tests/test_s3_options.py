@@ -13,9 +13,8 @@ import torch
 from dcp_forge import CheckpointCoordinator, StateComponent
 from dcp_forge.storage import BACKENDS, open_backend
 from dcp_forge.storage.s3 import DEFAULT_MAX_ATTEMPTS, S3Settings, arrow_portable, control_options
+from tests.support.object_store import storage_options_for
 from tests.support.statefuls import Box
-
-from .conftest import storage_options_for
 
 ENV = {"AWS_ACCESS_KEY_ID": "ENVKEY", "AWS_SECRET_ACCESS_KEY": "envsecret", "AWS_DEFAULT_REGION": "eu-west-3",
        "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}

@@ -29,10 +29,9 @@ from dcp_forge import (
     read_manifest,
 )
 from dcp_forge.storage import CheckpointState, checkpoint_state, join_url, open_backend
+from tests.support.object_store import S3_BUCKET, fresh_prefix, storage_options_for
+from tests.support.pattern_roundtrip import roundtrip_all_patterns
 from tests.support.statefuls import Box
-
-from .conftest import S3_BUCKET, fresh_prefix, storage_options_for
-from .test_dist_patterns import roundtrip_all_patterns
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

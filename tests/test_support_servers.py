@@ -25,8 +25,7 @@ import pytest
 
 from tests.support import fault_proxy, s3_clients, s3_server
 from tests.support.fault_proxy import FaultConfig, FaultProxy
-
-from .conftest import S3_BUCKET
+from tests.support.object_store import S3_BUCKET
 
 # s3fs (the 's3' extra) brings botocore along; without it there is nothing to test here.
 pytest.importorskip("s3fs")

@@ -33,6 +33,7 @@ import torch
 
 from dcp_forge import RNGState, StateComponent, list_checkpoints
 from dcp_forge.manager.manager import CheckpointManager, CheckpointPolicy
+from tests.support.statefuls import Counter
 
 KEEP = 2  # committed checkpoints kept; older ones are deleted as each save commits
 RSS_GROWTH_LIMIT = 0.05
@@ -57,17 +58,6 @@ class Weights:
         for t in self.tensors.values():
             t.mul_(0.999).add_(0.001)
         self.step += 1
-
-
-class _Counter:
-    def __init__(self) -> None:
-        self.step = 0
-
-    def state_dict(self):
-        return {"step": self.step}
-
-    def load_state_dict(self, state):
-        self.step = state["step"]
 
 
 def _children() -> int:
@@ -105,7 +95,7 @@ def resources() -> dict[str, int]:
 def soak(rank: int, world: int, directory: str, saves: int, mib: float, use_async: bool = True) -> dict:
     """``saves`` saves of ``mib`` MiB on this rank (async or sync); returns the resource snapshots."""
     warnings.simplefilter("ignore")
-    weights, counter = Weights(mib), _Counter()
+    weights, counter = Weights(mib), Counter()
     snapshots = {"start": resources()}
     args = CheckpointPolicy(output_dir=directory, save_steps=1, save_total_limit=KEEP, async_save=use_async,
                             validate_replication=True)

@@ -14,3 +14,16 @@ class Box:
 
     def load_state_dict(self, state: dict) -> None:
         self.state = state
+
+
+class Counter:
+    """A training step counter: the smallest state with a plain value."""
+
+    def __init__(self, step: int = 0) -> None:
+        self.step = step
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
