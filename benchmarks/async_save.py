@@ -3,7 +3,7 @@
 Measured in one run, on one state (``--size-gib`` of float32 in ``--tensors`` tensors, one
 REPLICATED "model" component, world size 1, local disk):
 
-- a plain copy of the state into already-allocated memory (``Tensor.copy_``), the P4 reference;
+- a plain copy of the state into already-allocated memory (``Tensor.copy_``), the reference;
 - dcp_forge ``async_save``: caller-blocked time of the first save (fresh staging memory) and in
   steady state (buffers reused), background upload-to-commit (the caller idles meanwhile, as during
   a sync save) and call-to-commit times;
@@ -14,7 +14,7 @@ REPLICATED "model" component, world size 1, local disk):
 - staging memory: the bytes dcp_forge staged, and the RSS growth from the first async save.
 
 Usage: ``python -m benchmarks.async_save [--size-gib 1] [--tensors 16] [--rounds 5] [--dir .bench/async]``
-Targets (issue 4): blocked steady state <= 1.2x the copy; upload-to-commit <= 1.1x a sync save;
+Targets: blocked steady state <= 1.2x the copy; upload-to-commit <= 1.1x a sync save;
 staging memory <= 1x the state.
 """
 
@@ -65,7 +65,7 @@ def rss_bytes() -> int:
 
 
 class PlainCopy:
-    """The P4 reference: copy the state into memory allocated (and faulted in) beforehand."""
+    """The reference: copy the state into memory allocated (and faulted in) beforehand."""
 
     def __init__(self, model: Model) -> None:
         self.model = model
@@ -162,7 +162,7 @@ def report(args, state_bytes: int, memory: dict, rounds: list[dict]) -> None:
     rows = [("plain copy into preallocated memory (reference)", med("copy_s"), 1.0),
             ("dcp_forge async_save, first save (fresh staging memory)", med("forge_first_blocked_s"),
              med("forge_first_blocked_s", "copy_s")),
-            ("dcp_forge async_save, steady state (P4)", med("forge_blocked_s"), med("forge_blocked_s", "copy_s")),
+            ("dcp_forge async_save, steady state", med("forge_blocked_s"), med("forge_blocked_s", "copy_s")),
             ("DCP async_save, defaults", med("dcp_default_blocked_s"), med("dcp_default_blocked_s", "copy_s")),
             ("DCP async_save, reused DefaultStager", med("dcp_reused_stager_blocked_s"),
              med("dcp_reused_stager_blocked_s", "copy_s"))]

@@ -192,7 +192,7 @@ def format_index_scale(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description='inspect and diff of checkpoints with a 1,000,000-item index (synthetic, see dcp_forge/bench/index_scale.py).')
+    parser = argparse.ArgumentParser(description='inspect and diff of checkpoints with a 1,000,000-item index (synthetic).')
     parser.add_argument("--items", type=int, default=1_000_000, help="rows of each synthetic index")
     parser.add_argument("--repetitions", type=int, default=3, help="repetitions; medians are reported")
     parser.add_argument("--dir", default=None, help="scratch directory (default: the temp dir)")

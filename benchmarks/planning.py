@@ -1,4 +1,4 @@
-"""P8: how long save planning takes for N items per rank on 8 ranks, simulated in one process.
+"""How long save planning takes for N items per rank on 8 ranks, simulated in one process.
 
 Each simulated rank runs what DCP runs on it (``set_up_planner`` + ``create_local_plan`` of
 ForgeSavePlanner on its own topology), then the coordinator's ``create_global_plan`` runs over all
@@ -97,7 +97,7 @@ def format_planning(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description='P8: save planning for N items per rank x 8 ranks, simulated in one process, and how it scales.')
+    parser = argparse.ArgumentParser(description='Save planning for N items per rank x 8 ranks, simulated in one process, and how it scales.')
     parser.add_argument("--sizes", type=int, nargs="+", default=[2500, 5000, 10000, 20000], help="items per rank")
     parser.add_argument("--world", type=int, default=8, help="simulated ranks (default 8)")
     parser.add_argument("--repetitions", type=int, default=3, help="repetitions; medians are reported")

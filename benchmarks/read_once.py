@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Read-once loading (target P7): bytes read from storage and load time at world 2 and 4, against plain
+"""Read-once loading: bytes read from storage and load time at world 2 and 4, against plain
 DCP loading of the same checkpoint.
 
     .venv/bin/python -m benchmarks.read_once [--worlds 2 4] [--size-mib 256] [--tensors 8]

@@ -8,7 +8,7 @@ tensors) and, interleaved over ``--reps`` rounds, times on every rank (between b
 - a save with ``validate=True`` at each level.
 
 and reports medians and the overhead ratios against the plain save measured in the same run, plus
-the raw xxh3 hashing rate of this machine. Targets (issue 8): TENSOR <= 10 %, QUICK <= 3 %.
+the raw xxh3 hashing rate of this machine. Targets: TENSOR <= 10 %, QUICK <= 3 %.
 
     .venv/bin/python -m benchmarks.replication --mib 1024 --reps 5
 """

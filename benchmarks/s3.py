@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Whole checkpoints on S3: dcp_forge save/load against the raw clients moving the same bytes (P6).
+"""Whole checkpoints on S3: dcp_forge save/load against the raw clients moving the same bytes.
 
 Starts its own SeaweedFS (``tests/support/s3_server.py``, data on local disk), builds a state of float32
 tensors and saves it once with dcp_forge to learn which data objects a save writes (its

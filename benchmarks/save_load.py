@@ -337,7 +337,7 @@ def run_save_load(config: SaveLoadConfig, log: Callable[[str], None] = print) ->
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """A markdown table of a ``SaveLoadResult.to_json()`` (as printed and pasted into the README)."""
+    """A markdown table of a ``SaveLoadResult.to_json()`` (as printed and pasted into docs/PERFORMANCE.md)."""
     gib = result["bytes"] / 2**30
     load = "/".join(f"{x:.1f}" for x in result.get("load_average", []))
     resident = result.get("resident_after_eviction_max")

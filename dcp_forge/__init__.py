@@ -2,7 +2,7 @@
 atomically committed DCP checkpoints that every rank loads its own state back from.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # The public API is imported on first use (PEP 562), not with the package: ``dcp-forge ls`` and
 # ``inspect`` then start without torch (0.3 s instead of seconds). A name added here must also be

@@ -105,7 +105,7 @@ class CheckpointCoordinator:
         self.group = dist.new_group(backend="gloo") if _distributed() else None
         self.topology: Topology = gather_topology(self.process_groups, node=node, group=self.group)
         self._check_declarations_agree()
-        # Replication checks run beside a save, on a thread and group of their own (validation.py).
+        # Replication checks run beside a save, on a thread and group of their own (replication.py).
         self._validation_group = (dist.new_group(backend="gloo")
                                   if _distributed() and needs_replication_check(self.components) else None)
         self.last_manifest: CheckpointManifest | None = None

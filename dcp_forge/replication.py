@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 _REPLICA_PATTERNS = (SharingPattern.REPLICATED, SharingPattern.PER_GROUP, SharingPattern.PER_NODE)
 
-# Hash on several threads only when there is enough to hash: a thread costs ~50 µs to start.
+# Hash on several threads only when there is enough to hash: starting a thread is not free.
 _PARALLEL_HASH_BYTES = 16 * 1024 * 1024
 _MAX_HASH_THREADS = 8
 # FULL exchanges values in batches of about this many bytes per rank (memory: world size x batch).

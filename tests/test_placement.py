@@ -109,7 +109,7 @@ def test_plans_do_not_depend_on_who_computes_them_or_item_order(job, rnd):
 
 @pytest.mark.parametrize("world", range(1, 9))
 def test_single_1gib_tensor_is_balanced_below_the_tensor_level(world):
-    """Issue 2's bound: busiest rank <= 1.05 x mean + one chunk, for one replicated 1 GiB tensor."""
+    """The balance bound: busiest rank <= 1.05 x mean + one chunk, for one replicated 1 GiB tensor."""
     plans, planners = [], []
     for rank in range(world):
         planner = ForgeSavePlanner({"model": "replicated"}, Topology.uniform(rank, world))

@@ -118,7 +118,7 @@ def test_read_once_reads_each_shared_item_once_and_delivers_it_to_every_rank_tha
             readers[loc] += 1
     for loc, ranks in needers.items():
         assert readers[loc] == (1 if len(ranks) >= min_replicas else len(ranks))
-    if min_replicas == 2:  # P7 at plan level: storage serves exactly the unique needed bytes
+    if min_replicas == 2:  # read once, at plan level: storage serves exactly the unique needed bytes
         assert sum(loc.length for s in schedules for loc in s.reads) == sum(loc.length for loc in needers)
 
 

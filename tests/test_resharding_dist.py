@@ -415,7 +415,7 @@ def test_read_once_reads_each_unique_byte_once(outcome):
     assert all(r["bad"] == [] for r in plain + once)
     assert [r["read_once"] for r in once] == [True] * 4
     assert sum(r["bytes_read"] for r in plain) == 4 * unique  # every rank reads everything
-    assert sum(r["bytes_read"] for r in once) == unique  # P7: 1.0x the unique bytes
+    assert sum(r["bytes_read"] for r in once) == unique  # read once: exactly the unique bytes
 
 
 def test_a_corrupt_item_fails_the_read_once_load_on_every_rank(outcome):

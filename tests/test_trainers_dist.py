@@ -28,8 +28,8 @@ KINDS = ("ddp", "ddp-independent", "fsdp", "accelerate", "pipeline", "dp-pp", "d
 ASYNC_KINDS = ("ddp-independent", "dp-pp")  # these save in the background (TrainingArguments.async_save)
 
 R, G, PR, PG = "replicated", "global", "per_rank", "per_group"
-# (pattern, process group, replication checked at save) per component, from seeds 000-002:
-# DDP/Accelerate/Pipeline as seed 000 lists them, the hybrids as seed 002's DP×PP / DP×TP examples
+# (pattern, process group, replication checked at save) per component, as each trainer declares
+# them (README's trainer table), the hybrids following docs/FORMAT.md's PER_GROUP definition
 # with docs/FORMAT.md's PER_GROUP groups, FSDP2 as DESIGN.md's rule for DTensor state.
 EXPECTED = {
     "ddp": {"model": (R, None, True), "optimizer": (R, None, True), "scheduler": (R, None, False),

@@ -18,7 +18,7 @@ from .topology_policy import CopyMapper, TopologyPolicy, resolve_policy
 
 @dataclass
 class StateComponent:
-    """One checkpointable piece of state and how it is shared (seed 002's StateComponent)."""
+    """One checkpointable piece of state and how it is shared across ranks."""
 
     key: str
     stateful: Any
@@ -29,7 +29,7 @@ class StateComponent:
     metadata: dict[str, Any] = field(default_factory=dict)
     validation_level: ValidationLevel = ValidationLevel.TENSOR
     on_replication_mismatch: str = "raise"
-    # PER_RANK / PER_NODE / PER_GROUP only: what to do when the job's layout changed (policies.py).
+    # PER_RANK / PER_NODE / PER_GROUP only: what to do when the job's layout changed (topology_policy.py).
     on_topology_change: TopologyPolicy | str | CopyMapper | None = None
 
     def __post_init__(self) -> None:

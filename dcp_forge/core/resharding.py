@@ -3,7 +3,7 @@
 GLOBAL and REPLICATED components hold one logical value: every rank loads it whatever the world size,
 and DTensor values reshard through DCP's chunk metadata. PER_RANK / PER_NODE / PER_GROUP components
 hold one copy per rank / node / group; when the layout they depend on changed since the save, their
-``on_topology_change`` policy (policies.py) decides which copy each new rank loads.
+``on_topology_change`` policy (topology_policy.py) decides which copy each new rank loads.
 
 Everything here is a pure function of the component declaration, the saved topology (from the
 manifest) and the current one, so every rank reaches the same decision without communicating, and an

@@ -1,9 +1,9 @@
-"""What a checkpoint holds: ``checkpoint_manifest.json`` (seed 002's manifest, plus topology).
+"""What a checkpoint holds: ``checkpoint_manifest.json`` (the manifest of the declarations, plus topology).
 
 The manifest is small JSON meant for people and tools: one ``ComponentManifest`` per component
 (pattern, which ranks wrote it, which ranks share each copy, size, checksum), the save topology,
 versions, and the checksums of ``.metadata`` and ``index.parquet`` so a stale or swapped file is
-detected. Per-item detail lives in ``index.parquet`` (storage/index.py).
+detected. Per-item detail lives in ``index.parquet`` (format/index.py).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class CheckpointManifest:
 def versions() -> dict[str, str]:
     import torch
 
-    from .. import __version__
+    from .._version import __version__
 
     return {"dcp_forge": __version__, "torch": torch.__version__, "format": str(FORMAT_VERSION)}
 

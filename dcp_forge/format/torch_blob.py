@@ -1,8 +1,7 @@
 """The ``torch.save`` zip of one tensor, as DCP stores every tensor item: writing it fast, finding the
 tensor's bytes inside it.
 
-Writing: ``torch.save`` runs a CRC-32 over every byte it writes (about 3 GB/s on one core, a third of
-a second per GiB on the writer thread's critical path). dcp_forge checks its data with the xxh3
+Writing: ``torch.save`` runs a CRC-32 over every byte it writes, on the writer thread's critical path. dcp_forge checks its data with the xxh3
 checksums in ``index.parquet`` instead, and ``torch.load`` (hence DCP's own reader) never checks the
 zip CRC, so ``save_tensor`` writes the same zip with the CRC fields left 0 — torch's own
 ``compute_crc32=False`` option, applied to this one writer instead of the process-wide setting.

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str):
     # The DCP reader and writer (and with them torch) are imported on first use, so that listing
-    # and inspecting checkpoints (commit.py, backends.py) starts without torch.
+    # and inspecting checkpoints (lifecycle.py, backends.py) starts without torch.
     if name == "ForgeStorageReader":
         from .reader import ForgeStorageReader
 

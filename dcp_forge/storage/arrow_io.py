@@ -1,7 +1,7 @@
 """Arrow's C++ S3 client as the data path: multipart uploads we cut into parts, parallel ranged reads.
 
 ``S3Backend`` (s3.py) hands data files to these streams when its data client is Arrow. Both sides
-were sized with ``benchmarks/s3.py`` against SeaweedFS (README, "Object storage (s3://)").
+were sized with ``benchmarks/s3.py`` against SeaweedFS (docs/PERFORMANCE.md, "Object storage (s3://)").
 
 Uploads: every part but the last is ``PART_BYTES`` (16 MiB), doubling every 1000 parts so that
 S3's 10,000-part limit is never reached; at most ``MAX_PARTS_IN_FLIGHT`` parts per stream are held

@@ -4,7 +4,7 @@ Every checkpoint byte goes through a ``StorageBackend``. Writers and readers onl
 so local disk, ``memory://`` and object stores share one code path and one conformance suite.
 
 Each backend names its atomicity strategy. All of them commit a checkpoint by creating a small
-``_COMMITTED`` marker exclusively, after everything else is durable (commit.py):
+``_COMMITTED`` marker exclusively, after everything else is durable (lifecycle.py):
 
 - local disk: files are fsynced, then their directory; the marker is created with O_EXCL;
 - fsspec filesystems: closing a file completes its upload; the marker is opened in mode "xb",
@@ -259,8 +259,8 @@ class _LocalInput:
     def prefetch(self, offset: int, length: int) -> None:
         # Nothing to do: each reader thread reads its file sequentially, in large requests, and the
         # kernel's own readahead keeps the disk busy between them. posix_fadvise(WILLNEED) of the
-        # next 64 MiB measured slower here (cold 1 GiB loads 1.5 vs 1.9 GB/s, raw 16 MiB reads 1.5
-        # vs 2.1 GB/s): its reads compete with the ones the thread waits for.
+        # next range measured slower (docs/PERFORMANCE.md): its reads compete with the ones the
+        # thread waits for.
         pass
 
     def close(self) -> None:

@@ -137,7 +137,7 @@ def _byte_view(tensor: torch.Tensor) -> memoryview:
 class PipelinedChecker:
     """A Checker that lets the direct path hash on ``pool`` while the reading thread reads on.
 
-    Hashing a directly read tensor (xxh3, ~0.1 s per GiB, with the GIL released) would otherwise sit
+    Hashing a directly read tensor (xxh3, with the GIL released) would otherwise sit
     between two reads of the same thread, with its disk stream idle unless prefetching covers it.
     ``wait`` (before the read returns) waits for every hash and raises the first failed check. Only
     the hashing moves: every read still happens on the reading thread, in file order.

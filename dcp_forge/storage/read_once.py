@@ -7,7 +7,7 @@ from storage. Here the coordinator's global plan gives each stored item needed b
 a save (``placement.place_on_least_loaded``); every rank reads its share (verifying checksums), and
 then the readers send each item to the other ranks that need it, in batches grouped by (source,
 receivers) so that every receiver needs every byte it gets. Job-wide, storage serves each unique
-byte once (target P7); the rest travels over the coordinator's own gloo group.
+byte once; the rest travels over the coordinator's own gloo group.
 
 Call protocol (DCP's ``StorageReader``): ``reset`` → on every rank ``read_metadata`` (or
 ``use_metadata``), ``set_up_storage_reader``, ``prepare_local_plan``; on the coordinator
@@ -52,8 +52,8 @@ def read_once_by_default(topology: Topology, backend: StorageBackend) -> bool:
     reading them once saves storage traffic.
 
     Ranks on one node reading a local filesystem share its page cache: the disk serves each byte about
-    once anyway, and exchanging it over gloo only adds work (benchmarks/read_once.py measures 1.9-2.7x
-    slower loads on one 2-core machine). Across nodes, or from an object store or any other fsspec
+    once anyway, and exchanging it over gloo only adds work (benchmarks/read_once.py measures it:
+    slower loads on one machine). Across nodes, or from an object store or any other fsspec
     backend, every rank's read is its own request for the bytes.
     """
     return topology.world_size > 1 and (topology.num_nodes > 1 or not isinstance(backend, LocalBackend))

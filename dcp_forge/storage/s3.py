@@ -2,9 +2,8 @@
 
 Why two clients: ``pyarrow.fs.S3FileSystem`` uploads the parts of a multipart upload in parallel
 from C++ threads and reads ranges straight into caller memory; s3fs uploads the parts of an open
-file one after another and copies every read. Against SeaweedFS here whole checkpoints through
-dcp_forge save ~1.3x and load ~2.3x faster with Arrow than with s3fs (``benchmarks/s3.py``; raw
-clients: ``benchmarks/s3_clients.py``). The Arrow data path lives in ``arrow_io.py``. s3fs
+file one after another and copies every read, so Arrow is the faster data client through dcp_forge
+(``benchmarks/s3.py`` measures both; docs/PERFORMANCE.md). The Arrow data path lives in ``arrow_io.py``. s3fs
 keeps the control path: conditional PUTs of the claim and commit markers (Arrow cannot send
 ``If-None-Match``), listing and batched deletes. Both clients get the same endpoint, credentials,
 region and retry budget, derived from one set of fsspec ``storage_options`` (``S3Settings``).
@@ -27,7 +26,7 @@ Server quirks handled here (checked against SeaweedFS 4.48 and moto 5 server mod
 - The region goes into botocore's config (``config_kwargs``), never ``client_kwargs``: s3fs copies
   the latter into CreateBucket's LocationConstraint, which AWS and moto refuse for us-east-1.
 - SeaweedFS lists a deleted prefix as a directory for ~150 s. Nothing here infers "a checkpoint
-  exists" from a prefix: commit.py looks for the marker object.
+  exists" from a prefix: lifecycle.py looks for the marker object.
 """
 
 from __future__ import annotations

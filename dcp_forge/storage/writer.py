@@ -45,8 +45,8 @@ from .lifecycle import CommitRecord, claim, commit
 from .registry import open_backend, redact_url
 
 # Tensor blobs from this size on get their data offset recorded in the index, so a load reads them
-# straight into their destination in one read. Below it the parse (~45 us) costs more than the
-# copy it saves.
+# straight into their destination in one read. Below it the zip parse costs more than the copy
+# it saves.
 LAYOUT_MIN_BYTES = 256 * 1024
 
 logger = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 plus a tiny causal LM, synthetic data and training strategies so demos and tests need no downloads.
 
 Each trainer declares its state with ``get_state_components()`` / ``get_process_groups()`` (the
-patterns of seeds 000-002) and checkpoints through a ``CheckpointManager``; see ``base.py`` for the
+sharing patterns of its parallelism) and checkpoints through a ``CheckpointManager``; see ``base.py`` for the
 call protocol. Needs the ``trainers`` extra (torchdata); ``AccelTrainer`` also needs ``accelerate``.
 """
 

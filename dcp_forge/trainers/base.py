@@ -425,7 +425,7 @@ class _ManagerState:
 
 
 class Trainer(BaseTrainer):
-    """Single-device training. Every component is GLOBAL except the RNG (PER_RANK, as in seed 000,
+    """Single-device training. Every component is GLOBAL except the RNG (PER_RANK,
     so a checkpoint's layout does not change when the job later runs on more ranks)."""
 
     def _build_train_dataloader(self) -> Any:

@@ -121,7 +121,7 @@ class _DataParallelTrainer(BaseTrainer):
 
 
 class DDPTrainer(_DataParallelTrainer):
-    """torch ``DistributedDataParallel`` over all ranks (seed 000's DDPTrainer).
+    """torch ``DistributedDataParallel`` over all ranks (model and optimizer REPLICATED).
 
     Model and optimizer are REPLICATED (checked at every save: model per tensor, optimizer by one
     hash), scheduler, trainer progress and callbacks REPLICATED, dataset GLOBAL or PER_RANK by
@@ -197,7 +197,7 @@ class AccelTrainer(_DataParallelTrainer):
     """Hugging Face accelerate (DDP under the hood); ``accelerator`` defaults to ``Accelerator()`` on
     CPU when no GPU is present. Needs the ``accelerate`` extra.
 
-    As in seed 000: model REPLICATED (checked per tensor), optimizer REPLICATED without replication
+    Model REPLICATED (checked per tensor), optimizer REPLICATED without replication
     checks (accelerate's ``AcceleratedOptimizer`` wrapper), scheduler and trainer REPLICATED, dataset
     PER_RANK (every rank iterates its own shard; the loader is not handed to accelerate, whose
     wrappers would replace StatefulDataLoader's resumable state), RNG PER_RANK. The LR scheduler is

@@ -25,8 +25,7 @@ import tempfile
 
 import torch
 
-from .. import latest_checkpoint
-from ..storage import redact_url
+from ..storage import latest_checkpoint, redact_url
 
 
 def _launch(world: int, output_dir: str, results: str, opts: argparse.Namespace, *extra: str,

@@ -34,7 +34,7 @@ ModelSplitter = Callable[[nn.Module, int], list[nn.Module]]
 
 
 class PipelineTrainer(BaseTrainer):
-    """Every rank holds one pipeline stage (seed 000's PipelineTrainer).
+    """Every rank holds one pipeline stage (no data parallelism).
 
     Model and optimizer PER_RANK (each rank its own stage), scheduler, trainer progress and callbacks
     REPLICATED, dataset GLOBAL (the first stage loads, all stages receive), RNG PER_RANK.

@@ -1,4 +1,4 @@
-"""Pluggable training strategies (seed 004): what a training step optimises, apart from how it runs.
+"""Pluggable training strategies: what a training step optimises, apart from how it runs.
 
 Call protocol, on every rank that runs the model, once per batch::
 

@@ -32,7 +32,7 @@ __all__ = ["DPTPTrainer"]
 class DPTPTrainer(BaseTrainer):
     """``tensor_parallel_size`` ranks per replica, world size / that many replicas (or pass ``mesh``).
 
-    Checkpoint groups (seed 002's DP×TP table, with docs/FORMAT.md's PER_GROUP definition):
+    Checkpoint groups (docs/FORMAT.md's PER_GROUP definition):
     ``tp_group`` is the ranks holding the *same* tensor-parallel shard (one per shard index, across
     replicas) and ``dp_group`` the ranks of one replica (sharing its data stream). Model and optimizer
     PER_GROUP over tp_group (one copy per shard, its DTensor chunks; checked equal across replicas),

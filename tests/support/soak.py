@@ -7,7 +7,7 @@ deletes older checkpoints (on rank 0) as each save commits.
 
 Reported per rank and mode: RSS, threads, open file descriptors and child processes before the
 coordinator exists (start), after the first save, after the last save and after ``close()``.
-Targets (issue 8): RSS after the last save within 5% of after the first; threads, fds and children
+Targets: RSS after the last save within 5% of after the first; threads, fds and children
 no higher after the last save than after the first, and back to the start after ``close()``.
 
     .venv/bin/python -m tools.soak --saves 200 --mib 64 --world 2          # sync and async, 200 each
