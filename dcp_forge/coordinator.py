@@ -17,7 +17,8 @@ import logging
 import os
 import pickle
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
 from typing import Any
 
 import torch.distributed as dist
@@ -61,7 +62,7 @@ def _distributed() -> bool:
 
 
 @contextlib.contextmanager
-def _rank_errors():
+def _rank_errors() -> Iterator[None]:
     """Turn DCP's CheckpointException into the failing rank's own (typed) error, on every rank."""
     try:
         yield
@@ -132,7 +133,7 @@ class CheckpointCoordinator:
                     f"state components differ between rank {self.rank} and rank {rank}: every rank must "
                     f"declare the same keys, patterns, groups and required flags (differences: {diff[:6]})")
 
-    def run_on_coordinator(self, fn) -> Any:
+    def run_on_coordinator(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on rank 0 and give its result (or its exception) to every rank.
 
         For storage housekeeping every rank must agree on (listing, retention, discarding leftovers):
@@ -152,7 +153,7 @@ class CheckpointCoordinator:
             raise value
         return value
 
-    def _on_every_rank(self, fn) -> Any:
+    def _on_every_rank(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on every rank; if it raised anywhere, raise the lowest failing rank's error everywhere.
 
         For decisions taken before a collective: a rank raising alone would leave the others waiting
@@ -265,7 +266,8 @@ class CheckpointCoordinator:
     def __enter__(self) -> CheckpointCoordinator:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc is None:
             self.close()
             return

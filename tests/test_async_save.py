@@ -229,10 +229,10 @@ def test_context_manager_waits_and_keeps_the_body_exception(tmp_path):
     assert coord.last_manifest is not None and handle.manifest == coord.last_manifest
     assert handle.upload_seconds is not None and handle.staging_seconds > 0
 
-    with pytest.raises(KeyError, match="from the body") as err:
-        with CheckpointCoordinator([StateComponent("box", box, "global")], output_dir=tmp_path) as coord:
-            coord.async_save(checkpoint_id="c")  # fails in the background: exists
-            raise KeyError("from the body")
+    with pytest.raises(KeyError, match="from the body") as err, \
+            CheckpointCoordinator([StateComponent("box", box, "global")], output_dir=tmp_path) as coord:
+        coord.async_save(checkpoint_id="c")  # fails in the background: exists
+        raise KeyError("from the body")
     assert any("closing the CheckpointCoordinator raised" in note for note in err.value.__notes__)
 
 

@@ -15,6 +15,7 @@ import subprocess
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,7 +94,7 @@ def _edit_manifest(edit, seal: bool) -> Callable[[str], None]:
             reseal(good, manifest_edit=edit)
         else:
             file = os.path.join(good, MANIFEST_FILE)
-            text = open(file).read()
+            text = Path(file).read_text()
             with open(file, "w") as f:
                 f.write(edit(text))
     return change
@@ -286,7 +287,7 @@ CASES = [
     Case("checkpoint of a newer format version", ValueError, r"manifest format version 99 is newer than this "
          r"dcp_forge understands \(1\); upgrade dcp_forge", _tampered(_edit_manifest(_newer_format, seal=True))),
     Case("corrupted commit marker", ValueError, r"commit marker .*_COMMITTED is malformed",
-         _tampered(lambda path: open(os.path.join(path, COMMIT_FILE), "w").write("{"))),
+         _tampered(lambda path: Path(os.path.join(path, COMMIT_FILE)).write_text("{"))),
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -55,7 +56,7 @@ _PROMISED = ["component", "pattern", "storage_key", "fqn", "rank", "file", "offs
 
 def _documented_columns() -> list[tuple[str, str]]:
     """(column, type) pairs of the index table in docs/FORMAT.md, in order (``a, b | t1, t2`` rows split)."""
-    doc = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "FORMAT.md")).read()
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md").read_text()
     section = doc.split("## `index.parquet`", 1)[1].split("\n## ", 1)[0]
     rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")]
     out = []
@@ -78,7 +79,7 @@ def test_saved_index_rows_point_at_their_stored_bytes(tmp_path):
     comps = [StateComponent("model", model, "replicated"), StateComponent("rng", RNGState(), "per_rank")]
     path = CheckpointCoordinator(comps, output_dir=tmp_path, chunk_policy=ChunkPolicy(2048, 2)).save_checkpoint(
         checkpoint_id="checkpoint-1")
-    rows = decode_index(open(os.path.join(path, INDEX_FILE), "rb").read())
+    rows = decode_index(Path(os.path.join(path, INDEX_FILE)).read_bytes())
     assert {(r.component, r.pattern, r.storage_key) for r in rows} == {
         ("model", "replicated", "model"), ("rng", "per_rank", "rng@rank0")}
     weight_chunks = [r for r in rows if r.fqn == "model.weight"]

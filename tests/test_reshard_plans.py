@@ -58,7 +58,7 @@ def test_every_destination_byte_is_read_exactly_once_from_the_same_global_positi
                 stored = next(c for c in md.chunks if tuple(c.offsets) == tuple(item.storage_index.offset))
                 # the bytes come from inside the stored chunk, at the same global coordinates
                 for d in range(len(md.size)):
-                    assert 0 <= item.storage_offsets[d] and item.storage_offsets[d] + item.lengths[d] <= stored.sizes[d]
+                    assert item.storage_offsets[d] >= 0 and item.storage_offsets[d] + item.lengths[d] <= stored.sizes[d]
                     assert stored.offsets[d] + item.storage_offsets[d] == chunk.offsets[d] + item.dest_offsets[d]
             assert (cover == 1).all(), f"rank {rank}: w.{fqn} local shard {chunk} not covered exactly once"
         for fqn, shape in case.replicated.items():

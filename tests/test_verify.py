@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,7 +58,7 @@ def saved(tmp_path):
 
 
 def _records(path):
-    return decode_index(open(os.path.join(path, INDEX_FILE), "rb").read())
+    return decode_index(Path(os.path.join(path, INDEX_FILE)).read_bytes())
 
 
 def _only(problems, kind):
@@ -170,7 +171,7 @@ def test_malformed_commit_marker(saved):
 
 
 def test_manifest_and_index_disagree(saved):
-    manifest = json.loads(open(os.path.join(saved, MANIFEST_FILE)).read())
+    manifest = json.loads(Path(os.path.join(saved, MANIFEST_FILE)).read_text())
     manifest["components"]["box"]["copies"]["box"]["size_bytes"] += 1
     with open(os.path.join(saved, MANIFEST_FILE), "w") as f:
         json.dump(manifest, f)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import xxhash
 
 from ..core.components import ComponentLayout
-from ..core.keys import parse_storage_key, top_level_key
+from ..core.keys import StorageKey, parse_storage_key, top_level_key
 from ..core.patterns import SharingPattern
 from ..core.topology import Topology
 from ..errors import IntegrityError, UnsupportedFormatError
@@ -203,7 +203,7 @@ def component_manifests(records: Sequence[ItemRecord], layouts: Mapping[str, Com
     return components
 
 
-def _holders_of_copy(parsed, pattern: SharingPattern, topology: Topology) -> tuple[int, ...]:
+def _holders_of_copy(parsed: StorageKey, pattern: SharingPattern, topology: Topology) -> tuple[int, ...]:
     if pattern is SharingPattern.PER_RANK:
         return (parsed.rank,)
     if pattern is SharingPattern.PER_NODE:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import io
 import pickle
 import re
+from typing import Any
 
 import torch
+from torch.distributed.checkpoint.metadata import Metadata
 
 from ..errors import IntegrityError, UnsafeCheckpointError
 
@@ -46,7 +48,7 @@ class _MetadataUnpickler(pickle.Unpickler):
     ``filesystem`` + ``"os.system"``.
     """
 
-    def find_class(self, module: str, name: str):  # noqa: D102 - pickle protocol
+    def find_class(self, module: str, name: str) -> Any:  # noqa: D102 - pickle protocol
         if (module, name) in _METADATA_GLOBALS or (
                 module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype)):
             return super().find_class(module, name)
@@ -76,7 +78,7 @@ _METADATA_GLOBALS = frozenset({
 })
 
 
-def load_dcp_metadata(data: bytes, *, name: str):
+def load_dcp_metadata(data: bytes, *, name: str) -> Metadata:
     """Unpickle DCP ``Metadata`` without allowing arbitrary globals; ``name`` is for messages."""
     try:
         return _MetadataUnpickler(io.BytesIO(data)).load()

@@ -167,8 +167,8 @@ class _TensorRef:
     stride: tuple[int, ...]
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None) -> _TensorRef:
+def _rebuild_tensor_v2(storage: Any, storage_offset: int, size: Any, stride: Any, requires_grad: bool = False,
+                       backward_hooks: Any = None, metadata: Any = None) -> _TensorRef:
     if not isinstance(storage, _StorageRef) or backward_hooks:
         raise NotPlainTensor("tensor with hooks or without a storage")
     return _TensorRef(storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))

@@ -106,7 +106,7 @@ class CheckpointManager:
         Returns the discarded paths."""
         policy = self.policy
 
-        def housekeeping():
+        def housekeeping() -> tuple[list[str], list[str]]:
             discarded = discard_partial_checkpoints(policy.output_dir, policy.storage_options)
             existing = list_checkpoints(policy.output_dir, policy.storage_options)
             return discarded, existing
@@ -210,7 +210,7 @@ class CheckpointManager:
         if self.retention.save_total_limit is None and self.retention.preserve_n_best == 0:
             return None
 
-        def retain():
+        def retain() -> tuple[RetentionPlan, list[str]]:
             records = self.records()
             plan = plan_retention([r for r, _ in records], self.retention)
             paths = {r.checkpoint_id: p for r, p in records}

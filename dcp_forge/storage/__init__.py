@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .writer import ForgeStorageWriter
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     # The DCP reader and writer (and with them torch) are imported on first use, so that listing
     # and inspecting checkpoints (lifecycle.py, backends.py) starts without torch.
     if name == "ForgeStorageReader":

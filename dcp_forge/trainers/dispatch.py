@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 __all__ = ["DataloaderDispatcher"]
@@ -75,7 +76,7 @@ class DataloaderDispatcher:
     @classmethod
     def from_device_mesh(
         cls,
-        mesh,
+        mesh: DeviceMesh,
         build_dataloader: Callable[[int, int], StatefulDataLoader],
         *,
         dp_dim: str = "dp",

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ..core.patterns import SharingPattern, ValidationLevel
 from .args import PipelineTrainingArguments
@@ -100,7 +101,7 @@ class PipelineTrainer(BaseTrainer):
         self.schedule = schedule_class(stage, n_microbatches=self.args.n_microbatches,
                                        loss_fn=self.strategy.loss_from_logits)
 
-    def _build_loader(self, shard_index: int, num_shards: int):
+    def _build_loader(self, shard_index: int, num_shards: int) -> StatefulDataLoader:
         return make_dataloader(self.train_dataset, self.args.per_device_batch_size, shuffle=True,
                                seed=self.args.seed, num_workers=self.args.dataloader_num_workers,
                                num_shards=num_shards, shard_index=shard_index)

@@ -81,7 +81,7 @@ class DPTPTrainer(BaseTrainer):
         self.model = self.train_model = self.parallelize_fn(self.model, self.mesh["tp"])
 
     def _build_train_dataloader(self) -> Any:
-        def build(shard_index: int, num_shards: int):
+        def build(shard_index: int, num_shards: int) -> Any:
             return make_dataloader(self.train_dataset, self.args.per_device_batch_size, shuffle=True,
                                    seed=self.args.seed, num_workers=self.args.dataloader_num_workers,
                                    num_shards=num_shards, shard_index=shard_index)

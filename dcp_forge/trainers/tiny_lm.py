@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 __all__ = [
     "TinyLMConfig",
@@ -320,7 +321,7 @@ def tensor_parallel_plan(model: _Backbone) -> dict[str, object]:
     return plan
 
 
-def apply_tensor_parallel(model: _Backbone, tp_mesh) -> _Backbone:
+def apply_tensor_parallel(model: _Backbone, tp_mesh: DeviceMesh) -> _Backbone:
     """Shard ``model`` in place over the 1-D ``tp_mesh`` and return it.
 
     Projections in the plan become DTensors; the rest (embeddings, norms, head) stay plain tensors that
@@ -339,7 +340,7 @@ def apply_tensor_parallel(model: _Backbone, tp_mesh) -> _Backbone:
     return parallelize_module(model, tp_mesh, tensor_parallel_plan(model))
 
 
-def apply_fsdp2(model: _Backbone, dp_mesh, *, reshard_after_forward: bool = True) -> _Backbone:
+def apply_fsdp2(model: _Backbone, dp_mesh: DeviceMesh, *, reshard_after_forward: bool = True) -> _Backbone:
     """Shard ``model`` in place with FSDP2 over the 1-D ``dp_mesh`` and return it.
 
     One FSDP unit per block, so only one block's parameters are gathered at a time, and the root

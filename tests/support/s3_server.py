@@ -291,12 +291,9 @@ def _launch_weed(state: Path, data_dir: Path, ports: dict[str, int], env: dict[s
         *(f"-{flag}={port}" for flag, port in ports.items()),
         *extra_args,
     ]
-    log = open(log_path, "ab")
-    try:
+    with open(log_path, "ab") as log:  # the child keeps its own descriptor of the log
         return subprocess.Popen(args, cwd=state, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
-    finally:
-        log.close()
 
 
 def _launch_moto(state: Path, port: int, env: dict[str, str], log_path: Path) -> subprocess.Popen:
@@ -305,12 +302,9 @@ def _launch_moto(state: Path, port: int, env: dict[str, str], log_path: Path) ->
     env = {**env, "S3_SERVER_STATE_DIR": str(state)}
     args = [sys.executable, os.path.abspath(__file__), "_moto-child", "--port", str(port),
             "--state-dir", str(state)]
-    log = open(log_path, "ab")
-    try:
+    with open(log_path, "ab") as log:  # the child keeps its own descriptor of the log
         return subprocess.Popen(args, cwd=state, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
-    finally:
-        log.close()
 
 
 def _moto_child(port: int) -> None:

@@ -244,9 +244,8 @@ metric_values = st.one_of(
 @st.composite
 def save_eval_schedules(draw, max_events: int = 40) -> list[tuple[str, float | None]]:
     """A run's interleaving of evaluations ("eval", value) and saves ("save", None), in step order."""
-    events = draw(st.lists(st.one_of(st.tuples(st.just("eval"), metric_values),
-                                     st.just(("save", None))), min_size=1, max_size=max_events))
-    return events
+    return draw(st.lists(st.one_of(st.tuples(st.just("eval"), metric_values),
+                                   st.just(("save", None))), min_size=1, max_size=max_events))
 
 
 @st.composite

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import pickle
+from pathlib import Path
 
 import xxhash
 
@@ -71,7 +72,7 @@ def replace_item_bytes(path: str | os.PathLike, fqn: str, payload: bytes) -> Non
     if not os.path.exists(os.path.join(path, INDEX_FILE)):
         return  # a plain DCP checkpoint: .metadata is the only record
     records = [dataclasses.replace(r, offset=offset, length=len(payload)) if r.fqn == fqn else r
-               for r in decode_index(open(os.path.join(path, INDEX_FILE), "rb").read())]
+               for r in decode_index(Path(os.path.join(path, INDEX_FILE)).read_bytes())]
     with open(os.path.join(path, INDEX_FILE), "wb") as f:
         f.write(encode_index(records))
 
@@ -79,7 +80,7 @@ def replace_item_bytes(path: str | os.PathLike, fqn: str, payload: bytes) -> Non
 def set_data_offsets(path: str | os.PathLike, change) -> None:
     """Record ``change(record)`` as each index row's ``data_offset``, then ``reseal``."""
     index = os.path.join(path, INDEX_FILE)
-    records = [dataclasses.replace(r, data_offset=change(r)) for r in decode_index(open(index, "rb").read())]
+    records = [dataclasses.replace(r, data_offset=change(r)) for r in decode_index(Path(index).read_bytes())]
     with open(index, "wb") as f:
         f.write(encode_index(records))
     reseal(path)
@@ -92,16 +93,16 @@ def reseal(path: str | os.PathLike, manifest_edit=None) -> None:
     """
     index_file = os.path.join(path, INDEX_FILE)
     records = []
-    for r in decode_index(open(index_file, "rb").read()):
+    for r in decode_index(Path(index_file).read_bytes()):
         with open(os.path.join(path, r.file), "rb") as f:
             f.seek(r.offset)
             records.append(dataclasses.replace(r, checksum=xxhash.xxh3_64_hexdigest(f.read(r.length))))
     index_bytes = encode_index(records)
     with open(index_file, "wb") as f:
         f.write(index_bytes)
-    metadata_bytes = open(os.path.join(path, METADATA_FILE), "rb").read()
+    metadata_bytes = Path(os.path.join(path, METADATA_FILE)).read_bytes()
     manifest_file = os.path.join(path, MANIFEST_FILE)
-    manifest = CheckpointManifest.from_json(open(manifest_file, "rb").read())
+    manifest = CheckpointManifest.from_json(Path(manifest_file).read_bytes())
     for component in manifest.components.values():
         for skey, copy in component.copies.items():
             rows = [r for r in records if r.storage_key == skey]
@@ -117,7 +118,7 @@ def reseal(path: str | os.PathLike, manifest_edit=None) -> None:
     with open(manifest_file, "wb") as f:
         f.write(manifest_bytes)
     marker_file = os.path.join(path, COMMIT_FILE)
-    marker = json.loads(open(marker_file, "rb").read())
+    marker = json.loads(Path(marker_file).read_bytes())
     marker["manifest_checksum"] = checksum_bytes(manifest_bytes)
     with open(marker_file, "w") as f:
         json.dump(marker, f)
