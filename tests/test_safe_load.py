@@ -79,7 +79,9 @@ def test_malicious_pickle_in_a_bytes_item_is_refused(tmp_path, marker, verify_ch
     path = _coordinator(tmp_path / "run").save_checkpoint(checkpoint_id="c")
     replace_item_bytes(path, "box.step", _payload(marker))
     reseal(path)  # every checksum agrees: only the safe unpickler stands in the way
-    assert verify_checkpoint(path) == []
+    problems = verify_checkpoint(path)  # ... which verify runs too
+    assert [p.kind for p in problems] == [ProblemKind.UNSAFE] and problems[0].component == "box"
+    assert "it would call io.open" in str(problems[0])
     target = Box({"weights": torch.zeros(3, 4), "config": {"name": "", "layers": [0, 0]}, "step": 0})
     coord = CheckpointCoordinator([StateComponent("box", target, "global")], output_dir=tmp_path / "run",
                                   verify_checksums=verify_checksums)

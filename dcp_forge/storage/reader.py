@@ -19,14 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
-from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from ..errors import CheckpointNotFoundError, IntegrityError
 from ..format.index import ItemRecord
 from ..format.manifest import CheckpointManifest
-from ..format.names import INDEX_FILE, METADATA_FILE
+from ..format.names import INDEX_FILE, METADATA_FILE, stripped_checkpoint_message, written_by_dcp_forge
 from ..format.safe_load import load_dcp_metadata
 from .backends import InputFile
 from .consistency import (
@@ -37,6 +37,8 @@ from .consistency import (
     record_problems,
     storage_location_problems,
 )
+from .cross_check import ItemCheck, coverage_problems, manifest_problems
+from .files import check_extent, open_data_file
 from .item_reader import (
     Checker,
     ItemLoader,
@@ -75,6 +77,7 @@ class ForgeStorageReader(StorageReader):
         self.storage_data: dict[MetadataIndex, Any] = {}
         self.bytes_read = 0  # data bytes read from storage (stored items, not the metadata files)
         self._known: Metadata | None = None
+        self._item_check: ItemCheck | None = None
         self.reset(url)
 
     # --- DCP StorageReader protocol ----------------------------------------------------------
@@ -83,6 +86,7 @@ class ForgeStorageReader(StorageReader):
             self.url = os.fspath(checkpoint_id)
             self.backend, self.path = open_backend(self.url, self.storage_options)
             self._known = None
+            self._item_check = None
         self.storage_data = {}
 
     @classmethod
@@ -104,7 +108,11 @@ class ForgeStorageReader(StorageReader):
         The coordinator reads the metadata files on one rank and broadcasts them, so they are read
         from storage once per job rather than once per rank.
         """
-        self._known, self.manifest, self.records = metadata, manifest, list(records)
+        self._known = metadata
+        self.use_records(manifest, records)
+
+    def use_records(self, manifest: CheckpointManifest | None, records: Sequence[ItemRecord]) -> None:
+        self.manifest, self.records = manifest, list(records)
         self._record_at = {r.location: r for r in self.records}
 
     def _read_metadata_files(self) -> Metadata:
@@ -114,30 +122,37 @@ class ForgeStorageReader(StorageReader):
             raise CheckpointNotFoundError(f"no checkpoint at {where}")
         if state is CheckpointState.PARTIAL:
             raise CheckpointNotFoundError(
-                f"checkpoint {where} was never committed (a save is running or crashed); it cannot be loaded")
+                f"checkpoint {where} was never committed (a save is running or crashed, or its commit marker was "
+                "removed); it cannot be loaded")
         if state is CheckpointState.COMMITTED:
             files = RecordFiles.read(self.backend, self.path)
             manifest, problems = record_problems(files, where)
             if not self.verify_checksums:
                 problems = [p for p in problems if p.kind not in _CHECKSUM_KINDS]
             raise_if_problems(problems)
-            self.manifest = manifest
             metadata_bytes = files.metadata
-            self.records, problems = parse_index(files.index, where)
+            records, problems = parse_index(files.index, where)
             raise_if_problems(problems)
-            self._record_at = {r.location: r for r in self.records}
+            raise_if_problems(manifest_problems(manifest, records, where))
+            self.use_records(manifest, records)
         else:  # plain DCP checkpoint: no records of ours to check against
             metadata_bytes = self._read_file(METADATA_FILE)
         metadata = load_dcp_metadata(metadata_bytes, name=f"{where}/{METADATA_FILE}")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
+        elif state is CheckpointState.LEGACY and written_by_dcp_forge(metadata.storage_meta):
+            raise IntegrityError(stripped_checkpoint_message(where))
         return metadata
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        where = redact_url(self.url)
         if not isinstance(metadata.storage_data, dict):
-            raise IntegrityError(f"{redact_url(self.url)}/{METADATA_FILE} has no storage locations")
-        raise_if_problems(storage_location_problems(metadata, redact_url(self.url)))
+            raise IntegrityError(f"{where}/{METADATA_FILE} has no storage locations")
+        raise_if_problems(storage_location_problems(metadata, where))
         self.storage_data = metadata.storage_data
+        # A dcp_forge checkpoint (it has a manifest) is checked against its index; a plain DCP one only
+        # against .metadata itself.
+        self._item_check = ItemCheck(metadata, self.records if self.manifest is not None else None, where)
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -146,15 +161,26 @@ class ForgeStorageReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        self._read_stored(self.group_reads(plan.items), planner)
+        self._read_stored(self.plan_reads(plan, planner), planner)
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
 
     # --- helpers ----------------------------------------------------------------------------
-    def group_reads(self, items: Sequence[ReadItem]) -> list[StoredRead]:
-        """``items`` grouped by stored item, in file order, with the tensor layouts the index records."""
-        return group_reads(items, self.storage_data, self._record_at)
+    def plan_reads(self, plan: LoadPlan, planner: LoadPlanner) -> list[StoredRead]:
+        """The stored items ``plan`` reads, grouped and in file order, once the records are proven to
+        describe them exactly (raises before anything is read or filled).
+
+        Every tensor the load fills (each one the plan reads, and each one the planner asked for,
+        including those no stored chunk overlaps at all) must be tiled exactly by its stored chunks,
+        and every stored location must be what the index records for that item (cross_check.py).
+        """
+        if self._known is None or self._item_check is None:
+            raise RuntimeError("DCP called read_data before read_metadata and set_up_storage_reader")
+        requested = {item.storage_index.fqn for item in plan.items}
+        requested.update(getattr(planner, "state_dict", None) or ())  # DefaultLoadPlanner's flat destination keys
+        raise_if_problems(coverage_problems(self._known, requested, redact_url(self.url)))
+        return group_reads(plan.items, self.storage_data, self._record_at, self._item_check)
 
     @property
     def checker(self) -> Checker:
@@ -198,14 +224,20 @@ class ForgeStorageReader(StorageReader):
         handles: dict[str, InputFile] = {}
         done = 0
         ahead = 0  # run[:ahead] have been prefetched
+        where = redact_url(self.url)
 
         def handle_for(read: StoredRead) -> InputFile:
             handle = handles.get(read.file)
             if handle is None:
-                handle = handles[read.file] = self._open_data_file(read)
+                handle = handles[read.file] = open_data_file(self.backend, self.path, read.file, where, read.describe())
             return handle
 
         try:
+            sizes = {}
+            for read in run:  # every extent fits its file before anything is allocated or read
+                if read.file not in sizes:
+                    sizes[read.file] = handle_for(read).size()
+                check_extent(where, read.file, sizes[read.file], read.offset, read.length, read.describe())
             for i, read in enumerate(run):
                 window_end = read.offset + PREFETCH_BYTES
                 while ahead < len(run) and (ahead <= i or (run[ahead].file == read.file
@@ -224,13 +256,6 @@ class ForgeStorageReader(StorageReader):
             for handle in handles.values():
                 handle.close()
         return done
-
-    def _open_data_file(self, read: StoredRead) -> InputFile:
-        try:
-            return self.backend.open_input(self.backend.join(self.path, read.file))
-        except FileNotFoundError as err:
-            raise IntegrityError(
-                f"{redact_url(self.url)}: data file {read.file} is missing (holds {read.fqn!r})") from err
 
     def _verify(self, read: StoredRead, found: str) -> None:
         record = self._record_at.get((read.file, read.offset))
