@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -74,6 +75,7 @@ class ForgeStorageReader(StorageReader):
         self.manifest: CheckpointManifest | None = None
         self.records: list[ItemRecord] = []
         self._record_at: dict[tuple[str, int], ItemRecord] = {}
+        self._file_ends: dict[str, int] = {}  # data file -> where its last indexed item ends
         self.storage_data: dict[MetadataIndex, Any] = {}
         self.bytes_read = 0  # data bytes read from storage (stored items, not the metadata files)
         self._known: Metadata | None = None
@@ -114,6 +116,9 @@ class ForgeStorageReader(StorageReader):
     def use_records(self, manifest: CheckpointManifest | None, records: Sequence[ItemRecord]) -> None:
         self.manifest, self.records = manifest, list(records)
         self._record_at = {r.location: r for r in self.records}
+        self._file_ends = {}
+        for r in self.records:
+            self._file_ends[r.file] = max(self._file_ends.get(r.file, 0), r.offset + r.length)
 
     def _read_metadata_files(self) -> Metadata:
         state = checkpoint_state(self.backend, self.path)
@@ -193,6 +198,7 @@ class ForgeStorageReader(StorageReader):
         runs = split_runs(reads, self.thread_count)
         if not runs:
             return
+        self._check_data_files(reads)
         with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="forge-hash") as hashers:
             check = self.checker
             if check is not None:
@@ -207,6 +213,37 @@ class ForgeStorageReader(StorageReader):
             # memory), and the read error is the one raised.
             if check is not None:
                 check.wait()
+
+    def _check_data_files(self, reads: Sequence[StoredRead]) -> None:
+        """Before anything is read: each data file ``reads`` need is a plain file inside the checkpoint
+        (open_data_file), holds every extent read from it, and (dcp_forge checkpoints) is exactly as
+        long as the index says: a file appended to or cut short was replaced or damaged."""
+        where = redact_url(self.url)
+        by_file: dict[str, list[StoredRead]] = defaultdict(list)
+        for read in reads:
+            by_file[read.file].append(read)
+
+        def size_of(name: str) -> int:
+            handle = open_data_file(self.backend, self.path, name, where, by_file[name][0].describe())
+            try:
+                return handle.size()
+            finally:
+                handle.close()
+
+        # In parallel: on object storage each open is a round trip.
+        with ThreadPoolExecutor(max_workers=min(self.thread_count, len(by_file)),
+                                thread_name_prefix="forge-open") as pool:
+            sizes = dict(zip(by_file, pool.map(size_of, by_file), strict=True))
+        for name, its in by_file.items():
+            for read in its:
+                check_extent(where, name, sizes[name], read.offset, read.length, read.describe())
+            end = self._file_ends.get(name)
+            if end is not None and sizes[name] < end:
+                raise IntegrityError(f"{where}: data file {name} is truncated: it has {sizes[name]} bytes, the items "
+                                     f"{INDEX_FILE} records in it end at byte {end}")
+            if end is not None and sizes[name] > end:
+                raise IntegrityError(f"{where}: data file {name} has {sizes[name] - end} bytes after its last item "
+                                     f"(ends at {end}, file has {sizes[name]}): it was appended to or replaced")
 
     def _read_file(self, name: str) -> bytes:
         try:
@@ -233,11 +270,6 @@ class ForgeStorageReader(StorageReader):
             return handle
 
         try:
-            sizes = {}
-            for read in run:  # every extent fits its file before anything is allocated or read
-                if read.file not in sizes:
-                    sizes[read.file] = handle_for(read).size()
-                check_extent(where, read.file, sizes[read.file], read.offset, read.length, read.describe())
             for i, read in enumerate(run):
                 window_end = read.offset + PREFETCH_BYTES
                 while ahead < len(run) and (ahead <= i or (run[ahead].file == read.file
