@@ -4,10 +4,14 @@ Call protocol (DCP's ``StorageReader``): ``reset`` → on every rank ``read_meta
 ``set_up_storage_reader`` and ``prepare_local_plan``; on the coordinator ``prepare_global_plan``;
 on every rank ``read_data``.
 
-Reads only committed checkpoints (or plain DCP ones, which have no manifest). Each stored item is
-read once per ``read_data`` however many destinations need it, ``thread_count`` threads each read
-a consecutive run of about equal bytes, tensors go straight into their destinations where they can
-(item_reader.py), and every item is checked against its xxh3 checksum from ``index.parquet``.
+Reads only committed checkpoints (or plain DCP ones, which hold none of dcp_forge's records). Before
+anything is read, the records are cross-checked (manifest against index, each location read against
+its index row, each tensor's chunks tiling it: cross_check.py) and every data file is opened inside
+the checkpoint, without following links, and bounds every extent read from it (files.py). Each
+stored item is read once per ``read_data`` however many destinations need it, ``thread_count``
+threads each read a consecutive run of about equal bytes, tensors go straight into their
+destinations where they can (item_reader.py), and every item is checked against its xxh3 checksum
+from ``index.parquet``.
 """
 
 from __future__ import annotations
