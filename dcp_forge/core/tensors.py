@@ -67,6 +67,9 @@ def tiling_problem(shape: Sequence[int], boxes: Sequence[tuple[Sequence[int], Se
     shape = tuple(shape)
     if not all(map(_is_index, shape)) or any(s < 0 for s in shape):
         return f"its shape {list(shape)} is not a list of sizes"
+    if len(boxes) == 1 and tuple(boxes[0][1]) == shape and len(boxes[0][0]) == len(shape) and all(
+            _is_index(o) and o == 0 for o in boxes[0][0]) and all(map(_is_index, boxes[0][1])):
+        return None  # one chunk, the whole tensor: how unsharded tensors are stored
     total = math.prod(shape)
     covered = 0
     nonempty = []

@@ -185,18 +185,21 @@ def _malformed_rows(records: list[ItemRecord]) -> list[str]:
     found = []
     locations: set[tuple[str, int]] = set()
     chunks: set[tuple[str, tuple[int, ...]]] = set()
+    keys: dict[tuple[str, str, str], bool] = {}  # (storage key, component, pattern) -> consistent; few distinct
     for r in records:
         what = f"row of {r.fqn!r} in {r.file} at byte {r.offset}"
+        consistent = keys.get((r.storage_key, r.component, r.pattern))
+        if consistent is None:
+            consistent = keys[(r.storage_key, r.component, r.pattern)] = (
+                _component_of_key(r.storage_key) == r.component and _pattern_fits_key(r.pattern, r.storage_key))
         if not (_is_count(r.offset) and _is_count(r.length) and _is_count(r.rank)
                 and (r.data_offset is None or _is_count(r.data_offset))):
             found.append(f"{what} has a negative or missing offset, length, data offset or rank")
         elif r.kind not in ("tensor", "bytes") or (r.kind == "tensor") != (r.shape is not None):
             found.append(f"{what} is of unknown kind {r.kind!r}")
-        elif r.storage_key != top_level_key(r.fqn) or _component_of_key(r.storage_key) != r.component:
-            found.append(f"{what} names storage key {r.storage_key!r} and component {r.component!r}, which its "
-                         "fqn does not")
-        elif not _pattern_fits_key(r.pattern, r.storage_key):
-            found.append(f"{what} records pattern {r.pattern!r}, which its storage key {r.storage_key!r} cannot have")
+        elif not consistent or r.storage_key != top_level_key(r.fqn):
+            found.append(f"{what} names storage key {r.storage_key!r}, component {r.component!r} and pattern "
+                         f"{r.pattern!r}, which do not fit its fqn and each other")
         elif r.location in locations:
             found.append(f"{what}: two rows for one stored location")
         elif (r.fqn, tuple(r.chunk_offsets or ())) in chunks:
@@ -215,7 +218,10 @@ def _component_of_key(key: str) -> str | None:
 
 def _pattern_fits_key(pattern: object, key: str) -> bool:
     """Namespaced keys name their pattern; plain keys are GLOBAL or REPLICATED (keys.py)."""
-    namespaced = parse_storage_key(key).pattern
+    try:
+        namespaced = parse_storage_key(key).pattern
+    except ValueError:
+        return False
     if namespaced is not None:
         return pattern == namespaced.value
     return pattern in (SharingPattern.GLOBAL.value, SharingPattern.REPLICATED.value)
