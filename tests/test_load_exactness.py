@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,7 +67,7 @@ def saved(tmp_path):
 
 
 def _records(path):
-    return decode_index(open(os.path.join(path, INDEX_FILE), "rb").read())
+    return decode_index(Path(path, INDEX_FILE).read_bytes())
 
 
 def _assert_untouched(box: Box, seed: int) -> None:
@@ -255,7 +256,7 @@ def test_metadata_records_the_save_ids_and_version_as_dcps_writer_does(saved, tm
     dcp.save({"box": _state(1)}, checkpoint_id=tmp_path / "plain")
     theirs = FileSystemReader(tmp_path / "plain").read_metadata()
     ours = FileSystemReader(saved).read_metadata()
-    marker = json.loads(open(os.path.join(saved, COMMIT_FILE)).read())
+    marker = json.loads(Path(saved, COMMIT_FILE).read_text())
     assert ours.storage_meta.save_id == marker["save_id"] and ours.storage_meta.checkpoint_id == saved
     assert ours.version == theirs.version == CURRENT_DCP_VERSION
     assert theirs.storage_meta.save_id and theirs.storage_meta.checkpoint_id is not None

@@ -158,7 +158,7 @@ def test_plain_dcp_metadata_of_an_older_torch_loads(tmp_path):
         if hasattr(md, "properties"):
             md.properties = OldTensorProperties(dtype=md.properties.dtype)
     write_metadata(path, metadata)
-    data = open(path / ".metadata", "rb").read()
+    data = (path / ".metadata").read_bytes()
     assert b"torch.distributed._shard.sharded_tensor.metadata" in data and b"MEM_FORMAT_ENCODING" in data
     plain = {"box": {"weights": torch.zeros(3, 4), "config": {"name": "", "layers": [0, 0]}, "step": 0}}
     dcp.load(plain, checkpoint_id=path)

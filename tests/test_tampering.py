@@ -18,6 +18,7 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,10 +97,9 @@ def _swapped(name: str) -> Callable[[str, str], None]:
 def _json_edit(name: str, edit: Callable[[dict], None]) -> Callable[[str, str], None]:
     def change(path, other):
         file = os.path.join(path, name)
-        data = json.loads(open(file).read())
+        data = json.loads(Path(file).read_text())
         edit(data)
-        with open(file, "w") as f:
-            json.dump(data, f)
+        Path(file).write_text(json.dumps(data))
     return change
 
 
