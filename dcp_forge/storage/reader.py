@@ -202,52 +202,62 @@ class ForgeStorageReader(StorageReader):
         runs = split_runs(reads, self.thread_count)
         if not runs:
             return
-        self._check_data_files(reads)
-        with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="forge-hash") as hashers:
-            check = self.checker
-            if check is not None:
-                check = PipelinedChecker(check, hashers)
-            if len(runs) == 1:
-                self.bytes_read += self._read_run(runs[0], planner, load, check)
-            else:
-                with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="forge-read") as pool:
-                    for f in [pool.submit(self._read_run, run, planner, load, check) for run in runs]:
-                        self.bytes_read += f.result()
-            # After a read error, leaving this block still waits for the hashes (they read destination
-            # memory), and the read error is the one raised.
-            if check is not None:
-                check.wait()
+        opened = self._open_data_files(reads)
+        try:
+            with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="forge-hash") as hashers:
+                check = self.checker
+                if check is not None:
+                    check = PipelinedChecker(check, hashers)
+                if len(runs) == 1:
+                    self.bytes_read += self._read_run(runs[0], planner, load, check, opened)
+                else:
+                    with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="forge-read") as pool:
+                        for f in [pool.submit(self._read_run, run, planner, load, check, opened) for run in runs]:
+                            self.bytes_read += f.result()
+                # After a read error, leaving this block still waits for the hashes (they read destination
+                # memory), and the read error is the one raised.
+                if check is not None:
+                    check.wait()
+        finally:
+            for handle in list(opened.values()):  # the files no run took over
+                handle.close()
 
-    def _check_data_files(self, reads: Sequence[StoredRead]) -> None:
-        """Before anything is read: each data file ``reads`` need is a plain file inside the checkpoint
-        (open_data_file), holds every extent read from it, and (dcp_forge checkpoints) is exactly as
-        long as the index says: a file appended to or cut short was replaced or damaged."""
+    def _open_data_files(self, reads: Sequence[StoredRead]) -> dict[str, InputFile]:
+        """Open every data file ``reads`` need, before anything is read, and prove each one: a plain file
+        inside the checkpoint (open_data_file), holding every extent read from it, and (dcp_forge
+        checkpoints) exactly as long as the index says (a file appended to or cut short was replaced or
+        damaged). The runs that read take these handles over (one open per file: on object storage an
+        open is a round trip)."""
         where = redact_url(self.url)
         by_file: dict[str, list[StoredRead]] = defaultdict(list)
         for read in reads:
             by_file[read.file].append(read)
+        opened: dict[str, InputFile] = {}
 
-        def size_of(name: str) -> int:
-            handle = open_data_file(self.backend, self.path, name, where, by_file[name][0].describe())
-            try:
-                return handle.size()
-            finally:
+        def open_file(name: str) -> None:
+            opened[name] = open_data_file(self.backend, self.path, name, where, by_file[name][0].describe())
+
+        try:
+            with ThreadPoolExecutor(max_workers=min(self.thread_count, len(by_file)),
+                                    thread_name_prefix="forge-open") as pool:
+                for f in [pool.submit(open_file, name) for name in by_file]:
+                    f.result()
+            for name, its in by_file.items():
+                size = opened[name].size()
+                for read in its:
+                    check_extent(where, name, size, read.offset, read.length, read.describe())
+                end = self._file_ends.get(name)
+                if end is not None and size < end:
+                    raise IntegrityError(f"{where}: data file {name} is truncated: it has {size} bytes, the items "
+                                         f"{INDEX_FILE} records in it end at byte {end}")
+                if end is not None and size > end:
+                    raise IntegrityError(f"{where}: data file {name} has {size - end} bytes after its last item "
+                                         f"(ends at {end}, file has {size}): it was appended to or replaced")
+        except BaseException:
+            for handle in opened.values():
                 handle.close()
-
-        # In parallel: on object storage each open is a round trip.
-        with ThreadPoolExecutor(max_workers=min(self.thread_count, len(by_file)),
-                                thread_name_prefix="forge-open") as pool:
-            sizes = dict(zip(by_file, pool.map(size_of, by_file), strict=True))
-        for name, its in by_file.items():
-            for read in its:
-                check_extent(where, name, sizes[name], read.offset, read.length, read.describe())
-            end = self._file_ends.get(name)
-            if end is not None and sizes[name] < end:
-                raise IntegrityError(f"{where}: data file {name} is truncated: it has {sizes[name]} bytes, the items "
-                                     f"{INDEX_FILE} records in it end at byte {end}")
-            if end is not None and sizes[name] > end:
-                raise IntegrityError(f"{where}: data file {name} has {sizes[name] - end} bytes after its last item "
-                                     f"(ends at {end}, file has {sizes[name]}): it was appended to or replaced")
+            raise
+        return opened
 
     def _read_file(self, name: str) -> bytes:
         try:
@@ -255,9 +265,10 @@ class ForgeStorageReader(StorageReader):
         except FileNotFoundError as err:
             raise IntegrityError(f"{redact_url(self.url)} is missing {name}") from err
 
-    def _read_run(self, run: Sequence[StoredRead], planner: LoadPlanner,
-                  load: ItemLoader = load_stored_item, check: Checker = None) -> int:
-        """Read consecutive stored items (one thread), one open handle per file; returns bytes read.
+    def _read_run(self, run: Sequence[StoredRead], planner: LoadPlanner, load: ItemLoader = load_stored_item,
+                  check: Checker = None, opened: dict[str, InputFile] | None = None) -> int:
+        """Read consecutive stored items (one thread), one open handle per file, taken over from
+        ``opened`` where it holds one (else opened here); returns bytes read.
 
         The next ``PREFETCH_BYTES`` of the run are always requested ahead (``InputFile.prefetch``),
         so the disk keeps working while this thread verifies and places the current item.
@@ -270,7 +281,10 @@ class ForgeStorageReader(StorageReader):
         def handle_for(read: StoredRead) -> InputFile:
             handle = handles.get(read.file)
             if handle is None:
-                handle = handles[read.file] = open_data_file(self.backend, self.path, read.file, where, read.describe())
+                handle = (opened or {}).pop(read.file, None)  # dict.pop is atomic: runs share ``opened``
+                if handle is None:
+                    handle = open_data_file(self.backend, self.path, read.file, where, read.describe())
+                handles[read.file] = handle
             return handle
 
         try:
