@@ -245,6 +245,8 @@ def test_removing_the_records_never_downgrades_to_an_unchecked_load(saved, tmp_p
     assert [p.kind for p in problems] == [ProblemKind.NOT_COMMITTED], problems
     assert main(["verify", str(saved)]) == EXIT_FOUND
     assert "OK" not in capsys.readouterr().out
+    with pytest.raises(ForgeError):  # inspect and diff read through the same records
+        OpenCheckpoint.open(saved).read_values(["box.a"])
     if INDEX_FILE in removed:  # .metadata still says dcp_forge wrote it
         assert "was written by dcp_forge" in str(err.value) and "Refusing to load it as a plain DCP" in str(err.value)
     else:
