@@ -24,7 +24,8 @@ from dcp_forge import (
     read_manifest,
 )
 from dcp_forge.core.placement import ChunkPolicy
-from dcp_forge.format.names import CLAIM_FILE, COMMIT_FILE, MANIFEST_FILE
+from dcp_forge.format.names import CLAIM_FILE, COMMIT_FILE, MANIFEST_FILE, METADATA_FILE
+from dcp_forge.format.safe_load import load_dcp_metadata
 from tests.support.statefuls import Box
 from tests.support.states import assert_same, empty_like_state, mutate_in_place, snapshot, tricky_state
 
@@ -122,13 +123,20 @@ def test_async_checkpoint_is_byte_identical_to_a_sync_one(tmp_path, scheme, requ
     _, async_root = fsspec.core.url_to_fs(async_path, **options)
     sync_files, async_files = _files(fs, sync_root), _files(fs, async_root)
     assert set(sync_files) == set(async_files)
-    data_files = set(sync_files) - {CLAIM_FILE, COMMIT_FILE, MANIFEST_FILE}
-    assert {".metadata", "index.parquet", "__0_0.distcp"} <= data_files
+    data_files = set(sync_files) - {CLAIM_FILE, COMMIT_FILE, MANIFEST_FILE, METADATA_FILE}
+    assert {"index.parquet", "__0_0.distcp"} <= data_files
     for name in sorted(data_files):
         assert sync_files[name] == async_files[name], name
+    # .metadata differs only in storage_meta: each save's own id and path, as DCP's FileSystemWriter records them.
+    sync_md, async_md = (load_dcp_metadata(files[METADATA_FILE], name=METADATA_FILE) for files in (sync_files, async_files))
+    assert sync_md.storage_meta.save_id != async_md.storage_meta.save_id
+    assert async_md.storage_meta.checkpoint_id.endswith("async")
+    async_md.storage_meta = sync_md.storage_meta
+    assert async_md == sync_md
     sync_manifest, async_manifest = read_manifest(sync_path, options), read_manifest(async_path, options)
     assert async_manifest.checkpoint_path.endswith("async")
-    for field in ("timestamp", "checkpoint_path"):
+    assert async_manifest.files["index.parquet"] == sync_manifest.files["index.parquet"]
+    for field in ("timestamp", "checkpoint_path", "files"):  # files: .metadata holds each save's id
         setattr(async_manifest, field, getattr(sync_manifest, field))
     assert async_manifest == sync_manifest
     if scheme == "memory":

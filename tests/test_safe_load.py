@@ -79,7 +79,9 @@ def test_malicious_pickle_in_a_bytes_item_is_refused(tmp_path, marker, verify_ch
     path = _coordinator(tmp_path / "run").save_checkpoint(checkpoint_id="c")
     replace_item_bytes(path, "box.step", _payload(marker))
     reseal(path)  # every checksum agrees: only the safe unpickler stands in the way
-    assert verify_checkpoint(path) == []
+    problems = verify_checkpoint(path)  # ... which verify runs too
+    assert [p.kind for p in problems] == [ProblemKind.UNSAFE] and problems[0].component == "box"
+    assert "it would call io.open" in str(problems[0])
     target = Box({"weights": torch.zeros(3, 4), "config": {"name": "", "layers": [0, 0]}, "step": 0})
     coord = CheckpointCoordinator([StateComponent("box", target, "global")], output_dir=tmp_path / "run",
                                   verify_checksums=verify_checksums)
@@ -105,6 +107,66 @@ def test_malicious_pickle_in_a_plain_dcp_checkpoint_is_refused(tmp_path, marker)
     replace_item_bytes(path, "box.step", _payload(marker))  # plain DCP: no checksums to reseal
     with pytest.raises(UnsafeCheckpointError, match="refusing to load"):
         _coordinator(tmp_path).load_checkpoint(path)
+
+
+@pytest.mark.parametrize("verify_checksums", [True, False])
+def test_malicious_pickle_in_a_tensor_item_is_refused_naming_the_key(tmp_path, marker, verify_checksums):
+    path = _coordinator(tmp_path / "run").save_checkpoint(checkpoint_id="c")
+    replace_item_bytes(path, "box.weights", _payload(marker))
+    reseal(path)
+    problems = verify_checkpoint(path)
+    assert [(p.kind, p.component) for p in problems] == [(ProblemKind.UNSAFE, "box")], problems
+    assert "'box.weights'" in str(problems[0]) and "it would call io.open" in str(problems[0])
+    target = Box({"weights": torch.zeros(3, 4), "config": {"name": "", "layers": [0, 0]}, "step": 0})
+    coord = CheckpointCoordinator([StateComponent("box", target, "global")], output_dir=tmp_path / "run",
+                                  verify_checksums=verify_checksums)
+    with pytest.raises(UnsafeCheckpointError, match=r"refusing to load 'box: box.weights': unpickling its stored "
+                       r"value is not safe \(it would call io.open") as err:
+        coord.load_checkpoint(path)
+    assert isinstance(err.value, pickle.UnpicklingError) and isinstance(err.value, IntegrityError)
+    assert torch.equal(target.state["weights"], torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize(("stored", "kind", "match"), [
+    ([1, 2, 3], ProblemKind.MALFORMED, r"the stored tensor 'box: box.weights' holds a list, not a tensor"),
+    (torch.arange(12), ProblemKind.WRONG_LAYOUT, r"holds a torch.int64 tensor \[12\]; .*torch.float32 tensor \[3, 4\]"),
+    (torch.ones(4, 3), ProblemKind.WRONG_LAYOUT, r"holds a torch.float32 tensor \[4, 3\]; .*torch.float32 tensor \[3, 4\]"),
+], ids=["a list", "another dtype", "another shape"])
+def test_a_tensor_item_holding_something_else_is_refused(tmp_path, stored, kind, match):
+    """Safe to unpickle, checksums re-sealed: the blob still contradicts what the records say it is."""
+    path = _coordinator(tmp_path / "run").save_checkpoint(checkpoint_id="c")
+    buffer = io.BytesIO()
+    torch.save(stored, buffer)
+    replace_item_bytes(path, "box.weights", buffer.getvalue())
+    reseal(path)
+    problems = verify_checkpoint(path)
+    assert [(p.kind, p.component) for p in problems] == [(kind, "box")], problems
+    target = Box({"weights": torch.zeros(3, 4), "config": {"name": "", "layers": [0, 0]}, "step": 0})
+    with pytest.raises(IntegrityError, match=match):
+        CheckpointCoordinator([StateComponent("box", target, "global")], output_dir=tmp_path / "run").load_checkpoint(
+            path)
+
+
+def test_plain_dcp_metadata_of_an_older_torch_loads(tmp_path):
+    """Older torch pickled ``TensorProperties`` from torch.distributed._shard; plain DCP loads that, so must we."""
+    from torch.distributed._shard.sharded_tensor.metadata import TensorProperties as OldTensorProperties
+
+    path = tmp_path / "legacy"
+    dcp.save({"box": _state()}, checkpoint_id=path)
+    metadata = read_metadata(path)
+    for md in metadata.state_dict_metadata.values():
+        if hasattr(md, "properties"):
+            md.properties = OldTensorProperties(dtype=md.properties.dtype)
+    write_metadata(path, metadata)
+    data = (path / ".metadata").read_bytes()
+    assert b"torch.distributed._shard.sharded_tensor.metadata" in data and b"MEM_FORMAT_ENCODING" in data
+    plain = {"box": {"weights": torch.zeros(3, 4), "config": {"name": "", "layers": [0, 0]}, "step": 0}}
+    dcp.load(plain, checkpoint_id=path)
+    target = Box({"weights": torch.zeros(3, 4), "config": {"name": "", "layers": [0, 0]}, "step": 0})
+    CheckpointCoordinator([StateComponent("box", target, "global")], output_dir=tmp_path).load_checkpoint(path)
+    assert torch.equal(target.state["weights"], _state()["weights"]) and target.state["step"] == 3
+    assert torch.equal(plain["box"]["weights"], _state()["weights"])
+    assert verify_checkpoint(path) == []
 
 
 def _malicious_metadata(path, marker: str, how: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -48,3 +49,52 @@ def narrow_box(tensor: torch.Tensor, offsets: Sequence[int], sizes: Sequence[int
         if start != 0 or length != out.shape[dim]:
             out = out.narrow(dim, int(start), int(length))
     return out
+
+
+def _is_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def tiling_problem(shape: Sequence[int], boxes: Sequence[tuple[Sequence[int], Sequence[int]]]) -> str | None:
+    """Why the boxes ``(offsets, sizes)`` do not tile a tensor of ``shape`` exactly once; None if they do.
+
+    A load fills each destination from the stored chunks that overlap it: a gap leaves elements at
+    whatever the destination held, an overlap writes them twice from chunks that may disagree. Boxes
+    inside the tensor whose volumes add up to its volume and of which no two overlap tile it exactly.
+    The overlap test sweeps along the dimension with the most distinct starts, so evenly sharded
+    tensors compare each box with a few neighbours only.
+    """
+    shape = tuple(shape)
+    if not all(map(_is_index, shape)) or any(s < 0 for s in shape):
+        return f"its shape {list(shape)} is not a list of sizes"
+    if len(boxes) == 1 and tuple(boxes[0][1]) == shape and len(boxes[0][0]) == len(shape) and all(
+            _is_index(o) and o == 0 for o in boxes[0][0]) and all(map(_is_index, boxes[0][1])):
+        return None  # one chunk, the whole tensor: how unsharded tensors are stored
+    total = math.prod(shape)
+    covered = 0
+    nonempty = []
+    for offsets, sizes in boxes:
+        offsets, sizes = tuple(offsets), tuple(sizes)
+        if (len(offsets) != len(shape) or len(sizes) != len(shape) or not all(map(_is_index, offsets + sizes))
+                or any(o < 0 or s < 0 or o + s > d for o, s, d in zip(offsets, sizes, shape, strict=True))):
+            return f"a chunk at offsets {list(offsets)} of sizes {list(sizes)} lies outside its shape {list(shape)}"
+        volume = math.prod(sizes)
+        covered += volume
+        if volume:
+            nonempty.append((offsets, sizes))
+    if covered < total:
+        return f"its chunks cover {covered} of its {total} elements"
+    if not nonempty:
+        return None
+    dim = max(range(len(shape)), key=lambda d: len({o[d] for o, _ in nonempty})) if shape else 0
+    active: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    for offsets, sizes in sorted(nonempty, key=lambda box: box[0][dim] if shape else 0):
+        if shape:
+            active = [a for a in active if a[0][dim] + a[1][dim] > offsets[dim]]
+        for other_offsets, other_sizes in active:
+            if all(o1 < o2 + s2 and o2 < o1 + s1
+                   for o1, s1, o2, s2 in zip(offsets, sizes, other_offsets, other_sizes, strict=True)):
+                return (f"its chunks at offsets {list(other_offsets)} and {list(offsets)} overlap "
+                        f"(they cover {covered} element(s) of {total})")
+        active.append((offsets, sizes))
+    return None  # disjoint boxes inside the tensor covering at least its volume: exactly its volume

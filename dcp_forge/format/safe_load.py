@@ -65,6 +65,10 @@ _METADATA_GLOBALS = frozenset({
         "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
         "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    # Older torch pickled TensorProperties from its sharded-tensor module; plain DCP still loads such
+    # checkpoints. Both are plain records (a dataclass whose state is dtype, layout, flags and the enum).
+    ("torch.distributed._shard.sharded_tensor.metadata", "TensorProperties"),
+    ("torch.distributed._shard.sharded_tensor.metadata", "MEM_FORMAT_ENCODING"),
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),
     ("pathlib", "PosixPath"),

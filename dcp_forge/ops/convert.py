@@ -47,6 +47,9 @@ def load_checkpoint_state(url: str | os.PathLike, storage_options: Mapping[str, 
     """The whole checkpoint at ``url`` as one nested state dict keyed by storage key (on this process)."""
     planner = _SafeEmptyStateDictLoadPlanner()
     reader = ForgeStorageReader(url, storage_options, thread_count=thread_count)
+    # Read (and check) the records first: inside dcp.load, DCP turns a failing read_metadata into an
+    # AssertionError that keeps only the message.
+    reader.read_metadata()
     try:
         dcp.load({}, storage_reader=reader, planner=planner, no_dist=True)
     except BaseException as exc:  # DCP wraps errors in CheckpointException (a BaseException)

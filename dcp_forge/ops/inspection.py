@@ -23,8 +23,19 @@ from ..core.keys import top_level_key
 from ..errors import CheckpointNotFoundError, IntegrityError
 from ..format.index import INDEX_SCHEMA, read_index_table
 from ..format.manifest import CheckpointManifest
-from ..format.names import CLAIM_FILE, DATA_SUFFIX, INDEX_FILE, MANIFEST_FILE, METADATA_FILE
+from ..format.names import (
+    CLAIM_FILE,
+    COMMIT_FILE,
+    DATA_SUFFIX,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    METADATA_FILE,
+    stripped_checkpoint_message,
+    written_by_dcp_forge,
+)
 from ..storage.backends import StorageBackend
+from ..storage.consistency import RecordFiles, raise_if_problems, record_problems
+from ..storage.files import check_extent, open_data_file
 from ..storage.lifecycle import CheckpointState, checkpoint_state, read_commit
 from ..storage.registry import join_url, open_backend, redact_url
 
@@ -33,7 +44,8 @@ from ..storage.registry import join_url, open_backend, redact_url
 
 _STEP_RE = re.compile(r"(\d+)$")
 # What read_values needs from the index.
-VALUE_COLUMNS = ["fqn", "kind", "shape", "chunk_offsets", "file", "offset", "length", "checksum", "component"]
+VALUE_COLUMNS = ["fqn", "kind", "dtype", "shape", "chunk_offsets", "chunk_sizes", "file", "offset", "length", "checksum",
+                 "component"]
 
 
 # --- listing ----------------------------------------------------------------------------------------
@@ -119,6 +131,8 @@ def _legacy_table(metadata_bytes: bytes, where: str) -> pa.Table:
     from ..format.safe_load import load_dcp_metadata
 
     metadata = load_dcp_metadata(metadata_bytes, name=f"{where}/{METADATA_FILE}")
+    if written_by_dcp_forge(getattr(metadata, "storage_meta", None)):
+        raise IntegrityError(stripped_checkpoint_message(where))
     rows: dict[str, list] = {name: [] for name in INDEX_SCHEMA.names}
     for index, info in (metadata.storage_data or {}).items():
         md = metadata.state_dict_metadata.get(index.fqn)
@@ -164,9 +178,14 @@ class OpenCheckpoint:
                                           "`dcp-forge ls` lists it as partial")
         opened = cls(url, backend, path, state)
         if state is CheckpointState.COMMITTED:
+            # The item table comes from the index: only one the commit marker vouches for (through the
+            # manifest) is used. .metadata is not read here, so it is not checked either.
+            files = RecordFiles(opened._read(COMMIT_FILE), opened._read(MANIFEST_FILE), None, opened._read(INDEX_FILE))
+            manifest, problems = record_problems(files, where, vouched=(INDEX_FILE,))
+            raise_if_problems(problems)
             opened.committed_at = read_commit(backend, path).committed_at
-            opened.manifest = CheckpointManifest.from_json(opened._read(MANIFEST_FILE))
-            opened._index_bytes = opened._read(INDEX_FILE)
+            opened.manifest = manifest
+            opened._index_bytes = files.index
         return opened
 
     @property
@@ -202,11 +221,14 @@ class OpenCheckpoint:
         """The stored values of ``fqns`` (whole tensors, assembled from their chunks; other values
         unpickled safely), found through the index and read without DCP's load machinery.
 
-        Checksums are verified when the index records them (``verify=False`` skips that).
+        Each data file is opened through ``open_data_file`` (inside the checkpoint, no symbolic link)
+        and each item bounded by its file's size before it is read. A tensor's chunks must tile it
+        exactly, and each must hold the dtype and shape its row records. Checksums are verified when
+        the index records them (``verify=False`` skips that).
         """
         import torch
 
-        from ..core.tensors import narrow_box
+        from ..core.tensors import narrow_box, tiling_problem
         from ..format.safe_load import load_object
         from ..storage.item_reader import read_blob, stored_tensor
 
@@ -216,13 +238,27 @@ class OpenCheckpoint:
         missing = sorted(set(wanted) - {r["fqn"] for r in rows})
         if missing:
             raise KeyError(f"{self.where} has no item(s) {missing[:5]}")
+        tensor_rows: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            if row["kind"] == "tensor":
+                tensor_rows.setdefault(row["fqn"], []).append(row)
+        for fqn, chunks in sorted(tensor_rows.items()):
+            why = tiling_problem(chunks[0]["shape"] or (), [(r["chunk_offsets"] or [0] * len(r["chunk_sizes"] or ()),
+                                                            r["chunk_sizes"] or ()) for r in chunks])
+            if why is not None:
+                raise IntegrityError(f"{self.where}: tensor {fqn!r} of component {chunks[0]['component']!r} cannot "
+                                     f"be read exactly: {why}")
         values: dict[str, Any] = {}
         handles: dict[str, Any] = {}
         try:
             for row in sorted(rows, key=lambda r: (r["file"], r["offset"])):
+                fqn = row["fqn"]
+                holds = f"{fqn!r} (component {row['component']!r})"
                 handle = handles.get(row["file"])
                 if handle is None:
-                    handle = handles[row["file"]] = self.backend.open_input(self.backend.join(self.path, row["file"]))
+                    handle = handles[row["file"]] = open_data_file(self.backend, self.path, row["file"], self.where,
+                                                                   holds)
+                check_extent(self.where, row["file"], handle.size(), row["offset"], row["length"], holds)
                 blob = read_blob(handle, row["offset"], row["length"])
                 if verify and row["checksum"] is not None:
                     found = xxhash.xxh3_64_hexdigest(blob.numpy())
@@ -231,11 +267,16 @@ class OpenCheckpoint:
                             f"{self.where}: checksum mismatch in {row['file']} at byte {row['offset']} for "
                             f"component {row['component']!r} ({row['fqn']!r}): expected {row['checksum']}, "
                             f"found {found}")
-                fqn = row["fqn"]
+                name = f"{row['component']}: {fqn}"
                 if row["kind"] != "tensor":
-                    values[fqn] = load_object(blob.numpy().tobytes(), name=f"{row['component']}: {fqn}")
+                    values[fqn] = load_object(blob.numpy().tobytes(), name=name)
                     continue
-                chunk = stored_tensor(blob)
+                chunk = stored_tensor(blob, name)
+                if str(chunk.dtype) != row["dtype"] or list(chunk.shape) != list(row["chunk_sizes"] or ()):
+                    raise IntegrityError(
+                        f"{self.where}: the item of {holds} in {row['file']} at byte {row['offset']} holds a "
+                        f"{chunk.dtype} tensor {list(chunk.shape)}; {INDEX_FILE} says a {row['dtype']} tensor "
+                        f"{list(row['chunk_sizes'] or ())}")
                 whole = values.get(fqn)
                 if whole is None:
                     whole = values[fqn] = torch.empty(row["shape"], dtype=chunk.dtype)

@@ -2,17 +2,22 @@
 
 What is checked, in order (docs/FORMAT.md describes the files):
 
-1. the checkpoint is committed (``_COMMITTED`` exists), or is a plain DCP checkpoint;
+1. the checkpoint is committed (``_COMMITTED`` exists), or is a plain DCP checkpoint (one holding
+   none of dcp_forge's records, whose ``.metadata`` does not say dcp_forge wrote it);
 2. the chain of records: the commit marker vouches for the manifest, the manifest for ``.metadata``
    and ``index.parquet`` (a stale or swapped manifest, metadata or index is caught here);
-3. ``.metadata`` unpickles with the restricted loader and points only at files in the directory;
-4. completeness: every item DCP's metadata lists has a stored location, every stored location is in
-   the index with the same extent, tensor chunks cover their tensors, and the manifest's
-   per-component sizes and checksums match the index;
-5. the data files: each exists, none is shorter (truncated) or longer than its items, every
-   item's bytes hash to the xxh3 the index recorded, and where the index records where a tensor
-   starts inside its blob (``data_offset``), the blob's own zip records say the same (plain DCP
-   checkpoints record neither: only presence and extents are checked).
+3. ``.metadata`` unpickles with the restricted loader and points only at files in the directory,
+   with non-negative offsets and lengths;
+4. the records agree (storage/cross_check.py, the same checks every load runs): every item DCP's
+   metadata lists has a stored location, each location is the index's row for that item (fqn,
+   chunk, length, kind, dtype, shape), the chunks of every tensor tile it exactly, and the manifest
+   is what the index and its own topology add up to;
+5. the data files: each is a plain file (no symbolic link), none is shorter (truncated) or longer
+   than its items, every item's bytes hash to the xxh3 the index recorded, every tensor item holds
+   the dtype and shape the records give it (where the index records where a tensor starts inside its
+   blob, ``data_offset``, the blob's own zip records say the same), and every stored value unpickles
+   with the restricted loader (plain DCP checkpoints record no checksums: presence, extents and
+   values are checked).
 
 Every problem found is reported (not just the first), each naming the file and, where one is
 involved, the component. Nothing is modified.
@@ -20,7 +25,6 @@ involved, the component. Nothing is modified.
 
 from __future__ import annotations
 
-import math
 import os
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import xxhash
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -36,22 +41,34 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from ..core.keys import top_level_key
+from ..core.tensors import dtype_named
 from ..errors import IntegrityError
 from ..format.index import ItemRecord
-from ..format.manifest import CheckpointManifest, combine_checksums
-from ..format.names import INDEX_FILE, MANIFEST_FILE, METADATA_FILE
-from ..format.safe_load import UnsafeCheckpointError, load_dcp_metadata
-from ..format.torch_blob import BlobEdges, TensorBlobLayout, describe_layout, recorded_layout
-from ..storage.backends import StorageBackend
+from ..format.manifest import CheckpointManifest
+from ..format.names import INDEX_FILE, METADATA_FILE, stripped_checkpoint_message, written_by_dcp_forge
+from ..format.safe_load import UnsafeCheckpointError, load_dcp_metadata, load_object
+from ..format.torch_blob import (
+    BlobEdges,
+    NotPlainTensor,
+    TensorBlobLayout,
+    describe_layout,
+    open_blob,
+    recorded_layout,
+    tensor_blob_layout,
+)
+from ..storage.backends import InputFile, StorageBackend
 from ..storage.consistency import (
     Problem,
     ProblemKind,
     RecordFiles,
+    component_of,
     parse_index,
     record_problems,
     storage_location_problems,
 )
+from ..storage.cross_check import ItemCheck, StoredChunk, coverage_problems, manifest_problems
+from ..storage.files import extent_problem, open_data_file
+from ..storage.item_reader import stored_tensor
 from ..storage.lifecycle import CheckpointState, checkpoint_state
 from ..storage.registry import open_backend, redact_url
 
@@ -63,8 +80,8 @@ _READ_PIECE = 8 * 1024 * 1024
 
 @dataclass(frozen=True)
 class _Extent:
-    """One stored item: where it is and (when recorded) the checksum of its bytes and where its
-    tensor starts inside it."""
+    """One stored item: where it is, what it holds and (when recorded) the checksum of its bytes and
+    where its tensor starts inside it."""
 
     file: str
     offset: int
@@ -72,8 +89,13 @@ class _Extent:
     checksum: str | None
     component: str
     fqn: str
+    kind: str  # "tensor" or "bytes"
+    chunk: StoredChunk | None = None  # the dtype and shape the records give a tensor item
     data_offset: int | None = None
     layout: TensorBlobLayout | None = None  # the tensor the index describes at data_offset
+
+    def describe(self) -> str:
+        return f"{self.fqn!r} (component {self.component!r})"
 
 
 def verify_checkpoint(url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, *,
@@ -94,9 +116,13 @@ def verify_checkpoint(url: str | os.PathLike, storage_options: Mapping[str, Any]
     if state is CheckpointState.PARTIAL:
         return [Problem(ProblemKind.NOT_COMMITTED,
                         f"{where} was never committed (it holds {backend.list_dir(path)[:6]}): a save is "
-                        "running or crashed, and loads ignore it; discard_partial_checkpoints removes it")]
+                        "running or crashed, or its commit marker was removed, and loads refuse it; "
+                        "discard_partial_checkpoints removes it")]
 
-    files = RecordFiles.read(backend, path)
+    try:
+        files = RecordFiles.read(backend, path)
+    except UnsafeCheckpointError as err:
+        return [Problem(ProblemKind.UNSAFE, f"{where}: {err}")]
     problems: list[Problem] = []
     manifest: CheckpointManifest | None = None
     records: list[ItemRecord] | None = None
@@ -110,21 +136,36 @@ def verify_checkpoint(url: str | os.PathLike, storage_options: Mapping[str, Any]
         problems.append(Problem(ProblemKind.MISSING_FILE, f"{where} is missing {METADATA_FILE}", METADATA_FILE))
 
     metadata = _load_metadata(files.metadata, where, problems)
+    if metadata is not None and state is CheckpointState.LEGACY and written_by_dcp_forge(metadata.storage_meta):
+        problems.append(Problem(ProblemKind.NOT_COMMITTED, stripped_checkpoint_message(where), METADATA_FILE))
+    check = None
     if metadata is not None:
-        problems += _metadata_problems(metadata, records, where)
+        found = _metadata_problems(metadata, records, where)
+        problems += found
+        if not found:
+            check = ItemCheck(metadata, records, where)
     if manifest is not None and records is not None:
-        problems += _manifest_problems(manifest, records, where)
+        problems += manifest_problems(manifest, records, where)
 
     if records is not None:
-        extents = [_Extent(r.file, r.offset, r.length, r.checksum, r.component, r.fqn, r.data_offset,
+        extents = [_Extent(r.file, r.offset, r.length, r.checksum, r.component, r.fqn, r.kind,
+                           _recorded_chunk(r), r.data_offset,
                            recorded_layout(r.data_offset, r.dtype, r.chunk_sizes, r.length)) for r in records]
-    elif state is CheckpointState.LEGACY and metadata is not None and not problems:
-        extents = [_Extent(info.relative_path, info.offset, info.length, None, top_level_key(index.fqn), index.fqn)
+    elif state is CheckpointState.LEGACY and check is not None and not problems:
+        extents = [_Extent(info.relative_path, info.offset, info.length, None, component_of(index.fqn), index.fqn,
+                           "tensor" if check.chunk(index) is not None else "bytes", check.chunk(index))
                    for index, info in metadata.storage_data.items()]
     else:
         extents = []  # no trustworthy list of items: their problems are reported above
     problems += _data_problems(backend, path, where, extents, thread_count, progress)
     return problems
+
+
+def _recorded_chunk(record: ItemRecord) -> StoredChunk | None:
+    dtype = dtype_named(record.dtype) if record.dtype is not None else None
+    if record.kind != "tensor" or dtype is None or record.chunk_sizes is None:
+        return None
+    return StoredChunk(dtype, tuple(record.chunk_sizes))
 
 
 def _load_metadata(data: bytes | None, where: str, problems: list[Problem]) -> Metadata | None:
@@ -146,22 +187,18 @@ def _load_metadata(data: bytes | None, where: str, problems: list[Problem]) -> M
 
 
 def _metadata_problems(metadata: Metadata, records: Sequence[ItemRecord] | None, where: str) -> list[Problem]:
-    """DCP's metadata, its storage locations and (when present) the index describe the same items."""
+    """DCP's metadata, its storage locations and (when present) the index describe the same items,
+    and every tensor's chunks tile it."""
     problems = storage_location_problems(metadata, where)
     if problems:
         return problems
     locations = metadata.storage_data
     for fqn, md in sorted(metadata.state_dict_metadata.items()):
-        component = top_level_key(fqn)
+        component = component_of(fqn)
         if isinstance(md, BytesStorageMetadata):
             wanted = [MetadataIndex(fqn)]
         elif isinstance(md, TensorStorageMetadata):
             wanted = [MetadataIndex(fqn, chunk.offsets) for chunk in md.chunks]
-            covered = sum(math.prod(chunk.sizes) for chunk in md.chunks)
-            if covered != math.prod(md.size):
-                problems.append(Problem(
-                    ProblemKind.INCOMPLETE, f"{where}/{METADATA_FILE}: the chunks of {fqn!r} cover {covered} of "
-                    f"its {math.prod(md.size)} elements", METADATA_FILE, component))
         else:
             problems.append(Problem(ProblemKind.MALFORMED, f"{where}/{METADATA_FILE}: {fqn!r} has unknown "
                                     f"metadata {type(md).__name__}", METADATA_FILE, component))
@@ -171,60 +208,20 @@ def _metadata_problems(metadata: Metadata, records: Sequence[ItemRecord] | None,
             problems.append(Problem(
                 ProblemKind.INCOMPLETE, f"{where}/{METADATA_FILE}: {len(missing)} stored piece(s) of {fqn!r} "
                 f"have no location (e.g. offsets {tuple(missing[0].offset or ())})", METADATA_FILE, component))
-    if records is None:
-        return problems
+    problems += coverage_problems(metadata, metadata.state_dict_metadata, where)
 
-    by_location = {(r.file, r.offset): r for r in records}
+    check = ItemCheck(metadata, records, where)
     listed: set[tuple[str, int]] = set()
     for index, info in sorted(locations.items(), key=lambda kv: (kv[0].fqn, tuple(kv[0].offset or ()))):
-        where_stored = (info.relative_path, info.offset)
-        listed.add(where_stored)
-        record = by_location.get(where_stored)
-        component = top_level_key(index.fqn)
-        if record is None:
-            problems.append(Problem(
-                ProblemKind.INCOMPLETE, f"{where}/{INDEX_FILE} has no row for {index.fqn!r} stored in "
-                f"{info.relative_path} at byte {info.offset} ({METADATA_FILE} lists it)", INDEX_FILE, component))
-        elif record.fqn != index.fqn or record.length != info.length:
-            problems.append(Problem(
-                ProblemKind.INCOMPLETE, f"{where}: {INDEX_FILE} and {METADATA_FILE} disagree about "
-                f"{info.relative_path} at byte {info.offset}: index has {record.fqn!r} ({record.length} bytes), "
-                f"metadata has {index.fqn!r} ({info.length} bytes)", INDEX_FILE, record.component))
-    for record in records:
+        listed.add((info.relative_path, info.offset))
+        problem = check.problem(index, info)
+        if problem is not None:
+            problems.append(problem)
+    for record in records or ():
         if record.location not in listed:
             problems.append(Problem(
                 ProblemKind.INCOMPLETE, f"{where}/{INDEX_FILE} lists {record.fqn!r} in {record.file} at byte "
                 f"{record.offset}, which {METADATA_FILE} does not know", INDEX_FILE, record.component))
-    return problems
-
-
-def _manifest_problems(manifest: CheckpointManifest, records: Sequence[ItemRecord], where: str) -> list[Problem]:
-    """The manifest's per-copy sizes and checksums are what the index's rows add up to."""
-    by_copy: dict[tuple[str, str], list[ItemRecord]] = defaultdict(list)
-    for r in records:
-        by_copy[(r.component, r.storage_key)].append(r)
-    in_index = {component for component, _ in by_copy}
-    problems = []
-    for component in sorted(in_index ^ set(manifest.components)):
-        side = MANIFEST_FILE if component in manifest.components else INDEX_FILE
-        problems.append(Problem(ProblemKind.INCOMPLETE, f"{where}: component {component!r} is only in {side} "
-                                f"(the manifest and the index must list the same components)", MANIFEST_FILE,
-                                component))
-    for component in sorted(in_index & set(manifest.components)):
-        copies = manifest.components[component].copies
-        stored = {skey: rows for (comp, skey), rows in by_copy.items() if comp == component}
-        for skey in sorted(set(stored) ^ set(copies)):
-            side = MANIFEST_FILE if skey in copies else INDEX_FILE
-            problems.append(Problem(ProblemKind.INCOMPLETE, f"{where}: copy {skey!r} of component {component!r} "
-                                    f"is only in {side}", MANIFEST_FILE, component))
-        for skey in sorted(set(stored) & set(copies)):
-            rows, copy = stored[skey], copies[skey]
-            size, checksum = sum(r.length for r in rows), combine_checksums([r.checksum for r in rows])
-            if (size, checksum) != (copy.size_bytes, copy.checksum):
-                problems.append(Problem(
-                    ProblemKind.INCOMPLETE, f"{where}/{MANIFEST_FILE}: copy {skey!r} of component {component!r} "
-                    f"records {copy.size_bytes} bytes with checksum {copy.checksum}, the index adds up to "
-                    f"{size} bytes with checksum {checksum}", MANIFEST_FILE, component))
     return problems
 
 
@@ -245,29 +242,30 @@ def _file_problems(backend: StorageBackend, path: str, where: str, name: str, ex
                    progress: Callable[[int], None] | None) -> list[Problem]:
     extents = sorted(extents, key=lambda e: e.offset)
     components = sorted({e.component for e in extents})
-    full = backend.join(path, name)
+    holds = f"{len(extents)} item(s) of component(s) {components}"
     try:
-        size = backend.fs.size(full)
-        handle = backend.open_input(full)
-    except FileNotFoundError:
-        return [Problem(ProblemKind.MISSING_FILE, f"{where}: data file {name} is missing; it holds "
-                        f"{len(extents)} item(s) of component(s) {components}", name, components[0])]
+        handle = open_data_file(backend, path, name, where, holds)
+    except UnsafeCheckpointError as err:
+        return [Problem(ProblemKind.UNSAFE, str(err), name, components[0])]
+    except IntegrityError:
+        return [Problem(ProblemKind.MISSING_FILE, f"{where}: data file {name} is missing; it holds {holds}", name,
+                        components[0])]
     problems = []
     buffer = memoryview(bytearray(_READ_PIECE))
     try:
+        size = handle.size()
         for extent in extents:
-            end = extent.offset + extent.length
-            if end > size:
+            bad = extent_problem(where, name, size, extent.offset, extent.length, extent.describe())
+            if bad is not None:
                 cut = [e for e in extents if e.offset + e.length > size]
-                problems.append(Problem(
-                    ProblemKind.TRUNCATED, f"{where}: data file {name} is truncated: it has {size} bytes, "
-                    f"{extent.fqn!r} (component {extent.component!r}) ends at byte {end}; {len(cut)} item(s) "
-                    f"are cut off", name, extent.component))
+                problems.append(Problem(ProblemKind.TRUNCATED, f"{bad}; {len(cut)} item(s) are cut off", name,
+                                        extent.component))
                 break
             if extent.checksum is None:
+                problems += _value_problems(where, handle, extent, None)
                 continue
             hasher = xxhash.xxh3_64()
-            edges = BlobEdges() if extent.data_offset is not None else None
+            edges = BlobEdges() if extent.kind == "tensor" else None
             done = 0
             while done < extent.length:
                 piece = buffer[:min(_READ_PIECE, extent.length - done)]
@@ -283,12 +281,8 @@ def _file_problems(backend: StorageBackend, path: str, where: str, name: str, ex
                     ProblemKind.CHECKSUM_MISMATCH, f"{where}: checksum mismatch in data file {name} at byte "
                     f"{extent.offset} for component {extent.component!r} ({extent.fqn!r}): expected "
                     f"{extent.checksum}, found {hasher.hexdigest()}", name, extent.component))
-            elif edges is not None and (found := edges.layout(extent.length)) != extent.layout:
-                recorded = extent.layout or f"a tensor at byte {extent.data_offset}"
-                problems.append(Problem(
-                    ProblemKind.WRONG_LAYOUT, f"{where}: {INDEX_FILE} says the item of {extent.fqn!r} (component "
-                    f"{extent.component!r}) in data file {name} at byte {extent.offset} holds {recorded}; its "
-                    f"zip records say it holds {describe_layout(found)}", INDEX_FILE, extent.component))
+            else:
+                problems += _value_problems(where, handle, extent, edges)
     except EOFError as err:  # the file shrank while being read
         problems.append(Problem(ProblemKind.TRUNCATED, f"{where}: data file {name} is truncated ({err})", name,
                                 components[0]))
@@ -301,3 +295,52 @@ def _file_problems(backend: StorageBackend, path: str, where: str, name: str, ex
             f"item (ends at {written_end}, file has {size}): it was appended to or replaced", name, components[0]))
     return problems
 
+
+def _read_at(handle: InputFile, offset: int, size: int) -> bytearray:
+    data = bytearray(size)
+    handle.read_into(offset, memoryview(data))
+    return data
+
+
+def _whole(handle: InputFile, extent: _Extent) -> bytearray:
+    return _read_at(handle, extent.offset, extent.length)
+
+
+def _value_problems(where: str, handle: InputFile, extent: _Extent, edges: BlobEdges | None) -> list[Problem]:
+    """What a load would refuse in the stored value itself: a pickle that needs more than the
+    restricted loader allows, a tensor item holding no tensor or another dtype or shape than its
+    records say, or a tensor elsewhere in its blob than the index says (``edges``: the blob's edges,
+    when its bytes were streamed already)."""
+    name = f"{extent.component}: {extent.fqn}"
+    at = f"{where}: the item of {extent.describe()} in data file {extent.file} at byte {extent.offset}"
+    try:
+        if extent.kind != "tensor":
+            load_object(_whole(handle, extent), name=name)
+            return []
+        if edges is not None:
+            found = edges.layout(extent.length)
+        else:
+            try:
+                found = tensor_blob_layout(open_blob(lambda o, n: bytes(_read_at(handle, extent.offset + o, n)),
+                                                     extent.length))
+            except NotPlainTensor:
+                found = None
+        if found is None:
+            tensor = stored_tensor(torch.frombuffer(_whole(handle, extent), dtype=torch.uint8), name)
+            dtype, shape = tensor.dtype, tuple(tensor.shape)
+        else:
+            dtype, shape = found.dtype, found.shape
+    except UnsafeCheckpointError as err:
+        return [Problem(ProblemKind.UNSAFE, f"{at}: {err}", extent.file, extent.component)]
+    except IntegrityError as err:
+        return [Problem(ProblemKind.MALFORMED, f"{at}: {err}", extent.file, extent.component)]
+    if extent.chunk is not None and (dtype, shape) != (extent.chunk.dtype, extent.chunk.sizes):
+        return [Problem(ProblemKind.WRONG_LAYOUT, f"{at} holds a {dtype} tensor {list(shape)}; its records say a "
+                        f"{extent.chunk.dtype} tensor {list(extent.chunk.sizes)}", extent.file, extent.component)]
+    if extent.data_offset is not None and found != extent.layout:
+        recorded = extent.layout or f"a tensor at byte {extent.data_offset}"
+        return [Problem(
+            ProblemKind.WRONG_LAYOUT, f"{where}: {INDEX_FILE} says the item of {extent.fqn!r} (component "
+            f"{extent.component!r}) in data file {extent.file} at byte {extent.offset} holds {recorded}; its "
+            f"zip records say it holds {describe_layout(found)}", INDEX_FILE, extent.component)]
+    return []

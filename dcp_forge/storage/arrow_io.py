@@ -171,6 +171,9 @@ class ArrowInput(ReadsViewsInTurn):
         self._lock = threading.Lock()
         self._windows: dict[tuple[int, int], Future] = {}  # (start, end) -> bytes being prefetched
 
+    def size(self) -> int:
+        return self._file.size()
+
     def read_into(self, offset: int, buffer: memoryview) -> None:
         view = memoryview(buffer).cast("B")
         if len(view) <= 2 * EDGE_WINDOW and self._from_window(offset, view):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import ctypes
 import ctypes.util
+import errno
 import os
 import posixpath
 import sys
@@ -24,6 +25,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Protocol
 
 import fsspec
+
+from ..errors import UnsafeCheckpointError
 
 # Start writeback of just-written pages without waiting (Linux sync_file_range). Without it a
 # large file sits in the page cache until fsync, and the disk idles while memory fills.
@@ -63,9 +66,12 @@ class InputFile(Protocol):
 
     ``read_scatter`` fills ``views`` in turn with consecutive bytes from ``offset`` (local disk: one
     ``preadv``). ``prefetch`` is a hint that a range will be read soon: a backend may start fetching
-    it in the background (object stores: the small edges of upcoming blobs), or ignore it.
+    it in the background (object stores: the small edges of upcoming blobs), or ignore it. ``size``:
+    the file's length in bytes when it was opened (readers bound recorded extents by it before they
+    allocate or seek).
     """
 
+    def size(self) -> int: ...
     def read_into(self, offset: int, buffer: memoryview) -> None: ...
     def read_scatter(self, offset: int, views: Sequence[memoryview]) -> None: ...
     def prefetch(self, offset: int, length: int) -> None: ...
@@ -236,10 +242,29 @@ class ReadsViewsInTurn:
             offset += len(view)
 
 
+def _open_no_follow(path: str) -> int:
+    """``os.open`` for reading that refuses a symbolic link as the last path component.
+
+    A checkpoint's files are plain files in its directory; a link there could lead a reader anywhere.
+    O_NOFOLLOW makes the kernel refuse it at the open itself (no window between a check and the open).
+    """
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as err:
+        if err.errno == errno.ELOOP and os.path.islink(path):
+            raise UnsafeCheckpointError(
+                f"refusing to read {path}: it is a symbolic link (to {os.readlink(path)!r}), and a checkpoint's "
+                "files must be plain files inside its directory") from err
+        raise
+
+
 class _LocalInput:
     def __init__(self, path: str) -> None:
-        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._fd = _open_no_follow(path)
         self.path = path
+
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
 
     def read_into(self, offset: int, buffer: memoryview) -> None:
         self.read_scatter(offset, [buffer])
@@ -279,7 +304,7 @@ class LocalBackend(StorageBackend):
         return os.path.join(base, *parts)
 
     def read_bytes(self, path: str) -> bytes:
-        with open(path, "rb") as f:
+        with open(_open_no_follow(path), "rb") as f:
             return f.read()
 
     def create_exclusive(self, path: str, data: bytes) -> None:
@@ -407,6 +432,12 @@ class _FsspecInput(ReadsViewsInTurn):
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
         self._file = fs.open(path, "rb")
         self.path = path
+
+    def size(self) -> int:
+        size = getattr(self._file, "size", None)  # fsspec's buffered files know it from opening
+        if isinstance(size, int):
+            return size
+        return int(self._file.seek(0, os.SEEK_END))
 
     def read_into(self, offset: int, buffer: memoryview) -> None:
         read_exactly(self._file, self.path, offset, memoryview(buffer).cast("B"))

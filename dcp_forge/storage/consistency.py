@@ -13,21 +13,25 @@ first one as an ``IntegrityError``.
 
 from __future__ import annotations
 
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
-from torch.distributed.checkpoint.metadata import Metadata
 
-from ..errors import CheckpointNotFoundError, IntegrityError, UnsupportedFormatError
+from ..core.keys import parse_storage_key, top_level_key
+from ..core.patterns import SharingPattern
+from ..errors import CheckpointNotFoundError, IntegrityError, UnsafeCheckpointError, UnsupportedFormatError
 from ..format.index import ItemRecord, decode_index
 from ..format.manifest import CheckpointManifest, checksum_bytes
 from ..format.names import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE
-from ..format.safe_load import UnsafeCheckpointError
 from .backends import StorageBackend
+from .files import unsafe_file_name
 from .lifecycle import CommitRecord
+
+if TYPE_CHECKING:  # torch stays unimported: inspection tools check the record chain without it
+    from torch.distributed.checkpoint.metadata import Metadata
 
 
 class ProblemKind(Enum):
@@ -74,15 +78,6 @@ def raise_if_problems(problems: list[Problem]) -> None:
     raise _ERROR_OF_KIND.get(problems[0].kind, IntegrityError)(problems[0].message + more)
 
 
-# Data file names are one path segment: a crafted .metadata or index cannot make a reader open a file
-# outside the checkpoint directory ('../x', '/etc/passwd', 'a/../../b').
-_SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
-
-
-def unsafe_file_name(name: object) -> bool:
-    return not (isinstance(name, str) and _SAFE_NAME_RE.match(name) and ".." not in name)
-
-
 @dataclass(frozen=True)
 class RecordFiles:
     """The small files of a checkpoint as stored (``None``: the file does not exist)."""
@@ -105,11 +100,13 @@ class RecordFiles:
             return cls(*pool.map(read, (COMMIT_FILE, MANIFEST_FILE, METADATA_FILE, INDEX_FILE)))
 
 
-def record_problems(files: RecordFiles, where: str) -> tuple[CheckpointManifest | None, list[Problem]]:
+def record_problems(files: RecordFiles, where: str, vouched: tuple[str, ...] = (METADATA_FILE, INDEX_FILE)
+                    ) -> tuple[CheckpointManifest | None, list[Problem]]:
     """Check the chain marker → manifest → .metadata / index of a *committed* checkpoint.
 
-    ``where`` is the checkpoint's URL without credentials, for messages. Returns the parsed manifest
-    (None if it is unusable) and the problems found.
+    ``where`` is the checkpoint's URL without credentials, for messages; ``vouched``: which of the
+    files the manifest vouches for to check (tools that never read ``.metadata`` leave it out).
+    Returns the parsed manifest (None if it is unusable) and the problems found.
     """
     problems: list[Problem] = []
     record: CommitRecord | None = None
@@ -140,6 +137,8 @@ def record_problems(files: RecordFiles, where: str) -> tuple[CheckpointManifest 
             problems.append(Problem(ProblemKind.MALFORMED, f"{where}/{MANIFEST_FILE}: {err}", MANIFEST_FILE))
 
     for name, data in ((METADATA_FILE, files.metadata), (INDEX_FILE, files.index)):
+        if name not in vouched:
+            continue
         if data is None:
             problems.append(Problem(ProblemKind.MISSING_FILE, f"{where} is missing {name}", name))
             continue
@@ -168,14 +167,88 @@ def parse_index(data: bytes | None, where: str) -> tuple[list[ItemRecord], list[
     if bad:
         return [], [Problem(ProblemKind.UNSAFE, f"{where}/{INDEX_FILE} names data files outside the checkpoint "
                             f"directory: {bad[:3]}", INDEX_FILE)]
+    malformed = _malformed_rows(records)
+    if malformed:
+        return [], [Problem(ProblemKind.MALFORMED, f"{where}/{INDEX_FILE} is not a consistent index: "
+                            f"{'; '.join(malformed[:3])}" + (f" (and {len(malformed) - 3} more)" if len(malformed) > 3
+                                                              else ""), INDEX_FILE)]
     return records, []
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _malformed_rows(records: list[ItemRecord]) -> list[str]:
+    """Rows no writer produces: negative extents, a key that does not match its fqn, two rows for one
+    location or one chunk (a reader finds rows by either, and must find the same one)."""
+    found = []
+    locations: set[tuple[str, int]] = set()
+    chunks: set[tuple[str, tuple[int, ...]]] = set()
+    keys: dict[tuple[str, str, str], bool] = {}  # (storage key, component, pattern) -> consistent; few distinct
+    for r in records:
+        what = f"row of {r.fqn!r} in {r.file} at byte {r.offset}"
+        consistent = keys.get((r.storage_key, r.component, r.pattern))
+        if consistent is None:
+            consistent = keys[(r.storage_key, r.component, r.pattern)] = (
+                _component_of_key(r.storage_key) == r.component and _pattern_fits_key(r.pattern, r.storage_key))
+        if not (_is_count(r.offset) and _is_count(r.length) and _is_count(r.rank)
+                and (r.data_offset is None or _is_count(r.data_offset))):
+            found.append(f"{what} has a negative or missing offset, length, data offset or rank")
+        elif r.kind not in ("tensor", "bytes") or (r.kind == "tensor") != (r.shape is not None):
+            found.append(f"{what} is of unknown kind {r.kind!r}")
+        elif not consistent or r.storage_key != top_level_key(r.fqn):
+            found.append(f"{what} names storage key {r.storage_key!r}, component {r.component!r} and pattern "
+                         f"{r.pattern!r}, which do not fit its fqn and each other")
+        elif r.location in locations:
+            found.append(f"{what}: two rows for one stored location")
+        elif (r.fqn, tuple(r.chunk_offsets or ())) in chunks:
+            found.append(f"{what}: two rows for chunk {list(r.chunk_offsets or ())} of {r.fqn!r}")
+        locations.add(r.location)
+        chunks.add((r.fqn, tuple(r.chunk_offsets or ())))
+    return found
+
+
+def _component_of_key(key: str) -> str | None:
+    try:
+        return parse_storage_key(key).component
+    except ValueError:
+        return None
+
+
+def _pattern_fits_key(pattern: object, key: str) -> bool:
+    """Namespaced keys name their pattern; plain keys are GLOBAL or REPLICATED (keys.py)."""
+    try:
+        namespaced = parse_storage_key(key).pattern
+    except ValueError:
+        return False
+    if namespaced is not None:
+        return pattern == namespaced.value
+    return pattern in (SharingPattern.GLOBAL.value, SharingPattern.REPLICATED.value)
+
+
+def component_of(fqn: str) -> str:
+    """The component an fqn belongs to (its storage key's component; the key itself if unparseable)."""
+    key = top_level_key(fqn)
+    return _component_of_key(key) or key
+
+
 def storage_location_problems(metadata: Metadata, where: str) -> list[Problem]:
-    """Every location in DCP's metadata must be a file directly inside the checkpoint directory."""
-    bad = sorted({repr(getattr(info, "relative_path", info)) for info in metadata.storage_data.values()
+    """Every location in DCP's metadata must be a file directly inside the checkpoint directory, with a
+    non-negative offset and length."""
+    infos = list(metadata.storage_data.values())
+    bad = sorted({repr(getattr(info, "relative_path", info)) for info in infos
                   if unsafe_file_name(getattr(info, "relative_path", None))})
-    if not bad:
-        return []
-    return [Problem(ProblemKind.UNSAFE, f"{where}/{METADATA_FILE} points at data files outside the checkpoint "
-                    f"directory (refusing to read them): {', '.join(bad[:3])}", METADATA_FILE)]
+    if bad:
+        return [Problem(ProblemKind.UNSAFE, f"{where}/{METADATA_FILE} points at data files outside the checkpoint "
+                        f"directory (refusing to read them): {', '.join(bad[:3])}", METADATA_FILE)]
+    malformed = sorted((index.fqn, info.relative_path, repr(getattr(info, "offset", None)),
+                        repr(getattr(info, "length", None)))
+                       for index, info in metadata.storage_data.items()
+                       if not (_is_count(getattr(info, "offset", None)) and _is_count(getattr(info, "length", None))))
+    if malformed:
+        fqn, file, offset, length = malformed[0]
+        return [Problem(ProblemKind.MALFORMED, f"{where}/{METADATA_FILE} records {len(malformed)} malformed "
+                        f"location(s), e.g. {fqn!r} in {file} at offset {offset} with length {length} (both must "
+                        "be non-negative ints)", METADATA_FILE, component_of(fqn))]
+    return []

@@ -37,6 +37,7 @@ from ..core.keys import top_level_key
 from ..core.tensors import narrow_box
 from ..errors import IntegrityError
 from ..format.index import ItemRecord
+from ..format.names import METADATA_FILE
 from ..format.safe_load import load_object
 from ..format.torch_blob import (
     NotPlainTensor,
@@ -48,6 +49,8 @@ from ..format.torch_blob import (
     tensor_blob_layout,
 )
 from .backends import InputFile
+from .consistency import component_of, raise_if_problems
+from .cross_check import ItemCheck, StoredChunk
 
 # Below this, reading header and trailer separately costs more than one read of the whole blob.
 DIRECT_MIN_BYTES = 1024 * 1024
@@ -56,17 +59,23 @@ DIRECT_MIN_BYTES = 1024 * 1024
 @dataclass(frozen=True)
 class StoredRead:
     """One stored item (``length`` bytes at ``offset`` of ``file``) and the read items it serves;
-    ``layout``: where the tensor is inside it, when the index records that."""
+    ``layout``: where the tensor is inside it, when the index records that; ``chunk``: the dtype and
+    shape ``.metadata`` says the stored tensor has (a blob that holds another is refused)."""
 
     file: str
     offset: int
     length: int
     items: tuple[ReadItem, ...]
     layout: TensorBlobLayout | None = None
+    chunk: StoredChunk | None = None
 
     @property
     def fqn(self) -> str:
         return self.items[0].storage_index.fqn
+
+    def describe(self) -> str:
+        """The item, for messages: its key and component."""
+        return f"{self.fqn!r} (component {component_of(self.fqn)!r})"
 
 
 # ``check(read, xxh3 hex digest of its bytes)`` raises if the digest is wrong; None skips hashing.
@@ -76,19 +85,32 @@ ItemLoader = Callable[[InputFile, StoredRead, LoadPlanner, Checker], None]
 
 
 def group_reads(items: Sequence[ReadItem], storage_data: Mapping[MetadataIndex, Any],
-                records: Mapping[tuple[str, int], ItemRecord] | None = None) -> list[StoredRead]:
+                records: Mapping[tuple[str, int], ItemRecord] | None = None,
+                check: ItemCheck | None = None) -> list[StoredRead]:
     """Read items grouped by the stored item they need, in file order (each stored item read once),
-    with the tensor layouts that ``records`` (the index rows by location) hold."""
+    with the tensor layouts that ``records`` (the index rows by location) hold.
+
+    With ``check``, every stored location is first checked against the records (cross_check.py):
+    one that the index and ``.metadata`` do not agree on raises before anything is read.
+    """
     grouped: dict[tuple[str, int, int], list[ReadItem]] = defaultdict(list)
     for item in items:
-        info = storage_data[item.storage_index]
+        info = storage_data.get(item.storage_index)
+        if info is None:
+            raise IntegrityError(f"{METADATA_FILE} has no stored location for chunk {list(item.storage_index.offset or ())} "
+                                 f"of {item.storage_index.fqn!r} (component {component_of(item.storage_index.fqn)!r})")
         grouped[(info.relative_path, info.offset, info.length)].append(item)
     reads = []
     for (file, offset, length), its in sorted(grouped.items(), key=lambda kv: kv[0]):
+        chunk = None
+        if check is not None:
+            for index in dict.fromkeys(item.storage_index for item in its):  # each item claiming the location
+                raise_if_problems([p for p in [check.problem(index, storage_data[index])] if p is not None])
+            chunk = check.chunk(its[0].storage_index)
         record = (records or {}).get((file, offset))
         layout = None if record is None else recorded_layout(record.data_offset, record.dtype, record.chunk_sizes,
                                                              length)
-        reads.append(StoredRead(file, offset, length, tuple(its), layout))
+        reads.append(StoredRead(file, offset, length, tuple(its), layout, chunk))
     return reads
 
 
@@ -222,17 +244,29 @@ def read_blob(handle: InputFile, offset: int, length: int) -> torch.Tensor:
     return buffer
 
 
-def stored_tensor(buffer: torch.Tensor) -> torch.Tensor:
-    """The tensor a staged blob holds, as a view into ``buffer`` when it is one plain tensor."""
+def stored_tensor(buffer: torch.Tensor, name: str) -> torch.Tensor:
+    """The tensor a staged blob holds, as a view into ``buffer`` when it is one plain tensor.
+
+    Any other blob is unpickled weights-only: one that needs more raises UnsafeCheckpointError, one
+    that holds no tensor IntegrityError, each naming ``name`` (the component and key).
+    """
     raw = _byte_view(buffer)
     try:
         layout = tensor_blob_layout(open_blob(lambda o, n: raw[o:o + n].tobytes(), len(raw)))
     except NotPlainTensor:
-        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        value = load_object(raw, name=name)
+        if not isinstance(value, torch.Tensor):
+            raise IntegrityError(f"the stored tensor {name!r} holds a {type(value).__name__}, not a tensor") from None
+        return value
     if not layout.nbytes:
         return torch.empty(layout.shape, dtype=layout.dtype)
     data = buffer[layout.data_offset:layout.data_offset + layout.nbytes]
     return data.view(layout.dtype).reshape(layout.shape)
+
+
+def _is_chunk(dtype: torch.dtype, shape: tuple[int, ...], chunk: StoredChunk | None) -> bool:
+    """Whether a stored tensor of ``dtype`` and ``shape`` is the chunk the records describe (if they do)."""
+    return chunk is None or (dtype == chunk.dtype and shape == chunk.sizes)
 
 
 def load_stored_item(handle: InputFile, read: StoredRead, planner: LoadPlanner, check: Checker) -> None:
@@ -258,7 +292,8 @@ def load_stored_item(handle: InputFile, read: StoredRead, planner: LoadPlanner, 
     target = _direct_target(read, targets)
     if target is not None:
         layout, edges = _stored_layout(handle, read)
-        if layout is not None and layout.dtype == target.dtype and layout.shape == tuple(target.shape):
+        if (layout is not None and layout.dtype == target.dtype and layout.shape == tuple(target.shape)
+                and _is_chunk(layout.dtype, layout.shape, read.chunk)):
             _read_direct(handle, read, layout, edges, target, check)
             planner.commit_tensor(read.items[0], target)
             return
@@ -266,7 +301,11 @@ def load_stored_item(handle: InputFile, read: StoredRead, planner: LoadPlanner, 
     buffer = read_blob(handle, read.offset, read.length)
     if check is not None:
         check(read, xxhash.xxh3_64_hexdigest(_byte_view(buffer)))
-    stored = stored_tensor(buffer)
+    stored = stored_tensor(buffer, f"{component_of(read.fqn)}: {read.fqn}")
+    if not _is_chunk(stored.dtype, tuple(stored.shape), read.chunk):
+        raise IntegrityError(
+            f"stored item of {read.describe()} in {read.file} at byte {read.offset} holds a {stored.dtype} tensor "
+            f"{list(stored.shape)}; {METADATA_FILE} says it holds a {read.chunk.dtype} tensor {list(read.chunk.sizes)}")
     for item, target in zip(read.items, targets, strict=True):
         source = narrow_box(stored, item.storage_offsets, item.lengths)
         if target.size() != source.size():

@@ -9,8 +9,11 @@ A checkpoint directory goes through three states:
 - *deleted*: the marker goes first, then the rest, so a half-deleted checkpoint never looks
   complete.
 
-A directory with ``.metadata`` but none of our files is a plain DCP ("legacy") checkpoint: DCP's own
-commit is writing ``.metadata`` last, so it counts as committed.
+A directory with ``.metadata`` but none of our files (``FORGE_RECORDS``) is a plain DCP ("legacy")
+checkpoint: DCP's own commit is writing ``.metadata`` last, so it counts as committed. A directory
+holding any of our records but no commit marker is partial, never legacy: removing the marker (and
+the claim and manifest) must not turn a checkpoint whose checksums are recorded into one that is
+read unchecked.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from enum import Enum
 from typing import Any
 
 from ..errors import CheckpointExistsError, CheckpointNotFoundError, IntegrityError, os_error_context
-from ..format.names import CLAIM_FILE, COMMIT_FILE, MANIFEST_FILE, METADATA_FILE
+from ..format.names import CLAIM_FILE, COMMIT_FILE, FORGE_RECORDS, METADATA_FILE
 from .backends import StorageBackend
 from .registry import join_url, open_backend, redact_url
 
@@ -60,7 +63,7 @@ def checkpoint_state(backend: StorageBackend, path: str) -> CheckpointState:
         return CheckpointState.COMMITTED
     if not names:
         return CheckpointState.MISSING
-    if METADATA_FILE in names and not ({CLAIM_FILE, MANIFEST_FILE} & names):
+    if METADATA_FILE in names and not names.intersection(FORGE_RECORDS):
         return CheckpointState.LEGACY
     return CheckpointState.PARTIAL
 

@@ -196,7 +196,7 @@ class ReadOnceStorageReader(ForgeStorageReader):
                 "ReadOnceStorageReader.read_data got a plan without a read-once schedule: DCP must call "
                 "prepare_global_plan on the coordinator first (dcp.load does)")
         me = dist.get_rank(self.group)
-        reads = {Location(r.file, r.offset, r.length): r for r in self.group_reads(plan.items)}
+        reads: dict[Location, StoredRead] = {}
         to_send = {loc for b in schedule.batches if b.source == me for loc in b.locations}
         kept: dict[Location, torch.Tensor] = {}
 
@@ -213,6 +213,8 @@ class ReadOnceStorageReader(ForgeStorageReader):
 
         failure: BaseException | None = None
         try:
+            # The checks of what this rank needs (cross_check.py) run before it reads or receives anything.
+            reads.update({Location(r.file, r.offset, r.length): r for r in self.plan_reads(plan, planner)})
             self._read_stored(sorted((reads[loc] for loc in schedule.reads), key=_file_order), planner, load)
         except Exception as err:  # reported after the other ranks learn of it, so nobody waits forever
             failure = err
@@ -297,6 +299,9 @@ class BufferInput(ReadsViewsInTurn):
     def __init__(self, data: torch.Tensor, base: int) -> None:
         self.data = data
         self.base = base
+
+    def size(self) -> int:
+        return self.base + self.data.numel()  # the file is at least this long
 
     def read_into(self, offset: int, buffer: memoryview) -> None:
         start = offset - self.base

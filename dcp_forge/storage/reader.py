@@ -4,29 +4,34 @@ Call protocol (DCP's ``StorageReader``): ``reset`` → on every rank ``read_meta
 ``set_up_storage_reader`` and ``prepare_local_plan``; on the coordinator ``prepare_global_plan``;
 on every rank ``read_data``.
 
-Reads only committed checkpoints (or plain DCP ones, which have no manifest). Each stored item is
-read once per ``read_data`` however many destinations need it, ``thread_count`` threads each read
-a consecutive run of about equal bytes, tensors go straight into their destinations where they can
-(item_reader.py), and every item is checked against its xxh3 checksum from ``index.parquet``.
+Reads only committed checkpoints (or plain DCP ones, which hold none of dcp_forge's records). Before
+anything is read, the records are cross-checked (manifest against index, each location read against
+its index row, each tensor's chunks tiling it: cross_check.py) and every data file is opened inside
+the checkpoint, without following links, and bounds every extent read from it (files.py). Each
+stored item is read once per ``read_data`` however many destinations need it, ``thread_count``
+threads each read a consecutive run of about equal bytes, tensors go straight into their
+destinations where they can (item_reader.py), and every item is checked against its xxh3 checksum
+from ``index.parquet``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
-from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from ..errors import CheckpointNotFoundError, IntegrityError
 from ..format.index import ItemRecord
 from ..format.manifest import CheckpointManifest
-from ..format.names import INDEX_FILE, METADATA_FILE
+from ..format.names import INDEX_FILE, METADATA_FILE, stripped_checkpoint_message, written_by_dcp_forge
 from ..format.safe_load import load_dcp_metadata
 from .backends import InputFile
 from .consistency import (
@@ -37,6 +42,8 @@ from .consistency import (
     record_problems,
     storage_location_problems,
 )
+from .cross_check import ItemCheck, coverage_problems, manifest_problems
+from .files import check_extent, open_data_file
 from .item_reader import (
     Checker,
     ItemLoader,
@@ -72,9 +79,11 @@ class ForgeStorageReader(StorageReader):
         self.manifest: CheckpointManifest | None = None
         self.records: list[ItemRecord] = []
         self._record_at: dict[tuple[str, int], ItemRecord] = {}
+        self._file_ends: dict[str, int] = {}  # data file -> where its last indexed item ends
         self.storage_data: dict[MetadataIndex, Any] = {}
         self.bytes_read = 0  # data bytes read from storage (stored items, not the metadata files)
         self._known: Metadata | None = None
+        self._item_check: ItemCheck | None = None
         self.reset(url)
 
     # --- DCP StorageReader protocol ----------------------------------------------------------
@@ -83,6 +92,7 @@ class ForgeStorageReader(StorageReader):
             self.url = os.fspath(checkpoint_id)
             self.backend, self.path = open_backend(self.url, self.storage_options)
             self._known = None
+            self._item_check = None
         self.storage_data = {}
 
     @classmethod
@@ -104,8 +114,15 @@ class ForgeStorageReader(StorageReader):
         The coordinator reads the metadata files on one rank and broadcasts them, so they are read
         from storage once per job rather than once per rank.
         """
-        self._known, self.manifest, self.records = metadata, manifest, list(records)
+        self._known = metadata
+        self.use_records(manifest, records)
+
+    def use_records(self, manifest: CheckpointManifest | None, records: Sequence[ItemRecord]) -> None:
+        self.manifest, self.records = manifest, list(records)
         self._record_at = {r.location: r for r in self.records}
+        self._file_ends = {}
+        for r in self.records:
+            self._file_ends[r.file] = max(self._file_ends.get(r.file, 0), r.offset + r.length)
 
     def _read_metadata_files(self) -> Metadata:
         state = checkpoint_state(self.backend, self.path)
@@ -114,30 +131,37 @@ class ForgeStorageReader(StorageReader):
             raise CheckpointNotFoundError(f"no checkpoint at {where}")
         if state is CheckpointState.PARTIAL:
             raise CheckpointNotFoundError(
-                f"checkpoint {where} was never committed (a save is running or crashed); it cannot be loaded")
+                f"checkpoint {where} was never committed (a save is running or crashed, or its commit marker was "
+                "removed); it cannot be loaded")
         if state is CheckpointState.COMMITTED:
             files = RecordFiles.read(self.backend, self.path)
             manifest, problems = record_problems(files, where)
             if not self.verify_checksums:
                 problems = [p for p in problems if p.kind not in _CHECKSUM_KINDS]
             raise_if_problems(problems)
-            self.manifest = manifest
             metadata_bytes = files.metadata
-            self.records, problems = parse_index(files.index, where)
+            records, problems = parse_index(files.index, where)
             raise_if_problems(problems)
-            self._record_at = {r.location: r for r in self.records}
+            raise_if_problems(manifest_problems(manifest, records, where))
+            self.use_records(manifest, records)
         else:  # plain DCP checkpoint: no records of ours to check against
             metadata_bytes = self._read_file(METADATA_FILE)
         metadata = load_dcp_metadata(metadata_bytes, name=f"{where}/{METADATA_FILE}")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
+        elif state is CheckpointState.LEGACY and written_by_dcp_forge(metadata.storage_meta):
+            raise IntegrityError(stripped_checkpoint_message(where))
         return metadata
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        where = redact_url(self.url)
         if not isinstance(metadata.storage_data, dict):
-            raise IntegrityError(f"{redact_url(self.url)}/{METADATA_FILE} has no storage locations")
-        raise_if_problems(storage_location_problems(metadata, redact_url(self.url)))
+            raise IntegrityError(f"{where}/{METADATA_FILE} has no storage locations")
+        raise_if_problems(storage_location_problems(metadata, where))
         self.storage_data = metadata.storage_data
+        # A dcp_forge checkpoint (it has a manifest) is checked against its index; a plain DCP one only
+        # against .metadata itself.
+        self._item_check = ItemCheck(metadata, self.records if self.manifest is not None else None, where)
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -146,15 +170,26 @@ class ForgeStorageReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        self._read_stored(self.group_reads(plan.items), planner)
+        self._read_stored(self.plan_reads(plan, planner), planner)
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
 
     # --- helpers ----------------------------------------------------------------------------
-    def group_reads(self, items: Sequence[ReadItem]) -> list[StoredRead]:
-        """``items`` grouped by stored item, in file order, with the tensor layouts the index records."""
-        return group_reads(items, self.storage_data, self._record_at)
+    def plan_reads(self, plan: LoadPlan, planner: LoadPlanner) -> list[StoredRead]:
+        """The stored items ``plan`` reads, grouped and in file order, once the records are proven to
+        describe them exactly (raises before anything is read or filled).
+
+        Every tensor the load fills (each one the plan reads, and each one the planner asked for,
+        including those no stored chunk overlaps at all) must be tiled exactly by its stored chunks,
+        and every stored location must be what the index records for that item (cross_check.py).
+        """
+        if self._known is None or self._item_check is None:
+            raise RuntimeError("DCP called read_data before read_metadata and set_up_storage_reader")
+        requested = {item.storage_index.fqn for item in plan.items}
+        requested.update(getattr(planner, "state_dict", None) or ())  # DefaultLoadPlanner's flat destination keys
+        raise_if_problems(coverage_problems(self._known, requested, redact_url(self.url)))
+        return group_reads(plan.items, self.storage_data, self._record_at, self._item_check)
 
     @property
     def checker(self) -> Checker:
@@ -167,20 +202,62 @@ class ForgeStorageReader(StorageReader):
         runs = split_runs(reads, self.thread_count)
         if not runs:
             return
-        with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="forge-hash") as hashers:
-            check = self.checker
-            if check is not None:
-                check = PipelinedChecker(check, hashers)
-            if len(runs) == 1:
-                self.bytes_read += self._read_run(runs[0], planner, load, check)
-            else:
-                with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="forge-read") as pool:
-                    for f in [pool.submit(self._read_run, run, planner, load, check) for run in runs]:
-                        self.bytes_read += f.result()
-            # After a read error, leaving this block still waits for the hashes (they read destination
-            # memory), and the read error is the one raised.
-            if check is not None:
-                check.wait()
+        opened = self._open_data_files(reads)
+        try:
+            with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="forge-hash") as hashers:
+                check = self.checker
+                if check is not None:
+                    check = PipelinedChecker(check, hashers)
+                if len(runs) == 1:
+                    self.bytes_read += self._read_run(runs[0], planner, load, check, opened)
+                else:
+                    with ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix="forge-read") as pool:
+                        for f in [pool.submit(self._read_run, run, planner, load, check, opened) for run in runs]:
+                            self.bytes_read += f.result()
+                # After a read error, leaving this block still waits for the hashes (they read destination
+                # memory), and the read error is the one raised.
+                if check is not None:
+                    check.wait()
+        finally:
+            for handle in list(opened.values()):  # the files no run took over
+                handle.close()
+
+    def _open_data_files(self, reads: Sequence[StoredRead]) -> dict[str, InputFile]:
+        """Open every data file ``reads`` need, before anything is read, and prove each one: a plain file
+        inside the checkpoint (open_data_file), holding every extent read from it, and (dcp_forge
+        checkpoints) exactly as long as the index says (a file appended to or cut short was replaced or
+        damaged). The runs that read take these handles over (one open per file: on object storage an
+        open is a round trip)."""
+        where = redact_url(self.url)
+        by_file: dict[str, list[StoredRead]] = defaultdict(list)
+        for read in reads:
+            by_file[read.file].append(read)
+        opened: dict[str, InputFile] = {}
+
+        def open_file(name: str) -> None:
+            opened[name] = open_data_file(self.backend, self.path, name, where, by_file[name][0].describe())
+
+        try:
+            with ThreadPoolExecutor(max_workers=min(self.thread_count, len(by_file)),
+                                    thread_name_prefix="forge-open") as pool:
+                for f in [pool.submit(open_file, name) for name in by_file]:
+                    f.result()
+            for name, its in by_file.items():
+                size = opened[name].size()
+                for read in its:
+                    check_extent(where, name, size, read.offset, read.length, read.describe())
+                end = self._file_ends.get(name)
+                if end is not None and size < end:
+                    raise IntegrityError(f"{where}: data file {name} is truncated: it has {size} bytes, the items "
+                                         f"{INDEX_FILE} records in it end at byte {end}")
+                if end is not None and size > end:
+                    raise IntegrityError(f"{where}: data file {name} has {size - end} bytes after its last item "
+                                         f"(ends at {end}, file has {size}): it was appended to or replaced")
+        except BaseException:
+            for handle in opened.values():
+                handle.close()
+            raise
+        return opened
 
     def _read_file(self, name: str) -> bytes:
         try:
@@ -188,9 +265,10 @@ class ForgeStorageReader(StorageReader):
         except FileNotFoundError as err:
             raise IntegrityError(f"{redact_url(self.url)} is missing {name}") from err
 
-    def _read_run(self, run: Sequence[StoredRead], planner: LoadPlanner,
-                  load: ItemLoader = load_stored_item, check: Checker = None) -> int:
-        """Read consecutive stored items (one thread), one open handle per file; returns bytes read.
+    def _read_run(self, run: Sequence[StoredRead], planner: LoadPlanner, load: ItemLoader = load_stored_item,
+                  check: Checker = None, opened: dict[str, InputFile] | None = None) -> int:
+        """Read consecutive stored items (one thread), one open handle per file, taken over from
+        ``opened`` where it holds one (else opened here); returns bytes read.
 
         The next ``PREFETCH_BYTES`` of the run are always requested ahead (``InputFile.prefetch``),
         so the disk keeps working while this thread verifies and places the current item.
@@ -198,11 +276,15 @@ class ForgeStorageReader(StorageReader):
         handles: dict[str, InputFile] = {}
         done = 0
         ahead = 0  # run[:ahead] have been prefetched
+        where = redact_url(self.url)
 
         def handle_for(read: StoredRead) -> InputFile:
             handle = handles.get(read.file)
             if handle is None:
-                handle = handles[read.file] = self._open_data_file(read)
+                handle = (opened or {}).pop(read.file, None)  # dict.pop is atomic: runs share ``opened``
+                if handle is None:
+                    handle = open_data_file(self.backend, self.path, read.file, where, read.describe())
+                handles[read.file] = handle
             return handle
 
         try:
@@ -224,13 +306,6 @@ class ForgeStorageReader(StorageReader):
             for handle in handles.values():
                 handle.close()
         return done
-
-    def _open_data_file(self, read: StoredRead) -> InputFile:
-        try:
-            return self.backend.open_input(self.backend.join(self.path, read.file))
-        except FileNotFoundError as err:
-            raise IntegrityError(
-                f"{redact_url(self.url)}: data file {read.file} is missing (holds {read.fqn!r})") from err
 
     def _verify(self, read: StoredRead, found: str) -> None:
         record = self._record_at.get((read.file, read.offset))

@@ -18,13 +18,13 @@ import logging
 import os
 import pickle
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
 import xxhash
+from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
@@ -38,7 +38,7 @@ from ..core.topology import Topology
 from ..errors import os_error_context
 from ..format.index import StoredItem, encode_index
 from ..format.manifest import CheckpointManifest, checksum_bytes, component_manifests, item_records, versions
-from ..format.names import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE, data_file_name
+from ..format.names import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE, data_file_name, new_save_id
 from ..format.torch_blob import BlobEdges, save_tensor
 from .backends import OutputStream
 from .lifecycle import CommitRecord, claim, commit
@@ -153,14 +153,14 @@ class ForgeStorageWriter(StorageWriter):
         if checkpoint_id is not None:
             self.url = os.fspath(checkpoint_id)
             self.backend, self.path = open_backend(self.url, self.storage_options)
-        self.save_id = uuid.uuid4().hex
+        self.save_id = new_save_id()
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
         return isinstance(checkpoint_id, (str, os.PathLike))
 
     def storage_meta(self) -> StorageMeta | None:
-        return StorageMeta(checkpoint_id=self.url, save_id=self.save_id)
+        return StorageMeta(checkpoint_id=redact_url(self.url), save_id=self.save_id)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
@@ -246,6 +246,9 @@ class ForgeStorageWriter(StorageWriter):
             r.index: StorageInfo(r.storage_data.relative_path, r.storage_data.offset, r.storage_data.length)
             for rank_results in results for r in rank_results
         }
+        # As DCP's FileSystemWriter.finish records them: readers look for the save's ids and the version.
+        metadata.storage_meta = self.storage_meta()
+        metadata.version = CURRENT_DCP_VERSION
         index_bytes = encode_index(records)
         metadata_bytes = pickle.dumps(metadata)
         manifest = CheckpointManifest(

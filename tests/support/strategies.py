@@ -259,3 +259,35 @@ def retention_policies(draw):
 # Training losses: a falling curve with noise, and occasional spikes or NaNs.
 loss_sequences = st.lists(st.one_of(st.floats(0.5, 4.0), st.floats(10.0, 100.0),
                                     st.sampled_from([float("nan"), float("inf")])), min_size=1, max_size=60)
+
+
+@st.composite
+def tilings(draw) -> tuple[tuple[int, ...], list[tuple[tuple[int, ...], tuple[int, ...]]]]:
+    """A tensor shape and chunk boxes ``(offsets, sizes)`` that tile it exactly (a grid cut at random
+    points along each dimension), then possibly damaged: a box dropped, repeated, moved or resized."""
+    shape = tuple(draw(st.lists(st.integers(0, 6), min_size=0, max_size=3)))
+    cuts = []
+    for size in shape:
+        inner = sorted(draw(st.sets(st.integers(1, size - 1), max_size=3))) if size > 1 else []
+        points = [0, *inner, size]
+        cuts.append([(a, b - a) for a, b in zip(points, points[1:], strict=False)] or [(0, 0)])
+    boxes: list[tuple[tuple[int, ...], tuple[int, ...]]] = [((), ())]
+    for pieces in cuts:
+        boxes = [(o + (start,), s + (length,)) for o, s in boxes for start, length in pieces]
+    damage = draw(st.sampled_from(["none", "drop", "repeat", "move", "resize"]))
+    if damage != "none" and boxes:
+        i = draw(st.integers(0, len(boxes) - 1))
+        offsets, sizes = boxes[i]
+        if damage == "drop":
+            del boxes[i]
+        elif damage == "repeat":
+            boxes.append(boxes[i])
+        elif shape:
+            dim = draw(st.integers(0, len(shape) - 1))
+            delta = draw(st.sampled_from([-2, -1, 1, 2]))
+            if damage == "move":
+                offsets = offsets[:dim] + (offsets[dim] + delta,) + offsets[dim + 1:]
+            else:
+                sizes = sizes[:dim] + (max(0, sizes[dim] + delta),) + sizes[dim + 1:]
+            boxes[i] = (offsets, sizes)
+    return shape, draw(st.permutations(boxes))

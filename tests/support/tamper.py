@@ -13,7 +13,9 @@ import os
 import pickle
 from pathlib import Path
 
+import torch
 import xxhash
+from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from dcp_forge.format.index import decode_index, encode_index
 from dcp_forge.format.manifest import CheckpointManifest, checksum_bytes, combine_checksums
@@ -77,6 +79,57 @@ def replace_item_bytes(path: str | os.PathLike, fqn: str, payload: bytes) -> Non
         f.write(encode_index(records))
 
 
+def edit_metadata(path: str | os.PathLike, edit) -> None:
+    """Apply ``edit(metadata)`` (in place) to ``.metadata``, then ``reseal`` (when there is an index)."""
+    metadata = read_metadata(path)
+    edit(metadata)
+    write_metadata(path, metadata)
+    if os.path.exists(os.path.join(path, INDEX_FILE)):
+        reseal(path)
+
+
+def edit_index(path: str | os.PathLike, edit) -> None:
+    """Replace the index rows by ``edit(rows)``, then ``reseal``."""
+    index = os.path.join(path, INDEX_FILE)
+    records = edit(decode_index(Path(index).read_bytes()))
+    with open(index, "wb") as f:
+        f.write(encode_index(records))
+    reseal(path)
+
+
+def drop_chunks(path, fqn: str, which) -> None:
+    """Remove chunks ``which(chunks)`` of ``fqn`` from .metadata and the index, then reseal."""
+    def edit(metadata):
+        md = metadata.state_dict_metadata[fqn]
+        gone = which(md.chunks)
+        md.chunks = [c for c in md.chunks if c not in gone]
+        for chunk in gone:
+            del metadata.storage_data[MetadataIndex(fqn, chunk.offsets)]
+        dropped.extend(tuple(c.offsets) for c in gone)
+
+    dropped: list[tuple[int, ...]] = []
+    edit_metadata(path, edit)
+    edit_index(path, lambda rows: [r for r in rows if not (r.fqn == fqn and tuple(r.chunk_offsets) in dropped)])
+
+
+def move_chunk(path, fqn: str, delta: int) -> None:
+    """Move the second chunk of ``fqn`` ``delta`` rows up, in .metadata and the index alike."""
+    def edit(metadata):
+        md = metadata.state_dict_metadata[fqn]
+        chunk = md.chunks[1]
+        moved = dataclasses.replace(chunk, offsets=torch.Size([chunk.offsets[0] + delta, *chunk.offsets[1:]]))
+        md.chunks[1] = moved
+        metadata.storage_data[MetadataIndex(fqn, moved.offsets)] = metadata.storage_data.pop(
+            MetadataIndex(fqn, chunk.offsets))
+        offsets.append((tuple(chunk.offsets), tuple(moved.offsets)))
+
+    offsets: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    edit_metadata(path, edit)
+    old, new = offsets[0]
+    edit_index(path, lambda rows: [dataclasses.replace(r, chunk_offsets=new) if r.fqn == fqn
+                                   and tuple(r.chunk_offsets) == old else r for r in rows])
+
+
 def set_data_offsets(path: str | os.PathLike, change) -> None:
     """Record ``change(record)`` as each index row's ``data_offset``, then ``reseal``."""
     index = os.path.join(path, INDEX_FILE)
@@ -94,9 +147,13 @@ def reseal(path: str | os.PathLike, manifest_edit=None) -> None:
     index_file = os.path.join(path, INDEX_FILE)
     records = []
     for r in decode_index(Path(index_file).read_bytes()):
+        if r.offset < 0 or r.length < 0 or not os.path.isfile(os.path.join(path, r.file)):
+            records.append(r)  # nothing there to checksum: the row stays as edited
+            continue
         with open(os.path.join(path, r.file), "rb") as f:
             f.seek(r.offset)
-            records.append(dataclasses.replace(r, checksum=xxhash.xxh3_64_hexdigest(f.read(r.length))))
+            data = f.read(max(0, min(r.length, os.fstat(f.fileno()).st_size - r.offset)))
+            records.append(dataclasses.replace(r, checksum=xxhash.xxh3_64_hexdigest(data)))
     index_bytes = encode_index(records)
     with open(index_file, "wb") as f:
         f.write(index_bytes)
@@ -108,6 +165,8 @@ def reseal(path: str | os.PathLike, manifest_edit=None) -> None:
             rows = [r for r in records if r.storage_key == skey]
             copy.size_bytes = sum(r.length for r in rows)
             copy.checksum = combine_checksums([r.checksum for r in rows])
+            copy.writers = sorted({r.rank for r in rows})
+        component.ranks = sorted({w for c in component.copies.values() for w in c.writers})
         component.size_bytes = sum(c.size_bytes for c in component.copies.values())
         component.checksum = combine_checksums([c.checksum for c in component.copies.values()])
     manifest.files = {METADATA_FILE: checksum_bytes(metadata_bytes), INDEX_FILE: checksum_bytes(index_bytes)}
