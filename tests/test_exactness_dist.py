@@ -12,12 +12,8 @@ import torch
 import torch.distributed as dist
 
 from dcp_forge import CheckpointCoordinator, IntegrityError, StateComponent
-
-from .support.dist import run_ranks
-from .support.statefuls import Box
-from .support.tamper import drop_chunks
-
-pytestmark = pytest.mark.dist
+from tests.support.statefuls import Box
+from tests.support.tamper import drop_chunks
 
 ROWS = 8
 
@@ -51,9 +47,9 @@ def _save_tamper_load(rank: int, world: int, root: str) -> tuple[str, str, bool]
     return (*outcome, untouched)
 
 
-def test_a_dtensor_missing_one_ranks_chunks_is_refused_on_every_rank(tmp_path):
+def test_a_dtensor_missing_one_ranks_chunks_is_refused_on_every_rank(ranks, tmp_path):
     root = str(tmp_path / "run")
-    for name, message, untouched in run_ranks(_save_tamper_load, 2, root):
+    for name, message, untouched in ranks(_save_tamper_load, 2, root):
         assert name == "IntegrityError", message
         assert "tensor 'box.w' of component 'box' cannot be loaded exactly: its chunks cover 16 of its 32" in message
         assert untouched

@@ -35,9 +35,15 @@ from dcp_forge.ops.convert import load_checkpoint_state
 from dcp_forge.ops.diff import diff_checkpoints
 from dcp_forge.ops.inspection import OpenCheckpoint
 from dcp_forge.storage import list_checkpoints
-
-from .support.statefuls import Box
-from .support.tamper import drop_chunks, edit_index, edit_metadata, flip_value_byte, move_chunk, read_metadata
+from tests.support.statefuls import Box
+from tests.support.tamper import (
+    drop_chunks,
+    edit_index,
+    edit_metadata,
+    flip_value_byte,
+    move_chunk,
+    read_metadata,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -28,9 +28,8 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from dcp_forge import CheckpointCoordinator, ForgeError, RNGState, StateComponent, verify_checkpoint
 from dcp_forge.core.placement import ChunkPolicy
 from dcp_forge.format.names import CLAIM_FILE, COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE
-
-from .support.statefuls import Box
-from .support.tamper import (
+from tests.support.statefuls import Box
+from tests.support.tamper import (
     edit_index,
     edit_metadata,
     replace_item_bytes,

@@ -7,8 +7,7 @@ import numpy as np
 from hypothesis import given, settings
 
 from dcp_forge.core.tensors import tiling_problem
-
-from .support.strategies import tilings
+from tests.support.strategies import tilings
 
 
 def _exactly_once(shape, boxes) -> bool:
