@@ -33,11 +33,20 @@ from ..format.names import (
     stripped_checkpoint_message,
     written_by_dcp_forge,
 )
-from ..storage.backends import StorageBackend
-from ..storage.consistency import RecordFiles, raise_if_problems, record_problems
-from ..storage.files import check_extent, open_data_file
-from ..storage.lifecycle import CheckpointState, checkpoint_state, read_commit
-from ..storage.registry import join_url, open_backend, redact_url
+from ..storage import (
+    CheckpointState,
+    RecordFiles,
+    StorageBackend,
+    check_extent,
+    checkpoint_state,
+    join_url,
+    open_backend,
+    open_data_file,
+    raise_if_problems,
+    read_commit,
+    record_problems,
+    redact_url,
+)
 
 # torch is imported inside the functions that read values or DCP metadata: listing and summarising
 # committed checkpoints (``dcp-forge ls`` / ``inspect``) then start in a fraction of a second.
@@ -230,7 +239,7 @@ class OpenCheckpoint:
 
         from ..core.tensors import narrow_box, tiling_problem
         from ..format.safe_load import load_object
-        from ..storage.item_reader import read_blob, stored_tensor
+        from ..storage import read_blob, stored_tensor
 
         wanted = sorted(set(fqns))
         table = self.table(VALUE_COLUMNS)

@@ -56,21 +56,28 @@ from ..format.torch_blob import (
     recorded_layout,
     tensor_blob_layout,
 )
-from ..storage.backends import InputFile, StorageBackend
-from ..storage.consistency import (
+from ..storage import (
+    CheckpointState,
+    InputFile,
+    ItemCheck,
     Problem,
     ProblemKind,
     RecordFiles,
+    StorageBackend,
+    StoredChunk,
+    checkpoint_state,
     component_of,
+    coverage_problems,
+    extent_problem,
+    manifest_problems,
+    open_backend,
+    open_data_file,
     parse_index,
     record_problems,
+    redact_url,
     storage_location_problems,
+    stored_tensor,
 )
-from ..storage.cross_check import ItemCheck, StoredChunk, coverage_problems, manifest_problems
-from ..storage.files import extent_problem, open_data_file
-from ..storage.item_reader import stored_tensor
-from ..storage.lifecycle import CheckpointState, checkpoint_state
-from ..storage.registry import open_backend, redact_url
 
 __all__ = ["Problem", "ProblemKind", "verify_checkpoint"]
 

@@ -10,7 +10,18 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .backends import FsspecBackend, LocalBackend, StorageBackend
+from .backends import FsspecBackend, InputFile, LocalBackend, StorageBackend
+from .consistency import (
+    Problem,
+    ProblemKind,
+    RecordFiles,
+    component_of,
+    parse_index,
+    raise_if_problems,
+    record_problems,
+    storage_location_problems,
+)
+from .files import check_extent, extent_problem, open_data_file
 from .lifecycle import (
     CheckpointState,
     checkpoint_state,
@@ -18,26 +29,34 @@ from .lifecycle import (
     discard_partial_checkpoints,
     latest_checkpoint,
     list_checkpoints,
+    read_commit,
 )
 from .registry import BACKENDS, join_url, open_backend, redact_url
 
 if TYPE_CHECKING:
+    from .cross_check import ItemCheck, StoredChunk, coverage_problems, manifest_problems
+    from .item_reader import read_blob, stored_tensor
     from .reader import ForgeStorageReader
     from .writer import ForgeStorageWriter
 
+# Names whose modules import torch: loaded on first use, so that listing and inspecting checkpoints
+# (the names above) starts without torch.
+_NEEDS_TORCH = {
+    "ForgeStorageReader": "reader", "ForgeStorageWriter": "writer",
+    "ItemCheck": "cross_check", "StoredChunk": "cross_check", "coverage_problems": "cross_check",
+    "manifest_problems": "cross_check", "read_blob": "item_reader", "stored_tensor": "item_reader",
+}
+
 
 def __getattr__(name: str) -> Any:
-    # The DCP reader and writer (and with them torch) are imported on first use, so that listing
-    # and inspecting checkpoints (lifecycle.py, backends.py) starts without torch.
-    if name == "ForgeStorageReader":
-        from .reader import ForgeStorageReader
+    module = _NEEDS_TORCH.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dcp_forge.storage' has no attribute {name!r}")
+    import importlib
 
-        return ForgeStorageReader
-    if name == "ForgeStorageWriter":
-        from .writer import ForgeStorageWriter
-
-        return ForgeStorageWriter
-    raise AttributeError(f"module 'dcp_forge.storage' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 
 def open_writer(url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, *,
@@ -59,8 +78,11 @@ def open_reader(url: str | os.PathLike, storage_options: Mapping[str, Any] | Non
 
 
 __all__ = [
-    "BACKENDS", "CheckpointState", "ForgeStorageReader", "ForgeStorageWriter", "FsspecBackend",
-    "LocalBackend", "StorageBackend", "checkpoint_state", "delete_checkpoint", "discard_partial_checkpoints",
-    "join_url", "latest_checkpoint", "list_checkpoints", "open_backend", "open_reader", "open_writer",
-    "redact_url",
+    "BACKENDS", "CheckpointState", "ForgeStorageReader", "ForgeStorageWriter", "FsspecBackend", "InputFile",
+    "ItemCheck", "LocalBackend", "Problem", "ProblemKind", "RecordFiles", "StorageBackend", "StoredChunk",
+    "check_extent", "checkpoint_state", "component_of", "coverage_problems", "delete_checkpoint",
+    "discard_partial_checkpoints", "extent_problem", "join_url", "latest_checkpoint", "list_checkpoints",
+    "manifest_problems", "open_backend", "open_data_file", "open_reader", "open_writer", "parse_index",
+    "raise_if_problems", "read_blob", "read_commit", "record_problems", "redact_url", "storage_location_problems",
+    "stored_tensor",
 ]
