@@ -47,12 +47,13 @@ from .statefuls import prepare_for_load
 from .storage import (
     ForgeStorageReader,
     ForgeStorageWriter,
+    ReadOnceStorageReader,
     join_url,
     latest_checkpoint,
     open_backend,
+    read_once_by_default,
     redact_url,
 )
-from .storage.read_once import ReadOnceStorageReader, read_once_by_default
 
 logger = logging.getLogger(__name__)
 

@@ -79,6 +79,12 @@ def test_no_module_imports_a_higher_layer(module):
     assert not upward, f"{module} (layer {mine}) imports higher layers: {upward}"
 
 
+@pytest.mark.parametrize("module", sorted(m for m in GRAPH if not m.startswith("dcp_forge.storage")))
+def test_storage_is_used_through_its_package_interface(module):
+    inside = sorted(t for t in GRAPH[module] if t.startswith("dcp_forge.storage."))
+    assert not inside, f"{module} reaches past dcp_forge.storage's interface into {inside}"
+
+
 def test_no_import_circles():
     # A package imports its own submodules' names through __init__; a circle through a package facade
     # is still a circle, so packages take part like modules do.

@@ -38,9 +38,9 @@ from torch.futures import Future
 from ..core.placement import place_on_least_loaded
 from ..core.topology import Topology
 from ..errors import ComponentDeclarationError
-from . import ForgeStorageReader
 from .backends import InputFile, LocalBackend, ReadsViewsInTurn, StorageBackend
 from .item_reader import Checker, StoredRead, load_stored_item
+from .reader import ForgeStorageReader
 
 DEFAULT_BATCH_BYTES = 64 * 1024 * 1024
 DEFAULT_WAVE_BYTES = 256 * 1024 * 1024
