@@ -109,6 +109,13 @@ def test_resuming_needs_the_forge_strategy(tmp_path, one_thread_run):
         trainer.fit(model, ckpt_path=latest_checkpoint(root))
 
 
+def test_the_forge_strategy_needs_the_forge_plugin(tmp_path, one_thread_run):
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    with pytest.raises(TypeError, match=r"needs plugins=\[ForgeCheckpointIO"):
+        fit(str(tmp_path), max_epochs=1, io=AsyncCheckpointIO(ForgeCheckpointIO()))
+
+
 def test_a_committed_checkpoint_is_never_overwritten(tmp_path, one_thread_run):
     model, trainer = fit(str(tmp_path), max_epochs=1)
     path = latest_checkpoint(str(tmp_path))

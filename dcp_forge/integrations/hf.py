@@ -27,7 +27,8 @@ The data position is the Trainer's own: it resumes by skipping the batches its `
 (global step, epoch) says were trained, with the sampler seeded from ``args.seed`` and the RNG state
 restored from the ``rng`` component. That file stays the Trainer's, beside the dcp_forge checkpoint,
 because ``Trainer.train`` reads it itself; so checkpoints live under ``args.output_dir`` on a local
-(or locally mounted) file system. ``save_only_model=True`` checkpoints are the Trainer's own.
+(or locally mounted) file system. ``save_only_model=True`` checkpoints are the Trainer's own, and so
+are DeepSpeed's and FSDP's (the mix-in refuses those set-ups rather than half-handle them).
 """
 
 from __future__ import annotations
@@ -90,6 +91,10 @@ class ForgeTrainerMixin:
         expect_type("forge_async_save", forge_async_save, bool)
         expect_type("forge_validate_replication", forge_validate_replication, bool)
         super().__init__(*args, **kwargs)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(f"{type(self).__name__}: ForgeTrainerMixin checkpoints single-device and DDP training; "
+                             "with DeepSpeed or FSDP the Trainer's checkpoints are the engine's own (use the "
+                             "plain Trainer there)")
         self.forge_storage_options = dict(forge_storage_options or {})
         self.forge_async_save = forge_async_save
         self.forge_validate_replication = forge_validate_replication
