@@ -135,9 +135,15 @@ class ForgeTrainerMixin:
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return super().train(*args, **kwargs)
-        finally:
-            self.forge_close()
+            output = super().train(*args, **kwargs)
+        except BaseException as err:
+            try:
+                self.forge_close()
+            except Exception as close_error:  # keep training's error; say what closing found
+                err.add_note(f"while handling it, closing the dcp_forge coordinator raised: {close_error!r}")
+            raise
+        self.forge_close()
+        return output
 
     def _forge_load(self, checkpoint: str, components: list[str]) -> None:
         coordinator = self.forge_coordinator()
