@@ -214,7 +214,7 @@ def decode_header(header: bytes, where: str, file_size: int | None = None
                                  f"{expected} (the data section has a gap or an overlap)")
         expected = tensor.end
     if file_size is not None and file_size != expected:
-        raise IntegrityError(f"{where}: the header describes {expected} bytes, the file holds {file_size}")
+        raise IntegrityError(f"{where}: its header describes a file of {expected} bytes, the file holds {file_size}")
     return metadata, tensors
 
 

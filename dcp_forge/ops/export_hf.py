@@ -147,7 +147,7 @@ def plan_export(metadata: Metadata, component: str, *, dtype: torch.dtype | None
         seen[name] = fqn
         stored = md.properties.dtype
         out = dtype if dtype is not None and stored.is_floating_point else stored
-        dtype_name(out, f"{component}: {fqn}")  # refuse what safetensors cannot store, before writing
+        dtype_name(out, fqn)  # refuse what safetensors cannot store, before writing
         tensors.append(ExportedTensor(fqn, TensorSpec(name, out, tuple(md.size)), stored))
     if not tensors:
         raise MissingComponentError(f"{where}: component {component!r} has no tensor left to export")
@@ -170,7 +170,8 @@ def export_hf(url: str | os.PathLike, out: str | os.PathLike, *, component: str 
     (see ``apply_key_map``) and ``exclude`` leaves out names matching its glob patterns (after
     renaming), e.g. ``lm_head.weight`` of a model with tied embeddings. Existing weight files in
     ``out`` are an error unless ``overwrite``, which also removes shards the new export does not
-    use. ``progress(n)`` is called with the bytes of each tensor written.
+    use. ``progress(n)`` is called with the bytes of each tensor written. The index is written after
+    every shard, and an export that fails removes the shards it wrote, then raises.
     """
     url, out = os.fspath(url), os.fspath(out)
     out_dtype = parse_dtype(dtype)
@@ -193,9 +194,16 @@ def export_hf(url: str | os.PathLike, out: str | os.PathLike, *, component: str 
     shards = plan_shards([t.spec for t in tensors], shard_limit)
     names = shard_file_names(len(shards))
     reader.set_up_storage_reader(metadata, True)
-    for name, shard in zip(names, shards, strict=True):
-        _write_file(backend, backend.join(directory, name), [by_name[s.name] for s in shard], reader, metadata,
-                    batch_limit, progress)
+    written: list[str] = []
+    try:
+        for name, shard in zip(names, shards, strict=True):
+            written.append(name)
+            _write_file(backend, backend.join(directory, name), [by_name[s.name] for s in shard], reader,
+                        metadata, batch_limit, progress)
+    except BaseException:
+        for name in written:  # no half export: shards without their index would only mislead
+            backend.remove(backend.join(directory, name))
+        raise
     total_size = sum(t.spec.nbytes for t in tensors)
     index = None
     if len(names) > 1:

@@ -13,8 +13,8 @@ Every stored tensor is one chunk covering the whole tensor, so a destination tha
 DTensor (FSDP2, tensor parallelism) asks for a box of it (``ReadItem.storage_offsets`` / ``lengths``)
 and only the byte runs that hold that box are read: a row block is one read, a column block one run
 per row. Runs closer together than ``max_gap_bytes`` are read as one request with the gap (on object
-stores a request costs about as much as a megabyte of data), in pieces of at most
-``max_span_bytes``; no rank ever holds a buffer larger than its own box or one such piece. A box read
+stores, where a request costs about as much as a megabyte of data; never on local disk), in pieces of
+at most ``max_span_bytes``; no rank ever holds a buffer larger than its own box or one such piece. A box read
 in the stored dtype into a contiguous CPU destination goes straight into the destination's memory.
 
 Headers are checked as the safetensors library checks them (``format/safetensors.py``), plus: the
@@ -61,9 +61,10 @@ from .backends import InputFile, LocalBackend
 from .item_reader import _byte_view
 from .registry import open_backend, redact_url
 
-# Gaps read through rather than skipped: a local read of a page costs what skipping it does; an
-# object-store request costs about what reading a megabyte does.
-LOCAL_MAX_GAP_BYTES = 4096
+# Gaps read through rather than skipped. Local disk: none (one pread per run costs microseconds and the
+# kernel's readahead covers small gaps), so a rank reads exactly its boxes and needs no buffer.
+# Object stores: a request costs about what reading a megabyte does.
+LOCAL_MAX_GAP_BYTES = 0
 REMOTE_MAX_GAP_BYTES = 1024 * 1024
 MAX_SPAN_BYTES = 16 * 1024 * 1024
 
