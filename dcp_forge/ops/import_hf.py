@@ -36,7 +36,7 @@ from ..errors import (
 )
 from ..statefuls import ModelState
 from ..storage.registry import redact_url
-from ..storage.safetensors_reader import SafetensorsReader
+from ..storage.safetensors_reader import ReadStats, SafetensorsReader
 from .export_hf import KeyMap, apply_key_map
 
 
@@ -47,14 +47,15 @@ class HFLoadResult:
     ``loaded``: model keys filled from the weights; ``tied``: model keys filled through a key they
     share memory with; ``missing``: model keys nothing filled (kept as they were; only with
     ``strict=False``); ``unexpected``: weight names with no model key (not read; only with
-    ``strict=False``); ``bytes_read``: bytes this rank read from storage.
+    ``strict=False``); ``read``: what this rank read from storage (bytes, per weight, and its largest
+    temporary buffer).
     """
 
     loaded: tuple[str, ...]
     tied: tuple[str, ...]
     missing: tuple[str, ...]
     unexpected: tuple[str, ...]
-    bytes_read: int
+    read: ReadStats
 
 
 def lossless_cast(source: torch.dtype, target: torch.dtype) -> bool:
@@ -142,4 +143,4 @@ def load_hf_into(target: torch.nn.Module | ModelState, url: str | os.PathLike, *
         raise original from exc
     state.load_state_dict(model_state)
     return HFLoadResult(tuple(sorted(filled)), tuple(tied), tuple(missing), tuple(sorted(unexpected)),
-                        reader.stats.bytes_read)
+                        reader.stats)
