@@ -24,7 +24,7 @@ from dcp_forge import (
 from dcp_forge.format.safetensors import INDEX_NAME
 from dcp_forge.ops.export_hf import export_hf
 from dcp_forge.ops.import_hf import lossless_cast
-from dcp_forge.storage.safetensors_reader import SafetensorsReader
+from dcp_forge.storage import SafetensorsReader
 from dcp_forge.trainers.tiny_lm import TinyLM, TinyLMConfig
 from tests.support.hf import assert_bitwise_equal, safetensors_state, tiny_llama
 from tests.support.strategies import tensor_boxes

@@ -47,10 +47,7 @@ from ..format.safetensors import (
     shard_file_names,
     tensor_order,
 )
-from ..storage.backends import StorageBackend
-from ..storage.item_reader import _byte_view
-from ..storage.reader import ForgeStorageReader
-from ..storage.registry import join_url, open_backend, redact_url
+from ..storage import ForgeStorageReader, StorageBackend, byte_view, join_url, open_backend, redact_url
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 DEFAULT_BUFFER_SIZE = 1024**3
@@ -285,7 +282,7 @@ def _write_file(backend: StorageBackend, path: str, tensors: Sequence[ExportedTe
                 if value.dtype != tensor.spec.dtype:
                     value = value.to(tensor.spec.dtype)
                 if value.nbytes:
-                    stream.write(_byte_view(value.contiguous()))
+                    stream.write(byte_view(value.contiguous()))
                 del value
                 if progress is not None:
                     progress(tensor.spec.nbytes)

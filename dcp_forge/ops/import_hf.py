@@ -35,8 +35,7 @@ from ..errors import (
     first_rank_failure,
 )
 from ..statefuls import ModelState
-from ..storage.registry import redact_url
-from ..storage.safetensors_reader import ReadStats, SafetensorsReader
+from ..storage import ReadStats, SafetensorsReader, redact_url
 from .export_hf import KeyMap, apply_key_map
 
 

@@ -58,7 +58,7 @@ from ..format.safetensors import (
     header_length,
 )
 from .backends import InputFile, LocalBackend
-from .item_reader import _byte_view
+from .item_reader import byte_view
 from .registry import open_backend, redact_url
 
 # Gaps read through rather than skipped. Local disk: none (one pread per run costs microseconds and the
@@ -271,7 +271,7 @@ class SafetensorsReader(StorageReader):
                   and not target.is_neg())
         dest = target if direct else torch.empty(tuple(item.lengths), dtype=stored.dtype)
         largest = 0 if direct else dest.nbytes
-        view = np.asarray(_byte_view(dest)) if len(starts) else np.zeros(0, np.uint8)
+        view = np.asarray(byte_view(dest)) if len(starts) else np.zeros(0, np.uint8)
         read = 0
         try:
             for first, last in self._spans(starts, run):
