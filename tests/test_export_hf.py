@@ -68,6 +68,20 @@ def test_one_shard_is_model_safetensors_without_index(llama_run, tmp_path):
     assert_bitwise_equal(_weights(from_pretrained(tmp_path)), _weights(model))
 
 
+def test_tied_embeddings_export_both_names_or_one(tmp_path):
+    """The checkpoint holds the tied head under its own name too; from_pretrained loads either form."""
+    model = tiny_llama(seed=2, tie=True)
+    path = _save(tmp_path / "run", ModelState(model))
+    export_hf(path, tmp_path / "both", config=model.config.to_dict())
+    export_hf(path, tmp_path / "one", config=model.config.to_dict(), exclude=["lm_head.weight"])
+    assert "lm_head.weight" in safetensors_state(tmp_path / "both")
+    assert "lm_head.weight" not in safetensors_state(tmp_path / "one")
+    for name in ("both", "one"):
+        loaded = from_pretrained(tmp_path / name)
+        assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+        assert_bitwise_equal(_weights(loaded), _weights(model), name)
+
+
 def test_dtype_casts_floating_point_tensors(llama_run, tmp_path):
     model, path, _ = llama_run
     export_hf(path, tmp_path, dtype="bf16", max_shard_size=SHARD)
@@ -94,7 +108,7 @@ def test_tensors_are_read_a_bounded_batch_at_a_time(llama_run, tmp_path, monkeyp
     assert max(sum(b) for b in asked) < sum(v.nbytes for v in model.state_dict().values()) / 4
 
 
-def test_a_damaged_checkpoint_is_refused_and_leaves_no_partial_weights(tmp_path):
+def test_a_damaged_checkpoint_is_refused_and_leaves_no_partial_weights(llama_run, tmp_path):
     model = tiny_llama(seed=3)
     path = _save(tmp_path / "run", ModelState(model))
     for name in data_files(path):
@@ -103,6 +117,11 @@ def test_a_damaged_checkpoint_is_refused_and_leaves_no_partial_weights(tmp_path)
     with pytest.raises(IntegrityError, match="checksum mismatch"):
         export_hf(path, tmp_path / "hf", max_shard_size=SHARD)
     assert not [n for n in os.listdir(tmp_path / "hf") if n.endswith(".safetensors")]
+    # Over an earlier export: neither its index nor shards that were half replaced stay behind.
+    export_hf(llama_run[1], tmp_path / "hf", max_shard_size=SHARD)
+    with pytest.raises(IntegrityError, match="checksum mismatch"):
+        export_hf(path, tmp_path / "hf", max_shard_size=SHARD, overwrite=True)
+    assert not [n for n in os.listdir(tmp_path / "hf") if n.endswith((".safetensors", ".json"))]
 
 
 def test_existing_weights_are_kept_unless_overwrite_which_removes_stale_shards(llama_run, tmp_path):

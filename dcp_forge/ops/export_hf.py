@@ -168,7 +168,8 @@ def export_hf(url: str | os.PathLike, out: str | os.PathLike, *, component: str 
     renaming), e.g. ``lm_head.weight`` of a model with tied embeddings. Existing weight files in
     ``out`` are an error unless ``overwrite``, which also removes shards the new export does not
     use. ``progress(n)`` is called with the bytes of each tensor written. The index is written after
-    every shard, and an export that fails removes the shards it wrote, then raises.
+    every shard; an export that fails removes the shards it wrote (and, with ``overwrite``, what is left
+    of the earlier export), then raises.
     """
     url, out = os.fspath(url), os.fspath(out)
     out_dtype = parse_dtype(dtype)
@@ -198,7 +199,9 @@ def export_hf(url: str | os.PathLike, out: str | os.PathLike, *, component: str 
             _write_file(backend, backend.join(directory, name), [by_name[s.name] for s in shard], reader,
                         metadata, batch_limit, progress)
     except BaseException:
-        for name in written:  # no half export: shards without their index would only mislead
+        # No half export: shards without their index mislead, and so would what is left of an earlier
+        # export (reached only with overwrite) once some of its shards were replaced.
+        for name in {*written, *stale}:
             backend.remove(backend.join(directory, name))
         raise
     total_size = sum(t.spec.nbytes for t in tensors)
