@@ -163,6 +163,14 @@ def test_collisions_missing_components_and_unstorable_dtypes_fail_before_writing
     assert not out.exists() or not os.listdir(out)
 
 
+def test_a_per_rank_model_is_exported_by_naming_its_copy(tmp_path):
+    path = _save(tmp_path / "run", Box({"w": torch.arange(4.0)}), pattern="per_rank")
+    with pytest.raises(MissingComponentError, match=r"it holds \['model@rank0'\]"):
+        export_hf(path, tmp_path / "hf")
+    export_hf(path, tmp_path / "hf", component="model@rank0")
+    assert torch.equal(safetensors_state(tmp_path / "hf")["w"], torch.arange(4.0))
+
+
 def test_cli_export_hf(llama_run, tmp_path, capsys):
     model, path, root = llama_run
     code = main(["export-hf", str(path), str(tmp_path / "hf"), "--max-shard-size", SHARD, "--dtype", "fp16",
