@@ -145,6 +145,20 @@ def test_one_file_and_broken_directories(pretrained, tmp_path):
         load_hf_into(fresh, tmp_path / "empty")
 
 
+def test_a_hub_cache_snapshot_of_symbolic_links_loads(pretrained, tmp_path):
+    """The Hub cache keeps files as blobs and a snapshot directory of links to them."""
+    model, root = pretrained
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "snapshot").mkdir()
+    for name in os.listdir(root):
+        (tmp_path / "blobs" / name).write_bytes((root / name).read_bytes())
+        (tmp_path / "snapshot" / name).symlink_to(f"../blobs/{name}")
+    fresh = tiny_llama(seed=8)
+    load_hf_into(fresh, tmp_path / "snapshot")
+    assert_bitwise_equal(_weights(fresh), _weights(model))
+    load_hf_into(tiny_llama(seed=8), tmp_path / "snapshot" / "model-00001-of-00005.safetensors", strict=False)
+
+
 @settings(max_examples=80, deadline=None)
 @given(tensor_boxes(max_dims=3, max_extent=7), st.sampled_from([0, 4, 64, 1 << 20]), st.sampled_from([8, 40, 1 << 20]),
        st.sampled_from([torch.float32, torch.bfloat16, torch.int64]))

@@ -229,7 +229,7 @@ def _config_bytes(config: str | os.PathLike | Mapping[str, Any] | None,
     if isinstance(config, Mapping):
         return (json.dumps(dict(config), indent=2, sort_keys=True) + "\n").encode()
     backend, path = open_backend(config, storage_options)
-    data = backend.read_bytes(path)
+    data = backend.fs.cat_file(path)  # through fsspec: a config in a Hub cache is a symbolic link
     try:
         parsed = json.loads(data)
     except ValueError as err:

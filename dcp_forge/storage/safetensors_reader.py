@@ -20,11 +20,12 @@ in the stored dtype into a contiguous CPU destination goes straight into the des
 Headers are checked as the safetensors library checks them (``format/safetensors.py``), plus: the
 files of an index exist and hold exactly the tensors the index assigns them, no name is stored twice,
 and every file ends where its header says. Safetensors records no checksums, so values cannot be
-verified beyond that.
+verified beyond that. Symbolic links are followed (a Hub cache's snapshot is made of them).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections import defaultdict
@@ -201,18 +202,22 @@ class SafetensorsReader(StorageReader):
         return items
 
     def _read_index(self, index_path: str) -> dict[str, str]:
-        import json
-
         where = f"{self.where}/{INDEX_NAME}"
         try:
-            weight_map = json.loads(self.backend.read_bytes(index_path))["weight_map"]
+            weight_map = json.loads(self.backend.fs.cat_file(self._followed(index_path)))["weight_map"]
         except (ValueError, KeyError, TypeError) as err:
             raise IntegrityError(f"{where} is not a weights index with a 'weight_map' ({err})") from err
         if not isinstance(weight_map, dict):
             raise IntegrityError(f"{where}: 'weight_map' must be an object")
         return {str(name): check_file_name(file, where) for name, file in weight_map.items()}
 
+    def _followed(self, path: str) -> str:
+        """``path`` with symbolic links resolved on local disk. Weights are no dcp_forge checkpoint,
+        whose files must be plain: a Hugging Face Hub cache's snapshot links every file to a blob."""
+        return os.path.realpath(path) if isinstance(self.backend, LocalBackend) else path
+
     def _read_header(self, file_path: str, where: str) -> list[StoredTensor]:
+        file_path = self._followed(file_path)
         try:
             size = int(self.backend.fs.size(file_path))
             handle = self.backend.open_input(file_path)
@@ -243,7 +248,7 @@ class SafetensorsReader(StorageReader):
                                  f"(at offset {list(read_item.storage_index.offset or [])})") from None
 
     def _read_file(self, file: str, items: Sequence[ReadItem], planner: LoadPlanner) -> ReadStats:
-        handle = self.backend.open_input(self.backend.join(self._directory, file))
+        handle = self.backend.open_input(self._followed(self.backend.join(self._directory, file)))
         by_name: dict[str, int] = defaultdict(int)
         total = largest = 0
         try:
