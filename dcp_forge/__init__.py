@@ -43,6 +43,8 @@ _EXPORTS = {
     "Problem": "ops.verify",
     "ProblemKind": "ops.verify",
     "verify_checkpoint": "ops.verify",
+    "export_hf": "ops.export_hf",
+    "load_hf_into": "ops.import_hf",
 }
 
 
@@ -68,6 +70,6 @@ __all__ = [
     "ReplicationError", "SharingPattern", "StateComponent", "StateMismatchError", "Topology",
     "TopologyChangeError", "TopologyPolicy", "UnexpectedComponentError", "UnsafeCheckpointError",
     "UnsupportedFormatError",
-    "ValidationLevel", "delete_checkpoint", "discard_partial_checkpoints", "gather_topology", "latest_checkpoint",
-    "list_checkpoints", "read_manifest", "verify_checkpoint", "__version__",
+    "ValidationLevel", "delete_checkpoint", "discard_partial_checkpoints", "export_hf", "gather_topology",
+    "latest_checkpoint", "list_checkpoints", "load_hf_into", "read_manifest", "verify_checkpoint", "__version__",
 ]

@@ -200,6 +200,29 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    from .ops.export_hf import export_hf
+
+    options = _storage_options(args)
+    out_options = json.loads(args.out_storage_options) if args.out_storage_options else options
+    if not isinstance(out_options, dict):
+        raise ValueError("--out-storage-options must be a JSON object")
+    update, close = _progress(None, "B", "export-hf")
+    try:
+        result = export_hf(args.url, args.out, component=args.component, max_shard_size=args.max_shard_size,
+                           dtype=args.dtype, config=args.config, exclude=args.exclude or (),
+                           overwrite=args.overwrite, storage_options=options, out_storage_options=out_options,
+                           buffer_size=args.buffer_size, thread_count=args.threads, progress=update)
+    finally:
+        close()
+    print(f"wrote {len(result.files)} safetensors file(s), {result.tensors} tensor(s), {_size(result.total_size)} "
+          f"to {result.url}" + (f" (index {result.index})" if result.index else ""))
+    if result.skipped:
+        print(f"left out {len(result.skipped)} non-tensor value(s) safetensors cannot hold: {list(result.skipped[:8])}"
+              + (" ..." if len(result.skipped) > 8 else ""), file=sys.stderr)
+    return EXIT_OK
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from benchmarks.suite import BenchConfig, run_suite
 
@@ -279,6 +302,31 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: each top-level key is a component)")
     _add_storage_options(p)
     p.set_defaults(fn=_cmd_convert)
+
+    p = sub.add_parser("export-hf", help="a checkpoint's model as Hugging Face safetensors (from_pretrained loads it)",
+                       description="Write component COMPONENT of checkpoint URL into directory OUT as the "
+                       "safetensors weights transformers' from_pretrained loads: model.safetensors, or "
+                       "model-0000i-of-0000N.safetensors shards and model.safetensors.index.json. Streams a "
+                       "batch of tensors at a time (memory about --buffer-size), verifying every checksum; "
+                       "checkpoints saved at any world size and sharding export the same. OUT may be a local "
+                       "path or a storage URL (s3://...).")
+    p.add_argument("url")
+    p.add_argument("out")
+    p.add_argument("--component", default="model", help="the component holding the model (default: model)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest shard file, e.g. 5GB (10**9 bytes) or "
+                   "4GiB (default 5GB)")
+    p.add_argument("--dtype", help="cast floating-point tensors: bf16, fp16, fp32 or fp64 (default: as saved)")
+    p.add_argument("--config", help="a config.json to copy into OUT (from_pretrained needs one)")
+    p.add_argument("--exclude", action="append", metavar="GLOB", help="leave out tensors whose exported name "
+                   "matches (repeatable), e.g. lm_head.weight of a model with tied embeddings")
+    p.add_argument("--overwrite", action="store_true", help="replace weights already in OUT")
+    p.add_argument("--buffer-size", default="1GiB", help="bytes of tensors held at once (default 1GiB); a "
+                   "larger single tensor is held alone")
+    p.add_argument("--threads", type=int, default=2, help="parallel readers (default 2)")
+    _add_storage_options(p)
+    p.add_argument("--out-storage-options", metavar="JSON", help="storage options for OUT (default: "
+                   "--storage-options)")
+    p.set_defaults(fn=_cmd_export_hf)
 
     sub.add_parser("demo", help="run the demo job (train, interrupt, resume, compare); see demo --help",
                    add_help=False)

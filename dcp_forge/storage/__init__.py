@@ -35,9 +35,10 @@ from .registry import BACKENDS, join_url, open_backend, redact_url
 
 if TYPE_CHECKING:
     from .cross_check import ItemCheck, StoredChunk, coverage_problems, manifest_problems
-    from .item_reader import read_blob, stored_tensor
+    from .item_reader import byte_view, read_blob, stored_tensor
     from .read_once import ReadOnceStorageReader, read_once_by_default
     from .reader import ForgeStorageReader
+    from .safetensors_reader import ReadStats, SafetensorsReader
     from .writer import ForgeStorageWriter
 
 # Names whose modules import torch: loaded on first use, so that listing and inspecting checkpoints
@@ -46,7 +47,8 @@ _NEEDS_TORCH = {
     "ForgeStorageReader": "reader", "ForgeStorageWriter": "writer",
     "ItemCheck": "cross_check", "StoredChunk": "cross_check", "coverage_problems": "cross_check",
     "manifest_problems": "cross_check", "read_blob": "item_reader", "stored_tensor": "item_reader",
-    "ReadOnceStorageReader": "read_once", "read_once_by_default": "read_once",
+    "ReadOnceStorageReader": "read_once", "read_once_by_default": "read_once", "byte_view": "item_reader",
+    "ReadStats": "safetensors_reader", "SafetensorsReader": "safetensors_reader",
 }
 
 
@@ -81,8 +83,8 @@ def open_reader(url: str | os.PathLike, storage_options: Mapping[str, Any] | Non
 
 __all__ = [
     "BACKENDS", "CheckpointState", "ForgeStorageReader", "ForgeStorageWriter", "FsspecBackend", "InputFile",
-    "ItemCheck", "LocalBackend", "Problem", "ProblemKind", "ReadOnceStorageReader", "RecordFiles", "StorageBackend", "StoredChunk",
-    "check_extent", "checkpoint_state", "component_of", "coverage_problems", "delete_checkpoint",
+    "ItemCheck", "LocalBackend", "Problem", "ProblemKind", "ReadOnceStorageReader", "ReadStats", "RecordFiles",
+    "SafetensorsReader", "StorageBackend", "StoredChunk", "byte_view", "check_extent", "checkpoint_state", "component_of", "coverage_problems", "delete_checkpoint",
     "discard_partial_checkpoints", "extent_problem", "join_url", "latest_checkpoint", "list_checkpoints",
     "manifest_problems", "open_backend", "open_data_file", "open_reader", "open_writer", "parse_index",
     "raise_if_problems", "read_blob", "read_commit", "read_once_by_default", "record_problems", "redact_url", "storage_location_problems",

@@ -152,7 +152,7 @@ def _direct_target(read: StoredRead, targets: Sequence[torch.Tensor]) -> torch.T
     return target
 
 
-def _byte_view(tensor: torch.Tensor) -> memoryview:
+def byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
@@ -206,7 +206,7 @@ def _read_direct(handle: InputFile, read: StoredRead, layout: TensorBlobLayout, 
                  target: torch.Tensor, check: Checker) -> None:
     """Read the tensor into ``target``: with its blob's head and tail in the same request when the
     index told where it is (``edges`` None), else the data alone after the parsed ``edges``."""
-    view = _byte_view(target) if layout.nbytes else memoryview(b"")
+    view = byte_view(target) if layout.nbytes else memoryview(b"")
     end = layout.data_offset + layout.nbytes
     if check is None:
         handle.read_into(read.offset + layout.data_offset, view)
@@ -240,7 +240,7 @@ def _read_direct(handle: InputFile, read: StoredRead, layout: TensorBlobLayout, 
 def read_blob(handle: InputFile, offset: int, length: int) -> torch.Tensor:
     """``length`` bytes at ``offset`` as an uninitialised-then-filled uint8 tensor (no zeroing pass)."""
     buffer = torch.empty(length, dtype=torch.uint8)
-    handle.read_into(offset, _byte_view(buffer))
+    handle.read_into(offset, byte_view(buffer))
     return buffer
 
 
@@ -250,7 +250,7 @@ def stored_tensor(buffer: torch.Tensor, name: str) -> torch.Tensor:
     Any other blob is unpickled weights-only: one that needs more raises UnsafeCheckpointError, one
     that holds no tensor IntegrityError, each naming ``name`` (the component and key).
     """
-    raw = _byte_view(buffer)
+    raw = byte_view(buffer)
     try:
         layout = tensor_blob_layout(open_blob(lambda o, n: raw[o:o + n].tobytes(), len(raw)))
     except NotPlainTensor:
@@ -300,7 +300,7 @@ def load_stored_item(handle: InputFile, read: StoredRead, planner: LoadPlanner, 
 
     buffer = read_blob(handle, read.offset, read.length)
     if check is not None:
-        check(read, xxhash.xxh3_64_hexdigest(_byte_view(buffer)))
+        check(read, xxhash.xxh3_64_hexdigest(byte_view(buffer)))
     stored = stored_tensor(buffer, f"{component_of(read.fqn)}: {read.fqn}")
     if not _is_chunk(stored.dtype, tuple(stored.shape), read.chunk):
         raise IntegrityError(

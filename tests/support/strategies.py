@@ -291,3 +291,37 @@ def tilings(draw) -> tuple[tuple[int, ...], list[tuple[tuple[int, ...], tuple[in
                 sizes = sizes[:dim] + (max(0, sizes[dim] + delta),) + sizes[dim + 1:]
             boxes[i] = (offsets, sizes)
     return shape, draw(st.permutations(boxes))
+
+
+# --- safetensors files --------------------------------------------------------------------------
+SAFETENSORS_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32,
+                      torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.uint16,
+                      torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+@st.composite
+def safetensors_states(draw, max_tensors: int = 6) -> dict[str, torch.Tensor]:
+    """Named tensors of every dtype safetensors stores, 0-3 dims (empty ones too), random bytes."""
+    names = draw(st.lists(st.from_regex(r"[a-z][a-z0-9_.]{0,8}", fullmatch=True).filter(lambda n: n != "__metadata__"),
+                          min_size=1, max_size=max_tensors, unique=True))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name in names:
+        dtype = draw(st.sampled_from(SAFETENSORS_DTYPES))
+        shape = tuple(draw(st.lists(st.integers(0, 5), max_size=3)))
+        raw = torch.randint(0, 256, (math.prod(shape) * dtype.itemsize,), dtype=torch.uint8, generator=gen)
+        state[name] = raw.view(dtype).reshape(shape) if dtype != torch.bool else (raw % 2).view(torch.bool).reshape(shape)
+    return state
+
+
+@st.composite
+def tensor_boxes(draw, max_dims: int = 4, max_extent: int = 6):
+    """A row-major shape and a box inside it: (shape, offsets, lengths)."""
+    shape = tuple(draw(st.lists(st.integers(1, max_extent), min_size=1, max_size=max_dims)))
+    offsets, lengths = [], []
+    for extent in shape:
+        start = draw(st.integers(0, extent - 1))
+        offsets.append(start)
+        lengths.append(draw(st.integers(1, extent - start)))
+    return shape, tuple(offsets), tuple(lengths)
