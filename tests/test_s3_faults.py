@@ -256,3 +256,48 @@ def test_a_deletion_that_fails_midway_never_leaves_a_half_deleted_checkpoint_com
         warnings.simplefilter("ignore")
         assert discard_partial_checkpoints(out, clean) == [newer]
     assert backend.list_dir(native) == []
+
+
+# ------------------------------------------------------------------ the budget after an outage
+
+# Both SDKs' "standard" retry modes put a client-wide quota in front of the per-request budget (500
+# tokens, 5 or more a retry, one back per success): about 100 retries, whichever requests made them.
+CLIENT_WIDE_QUOTA_RETRIES = 100
+
+
+def sixteen_tensors(seed: int) -> dict:
+    """One data file per tensor with thread_count=16: a save makes 16 uploads."""
+    gen = torch.Generator().manual_seed(seed)
+    return {f"t{i}": torch.randn(64, generator=gen) for i in range(16)}
+
+
+@pytest.mark.parametrize("data_client", DATA_CLIENTS)
+def test_every_request_keeps_its_retry_budget_after_a_long_outage(s3_server_info, out, clean, data_client):
+    # A long outage fails save after save, spending several times the retries a client-wide quota
+    # holds. The store comes back, and the first uploads of the next save meet a short outage:
+    # fewer consecutive failures than one request's budget. That save must ride it out, however
+    # long the process has run. (The outage resets connections; the short one answers 500, which
+    # s3fs's own retry loop leaves to botocore's budget.)
+    attempts = 4
+    with FaultProxy(s3_server_info.endpoint_url) as proxy:
+        options = via(proxy, s3_server_info, data_client, attempts=attempts)
+
+        def save_sixteen(seed: int, checkpoint_id: str) -> str:
+            return CheckpointCoordinator([StateComponent("model", Box(sixteen_tensors(seed)), "global")],
+                                         output_dir=out, storage_options=options, thread_count=16
+                                         ).save_checkpoint(checkpoint_id=checkpoint_id)
+
+        proxy.configure(fraction=1.0, kinds=("reset",), methods=("PUT", "POST"), path_pattern=r"\.distcp")
+        outage = 0
+        while proxy.stats()["faults"] <= 4 * CLIENT_WIDE_QUOTA_RETRIES:
+            with pytest.raises(OSError, match=f"outage-{outage}"):
+                save_sixteen(outage, f"outage-{outage}")
+            outage += 1
+        faults = proxy.stats()["faults"]
+        proxy.configure(kinds=("internal_error",), max_faults=faults + attempts - 1)
+        saved = save_sixteen(1, "ckpt-1")
+        assert proxy.stats()["faults"] == faults + attempts - 1
+    assert list_checkpoints(out, clean) == [saved]
+    assert verify_checkpoint(saved, clean) == []
+    backend, native = open_backend(saved, clean)
+    assert len([name for name in backend.list_dir(native) if name.endswith(".distcp")]) == 16
