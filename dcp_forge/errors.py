@@ -119,13 +119,18 @@ def os_error_with_context(err: OSError, context: str, path: str | None = None) -
     subclass: EACCES -> PermissionError, ENOSPC -> OSError...) when it has an errno; without one, a
     builtin class (ConnectionError from S3 retries running out, Arrow's plain OSError) is rebuilt
     with the context in its message, which is what logs and ``str(error)`` show; any other class
-    is ``err`` itself with the context as a note. Raise the result ``from err``."""
+    is ``err`` itself with the context as a note. A rebuilt error keeps ``err``'s notes (what
+    cleanup after it found). Raise the result ``from err``."""
     if err.errno is None:
-        if type(err).__module__ == "builtins":
-            return type(err)(f"{err} ({context})")
-        err.add_note(context)
-        return err
-    return OSError(err.errno, f"{err.strerror or err}: {context}", path)
+        if type(err).__module__ != "builtins":
+            err.add_note(context)
+            return err
+        rebuilt = type(err)(f"{err} ({context})")
+    else:
+        rebuilt = OSError(err.errno, f"{err.strerror or err}: {context}", path)
+    for note in getattr(err, "__notes__", ()):
+        rebuilt.add_note(note)
+    return rebuilt
 
 
 @contextlib.contextmanager

@@ -328,6 +328,10 @@ class _S3fsOutput(_FsspecOutput):
         with s3_errors("upload", self.path):
             super().close()
 
+    def abort(self) -> None:
+        with s3_errors("abort of the upload", self.path):
+            super().abort()
+
 
 class _S3fsInput(_FsspecInput):
     """s3fs's ranged reads, their errors naming the object (``s3_errors``)."""

@@ -40,7 +40,7 @@ from ..format.index import StoredItem, encode_index
 from ..format.manifest import CheckpointManifest, checksum_bytes, component_manifests, item_records, versions
 from ..format.names import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE, data_file_name, new_save_id
 from ..format.torch_blob import BlobEdges, save_tensor
-from .backends import OutputStream
+from .backends import OutputStream, discard_after
 from .lifecycle import CommitRecord, claim, commit
 from .registry import open_backend, redact_url
 
@@ -221,10 +221,10 @@ class ForgeStorageWriter(StorageWriter):
                                if item.type != WriteItemType.BYTE_IO and length >= LAYOUT_MIN_BYTES else None)
                 results.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=StoredItem(
                     name, offset, length, checksum, rank, data_offset)))
-        except BaseException:
-            out.abort()
+            out.close()
+        except BaseException as err:
+            discard_after(out, err)
             raise
-        out.close()
         return results
 
     def _write_record(self, name: str, data: bytes) -> None:
