@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -184,7 +185,7 @@ def _full_tmpfs(root, good):
         coordinator(target, [StateComponent("weights", Box({"w": torch.zeros(1 << 19)}), "global")]
                     ).save_checkpoint(checkpoint_id="too-big")
     finally:
-        assert list_checkpoints(target) == []
+        assert os.listdir(target) == []  # the failed save removed what it wrote
         subprocess.run(["umount", target], check=True)
         os.rmdir(target)
 
@@ -263,6 +264,9 @@ CASES = [
          r"of checkpoint .*too-big \(holds \['weights'\]\)", _full_disk, forge=False, tier="dist"),
     Case("full disk (1 MiB tmpfs: ENOSPC)", OSError, r"No space left on device: rank 0 writing __0_\d\.distcp",
          _full_tmpfs, forge=False),
+    Case("a value pickle refuses", TypeError, r"cannot pickle '_thread.lock' object",
+         _save(components=declared(box=StateComponent("box", Box({"lock": threading.Lock()}), "global"))),
+         forge=False),
     Case("storage scheme without its package", ImportError, r"pip install gcsfs to use gs:// URLs",
          _save(output_dir="gs://bucket/run"), forge=False),
     # --- load ---------------------------------------------------------------------------------------
@@ -316,6 +320,7 @@ def test_bad_input(case, root, good):
     if case.forge:
         assert isinstance(err.value, ForgeError), f"{type(err.value).__mro__} is not a dcp_forge error"
     assert list_checkpoints(root) == [good]  # nothing half-written looks complete ...
+    assert os.listdir(root) == [os.path.basename(good)]  # ... nor is left behind at all ...
     assert verify_checkpoint(good) == []  # ... and what was committed before is intact
 
 

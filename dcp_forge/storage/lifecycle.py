@@ -9,6 +9,9 @@ A checkpoint directory goes through three states:
 - *deleted*: the marker goes first, then the rest, so a half-deleted checkpoint never looks
   complete.
 
+A save that fails on every rank removes the directory it claimed (``discard_claimed``: only with its
+own save id in ``_CLAIMED`` and no ``_COMMITTED``), so a failed save leaves no debris behind.
+
 A directory with ``.metadata`` but none of our files (``FORGE_RECORDS``) is a plain DCP ("legacy")
 checkpoint: DCP's own commit is writing ``.metadata`` last, so it counts as committed. A directory
 holding any of our records but no commit marker is partial, never legacy: removing the marker (and
@@ -95,6 +98,36 @@ def _claim(backend: StorageBackend, path: str, save_id: str, url: str) -> None:
             f"checkpoint {redact_url(url)} is being written by another save, or a crashed save left it "
             "uncommitted; it is invisible to loads. Delete it (dcp_forge.delete_checkpoint or "
             "discard_partial_checkpoints) to reuse the id") from err
+
+
+def claimant(backend: StorageBackend, path: str) -> str | None:
+    """The save id recorded in ``path``'s claim marker; None without a (readable) one."""
+    try:
+        record = json.loads(backend.read_bytes(backend.join(path, CLAIM_FILE)))
+    except FileNotFoundError:
+        return None
+    except ValueError:  # torn or foreign: nobody's claim we could prove to be ours
+        return None
+    return record.get("save_id") if isinstance(record, dict) else None
+
+
+def discard_claimed(backend: StorageBackend, path: str, save_id: str) -> bool:
+    """Remove the uncommitted checkpoint directory that save ``save_id`` claimed; True if removed.
+
+    For a save that failed on every rank: nothing writes into the directory any more. Anything
+    else is left alone: a directory claimed by another save (the id was taken), one without our
+    claim (claiming failed, or it was never ours) and one with a commit marker (committed after all,
+    even if the save could not tell). The claim goes last, so a removal cut short leaves a claimed,
+    uncommitted directory, which ``discard_partial_checkpoints`` removes; never an unclaimed one
+    that blocks the id.
+    """
+    if claimant(backend, path) != save_id or backend.exists(backend.join(path, COMMIT_FILE)):
+        return False
+    for name in backend.list_dir(path):
+        if name != CLAIM_FILE:
+            backend.remove(backend.join(path, name))
+    backend.remove_tree(path)
+    return True
 
 
 def commit(backend: StorageBackend, path: str, record: CommitRecord) -> None:
