@@ -8,7 +8,7 @@ that talks to SeaweedFS directly:
 
 - with >= 10% of requests faulted, saves and loads with either data client are bit-exact;
 - past the retry budget a save fails with a builtin OSError subclass naming the checkpoint and file
-  (never the secret), and nothing new looks committed; the previous checkpoint still loads;
+  (never the secret), and leaves nothing behind; the previous checkpoint still loads;
 - a commit (or claim) marker whose PUT was applied but whose reply was lost commits exactly once,
   and a second saver of the same id is refused;
 - deletion removes the marker first: when deleting the data fails, nothing committed is left.
@@ -17,6 +17,7 @@ that talks to SeaweedFS directly:
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 
 import pytest
@@ -133,7 +134,7 @@ def test_saves_and_loads_through_a_fifth_of_requests_faulted_are_bit_exact(s3_se
 @pytest.mark.parametrize("data_client", DATA_CLIENTS)
 @pytest.mark.parametrize(("target", "named"), [(r"\.distcp", "__0_"), (r"/\.metadata", ".metadata"),
                                                (r"/_COMMITTED", "_COMMITTED")])
-def test_a_save_past_the_retry_budget_fails_clearly_and_commits_nothing(s3_server_info, out, clean, caplog,
+def test_a_save_past_the_retry_budget_fails_clearly_and_leaves_nothing(s3_server_info, out, clean, caplog,
                                                                         data_client, target, named):
     caplog.set_level(logging.DEBUG)
     secret = s3_server_info.secret_key
@@ -151,11 +152,13 @@ def test_a_save_past_the_retry_budget_fails_clearly_and_commits_nothing(s3_serve
     assert f"{out}/ckpt-2" in message and named in message, message
     assert secret not in message and secret not in repr(failure.value)
     assert not any(secret in record.getMessage() for record in caplog.records)
-    # Nothing new looks committed to a clean client; the previous checkpoint still loads bit-exact.
+    # Nothing new looks committed to a clean client, nothing of the failed save is left (it removed
+    # what it wrote: every object under its prefix), the previous checkpoint still loads bit-exact.
     assert list_checkpoints(out, clean) == [previous]
     assert latest_checkpoint(out, clean) == previous
     backend, native = open_backend(f"{out}/ckpt-2", clean)
-    assert checkpoint_state(backend, native) is CheckpointState.PARTIAL
+    assert backend.list_dir(native) == [] and not getattr(failure.value, "__notes__", None)
+    assert checkpoint_state(backend, native) is CheckpointState.MISSING
     with pytest.raises(CheckpointNotFoundError):
         open_reader(f"{out}/ckpt-2", clean).read_metadata()
     assert bit_exact(load(out, clean), state(1))
@@ -328,3 +331,38 @@ def test_a_connection_lost_mid_upload_is_a_connection_error_naming_rank_checkpoi
     notes = getattr(failure.value, "__notes__", [])
     assert all("discarding the partly written" in note and "__0_0.distcp" in note for note in notes), notes
     assert len(notes) == (1 if data_client == "s3fs" else 0), notes
+
+
+# ------------------------------------------------------------------------- what a failed save leaves
+
+@pytest.mark.parametrize("data_client", DATA_CLIENTS)
+def test_a_save_of_a_value_it_cannot_store_leaves_no_object(s3_server_info, out, clean, data_client):
+    options = {**clean, "data_client": data_client}
+    previous = save(out, options, 1, "ckpt-1")
+    unstorable = Box({**state(2), "lock": threading.Lock()})
+    with pytest.raises(TypeError, match="pickle"):
+        coordinator(out, options, unstorable).save_checkpoint(checkpoint_id="ckpt-2")
+    backend, native = open_backend(f"{out}/ckpt-2", clean)
+    assert backend.list_dir(native) == []
+    assert list_checkpoints(out, clean) == [previous] and verify_checkpoint(previous, clean) == []
+
+
+def test_a_cleanup_the_store_refuses_is_a_note_on_the_cause(s3_server_info, out, clean):
+    # The data uploads fail, and so does every delete: the save raises the upload's error, with a
+    # note that removing what it wrote failed too. The claim stays (uncommitted, invisible) for
+    # discard_partial_checkpoints, as the note says.
+    with FaultProxy(s3_server_info.endpoint_url) as proxy:
+        options = via(proxy, s3_server_info, attempts=2)
+        proxy.configure(fraction=1.0, kinds=("internal_error",), methods=("PUT", "POST", "DELETE"),
+                        path_pattern=r"\.distcp|\?delete")
+        with pytest.raises(OSError, match=r"rank 0 writing __0_\d\.distcp") as failure:
+            save(out, options, 1, "ckpt-1")
+    notes = getattr(failure.value, "__notes__", [])
+    assert len(notes) == 1 and "removing what the failed save wrote failed too" in notes[0], notes
+    assert "discard_partial_checkpoints" in notes[0] and s3_server_info.secret_key not in notes[0]
+    backend, native = open_backend(f"{out}/ckpt-1", clean)
+    assert checkpoint_state(backend, native) is CheckpointState.PARTIAL
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert discard_partial_checkpoints(out, clean) == [f"{out}/ckpt-1"]
+    assert backend.list_dir(native) == []
