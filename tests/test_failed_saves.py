@@ -28,7 +28,6 @@ from dcp_forge import (
 )
 from dcp_forge.storage import open_backend
 from dcp_forge.storage.lifecycle import claim
-from tests.support.dist import run_ranks
 from tests.support.statefuls import Box
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -179,12 +178,11 @@ def _failing_saves(rank: int, world: int, root: str) -> dict:
     return outcome
 
 
-@pytest.mark.dist
-def test_the_claiming_rank_removes_every_rank_s_files_once_all_ranks_gave_up(tmp_path):
+def test_the_claiming_rank_removes_every_rank_s_files_once_all_ranks_gave_up(tmp_path, ranks):
     if os.geteuid() != 0:
         pytest.skip("one rank is refused where the other may write only when the ranks run as root "
                     "(one of them without root's file privileges); CI runs as root")
-    results = run_ranks(_failing_saves, 2, str(tmp_path))
+    results = ranks(_failing_saves, 2, str(tmp_path))
     for outcome in results:
         kind, message, notes = outcome["refused"]
         assert kind == "PermissionError" and "rank 1 writing __1_0.distcp" in message, message
