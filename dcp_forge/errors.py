@@ -28,6 +28,12 @@ class CheckpointNotFoundError(ForgeError, FileNotFoundError):
     """No committed checkpoint at the given location."""
 
 
+class LocationNotFoundError(ForgeError, FileNotFoundError):
+    """The place checkpoints live in does not exist: an S3 bucket, or a local output_dir together
+    with its parent. Unlike CheckpointNotFoundError it never means "nothing saved yet" (an empty
+    or new run directory): a mistyped location must not pass for a run that starts from scratch."""
+
+
 class MissingComponentError(ForgeError, KeyError):
     """A required component (or key) is absent from the checkpoint being loaded."""
 

@@ -42,6 +42,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..errors import LocationNotFoundError
 from .arrow_io import ArrowInput, ArrowOutput
 from .backends import InputFile, OutputStream, StorageBackend, _FsspecInput, _FsspecOutput, entry_names
 
@@ -267,9 +268,20 @@ def s3_errors(action: str, path: str) -> Iterator[None]:
         raise ConnectionError(f"{action} of s3://{path} failed on the connection after all retries "
                               f"({type(err).__name__})") from err
     except OSError as err:
+        if _no_such_bucket(err):
+            bucket = path.split("/", 1)[0]
+            raise LocationNotFoundError(
+                errno.ENOENT, f"no such S3 bucket ({action} of s3://{path}); check the URL, or create the bucket: "
+                "dcp_forge never creates one", f"s3://{bucket}") from err
         if err.errno is None or err.filename is not None:
             raise
         raise OSError(err.errno, f"{action} failed: {err.strerror or err}", f"s3://{path}") from err
+
+
+def _no_such_bucket(exc: BaseException) -> bool:
+    # s3fs gives every 404 as FileNotFoundError: a missing key, an empty prefix and a missing bucket
+    # alike. Only the last means the URL is wrong, and only the S3 error code says which it is.
+    return any(r["Error"].get("Code") == "NoSuchBucket" for r in _client_errors(exc))
 
 
 def put_if_absent(fs: Any, path: str, data: bytes, *, verify_lost_reply: bool = True,
@@ -389,6 +401,8 @@ class S3Backend(StorageBackend):
         try:
             with s3_errors("listing", path):
                 entries = self.fs.ls(path, detail=True, refresh=True)
+        except LocationNotFoundError:
+            raise  # no bucket: not an empty directory
         except (FileNotFoundError, NotADirectoryError):
             return []
         return entry_names(path, entries, dirs_only)
