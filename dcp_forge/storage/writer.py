@@ -3,6 +3,8 @@
 Call protocol (DCP's ``StorageWriter``): ``reset`` → on every rank ``set_up_storage_writer`` and
 ``prepare_local_plan``; on the coordinator ``prepare_global_plan`` (claims the checkpoint id);
 on every rank ``write_data``; on the coordinator ``finish`` (index, metadata, manifest, commit).
+If the save fails (DCP raises its ``CheckpointException`` on every rank), the caller calls
+``discard_failed_save`` on every rank: the coordinator removes what the save wrote.
 
 Files keep DCP's layout (``__<rank>_<n>.distcp`` holding ``torch.save`` blobs, written without the
 zip CRC pass, see torch_blob.py; a pickled ``.metadata`` with plain ``_StorageInfo`` entries), so
