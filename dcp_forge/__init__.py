@@ -17,6 +17,7 @@ _EXPORTS = {
     "ComponentDeclarationError": "errors",
     "ForgeError": "errors",
     "IntegrityError": "errors",
+    "LocationNotFoundError": "errors",
     "MissingComponentError": "errors",
     "ReplicationError": "errors",
     "StateMismatchError": "errors",
@@ -66,7 +67,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "AsyncSaveError", "AsyncSaveHandle", "CheckpointCoordinator", "CheckpointExistsError", "CheckpointManifest",
     "CheckpointNotFoundError", "ComponentDeclarationError", "ComponentManifest", "ForgeError", "IntegrityError",
-    "LoadResult", "MissingComponentError", "ModelState", "OptimizerState", "Problem", "ProblemKind", "RNGState",
+    "LoadResult", "LocationNotFoundError", "MissingComponentError", "ModelState", "OptimizerState", "Problem", "ProblemKind", "RNGState",
     "ReplicationError", "SharingPattern", "StateComponent", "StateMismatchError", "Topology",
     "TopologyChangeError", "TopologyPolicy", "UnexpectedComponentError", "UnsafeCheckpointError",
     "UnsupportedFormatError",

@@ -293,8 +293,9 @@ class AsyncSaver:
         """Background thread: turn DCP's outcome into the handle's, bookkeeping first."""
         handle.upload_seconds = time.perf_counter() - handle._staged_at
         error = upload.exception()
-        if isinstance(error, CheckpointException):
+        if isinstance(error, CheckpointException):  # raised on every rank: the save failed everywhere
             error = first_rank_failure(error) or error
+            writer.discard_failed_save(error, self.background_group)
         if error is None:
             handle.manifest = writer.manifest
             if on_committed is not None:

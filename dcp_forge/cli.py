@@ -8,6 +8,7 @@ unreadable records, ...). Progress bars appear on a terminal only.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import time
@@ -15,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .core.keys import encode_ranks
-from .errors import ForgeError
+from .errors import ForgeError, LocationNotFoundError
 
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
 
@@ -78,8 +79,12 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
 # --- commands -------------------------------------------------------------------------------------
 def _cmd_ls(args: argparse.Namespace) -> int:
     from .ops.inspection import list_checkpoint_entries
+    from .storage import location_exists
 
-    entries = list_checkpoint_entries(args.output_dir, _storage_options(args), include_partial=not args.committed)
+    options = _storage_options(args)
+    entries = list_checkpoint_entries(args.output_dir, options, include_partial=not args.committed)
+    if not entries and not location_exists(args.output_dir, options):  # a mistyped path is not an empty run
+        raise LocationNotFoundError(errno.ENOENT, "no such output_dir (nothing is there)", args.output_dir)
     if args.json:
         print(json.dumps([e.__dict__ for e in entries], indent=2))
         return EXIT_OK

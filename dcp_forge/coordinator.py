@@ -63,12 +63,19 @@ def _distributed() -> bool:
 
 
 @contextlib.contextmanager
-def _rank_errors() -> Iterator[None]:
-    """Turn DCP's CheckpointException into the failing rank's own (typed) error, on every rank."""
+def _rank_errors(failed_save: ForgeStorageWriter | None = None, group: Any = None) -> Iterator[None]:
+    """Turn DCP's CheckpointException into the failing rank's own (typed) error, on every rank.
+
+    DCP raises it on every rank once each rank's step returned, so the ranks agree the step failed
+    and nothing writes any more: ``failed_save`` (the writer of a save over ``group``) then removes
+    what it wrote.
+    """
     try:
         yield
     except CheckpointException as exc:
         original = first_rank_failure(exc)
+        if failed_save is not None:
+            failed_save.discard_failed_save(original or exc, group)
         if original is None:
             raise
         raise original from exc
@@ -209,7 +216,7 @@ class CheckpointCoordinator:
         self._check_open()
         path, writer, planner, check = self._prepare_save(checkpoint_path, checkpoint_id, validate, extra)
         try:
-            with _rank_errors():
+            with _rank_errors(failed_save=writer, group=self.group):
                 dcp.save(self._state_to_save(), storage_writer=writer, planner=planner,
                          process_group=self.group, no_dist=self.group is None)
         except BaseException as err:

@@ -28,6 +28,12 @@ class CheckpointNotFoundError(ForgeError, FileNotFoundError):
     """No committed checkpoint at the given location."""
 
 
+class LocationNotFoundError(ForgeError, FileNotFoundError):
+    """The place checkpoints live in does not exist: an S3 bucket, or a local output_dir together
+    with its parent. Unlike CheckpointNotFoundError it never means "nothing saved yet" (an empty
+    or new run directory): a mistyped location must not pass for a run that starts from scratch."""
+
+
 class MissingComponentError(ForgeError, KeyError):
     """A required component (or key) is absent from the checkpoint being loaded."""
 
@@ -119,13 +125,18 @@ def os_error_with_context(err: OSError, context: str, path: str | None = None) -
     subclass: EACCES -> PermissionError, ENOSPC -> OSError...) when it has an errno; without one, a
     builtin class (ConnectionError from S3 retries running out, Arrow's plain OSError) is rebuilt
     with the context in its message, which is what logs and ``str(error)`` show; any other class
-    is ``err`` itself with the context as a note. Raise the result ``from err``."""
+    is ``err`` itself with the context as a note. A rebuilt error keeps ``err``'s notes (what
+    cleanup after it found). Raise the result ``from err``."""
     if err.errno is None:
-        if type(err).__module__ == "builtins":
-            return type(err)(f"{err} ({context})")
-        err.add_note(context)
-        return err
-    return OSError(err.errno, f"{err.strerror or err}: {context}", path)
+        if type(err).__module__ != "builtins":
+            err.add_note(context)
+            return err
+        rebuilt = type(err)(f"{err} ({context})")
+    else:
+        rebuilt = OSError(err.errno, f"{err.strerror or err}: {context}", path)
+    for note in getattr(err, "__notes__", ()):
+        rebuilt.add_note(note)
+    return rebuilt
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -173,20 +174,26 @@ def _full_disk(root, good):
     raise OSError(*outcome)  # re-raised here so the table checks it like every other case
 
 
-def _full_tmpfs(root, good):
-    """ENOSPC from a 1 MiB tmpfs (needs mount rights; skipped without them)."""
-    target = os.path.join(root, "tiny-disk")
-    os.makedirs(target)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", target], capture_output=True).returncode:
-        os.rmdir(target)
-        pytest.skip("cannot mount a tmpfs here (not root, or no CAP_SYS_ADMIN)")
-    try:
-        coordinator(target, [StateComponent("weights", Box({"w": torch.zeros(1 << 19)}), "global")]
-                    ).save_checkpoint(checkpoint_id="too-big")
-    finally:
-        assert list_checkpoints(target) == []
-        subprocess.run(["umount", target], check=True)
-        os.rmdir(target)
+def _on_tmpfs(size: str, *, read_only: bool = False) -> Callable:
+    """Save 2 MiB onto a tmpfs of ``size`` (needs mount rights; skipped without them), ``read_only``:
+    remounted read-only first, which refuses root too (unlike a chmod)."""
+    def run(root, good):
+        target = os.path.join(root, "tiny-disk")
+        os.makedirs(target)
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", target],
+                          capture_output=True).returncode:
+            os.rmdir(target)
+            pytest.skip("cannot mount a tmpfs here (not root, or no CAP_SYS_ADMIN)")
+        try:
+            if read_only:
+                subprocess.run(["mount", "-o", "remount,ro", target], check=True)
+            coordinator(target, [StateComponent("weights", Box({"w": torch.zeros(1 << 19)}), "global")]
+                        ).save_checkpoint(checkpoint_id="too-big")
+        finally:
+            assert os.listdir(target) == []  # the failed save removed what it wrote
+            subprocess.run(["umount", target], check=True)
+            os.rmdir(target)
+    return run
 
 
 CASES = [
@@ -262,7 +269,12 @@ CASES = [
     Case("full disk (RLIMIT_FSIZE: EFBIG from the kernel)", OSError, r"File too large: rank 0 writing __0_\d\.distcp "
          r"of checkpoint .*too-big \(holds \['weights'\]\)", _full_disk, forge=False, tier="dist"),
     Case("full disk (1 MiB tmpfs: ENOSPC)", OSError, r"No space left on device: rank 0 writing __0_\d\.distcp",
-         _full_tmpfs, forge=False),
+         _on_tmpfs("1m"), forge=False),
+    Case("read-only filesystem (tmpfs remounted read-only: EROFS)", OSError, r"Read-only file system: claiming "
+         r"checkpoint .*too-big", _on_tmpfs("1m", read_only=True), forge=False),
+    Case("a value pickle refuses", TypeError, r"cannot pickle '_thread.lock' object",
+         _save(components=declared(box=StateComponent("box", Box({"lock": threading.Lock()}), "global"))),
+         forge=False),
     Case("storage scheme without its package", ImportError, r"pip install gcsfs to use gs:// URLs",
          _save(output_dir="gs://bucket/run"), forge=False),
     # --- load ---------------------------------------------------------------------------------------
@@ -316,6 +328,7 @@ def test_bad_input(case, root, good):
     if case.forge:
         assert isinstance(err.value, ForgeError), f"{type(err.value).__mro__} is not a dcp_forge error"
     assert list_checkpoints(root) == [good]  # nothing half-written looks complete ...
+    assert os.listdir(root) == [os.path.basename(good)]  # ... nor is left behind at all ...
     assert verify_checkpoint(good) == []  # ... and what was committed before is intact
 
 

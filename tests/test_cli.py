@@ -78,6 +78,18 @@ def test_ls_lists_committed_and_partial_checkpoints(run, capsys, tmp_path):
     assert code == EXIT_OK and out == "" and "no checkpoints" in err
 
 
+@pytest.mark.parametrize("json_output", [False, True], ids=["table", "json"])
+def test_ls_of_a_directory_that_does_not_exist_says_so(capsys, tmp_path, json_output):
+    # A mistyped directory is not an empty run: it fails, naming the path; an empty one lists nothing.
+    typo = tmp_path / "rnu"
+    code, out, err = _cli(capsys, "ls", typo, *(["--json"] if json_output else []))
+    assert code == EXIT_ERROR and out == "" and "no such output_dir" in err and str(typo) in err, err
+    assert not typo.exists()
+    (tmp_path / "run").mkdir()
+    code, out, err = _cli(capsys, "ls", tmp_path / "run")
+    assert code == EXIT_OK and "no checkpoints" in err
+
+
 def test_inspect_table_and_json(run, capsys):
     _, a, _, _ = run
     code, out, _ = _cli(capsys, "inspect", a)

@@ -11,7 +11,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dcp_forge import SharingPattern, StateComponent, delete_checkpoint, list_checkpoints, read_manifest
+from dcp_forge import (
+    CheckpointNotFoundError,
+    LocationNotFoundError,
+    SharingPattern,
+    StateComponent,
+    delete_checkpoint,
+    list_checkpoints,
+    read_manifest,
+)
 from dcp_forge.manager.manager import CheckpointManager, CheckpointPolicy
 from dcp_forge.manager.retention import (
     CheckpointRecord,
@@ -210,6 +218,21 @@ def test_resume_true_without_checkpoints_starts_fresh(tmp_path):
     manager = CheckpointManager(CheckpointPolicy(output_dir=str(tmp_path)),
                                 [StateComponent("counter", TensorCounter(), SharingPattern.GLOBAL)])
     assert manager.resume(True) is None
+
+
+def test_resume_true_starts_fresh_in_a_new_output_dir_but_refuses_a_mistyped_one(tmp_path):
+    # A new run directory (its parent exists; the first save creates it) starts from scratch. One
+    # whose parent does not exist either is far more often a typo: refused, naming the parent.
+    def resume(output_dir) -> str | None:
+        return CheckpointManager(CheckpointPolicy(output_dir=str(output_dir)),
+                                 [StateComponent("counter", TensorCounter(), SharingPattern.GLOBAL)]).resume(True)
+
+    assert resume(tmp_path / "run-2") is None
+    with pytest.raises(LocationNotFoundError, match=r"neither does its parent .*rnus.*a mistyped path") as err:
+        resume(tmp_path / "rnus" / "run-2")
+    assert isinstance(err.value, FileNotFoundError) and not isinstance(err.value, CheckpointNotFoundError)
+    assert str(tmp_path / "rnus" / "run-2") in str(err.value)
+    assert not (tmp_path / "run-2").exists() and not (tmp_path / "rnus").exists()
 
 
 def test_save_schedules(tmp_path):

@@ -8,7 +8,7 @@ that talks to SeaweedFS directly:
 
 - with >= 10% of requests faulted, saves and loads with either data client are bit-exact;
 - past the retry budget a save fails with a builtin OSError subclass naming the checkpoint and file
-  (never the secret), and nothing new looks committed; the previous checkpoint still loads;
+  (never the secret), and leaves nothing behind; the previous checkpoint still loads;
 - a commit (or claim) marker whose PUT was applied but whose reply was lost commits exactly once,
   and a second saver of the same id is refused;
 - deletion removes the marker first: when deleting the data fails, nothing committed is left.
@@ -17,6 +17,7 @@ that talks to SeaweedFS directly:
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 
 import pytest
@@ -133,7 +134,7 @@ def test_saves_and_loads_through_a_fifth_of_requests_faulted_are_bit_exact(s3_se
 @pytest.mark.parametrize("data_client", DATA_CLIENTS)
 @pytest.mark.parametrize(("target", "named"), [(r"\.distcp", "__0_"), (r"/\.metadata", ".metadata"),
                                                (r"/_COMMITTED", "_COMMITTED")])
-def test_a_save_past_the_retry_budget_fails_clearly_and_commits_nothing(s3_server_info, out, clean, caplog,
+def test_a_save_past_the_retry_budget_fails_clearly_and_leaves_nothing(s3_server_info, out, clean, caplog,
                                                                         data_client, target, named):
     caplog.set_level(logging.DEBUG)
     secret = s3_server_info.secret_key
@@ -151,11 +152,13 @@ def test_a_save_past_the_retry_budget_fails_clearly_and_commits_nothing(s3_serve
     assert f"{out}/ckpt-2" in message and named in message, message
     assert secret not in message and secret not in repr(failure.value)
     assert not any(secret in record.getMessage() for record in caplog.records)
-    # Nothing new looks committed to a clean client; the previous checkpoint still loads bit-exact.
+    # Nothing new looks committed to a clean client, nothing of the failed save is left (it removed
+    # what it wrote: every object under its prefix), the previous checkpoint still loads bit-exact.
     assert list_checkpoints(out, clean) == [previous]
     assert latest_checkpoint(out, clean) == previous
     backend, native = open_backend(f"{out}/ckpt-2", clean)
-    assert checkpoint_state(backend, native) is CheckpointState.PARTIAL
+    assert backend.list_dir(native) == [] and not getattr(failure.value, "__notes__", None)
+    assert checkpoint_state(backend, native) is CheckpointState.MISSING
     with pytest.raises(CheckpointNotFoundError):
         open_reader(f"{out}/ckpt-2", clean).read_metadata()
     assert bit_exact(load(out, clean), state(1))
@@ -255,4 +258,111 @@ def test_a_deletion_that_fails_midway_never_leaves_a_half_deleted_checkpoint_com
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert discard_partial_checkpoints(out, clean) == [newer]
+    assert backend.list_dir(native) == []
+
+
+# ------------------------------------------------------------------ the budget after an outage
+
+# Both SDKs' "standard" retry modes put a client-wide quota in front of the per-request budget (500
+# tokens, 5 or more a retry, one back per success): about 100 retries, whichever requests made them.
+CLIENT_WIDE_QUOTA_RETRIES = 100
+
+
+def sixteen_tensors(seed: int) -> dict:
+    """One data file per tensor with thread_count=16: a save makes 16 uploads."""
+    gen = torch.Generator().manual_seed(seed)
+    return {f"t{i}": torch.randn(64, generator=gen) for i in range(16)}
+
+
+@pytest.mark.parametrize("data_client", DATA_CLIENTS)
+def test_every_request_keeps_its_retry_budget_after_a_long_outage(s3_server_info, out, clean, data_client):
+    # A long outage fails save after save, spending several times the retries a client-wide quota
+    # holds. The store comes back, and the first uploads of the next save meet a short outage:
+    # fewer consecutive failures than one request's budget. That save must ride it out, however
+    # long the process has run. (The outage resets connections; the short one answers 500, which
+    # s3fs's own retry loop leaves to botocore's budget.)
+    attempts = 4
+    with FaultProxy(s3_server_info.endpoint_url) as proxy:
+        options = via(proxy, s3_server_info, data_client, attempts=attempts)
+
+        def save_sixteen(seed: int, checkpoint_id: str) -> str:
+            return CheckpointCoordinator([StateComponent("model", Box(sixteen_tensors(seed)), "global")],
+                                         output_dir=out, storage_options=options, thread_count=16
+                                         ).save_checkpoint(checkpoint_id=checkpoint_id)
+
+        proxy.configure(fraction=1.0, kinds=("reset",), methods=("PUT", "POST"), path_pattern=r"\.distcp")
+        outage = 0
+        while proxy.stats()["faults"] <= 4 * CLIENT_WIDE_QUOTA_RETRIES:
+            with pytest.raises(OSError, match=f"outage-{outage}"):
+                save_sixteen(outage, f"outage-{outage}")
+            outage += 1
+        faults = proxy.stats()["faults"]
+        proxy.configure(kinds=("internal_error",), max_faults=faults + attempts - 1)
+        saved = save_sixteen(1, "ckpt-1")
+        assert proxy.stats()["faults"] == faults + attempts - 1
+    assert list_checkpoints(out, clean) == [saved]
+    assert verify_checkpoint(saved, clean) == []
+    backend, native = open_backend(saved, clean)
+    assert len([name for name in backend.list_dir(native) if name.endswith(".distcp")]) == 16
+
+
+# ------------------------------------------------------------------ connection lost mid-upload
+
+@pytest.mark.parametrize("data_client", DATA_CLIENTS)
+def test_a_connection_lost_mid_upload_is_a_connection_error_naming_rank_checkpoint_and_file(
+        s3_server_info, out, clean, data_client):
+    # 12 MiB in 5 MiB parts: the upload is multipart on either client, so the failure comes while
+    # parts are in flight, and discarding the upload (abort, or delete) meets the dead connection too.
+    big = {"w": torch.randn(3 * 2**20, generator=torch.Generator().manual_seed(3))}
+    with FaultProxy(s3_server_info.endpoint_url) as proxy:
+        options = {**via(proxy, s3_server_info, data_client, attempts=2), "default_block_size": 5 * 2**20}
+        coordinator_ = CheckpointCoordinator([StateComponent("model", Box(big), "global")], output_dir=out,
+                                             storage_options=options, thread_count=1)
+        # The multipart upload starts (POST), then every part upload (PUT) and the abort (DELETE)
+        # lose their connection.
+        proxy.configure(fraction=1.0, kinds=("reset",), methods=("PUT", "DELETE"), path_pattern=r"\.distcp")
+        with pytest.raises(ConnectionError) as failure:
+            coordinator_.save_checkpoint(checkpoint_id="ckpt-1")
+    message = str(failure.value)
+    assert "rank 0" in message and f"{out}/ckpt-1" in message and "__0_0.distcp" in message, message
+    assert "upload" in message.lower() and s3_server_info.secret_key not in message
+    # s3fs's abort of the multipart upload failed on the dead connection too: said in a note, never
+    # raised in place of the cause. (Arrow's upload never completed, so there is no object to delete.)
+    notes = getattr(failure.value, "__notes__", [])
+    assert all("discarding the partly written" in note and "__0_0.distcp" in note for note in notes), notes
+    assert len(notes) == (1 if data_client == "s3fs" else 0), notes
+
+
+# ------------------------------------------------------------------------- what a failed save leaves
+
+@pytest.mark.parametrize("data_client", DATA_CLIENTS)
+def test_a_save_of_a_value_it_cannot_store_leaves_no_object(s3_server_info, out, clean, data_client):
+    options = {**clean, "data_client": data_client}
+    previous = save(out, options, 1, "ckpt-1")
+    unstorable = Box({**state(2), "lock": threading.Lock()})
+    with pytest.raises(TypeError, match="pickle"):
+        coordinator(out, options, unstorable).save_checkpoint(checkpoint_id="ckpt-2")
+    backend, native = open_backend(f"{out}/ckpt-2", clean)
+    assert backend.list_dir(native) == []
+    assert list_checkpoints(out, clean) == [previous] and verify_checkpoint(previous, clean) == []
+
+
+def test_a_cleanup_the_store_refuses_is_a_note_on_the_cause(s3_server_info, out, clean):
+    # The data uploads fail, and so does every delete: the save raises the upload's error, with a
+    # note that removing what it wrote failed too. The claim stays (uncommitted, invisible) for
+    # discard_partial_checkpoints, as the note says.
+    with FaultProxy(s3_server_info.endpoint_url) as proxy:
+        options = via(proxy, s3_server_info, attempts=2)
+        proxy.configure(fraction=1.0, kinds=("internal_error",), methods=("PUT", "POST", "DELETE"),
+                        path_pattern=r"\.distcp|\?delete")
+        with pytest.raises(OSError, match=r"rank 0 writing __0_\d\.distcp") as failure:
+            save(out, options, 1, "ckpt-1")
+    notes = getattr(failure.value, "__notes__", [])
+    assert len(notes) == 1 and "removing what the failed save wrote failed too" in notes[0], notes
+    assert "discard_partial_checkpoints" in notes[0] and s3_server_info.secret_key not in notes[0]
+    backend, native = open_backend(f"{out}/ckpt-1", clean)
+    assert checkpoint_state(backend, native) is CheckpointState.PARTIAL
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert discard_partial_checkpoints(out, clean) == [f"{out}/ckpt-1"]
     assert backend.list_dir(native) == []

@@ -13,6 +13,7 @@ import torch
 from dcp_forge import CheckpointCoordinator, StateComponent
 from dcp_forge.storage import BACKENDS, open_backend
 from dcp_forge.storage.s3 import DEFAULT_MAX_ATTEMPTS, S3Settings, arrow_portable, control_options
+from dcp_forge.storage.s3_retries import ARROW_MAX_ATTEMPTS, arrow_retry_strategy
 from tests.support.object_store import storage_options_for
 from tests.support.statefuls import Box
 
@@ -60,6 +61,19 @@ def test_options_arrow_cannot_reproduce_keep_data_on_s3fs():
         open_backend("s3://bucket/run", {"profile": "prod", "data_client": "arrow"})
     with pytest.raises(ValueError, match="needs a bucket"):
         open_backend("s3://", {})
+
+
+def test_budgets_arrow_would_stretch_into_minutes_keep_data_on_s3fs():
+    # Arrow's stateless retry strategy doubles its wait without a cap: past ARROW_MAX_ATTEMPTS
+    # attempts the data goes through s3fs (botocore caps each wait), or data_client='arrow' says why.
+    many = {"config_kwargs": {"retries": {"total_max_attempts": ARROW_MAX_ATTEMPTS + 1}}}
+    assert arrow_portable({"config_kwargs": {"retries": {"total_max_attempts": ARROW_MAX_ATTEMPTS}}})
+    assert not arrow_portable(many)
+    assert open_backend("s3://bucket/run", many)[0].data_client == "s3fs"
+    with pytest.raises(ValueError, match=f"{ARROW_MAX_ATTEMPTS + 1} attempts per request"):
+        open_backend("s3://bucket/run", {**many, "data_client": "arrow"})
+    with pytest.raises(ValueError, match="attempts per request"):
+        arrow_retry_strategy(ARROW_MAX_ATTEMPTS + 1)
 
 
 def test_the_registry_is_read_only_and_routes_s3_schemes():

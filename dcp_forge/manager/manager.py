@@ -31,7 +31,13 @@ from typing import Any
 
 from ..coordinator import CheckpointCoordinator, read_manifest
 from ..core.components import StateComponent
-from ..storage import delete_checkpoint, discard_partial_checkpoints, list_checkpoints, redact_url
+from ..storage import (
+    check_output_dir,
+    delete_checkpoint,
+    discard_partial_checkpoints,
+    list_checkpoints,
+    redact_url,
+)
 from .policy import CheckpointPolicy
 from .retention import CheckpointRecord, MetricCredit, RetentionPlan, RetentionPolicy, plan_retention
 
@@ -127,8 +133,7 @@ class CheckpointManager:
         """Load ``target`` (True: the latest committed checkpoint, None when there is none; a path:
         that checkpoint) into the components. Returns the loaded path. Collective."""
         if target is True:
-            latest = self.coordinator.run_on_coordinator(
-                lambda: (list_checkpoints(self.policy.output_dir, self.policy.storage_options) or [None])[-1])
+            latest = self.coordinator.run_on_coordinator(self._latest_to_resume)
             if latest is None:
                 return None
             target = latest
@@ -138,6 +143,15 @@ class CheckpointManager:
         path = os.fspath(self.coordinator.load_checkpoint(target))
         self.last_checkpoint = path
         return path
+
+    def _latest_to_resume(self) -> str | None:
+        """The newest committed checkpoint; None (start from scratch) only where output_dir can be a
+        run that has saved nothing yet: a mistyped bucket or path raises (``check_output_dir``)."""
+        found = list_checkpoints(self.policy.output_dir, self.policy.storage_options)
+        if found:
+            return found[-1]
+        check_output_dir(self.policy.output_dir, self.policy.storage_options)
+        return None
 
     def _refuse_newer_checkpoints_than(self, target: str) -> None:
         """Resuming from an older checkpoint than output_dir's newest would reach a step whose

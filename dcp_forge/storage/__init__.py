@@ -24,11 +24,13 @@ from .consistency import (
 from .files import check_extent, extent_problem, open_data_file
 from .lifecycle import (
     CheckpointState,
+    check_output_dir,
     checkpoint_state,
     delete_checkpoint,
     discard_partial_checkpoints,
     latest_checkpoint,
     list_checkpoints,
+    location_exists,
     read_commit,
 )
 from .registry import BACKENDS, join_url, open_backend, redact_url
@@ -84,8 +86,8 @@ def open_reader(url: str | os.PathLike, storage_options: Mapping[str, Any] | Non
 __all__ = [
     "BACKENDS", "CheckpointState", "ForgeStorageReader", "ForgeStorageWriter", "FsspecBackend", "InputFile",
     "ItemCheck", "LocalBackend", "Problem", "ProblemKind", "ReadOnceStorageReader", "ReadStats", "RecordFiles",
-    "SafetensorsReader", "StorageBackend", "StoredChunk", "byte_view", "check_extent", "checkpoint_state", "component_of", "coverage_problems", "delete_checkpoint",
-    "discard_partial_checkpoints", "extent_problem", "join_url", "latest_checkpoint", "list_checkpoints",
+    "SafetensorsReader", "StorageBackend", "StoredChunk", "byte_view", "check_extent", "check_output_dir", "checkpoint_state", "component_of", "coverage_problems", "delete_checkpoint",
+    "discard_partial_checkpoints", "extent_problem", "join_url", "latest_checkpoint", "list_checkpoints", "location_exists",
     "manifest_problems", "open_backend", "open_data_file", "open_reader", "open_writer", "parse_index",
     "raise_if_problems", "read_blob", "read_commit", "read_once_by_default", "record_problems", "redact_url", "storage_location_problems",
     "stored_tensor",

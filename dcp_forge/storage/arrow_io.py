@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import queue
+import re
 import threading
 import weakref
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -37,6 +39,27 @@ RANGE_THREADS = 8
 # zip header and trailer, 4 KiB each, before its data), and items this small whole, in the background.
 EDGE_WINDOW = 64 * 2**10
 MAX_PART_BYTES = 5 * 2**30  # S3's limit
+# How Arrow words an error of the SDK's transport (after its retries): connection refused, reset,
+# timed out. Any other error is an answer of the server.
+_TRANSPORT_ERROR = re.compile(r"AWS Error (NETWORK_CONNECTION|REQUEST_TIMEOUT)\b")
+
+
+@contextlib.contextmanager
+def connection_errors() -> Iterator[None]:
+    """Arrow's transport failures as the builtin ``ConnectionError`` (s3fs's path raises it too).
+
+    Arrow raises every S3 failure as a plain ``OSError`` without errno, quoting the SDK's error, so
+    callers could not tell a lost connection from a refusal. The message (it names bucket and key)
+    stays as it is.
+    """
+    try:
+        yield
+    except ConnectionError:
+        raise
+    except OSError as err:
+        if err.errno is None and _TRANSPORT_ERROR.search(str(err)):
+            raise ConnectionError(str(err)) from err
+        raise
 
 
 class ArrowOutput:
@@ -56,7 +79,8 @@ class ArrowOutput:
                  max_in_flight: int = MAX_PARTS_IN_FLIGHT) -> None:
         self._arrow_fs = arrow_fs
         self.path = path
-        self._file = arrow_fs.open_output_stream(path, metadata={})
+        with connection_errors():
+            self._file = arrow_fs.open_output_stream(path, metadata={})
         self._pos = 0
         self._parts = 0
         self._part_bytes = part_bytes
@@ -70,6 +94,10 @@ class ArrowOutput:
         self._max_buffers = max_in_flight
 
     def write(self, data: Any) -> int:
+        with connection_errors():  # a part that failed in the background raises at the next write
+            return self._write(data)
+
+    def _write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         done = 0
         while done < len(view):
@@ -121,23 +149,22 @@ class ArrowOutput:
         pass
 
     def close(self) -> None:
-        if self._part is not None and self._fill:
-            self._send()
-        self._part = None
-        self._file.close()  # waits for the parts and completes the upload
+        with connection_errors():
+            if self._part is not None and self._fill:
+                self._send()
+            self._part = None
+            self._file.close()  # waits for the parts and completes the upload
 
     def abort(self) -> None:
         # pyarrow exposes no abort of a multipart upload: complete it, then delete the object. The
         # checkpoint it belongs to has no commit marker, so it was never visible either way.
+        # Completing fails after a failed write (that is why we abort); a failing delete raises, for
+        # the caller to note beside the error that made it abort.
         self._part = None
-        try:
+        with contextlib.suppress(OSError):
             self._file.close()
-        except OSError:
-            pass
-        try:
+        with contextlib.suppress(FileNotFoundError), connection_errors():
             self._arrow_fs.delete_file(self.path)
-        except (FileNotFoundError, OSError):
-            pass
 
 
 def part_size(index: int, part_bytes: int = PART_BYTES) -> int:
@@ -164,7 +191,8 @@ class ArrowInput(ReadsViewsInTurn):
 
     def __init__(self, arrow_fs: Any, path: str, range_bytes: int = RANGE_BYTES) -> None:
         self._arrow_fs = arrow_fs
-        self._file = arrow_fs.open_input_file(path)
+        with connection_errors():
+            self._file = arrow_fs.open_input_file(path)
         self.path = path
         self._range_bytes = range_bytes
         self._spare: list[Any] = []  # idle extra handles for parallel ranges
@@ -175,6 +203,10 @@ class ArrowInput(ReadsViewsInTurn):
         return self._file.size()
 
     def read_into(self, offset: int, buffer: memoryview) -> None:
+        with connection_errors():
+            self._read_into(offset, buffer)
+
+    def _read_into(self, offset: int, buffer: memoryview) -> None:
         view = memoryview(buffer).cast("B")
         if len(view) <= 2 * EDGE_WINDOW and self._from_window(offset, view):
             return

@@ -54,11 +54,37 @@ _sync_file_range = _load_sync_file_range()
 class OutputStream(Protocol):
     """A file being written. ``close`` makes it durable; ``abort`` discards it."""
 
+    path: str
+
     def write(self, data: Any) -> int: ...
     def tell(self) -> int: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
     def abort(self) -> None: ...
+
+
+def discard_after(out: OutputStream, error: BaseException) -> None:
+    """Abort ``out`` because ``error`` broke its writing; the caller then re-raises ``error``.
+
+    Best effort: the store that refused the write often refuses the abort too (disk gone, connection
+    lost). Such a failure becomes a note on ``error``, never an exception in its place: the cause
+    is what the user needs to see.
+    """
+    try:
+        out.abort()
+    except Exception as abort_error:  # noted on the cause, which the caller raises
+        error.add_note(f"discarding the partly written {out.path} failed too: "
+                       f"{type(abort_error).__name__}: {abort_error}")
+
+
+def write_then_close(out: OutputStream, data: Any) -> None:
+    """Write ``data`` to ``out`` and close it; on any failure, discard it and raise the failure."""
+    try:
+        out.write(data)
+        out.close()
+    except BaseException as err:
+        discard_after(out, err)
+        raise
 
 
 class InputFile(Protocol):
@@ -99,13 +125,7 @@ class StorageBackend(abc.ABC):
 
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write (replace) a small file durably."""
-        out = self.open_output(path)
-        try:
-            out.write(data)
-        except BaseException:
-            out.abort()
-            raise
-        out.close()
+        write_then_close(self.open_output(path), data)
 
     @abc.abstractmethod
     def create_exclusive(self, path: str, data: bytes) -> None:
@@ -325,19 +345,15 @@ class LocalBackend(StorageBackend):
                 raise
             except OSError:  # a filesystem without hard links: fall back to O_EXCL on the final name
                 self._create_exclusive_in_place(path, data)
-        finally:
-            out.abort()  # closes if still open, and removes the temporary name
+        except BaseException as err:
+            discard_after(out, err)  # closes if still open, and removes the temporary name
+            raise
+        out.abort()  # the name is linked: the temporary one goes
         self.sync_dir(directory)
 
     @staticmethod
     def _create_exclusive_in_place(path: str, data: bytes) -> None:
-        out = _LocalOutput(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        try:
-            out.write(data)
-        except BaseException:
-            out.abort()
-            raise
-        out.close()
+        write_then_close(_LocalOutput(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL), data)
 
     def open_output(self, path: str) -> OutputStream:
         return _LocalOutput(path)
@@ -455,13 +471,7 @@ class FsspecBackend(StorageBackend):
     atomicity = "commit marker opened in mode 'xb' (a conditional PUT on object stores)"
 
     def create_exclusive(self, path: str, data: bytes) -> None:
-        out = _FsspecOutput(self.fs, path, "xb")
-        try:
-            out.write(data)
-        except BaseException:
-            out.abort()
-            raise
-        out.close()
+        write_then_close(_FsspecOutput(self.fs, path, "xb"), data)
 
     def open_output(self, path: str) -> OutputStream:
         return _FsspecOutput(self.fs, path)

@@ -9,6 +9,9 @@ A checkpoint directory goes through three states:
 - *deleted*: the marker goes first, then the rest, so a half-deleted checkpoint never looks
   complete.
 
+A save that fails on every rank removes the directory it claimed (``discard_claimed``: only with its
+own save id in ``_CLAIMED`` and no ``_COMMITTED``), so a failed save leaves no debris behind.
+
 A directory with ``.metadata`` but none of our files (``FORGE_RECORDS``) is a plain DCP ("legacy")
 checkpoint: DCP's own commit is writing ``.metadata`` last, so it counts as committed. A directory
 holding any of our records but no commit marker is partial, never legacy: removing the marker (and
@@ -18,6 +21,7 @@ read unchecked.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -26,9 +30,15 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from ..errors import CheckpointExistsError, CheckpointNotFoundError, IntegrityError, os_error_context
+from ..errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    IntegrityError,
+    LocationNotFoundError,
+    os_error_context,
+)
 from ..format.names import CLAIM_FILE, COMMIT_FILE, FORGE_RECORDS, METADATA_FILE
-from .backends import StorageBackend
+from .backends import LocalBackend, StorageBackend
 from .registry import join_url, open_backend, redact_url
 
 
@@ -97,6 +107,36 @@ def _claim(backend: StorageBackend, path: str, save_id: str, url: str) -> None:
             "discard_partial_checkpoints) to reuse the id") from err
 
 
+def claimant(backend: StorageBackend, path: str) -> str | None:
+    """The save id recorded in ``path``'s claim marker; None without a (readable) one."""
+    try:
+        record = json.loads(backend.read_bytes(backend.join(path, CLAIM_FILE)))
+    except FileNotFoundError:
+        return None
+    except ValueError:  # torn or foreign: nobody's claim we could prove to be ours
+        return None
+    return record.get("save_id") if isinstance(record, dict) else None
+
+
+def discard_claimed(backend: StorageBackend, path: str, save_id: str) -> bool:
+    """Remove the uncommitted checkpoint directory that save ``save_id`` claimed; True if removed.
+
+    For a save that failed on every rank: nothing writes into the directory any more. Anything
+    else is left alone: a directory claimed by another save (the id was taken), one without our
+    claim (claiming failed, or it was never ours) and one with a commit marker (committed after all,
+    even if the save could not tell). The claim goes last, so a removal cut short leaves a claimed,
+    uncommitted directory, which ``discard_partial_checkpoints`` removes; never an unclaimed one
+    that blocks the id.
+    """
+    if claimant(backend, path) != save_id or backend.exists(backend.join(path, COMMIT_FILE)):
+        return False
+    for name in backend.list_dir(path):
+        if name != CLAIM_FILE:
+            backend.remove(backend.join(path, name))
+    backend.remove_tree(path)
+    return True
+
+
 def commit(backend: StorageBackend, path: str, record: CommitRecord) -> None:
     """Create the commit marker. If the store cannot say whether that worked (every reply lost:
     ConnectionError), one read settles it: the marker is ours iff it carries our save_id."""
@@ -115,6 +155,8 @@ def read_commit(backend: StorageBackend, path: str) -> CommitRecord:
     marker = backend.join(path, COMMIT_FILE)
     try:
         return CommitRecord.from_bytes(backend.read_bytes(marker), marker)
+    except LocationNotFoundError:
+        raise  # no bucket: not a checkpoint that merely lacks its marker
     except FileNotFoundError as err:
         raise CheckpointNotFoundError(f"checkpoint {path} is not committed") from err
 
@@ -143,9 +185,41 @@ def _legacy_time(backend: StorageBackend, path: str) -> float:
     return modified.timestamp() if hasattr(modified, "timestamp") else float(modified)
 
 
+def location_exists(output_dir: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Whether anything is at ``output_dir`` (a directory; on S3, an object under the prefix).
+
+    LocationNotFoundError for an S3 bucket that does not exist, ConnectionError for a store that
+    cannot be reached: neither is a location that is merely empty.
+    """
+    return _location_exists(*open_backend(output_dir, storage_options))
+
+
+def _location_exists(backend: StorageBackend, root: str) -> bool:
+    return bool(backend.list_dir(root)) or backend.exists(root)
+
+
+def check_output_dir(output_dir: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Raise unless ``output_dir`` can be the directory of a run that has saved nothing yet.
+
+    Where no checkpoint is found, a run starts from scratch; that must not happen because a
+    location was mistyped. An S3 prefix is always a possible run directory, its bucket is not: no
+    bucket is LocationNotFoundError (naming it), an unreachable store ConnectionError. On local disk
+    the first save creates ``output_dir`` and any missing parents, but an ``output_dir`` that does
+    not exist together with its parent is far more often a typo than a first run: that is
+    LocationNotFoundError too (create the parent to start a new run there).
+    """
+    backend, root = open_backend(output_dir, storage_options)
+    parent = os.path.dirname(root.rstrip(os.sep))
+    if not _location_exists(backend, root) and isinstance(backend, LocalBackend) and not os.path.isdir(parent):
+        raise LocationNotFoundError(
+            errno.ENOENT, f"output_dir does not exist, and neither does its parent {parent}: a mistyped path? "
+            f"(to start a new run there, create {parent} first)", redact_url(output_dir))
+
+
 def list_checkpoints(output_dir: str | os.PathLike, storage_options: Mapping[str, Any] | None = None
                      ) -> list[str]:
-    """Committed checkpoints under ``output_dir``, oldest commit first."""
+    """Committed checkpoints under ``output_dir``, oldest commit first. LocationNotFoundError for an
+    S3 bucket that does not exist (a missing or empty directory or prefix has none)."""
     return [url for _, _, url in _committed_entries(os.fspath(output_dir), storage_options)]
 
 

@@ -13,11 +13,11 @@ Options of our own in ``storage_options`` (removed before s3fs sees them):
 - ``data_client``: ``"auto"`` (default: Arrow when it can reproduce the s3fs settings, else s3fs),
   ``"arrow"`` or ``"s3fs"``.
 
-Retries: both SDKs retry every request with capped exponential backoff and jitter on 5xx,
-SlowDown, throttling, connection resets and timeouts (botocore "standard" mode, Arrow's
-``AwsStandardS3RetryStrategy``), ``max_attempts`` in total per request (default 10). Only the
-commit markers are not blindly idempotent; ``put_if_absent`` guards them with the condition and
-resolves a lost reply by reading the marker back.
+Retries: both SDKs retry every request with exponential backoff on 5xx, SlowDown, throttling,
+connection resets and timeouts, ``max_attempts`` in total per request (default 10), and without
+the client-wide retry quota of their "standard" modes, which one long outage would empty for every
+later save of the process (``s3_retries.py``). Only the commit markers are not blindly idempotent;
+``put_if_absent`` guards them with the condition and resolves a lost reply by reading the marker back.
 
 Server quirks handled here (checked against SeaweedFS 4.48 and moto 5 server mode):
 
@@ -42,6 +42,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..errors import LocationNotFoundError
 from .arrow_io import ArrowInput, ArrowOutput
 from .backends import InputFile, OutputStream, StorageBackend, _FsspecInput, _FsspecOutput, entry_names
 
@@ -113,23 +114,26 @@ class S3Settings:
         secret = options.get("secret", client.get("aws_secret_access_key"))
         if key is None and secret is None:
             key, secret = from_env.access_key, from_env.secret_key
-        if "total_max_attempts" in retries:
-            attempts = int(retries["total_max_attempts"])
-        elif "max_attempts" in retries:
-            attempts = int(retries["max_attempts"]) + 1
-        else:
-            attempts = DEFAULT_MAX_ATTEMPTS
         return cls(endpoint_url=options.get("endpoint_url") or client.get("endpoint_url") or from_env.endpoint_url,
                    access_key=key, secret_key=secret,
                    session_token=options.get("token", client.get("aws_session_token", from_env.session_token)),
                    region=config.get("region_name") or client.get("region_name") or from_env.region,
-                   max_attempts=attempts,
+                   max_attempts=attempts_per_request(retries),
                    connect_timeout=float(config.get("connect_timeout", cls.connect_timeout)),
                    read_timeout=float(config.get("read_timeout", cls.read_timeout)))
 
 
 def _env_region(env: Mapping[str, str]) -> str:
     return env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or "us-east-1"
+
+
+def attempts_per_request(retries: Mapping[str, Any]) -> int:
+    """Total attempts per request that botocore's ``retries`` config means (first one included)."""
+    if "total_max_attempts" in retries:
+        return int(retries["total_max_attempts"])
+    if "max_attempts" in retries:
+        return int(retries["max_attempts"]) + 1
+    return DEFAULT_MAX_ATTEMPTS
 
 
 # ----------------------------------------------------------------------------------- clients
@@ -156,23 +160,27 @@ def s3fs_kwargs(settings: S3Settings, **extra: Any) -> dict[str, Any]:
 
 
 def make_s3fs(settings: S3Settings, **extra: Any) -> Any:
-    """An ``s3fs.S3FileSystem`` for the settings (``extra``: more constructor arguments)."""
-    import s3fs
+    """An ``s3fs.S3FileSystem`` for the settings (``extra``: more constructor arguments), retrying
+    each request on its own budget (``s3_retries.RetryingS3FileSystem``)."""
+    from .s3_retries import RetryingS3FileSystem
 
-    return s3fs.S3FileSystem(**s3fs_kwargs(settings, **extra))
+    return RetryingS3FileSystem(**s3fs_kwargs(settings, **extra))
 
 
 def make_arrow_fs(settings: S3Settings, **extra: Any) -> Any:
-    """A ``pyarrow.fs.S3FileSystem`` with the same endpoint, keys, region and retry budget.
+    """A ``pyarrow.fs.S3FileSystem`` with the same endpoint, keys, region and retry budget
+    (``max_attempts`` up to ``s3_retries.ARROW_MAX_ATTEMPTS``).
 
     Arrow takes ``endpoint_override`` with the scheme included. Its ``request_timeout`` is only
     honoured on Windows and macOS, so on Linux a stalled server is bounded by the retries.
     """
     import pyarrow.fs as pafs
 
+    from .s3_retries import arrow_retry_strategy
+
     kw: dict[str, Any] = dict(
         region=settings.region, connect_timeout=settings.connect_timeout, request_timeout=settings.read_timeout,
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=settings.max_attempts),
+        retry_strategy=arrow_retry_strategy(settings.max_attempts),
         # Checkpoints never need Arrow's empty "directory" marker objects; skipping them saves a
         # request per file and leaves nothing behind that listing could mistake for data.
         check_directory_existence_before_creation=False)
@@ -260,9 +268,20 @@ def s3_errors(action: str, path: str) -> Iterator[None]:
         raise ConnectionError(f"{action} of s3://{path} failed on the connection after all retries "
                               f"({type(err).__name__})") from err
     except OSError as err:
+        if _no_such_bucket(err):
+            bucket = path.split("/", 1)[0]
+            raise LocationNotFoundError(
+                errno.ENOENT, f"no such S3 bucket ({action} of s3://{path}); check the URL, or create the bucket: "
+                "dcp_forge never creates one", f"s3://{bucket}") from err
         if err.errno is None or err.filename is not None:
             raise
         raise OSError(err.errno, f"{action} failed: {err.strerror or err}", f"s3://{path}") from err
+
+
+def _no_such_bucket(exc: BaseException) -> bool:
+    # s3fs gives every 404 as FileNotFoundError: a missing key, an empty prefix and a missing bucket
+    # alike. Only the last means the URL is wrong, and only the S3 error code says which it is.
+    return any(r["Error"].get("Code") == "NoSuchBucket" for r in _client_errors(exc))
 
 
 def put_if_absent(fs: Any, path: str, data: bytes, *, verify_lost_reply: bool = True,
@@ -321,6 +340,10 @@ class _S3fsOutput(_FsspecOutput):
         with s3_errors("upload", self.path):
             super().close()
 
+    def abort(self) -> None:
+        with s3_errors("abort of the upload", self.path):
+            super().abort()
+
 
 class _S3fsInput(_FsspecInput):
     """s3fs's ranged reads, their errors naming the object (``s3_errors``)."""
@@ -378,6 +401,8 @@ class S3Backend(StorageBackend):
         try:
             with s3_errors("listing", path):
                 entries = self.fs.ls(path, detail=True, refresh=True)
+        except LocationNotFoundError:
+            raise  # no bucket: not an empty directory
         except (FileNotFoundError, NotADirectoryError):
             return []
         return entry_names(path, entries, dirs_only)
@@ -419,31 +444,44 @@ def control_options(storage_options: Mapping[str, Any]) -> tuple[dict[str, Any],
     return options, data_client
 
 
-def arrow_portable(options: Mapping[str, Any]) -> bool:
-    """Can Arrow reproduce what s3fs would do with these options?"""
-    if _S3FS_ONLY_OPTIONS & set(options):
-        return False
+def arrow_obstacles(options: Mapping[str, Any]) -> list[str]:
+    """What in these s3fs options Arrow's client cannot reproduce (empty: it can move the data)."""
+    obstacles = sorted(_S3FS_ONLY_OPTIONS & set(options))
     client = options.get("client_kwargs") or {}
     extra_client = set(client) - _PORTABLE_CLIENT_KWARGS - {"aws_access_key_id", "aws_secret_access_key",
                                                              "aws_session_token"}
-    return not extra_client
+    if extra_client:
+        obstacles.append(f"client_kwargs {sorted(extra_client)}")
+    from .s3_retries import ARROW_MAX_ATTEMPTS
+
+    attempts = attempts_per_request((options.get("config_kwargs") or {}).get("retries") or {})
+    if attempts > ARROW_MAX_ATTEMPTS:
+        obstacles.append(f"{attempts} attempts per request (Arrow's backoff is uncapped: at most "
+                         f"{ARROW_MAX_ATTEMPTS})")
+    return obstacles
+
+
+def arrow_portable(options: Mapping[str, Any]) -> bool:
+    """Can Arrow reproduce what s3fs would do with these options?"""
+    return not arrow_obstacles(options)
 
 
 def open_s3(url: str, storage_options: Mapping[str, Any]) -> tuple[S3Backend, str]:
     """The backend for an ``s3://bucket/prefix`` URL and its native ``bucket/prefix`` path."""
-    import s3fs  # ImportError here becomes the registry's install hint
+    import s3fs  # noqa: F401 - an ImportError here becomes the registry's install hint
+
+    from .s3_retries import RetryingS3FileSystem
 
     options, data_client = control_options(storage_options)
-    fs = s3fs.S3FileSystem(**options)
+    fs = RetryingS3FileSystem(**options)
     path = url.split("://", 1)[1].strip("/")
     if not path:
         raise ValueError(f"an S3 checkpoint URL needs a bucket: {url!r}")
-    portable = arrow_portable(options)
-    if data_client == "arrow" and not portable:
-        raise ValueError("storage option data_client='arrow' cannot be used with "
-                         f"{sorted(_S3FS_ONLY_OPTIONS & set(options)) or 'these client_kwargs'}: Arrow's "
-                         "client has no equivalent; use data_client='s3fs' or 'auto'")
+    obstacles = arrow_obstacles(options)
+    if data_client == "arrow" and obstacles:
+        raise ValueError(f"storage option data_client='arrow' cannot be used with {', '.join(obstacles)}: "
+                         "Arrow's client has no equivalent; use data_client='s3fs' or 'auto'")
     arrow_fs = None
-    if data_client == "arrow" or (data_client == "auto" and portable):
+    if data_client == "arrow" or (data_client == "auto" and not obstacles):
         arrow_fs = _shared_arrow_fs(S3Settings.from_storage_options(options))
     return S3Backend(fs, arrow_fs), path

@@ -3,6 +3,8 @@
 Call protocol (DCP's ``StorageWriter``): ``reset`` → on every rank ``set_up_storage_writer`` and
 ``prepare_local_plan``; on the coordinator ``prepare_global_plan`` (claims the checkpoint id);
 on every rank ``write_data``; on the coordinator ``finish`` (index, metadata, manifest, commit).
+If the save fails (DCP raises its ``CheckpointException`` on every rank), the caller calls
+``discard_failed_save`` on every rank: the coordinator removes what the save wrote.
 
 Files keep DCP's layout (``__<rank>_<n>.distcp`` holding ``torch.save`` blobs, written without the
 zip CRC pass, see torch_blob.py; a pickled ``.metadata`` with plain ``_StorageInfo`` entries), so
@@ -23,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
+import torch.distributed as dist
 import xxhash
 from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
@@ -40,8 +43,8 @@ from ..format.index import StoredItem, encode_index
 from ..format.manifest import CheckpointManifest, checksum_bytes, component_manifests, item_records, versions
 from ..format.names import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE, data_file_name, new_save_id
 from ..format.torch_blob import BlobEdges, save_tensor
-from .backends import OutputStream
-from .lifecycle import CommitRecord, claim, commit
+from .backends import OutputStream, discard_after
+from .lifecycle import CommitRecord, claim, commit, discard_claimed
 from .registry import open_backend, redact_url
 
 # Tensor blobs from this size on get their data offset recorded in the index, so a load reads them
@@ -121,10 +124,11 @@ class ForgeStorageWriter(StorageWriter):
 
     ``thread_count``: files (and threads) per rank. ``extra``: JSON-able data stored in the
     manifest (step, metrics). ``commit_gate``: called on the coordinator once every rank's data is
-    durable, before any record is written; if it raises, the save fails, nothing is committed and the
-    uncommitted directory (ours: this save claimed it) is removed. ``on_committed``: called on the
-    coordinator with the manifest once the
-    commit marker exists.
+    durable, before any record is written; if it raises, the save fails and nothing is committed.
+    ``on_committed``: called on the coordinator with the manifest once the commit marker exists.
+
+    A failed save is cleaned up by ``discard_failed_save``, which the caller of ``dcp.save`` calls on
+    every rank once DCP raised the failure everywhere (``CheckpointCoordinator`` does).
     """
 
     def __init__(self, url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, *,
@@ -221,11 +225,36 @@ class ForgeStorageWriter(StorageWriter):
                                if item.type != WriteItemType.BYTE_IO and length >= LAYOUT_MIN_BYTES else None)
                 results.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=StoredItem(
                     name, offset, length, checksum, rank, data_offset)))
-        except BaseException:
-            out.abort()
+            out.close()
+        except BaseException as err:
+            discard_after(out, err)
             raise
-        out.close()
         return results
+
+    def discard_failed_save(self, error: BaseException, group: Any = None) -> None:
+        """Remove what this failed save wrote. Collective over ``group`` (the save's process group;
+        None: one process): call on every rank once ``dcp.save`` raised ``error`` on every rank (DCP's
+        ``CheckpointException``: the ranks agree, and none writes any more).
+
+        The coordinator, which claimed the directory, removes it: every rank's files, the records,
+        the claim last (``commit.discard_claimed``: only if its claim carries this save's id and it has
+        no commit marker); every rank returns once it is gone. Best effort: if removing fails,
+        ``error`` gets a note saying so and what to run, and stays the error raised.
+        """
+        if self.is_coordinator:
+            try:
+                with os_error_context(f"rank {self.rank} removing what the failed save wrote to checkpoint "
+                                      f"{redact_url(self.url)}", self.path):
+                    if discard_claimed(self.backend, self.path, self.save_id):
+                        logger.info("removed the uncommitted %s of a failed save", redact_url(self.url))
+            except Exception as cleanup_error:  # noted on the save's error, which the caller raises
+                error.add_note(f"removing what the failed save wrote failed too ({type(cleanup_error).__name__}: "
+                               f"{cleanup_error}); dcp_forge.discard_partial_checkpoints removes it later")
+        if group is not None:
+            try:
+                dist.barrier(group=group)
+            except Exception as barrier_error:  # a peer gone: the save's error is still the one to raise
+                error.add_note(f"rank {self.rank} could not wait for the failed save's cleanup: {barrier_error}")
 
     def _write_record(self, name: str, data: bytes) -> None:
         full = self.backend.join(self.path, name)
@@ -235,11 +264,7 @@ class ForgeStorageWriter(StorageWriter):
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         started = time.perf_counter()
         if self.commit_gate is not None:
-            try:
-                self.commit_gate()
-            except BaseException:
-                self.backend.remove_tree(self.path)
-                raise
+            self.commit_gate()
         topology = self._topology or Topology(rank=0, world_size=max(1, len(results)))
         records = item_records(metadata, results, self._layouts)
         metadata.storage_data = {
