@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ from dcp_forge import (
     StateComponent,
 )
 from dcp_forge.core.placement import ChunkPolicy
+from dcp_forge.format.names import METADATA_FILE
+from dcp_forge.format.safe_load import load_dcp_metadata
 from tests.support.statefuls import Box
 from tests.support.states import assert_same, empty_like_state, mutate_in_place, snapshot, tricky_state
 
@@ -40,10 +43,16 @@ def _components(rank: int, world: int, seed: int):
 
 
 def _same_files(a: str, b: str, skip=("_CLAIMED", "_COMMITTED", "checkpoint_manifest.json")) -> bool:
+    """Same data files and index byte for byte, and the same .metadata but for storage_meta (each save
+    records its own id and path there, as DCP's FileSystemWriter does)."""
     names = sorted(set(os.listdir(a)) - set(skip))
     if names != sorted(set(os.listdir(b)) - set(skip)):
         return False
-    return all(open(os.path.join(a, n), "rb").read() == open(os.path.join(b, n), "rb").read() for n in names)
+    if not all(Path(a, n).read_bytes() == Path(b, n).read_bytes() for n in names if n != METADATA_FILE):
+        return False
+    first, second = (load_dcp_metadata(Path(d, METADATA_FILE).read_bytes(), name=METADATA_FILE) for d in (a, b))
+    second.storage_meta = first.storage_meta
+    return first == second
 
 
 def scenarios(rank: int, world: int, root: str) -> dict:
