@@ -16,6 +16,7 @@ _EXPORTS = {
     "CheckpointNotFoundError": "errors",
     "ComponentDeclarationError": "errors",
     "ForgeError": "errors",
+    "IncompleteSaveError": "errors",
     "IntegrityError": "errors",
     "LocationNotFoundError": "errors",
     "MissingComponentError": "errors",
@@ -66,9 +67,10 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AsyncSaveError", "AsyncSaveHandle", "CheckpointCoordinator", "CheckpointExistsError", "CheckpointManifest",
-    "CheckpointNotFoundError", "ComponentDeclarationError", "ComponentManifest", "ForgeError", "IntegrityError",
-    "LoadResult", "LocationNotFoundError", "MissingComponentError", "ModelState", "OptimizerState", "Problem", "ProblemKind", "RNGState",
-    "ReplicationError", "SharingPattern", "StateComponent", "StateMismatchError", "Topology",
+    "CheckpointNotFoundError", "ComponentDeclarationError", "ComponentManifest", "ForgeError", "IncompleteSaveError",
+    "IntegrityError", "LoadResult", "LocationNotFoundError", "MissingComponentError", "ModelState", "OptimizerState",
+    "Problem", "ProblemKind", "RNGState", "ReplicationError", "SharingPattern", "StateComponent", "StateMismatchError",
+    "Topology",
     "TopologyChangeError", "TopologyPolicy", "UnexpectedComponentError", "UnsafeCheckpointError",
     "UnsupportedFormatError",
     "ValidationLevel", "delete_checkpoint", "discard_partial_checkpoints", "export_hf", "gather_topology",

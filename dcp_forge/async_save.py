@@ -4,8 +4,10 @@ Built on DCP's ``async_save`` (torch 2.13, ``state_dict_saver.py``), which alrea
 thing with our storage: its background thread runs a plain ``dcp.save`` over the staged copy, and
 ``ForgeStorageWriter.finish`` (index, ``.metadata``, manifest, ``_COMMITTED``) runs there on the
 coordinator rank only after every rank's ``write_data`` returned, i.e. after every data file and its
-directory were fsynced. So an async checkpoint is committed exactly like a sync one, and a crash at
-any moment before ``_COMMITTED`` leaves the previous checkpoint the latest.
+directory were fsynced, and it commits only if every rank's write results cover its share of the
+global plan (a rank whose process group vanished mid-save never passes for done). So an async
+checkpoint is committed exactly like a sync one, and a crash at any moment before ``_COMMITTED``
+leaves the previous checkpoint the latest.
 
 Where DCP did not fit, and what this module does instead:
 
@@ -25,25 +27,24 @@ Where DCP did not fit, and what this module does instead:
 - DCP's future has no bound on saves in flight and forgets failures nobody asked for; its errors are
   DCP's ``CheckpointException``. ``AsyncSaver`` allows one save in flight (the next waits: the reused
   buffers must not change under a running upload, one background group serves one save at a time,
-  and commits stay in save order), remembers a failure until the next save or ``close()`` raises it,
-  and ``AsyncSaveHandle.result()`` raises the failing rank's own typed error.
+  and commits stay in save order), remembers a failure until it reached the caller (the handle's
+  ``result()``/``exception()``/done-callback, else the next save or ``close()`` raises it), and
+  ``AsyncSaveHandle.result()`` raises the failing rank's own typed error.
 - DCP's PROCESS executor is not used: it re-imports ``__main__`` in a daemon, sets up a process group
   of its own, and would need the planner's declarations pickled across; the THREAD executor with a
   gloo group of our own keeps background collectives off the training loop's groups.
 
 Call protocol: every rank calls ``AsyncSaver.start`` together (the first call creates the background
 process group, a collective), with the same checkpoint path. ``settle``/``close`` are local, but wait
-for the in-flight save, which finishes only when every rank's upload does.
+for the in-flight save, which finishes only when every rank's upload does. A saver nobody closed is
+settled before its process group is destroyed, at interpreter exit and on SIGTERM (teardown.py).
 """
 
 from __future__ import annotations
 
-import atexit
-import concurrent.futures.thread  # noqa: F401  (registers its exit hook before ours; see the end)
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
@@ -55,6 +56,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
 from torch.distributed.tensor import DTensor
 
+from . import teardown
 from ._torch_compat import tree_leaves
 from .errors import AsyncSaveError, first_rank_failure
 from .format.manifest import CheckpointManifest
@@ -182,7 +184,9 @@ class AsyncSaveHandle:
     """One async save: returned once the state is staged; the upload and commit run in the background.
 
     ``result(timeout)`` gives the committed checkpoint's path, or raises the failing rank's error (the
-    same typed error a sync save raises). ``done()`` never blocks. ``staging_seconds`` is how long the
+    same typed error a sync save raises). Once a failure reached the caller this way (``result()``
+    raised it, ``exception()`` returned it, or a done-callback was registered, which receives it),
+    the next save does not raise it again. ``done()`` never blocks. ``staging_seconds`` is how long the
     caller was blocked staging, ``staged_bytes`` the staging memory this save used, ``upload_seconds``
     the time from staged to committed (None until done). ``manifest`` is the committed manifest on the
     coordinator rank (None on the others, and until done).
@@ -196,6 +200,7 @@ class AsyncSaveHandle:
         self.manifest: CheckpointManifest | None = None
         self._future: Future[str] = Future()
         self._staged_at = time.perf_counter()
+        self.outcome_delivered = False  # the caller has seen (or a callback receives) how it ended
 
     def __repr__(self) -> str:
         state = "pending" if not self.done() else ("failed" if self._future.exception() else "committed")
@@ -206,13 +211,23 @@ class AsyncSaveHandle:
 
     def result(self, timeout: float | None = None) -> str:
         """The committed path; raises the background error, or TimeoutError after ``timeout`` seconds."""
-        return self._future.result(timeout)
+        try:
+            return self._future.result(timeout)
+        finally:
+            self.outcome_delivered = self.outcome_delivered or self._future.done()
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        return self._future.exception(timeout)
+        """The background error (None once committed); TimeoutError after ``timeout`` seconds."""
+        try:
+            return self._future.exception(timeout)
+        finally:
+            self.outcome_delivered = self.outcome_delivered or self._future.done()
 
     def add_done_callback(self, fn: Callable[[AsyncSaveHandle], None]) -> None:
-        """Call ``fn(handle)`` once the save committed or failed (on the background thread; at once if done)."""
+        """Call ``fn(handle)`` once the save committed or failed (on the background thread; at once if done).
+
+        ``fn`` receives a failure, so the next save does not raise it again."""
+        self.outcome_delivered = True
         self._future.add_done_callback(lambda _: fn(self))
 
 
@@ -220,8 +235,11 @@ class AsyncSaver:
     """Runs one coordinator's async saves: at most one in flight, failures never lost.
 
     ``group`` is the caller's (coordinator's) process group for the staging agreement; the
-    background group is created by the first ``start`` (collectively). ``start`` waits for the
-    previous save and raises its failure first. Not thread-safe: call it from one thread per rank.
+    background group is created by the first ``start`` (collectively). ``settle_for_save`` (before each
+    ``start`` or sync save) waits for the previous save and raises its failure, unless the caller
+    already saw it on the handle.
+    Not thread-safe: call it from one thread per rank. A saver not closed is settled at teardown
+    (``dcp_forge.teardown``).
     """
 
     def __init__(self, group: Any = None, rank: int = 0) -> None:
@@ -233,41 +251,104 @@ class AsyncSaver:
         self._unraised: AsyncSaveHandle | None = None  # failed, not yet raised at a save or close
         self._lock = threading.Lock()
         self.closed = False
-        _LIVE_SAVERS.add(self)
+        teardown.register(self)
 
     @property
     def in_flight(self) -> AsyncSaveHandle | None:
         handle = self._in_flight
         return handle if handle is not None and not handle.done() else None
 
-    def settle(self, raise_failure: bool = True) -> None:
-        """Wait for the in-flight save; with ``raise_failure``, raise a failure not raised at a save yet."""
+    def _wait(self) -> AsyncSaveHandle | None:
+        """Wait for the in-flight save; returns a failed one whose failure no save has raised yet."""
         handle = self._in_flight
         if handle is not None:
-            handle.exception()  # waits; the failure is recorded by _finish
+            handle._future.exception()  # waits, unseen by the caller; _finish records a failure
             self._in_flight = None
-        if raise_failure:
-            with self._lock:
-                failed, self._unraised = self._unraised, None
-            if failed is not None:
-                raise AsyncSaveError(
-                    f"the async save of {redact_url(failed.checkpoint_path)} failed in the background (rank "
-                    f"{self.rank}): {type(failed.exception()).__name__}: {failed.exception()}"
-                ) from failed.exception()
+        with self._lock:
+            failed, self._unraised = self._unraised, None
+        return failed
+
+    def _raise_failure(self, failed: AsyncSaveHandle) -> None:
+        error = failed._future.exception()
+        raise AsyncSaveError(f"the async save of {redact_url(failed.checkpoint_path)} failed in the background "
+                             f"(rank {self.rank}): {type(error).__name__}: {error}") from error
+
+    def settle(self, raise_failure: bool = True) -> None:
+        """Wait for the in-flight save (local). With ``raise_failure``, raise its failure if it has not
+        reached this rank's caller (not seen on its handle, not raised at a save); without, keep it
+        for the next save."""
+        if not raise_failure:
+            handle = self._in_flight
+            if handle is not None:
+                handle._future.exception()
+                self._in_flight = None
+            return
+        failed = self._wait()
+        if failed is not None and not failed.outcome_delivered:
+            self._raise_failure(failed)
+
+    def settle_for_save(self) -> None:
+        """Wait for the in-flight save before the next one, and raise its failure on every rank unless
+        the caller saw it on its handle on some rank. Collective: every rank calls it together.
+
+        A background failure reaches every rank (DCP shares it), but callers may look at it on some
+        ranks only (a done-callback on rank 0, say); deciding per rank would let some ranks start the
+        next save while the others raise, and wait for them in its collectives. So the ranks agree:
+        seen anywhere, it cost one checkpoint and the save proceeds everywhere; seen nowhere, the save
+        raises it everywhere and saves nothing, so it is never lost.
+        """
+        failed = self._wait()
+        unseen = failed is not None and not failed.outcome_delivered
+        seen = failed is not None and failed.outcome_delivered
+        if self.group is not None:
+            flags = torch.tensor([int(unseen), int(seen)], dtype=torch.int64)
+            dist.all_reduce(flags, group=self.group)
+            any_unseen, any_seen = bool(flags[0]), bool(flags[1])
+        else:
+            any_unseen, any_seen = unseen, seen
+        if not any_unseen or any_seen:
+            if unseen:
+                logger.info("rank %d: the failure of the async save of %s was seen on another rank; saving on",
+                            self.rank, redact_url(failed.checkpoint_path))
+            return
+        if failed is not None:
+            self._raise_failure(failed)
+        raise AsyncSaveError(f"the previous async save failed in the background on other ranks; rank "
+                             f"{self.rank}'s part of it succeeded. Nothing was saved now")
+
+    # --- teardown (dcp_forge.teardown) ------------------------------------------------------------
+    def has_save_in_flight(self) -> bool:
+        return self.in_flight is not None
+
+    def uses_group(self, group: Any) -> bool:
+        """Whether destroying ``group`` pulls a group from under this saver's saves."""
+        return group is None or group is dist.GroupMember.WORLD or (
+            self.background_group is not None and group is self.background_group)
+
+    def settle_quietly(self) -> None:
+        """Wait for the in-flight save, raising nothing (a failure was logged when it happened)."""
+        try:
+            self.settle(raise_failure=False)
+        except BaseException:  # never raise during teardown (a second Ctrl-C, say)
+            logger.exception("rank %d: waiting for the async save at teardown failed", self.rank)
 
     def start(self, state: Mapping[str, Any], checkpoint_path: str, writer: ForgeStorageWriter,
               planner: ForgeSavePlanner, *, after_staging: Callable[[], None] | None = None,
               on_committed: Callable[[AsyncSaveHandle], None] | None = None) -> AsyncSaveHandle:
         """Stage ``state`` (``{key: stateful}``) and save it to ``checkpoint_path`` in the background.
 
-        Collective. Returns once staged. ``after_staging()`` runs on the caller's thread once this rank
-        staged; if it raises (on any rank), every rank raises and nothing is saved.
+        Collective, after ``settle_for_save()``. Returns once staged. ``after_staging()`` runs on the
+        caller's thread once this rank staged; if it raises (on any rank), every rank raises and nothing
+        is saved.
         ``on_committed(handle)`` runs on the background thread after the commit, before ``result()``
         returns.
         """
         if self.closed:
             raise ValueError(f"async saver of rank {self.rank} is closed; create a new coordinator")
-        self.settle()
+        if self._in_flight is not None or self._unraised is not None:
+            raise RuntimeError("AsyncSaver.start needs the previous save settled: call settle_for_save() "
+                               "on every rank first")
+        teardown.install_sigterm_handler()
         if self.group is not None and self.background_group is None:
             # Collective: every rank reaches its first async save together (documented call protocol).
             self.background_group = dist.new_group(backend="gloo")
@@ -309,8 +390,9 @@ class AsyncSaver:
             handle._future.set_result(handle.checkpoint_path)
             return
         if self.background_group is not None and not _group_alive(self.background_group):
-            error.add_note("the async save's process group was destroyed while the save was in flight: call "
-                           "CheckpointCoordinator.close() (or wait()) before dist.destroy_process_group()")
+            error.add_note("the async save's process group was destroyed while the save was in flight, past "
+                           "dcp_forge's wait on torch.distributed.destroy_process_group (a reference to it taken "
+                           "before the coordinator was created?): call CheckpointCoordinator.close() first")
         with self._lock:
             self._unraised = handle
         logger.error("rank %d: async save of %s failed: %s: %s%s", self.rank, redact_url(handle.checkpoint_path),
@@ -320,8 +402,8 @@ class AsyncSaver:
     def close(self, raise_failure: bool = True) -> None:
         """Wait for the in-flight save, free the staging buffers and the background group.
 
-        Raises AsyncSaveError for a failure no save has raised yet (unless ``raise_failure`` is False:
-        then it is logged). Idempotent.
+        Raises AsyncSaveError for a failure that has not reached the caller (not seen on its handle,
+        not raised at a save), unless ``raise_failure`` is False: then it was only logged. Idempotent.
         """
         if self.closed:
             return
@@ -329,18 +411,12 @@ class AsyncSaver:
             self.settle(raise_failure=raise_failure)
         finally:
             self.closed = True
-            _LIVE_SAVERS.discard(self)
+            teardown.unregister(self)
             if self._stager is not None:
                 self._stager.close()
                 self._stager = None
             release_group(self.background_group)
             self.background_group = None
-
-    def _wait_at_exit(self) -> None:
-        try:
-            self.settle(raise_failure=False)  # a failure was logged by _finish when it happened
-        except BaseException:  # never raise during interpreter exit (a second Ctrl-C, say)
-            logger.exception("rank %d: waiting for the async save at exit failed", self.rank)
 
 
 def _group_alive(group: Any) -> bool:
@@ -359,21 +435,3 @@ def release_group(group: Any) -> None:
         dist.destroy_process_group(group)
     except ValueError:  # already destroyed, e.g. by destroy_process_group() of the whole world
         pass
-
-
-_LIVE_SAVERS: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()
-
-
-def _wait_for_saves_at_exit() -> None:
-    for saver in list(_LIVE_SAVERS):
-        saver._wait_at_exit()
-
-
-# Interpreter exit waits for the in-flight save. It must wait *before* concurrent.futures stops
-# accepting work (its exit hook makes every later ThreadPoolExecutor.submit raise "cannot schedule
-# new futures after interpreter shutdown", which would fail the save's writer threads), so the hook
-# goes where concurrent.futures registers its own: threading's exit hooks, which run in reverse
-# order of registration, before non-daemon threads are joined and before atexit handlers.
-# concurrent.futures.thread is imported above (through DCP), so this one runs first.
-_register_thread_exit_hook = getattr(threading, "_register_atexit", atexit.register)
-_register_thread_exit_hook(_wait_for_saves_at_exit)

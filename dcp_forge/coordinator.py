@@ -6,7 +6,13 @@ creating process groups must happen in the same order on every rank). Afterwards
 ``save_checkpoint`` / ``async_save`` / ``load_checkpoint`` together, with the same arguments. At most one
 async save is in flight: the next save (sync or async) waits for it, and a load waits for it too.
 ``close()`` (or leaving a ``with`` block) waits for it and frees what the coordinator holds; call it
-before ``dist.destroy_process_group()``, which would pull the background save's group from under it.
+before ``dist.destroy_process_group()``. A forgotten ``close()`` loses nothing: destroying the process
+group, interpreter exit and SIGTERM first wait for the save in flight (``dcp_forge.teardown``), and a
+save commits only once every rank's write results cover the whole plan.
+
+A background failure is raised by its handle (``result()``, ``exception()``, a done-callback). Once
+the caller has seen it there on some rank, the next save proceeds; a failure nobody looked at is
+raised by the next save on every rank (which then saves nothing), by ``wait()`` or by ``close()``.
 """
 
 from __future__ import annotations
@@ -192,7 +198,8 @@ class CheckpointCoordinator:
                       validate: bool, extra: Mapping[str, Any] | None
                       ) -> tuple[str, ForgeStorageWriter, ForgeSavePlanner, ReplicationCheck | None]:
         """What a sync and an async save share: the path, the replication check, writer and planner."""
-        self._async_saves.settle()  # the previous async save commits first; its failure raises here
+        # Collective: the previous async save commits first; a failure nobody saw raises here, on every rank.
+        self._async_saves.settle_for_save()
         expect_type("validate", validate, bool)
         _check_extra(extra)
         if (checkpoint_path is None) == (checkpoint_id is None):
@@ -238,8 +245,9 @@ class CheckpointCoordinator:
         """Save every component in the background; returns once the state is staged. Collective.
 
         The state may change freely once this returns. Waits for the previous async save first and
-        raises its failure if no save raised it yet. ``handle.result()`` gives the committed path or
-        raises the background error. See ``dcp_forge.async_save`` for how staging buffers are reused.
+        raises its failure, unless the caller already saw it on that save's handle (on any rank).
+        ``handle.result()`` gives the committed path or raises the background error. See
+        ``dcp_forge.async_save`` for how staging buffers are reused.
         """
         self._check_open()
         path, writer, planner, check = self._prepare_save(checkpoint_path, checkpoint_id, validate, extra)
@@ -255,13 +263,15 @@ class CheckpointCoordinator:
             raise ValueError(f"CheckpointCoordinator of rank {self.rank} is closed")
 
     def wait(self) -> None:
-        """Block until the in-flight async save (if any) finished; raise its failure if not raised yet."""
+        """Block until the in-flight async save (if any) finished; raise its failure unless this rank's
+        caller saw it already (on its handle, or raised at a save). Local."""
         self._async_saves.settle()
 
     def close(self) -> None:
         """Wait for the in-flight async save, then free staging buffers and process groups. Idempotent.
 
-        Raises AsyncSaveError if an async save failed and no save raised it yet.
+        Raises AsyncSaveError if an async save failed and the failure reached neither its handle's
+        caller nor a save.
         """
         if self._async_saves.closed:
             return

@@ -76,11 +76,17 @@ class TopologyChangeError(ForgeError, ValueError):
     """A component cannot be mapped from the saved topology to the current one under its policy."""
 
 
+class IncompleteSaveError(ForgeError, RuntimeError):
+    """A save's pieces do not make up the whole (a rank's write results missing, a tensor's chunks not
+    covering it, fewer ranks planning than the topology has): nothing was committed."""
+
+
 class AsyncSaveError(ForgeError, RuntimeError):
     """An async save failed: staging failed on another rank, or a background save failed earlier.
 
-    A background failure is raised by its handle's ``result()`` as the original typed error, and
-    once more as this error (chained to the original) at the next save or ``close()``.
+    A background failure is raised by its handle's ``result()`` as the original typed error. If the
+    caller never looked at it on the handle, the next save or ``close()`` raises it as this error
+    (chained to the original).
     """
 
 

@@ -112,18 +112,29 @@ def scenarios(rank: int, world: int, root: str) -> dict:
     del mine["bad"]
     out["after_staging_failure"] = coord.async_save(checkpoint_id="after").result(timeout=120)
 
-    # 4. A background failure (the id is taken) reaches every rank, at result() and at the next save.
+    # 4. A background failure (the id is taken) reaches every rank at result(); seen there, it costs
+    # one checkpoint: the next save proceeds.
     handle = coord.async_save(checkpoint_id="after")
     try:
         handle.result(timeout=120)
         out["background_failure"] = "no error"
     except CheckpointExistsError as err:
         out["background_failure"] = type(err).__name__
+    out["next_save"] = os.path.basename(coord.async_save(checkpoint_id="later").result(timeout=120))
+    # Seen on rank 0 only (a done-callback there): the ranks agree, and every rank saves on.
+    handle = coord.async_save(checkpoint_id="after")
+    if rank == 0:
+        handle.add_done_callback(lambda h: None)
+    out["seen_on_one_rank"] = os.path.basename(coord.async_save(checkpoint_id="later-2").result(timeout=120))
+    # Seen nowhere: the next save raises it on every rank, and saves nothing.
+    coord.async_save(checkpoint_id="after")
     try:
-        coord.async_save(checkpoint_id="later")
-        out["next_save"] = "no error"
+        coord.async_save(checkpoint_id="never-2")
+        out["unseen"] = "no error"
     except AsyncSaveError as err:
-        out["next_save"] = type(err.__cause__).__name__
+        out["unseen"] = type(err.__cause__).__name__
+    dist.barrier()
+    out["never_2_exists"] = os.path.exists(os.path.join(root, "never-2"))
     coord.close()
     out["closed_background_group"] = coord._async_saves.background_group is None
 
@@ -168,9 +179,12 @@ def test_staging_failure_on_one_rank_raises_on_every_rank(outcome):
     assert all(r["after_staging_failure"].endswith("after") for r in outcome)
 
 
-def test_background_failure_reaches_every_rank(outcome):
+def test_background_failure_reaches_every_rank_and_costs_one_checkpoint(outcome):
     assert [r["background_failure"] for r in outcome] == ["CheckpointExistsError"] * 2
-    assert [r["next_save"] for r in outcome] == ["CheckpointExistsError"] * 2
+    assert [r["next_save"] for r in outcome] == ["later"] * 2
+    assert [r["seen_on_one_rank"] for r in outcome] == ["later-2"] * 2
+    assert [r["unseen"] for r in outcome] == ["CheckpointExistsError"] * 2
+    assert not any(r["never_2_exists"] for r in outcome)
     assert all(r["closed_background_group"] for r in outcome)
 
 

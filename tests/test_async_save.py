@@ -157,7 +157,7 @@ class PicklesBadly(Box):
         return {"t": torch.ones(3), "bomb": self.Bomb()}
 
 
-def test_a_background_failure_raises_at_result_then_at_the_next_save(tmp_path):
+def test_a_background_failure_raises_at_result_and_then_the_next_save_proceeds(tmp_path):
     good = Box({"t": torch.ones(4)})
     bad = PicklesBadly({})
     coord = CheckpointCoordinator([StateComponent("box", good, "global")], output_dir=tmp_path)
@@ -167,16 +167,41 @@ def test_a_background_failure_raises_at_result_then_at_the_next_save(tmp_path):
     with pytest.raises(RuntimeError, match="disk on fire"):
         handle.result(timeout=60)
     assert isinstance(handle.exception(), RuntimeError) and handle.done()
-    with pytest.raises(AsyncSaveError, match=r"checkpoint-2 failed in the background \(rank 0\).*disk on fire") as err:
-        broken.async_save(checkpoint_id="checkpoint-3")
-    assert isinstance(err.value.__cause__, RuntimeError)
-    assert not os.path.exists(tmp_path / "checkpoint-3")  # raising it started nothing
     assert latest_checkpoint(tmp_path) == first  # the failed save is invisible
-    # Raised once at a save, the failure is cleared: saving works again.
+    # The caller has the failure: the next save does not raise it again, it saves.
     broken.components[0].stateful.state_dict = lambda: {"t": torch.zeros(2)}
-    assert broken.async_save(checkpoint_id="checkpoint-4").result().endswith("checkpoint-4")
+    assert broken.async_save(checkpoint_id="checkpoint-3").result().endswith("checkpoint-3")
     broken.close()
     coord.close()
+
+
+@pytest.mark.parametrize("seen_by", ["result", "exception", "done_callback", "nobody"])
+def test_a_failure_raises_again_only_if_it_never_reached_the_caller(tmp_path, seen_by):
+    """One failure costs one checkpoint: once the caller saw it on the handle, the next save saves;
+    a failure nobody looked at is raised by the next save (which saves nothing), never lost."""
+    box = PicklesBadly({})
+    coord = CheckpointCoordinator([StateComponent("box", box, "global")], output_dir=tmp_path)
+    seen = []
+    handle = coord.async_save(checkpoint_id="failing")
+    if seen_by == "done_callback":
+        handle.add_done_callback(lambda h: seen.append(type(h.exception()).__name__))
+    while not handle.done():
+        threading.Event().wait(0.01)
+    if seen_by == "result":
+        with pytest.raises(RuntimeError, match="disk on fire"):
+            handle.result()
+    elif seen_by == "exception":
+        assert isinstance(handle.exception(), RuntimeError)
+    box.state_dict = lambda: {"t": torch.ones(3)}
+    if seen_by == "nobody":
+        with pytest.raises(AsyncSaveError, match="failing failed in the background.*disk on fire"):
+            coord.async_save(checkpoint_id="next")
+        assert not os.path.exists(tmp_path / "next")  # raising it started nothing
+        assert coord.async_save(checkpoint_id="after").result().endswith("after")  # raised once, then cleared
+    else:
+        assert coord.async_save(checkpoint_id="next").result().endswith("next")
+    coord.close()
+    assert seen == (["RuntimeError"] if seen_by == "done_callback" else [])
 
 
 def test_a_failure_nobody_asked_for_raises_at_close_and_at_a_sync_save(tmp_path):

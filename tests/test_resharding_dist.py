@@ -39,6 +39,7 @@ from dcp_forge import (
     read_manifest,
 )
 from dcp_forge.statefuls import ModelState, OptimizerState
+from tests.support.model_state import full_state, mismatches, train
 from tests.support.statefuls import Box
 from tests.support.tamper import data_files, flip_byte
 
@@ -76,51 +77,10 @@ def build(kind: str, seed: int, loading: bool):
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
 
 
-def train(model, opt, steps: int = 2) -> None:
-    """Deterministic gradients, the same whatever the world size and placement."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    for step in range(steps):
-        gen = torch.Generator().manual_seed(step)
-        for _, p in sorted(model.named_parameters()):
-            full = torch.randn(p.shape, generator=gen)
-            p.grad = distribute_tensor(full, p.device_mesh, p.placements) if isinstance(p, DTensor) else full
-        opt.step()
-        opt.zero_grad()
-
-
 def components(kind: str, model, opt) -> list[StateComponent]:
     pattern = "replicated" if kind == "plain" else "global"
     return [StateComponent("model", ModelState(model), pattern),
             StateComponent("optimizer", OptimizerState(model, opt), pattern)]
-
-
-def full_state(model, opt) -> dict:
-    """Every value of model and optimizer state, DTensors gathered (collective)."""
-    out = {}
-
-    def walk(prefix, value):
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}", v)
-        elif hasattr(value, "full_tensor"):
-            out[prefix] = value.full_tensor()
-        else:
-            out[prefix] = value
-
-    walk("model", ModelState(model).state_dict())
-    walk("optimizer", OptimizerState(model, opt).state_dict())
-    return out
-
-
-def mismatches(expected: dict, got: dict) -> list[str]:
-    bad = sorted(set(expected) ^ set(got))
-    for key, value in expected.items():
-        other = got.get(key)
-        same = torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
-        if key in got and not same:
-            bad.append(key)
-    return bad
 
 
 def save_kinds(root: str) -> None:

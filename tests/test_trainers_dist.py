@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dcp_forge import read_manifest
+from dcp_forge import read_manifest, verify_checkpoint
 from dcp_forge.trainers.callbacks import DivergenceDetector
 from dcp_forge.trainers.run import TinyJob, build_trainer, local_tensors, run_job
 
@@ -160,3 +160,6 @@ def test_checkpoints_store_each_component_once_per_copy(runs):
         assert sorted(manifests[kind].components["dataset"].ranks) == [0, 2], kind  # their loading ranks
     # FSDP2: one logical copy whose DTensor shards every rank wrote its part of
     assert sorted(manifests["fsdp"].components["model"].ranks) == [0, 1, 2, 3]
+    # and every layout verifies clean, DP x TP's per-shard copies (part of each DTensor) included
+    for kind in KINDS:
+        assert verify_checkpoint(resumed[0][kind]["last"]) == [], kind

@@ -55,8 +55,11 @@ def _is_index(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def tiling_problem(shape: Sequence[int], boxes: Sequence[tuple[Sequence[int], Sequence[int]]]) -> str | None:
+def tiling_problem(shape: Sequence[int], boxes: Sequence[tuple[Sequence[int], Sequence[int]]], *,
+                   whole: bool = True) -> str | None:
     """Why the boxes ``(offsets, sizes)`` do not tile a tensor of ``shape`` exactly once; None if they do.
+    With ``whole=False`` (a copy that holds part of a tensor) they must lie inside it without
+    overlapping, but need not cover it.
 
     A load fills each destination from the stored chunks that overlap it: a gap leaves elements at
     whatever the destination held, an overlap writes them twice from chunks that may disagree. Boxes
@@ -82,7 +85,7 @@ def tiling_problem(shape: Sequence[int], boxes: Sequence[tuple[Sequence[int], Se
         covered += volume
         if volume:
             nonempty.append((offsets, sizes))
-    if covered < total:
+    if whole and covered < total:
         return f"its chunks cover {covered} of its {total} elements"
     if not nonempty:
         return None
@@ -97,4 +100,4 @@ def tiling_problem(shape: Sequence[int], boxes: Sequence[tuple[Sequence[int], Se
                 return (f"its chunks at offsets {list(other_offsets)} and {list(offsets)} overlap "
                         f"(they cover {covered} element(s) of {total})")
         active.append((offsets, sizes))
-    return None  # disjoint boxes inside the tensor covering at least its volume: exactly its volume
+    return None  # disjoint boxes inside the tensor (covering at least its volume: exactly its volume)

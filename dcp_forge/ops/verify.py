@@ -37,10 +37,10 @@ import xxhash
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     Metadata,
-    MetadataIndex,
     TensorStorageMetadata,
 )
 
+from ..core.coverage import unstored_pieces
 from ..core.tensors import dtype_named
 from ..errors import IntegrityError
 from ..format.index import ItemRecord
@@ -201,20 +201,13 @@ def _metadata_problems(metadata: Metadata, records: Sequence[ItemRecord] | None,
         return problems
     locations = metadata.storage_data
     for fqn, md in sorted(metadata.state_dict_metadata.items()):
-        component = component_of(fqn)
-        if isinstance(md, BytesStorageMetadata):
-            wanted = [MetadataIndex(fqn)]
-        elif isinstance(md, TensorStorageMetadata):
-            wanted = [MetadataIndex(fqn, chunk.offsets) for chunk in md.chunks]
-        else:
+        if not isinstance(md, (BytesStorageMetadata, TensorStorageMetadata)):
             problems.append(Problem(ProblemKind.MALFORMED, f"{where}/{METADATA_FILE}: {fqn!r} has unknown "
-                                    f"metadata {type(md).__name__}", METADATA_FILE, component))
-            continue
-        missing = [index for index in wanted if index not in locations]
-        if missing:
-            problems.append(Problem(
-                ProblemKind.INCOMPLETE, f"{where}/{METADATA_FILE}: {len(missing)} stored piece(s) of {fqn!r} "
-                f"have no location (e.g. offsets {tuple(missing[0].offset or ())})", METADATA_FILE, component))
+                                    f"metadata {type(md).__name__}", METADATA_FILE, component_of(fqn)))
+    for fqn, missing in unstored_pieces(metadata, locations).items():
+        problems.append(Problem(
+            ProblemKind.INCOMPLETE, f"{where}/{METADATA_FILE}: {len(missing)} stored piece(s) of {fqn!r} "
+            f"have no location (e.g. offsets {tuple(missing[0].offset or ())})", METADATA_FILE, component_of(fqn)))
     problems += coverage_problems(metadata, metadata.state_dict_metadata, where)
 
     check = ItemCheck(metadata, records, where)

@@ -34,6 +34,7 @@ from ..core.patterns import SharingPattern
 from ..core.placement import ChunkPolicy, assign_writers, split_large_tensors
 from ..core.tensors import exact_storage, is_plain_tensor, narrow_box
 from ..core.topology import Topology
+from ..errors import IncompleteSaveError
 from .keymap import default_topology, holders_count, storage_keys_for
 
 
@@ -51,6 +52,7 @@ class ForgeSavePlanner(DefaultSavePlanner):
         super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True, enable_plan_caching=False)
         self.layouts: dict[str, ComponentLayout] = layouts_from(components)
         self._topology = topology
+        self._topology_given = topology is not None
         self.chunk_policy = chunk_policy
         self.key_map: dict[str, str] = {}
         self._layout_of_storage_key: dict[str, ComponentLayout | None] = {}
@@ -85,6 +87,13 @@ class ForgeSavePlanner(DefaultSavePlanner):
         return self.plan
 
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        if self._topology_given and len(all_plans) != self.topology.world_size:
+            # DCP saves as a single process when torch.distributed's default group is gone by the time
+            # a (background) save starts: this rank's shards alone would pass for the whole state.
+            raise IncompleteSaveError(
+                f"the save was planned by {len(all_plans)} rank(s), but the topology has "
+                f"{self.topology.world_size} (rank {self.topology.rank}); was the process group destroyed "
+                "while the save was starting? Nothing was written")
         placed = assign_writers(all_plans)
         global_plan, metadata = create_default_global_save_plan(placed)
         if self.flatten_state_dict:

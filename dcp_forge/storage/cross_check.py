@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -31,9 +31,11 @@ from torch.distributed.checkpoint.metadata import (
     MetadataIndex,
     TensorStorageMetadata,
 )
+from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
+from torch.distributed.tensor import DTensor
 
 from ..core.components import ComponentLayout
-from ..core.keys import parse_storage_key
+from ..core.keys import NAMESPACE_SEP, parse_storage_key, top_level_key
 from ..core.patterns import SharingPattern
 from ..core.tensors import tiling_problem
 from ..core.topology import Topology
@@ -46,19 +48,57 @@ from .consistency import Problem, ProblemKind, component_of
 # --- tensors are tiled by their chunks -------------------------------------------------------------
 
 
+def holds_part(fqn: str) -> bool:
+    """Whether ``fqn`` belongs to one copy of a component (a PER_RANK / PER_NODE / PER_GROUP storage
+    key), whose tensors may be stored in part: such a copy holds the chunks its ranks hold, which for a
+    DTensor sharded beyond them is part of it (DP x TP keeps one copy per tensor-parallel shard). Any
+    other tensor is one logical value, stored whole."""
+    return NAMESPACE_SEP in top_level_key(fqn)
+
+
 def coverage_problems(metadata: Metadata, fqns: Iterable[str], where: str) -> list[Problem]:
-    """The tensors among ``fqns`` whose stored chunks do not tile them exactly once."""
+    """The tensors among ``fqns`` whose stored chunks do not tile them exactly once (a tensor of a
+    copy that ``holds_part`` of it: whose chunks reach outside it or overlap)."""
     problems = []
     for fqn in sorted(set(fqns)):
         md = metadata.state_dict_metadata.get(fqn)
         if not isinstance(md, TensorStorageMetadata):
             continue
-        why = tiling_problem(md.size, [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks])
+        why = tiling_problem(md.size, [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks],
+                             whole=not holds_part(fqn))
         if why is not None:
             component = component_of(fqn)
             problems.append(Problem(
                 ProblemKind.INCOMPLETE, f"{where}/{METADATA_FILE}: tensor {fqn!r} of component {component!r} "
                 f"cannot be loaded exactly: {why}", METADATA_FILE, component))
+    return problems
+
+
+def unfilled_problems(metadata: Metadata, items: Iterable[ReadItem], destinations: Mapping[str, Any],
+                      where: str) -> list[Problem]:
+    """The destination tensors a load plan does not fill completely, among the stored tensors of a
+    copy that ``holds_part`` of them (a whole tensor's tiling already proves its destinations filled;
+    a key the checkpoint lacks is the planner's to refuse or skip).
+
+    The stored chunks do not overlap (``coverage_problems``), so the plan's reads into a destination
+    are disjoint and fill it exactly when their volumes add up to the part this rank holds.
+    """
+    filled: dict[str, int] = defaultdict(int)
+    for item in items:
+        if item.type != LoadItemType.BYTE_IO:
+            filled[item.dest_index.fqn] += math.prod(item.lengths)
+    problems = []
+    for fqn, value in sorted(destinations.items()):
+        stored = metadata.state_dict_metadata.get(fqn)
+        if not holds_part(fqn) or not isinstance(value, torch.Tensor) or not isinstance(stored, TensorStorageMetadata):
+            continue
+        local = value.to_local() if isinstance(value, DTensor) else value
+        if filled[fqn] != local.numel():
+            component = component_of(fqn)
+            problems.append(Problem(
+                ProblemKind.INCOMPLETE, f"{where}/{METADATA_FILE}: tensor {fqn!r} of component {component!r} "
+                f"cannot be loaded exactly: its stored chunks hold {filled[fqn]} of the {local.numel()} "
+                "elements this rank loads", METADATA_FILE, component))
     return problems
 
 

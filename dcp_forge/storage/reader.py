@@ -42,7 +42,7 @@ from .consistency import (
     record_problems,
     storage_location_problems,
 )
-from .cross_check import ItemCheck, coverage_problems, manifest_problems
+from .cross_check import ItemCheck, coverage_problems, manifest_problems, unfilled_problems
 from .files import check_extent, open_data_file
 from .item_reader import (
     Checker,
@@ -181,14 +181,18 @@ class ForgeStorageReader(StorageReader):
         describe them exactly (raises before anything is read or filled).
 
         Every tensor the load fills (each one the plan reads, and each one the planner asked for,
-        including those no stored chunk overlaps at all) must be tiled exactly by its stored chunks,
+        including those no stored chunk overlaps at all) must be tiled exactly by its stored chunks
+        (a copy that holds part of a tensor: the part this rank loads must be filled completely),
         and every stored location must be what the index records for that item (cross_check.py).
         """
         if self._known is None or self._item_check is None:
             raise RuntimeError("DCP called read_data before read_metadata and set_up_storage_reader")
         requested = {item.storage_index.fqn for item in plan.items}
         requested.update(getattr(planner, "state_dict", None) or ())  # DefaultLoadPlanner's flat destination keys
-        raise_if_problems(coverage_problems(self._known, requested, redact_url(self.url)))
+        where = redact_url(self.url)
+        raise_if_problems(coverage_problems(self._known, requested, where))
+        raise_if_problems(unfilled_problems(self._known, plan.items, getattr(planner, "state_dict", None) or {},
+                                            where))
         return group_reads(plan.items, self.storage_data, self._record_at, self._item_check)
 
     @property

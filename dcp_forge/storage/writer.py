@@ -2,7 +2,8 @@
 
 Call protocol (DCP's ``StorageWriter``): ``reset`` → on every rank ``set_up_storage_writer`` and
 ``prepare_local_plan``; on the coordinator ``prepare_global_plan`` (claims the checkpoint id);
-on every rank ``write_data``; on the coordinator ``finish`` (index, metadata, manifest, commit).
+on every rank ``write_data``; on the coordinator ``finish`` (refuses unless every rank's results
+cover its share of the global plan, then index, metadata, manifest, commit).
 If the save fails (DCP raises its ``CheckpointException`` on every rank), the caller calls
 ``discard_failed_save`` on every rank: the coordinator removes what the save wrote.
 
@@ -35,15 +36,17 @@ from torch.futures import Future
 
 from .._torch_compat import StorageInfo
 from ..core.components import ComponentLayout
+from ..core.coverage import unstored_pieces, write_result_problems
 from ..core.keys import top_level_key
 from ..core.placement import item_bytes
 from ..core.topology import Topology
-from ..errors import os_error_context
+from ..errors import IncompleteSaveError, os_error_context
 from ..format.index import StoredItem, encode_index
 from ..format.manifest import CheckpointManifest, checksum_bytes, component_manifests, item_records, versions
 from ..format.names import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE, data_file_name, new_save_id
 from ..format.torch_blob import BlobEdges, save_tensor
 from .backends import OutputStream, discard_after
+from .cross_check import coverage_problems
 from .lifecycle import CommitRecord, claim, commit, discard_claimed
 from .registry import open_backend, redact_url
 
@@ -148,6 +151,7 @@ class ForgeStorageWriter(StorageWriter):
         self.manifest: CheckpointManifest | None = None
         self._layouts: Mapping[str, ComponentLayout] = {}
         self._topology: Topology | None = None
+        self._global_plan: list[SavePlan] | None = None  # on the coordinator, once planned
         self.is_coordinator = False
         self.rank = 0
         self.reset(url)
@@ -176,7 +180,9 @@ class ForgeStorageWriter(StorageWriter):
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         # Runs on the coordinator before any rank writes; an error here reaches every rank.
         claim(self.backend, self.path, self.save_id, self.url)
-        return [dataclasses.replace(plan, storage_data=_RankFiles(rank)) for rank, plan in enumerate(plans)]
+        self._global_plan = [dataclasses.replace(plan, storage_data=_RankFiles(rank))
+                             for rank, plan in enumerate(plans)]
+        return self._global_plan
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         self._layouts = getattr(planner, "layouts", {}) or {}
@@ -261,8 +267,32 @@ class ForgeStorageWriter(StorageWriter):
         with os_error_context(f"rank {self.rank} writing {name} of checkpoint {redact_url(self.url)}", full):
             self.backend.write_bytes(full, data)
 
+    def _refuse_incomplete(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """Raise IncompleteSaveError unless every rank's results are here and cover every planned item,
+        and every tensor of the metadata is tiled by its chunks (the check loads make too).
+
+        DCP calls ``finish`` with whatever its gather produced; a rank that took no part (its process
+        group gone, a single-process fallback) must never let the others' share pass for the whole.
+        """
+        problems = []
+        world = self._topology.world_size if self._topology is not None else None
+        if self._global_plan is None:
+            problems.append("no global plan was made on this writer (prepare_global_plan was not called)")
+        else:
+            if world is not None and len(self._global_plan) != world:
+                problems.append(f"the global plan has {len(self._global_plan)} rank(s), the save's topology {world}")
+            problems += write_result_problems(self._global_plan, results)
+        problems += [p.message for p in coverage_problems(metadata, metadata.state_dict_metadata, redact_url(self.url))]
+        written = {result.index for rank_results in results if rank_results is not None for result in rank_results}
+        problems += [f"{len(missing)} piece(s) of {fqn!r} in the metadata have no write result"
+                     for fqn, missing in unstored_pieces(metadata, written).items()]
+        if problems:
+            shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+            raise IncompleteSaveError(f"not committing checkpoint {redact_url(self.url)}: {shown}")
+
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         started = time.perf_counter()
+        self._refuse_incomplete(metadata, results)
         if self.commit_gate is not None:
             self.commit_gate()
         topology = self._topology or Topology(rank=0, world_size=max(1, len(results)))

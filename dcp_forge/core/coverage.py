@@ -1,0 +1,65 @@
+"""Whether a save's pieces are all there: every item the global plan assigned to a rank came back
+from that rank as a write result, and every piece the metadata lists has a result or location.
+
+Pure functions over DCP's plan and metadata values, shared by the writer (which refuses to commit a
+save they find incomplete) and ``verify`` (which reports a stored checkpoint's gaps). Whether the
+chunks of a tensor tile it is ``tensors.tiling_problem``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection, Sequence
+
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import SavePlan
+from torch.distributed.checkpoint.storage import WriteResult
+
+
+def unstored_pieces(metadata: Metadata, stored: Collection[MetadataIndex]) -> dict[str, list[MetadataIndex]]:
+    """The pieces (a tensor's chunks, a bytes value) ``metadata`` lists that ``stored`` lacks, by key."""
+    missing = {}
+    for fqn, md in sorted(metadata.state_dict_metadata.items()):
+        if isinstance(md, BytesStorageMetadata):
+            wanted = [MetadataIndex(fqn)]
+        elif isinstance(md, TensorStorageMetadata):
+            wanted = [MetadataIndex(fqn, chunk.offsets) for chunk in md.chunks]
+        else:
+            continue
+        lacking = [index for index in wanted if index not in stored]
+        if lacking:
+            missing[fqn] = lacking
+    return missing
+
+
+def _describe(indexes: Sequence[MetadataIndex], limit: int = 3) -> str:
+    shown = [index.fqn if index.offset is None else f"{index.fqn}@{tuple(index.offset)}" for index in indexes[:limit]]
+    return ", ".join(shown) + (f" and {len(indexes) - limit} more" if len(indexes) > limit else "")
+
+
+def write_result_problems(plans: Sequence[SavePlan], results: Sequence[Sequence[WriteResult] | None]) -> list[str]:
+    """How the write results differ from the global plan: a rank with no results, an item planned
+    on a rank that did not report writing it, or one reported that was not planned there."""
+    problems = []
+    if len(results) != len(plans):
+        problems.append(f"results came from {len(results)} rank(s), the plan has {len(plans)}")
+    for rank, plan in enumerate(plans):
+        got = results[rank] if rank < len(results) else None
+        if got is None:
+            problems.append(f"rank {rank} returned no write results ({len(plan.items)} item(s) planned there)")
+            continue
+        planned = Counter(item.index for item in plan.items)
+        written = Counter(result.index for result in got)
+        missing = sorted(planned - written, key=str)
+        unplanned = sorted(written - planned, key=str)
+        if missing:
+            problems.append(f"rank {rank} wrote {len(got)} of its {len(plan.items)} planned item(s); "
+                            f"missing: {_describe(missing)}")
+        if unplanned:
+            problems.append(f"rank {rank} reported {len(unplanned)} item(s) not planned there: {_describe(unplanned)}")
+    return problems

@@ -1,0 +1,168 @@
+"""A save commits only what makes up the whole: write results against the global plan, every tensor
+tiled by its chunks (a copy holding part of a DTensor: no overlap, and a load from it fills what the
+rank loads), and the writer and planner refusing a save that lacks a rank."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.distributed.checkpoint.default_planner import create_default_local_load_plan
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.storage import WriteResult
+
+from dcp_forge import (
+    CheckpointCoordinator,
+    IncompleteSaveError,
+    StateComponent,
+    latest_checkpoint,
+    verify_checkpoint,
+)
+from dcp_forge.core.components import layouts_from
+from dcp_forge.core.coverage import write_result_problems
+from dcp_forge.core.keys import StorageKey
+from dcp_forge.core.patterns import SharingPattern
+from dcp_forge.core.placement import ChunkPolicy
+from dcp_forge.core.topology import Topology
+from dcp_forge.errors import first_rank_failure
+from dcp_forge.planners import ForgeSavePlanner
+from dcp_forge.storage import (
+    CheckpointState,
+    ForgeStorageWriter,
+    checkpoint_state,
+    coverage_problems,
+    open_backend,
+)
+from dcp_forge.storage.cross_check import holds_part, unfilled_problems
+from tests.support.statefuls import Box
+from tests.support.strategies import (
+    jobs,
+    local_plans,
+    reshard_cases,
+    save_metadata,
+    save_plans,
+)
+
+SETTINGS = settings(max_examples=100, deadline=None)
+
+
+def _stored(fqn: str, rows: list[tuple[int, int]]) -> Metadata:
+    """Metadata of an 8 x 8 float tensor ``fqn`` stored as the row ranges ``rows``."""
+    chunks = [ChunkStorageMetadata(torch.Size([start, 0]), torch.Size([stop - start, 8])) for start, stop in rows]
+    return Metadata({fqn: TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size([8, 8]), chunks)})
+
+
+COPY = str(StorageKey("model", SharingPattern.PER_GROUP, group_name="tp_group", group_ranks=(0, 2)))
+
+
+def test_a_per_group_copy_may_hold_part_of_a_dtensor_but_one_logical_value_may_not():
+    # DP x TP keeps one PER_GROUP copy per tensor-parallel shard: its chunks cover that shard only.
+    for fqn, whole in [(f"{COPY}.w", False), ("model.w", True)]:
+        assert holds_part(fqn) is not whole
+        problems = coverage_problems(_stored(fqn, [(0, 4)]), [fqn], "ckpt")
+        assert [p.message for p in problems] == (
+            [f"ckpt/.metadata: tensor {fqn!r} of component 'model' cannot be loaded exactly: its chunks cover "
+             "32 of its 64 elements"] if whole else [])
+    assert coverage_problems(_stored(f"{COPY}.w", [(0, 5), (4, 8)]), [f"{COPY}.w"], "ckpt")  # still no overlap
+
+
+def test_a_load_from_a_copy_holding_part_must_fill_what_this_rank_loads():
+    fqn = f"{COPY}.w"
+    for rows, filled in [([(0, 4)], 32), ([(0, 4), (4, 8)], 64)]:
+        metadata = _stored(fqn, rows)
+        destination = {fqn: torch.zeros(8, 8)}  # a rank that loads the whole tensor from this copy
+        plan = create_default_local_load_plan(destination, metadata, True)
+        problems = unfilled_problems(metadata, plan.items, destination, "ckpt")
+        assert [p.message for p in problems] == ([] if filled == 64 else [
+            f"ckpt/.metadata: tensor {fqn!r} of component 'model' cannot be loaded exactly: its stored chunks "
+            "hold 32 of the 64 elements this rank loads"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(reshard_cases(max_world=6))
+def test_real_dtensor_saves_tile_every_tensor(case):
+    metadata = save_metadata(case)
+    assert coverage_problems(metadata, metadata.state_dict_metadata, "ckpt") == []
+
+
+@SETTINGS
+@given(jobs(max_world=6), st.data())
+def test_write_results_must_cover_every_planned_item_of_every_rank(job, data):
+    plans, planners = local_plans(job)
+    global_plans, metadata = planners[0].create_global_plan(plans)
+    assert coverage_problems(metadata, metadata.state_dict_metadata, "ckpt") == []
+    results = [[WriteResult(item.index, 1, None) for item in plan.items] for plan in global_plans]
+    assert write_result_problems(global_plans, results) == []
+
+    rank = data.draw(st.integers(0, len(results) - 1))
+    without_rank = [None if r == rank else got for r, got in enumerate(results)]
+    assert any(f"rank {rank} returned no write results" in p for p in write_result_problems(global_plans, without_rank))
+    assert write_result_problems(global_plans, results[:rank])  # fewer ranks reported than planned
+    if results[rank]:
+        dropped = data.draw(st.integers(0, len(results[rank]) - 1))
+        short = [got if r != rank else got[:dropped] + got[dropped + 1:] for r, got in enumerate(results)]
+        assert any(p.startswith(f"rank {rank} wrote") for p in write_result_problems(global_plans, short))
+        doubled = [got if r != rank else got + got[:1] for r, got in enumerate(results)]
+        assert any(f"rank {rank} reported" in p for p in write_result_problems(global_plans, doubled))
+
+
+# --- the writer and planner refuse -------------------------------------------------------------
+
+TOPOLOGY = Topology.uniform(0, 2)
+STATE = {"w": torch.arange(4096, dtype=torch.float32), "step": 3}
+
+
+def _two_rank_save(path: str):
+    """Both ranks' plans and writes of one REPLICATED component, in one process (as DCP runs them)."""
+    layouts = layouts_from({"model": SharingPattern.REPLICATED})
+    plans, planners = save_plans([{"model": dict(STATE)}] * 2, layouts, TOPOLOGY,
+                                 ChunkPolicy(min_chunk_bytes=1024, chunks_per_holder=2))
+    global_plans, metadata = planners[0].create_global_plan(plans)
+    writer = ForgeStorageWriter(path)
+    writer.set_up_storage_writer(True, rank=0)
+    central = writer.prepare_global_plan(global_plans)
+    results = [writer.write_data(planners[r].finish_plan(central[r]), planners[r]).value() for r in range(2)]
+    assert all(results), "both ranks must write something for this test to mean anything"
+    return writer, metadata, results
+
+
+def test_finish_refuses_results_missing_a_rank_or_an_item_and_commits_the_whole(tmp_path):
+    path = str(tmp_path / "c")
+    writer, metadata, results = _two_rank_save(path)
+    backend, native = open_backend(path)
+    for partial, said in [([results[0]], r"results came from 1 rank\(s\), the plan has 2"),
+                          ([results[0], None], "rank 1 returned no write results"),
+                          ([results[0], results[1][:-1]], "rank 1 wrote"),
+                          ([results[0], []], "rank 1 wrote 0 of its")]:
+        with pytest.raises(IncompleteSaveError, match=said) as err:
+            writer.finish(metadata, partial)
+        assert "not committing checkpoint" in str(err.value)
+        assert checkpoint_state(backend, native) is CheckpointState.PARTIAL
+        assert latest_checkpoint(tmp_path) is None
+    writer.finish(metadata, results)  # the complete results commit
+    assert latest_checkpoint(tmp_path) == path and verify_checkpoint(path) == []
+    loaded = Box({"w": torch.zeros(4096), "step": 0})
+    CheckpointCoordinator([StateComponent("model", loaded, "replicated")], output_dir=tmp_path).load_checkpoint(path)
+    assert torch.equal(loaded.state["w"], STATE["w"]) and loaded.state["step"] == 3
+
+
+def test_a_save_planned_by_fewer_ranks_than_the_topology_writes_nothing(tmp_path):
+    # What DCP does when torch.distributed's default group is gone as a (background) save starts:
+    # it saves as a single process, so one rank's plan alone reaches the global planning step.
+    path = str(tmp_path / "c")
+    planner = ForgeSavePlanner({"model": "replicated"}, TOPOLOGY.with_rank(1))
+    with pytest.raises(BaseException) as err:
+        dcp.save({"model": Box(dict(STATE))}, storage_writer=ForgeStorageWriter(path), planner=planner, no_dist=True)
+    original = first_rank_failure(err.value)
+    assert isinstance(original, IncompleteSaveError)
+    assert "planned by 1 rank(s), but the topology has 2 (rank 1)" in str(original)
+    assert not os.path.exists(path)  # not even claimed
