@@ -70,7 +70,7 @@ def test_callback_events_come_in_hf_order_with_hf_arguments(tmp_path):
     expected.append("on_train_end")
     assert [name for name, _, _ in recorder.events] == expected
     assert set(CALLBACK_EVENTS) == set(expected), "every event the base class defines is called"
-    for name, step, kwargs in recorder.events[1:]:
+    for name, _, kwargs in recorder.events[1:]:
         assert {"model", "optimizer", "lr_scheduler", "train_dataloader"} <= set(kwargs), name
         assert kwargs["model"] is trainer.model and kwargs["optimizer"] is trainer.optimizer
     by_name = {}
