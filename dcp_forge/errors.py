@@ -76,6 +76,14 @@ class TopologyChangeError(ForgeError, ValueError):
     """A component cannot be mapped from the saved topology to the current one under its policy."""
 
 
+class TopologyChangeWarning(UserWarning):
+    """A load maps state saved on another topology onto this one (what it did, one per component).
+
+    Shown on rank 0 when no log handler would show the same line (``logging.INFO`` on
+    ``dcp_forge.coordinator``); ``warnings.simplefilter("ignore", TopologyChangeWarning)`` hides it.
+    """
+
+
 class AsyncSaveError(ForgeError, RuntimeError):
     """An async save failed: staging failed on another rank, or a background save failed earlier.
 
