@@ -174,3 +174,16 @@ def test_a_dataset_without_one_full_batch_is_refused(tmp_path):
     tiny = MarkovTokenDataset(CONFIG.vocab_size, 16, 3)
     with pytest.raises(ValueError, match="no full batch"):
         Trainer(TinyLM(CONFIG), TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4), tiny).setup()
+
+
+def test_the_readme_trainer_example_builds_valid_arguments():
+    import ast
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "TrainingArguments(" in b]
+    [call] = [node.value for node in ast.parse(block).body
+              if isinstance(node, ast.Assign) and getattr(node.value.func, "id", None) == "TrainingArguments"]
+    args = eval(compile(ast.Expression(call), "README.md", "eval"), {"TrainingArguments": TrainingArguments})
+    assert "dispatch_batches" in DDPTrainer.trainer_fields and args.dispatch_batches is True
