@@ -12,7 +12,7 @@ import torch
 
 from dcp_forge import read_manifest
 from dcp_forge.errors import CheckpointNotFoundError
-from dcp_forge.trainers import SFTStrategy, Trainer, TrainerCallback, TrainingArguments
+from dcp_forge.trainers import DivergenceDetector, SFTStrategy, Trainer, TrainerCallback, TrainingArguments
 from dcp_forge.trainers.callbacks import CALLBACK_EVENTS
 from dcp_forge.trainers.data import ReversalSFTDataset
 from dcp_forge.trainers.tiny_lm import TinyLM, TinyLMConfig
@@ -100,8 +100,13 @@ class Requests(TrainerCallback):
 def test_control_requests_save_evaluate_log_and_end_the_epoch(tmp_path):
     only_on_log = type("OnlyOnLog", (), {"on_log": lambda self, args, state, control, logs, **kw: seen.append(logs)})
     seen: list = []
-    trainer = _trainer(tmp_path / "run", [Requests(), only_on_log()], num_train_epochs=2, save_steps=100,
-                       logging_steps=100)
+    trainer = _trainer(tmp_path / "run", [Requests()], num_train_epochs=2, save_steps=100, logging_steps=100)
+    trainer.add_callback(only_on_log())  # any object with HF-style event methods
+    detector = DivergenceDetector()
+    trainer.add_callback(detector)
+    with pytest.raises(ValueError, match="distinct names"):
+        trainer.add_callback(DivergenceDetector())
+    trainer.callbacks.remove(detector)
     out = trainer.train()
     assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint-14", "checkpoint-3"], "off-schedule save, then the final"
     assert [e["step"] for e in trainer.state.log_history] == [5, 5]  # the requested log and the evaluation

@@ -170,9 +170,13 @@ class BaseTrainer(abc.ABC):
     # --- callbacks ------------------------------------------------------------------------------
     def add_callback(self, callback: TrainerCallback) -> None:
         """Add a callback (HF's ``Trainer.add_callback``); before ``setup()`` if it is stateful."""
-        if is_stateful(callback) and self.manager is not None:
-            raise RuntimeError(f"{type(self).__name__}.add_callback: stateful callback {callback_name(callback)!r} "
-                               "must be added before setup() (its state is a checkpoint component)")
+        if is_stateful(callback):
+            name = callback_name(callback)
+            if self.manager is not None:
+                raise RuntimeError(f"{type(self).__name__}.add_callback: stateful callback {name!r} must be added "
+                                   "before setup() (its state is a checkpoint component)")
+            if name in {callback_name(cb) for cb in self.callbacks if is_stateful(cb)}:
+                raise ValueError(f"stateful callbacks need distinct names to be checkpointed ({name!r} twice)")
         self.callbacks.append(callback)
 
     def _callback(self, event: str, **kwargs: Any) -> None:
