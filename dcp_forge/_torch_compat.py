@@ -13,10 +13,12 @@ same fields; a torch that dropped the class would need a compatibility shim in D
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import pickle
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -28,6 +30,25 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 CHECKED_TORCH = "2.13"
 
 ObjectPath = tuple[str | int, ...]
+
+
+# --- DCP's warnings -------------------------------------------------------------------------------
+# What ``dcp.save`` / ``dcp.load`` warn at every call with ``no_dist=True`` or without a process
+# group (the text of torch's message; tests/test_torch_compat.py checks it still matches).
+SINGLE_PROCESS_WARNING = r"torch\.distributed is disabled, unavailable or uninitialized"
+
+
+@contextlib.contextmanager
+def single_process_dcp(no_dist: bool = True) -> Iterator[None]:
+    """Around a ``dcp.save`` / ``dcp.load`` that dcp_forge runs in one process on purpose
+    (``no_dist``): silence DCP's warning that it will, which tells the user nothing. Only that
+    warning and only during the call; a user's own DCP calls still warn."""
+    if not no_dist:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING, category=UserWarning)
+        yield
 
 
 # --- nested state dicts ---------------------------------------------------------------------------

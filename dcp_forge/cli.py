@@ -123,8 +123,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from .errors import CheckpointNotFoundError
     from .ops.inspection import OpenCheckpoint
-    from .ops.verify import verify_checkpoint
+    from .ops.verify import ProblemKind, verify_checkpoint
 
     total = None
     try:
@@ -137,6 +138,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         problems = verify_checkpoint(args.url, _storage_options(args), thread_count=args.threads, progress=update)
     finally:
         close()
+    missing = [p for p in problems if p.kind is ProblemKind.MISSING_CHECKPOINT]
+    if missing:  # nothing to verify: bad input (exit 2), not a finding about a checkpoint
+        raise CheckpointNotFoundError(missing[0].message)
     if args.json:
         print(json.dumps([{"kind": p.kind.value, "file": p.file, "component": p.component, "message": p.message}
                           for p in problems], indent=2))
@@ -192,10 +196,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         return EXIT_OK
     if source_is_file:
         raise ValueError(f"{args.src!r} is a file; the source of a conversion to {target} is a checkpoint directory")
-    state = load_checkpoint_state(args.src, options)
+    state: Any = load_checkpoint_state(args.src, options, components=None if args.component is None else [args.component])
+    if args.component is not None and list(state) == [args.component]:
+        state = state[args.component]  # one logical value: the file holds its state dict itself
     if target == "torch":
         save_torch_file(state, args.dst)
-        print(f"wrote torch.save file {args.dst} (top-level keys: {sorted(state)})")
+        print(f"wrote torch.save file {args.dst} (top-level keys: {_key_list(state)})")
     else:
         skipped = save_safetensors_file(state, args.dst)
         print(f"wrote safetensors file {args.dst}")
@@ -203,6 +209,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             print(f"left out {len(skipped)} non-tensor value(s) safetensors cannot hold: {skipped[:8]}"
                   + (" ..." if len(skipped) > 8 else ""), file=sys.stderr)
     return EXIT_OK
+
+
+def _key_list(state: Any) -> str:
+    keys = sorted(map(str, state)) if isinstance(state, dict) else []
+    return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
 
 
 def _cmd_export_hf(args: argparse.Namespace) -> int:
@@ -298,13 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="dcp_forge → torch.save / safetensors; torch.save → dcp_forge",
                        description="Convert SRC to DST. A checkpoint directory converts to one torch.save file "
                        "(.pt/.pth/.bin) or a safetensors file (.safetensors; non-tensor values are left out "
-                       "and listed); a torch.save file converts to a dcp_forge checkpoint directory. Every "
-                       "checksum is verified on the way.")
+                       "and listed), keyed by storage key (model, rng@rank0, ...); a torch.save file converts "
+                       "to a dcp_forge checkpoint directory. Every checksum is verified on the way.")
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--to", choices=["torch", "safetensors", "dcp_forge"], help="target format (default: from DST)")
-    p.add_argument("--component", help="torch.save → dcp_forge: store the whole file as this one component "
-                   "(default: each top-level key is a component)")
+    p.add_argument("--component", help="checkpoint → file: export only this component (a GLOBAL or REPLICATED "
+                   "one as its state dict itself, the inverse of importing with --component); torch.save → "
+                   "dcp_forge: store the whole file as this one component (default: each top-level key is one)")
     _add_storage_options(p)
     p.set_defaults(fn=_cmd_convert)
 

@@ -30,7 +30,9 @@ from typing import Any
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.tensor import DTensor
 
+from ._torch_compat import single_process_dcp
 from .async_save import AsyncSaveHandle, AsyncSaver, release_group
 from .core.components import StateComponent, group_names, validate_components
 from .core.keys import top_level_key
@@ -40,6 +42,7 @@ from .errors import (
     CheckpointNotFoundError,
     ComponentDeclarationError,
     DeclarationTypeError,
+    TopologyChangeWarning,
     describe_type,
     expect_type,
     first_rank_failure,
@@ -223,7 +226,7 @@ class CheckpointCoordinator:
         self._check_open()
         path, writer, planner, check = self._prepare_save(checkpoint_path, checkpoint_id, validate, extra)
         try:
-            with _rank_errors(failed_save=writer, group=self.group):
+            with _rank_errors(failed_save=writer, group=self.group), single_process_dcp(self.group is None):
                 dcp.save(self._state_to_save(), storage_writer=writer, planner=planner,
                          process_group=self.group, no_dist=self.group is None)
         except BaseException as err:
@@ -347,26 +350,40 @@ class CheckpointCoordinator:
             selection=selection))
         for message in decision.warnings:
             warnings.warn(message, stacklevel=2)
-        if self.rank == 0:
-            for change in decision.changes.values():
-                logger.info("%s", change.log_line())
         for c in decision.loading:
             prepare_for_load(c.stateful)
         planner = ForgeLoadPlanner(decision.loading, self.topology, key_map=decision.key_map,
                                    allow_partial_load=not strict,
                                    select_keys={k: v for k, v in selection.keys.items() if k in decision.key_map})
-        with _rank_errors():
+        with _rank_errors(), single_process_dcp(self.group is None):
             dcp.load({c.key: c.stateful for c in decision.loading}, storage_reader=reader, planner=planner,
                      process_group=self.group, no_dist=self.group is None)
         for c in decision.reseed:
             c.stateful.reseed(self.rank)
         self.last_manifest = manifest
+        component_of = {storage: component for component, storage in decision.key_map.items()}
+        with_dtensors = {component_of.get(top_level_key(fqn)) for fqn, value in planner.state_dict.items()
+                         if isinstance(value, DTensor)}
+        changes = tuple(c.log_line(holds_dtensors=c.component in with_dtensors) for c in decision.changes.values())
+        if self.rank == 0:
+            _announce_topology_changes(changes)
         result = LoadResult(path=path, loaded=tuple(c.key for c in decision.loading),
                             not_loaded=dict(decision.not_loaded), keys_not_loaded=planner.keys_not_loaded(),
-                            topology_changes=tuple(c.log_line() for c in decision.changes.values()),
-                            bytes_read=reader.bytes_read, read_once=read_once)
+                            topology_changes=changes, bytes_read=reader.bytes_read, read_once=read_once)
         logger.info("rank %d: %s", self.rank, result.summary())
         return result
+
+
+def _announce_topology_changes(lines: Sequence[str]) -> None:
+    """Rank 0: what a load did about a changed topology, where the user sees it: through logging
+    when a handler would show these lines, else as a TopologyChangeWarning (under torchrun, nothing
+    configures logging, and a log record nobody handles is dropped)."""
+    if logger.isEnabledFor(logging.INFO) and logger.hasHandlers():
+        for line in lines:
+            logger.info("%s", line)
+        return
+    for line in lines:
+        warnings.warn(line, TopologyChangeWarning, stacklevel=3)
 
 
 def _check_arguments(state_components: Any, process_groups: Any, output_dir: Any, storage_options: Any, node: Any,

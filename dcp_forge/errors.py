@@ -81,6 +81,14 @@ class IncompleteSaveError(ForgeError, RuntimeError):
     covering it, fewer ranks planning than the topology has): nothing was committed."""
 
 
+class TopologyChangeWarning(UserWarning):
+    """A load maps state saved on another topology onto this one (what it did, one per component).
+
+    Shown on rank 0 when no log handler would show the same line (``logging.INFO`` on
+    ``dcp_forge.coordinator``); ``warnings.simplefilter("ignore", TopologyChangeWarning)`` hides it.
+    """
+
+
 class AsyncSaveError(ForgeError, RuntimeError):
     """An async save failed: staging failed on another rank, or a background save failed earlier.
 

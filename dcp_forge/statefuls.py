@@ -1,4 +1,6 @@
-"""Preparing common training objects so DCP can save and load them in a form that reshards.
+"""Statefuls for common training state: ``TrainingProgress`` (the step, epoch and data consumed),
+and ``ModelState`` / ``OptimizerState``, which prepare a model and its optimizer so DCP can save and
+load them in a form that reshards.
 
 DCP loads *into* the state dict an object returns. A fresh optimizer has no per-parameter state yet,
 so it would ask for nothing; and loading the saved keys by value does not help either, because DCP's
@@ -8,7 +10,8 @@ creates the state first, as DCP's own (private) ``_init_optim_state`` does.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -19,6 +22,65 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+from .errors import StateMismatchError, describe_type
+
+
+def _check_count(owner: str, name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise StateMismatchError(f"{owner}.{name} must be a non-negative int (got {describe_type(value)})")
+    return value
+
+
+@dataclass
+class TrainingProgress:
+    """How far training got: optimizer steps taken, epochs completed, samples and tokens consumed.
+
+    A Stateful to declare beside the model, so a resumed run continues its step count (and its
+    schedules, logs and checkpoint names) where the checkpoint left off::
+
+        progress = TrainingProgress()
+        StateComponent("progress", progress, SharingPattern.REPLICATED)  # GLOBAL in one process
+        for batch in loader:  # after coord.load_checkpoint(), progress.step is the saved step
+            train_step(batch)
+            progress.advance(samples=len(batch), tokens=batch.numel())  # global counts: the same everywhere
+
+    Every rank counts the same global numbers (pass the global batch's samples and tokens), so the
+    component is REPLICATED under data parallelism and can be checked for replication at save.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_count("TrainingProgress", f.name, getattr(self, f.name))
+
+    def advance(self, *, samples: int = 0, tokens: int = 0, steps: int = 1) -> None:
+        """Account ``steps`` optimizer steps that consumed ``samples`` samples and ``tokens`` tokens."""
+        for name, value in (("steps", steps), ("samples", samples), ("tokens", tokens)):
+            _check_count("TrainingProgress.advance", name, value)
+        self.step += steps
+        self.samples_seen += samples
+        self.tokens_seen += tokens
+
+    def end_epoch(self) -> None:
+        """Count one more completed epoch."""
+        self.epoch += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        names = [f.name for f in fields(self)]
+        missing = sorted(set(names) - set(state))
+        if missing:
+            raise StateMismatchError(f"TrainingProgress state is missing {missing} (got {sorted(state)})")
+        values = {name: _check_count("TrainingProgress", name, state[name]) for name in names}
+        for name, value in values.items():
+            setattr(self, name, value)
 
 
 def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:

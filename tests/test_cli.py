@@ -133,8 +133,11 @@ def test_verify_intact_damaged_and_missing(run, capsys, tmp_path):
     assert lines and all(len(line.split("\t")) == 3 for line in lines)
     assert any(line.startswith(f"{name}\t") and "checksum mismatch" in line for line in lines)
 
-    code, out, _ = _cli(capsys, "verify", tmp_path / "nowhere", "--json")
-    assert code == EXIT_FOUND and json.loads(out)[0]["kind"] == "missing_checkpoint"
+    # nothing to verify is bad input (exit 2, one line on stderr), not a finding
+    for extra in ((), ("--json",)):
+        code, out, err = _cli(capsys, "verify", tmp_path / "nowhere", *extra)
+        assert (code, out) == (EXIT_ERROR, "")
+        assert err == f"dcp-forge verify: error: no checkpoint at {tmp_path / 'nowhere'}\n"
 
 
 def test_diff_identical_and_different(run, capsys):
@@ -193,6 +196,45 @@ def test_convert_to_torch_and_safetensors_and_back(run, capsys, tmp_path):
     assert code == EXIT_OK
     code, out, _ = _cli(capsys, "inspect", tmp_path / "good", "--json")
     assert [c["key"] for c in json.loads(out)["components"]] == ["model"]
+
+
+def test_convert_exports_only_the_selected_component(run, capsys, tmp_path):
+    _, a, _, _ = run
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 32)
+    code, out, _ = _cli(capsys, "convert", a, tmp_path / "model.pt", "--component", "model")
+    assert code == EXIT_OK and "weight" in out
+    exported = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert set(exported) == {"weight", "bias"} and torch.equal(exported["weight"], model.weight)
+    assert _cli(capsys, "convert", a, tmp_path / "model.safetensors", "--component", "model")[0] == EXIT_OK
+    from safetensors.torch import load_file
+
+    assert set(load_file(tmp_path / "model.safetensors")) == {"weight", "bias"}, "no optimizer, trainer or RNG tensor"
+    # a PER_RANK component keeps its storage keys (one copy per saved rank)
+    assert _cli(capsys, "convert", a, tmp_path / "rng.pt", "--component", "rng")[0] == EXIT_OK
+    assert set(torch.load(tmp_path / "rng.pt", weights_only=False)) == {"rng@rank0"}
+    code, _, err = _cli(capsys, "convert", a, tmp_path / "nope.pt", "--component", "nope")
+    assert code == EXIT_ERROR and "has no component 'nope'" in err and "'model'" in err
+    assert not (tmp_path / "nope.pt").exists()
+    # the inverse of importing a file as one component
+    assert _cli(capsys, "convert", tmp_path / "model.pt", tmp_path / "imported", "--component", "model")[0] == EXIT_OK
+    assert _cli(capsys, "convert", tmp_path / "imported", tmp_path / "again.pt", "--component", "model")[0] == EXIT_OK
+    again = torch.load(tmp_path / "again.pt", weights_only=True)
+    assert again.keys() == exported.keys() and all(torch.equal(again[k], v) for k, v in exported.items())
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_converted_files_follow_the_umask(run, tmp_path, umask):
+    _, a, _, _ = run
+    previous = os.umask(umask)
+    try:
+        for name in ("out.pt", "out.safetensors"):
+            assert main(["convert", str(a), str(tmp_path / name)]) == EXIT_OK
+    finally:
+        os.umask(previous)
+    modes = {name: oct(os.stat(tmp_path / name).st_mode & 0o777) for name in ("out.pt", "out.safetensors")}
+    assert modes == dict.fromkeys(modes, oct(0o666 & ~umask))
+    assert sorted(os.listdir(tmp_path)) == ["out.pt", "out.safetensors"], "no temporary file is left"
 
 
 def test_bench_quick_writes_report_and_plot(tmp_path, capsys):
@@ -263,6 +305,17 @@ def test_entry_point_exit_codes(run, tmp_path):
     assert cli("verify", a).returncode == EXIT_OK
     missing = cli("inspect", tmp_path / "nowhere")
     assert missing.returncode == EXIT_ERROR and "no checkpoint" in missing.stderr
+    # a missing source: one line, exit 2 (no DCP tracebacks, no AssertionError)
+    for command in ("convert", "verify"):
+        proc = cli(command, tmp_path / "nowhere", *([tmp_path / "out.pt"] if command == "convert" else []))
+        assert (proc.returncode, proc.stdout) == (EXIT_ERROR, "")
+        assert proc.stderr == f"dcp-forge {command}: error: no checkpoint at {tmp_path / 'nowhere'}\n"
+    # a conversion prints what it wrote and nothing else (no "torch.distributed is disabled" warning)
+    for target in ("out.pt", "out.safetensors"):
+        proc = cli("convert", a, tmp_path / target, "--component", "model")
+        assert proc.returncode == EXIT_OK and proc.stderr == "", proc.stderr
+    proc = cli("convert", tmp_path / "out.pt", tmp_path / "imported")
+    assert proc.returncode == EXIT_OK and proc.stderr == "", proc.stderr
 
 
 def test_every_command_works_on_s3_with_credentials_from_the_environment(s3_url, s3_storage_options, s3_env,

@@ -23,6 +23,7 @@ from dcp_forge import (
     list_checkpoints,
     read_manifest,
 )
+from dcp_forge.ops.convert import load_checkpoint_state
 from dcp_forge.planners import ForgeLoadPlanner, ForgeSavePlanner
 from dcp_forge.storage import open_reader, open_writer
 from tests.support.statefuls import Counter
@@ -68,6 +69,17 @@ def test_full_training_state_round_trip(tmp_path):
     assert set(manifest.components) == {"model", "optimizer", "scheduler", "trainer", "rng"}
     assert manifest.components["rng"].sharing_pattern == "per_rank"
     assert list(manifest.components["rng"].copies) == ["rng@rank0"]
+
+
+def test_single_process_saves_and_loads_do_not_warn_that_they_are_single_process(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, opt, sched = trained()
+        with CheckpointCoordinator(components(model, opt, sched, Counter(3)), output_dir=tmp_path) as coord:
+            coord.save_checkpoint(checkpoint_id="checkpoint-3")
+            coord.load_checkpoint()
+        load_checkpoint_state(tmp_path / "checkpoint-3")
+    assert not [w for w in caught if "torch.distributed is disabled" in str(w.message)]
 
 
 def test_fresh_optimizer_gets_saved_state(tmp_path):

@@ -58,6 +58,16 @@ def test_weights_load_bit_for_bit_and_the_rest_is_left_alone(pretrained):
     assert not optimizer.state  # only the model is touched
 
 
+def test_a_single_process_load_does_not_warn_that_it_is_single_process(pretrained):
+    import warnings
+
+    _, root = pretrained
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_hf_into(tiny_llama(seed=9), root)
+    assert not [w for w in caught if "torch.distributed is disabled" in str(w.message)]
+
+
 def test_tied_embeddings_load_from_weights_that_hold_them_once(tmp_path):
     model = tiny_llama(seed=1, tie=True)
     model.save_pretrained(tmp_path)

@@ -115,7 +115,11 @@ def test_unchanged_topology_loads_own_copy_whatever_the_policy():
 def test_global_components_report_a_world_size_change():
     decision = decide_loads([StateComponent("model", Box({}), "global")], {"model"}, TWO, FOUR, strict=True, path="p")
     assert decision.key_map == {"model": "model"}
-    assert "loaded on every rank (DTensor shards reshard" in decision.changes["model"].log_line()
+    change = decision.changes["model"]
+    assert "every rank loads the one saved value (DTensor values reshard" in change.log_line()
+    assert change.log_line(holds_dtensors=False).endswith(": every rank loads the one saved value as saved "
+                                                          "(it holds no DTensor, nothing reshards)")
+    assert "its DTensor values reshard to the current placement" in change.log_line(holds_dtensors=True)
 
 
 def test_selection_validates_names_and_ignores_unselected():

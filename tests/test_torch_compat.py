@@ -104,3 +104,22 @@ def test_empty_state_dict_planner_rebuilds_what_dcp_format_utils_does(tmp_path):
     assert mine.keys() == torchs.keys() == compat.flatten_state_dict(_nested())[0].keys()
     for key, value in mine.items():
         assert torch.equal(value, torchs[key]) if isinstance(value, torch.Tensor) else value == torchs[key]
+
+
+def test_only_dcps_single_process_warning_is_silenced_and_only_around_our_calls(tmp_path):
+    import re
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dcp.save({"x": torch.ones(2)}, checkpoint_id=str(tmp_path / "theirs"), no_dist=True)  # a user's own call
+        with compat.single_process_dcp():
+            dcp.save({"x": torch.ones(2)}, checkpoint_id=str(tmp_path / "ours"), no_dist=True)
+            dcp.load({"x": torch.zeros(2)}, checkpoint_id=str(tmp_path / "ours"), no_dist=True)
+            warnings.warn("any other warning", stacklevel=1)
+        with compat.single_process_dcp(no_dist=False):
+            dcp.load({"x": torch.zeros(2)}, checkpoint_id=str(tmp_path / "ours"), no_dist=True)
+    messages = [str(w.message) for w in caught]
+    single = [m for m in messages if re.search(compat.SINGLE_PROCESS_WARNING, m)]
+    assert len(single) == 2, "torch's text still matches, and it is silenced only where dcp_forge asks"
+    assert "any other warning" in messages

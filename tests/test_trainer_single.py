@@ -64,7 +64,7 @@ def _trainer(tmp_path, name="run", dataset=None, **kwargs) -> Trainer:
     callbacks = kwargs.pop("callbacks", ())
     strategy = kwargs.pop("strategy", None)
     model = kwargs.pop("model", None) or TinyLM(CONFIG, seed=0)
-    args = TrainingArguments(output_dir=str(tmp_path / name), per_device_batch_size=4, learning_rate=3e-3,
+    args = TrainingArguments(output_dir=str(tmp_path / name), per_device_train_batch_size=4, learning_rate=3e-3,
                              **kwargs)
     dataset = dataset if dataset is not None else ReversalSFTDataset(CONFIG.vocab_size, 16, 32, seed=1)
     return Trainer(model, args, dataset, eval_dataset=dataset, strategy=strategy or SFTStrategy(),
@@ -93,7 +93,7 @@ def test_epoch_checkpoints_resume_at_the_next_epoch(tmp_path):
 
 
 def test_an_evaluation_between_saves_credits_the_next_checkpoint(tmp_path):
-    trainer = _trainer(tmp_path, max_steps=12, save_steps=6, eval_steps=4, preserve_n_best=1,
+    trainer = _trainer(tmp_path, max_steps=12, save_steps=6, eval_strategy="steps", eval_steps=4, preserve_n_best=1,
                        metric_for_best_model="eval_loss", save_total_limit=1)
     out = trainer.train()
     evals = {e["step"]: e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e}
@@ -116,11 +116,11 @@ class BoostLearningRate(TrainerCallback):
     def __init__(self, step: int, factor: float) -> None:
         self.step, self.factor = step, factor
 
-    def on_step_end(self, state, control, logs):
+    def on_step_end(self, args, state, control, optimizer, lr_scheduler, **kwargs):
         if state.global_step == self.step:
-            for group in self.trainer.optimizer.param_groups:
+            for group in optimizer.param_groups:
                 group["lr"] *= self.factor
-            self.trainer.lr_scheduler.base_lrs = [lr * self.factor for lr in self.trainer.lr_scheduler.base_lrs]
+            lr_scheduler.base_lrs = [lr * self.factor for lr in lr_scheduler.base_lrs]
 
 
 def test_divergence_stops_the_run_and_keeps_the_best_checkpoint(tmp_path):
@@ -128,7 +128,6 @@ def test_divergence_stops_the_run_and_keeps_the_best_checkpoint(tmp_path):
     detector = DivergenceDetector(spike_factor=3.0, warmup_steps=5, patience=5)
     trainer = _trainer(tmp_path, max_steps=60, save_steps=4, save_total_limit=1, preserve_n_best=1,
                        callbacks=[boost, detector])
-    boost.trainer = trainer
     out = trainer.train()
     assert out.stop_reason.startswith("divergence at step") and out.global_step < 60
     assert detector.tripped_at == out.global_step
@@ -176,7 +175,7 @@ class StopAt(TrainerCallback):
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def on_step_end(self, state, control, logs):
+    def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             control.stop("test stop")
 

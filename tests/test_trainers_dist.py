@@ -71,12 +71,11 @@ def _first_runs(rank: int, world: int, root: str) -> dict:
     out = {}
     for kind in KINDS:
         detector = _detector()
-        trainer = build_trainer(_job(kind, root, "full"), [detector])
-        full = trainer.train()
-        table = {c.key: (c.sharing_pattern.value, c.process_group_name, c.validate_replication)
-                 for c in trainer.get_state_components()}
-        groups = {name: sorted(dist.get_process_group_ranks(pg)) for name, pg in trainer.get_process_groups().items()}
-        trainer.close()
+        with build_trainer(_job(kind, root, "full"), [detector]) as trainer:
+            full = trainer.train()
+            table = {c.key: (c.sharing_pattern.value, c.process_group_name, c.validate_replication)
+                     for c in trainer.get_state_components()}
+            groups = {name: sorted(dist.get_process_group_ranks(pg)) for name, pg in trainer.get_process_groups().items()}
         interrupted = run_job(_job(kind, root, "resumed", interrupt_at=INTERRUPT), [_detector()]).output
         out[kind] = {"losses": full.step_losses, "params": local_tensors(trainer.model),
                      "detector": detector.state_dict(), "table": table, "groups": groups,

@@ -59,12 +59,19 @@ class CopyAssignment:
     def storage_key_for(self, rank: int) -> str | None:
         return self.storage_keys[rank]
 
-    def log_line(self) -> str:
-        """One line saying what the load did about the change."""
+    def log_line(self, holds_dtensors: bool | None = None) -> str:
+        """One line saying what the load did about the change. For a GLOBAL / REPLICATED component,
+        ``holds_dtensors`` says whether any of its loaded values is a DTensor (None: not known yet)."""
         head = (f"component {self.component!r} ({self.pattern.name}): saved with {self.saved}, "
                 f"now {self.current}")
         if self.pattern not in _PER_COPY:
-            return f"{head}: loaded on every rank (DTensor shards reshard to the current placement)"
+            if holds_dtensors is None:
+                return (f"{head}: every rank loads the one saved value (DTensor values reshard to the current "
+                        "placement, other values load as saved)")
+            if holds_dtensors:
+                return (f"{head}: every rank loads the one saved value; its DTensor values reshard to the "
+                        "current placement, other values load as saved")
+            return f"{head}: every rank loads the one saved value as saved (it holds no DTensor, nothing reshards)"
         if all(s is None for s in self.sources):
             return f"{head}: policy {self.policy}, every rank keeps its fresh state"
         if all(s == 0 for s in self.sources):

@@ -5,25 +5,32 @@ Reading a whole checkpoint follows DCP's ``format_utils`` route (``EmptyStateDic
 rebuilds the nested state dict from the metadata) with dcp_forge's reader, so every item's checksum
 is verified, and with non-tensor values unpickled by the restricted loader (DCP's planner would run
 ``torch.load(weights_only=False)`` on them). The top-level keys are storage keys (docs/FORMAT.md):
-``model``, ``rng@rank0``, ...
+``model``, ``rng@rank0``, ...; ``components=`` reads only some components.
+
+Files are written like any file the user writes: through a temporary name in the destination's
+directory, fsynced and renamed, with the mode a new file gets there (0666 less the umask).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pickle
 import re
-from collections.abc import Mapping
+import stat
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import ReadItem
 
-from .._torch_compat import EmptyStateDictLoadPlanner, set_element
+from .._torch_compat import EmptyStateDictLoadPlanner, set_element, single_process_dcp
+from ..core.keys import parse_storage_key, top_level_key
 from ..core.patterns import SharingPattern
-from ..errors import ComponentDeclarationError, first_rank_failure
+from ..errors import ComponentDeclarationError, MissingComponentError, first_rank_failure
 from ..format.safe_load import UnsafeCheckpointError, load_object
 from ..planners import ForgeSavePlanner
 from ..storage import ForgeStorageReader, ForgeStorageWriter
@@ -33,25 +40,57 @@ _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 
 class _SafeEmptyStateDictLoadPlanner(EmptyStateDictLoadPlanner):
-    """DCP's rebuild-everything planner, with non-tensor values unpickled safely."""
+    """DCP's rebuild-everything planner, with non-tensor values unpickled safely, rebuilding only
+    the storage keys in ``storage_keys`` (None: all)."""
 
     unpickles_safely = True  # the reader need not vet bytes items a second time
+
+    def __init__(self, storage_keys: Collection[str] | None = None) -> None:
+        super().__init__()
+        self.storage_keys = None if storage_keys is None else frozenset(storage_keys)
+
+    def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None,
+                       is_coordinator: bool = False) -> None:
+        if metadata is not None and self.storage_keys is not None:
+            metadata = dataclasses.replace(metadata, state_dict_metadata={
+                fqn: item for fqn, item in metadata.state_dict_metadata.items()
+                if top_level_key(fqn) in self.storage_keys})
+        super().set_up_planner(state_dict, metadata, is_coordinator)
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         fqn = read_item.dest_index.fqn
         set_element(self.original_state_dict, self.mappings[fqn], load_object(value, name=fqn))
 
 
+def _storage_keys_of(metadata: Metadata, components: Collection[str], where: str) -> set[str]:
+    """The storage keys holding ``components`` (a PER_RANK component has one per rank)."""
+    by_component: dict[str, set[str]] = {}
+    for key in {top_level_key(fqn) for fqn in metadata.state_dict_metadata}:
+        by_component.setdefault(parse_storage_key(key).component, set()).add(key)
+    missing = sorted(set(components) - set(by_component))
+    if missing:
+        raise MissingComponentError(f"checkpoint {where} has no component {', '.join(map(repr, missing))} "
+                                    f"(it has {sorted(by_component)})")
+    return set().union(*(by_component[c] for c in components))
+
+
 def load_checkpoint_state(url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, *,
-                          thread_count: int = 2) -> dict[str, Any]:
-    """The whole checkpoint at ``url`` as one nested state dict keyed by storage key (on this process)."""
-    planner = _SafeEmptyStateDictLoadPlanner()
+                          thread_count: int = 2, components: Collection[str] | None = None) -> dict[str, Any]:
+    """The checkpoint at ``url`` as one nested state dict keyed by storage key (on this process):
+    every component, or only ``components`` (``MissingComponentError`` naming what the checkpoint
+    has when one is absent). ``CheckpointNotFoundError`` when ``url`` holds no committed checkpoint."""
+    if isinstance(components, str):
+        raise ComponentDeclarationError(f"'components' must be a collection of component keys; write "
+                                        f"components=[{components!r}]")
     reader = ForgeStorageReader(url, storage_options, thread_count=thread_count)
     # Read (and check) the records first: inside dcp.load, DCP turns a failing read_metadata into an
-    # AssertionError that keeps only the message.
-    reader.read_metadata()
+    # AssertionError that keeps only the message (and logs tracebacks).
+    metadata = reader.read_metadata()
+    keys = None if components is None else _storage_keys_of(metadata, components, os.fspath(url))
+    planner = _SafeEmptyStateDictLoadPlanner(keys)
     try:
-        dcp.load({}, storage_reader=reader, planner=planner, no_dist=True)
+        with single_process_dcp():
+            dcp.load({}, storage_reader=reader, planner=planner, no_dist=True)
     except BaseException as exc:  # DCP wraps errors in CheckpointException (a BaseException)
         original = first_rank_failure(exc)
         if original is None:
@@ -71,15 +110,34 @@ def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
         out[prefix] = value
 
 
-def save_torch_file(state: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path``, durably (written to a temporary name, fsynced, renamed)."""
+def _write_file(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` fills a temporary file next to ``path``, which then becomes ``path``: fsynced,
+    renamed, with the mode a new file gets in that directory (whatever mode ``write`` left it with:
+    safetensors, for one, replaces it with a private 0600 file)."""
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(dict(state), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask applies, as to any new file
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, mode)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_torch_file(state: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` of ``state`` to ``path``, durably (a temporary name, fsynced, renamed)."""
+    _write_file(path, lambda tmp: torch.save(dict(state) if isinstance(state, Mapping) else state, tmp))
 
 
 def save_safetensors_file(state: Mapping[str, Any], path: str | os.PathLike) -> list[str]:
@@ -92,7 +150,7 @@ def save_safetensors_file(state: Mapping[str, Any], path: str | os.PathLike) -> 
     flat: dict[str, Any] = {}
     _flatten(state, "", flat)
     tensors = {k: v.detach().contiguous() for k, v in flat.items() if isinstance(v, torch.Tensor)}
-    save_file(tensors, os.fspath(path), metadata={"format": "pt", "written_by": "dcp_forge"})
+    _write_file(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "written_by": "dcp_forge"}))
     return sorted(k for k, v in flat.items() if not isinstance(v, torch.Tensor))
 
 
@@ -125,7 +183,8 @@ def torch_file_to_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, 
     planner = ForgeSavePlanner({key: SharingPattern.REPLICATED for key in state})
     writer = ForgeStorageWriter(dst, storage_options)
     try:
-        dcp.save(state, storage_writer=writer, planner=planner, no_dist=True)
+        with single_process_dcp():
+            dcp.save(state, storage_writer=writer, planner=planner, no_dist=True)
     except BaseException as exc:
         original = first_rank_failure(exc)
         if original is None:

@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+from .._torch_compat import single_process_dcp
 from ..errors import (
     ComponentDeclarationError,
     MissingComponentError,
@@ -133,8 +135,9 @@ def load_hf_into(target: torch.nn.Module | ModelState, url: str | os.PathLike, *
         raise MissingComponentError(f"{where} holds no weight for {len(missing)} model key(s): {missing[:8]} "
                                     "(map them with key_map, or pass strict=False to keep their values)")
     try:
-        dcp.load(requests, storage_reader=reader, planner=DefaultLoadPlanner(flatten_state_dict=False),
-                 process_group=process_group)
+        with single_process_dcp(not (dist.is_available() and dist.is_initialized())):
+            dcp.load(requests, storage_reader=reader, planner=DefaultLoadPlanner(flatten_state_dict=False),
+                     process_group=process_group)
     except BaseException as exc:  # DCP wraps errors in CheckpointException (a BaseException)
         original = first_rank_failure(exc)
         if original is None:

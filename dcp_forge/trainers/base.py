@@ -13,7 +13,12 @@ Call protocol, on every rank:
 3. ``train()``: collective. Resumes if asked, runs the loop, saves on schedule; returns TrainOutput.
 4. ``evaluate()``, ``save_checkpoint()``, ``load_checkpoint()``: collective, between or after runs.
 5. ``close()``: collective, last (before ``dist.destroy_process_group()``): waits for an async save
-   in flight and frees the checkpointing groups.
+   in flight and frees the checkpointing groups. A trainer is a context manager that closes itself:
+   ``with DDPTrainer(...) as trainer: trainer.train()``.
+
+The loop follows Hugging Face's ``Trainer``: ``train(resume_from_checkpoint=...)``, one
+``TrainingArguments`` for every trainer, ``TrainerCallback`` events with HF's names and signatures
+(callbacks.py), ``eval_strategy``, ``metric_for_best_model`` and ``load_best_model_at_end``.
 
 Determinism: batches come from ``StatefulDataLoader``s whose order depends only on (seed, epoch),
 the global RNGs are seeded once from ``args.seed`` plus the data-parallel rank (model-parallel peers
@@ -31,6 +36,7 @@ import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -40,9 +46,11 @@ from torch.utils.data import Dataset
 
 from ..core.components import StateComponent
 from ..core.patterns import SharingPattern, ValidationLevel
+from ..errors import CheckpointNotFoundError, describe_type
 from ..manager.manager import CheckpointManager
 from ..rng import RNGState
-from .args import TrainingArguments
+from ..storage import redact_url
+from .args import TRAINER_FIELDS, TrainingArguments
 from .callbacks import TrainerCallback, is_stateful
 from .data import make_dataloader
 from .state import StatefulGroup, TrainerControl, TrainerState, TrainOutput
@@ -98,22 +106,32 @@ class BaseTrainer(abc.ABC):
     ``train_dataset`` / ``eval_dataset``: map-style datasets of dict items (``data.py`` has
     synthetic ones). ``strategy`` turns batches into a loss (default ``PretrainStrategy``).
     ``optimizer_factory(params)`` builds the optimizer (default AdamW at ``args.learning_rate``).
-    ``callbacks``: ``TrainerCallback``s; stateful ones are checkpointed.
+    ``callbacks``: ``TrainerCallback``s (or any object with HF-style ``on_<event>`` methods);
+    stateful ones are checkpointed.
     """
 
-    args_class: type[TrainingArguments] = TrainingArguments
+    # The trainer-specific TrainingArguments fields (args.TRAINER_FIELDS) this trainer reads; any
+    # other one set in its arguments is refused rather than ignored.
+    trainer_fields: frozenset[str] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        unknown = sorted(set(cls.trainer_fields) - set(TRAINER_FIELDS))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.trainer_fields names {unknown}, which are not trainer-specific "
+                            f"TrainingArguments fields ({sorted(TRAINER_FIELDS)})")
 
     def __init__(self, model: nn.Module, args: TrainingArguments, train_dataset: Dataset, *,
                  eval_dataset: Dataset | None = None, strategy: TrainingStrategy | None = None,
                  optimizer_factory: OptimizerFactory | None = None,
                  callbacks: Sequence[TrainerCallback] = ()) -> None:
-        if not isinstance(args, self.args_class):
-            raise TypeError(f"{type(self).__name__} needs args of type {self.args_class.__name__} "
-                            f"(got a {type(args).__name__})")
+        if not isinstance(args, TrainingArguments):
+            raise TypeError(f"{type(self).__name__} needs args of type TrainingArguments (got {describe_type(args)})")
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__}: model must be an nn.Module (got a {type(model).__name__})")
-        if args.eval_steps is not None and eval_dataset is None:
-            raise ValueError(f"TrainingArguments.eval_steps={args.eval_steps} needs an eval_dataset")
+        self._refuse_unread_fields(args)
+        if args.eval_strategy != "no" and eval_dataset is None:
+            raise ValueError(f"TrainingArguments.eval_strategy={args.eval_strategy!r} needs an eval_dataset")
         self.args = args
         self.model = model
         self.train_model: nn.Module = model  # what the forward pass calls (a DDP wrapper, say)
@@ -123,7 +141,7 @@ class BaseTrainer(abc.ABC):
             raise TypeError(f"strategy must be a TrainingStrategy (got a {type(self.strategy).__name__})")
         self.optimizer_factory = optimizer_factory or self._default_optimizer
         self.callbacks = list(callbacks)
-        names = [cb.name for cb in self.callbacks if is_stateful(cb)]
+        names = [callback_name(cb) for cb in self.callbacks if is_stateful(cb)]
         if len(set(names)) != len(names):
             raise ValueError(f"stateful callbacks need distinct names to be checkpointed (got {names})")
         self.aux_modules = dict(self.strategy.auxiliary_modules())
@@ -139,6 +157,36 @@ class BaseTrainer(abc.ABC):
         self.manager: CheckpointManager | None = None
         self._rng = RNGState()
         self._manager_state = _ManagerState(self)
+        self._callback("on_init_end")
+
+    def _refuse_unread_fields(self, args: TrainingArguments) -> None:
+        unread = [name for name in args.trainer_fields_set() if name not in self.trainer_fields]
+        if unread:
+            name = unread[0]
+            readers = sorted({cls.__name__ for cls in _subclasses(BaseTrainer) if name in cls.trainer_fields})
+            raise ValueError(f"TrainingArguments.{name}={getattr(args, name)!r} is set, but {type(self).__name__} "
+                             f"does not use it (it is for {', '.join(readers) or 'no trainer'}); leave it unset")
+
+    # --- callbacks ------------------------------------------------------------------------------
+    def add_callback(self, callback: TrainerCallback) -> None:
+        """Add a callback (HF's ``Trainer.add_callback``); before ``setup()`` if it is stateful."""
+        if is_stateful(callback):
+            name = callback_name(callback)
+            if self.manager is not None:
+                raise RuntimeError(f"{type(self).__name__}.add_callback: stateful callback {name!r} must be added "
+                                   "before setup() (its state is a checkpoint component)")
+            if name in {callback_name(cb) for cb in self.callbacks if is_stateful(cb)}:
+                raise ValueError(f"stateful callbacks need distinct names to be checkpointed ({name!r} twice)")
+        self.callbacks.append(callback)
+
+    def _callback(self, event: str, **kwargs: Any) -> None:
+        """Call ``event`` on every callback with HF's arguments: (args, state, control, model=...,
+        optimizer=..., lr_scheduler=..., train_dataloader=..., **kwargs)."""
+        for cb in self.callbacks:
+            hook = getattr(cb, event, None)
+            if hook is not None:
+                hook(self.args, self.state, self.control, model=self.model, optimizer=self.optimizer,
+                     lr_scheduler=self.lr_scheduler, train_dataloader=self.train_dataloader, **kwargs)
 
     # --- what subclasses provide ----------------------------------------------------------------
     def _check_strategy(self) -> None:  # noqa: B027 (optional hook)
@@ -204,7 +252,7 @@ class BaseTrainer(abc.ABC):
 
     def _eval_batches(self) -> Iterable[Mapping[str, Any]]:
         """This rank's share of the evaluation data (stateless: rebuilt for each evaluation)."""
-        return make_dataloader(self.eval_dataset, self.args.per_device_batch_size, shuffle=False,
+        return make_dataloader(self.eval_dataset, self.args.per_device_eval_batch_size, shuffle=False,
                                drop_last=False, num_shards=self.dp_size, shard_index=self.dp_rank)
 
     def _evaluate_batch(self, batch: Mapping[str, Any]) -> dict[str, float]:
@@ -220,7 +268,7 @@ class BaseTrainer(abc.ABC):
             "trainer": StatefulGroup({"progress": self.state, "checkpointing": self._manager_state}),
             "rng": self._rng,
         }
-        stateful_callbacks = {cb.name: cb for cb in self.callbacks if is_stateful(cb)}
+        stateful_callbacks = {callback_name(cb): cb for cb in self.callbacks if is_stateful(cb)}
         if stateful_callbacks:
             statefuls["callbacks"] = StatefulGroup(stateful_callbacks)
         statefuls.update(self.aux_modules)
@@ -258,7 +306,7 @@ class BaseTrainer(abc.ABC):
         self.train_dataloader = self._build_train_dataloader()
         if len(self.train_dataloader) == 0:
             raise ValueError(f"{type(self).__name__}: train_dataset yields no full batch of "
-                             f"per_device_batch_size={self.args.per_device_batch_size} on this rank")
+                             f"per_device_train_batch_size={self.args.per_device_train_batch_size} on this rank")
         self.optimizer = self._build_optimizer()
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.args, self.total_steps)
         self.manager = CheckpointManager(self.args.checkpoint_policy(), self.get_state_components(), self.get_process_groups())
@@ -273,32 +321,51 @@ class BaseTrainer(abc.ABC):
         return torch.optim.AdamW(params, lr=self.args.learning_rate)
 
     # --- the loop -------------------------------------------------------------------------------
-    def train(self) -> TrainOutput:
-        """Train to ``max_steps`` (or ``num_train_epochs``), saving on schedule. Collective."""
+    def train(self, resume_from_checkpoint: bool | str | os.PathLike | None = None) -> TrainOutput:
+        """Train to ``max_steps`` (or ``num_train_epochs``), saving on schedule. Collective.
+
+        ``resume_from_checkpoint`` as in HF's ``Trainer.train``: None follows
+        ``args.resume_from_checkpoint`` (where True starts fresh when there is nothing to resume);
+        True resumes from the latest committed checkpoint in ``output_dir`` and raises
+        ``CheckpointNotFoundError`` when there is none; a path resumes from that checkpoint; False
+        starts fresh.
+        """
+        target = self._resume_target(resume_from_checkpoint)
         self.setup()
-        resume = self.args.resume_target
-        self.manager.prepare_output_dir(resuming=resume is not False)
-        resumed_from = self.manager.resume(resume) if resume is not False else None
+        self.manager.prepare_output_dir(resuming=target is not False)
+        resumed_from = self.manager.resume(target) if target is not False else None
+        if resume_from_checkpoint is True and resumed_from is None:
+            raise CheckpointNotFoundError(f"train(resume_from_checkpoint=True): no committed checkpoint in "
+                                          f"output_dir {redact_url(self.args.output_dir)}")
         if resumed_from is not None and self.manager.rank == 0:
-            logger.info("resumed from %s at step %d", resumed_from, self.state.global_step)
+            logger.info("resumed from %s at step %d", redact_url(resumed_from), self.state.global_step)
         self.control = TrainerControl()
-        for cb in self.callbacks:
-            cb.on_train_begin(self.state, self.control)
+        self.state.max_steps = self.total_steps
+        self.state.is_world_process_zero = self.manager.rank == 0
+        self._callback("on_train_begin")
         step_losses: list[float] = []
         metrics: dict[str, float] = {}
         self.train_model.train()
-        while not self._done() and not self.control.should_stop:
+        while not self._done() and not self.control.should_training_stop:
+            self.control.should_epoch_stop = False
+            self._callback("on_epoch_begin")
+            epoch_ended = True
             for batch in self.train_dataloader:
+                self._callback("on_step_begin")
                 loss = self._train_step(batch)
                 step_losses.append(loss)
                 metrics.update(self._after_step(loss))
-                if self.control.should_stop or self._done(within_epoch=True):
+                if self.control.should_training_stop or self._done(within_epoch=True):
+                    epoch_ended = False
                     break
-            else:  # the epoch ran out
+                if self.control.should_epoch_stop:
+                    break
+            if epoch_ended:
                 self.state.epoch += 1
-                if self.manager.should_save(self.state.global_step, epoch_end=True) and not self.control.should_stop:
-                    self.save_checkpoint()
-        if self.control.should_stop:
+                self._callback("on_epoch_end")
+                if not self.control.should_training_stop:
+                    metrics.update(self._log_evaluate_save(None, epoch_end=True))
+        if self.control.should_training_stop:
             reason = self.control.stop_reason or "stopped by a callback"
             if self.manager.rank == 0:
                 logger.warning("training stopped at step %d: %s", self.state.global_step, reason)
@@ -307,12 +374,24 @@ class BaseTrainer(abc.ABC):
             if self.manager.should_save(self.state.global_step, final=True):
                 self.save_checkpoint()
         self.manager.settle()  # an async save in flight commits (and retention runs) before we report
-        for cb in self.callbacks:
-            cb.on_train_end(self.state, self.control)
+        self._note_best_checkpoint()
+        if self.args.load_best_model_at_end:
+            self._load_best_model()
+        self._callback("on_train_end")
         return TrainOutput(global_step=self.state.global_step, step_losses=step_losses, stop_reason=reason,
                            last_checkpoint=self.manager.last_checkpoint,
                            best_checkpoint=self.manager.best_checkpoint(), resumed_from=resumed_from,
                            metrics=metrics)
+
+    def _resume_target(self, resume_from_checkpoint: bool | str | os.PathLike | None) -> bool | str:
+        if resume_from_checkpoint is None:
+            return self.args.resume_target
+        if isinstance(resume_from_checkpoint, os.PathLike):
+            resume_from_checkpoint = os.fspath(resume_from_checkpoint)
+        if not isinstance(resume_from_checkpoint, (bool, str)) or resume_from_checkpoint == "":
+            raise TypeError(f"train(resume_from_checkpoint=...) must be True/False/None or a checkpoint path "
+                            f"(got {describe_type(resume_from_checkpoint)})")
+        return resume_from_checkpoint
 
     def _done(self, within_epoch: bool = False) -> bool:
         if self.args.max_steps is not None:
@@ -323,42 +402,64 @@ class BaseTrainer(abc.ABC):
     def _train_step(self, batch: Mapping[str, Any]) -> float:
         loss = self._forward_backward(batch)
         self._synchronize_gradients()
+        self._callback("on_pre_optimizer_step")
         self.optimizer.step()
+        self._callback("on_optimizer_step")
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.global_step += 1
         return self._global_mean(loss)
 
     def _after_step(self, loss: float) -> dict[str, float]:
-        step = self.state.global_step
         self.state.loss_sum += loss
         self.state.loss_count += 1
         logs = {"loss": loss, "learning_rate": float(self.lr_scheduler.get_last_lr()[0])}
-        for cb in self.callbacks:
-            cb.on_step_end(self.state, self.control, logs)
-        if self.control.should_stop:
+        self._callback("on_step_end", logs=logs)
+        if self.control.should_training_stop:
             return {}
-        if step % self.args.logging_steps == 0:
-            self.state.log_history.append({"step": step, **logs})
-            if self.manager.rank == 0:
-                logger.info("step %d: loss %.5f, learning rate %.3g", step, loss, logs["learning_rate"])
+        return self._log_evaluate_save(logs, epoch_end=False)
+
+    def _log_evaluate_save(self, logs: Mapping[str, float] | None, *, epoch_end: bool) -> dict[str, float]:
+        """After a step (``logs``) or an epoch end: log, evaluate and save as scheduled or as a
+        callback requested through ``control``, in HF's order. Returns the evaluation's metrics."""
+        step, args, control = self.state.global_step, self.args, self.control
+        if logs is not None and step % args.logging_steps == 0:
+            control.should_log = True
+        if (args.eval_strategy == "epoch" and epoch_end) or (
+                args.eval_strategy == "steps" and not epoch_end and step % args.eval_steps == 0):
+            control.should_evaluate = True
+        if self.manager.should_save(step, epoch_end=epoch_end, final=not epoch_end and self._done(within_epoch=True)):
+            control.should_save = True
         metrics: dict[str, float] = {}
-        if self.args.eval_steps is not None and step % self.args.eval_steps == 0:
+        if control.should_log:
+            control.should_log = False
+            self.log(dict(logs or {}))
+        if control.should_evaluate:
+            control.should_evaluate = False
             metrics = self.evaluate()
-            self.state.log_history.append({"step": step, **metrics})
-            for cb in self.callbacks:
-                cb.on_evaluate(self.state, self.control, metrics)
-            if self.control.should_stop:
-                return metrics
-        if self.manager.should_save(step, final=self._done(within_epoch=True)):
-            self.save_checkpoint()
+        if control.should_save:
+            control.should_save = False
+            # A stopped run saves nothing more; a step is saved once; save_strategy "no" never saves.
+            if (not control.should_training_stop and args.save_strategy != "no"
+                    and step not in (0, self.manager.last_saved_step)):
+                self.save_checkpoint()
         return metrics
+
+    def log(self, logs: Mapping[str, float]) -> None:
+        """Record ``logs`` at this step (with "epoch" and "step") in ``state.log_history``, log them
+        on rank 0 and call ``on_log`` (HF's ``Trainer.log``)."""
+        entry = {**logs, "epoch": self.state.epoch, "step": self.state.global_step}
+        self.state.log_history.append(entry)
+        if self.manager is not None and self.manager.rank == 0:
+            logger.info("step %d: %s", self.state.global_step,
+                        ", ".join(f"{k} {v:.5g}" for k, v in logs.items() if isinstance(v, float)))
+        self._callback("on_log", logs=entry)
 
     # --- evaluation and checkpoints -------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean strategy metrics over ``eval_dataset``, "eval_"-prefixed; counts toward the ranking
-        metric of the next checkpoint. Collective."""
+        metric of the next checkpoint, is logged (``on_log``) and reported to ``on_evaluate``. Collective."""
         if self.eval_dataset is None:
             raise ValueError(f"{type(self).__name__}.evaluate() needs an eval_dataset")
         self.setup()
@@ -377,6 +478,8 @@ class BaseTrainer(abc.ABC):
         means = self._global_mean_vector(local)
         metrics = {f"eval_{k}": float(v) for k, v in zip(keys, means, strict=True)}
         self.manager.observe(metrics)
+        self.log(metrics)
+        self._callback("on_evaluate", metrics=metrics)
         return metrics
 
     def _global_mean_vector(self, values: torch.Tensor) -> torch.Tensor:
@@ -389,9 +492,23 @@ class BaseTrainer(abc.ABC):
         logs = {} if mean_loss is None else {"train_loss": mean_loss}
         self.manager.observe(logs)
         path = self.manager.save(step=self.state.global_step, epoch=self.state.epoch, logs=logs)
-        for cb in self.callbacks:
-            cb.on_save(self.state, path)
+        self._note_best_checkpoint()
+        self._callback("on_save", checkpoint_path=path)
         return path
+
+    def _note_best_checkpoint(self) -> None:
+        if self.manager.retention.preserve_n_best:
+            self.state.best_model_checkpoint = self.manager.best_checkpoint()
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the model (and strategy modules) of the best checkpoint."""
+        best = self.manager.best_checkpoint()
+        if best is None or (best == self.manager.last_checkpoint
+                            and self.manager.last_saved_step == self.state.global_step):
+            return  # the model in memory is the best checkpoint's
+        self.manager.coordinator.load_checkpoint(best, components=["model", *self.aux_modules])
+        if self.manager.rank == 0:
+            logger.info("loaded the best model (by %s) from %s", self.args.metric_for_best_model, redact_url(best))
 
     def load_checkpoint(self, path: str | None = None, strict: bool = True) -> Any:
         """Load a checkpoint (default: the latest committed one) into every component; returns the
@@ -404,9 +521,35 @@ class BaseTrainer(abc.ABC):
 
     def close(self) -> None:
         """Wait for an async save in flight, then free the checkpointing process groups and staging
-        buffers. Collective; call it before ``dist.destroy_process_group()``."""
+        buffers. Collective and idempotent; call it before ``dist.destroy_process_group()`` (leaving a
+        ``with`` block does)."""
         if self.manager is not None:
             self.manager.close()
+
+    def __enter__(self) -> BaseTrainer:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as close_error:  # keep the body's exception; say what close found
+            exc.add_note(f"while handling it, closing the {type(self).__name__} raised: {close_error!r}")
+
+
+def callback_name(callback: Any) -> str:
+    """The key a stateful callback's state is saved under."""
+    return str(getattr(callback, "name", type(callback).__name__))
+
+
+def _subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out += [sub, *_subclasses(sub)]
+    return out
 
 
 class _ManagerState:
@@ -429,7 +572,7 @@ class Trainer(BaseTrainer):
     so a checkpoint's layout does not change when the job later runs on more ranks)."""
 
     def _build_train_dataloader(self) -> Any:
-        return make_dataloader(self.train_dataset, self.args.per_device_batch_size, shuffle=True,
+        return make_dataloader(self.train_dataset, self.args.per_device_train_batch_size, shuffle=True,
                                seed=self.args.seed, num_workers=self.args.dataloader_num_workers)
 
     def sharing(self) -> dict[str, ComponentSharing]:

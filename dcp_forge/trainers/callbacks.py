@@ -1,10 +1,11 @@
 """Trainer callbacks: hooks into the training loop, optionally with state saved in checkpoints.
 
-Call protocol: every rank calls every hook at the same point with the same arguments (losses and
-metrics are global means, identical on all ranks), so a callback decides the same thing everywhere
-without communicating. A callback that has ``state_dict()`` / ``load_state_dict()`` is *stateful*:
-its state is saved with every checkpoint (component ``callbacks``, REPLICATED) and restored on resume,
-keyed by its ``name``.
+The events and their signatures follow Hugging Face's ``transformers.TrainerCallback``
+(``on_step_end(args, state, control, **kwargs)`` ...). Call protocol: every rank calls every event at
+the same point with the same arguments (losses and metrics are global means, identical on all
+ranks), so a callback decides the same thing everywhere without communicating. A callback that has
+``state_dict()`` / ``load_state_dict()`` is *stateful*: its state is saved with every checkpoint
+(component ``callbacks``, REPLICATED) and restored on resume, keyed by its ``name``.
 """
 
 from __future__ import annotations
@@ -13,32 +14,92 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from .args import TrainingArguments
 from .state import TrainerControl, TrainerState
 
-__all__ = ["DivergenceDetector", "TrainerCallback", "is_stateful"]
+__all__ = ["CALLBACK_EVENTS", "DivergenceDetector", "TrainerCallback", "is_stateful"]
 
 
 class TrainerCallback:
-    """Base class: override the hooks you need. ``name`` keys a stateful callback's saved state."""
+    """Base class: override the events you need. Hugging Face's ``TrainerCallback`` shape: every event
+    is ``on_<event>(self, args, state, control, **kwargs)``, and the trainer passes ``model``,
+    ``optimizer``, ``lr_scheduler`` and ``train_dataloader`` as keyword arguments to each. Events,
+    in order::
+
+        on_init_end                       end of the trainer's __init__
+        on_train_begin                    after set-up and resume, before the first step of train()
+          on_epoch_begin                  (also for the rest of an epoch a resumed run continues)
+            on_step_begin
+            on_pre_optimizer_step         gradients synchronised, before optimizer.step()
+            on_optimizer_step             after optimizer.step()
+            on_step_end                   kwarg logs: {"loss": global mean, "learning_rate"}
+            on_log                        on logging steps; kwarg logs
+            on_evaluate                   after an evaluation; kwarg metrics ("eval_"-prefixed)
+            on_save                       after a save; kwarg checkpoint_path (async: handed off)
+          on_epoch_end
+        on_train_end                      also when a callback stopped the run
+
+    A callback steers the loop through ``control``: ``should_training_stop`` (or
+    ``control.stop(reason)``) ends the run without saving the current state; ``should_log``,
+    ``should_evaluate`` and ``should_save`` set in ``on_step_end`` / ``on_epoch_end`` log, evaluate or
+    save at this step even off schedule. ``name`` keys a stateful callback's saved state.
+    """
 
     @property
     def name(self) -> str:
         return type(self).__name__
 
-    def on_train_begin(self, state: TrainerState, control: TrainerControl) -> None:
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        """At the end of the trainer's ``__init__``."""
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
         """After set-up and resume, before the first step of this ``train()`` call."""
 
-    def on_step_end(self, state: TrainerState, control: TrainerControl, logs: Mapping[str, float]) -> None:
-        """After each optimizer step; ``logs`` has "loss" (global mean) and "learning_rate"."""
-
-    def on_evaluate(self, state: TrainerState, control: TrainerControl, metrics: Mapping[str, float]) -> None:
-        """After an evaluation; ``metrics`` are "eval_"-prefixed global means."""
-
-    def on_save(self, state: TrainerState, checkpoint_path: str) -> None:
-        """After a checkpoint was saved (with async saves: handed to the background writer)."""
-
-    def on_train_end(self, state: TrainerState, control: TrainerControl) -> None:
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
         """At the end of ``train()``, also when a callback stopped the run."""
+
+    def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        """Before the first step of an epoch (or of what a resumed run has left of it)."""
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        """After the last step of an epoch (``state.epoch`` already counts it)."""
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                      **kwargs: Any) -> None:
+        """Before each training step's forward pass."""
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                              **kwargs: Any) -> None:
+        """After the gradients are synchronised across ranks, before ``optimizer.step()``."""
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                          **kwargs: Any) -> None:
+        """After ``optimizer.step()``, before the gradients are cleared."""
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        """After each optimizer step; kwarg ``logs`` has "loss" (global mean) and "learning_rate"."""
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               **kwargs: Any) -> None:
+        """On logging steps (every ``logging_steps``); kwarg ``logs`` (also appended to ``state.log_history``)."""
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        """After an evaluation; kwarg ``metrics`` are "eval_"-prefixed global means."""
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
+        """After a checkpoint was saved (async saves: handed to the background writer); kwarg
+        ``checkpoint_path``."""
+
+
+CALLBACK_EVENTS = tuple(name for name in vars(TrainerCallback) if name.startswith("on_"))
 
 
 def is_stateful(obj: Any) -> bool:
@@ -91,7 +152,9 @@ class DivergenceDetector(TrainerCallback):
         self.baseline = loss if self.baseline is None else self.ema_beta * self.baseline + (1 - self.ema_beta) * loss
         return None
 
-    def on_step_end(self, state: TrainerState, control: TrainerControl, logs: Mapping[str, float]) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        logs: Mapping[str, float] = kwargs.get("logs") or {}
         if self.monitor not in logs or self.tripped_at is not None:
             return
         reason = self.judge(float(logs[self.monitor]))

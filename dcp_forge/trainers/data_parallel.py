@@ -2,9 +2,10 @@
 AccelTrainer (Hugging Face accelerate).
 
 All three train one model replica per rank on different data and keep the replicas equal, so they
-share the data path: ``dispatch_batches=True`` loads each global batch on rank 0 and scatters a
-slice to every rank through a ``DataloaderDispatcher`` (dataset state GLOBAL: only rank 0 has
-any); ``False`` gives every rank its own shard of each epoch (dataset state PER_RANK). They need an
+share the data path. DDPTrainer and FSDPTrainer read ``TrainingArguments.dispatch_batches``: True
+(their default) loads each global batch on rank 0 and scatters a slice to every rank through a
+``DataloaderDispatcher`` (dataset state GLOBAL: only rank 0 has any); False gives every rank its own
+shard of each epoch (dataset state PER_RANK), which is what AccelTrainer always does. They need an
 initialised process group (torchrun, or ``init_process_group`` yourself) — one rank works too.
 """
 
@@ -20,7 +21,7 @@ from torch.utils.data import Dataset
 
 from ..core.patterns import SharingPattern, ValidationLevel
 from ..statefuls import OptimizerState
-from .args import DDPTrainingArguments, TrainingArguments
+from .args import TrainingArguments
 from .base import BaseTrainer, ComponentSharing, OptimizerFactory
 from .callbacks import TrainerCallback
 from .data import make_dataloader
@@ -59,7 +60,7 @@ class _DataParallelTrainer(BaseTrainer):
     """Shared by the data-parallel trainers: world-wide replicas, dispatched or sharded data."""
 
     def _dispatching(self) -> bool:
-        return bool(getattr(self.args, "dispatch_batches", False))
+        return bool(self.args.trainer_field("dispatch_batches"))
 
     @property
     def dp_rank(self) -> int:
@@ -70,7 +71,7 @@ class _DataParallelTrainer(BaseTrainer):
         return dist.get_world_size() if dist.is_initialized() else 1
 
     def _build_train_dataloader(self) -> Any:
-        batch = self.args.per_device_batch_size
+        batch = self.args.per_device_train_batch_size
         common = dict(shuffle=True, seed=self.args.seed, num_workers=self.args.dataloader_num_workers)
         if not self._dispatching():
             return make_dataloader(self.train_dataset, batch, num_shards=self.dp_size,
@@ -106,7 +107,7 @@ class _DataParallelTrainer(BaseTrainer):
         it in the last bits. Nothing else changes: no dropout or RNG draws reach the training
         stream (eval mode, forked RNG), the gradients are dropped and the optimizer does not step.
         """
-        probe = make_dataloader(self.train_dataset, self.args.per_device_batch_size, num_shards=self.dp_size,
+        probe = make_dataloader(self.train_dataset, self.args.per_device_train_batch_size, num_shards=self.dp_size,
                                 shard_index=self.dp_rank)
         batch = self.strategy.prepare_batch(next(iter(probe)))
         self.train_model.eval()
@@ -125,10 +126,10 @@ class DDPTrainer(_DataParallelTrainer):
 
     Model and optimizer are REPLICATED (checked at every save: model per tensor, optimizer by one
     hash), scheduler, trainer progress and callbacks REPLICATED, dataset GLOBAL or PER_RANK by
-    ``dispatch_batches``, RNG PER_RANK.
+    ``dispatch_batches`` (default True), RNG PER_RANK.
     """
 
-    args_class = DDPTrainingArguments
+    trainer_fields = frozenset({"dispatch_batches"})
 
     def _setup_parallelism(self) -> None:
         require_process_group(type(self).__name__)
@@ -155,12 +156,12 @@ class FSDPTrainer(_DataParallelTrainer):
     Model and optimizer are GLOBAL: their tensors are DTensor shards, written by their owners and
     resharded on load (the optimizer as FQN-keyed state through ``statefuls.OptimizerState``).
     Scheduler, trainer progress and callbacks REPLICATED, dataset GLOBAL/PER_RANK by
-    ``dispatch_batches``, RNG PER_RANK.
+    ``dispatch_batches`` (default True), RNG PER_RANK.
     """
 
-    args_class = DDPTrainingArguments
+    trainer_fields = frozenset({"dispatch_batches"})
 
-    def __init__(self, model: nn.Module, args: DDPTrainingArguments, train_dataset: Dataset, *,
+    def __init__(self, model: nn.Module, args: TrainingArguments, train_dataset: Dataset, *,
                  shard_fn: Callable[[nn.Module, Any], nn.Module] = apply_fsdp2, eval_dataset: Dataset | None = None, strategy: TrainingStrategy | None = None,
                  optimizer_factory: OptimizerFactory | None = None,
                  callbacks: Sequence[TrainerCallback] = ()) -> None:
@@ -203,8 +204,6 @@ class AccelTrainer(_DataParallelTrainer):
     wrappers would replace StatefulDataLoader's resumable state), RNG PER_RANK. The LR scheduler is
     not prepared either: accelerate would step it once per process.
     """
-
-    args_class = TrainingArguments
 
     def __init__(self, model: nn.Module, args: TrainingArguments, train_dataset: Dataset, *,
                  accelerator: Any = None, eval_dataset: Dataset | None = None, strategy: TrainingStrategy | None = None,

@@ -11,6 +11,10 @@ exactly as you would launch it yourself; the demo prints each command line.
 3. a reference run trains the same job without interruption, in a temporary directory;
 4. the resumed loss curve and every rank's final parameters must equal the reference's bit for bit.
 
+Each demo starts from scratch: when ``--output-dir`` already holds checkpoints (an earlier demo),
+this one writes to a fresh sibling directory (``./checkpoints-2``, ``-3``, ...) and says so, so the
+command can be run again and again.
+
 Exit status: 0 when they match, 1 when they do not, 2 for bad usage.
 """
 
@@ -22,6 +26,8 @@ import shlex
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -58,6 +64,17 @@ def _load(results: str, world: int) -> list[dict]:
     return [torch.load(results.format(rank=r), weights_only=False) for r in range(world)]
 
 
+def fresh_output_dir(output_dir: str, storage_options: Mapping[str, Any]) -> str:
+    """``output_dir`` when it holds no committed checkpoint, else the first ``<output_dir>-<n>``
+    (n = 2, 3, ...) that holds none."""
+    base = output_dir.rstrip("/") or output_dir
+    candidate, n = output_dir, 1
+    while latest_checkpoint(candidate, storage_options) is not None:
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+
+
 def _storage_options(pairs: list[str]) -> dict:
     from .run import _storage_option
 
@@ -83,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < opts.save_every <= opts.interrupt_at < opts.steps:
         parser.error("need 0 < --save-every <= --interrupt-at < --steps")
     storage_options = _storage_options(opts.storage_option)
-    if latest_checkpoint(opts.output_dir, storage_options) is not None:
-        parser.error(f"{opts.output_dir} already holds checkpoints; pass an empty --output-dir")
+    output_dir = fresh_output_dir(opts.output_dir, storage_options)
+    if output_dir != opts.output_dir:
+        print(f"{redact_url(opts.output_dir)} already holds checkpoints (an earlier run's); this demo starts "
+              f"from scratch in {redact_url(output_dir)}\n")
+    opts.output_dir = output_dir
     world = opts.world_size
     resumed_at = opts.interrupt_at - opts.interrupt_at % opts.save_every
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ..core.patterns import SharingPattern, ValidationLevel
-from .args import PipelineTrainingArguments
+from .args import TrainingArguments
 from .base import BaseTrainer, ComponentSharing, OptimizerFactory
 from .callbacks import TrainerCallback
 from .data import make_dataloader
@@ -39,16 +39,25 @@ class PipelineTrainer(BaseTrainer):
 
     Model and optimizer PER_RANK (each rank its own stage), scheduler, trainer progress and callbacks
     REPLICATED, dataset GLOBAL (the first stage loads, all stages receive), RNG PER_RANK.
+
+    Reads ``TrainingArguments.n_microbatches`` (default 2; must divide both per-device batch sizes)
+    and ``pipeline_schedule`` ("1F1B", the default, or "GPipe").
     """
 
-    args_class = PipelineTrainingArguments
+    trainer_fields = frozenset({"n_microbatches", "pipeline_schedule"})
 
-    def __init__(self, model: nn.Module, args: PipelineTrainingArguments, train_dataset: Dataset, *,
+    def __init__(self, model: nn.Module, args: TrainingArguments, train_dataset: Dataset, *,
                  model_splitter: ModelSplitter = split_into_stages, eval_dataset: Dataset | None = None, strategy: TrainingStrategy | None = None,
                  optimizer_factory: OptimizerFactory | None = None,
                  callbacks: Sequence[TrainerCallback] = ()) -> None:
         super().__init__(model, args, train_dataset, eval_dataset=eval_dataset, strategy=strategy,
                          optimizer_factory=optimizer_factory, callbacks=callbacks)
+        self.n_microbatches: int = args.trainer_field("n_microbatches")
+        self.pipeline_schedule: str = args.trainer_field("pipeline_schedule")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+            if getattr(args, name) % self.n_microbatches:
+                raise ValueError(f"TrainingArguments.n_microbatches={self.n_microbatches} must divide "
+                                 f"{name}={getattr(args, name)} ({type(self).__name__} splits every batch)")
         self.model_splitter = model_splitter
         self.pipeline_group: Any = None  # the ranks of this rank's pipeline, in stage order
         self.stage_index, self.num_stages = 0, 1
@@ -87,8 +96,8 @@ class PipelineTrainer(BaseTrainer):
         from torch.distributed import pipelining
 
         self._layout()
-        if self.args.pipeline_schedule == "1F1B" and self.args.n_microbatches < self.num_stages:
-            raise ValueError(f"TrainingArguments.n_microbatches={self.args.n_microbatches} must be at least the "
+        if self.pipeline_schedule == "1F1B" and self.n_microbatches < self.num_stages:
+            raise ValueError(f"TrainingArguments.n_microbatches={self.n_microbatches} must be at least the "
                              f"number of pipeline stages ({self.num_stages}) for the 1F1B schedule")
         stages = self.model_splitter(self.model, self.num_stages)
         if len(stages) != self.num_stages:
@@ -97,12 +106,12 @@ class PipelineTrainer(BaseTrainer):
         device = next(self.model.parameters()).device
         stage = pipelining.PipelineStage(self.model, self.stage_index, self.num_stages, device,
                                          group=self.pipeline_group)
-        schedule_class = {"1F1B": pipelining.Schedule1F1B, "GPipe": pipelining.ScheduleGPipe}[self.args.pipeline_schedule]
-        self.schedule = schedule_class(stage, n_microbatches=self.args.n_microbatches,
+        schedule_class = {"1F1B": pipelining.Schedule1F1B, "GPipe": pipelining.ScheduleGPipe}[self.pipeline_schedule]
+        self.schedule = schedule_class(stage, n_microbatches=self.n_microbatches,
                                        loss_fn=self.strategy.loss_from_logits)
 
     def _build_loader(self, shard_index: int, num_shards: int) -> StatefulDataLoader:
-        return make_dataloader(self.train_dataset, self.args.per_device_batch_size, shuffle=True,
+        return make_dataloader(self.train_dataset, self.args.per_device_train_batch_size, shuffle=True,
                                seed=self.args.seed, num_workers=self.args.dataloader_num_workers,
                                num_shards=num_shards, shard_index=shard_index)
 
@@ -143,7 +152,7 @@ class PipelineTrainer(BaseTrainer):
     def _eval_batches(self) -> Iterable[Mapping[str, Any]]:
         # Every stage builds the same (stateless) loader, so evaluation needs no dispatching; whole
         # batches only, since each must split into n_microbatches.
-        return make_dataloader(self.eval_dataset, self.args.per_device_batch_size, shuffle=False,
+        return make_dataloader(self.eval_dataset, self.args.per_device_eval_batch_size, shuffle=False,
                                drop_last=True, num_shards=self.dp_size, shard_index=self.dp_rank)
 
     def _evaluate_batch(self, batch: Mapping[str, Any]) -> dict[str, float]:
@@ -170,12 +179,14 @@ class DPPPTrainer(PipelineTrainer):
     loader per replica, on its first stage), scheduler, trainer and callbacks REPLICATED, RNG PER_RANK.
     """
 
-    def __init__(self, model: nn.Module, args: PipelineTrainingArguments, train_dataset: Dataset, *,
+    trainer_fields = PipelineTrainer.trainer_fields | {"pipeline_parallel_size"}
+
+    def __init__(self, model: nn.Module, args: TrainingArguments, train_dataset: Dataset, *,
                  mesh: Any = None, model_splitter: ModelSplitter = split_into_stages,
                  eval_dataset: Dataset | None = None, strategy: TrainingStrategy | None = None,
                  optimizer_factory: OptimizerFactory | None = None,
                  callbacks: Sequence[TrainerCallback] = ()) -> None:
-        if args.pipeline_parallel_size is None and mesh is None:
+        if isinstance(args, TrainingArguments) and args.pipeline_parallel_size is None and mesh is None:
             raise ValueError("DPPPTrainer needs TrainingArguments.pipeline_parallel_size (or a ('dp', 'pp') mesh)")
         super().__init__(model, args, train_dataset, model_splitter=model_splitter, eval_dataset=eval_dataset,
                          strategy=strategy, optimizer_factory=optimizer_factory, callbacks=callbacks)

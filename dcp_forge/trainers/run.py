@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .args import DDPTrainingArguments, PipelineTrainingArguments, TrainingArguments
+from .args import TrainingArguments
 from .base import BaseTrainer, Trainer
 from .callbacks import TrainerCallback
 from .data import MarkovTokenDataset
@@ -37,16 +37,16 @@ from .tiny_lm import TinyLM, TinyLMConfig
 __all__ = ["TRAINER_KINDS", "InterruptAt", "JobResult", "TinyJob", "build_trainer", "init_distributed", "main",
            "run_job"]
 
-# trainer kind -> (class, arguments class, extra TrainingArguments fields)
-TRAINER_KINDS: Mapping[str, tuple[type[BaseTrainer], type[TrainingArguments], dict[str, Any]]] = {
-    "single": (Trainer, TrainingArguments, {}),
-    "ddp": (DDPTrainer, DDPTrainingArguments, {"dispatch_batches": True}),
-    "ddp-independent": (DDPTrainer, DDPTrainingArguments, {"dispatch_batches": False}),
-    "fsdp": (FSDPTrainer, DDPTrainingArguments, {"dispatch_batches": False}),
-    "accelerate": (AccelTrainer, TrainingArguments, {}),
-    "pipeline": (PipelineTrainer, PipelineTrainingArguments, {}),
-    "dp-pp": (DPPPTrainer, PipelineTrainingArguments, {}),
-    "dp-tp": (DPTPTrainer, TrainingArguments, {}),
+# trainer kind -> (class, its trainer-specific TrainingArguments fields)
+TRAINER_KINDS: Mapping[str, tuple[type[BaseTrainer], dict[str, Any]]] = {
+    "single": (Trainer, {}),
+    "ddp": (DDPTrainer, {"dispatch_batches": True}),
+    "ddp-independent": (DDPTrainer, {"dispatch_batches": False}),
+    "fsdp": (FSDPTrainer, {"dispatch_batches": False}),
+    "accelerate": (AccelTrainer, {}),
+    "pipeline": (PipelineTrainer, {}),
+    "dp-pp": (DPPPTrainer, {}),
+    "dp-tp": (DPTPTrainer, {}),
 }
 
 
@@ -62,7 +62,7 @@ class TinyJob:
     save_total_limit: int | None = None
     resume: bool = False
     interrupt_at: int | None = None
-    per_device_batch_size: int = 8
+    per_device_train_batch_size: int = 8
     seq_len: int = 32
     num_samples: int = 256
     seed: int = 0
@@ -84,16 +84,17 @@ class TinyJob:
                             max_seq_len=self.seq_len, dropout=self.dropout)
 
     def training_arguments(self) -> TrainingArguments:
-        _, args_class, extra = TRAINER_KINDS[self.trainer]
-        if args_class is PipelineTrainingArguments:
+        trainer_class, extra = TRAINER_KINDS[self.trainer]
+        if "n_microbatches" in trainer_class.trainer_fields:
             extra = {**extra, "n_microbatches": self.n_microbatches}
-            if self.trainer == "dp-pp":
-                extra["pipeline_parallel_size"] = self.parallel_size
-        return args_class(output_dir=self.output_dir, max_steps=self.max_steps, save_steps=self.save_steps,
-                          save_total_limit=self.save_total_limit, resume_from_checkpoint=self.resume,
-                          per_device_batch_size=self.per_device_batch_size, seed=self.seed,
-                          learning_rate=self.learning_rate, logging_steps=10, async_save=self.async_save,
-                          storage_options=dict(self.storage_options), **extra)
+        if "pipeline_parallel_size" in trainer_class.trainer_fields:
+            extra = {**extra, "pipeline_parallel_size": self.parallel_size}
+        return TrainingArguments(
+            output_dir=self.output_dir, max_steps=self.max_steps, save_steps=self.save_steps,
+            save_total_limit=self.save_total_limit, resume_from_checkpoint=self.resume,
+            per_device_train_batch_size=self.per_device_train_batch_size, seed=self.seed,
+            learning_rate=self.learning_rate, logging_steps=10, async_save=self.async_save,
+            storage_options=dict(self.storage_options), **extra)
 
 
 class InterruptAt(TrainerCallback):
@@ -102,13 +103,14 @@ class InterruptAt(TrainerCallback):
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def on_step_end(self, state: TrainerState, control: TrainerControl, logs: Mapping[str, float]) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
         if state.global_step == self.step:
             control.stop(f"interrupted after step {self.step}")
 
 
 def build_trainer(job: TinyJob, callbacks: Sequence[TrainerCallback] = ()) -> BaseTrainer:
-    trainer_class, _, _ = TRAINER_KINDS[job.trainer]
+    trainer_class, _ = TRAINER_KINDS[job.trainer]
     callbacks = list(callbacks) + ([InterruptAt(job.interrupt_at)] if job.interrupt_at is not None else [])
     kwargs: dict[str, Any] = {"callbacks": callbacks}
     if trainer_class is DPTPTrainer:
@@ -138,11 +140,8 @@ def local_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def run_job(job: TinyJob, callbacks: Sequence[TrainerCallback] = ()) -> JobResult:
     """Build the trainer and train. Collective when a process group is initialised."""
-    trainer = build_trainer(job, callbacks)
-    try:
+    with build_trainer(job, callbacks) as trainer:
         output = trainer.train()
-    finally:
-        trainer.close()
     rank = dist.get_rank() if dist.is_initialized() else 0
     return JobResult(rank, output, local_tensors(trainer.model))
 
@@ -180,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest committed checkpoint")
     p.add_argument("--async-save", action="store_true", help="save in the background while training goes on")
     p.add_argument("--interrupt-at", type=int, default=None, help="stop after this step without saving")
-    p.add_argument("--batch-size", type=int, default=defaults.per_device_batch_size, help="per device")
+    p.add_argument("--batch-size", type=int, default=defaults.per_device_train_batch_size, help="per device")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--parallel-size", type=int, default=defaults.parallel_size,
                    help="pipeline (dp-pp) or tensor-parallel (dp-tp) size")
@@ -199,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     distributed = init_distributed()
     job = TinyJob(trainer=opts.trainer, output_dir=opts.output_dir, max_steps=opts.max_steps,
                   save_steps=opts.save_steps, save_total_limit=opts.save_total_limit, resume=opts.resume,
-                  interrupt_at=opts.interrupt_at, per_device_batch_size=opts.batch_size, seed=opts.seed,
+                  interrupt_at=opts.interrupt_at, per_device_train_batch_size=opts.batch_size, seed=opts.seed,
                   parallel_size=opts.parallel_size, n_layers=opts.n_layers, async_save=opts.async_save,
                   storage_options=dict(opts.storage_option))
     try:

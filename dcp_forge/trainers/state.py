@@ -15,7 +15,10 @@ class TrainerState:
     """Progress that a resumed run must continue from: saved as the ``trainer`` component.
 
     ``loss_sum`` / ``loss_count`` accumulate training losses since the previous save (the
-    "train_loss" a checkpoint is ranked by); ``log_history`` holds one entry per logging step.
+    "train_loss" a checkpoint is ranked by); ``log_history`` holds one entry per logging step and
+    per evaluation. As in HF's ``TrainerState``, callbacks also see ``max_steps`` (the step this
+    run ends at), ``is_world_process_zero`` and ``best_model_checkpoint`` (the best preserved
+    checkpoint, when checkpoints are ranked); these are set by the trainer, not saved.
     """
 
     global_step: int = 0
@@ -23,6 +26,9 @@ class TrainerState:
     loss_sum: float = 0.0
     loss_count: int = 0
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    max_steps: int = 0
+    is_world_process_zero: bool = True
+    best_model_checkpoint: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
         # The history travels as one JSON string: DCP would otherwise flatten every entry into its
@@ -49,14 +55,22 @@ class TrainerState:
 
 @dataclass
 class TrainerControl:
-    """Flags callbacks set to steer the loop. A stopped run does not save its current state."""
+    """Flags callbacks set to steer the loop, with HF's names. ``should_training_stop`` ends the run
+    (a stopped run does not save its current state; ``stop(reason)`` also says why);
+    ``should_epoch_stop`` ends the current epoch; ``should_log`` / ``should_evaluate`` /
+    ``should_save`` request that at the current step (the trainer clears each once done)."""
 
-    should_stop: bool = False
+    should_training_stop: bool = False
+    should_epoch_stop: bool = False
+    should_save: bool = False
+    should_evaluate: bool = False
+    should_log: bool = False
     stop_reason: str | None = None
 
     def stop(self, reason: str) -> None:
-        if not self.should_stop:
-            self.should_stop, self.stop_reason = True, reason
+        """Stop training after this event, saying why (the first reason given wins)."""
+        if not self.should_training_stop:
+            self.should_training_stop, self.stop_reason = True, reason
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,11 @@ class TrainOutput:
     best_checkpoint: str | None
     resumed_from: str | None
     metrics: dict[str, float]
+
+    @property
+    def training_loss(self) -> float | None:
+        """The mean loss of the steps this call ran (HF's ``TrainOutput.training_loss``)."""
+        return sum(self.step_losses) / len(self.step_losses) if self.step_losses else None
 
 
 class StatefulGroup:

@@ -41,8 +41,6 @@ class DPTPTrainer(BaseTrainer):
     replicated activations must agree).
     """
 
-    args_class = TrainingArguments
-
     def __init__(self, model: nn.Module, args: TrainingArguments, train_dataset: Dataset, *,
                  tensor_parallel_size: int | None = None, mesh: Any = None,
                  parallelize_fn: Callable[[nn.Module, Any], nn.Module] = apply_tensor_parallel,
@@ -82,7 +80,7 @@ class DPTPTrainer(BaseTrainer):
 
     def _build_train_dataloader(self) -> Any:
         def build(shard_index: int, num_shards: int) -> Any:
-            return make_dataloader(self.train_dataset, self.args.per_device_batch_size, shuffle=True,
+            return make_dataloader(self.train_dataset, self.args.per_device_train_batch_size, shuffle=True,
                                    seed=self.args.seed, num_workers=self.args.dataloader_num_workers,
                                    num_shards=num_shards, shard_index=shard_index)
 

@@ -325,3 +325,9 @@ def tensor_boxes(draw, max_dims: int = 4, max_extent: int = 6):
         offsets.append(start)
         lengths.append(draw(st.integers(1, extent - start)))
     return shape, tuple(offsets), tuple(lengths)
+
+
+# Progress counts: small, and beyond float precision (a token count passes 2**53 on large runs).
+progress_counts = st.one_of(st.integers(0, 1000), st.integers(2**53 - 2, 2**70))
+# One training step's advance: (samples, tokens, steps).
+progress_advances = st.lists(st.tuples(st.integers(0, 4096), st.integers(0, 2**40), st.integers(0, 3)), max_size=20)
