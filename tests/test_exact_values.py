@@ -15,6 +15,7 @@ into row-chunks or not.
 from __future__ import annotations
 
 import contextlib
+import enum
 import io
 import math
 import os
@@ -22,15 +23,19 @@ import struct
 import tempfile
 import warnings
 
+import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch.distributed.checkpoint.api import CheckpointException
 
-from dcp_forge import CheckpointCoordinator, StateComponent
+from dcp_forge import CheckpointCoordinator, StateComponent, StateMismatchError, UnsupportedValueError
 from dcp_forge.core.placement import ChunkPolicy
 from dcp_forge.core.tensors import raw_view
-from dcp_forge.storage import item_reader, writer
+from dcp_forge.errors import first_rank_failure
+from dcp_forge.storage import item_reader, open_reader, writer
 
 from .support.statefuls import Box
 from .support.strategies import (
@@ -137,8 +142,11 @@ def _assert_same_tensor(got: torch.Tensor, want: torch.Tensor, where: str) -> No
         assert got.is_coalesced() == want.is_coalesced(), f"{where}: coalesced"
         _assert_same_tensor(got._indices(), want._indices(), f"{where} indices")
         _assert_same_tensor(got._values(), want._values(), f"{where} values")
-    elif want.layout == torch.sparse_csr:
+    elif want.layout in (torch.sparse_csr, torch.sparse_bsr):
         for part in ("crow_indices", "col_indices", "values"):
+            _assert_same_tensor(getattr(got, part)(), getattr(want, part)(), f"{where} {part}")
+    elif want.layout == torch.sparse_csc:
+        for part in ("ccol_indices", "row_indices", "values"):
             _assert_same_tensor(getattr(got, part)(), getattr(want, part)(), f"{where} {part}")
     else:
         assert _raw(got) == _raw(want), f"{where}: values differ"
@@ -173,7 +181,8 @@ def _settings(examples: int) -> settings:
 
 
 @_settings(110)
-@given(trees=st.fixed_dictionaries({"c": value_trees(), "r": value_trees()}), mode=st.sampled_from(READ_MODES),
+@given(trees=st.fixed_dictionaries({"c": value_trees(max_entries=6, min_entries=2), "r": value_trees()}),
+       mode=st.sampled_from(READ_MODES),
        chunk_bytes=st.sampled_from([64, 1 << 24]))
 def test_every_value_comes_back_bit_for_bit(trees, mode, chunk_bytes):
     saved = {key: build_values(tree) for key, tree in trees.items()}
@@ -249,3 +258,182 @@ def test_every_savable_dtype_is_generated():
     quantized = {d for d, _ in QUANTIZATIONS}
     assert {torch.qint8, torch.quint8, torch.qint32} <= quantized
     assert {s for _, s in QUANTIZATIONS} == {"tensor", "channel", "float_qparams"}
+
+
+# --- what is refused, at save time, naming the key ------------------------------------------------------
+class Color(enum.Enum):
+    RED = 1
+
+
+class Opaque:
+    """A user class: its pickle needs a global the weights-only loader refuses."""
+
+
+REFUSED_VALUES = {
+    "numpy array": (lambda: np.arange(3), "numpy"),
+    "numpy RNG state": (np.random.get_state, "numpy"),
+    "numpy scalar": (lambda: np.float64(1.5), "numpy"),
+    "enum value": (lambda: Color.RED, "Color"),
+    "object": (Opaque, "Opaque"),
+    "empty bytes": (lambda: b"", "b''"),
+    "meta tensor": (lambda: torch.empty(3, device="meta"), "meta device"),
+    "complex32 conj+neg view": (lambda: torch._neg_view(torch.zeros(2, dtype=torch.complex32).conj()), "no kernel"),
+}
+REFUSED_KEYS = {"enum key": Color.RED, "frozenset key": frozenset({1}), "object key": Opaque()}
+
+
+@_settings(60)
+@given(trees=st.fixed_dictionaries({"c": value_trees(max_entries=3), "r": value_trees(max_entries=2)}),
+       component=st.sampled_from(["c", "r"]), refused=st.sampled_from(sorted(REFUSED_VALUES) + sorted(REFUSED_KEYS)),
+       where=st.sampled_from(["top", "nested", "list"]))
+def test_what_cannot_come_back_is_refused_before_anything_is_written(trees, component, refused, where):
+    state = {key: build_values(tree) for key, tree in trees.items()}
+    value, says = (REFUSED_VALUES[refused][0](), REFUSED_VALUES[refused][1]) if refused in REFUSED_VALUES else (
+        torch.ones(2), "keys are stored as")
+    key = REFUSED_KEYS.get(refused, "bad")
+    if where == "top":
+        state[component][key] = value
+        named = str(key)
+    elif where == "nested":
+        state[component]["inner"] = {key: value}
+        named = f"inner.{key}"
+    else:
+        state[component]["items"] = [torch.zeros(1), {key: value}]
+        named = f"items.1.{key}"
+    with tempfile.TemporaryDirectory() as root:
+        with pytest.raises(UnsupportedValueError) as refusal:
+            coordinator(root, state).save_checkpoint(checkpoint_id="ckpt")
+        assert os.listdir(root) == []  # nothing written, nothing claimed
+    message = str(refusal.value)
+    assert f"component {component!r}" in message and named in message and says in message, message
+
+
+def test_keys_with_one_string_form_are_refused():
+    with tempfile.TemporaryDirectory() as root:
+        for state in ({1: torch.ones(1), "1": torch.zeros(1)}, {"a": {1: {}, "1": 5}}):
+            with pytest.raises(UnsupportedValueError, match=r"component 'c' on rank 0, key '(a\.)?1'.*same string form"):
+                coordinator(root, {"c": state, "r": {"x": 1}}).save_checkpoint(checkpoint_id="ckpt")
+        assert os.listdir(root) == []
+
+
+# --- each kind that used to come back wrong, as a plain example --------------------------------------
+def _save_and_load(state: dict, destination: dict, tmp_path, **kwargs):
+    path = coordinator(tmp_path, {"c": state, "r": {}}, **kwargs).save_checkpoint(checkpoint_id="ckpt")
+    return path, load(path, {"c": destination, "r": {}})["c"]
+
+
+@pytest.mark.parametrize("view", ["conj", "neg"])
+@pytest.mark.parametrize("numel", [10, item_reader.DIRECT_MIN_BYTES])  # the staged and the direct path
+def test_lazy_views_come_back_as_saved(tmp_path, view, numel):
+    torch.manual_seed(0)
+    base = torch.randn(numel, dtype=torch.complex64)
+    value = base.conj() if view == "conj" else torch._neg_view(base)
+    path, loaded = _save_and_load({"v": value}, {}, tmp_path)  # the load creates it: same flags, same bytes
+    assert_exact(loaded["v"], value)
+    plain = torch.zeros(numel, dtype=torch.complex64)  # an existing plain destination gets the values
+    assert load(path, {"c": {"v": plain}, "r": {}})["c"]["v"] is plain
+    assert torch.equal(plain, value.resolve_conj().resolve_neg())
+    ours = {"c": {"v": torch.zeros(numel, dtype=torch.complex64)}}  # and so does plain DCP's own load
+    torch.distributed.checkpoint.load(ours, checkpoint_id=path, no_dist=True)
+    assert torch.equal(ours["c"]["v"], value.resolve_conj().resolve_neg())
+
+
+def test_lazy_views_in_plain_dcp_checkpoints_read_as_their_values(tmp_path, monkeypatch):
+    """A blob DCP's own writer stored from a conjugate view carries the flag in its pickle: the parse
+    that locates tensor bytes must not read it as a plain tensor."""
+    value = torch.randn(64, dtype=torch.complex64).conj()
+    torch.distributed.checkpoint.save({"v": value}, checkpoint_id=tmp_path, no_dist=True)
+    monkeypatch.setattr(item_reader, "DIRECT_MIN_BYTES", 1)
+    for destination in (torch.zeros(64, dtype=torch.complex64), torch.zeros(64, dtype=torch.complex64).conj()):
+        state = {"v": destination}
+        torch.distributed.checkpoint.load(state, storage_reader=open_reader(tmp_path), no_dist=True)
+        assert torch.equal(state["v"], value)
+
+
+class OptimizerBox:
+    """A stateful that returns ``optimizer.state_dict()`` as it is: state keyed by parameter position."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+def test_an_optimizer_state_keyed_by_position_reaches_a_fresh_optimizer(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    path = CheckpointCoordinator([StateComponent("opt", OptimizerBox(optimizer), "global")],
+                                 output_dir=tmp_path).save_checkpoint(checkpoint_id="ckpt")
+    fresh = torch.optim.Adam(torch.nn.Linear(3, 2).parameters())
+    CheckpointCoordinator([StateComponent("opt", OptimizerBox(fresh), "global")], output_dir=tmp_path
+                          ).load_checkpoint(path)
+    assert_exact(fresh.state_dict(), optimizer.state_dict())  # int keys, every moment, the param groups
+
+
+def test_values_under_non_str_keys_replace_the_existing_ones(tmp_path):
+    """Loading into a state that has the int keys already: values go under them, not beside them."""
+    _, loaded = _save_and_load({"counts": {1: 5, (2, "b"): 7.5, None: "x"}}, {"counts": {1: 0, (2, "b"): 0.0, None: ""}},
+                               tmp_path)
+    assert_exact(loaded, {"counts": {1: 5, (2, "b"): 7.5, None: "x"}})
+
+
+def test_empty_dicts_come_back(tmp_path):
+    state = {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}], "nested": {"deeper": {}}}
+    _, loaded = _save_and_load(state, {}, tmp_path)
+    assert_exact(loaded, state)
+
+
+def _quantized() -> dict:
+    torch.manual_seed(0)
+    per_channel = torch.quantize_per_channel(torch.randn(3, 4), torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64),
+                                             torch.tensor([0, 1, 2]), 0, torch.qint8)
+    return {"q": torch.quantize_per_tensor(torch.randn(6), 0.05, 3, torch.quint8), "qc": per_channel}
+
+
+@pytest.mark.parametrize("into", ["empty state", "quantized destinations"])
+def test_quantized_tensors_come_back_with_their_quantizers(tmp_path, into):
+    other = torch.quantize_per_tensor(torch.zeros(6), 1.0, 0, torch.quint8)
+    destination = {} if into == "empty state" else {"q": other, "qc": torch.quantize_per_tensor(
+        torch.zeros(3, 4), 1.0, 0, torch.qint8)}
+    _, loaded = _save_and_load(_quantized(), destination, tmp_path)
+    assert_exact(loaded, _quantized())
+
+
+def test_quantized_tensor_items_of_plain_dcp_load_only_into_alike_quantized_destinations(tmp_path):
+    """A quantized tensor DCP's own writer stored as a tensor item: copy_ would keep the destination's
+    quantizer, so a destination quantized otherwise is refused; one quantized alike loads."""
+    saved = _quantized()["q"]
+    torch.distributed.checkpoint.save({"q": saved}, checkpoint_id=tmp_path, no_dist=True)
+    other = {"q": torch.quantize_per_tensor(torch.zeros(6), 1.0, 0, torch.quint8)}
+    with pytest.raises(CheckpointException, match=r"quantization .*the values would change") as err:
+        torch.distributed.checkpoint.load(other, storage_reader=open_reader(tmp_path), no_dist=True)
+    assert isinstance(first_rank_failure(err.value), StateMismatchError)
+    alike = {"q": torch.quantize_per_tensor(torch.zeros(6), saved.q_scale(), saved.q_zero_point(), torch.quint8)}
+    torch.distributed.checkpoint.load(alike, storage_reader=open_reader(tmp_path), no_dist=True)
+    assert_exact(alike["q"], saved)
+
+
+def test_sparse_tensors_come_back(tmp_path):
+    torch.manual_seed(0)
+    dense = torch.randn(4, 6) * (torch.rand(4, 6) < 0.3)
+    state = {"coo": dense.to_sparse(), "csr": dense.to_sparse_csr(), "csc": dense.to_sparse_csc(),
+             "bsr": dense.to_sparse_bsr((2, 2))}
+    _, loaded = _save_and_load(state, {}, tmp_path)
+    assert_exact(loaded, state)
+
+
+@pytest.mark.parametrize("destination, says", [
+    (torch.zeros(1).expand(3), r"destination of 'c.v' is an expanded view .* share memory"),
+    (torch.empty(3, device="meta"), r"destination of 'c.v' is a tensor on the meta device"),
+])
+def test_destinations_that_cannot_hold_the_values_are_refused(tmp_path, destination, says):
+    path = coordinator(tmp_path, {"c": {"v": torch.ones(3)}, "r": {}}).save_checkpoint(checkpoint_id="ckpt")
+    with pytest.raises(StateMismatchError, match=says):
+        load(path, {"c": {"v": destination}, "r": {}})

@@ -356,6 +356,15 @@ QUANTIZATIONS = (
     (torch.quint8, "float_qparams"), (torch.quint4x2, "float_qparams"),
 )
 LAYOUTS = ("contiguous", "transposed", "strided", "expanded", "offset")
+SPARSE_KINDS = ("coo", "csr", "csc", "bsr")
+
+
+def _compressed(dense: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "csr":
+        return dense.to_sparse_csr()
+    if kind == "csc":
+        return dense.to_sparse_csc()
+    return dense.to_sparse_bsr((2, 2))
 
 
 @dataclass(frozen=True)
@@ -363,7 +372,7 @@ class TensorRecipe:
     """How to build one tensor value (hypothesis shows recipes, not megabytes of values).
 
     ``kind``: "dense", "quantized" (``quantization`` from QUANTIZATIONS), "coo" (``coalesced`` or
-    not) or "csr". Dense tensors take ``layout`` (LAYOUTS) and lazy-view ``bits`` ("conj", "neg",
+    not), "csr", "csc" or "bsr" (2x2 blocks). Dense tensors take ``layout`` (LAYOUTS) and lazy-view ``bits`` ("conj", "neg",
     "conj+neg"); values are ``seed``-random bytes (bools 0/1), so NaN payloads, -0.0, subnormals occur.
     """
 
@@ -389,7 +398,7 @@ class TensorRecipe:
     def build(self) -> torch.Tensor:
         if self.kind == "quantized":
             return self._quantized()
-        if self.kind in ("coo", "csr"):
+        if self.kind in SPARSE_KINDS:
             return self._sparse()
         shape = self.shape
         if self.layout == "transposed":
@@ -435,8 +444,8 @@ class TensorRecipe:
         dense = self._dense(self.shape, self.dtype)
         mask = self._bytes(math.prod(self.shape)).reshape(self.shape) < 96
         dense = dense * mask.to(self.dtype) if self.dtype != torch.bool else dense & mask
-        if self.kind == "csr":
-            return dense.to_sparse_csr()
+        if self.kind != "coo":
+            return _compressed(dense, self.kind)
         sparse = dense.to_sparse()
         if not self.coalesced:  # every entry twice: uncoalesced, stored and compared as it is
             indices = torch.cat([sparse.indices(), sparse.indices()], dim=1)
@@ -449,9 +458,9 @@ class TensorRecipe:
         load to overwrite: with the same flags, and strides where they give it memory of its own."""
         if self.kind == "quantized":
             return torch.quantize_per_tensor(torch.zeros(self.shape), 0.5, 1, torch.quint8)
-        if self.kind in ("coo", "csr"):
-            empty = torch.zeros(self.shape, dtype=self.dtype).to_sparse()
-            return empty.to_sparse_csr() if self.kind == "csr" else empty
+        if self.kind in SPARSE_KINDS:
+            zeros = torch.zeros(self.shape, dtype=self.dtype)
+            return zeros.to_sparse() if self.kind == "coo" else _compressed(zeros, self.kind)
         shape = self.shape
         if self.layout == "transposed":
             dest = self._dense(shape[::-1], self.dtype, zeros=True).permute(*reversed(range(len(shape))))
@@ -496,9 +505,9 @@ def quantized_recipes(draw) -> TensorRecipe:
 
 @st.composite
 def sparse_recipes(draw) -> TensorRecipe:
-    kind = draw(st.sampled_from(["coo", "csr"]))
+    kind = draw(st.sampled_from(SPARSE_KINDS))
     dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.int64, torch.complex64, torch.float16]))
-    shape = tuple(draw(st.lists(st.integers(1, 6), min_size=2, max_size=2)))
+    shape = tuple(2 * s for s in draw(st.lists(st.integers(1, 3), min_size=2, max_size=2)))  # whole 2x2 blocks for BSR
     return TensorRecipe(kind, dtype, shape, draw(st.integers(0, 2**31 - 1)), coalesced=draw(st.booleans()))
 
 
@@ -533,10 +542,11 @@ def _distinct(keys: list) -> bool:
 
 
 @st.composite
-def value_trees(draw, depth: int = 2, max_entries: int = 4) -> dict:
+def value_trees(draw, depth: int = 2, max_entries: int = 4, min_entries: int = 1) -> dict:
     """A state dict: keys of every storable type; leaves are TensorRecipes, plain values, lists of
     recipes (DCP walks those), tuples holding a recipe (pickled whole) and empty dicts."""
-    keys = draw(st.lists(storable_keys, min_size=1 if depth == 2 else 0, max_size=max_entries).filter(_distinct))
+    keys = draw(st.lists(storable_keys, min_size=min_entries if depth == 2 else 0, max_size=max_entries)
+                .filter(_distinct))
     tree = {}
     for key in keys:
         choice = draw(st.integers(0, 9))
