@@ -40,6 +40,7 @@ from ..core.coverage import unstored_pieces, write_result_problems
 from ..core.key_paths import encode_path
 from ..core.keys import top_level_key
 from ..core.placement import item_bytes
+from ..core.tensors import math_bits, raw_view, with_math_bits
 from ..core.topology import Topology
 from ..errors import IncompleteSaveError, os_error_context
 from ..format.index import StoredItem, encode_index
@@ -118,8 +119,8 @@ def _write_item(stream: _HashingStream, item: WriteItem, planner: SavePlanner) -
         stream.write(data.getbuffer() if isinstance(data, io.BytesIO) else data)
         return
     tensor = data.detach()
-    if tensor.device.type != "cpu":
-        tensor = tensor.cpu()
+    if tensor.device.type != "cpu":  # the storage's bytes move; lazy-view flags are put back on
+        tensor = with_math_bits(raw_view(tensor).cpu(), math_bits(tensor))
     save_tensor(tensor, stream)
 
 
