@@ -120,6 +120,10 @@ def assert_exact(got, want, where: str = "state") -> None:
             assert_exact(g, w, f"{where}[{i}]")
     elif isinstance(want, float):
         assert struct.pack("<d", got) == struct.pack("<d", want), f"{where}: {got!r} instead of {want!r}"
+    elif isinstance(want, complex):
+        assert struct.pack("<dd", got.real, got.imag) == struct.pack("<dd", want.real, want.imag), where
+    elif isinstance(want, (set, frozenset)):
+        assert sorted(map(repr, got)) == sorted(map(repr, want)), f"{where}: {got!r} instead of {want!r}"
     else:
         assert got == want, f"{where}: {got!r} instead of {want!r}"
 
@@ -276,6 +280,7 @@ REFUSED_VALUES = {
     "enum value": (lambda: Color.RED, "Color"),
     "object": (Opaque, "Opaque"),
     "empty bytes": (lambda: b"", "b''"),
+    "frozenset": (lambda: frozenset({1}), "frozenset"),
     "meta tensor": (lambda: torch.empty(3, device="meta"), "meta device"),
     "complex32 conj+neg view": (lambda: torch._neg_view(torch.zeros(2, dtype=torch.complex32).conj()), "no kernel"),
 }

@@ -112,6 +112,9 @@ def pickled_value(value: object, where: str) -> io.BytesIO:
     back; raises UnsupportedValueError naming ``where`` otherwise."""
     data = io.BytesIO()
     torch.save(value, data)
+    if _plainly_loadable(value):  # no global in its pickle: the trial load (most of the cost) would pass
+        data.seek(0)
+        return data
     try:
         load_object(data.getbuffer(), name=where)
     except UnsafeCheckpointError as err:
@@ -131,6 +134,27 @@ def pickled_value(value: object, where: str) -> io.BytesIO:
             from err
     data.seek(0)
     return data
+
+
+_PLAIN_SCALARS = (int, float, complex, str, bool, type(None), bytearray)
+
+
+def _plainly_loadable(value: object, depth: int = 0) -> bool:
+    """Whether ``value`` is built of builtin scalars, non-empty bytes, lists, tuples, dicts and sets
+    only, which pickle protocol 2 writes without any global the weights-only loader refuses; False
+    for anything else (or very deep nesting), which the caller then proves by loading it."""
+    kind = type(value)
+    if kind in _PLAIN_SCALARS:
+        return True
+    if kind is bytes:
+        return len(value) > 0  # b"" is pickled as a call of builtins.bytes
+    if depth > 32:
+        return False
+    if kind in (list, tuple, set):
+        return all(_plainly_loadable(item, depth + 1) for item in value)
+    if kind is dict:
+        return all(_plainly_loadable(k, depth + 1) and _plainly_loadable(v, depth + 1) for k, v in value.items())
+    return False
 
 
 def overlapping_destination(tensor: torch.Tensor) -> bool:

@@ -530,7 +530,8 @@ storable_keys = st.one_of(
 # save refuses it too; test_exact_values checks that).
 plain_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-(2**80), 2**80), st.floats(width=64), st.text(max_size=6),
-              st.binary(min_size=1, max_size=6)),
+              st.binary(min_size=1, max_size=6), st.complex_numbers(allow_nan=False),
+              st.sets(st.integers(-9, 9), max_size=3)),
     lambda inner: st.one_of(st.lists(inner, max_size=3), st.tuples(inner, inner)),
     max_leaves=5,
 )
