@@ -94,6 +94,8 @@ def write_synthetic_checkpoint(path: str, items: int, *, changed: int = 0, dropp
         "length": pa.array(lengths[blob], pa.int64()), "checksum": pa.array(checksums[blob], pa.string()),
         "rank": pa.array((i % 8).astype(np.int32), pa.int32()),
         "data_offset": pa.nulls(n, pa.int64()),  # the blobs are tiny: below LAYOUT_MIN_BYTES
+        "key_path": pa.nulls(n, pa.string()),  # string keys, plain tensors
+        "math_bits": pa.nulls(n, pa.string()),
     }
     table = pa.table(columns, schema=INDEX_SCHEMA)
     sink = io.BytesIO()

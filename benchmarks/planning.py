@@ -49,7 +49,7 @@ def simulate_planning(items: int, world: int = 8) -> dict[str, float]:
     planners, plans, local = [], [], []
     for rank in range(world):
         started = time.perf_counter()
-        planner = ForgeSavePlanner(_DECLARED, Topology(rank=rank, world_size=world))
+        planner = ForgeSavePlanner(_DECLARED, Topology(rank=rank, world_size=world), planning_only=True)
         planner.set_up_planner(dict(state), is_coordinator=rank == 0)
         plans.append(planner.create_local_plan())
         local.append(time.perf_counter() - started)

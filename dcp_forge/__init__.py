@@ -27,6 +27,7 @@ _EXPORTS = {
     "UnexpectedComponentError": "errors",
     "UnsafeCheckpointError": "errors",
     "UnsupportedFormatError": "errors",
+    "UnsupportedValueError": "errors",
     "LoadResult": "loading",
     "CheckpointManifest": "format.manifest",
     "ComponentManifest": "format.manifest",
@@ -74,7 +75,7 @@ __all__ = [
     "Problem", "ProblemKind", "RNGState", "ReplicationError", "SharingPattern", "StateComponent", "StateMismatchError",
     "Topology", "TopologyChangeError", "TopologyChangeWarning", "TopologyPolicy", "TrainingProgress",
     "UnexpectedComponentError", "UnsafeCheckpointError",
-    "UnsupportedFormatError",
+    "UnsupportedFormatError", "UnsupportedValueError",
     "ValidationLevel", "delete_checkpoint", "discard_partial_checkpoints", "export_hf", "gather_topology",
     "latest_checkpoint", "list_checkpoints", "load_hf_into", "read_manifest", "verify_checkpoint", "__version__",
 ]

@@ -243,6 +243,35 @@ def local_shard_shape(shape: tuple[int, ...], mesh: Any, placements: Any) -> tup
     return _local_shape_by_hand(tuple(shape), mesh, placements)
 
 
+# --- lazy negative views -------------------------------------------------------------------------
+def negative_view(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with its lazy negative bit flipped (``torch._neg_view``): a view of the same storage
+    reading as ``-tensor``, or, on a tensor carrying the bit, its raw storage. No public API sets or
+    clears the bit, so there is no fallback: without it negative views cannot be stored exactly."""
+    view = getattr(torch, "_neg_view", None)
+    if view is None:  # pragma: no cover - depends on the torch release
+        raise NotImplementedError("this torch has no torch._neg_view: dcp_forge cannot store or load "
+                                  "lazily negated tensors exactly; resolve them first (.resolve_neg())")
+    return view(tensor)
+
+
+# --- async staging --------------------------------------------------------------------------------
+try:
+    from torch.distributed.checkpoint._state_dict_stager import StateDictStager
+except ImportError:  # pragma: no cover - depends on the torch release
+    StateDictStager = None  # type: ignore[assignment,misc]
+
+
+def install_state_dict_stager(stager: Any, inner: Any) -> bool:
+    """Make DCP's ``DefaultStager`` ``stager`` copy state through ``inner`` (a ``StateDictStager``,
+    which keeps one CPU buffer per source storage across saves); False where this torch's
+    ``DefaultStager`` has no such part to replace (the caller then stages by hand)."""
+    if StateDictStager is None or not isinstance(getattr(stager, "_state_dict_stager", None), StateDictStager):
+        return False
+    stager._state_dict_stager = inner
+    return True
+
+
 # --- torch.save without its CRC pass -------------------------------------------------------------
 def _zip_writer_without_crc() -> Callable[[torch.Tensor, Any], None] | None:
     """torch.save's own zip writer with ``compute_crc32=False`` for one call, if this torch has the

@@ -18,6 +18,11 @@ Where DCP did not fit, and what this module does instead:
   one copy into already-allocated memory.
 - ``StagingOptions()``'s defaults raise on a CPU-only machine (``use_non_blocking_copy`` needs an
   accelerator) and pin memory only with CUDA: ``staging_options()`` picks per machine.
+- DCP's ``StateDictStager`` copies a tensor as its raw storage: a conjugate / negative view comes
+  back without its flag (other values, silently) and a quantized tensor without its quantizer (an
+  internal assert later), and a sparse one fails. dcp_forge's exact stager re-applies the flags to the
+  staged copy and copies quantized, sparse and nested tensors whole; meta tensors stay as they are (a
+  staged copy would be uninitialised memory), for the save planner to refuse.
 - DCP's stager raises ``AssertionError`` ("Cached storage size does not match") when a source storage
   grew in place (``Tensor.resize_``) since the last save: ``ForgeStager`` then drops its buffers and
   stages again with a fresh stager.
@@ -42,6 +47,8 @@ settled before its process group is destroyed, at interpreter exit and on SIGTER
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import threading
 import time
@@ -57,9 +64,11 @@ from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, Sta
 from torch.distributed.tensor import DTensor
 
 from . import teardown
-from ._torch_compat import tree_leaves
+from ._torch_compat import StateDictStager, install_state_dict_stager, tree_leaves
+from .core.tensors import is_plain_tensor, math_bits, with_math_bits
 from .errors import AsyncSaveError, first_rank_failure
 from .format.manifest import CheckpointManifest
+from .format.values import is_opaque_tensor, opaque_copy
 from .planners import ForgeSavePlanner
 from .storage import ForgeStorageWriter, redact_url
 
@@ -76,6 +85,53 @@ def staging_options() -> StagingOptions:
                           use_async_staging=False, use_non_blocking_copy=torch.accelerator.is_available())
 
 
+@functools.cache
+def _exact_state_dict_stager() -> type | None:
+    """DCP's ``StateDictStager`` (one cached CPU buffer per source storage), made exact: it stages a
+    tensor as its raw storage, so lazy-view flags are re-applied to the staged copy, and opaque
+    tensors (quantized, sparse, nested) are copied whole. None where this torch lacks the class."""
+    if StateDictStager is None:
+        return None
+
+    class ExactStateDictStager(StateDictStager):
+        def _offload_tensor(self, x: torch.Tensor, memo: dict, non_blocking: bool = False) -> torch.Tensor:
+            if is_plain_tensor(x) and (x.device.type == "meta" or is_opaque_tensor(x)):
+                staged = x.detach() if x.device.type == "meta" else opaque_copy(x)
+            else:
+                staged = super()._offload_tensor(x, memo, non_blocking=non_blocking)
+                if is_plain_tensor(x):
+                    staged = with_math_bits(staged, math_bits(x))
+            memo[id(x)] = staged
+            return staged
+
+    return ExactStateDictStager
+
+
+class _CopyingStager:
+    """Staging by hand, where torch's ``DefaultStager`` cannot stage through an exact
+    ``StateDictStager``: a deep copy (values exact, lazy views materialised), with no buffers kept
+    across saves."""
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        memo = {id(leaf): opaque_copy(leaf) for leaf in tree_leaves(state_dict) if is_opaque_tensor(leaf)}
+        return copy.deepcopy(state_dict, memo)
+
+    def close(self) -> None:
+        pass
+
+
+def exact_stager(options: StagingOptions) -> DefaultStager | _CopyingStager:
+    """A stager whose copies are exact (see ``_exact_state_dict_stager``): DCP's ``DefaultStager``
+    staging through the exact ``StateDictStager`` where this torch allows, else ``_CopyingStager``."""
+    stager = DefaultStager(options)
+    exact = _exact_state_dict_stager()
+    if exact is not None and install_state_dict_stager(
+            stager, exact(pin_memory=options.use_pinned_memory, share_memory=options.use_shared_memory)):
+        return stager
+    stager.close()
+    return _CopyingStager()
+
+
 def _local_tensors(value: Any) -> list[torch.Tensor]:
     """The plain tensors holding a value's local data (a DTensor's local shard, a ShardedTensor's shards)."""
     if isinstance(value, DTensor):
@@ -90,7 +146,7 @@ def staged_bytes(staged: Any) -> int:
     storages = {}
     for leaf in tree_leaves(staged):
         for tensor in _local_tensors(leaf):
-            if tensor.device.type == "cpu":
+            if tensor.device.type == "cpu" and tensor.layout == torch.strided and not tensor.is_nested:
                 storage = tensor.untyped_storage()
                 storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
@@ -115,7 +171,7 @@ class ForgeStager(AsyncStager):
         self.options = options if options is not None else staging_options()
         self.group = group
         self.rank = rank
-        self._stager = DefaultStager(self.options)
+        self._stager = exact_stager(self.options)
         self.last_staged_bytes = 0
         self.last_staging_seconds = 0.0
         # Called once this rank staged, before the agreement (e.g. a replication check's wait(), which
@@ -152,7 +208,7 @@ class ForgeStager(AsyncStager):
             logger.info("rank %d: a staged tensor's storage changed size; re-allocating staging buffers",
                         self.rank)
             self._stager.close()
-            self._stager = DefaultStager(self.options)
+            self._stager = exact_stager(self.options)
             return self._stager.stage(state_dict)
 
     def _agree(self, error: BaseException | None) -> None:
@@ -177,7 +233,7 @@ class ForgeStager(AsyncStager):
     def close(self) -> None:
         """Free the staging buffers (they are re-created by the next ``stage``)."""
         self._stager.close()
-        self._stager = DefaultStager(self.options)
+        self._stager = exact_stager(self.options)
 
 
 class AsyncSaveHandle:

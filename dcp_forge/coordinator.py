@@ -49,6 +49,7 @@ from .errors import (
 )
 from .format.manifest import CheckpointManifest
 from .format.names import MANIFEST_FILE, validate_checkpoint_id
+from .format.values import saved_forms
 from .loading import LoadResult, LoadSelection, decide_loads
 from .planners import ForgeLoadPlanner, ForgeSavePlanner
 from .replication import ReplicationCheck, needs_replication_check, start_replication_check
@@ -354,7 +355,8 @@ class CheckpointCoordinator:
             prepare_for_load(c.stateful)
         planner = ForgeLoadPlanner(decision.loading, self.topology, key_map=decision.key_map,
                                    allow_partial_load=not strict,
-                                   select_keys={k: v for k, v in selection.keys.items() if k in decision.key_map})
+                                   select_keys={k: v for k, v in selection.keys.items() if k in decision.key_map},
+                                   saved_forms=self._on_every_rank(lambda: saved_forms(records)))
         with _rank_errors(), single_process_dcp(self.group is None):
             dcp.load({c.key: c.stateful for c in decision.loading}, storage_reader=reader, planner=planner,
                      process_group=self.group, no_dist=self.group is None)

@@ -52,6 +52,11 @@ class StateMismatchError(ForgeError, ValueError):
     """Saved and current state disagree on shape, dtype or structure."""
 
 
+class UnsupportedValueError(ForgeError, TypeError):
+    """A value (or dictionary key) in a component's state that dcp_forge cannot store exactly: refused
+    at save time, before anything is written."""
+
+
 class CheckpointExistsError(ForgeError, FileExistsError):
     """The checkpoint id is already taken by a committed (or in-progress) checkpoint."""
 

@@ -38,9 +38,10 @@ import xxhash
 from ._torch_compat import flatten_state_dict
 from .core.components import StateComponent
 from .core.patterns import SharingPattern, ValidationLevel
-from .core.tensors import dtype_named
+from .core.tensors import dtype_named, math_bits, raw_view
 from .core.topology import Topology
 from .errors import ReplicationError
+from .format.values import is_opaque_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +58,11 @@ _MAX_LISTED = 20
 
 # --- pure: digests of one rank's state ---------------------------------------------------------
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The tensor whose bytes this rank holds (a DTensor's local shard), on the CPU, contiguous."""
+    """The tensor whose bytes this rank holds (a DTensor's local shard), on the CPU, contiguous; a
+    lazy view's storage bytes without its flags (which ``value_digest`` hashes apart)."""
     if hasattr(t, "to_local"):
         t = t.to_local()
-    t = t.detach()
+    t = raw_view(t.detach())
     if t.device.type != "cpu":
         t = t.cpu()
     return t if t.is_contiguous() else t.contiguous()
@@ -77,14 +79,39 @@ def raw_bytes(t: torch.Tensor) -> memoryview:
 
 
 def value_digest(value: Any) -> str:
-    """xxh3 of a tensor's dtype, shape and bytes, or of a plain value's pickle."""
+    """xxh3 of a tensor's dtype, shape, lazy-view flags and bytes (a quantized or sparse one's
+    quantizer or indices too), or of a plain value's pickle."""
     h = xxhash.xxh3_64()
     if isinstance(value, torch.Tensor):
-        h.update(f"{value.dtype}{tuple(value.shape)}".encode())
-        h.update(raw_bytes(value))
+        for part in _tensor_parts(value):
+            h.update(part.encode() if isinstance(part, str) else part)
     else:
         h.update(pickle.dumps(value, protocol=4))
     return h.hexdigest()
+
+
+def _tensor_parts(t: torch.Tensor) -> list[str | memoryview]:
+    """What makes a tensor the value it is, as text and bytes to hash."""
+    head = f"{t.dtype}{'nested' if t.is_nested else tuple(t.shape)}{math_bits(t) or ''}"
+    if not is_opaque_tensor(t):
+        return [head, raw_bytes(t)]
+    if t.is_quantized:
+        scheme = t.qscheme()
+        if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            quantizer = [f"{scheme}{t.q_scale().hex()}{t.q_zero_point()}"]
+        else:
+            quantizer = [f"{scheme}{t.q_per_channel_axis()}", *_tensor_parts(t.q_per_channel_scales()),
+                         *_tensor_parts(t.q_per_channel_zero_points())]
+        return [head, *quantizer, *_tensor_parts(t.int_repr())]
+    if t.layout == torch.sparse_coo:
+        return [f"{head}coo{t.is_coalesced()}", *_tensor_parts(t._indices()), *_tensor_parts(t._values())]
+    if t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        parts = (t.crow_indices(), t.col_indices(), t.values())
+    elif t.layout in (torch.sparse_csc, torch.sparse_bsc):
+        parts = (t.ccol_indices(), t.row_indices(), t.values())
+    else:  # nested
+        parts = tuple(t.unbind())
+    return [f"{head}{t.layout}{len(parts)}", *(p for part in parts for p in _tensor_parts(part))]
 
 
 def flat_state(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -95,7 +122,7 @@ def flat_state(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 def tensor_digests(state_dict: Mapping[str, Any]) -> dict[str, str]:
     """TENSOR level: one digest per flattened key, hashed on a few threads when the state is big."""
     flat = sorted(flat_state(state_dict).items())
-    total = sum(v.nbytes for _, v in flat if isinstance(v, torch.Tensor))
+    total = sum(v.nbytes for _, v in flat if isinstance(v, torch.Tensor) and not is_opaque_tensor(v))
     threads = min(_MAX_HASH_THREADS, os.cpu_count() or 1, len(flat))
     if total < _PARALLEL_HASH_BYTES or threads < 2:
         return {k: value_digest(v) for k, v in flat}
@@ -332,7 +359,11 @@ def _digest_round(checked: Sequence[StateComponent], states: Mapping[str, Any], 
 
 
 def _describe(value: Any) -> tuple:
-    """What FULL exchanges first: a tensor's dtype, shape and size; a plain value's pickle and repr."""
+    """What FULL exchanges first: a tensor's dtype, shape and size; a plain value's pickle and repr.
+    A tensor that is more than its storage's bytes (lazy-view flags, a quantizer, sparse indices) is
+    compared by its digest instead, like a plain value."""
+    if isinstance(value, torch.Tensor) and (math_bits(value) or is_opaque_tensor(value)):
+        return ("value", value_digest(value).encode(), f"a {value.dtype} {value.layout} tensor")
     if isinstance(value, torch.Tensor):
         return ("tensor", str(value.dtype), tuple(value.shape), value.nbytes)
     return ("value", pickle.dumps(value, protocol=4), _short(value))

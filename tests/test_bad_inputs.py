@@ -8,6 +8,7 @@ ranks in one spawn at the end of the module."""
 
 from __future__ import annotations
 
+import enum
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,6 +39,10 @@ from tests.support.tamper import reseal
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
+
+
+class Kind(enum.Enum):
+    A = 1
 
 
 class Broken(Box):
@@ -258,6 +264,15 @@ CASES = [
     Case("validate not a bool", TypeError, r"'validate' must be <bool>", _save(validate="yes")),
     Case("extra that JSON cannot hold", TypeError, r"'extra' must hold JSON values only",
          _save(extra={"when": object()})),
+    Case("numpy array in a component's state", TypeError, r"component 'box' on rank 0, key 'noise' holds a "
+         r"<ndarray> that cannot be saved exactly: its stored form needs numpy\._core\.multiarray\._reconstruct",
+         _save(components=declared(box=StateComponent("box", Box({"noise": np.zeros(3)}), "global")))),
+    Case("enum as a dictionary key", TypeError, r"component 'box' on rank 0, key 'by_kind.Kind.A': the key <Kind.A: "
+         r"1> on its path 'by_kind\[<Kind.A: 1>\]' is a <Kind>",
+         _save(components=declared(box=StateComponent("box", Box({"by_kind": {Kind.A: torch.ones(1)}}), "global")))),
+    Case("meta tensor in a component's state", TypeError, r"component 'box' on rank 0, key 't' is a tensor on the "
+         r"meta device: it holds no data to save",
+         _save(components=declared(box=StateComponent("box", Box({"t": torch.empty(2, device="meta")}), "global")))),
     Case("committed checkpoint_id reused", FileExistsError, r"checkpoint .*checkpoint-good already exists and is "
          r"committed; saves never overwrite", _save("checkpoint-good")),
     Case("non-empty directory as checkpoint_id", FileExistsError, r"is not empty \(holds \['notes.txt'\]\)", _junk_dir),
@@ -292,6 +307,13 @@ CASES = [
     Case("dtype mismatch", ValueError, r"dtype mismatch for 'model.weight': checkpoint has torch.float32, current "
          r"state expects torch.float64", _load(components=declared(model=StateComponent(
              "model", model(dtype=torch.float64), "replicated")))),
+    Case("expanded tensor as a destination", ValueError, r"component 'box' on rank 0: the destination of 'box.t' is "
+         r"an expanded view \(shape \(5,\), strides \(0,\)\) whose elements share memory",
+         _load(components=declared(box=StateComponent("box", Box({"step": 0, "t": torch.zeros(1).expand(5)}),
+                                                      "global")))),
+    Case("meta tensor as a destination", ValueError, r"component 'box' on rank 0: the destination of 'box.t' is a "
+         r"tensor on the meta device", _load(components=declared(box=StateComponent(
+             "box", Box({"step": 0, "t": torch.empty(5, device="meta")}), "global")))),
     Case("truncated manifest", ValueError, r"checkpoint_manifest.json is not the manifest this checkpoint was "
          r"committed with", _tampered(_edit_manifest(lambda text: text[:len(text) // 2], seal=False))),
     Case("truncated manifest, checksums off", ValueError, r"checkpoint manifest is malformed",

@@ -183,18 +183,21 @@ def test_planners_work_straight_in_dcp_with_dcps_own_storage(tmp_path):
     assert torch.equal(big3, big)
 
 
-def test_a_failed_save_never_shadows_the_previous_checkpoint_and_leaves_no_debris(tmp_path):
+def test_a_failed_save_never_shadows_the_previous_checkpoint_and_leaves_no_debris(tmp_path, monkeypatch):
+    from dcp_forge.storage import writer
+
     class Exploding(Counter):
         def state_dict(self):
-            return {"step": self.step, "t": torch.ones(3), "bad": ExplodingTensor()}
+            return {"step": self.step, "t": torch.ones(3)}
 
-    class ExplodingTensor:
-        def __reduce__(self):
-            raise RuntimeError("disk on fire")
+    def exploding_write(tensor, stream):  # fails while the data files are being written
+        stream.write(b"partial")
+        raise RuntimeError("disk on fire")
 
     good = CheckpointCoordinator([StateComponent("trainer", Counter(1), "global")], output_dir=tmp_path)
     first = good.save_checkpoint(checkpoint_id="checkpoint-1")
     bad = CheckpointCoordinator([StateComponent("trainer", Exploding(2), "global")], output_dir=tmp_path)
+    monkeypatch.setattr(writer, "save_tensor", exploding_write)
     with pytest.raises(Exception, match="disk on fire"):
         bad.save_checkpoint(checkpoint_id="checkpoint-2")
     assert not os.path.exists(tmp_path / "checkpoint-2")  # removed once the save failed

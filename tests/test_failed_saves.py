@@ -50,7 +50,7 @@ def unpicklable() -> object:
 UNSUPPORTED = {
     "an object pickle refuses": lambda: {"w": torch.randn(8), "lock": unpicklable()},
     "a function": lambda: {"w": torch.randn(8), "f": lambda x: x},
-    "a sparse tensor": lambda: {"w": torch.randn(8), "s": torch.eye(4).to_sparse()},
+    "a tensor on the meta device": lambda: {"w": torch.randn(8), "m": torch.empty(4, device="meta")},
 }
 
 
@@ -170,8 +170,17 @@ def _failing_saves(rank: int, world: int, root: str) -> dict:
     finally:
         if previous is not None:
             os.umask(previous)
-    # Rank 0's value cannot be stored; rank 1's file is complete: rank 0 removes rank 1's file too.
-    value = {"r": torch.full((1000,), float(rank)), "x": unpicklable() if rank == 0 else 1}
+    # Rank 0's data cannot be written (a value that fails only while it is written: values the save
+    # can tell are unstorable are refused before the claim); rank 1's file is complete: rank 0
+    # removes rank 1's file too.
+    from dcp_forge.storage import writer
+
+    def unwritable(tensor: torch.Tensor, stream: object) -> None:
+        raise TypeError(f"cannot pickle {unpicklable()!r} found inside the tensor being written")
+
+    if rank == 0:
+        writer.save_tensor = unwritable
+    value = {"r": torch.full((1000,), float(rank)), "x": 1}
     attempt("unstorable", CheckpointCoordinator([StateComponent("mine", Box(value), "per_rank")],
                                                 output_dir=os.path.join(root, "unstorable")), "ckpt-1")
     return outcome

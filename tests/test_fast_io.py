@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_forge import CheckpointCoordinator, StateComponent
-from dcp_forge.core.tensors import dtype_named
+from dcp_forge.core.tensors import dtype_named, math_bits, raw_view
 from dcp_forge.errors import IntegrityError, first_rank_failure
 from dcp_forge.format.torch_blob import (
     NotPlainTensor,
@@ -46,16 +46,27 @@ def _layout(data: bytes):
 
 @st.composite
 def stored_tensors(draw) -> tuple[torch.Tensor, bool]:
-    """A tensor as a writer may store it, and whether it is plain (whole, contiguous storage)."""
+    """A tensor as a writer may store it, and whether it is plain (whole, contiguous storage), among
+    them the dtypes torch pickles with ``_rebuild_tensor_v3`` and lazy conjugate / negative views."""
     shape = tuple(draw(st.lists(st.integers(0, 7), max_size=3)))
-    dtype = draw(st.sampled_from(DTYPES + [torch.bool, torch.complex64, torch.float64]))
-    base = (torch.rand(shape) * 100).to(dtype)
-    form = draw(st.sampled_from(["plain", "transposed", "view"]))
+    dtype = draw(st.sampled_from([*DTYPES, torch.bool, torch.complex64, torch.float64, torch.uint16,
+                                  torch.float8_e4m3fn, torch.complex32, torch.bits8]))
+    raw = torch.randint(0, 256, (math.prod(shape) * dtype.itemsize,), dtype=torch.uint8)
+    base = (raw & 1 if dtype == torch.bool else raw).view(dtype).reshape(shape)
+    form = draw(st.sampled_from(["plain", "transposed", "view", "conj", "neg"]))
     if form == "transposed" and base.dim() >= 2 and base.shape[0] > 1 and base.shape[1] > 1:
         return base.transpose(0, 1), base.numel() == 0  # an empty tensor has no layout to get wrong
     if form == "view" and base.numel() > 1:
         return base.reshape(-1)[1:], False
+    if form == "conj" and dtype.is_complex:
+        return base.conj(), True
+    if form == "neg" and dtype in (torch.float32, torch.int64, torch.complex64):
+        return torch._neg_view(base), True
     return base, True
+
+
+def _storage_bytes(tensor: torch.Tensor) -> bytes:
+    return raw_view(tensor).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 @settings(max_examples=60, deadline=None)
@@ -63,16 +74,17 @@ def stored_tensors(draw) -> tuple[torch.Tensor, bool]:
 def test_layout_finds_exactly_the_tensor_bytes_or_refuses(case, ours):
     tensor, plain = case
     data = _blob(tensor, save_tensor if ours else torch.save)
-    assert torch.equal(torch.load(io.BytesIO(data), weights_only=True), tensor)  # CRC-less blobs still load
+    loaded = torch.load(io.BytesIO(data), weights_only=True)  # CRC-less blobs still load
+    assert _storage_bytes(loaded) == _storage_bytes(tensor) and math_bits(loaded) == math_bits(tensor)
     if not plain:
         with pytest.raises(NotPlainTensor):
             _layout(data)
         return
     layout = _layout(data)
-    assert (layout.dtype, layout.shape, layout.nbytes) == (tensor.dtype, tuple(tensor.shape),
-                                                           tensor.numel() * tensor.element_size())
+    assert (layout.dtype, layout.shape, layout.nbytes, layout.math_bits) == (
+        tensor.dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size(), math_bits(tensor))
     stored = bytes(data[layout.data_offset:layout.data_offset + layout.nbytes])
-    assert stored == tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    assert stored == _storage_bytes(tensor)
     # what a writer or a reader finds from the blob's edges alone
     assert layout_from_edges(data[:layout.data_offset], data[layout.data_offset + layout.nbytes:], len(data)) == layout
 
@@ -96,7 +108,8 @@ def test_the_writer_finds_each_blob_layout_however_torch_cuts_its_writes(numel, 
     assert stream.data_offset(len(data)) == _layout(data).data_offset
 
 
-@pytest.mark.parametrize("value", [{"a": torch.ones(3)}, [torch.ones(2)], 7, torch.ones(4).to(torch.float8_e4m3fn)])
+@pytest.mark.parametrize("value", [{"a": torch.ones(3)}, [torch.ones(2)], 7,
+                                   torch.quantize_per_tensor(torch.ones(4), 0.5, 1, torch.qint8)])
 def test_layout_refuses_anything_but_one_plain_tensor(value):
     with pytest.raises(NotPlainTensor):
         _layout(_blob(value, torch.save))

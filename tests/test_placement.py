@@ -112,7 +112,7 @@ def test_single_1gib_tensor_is_balanced_below_the_tensor_level(world):
     """The balance bound: busiest rank <= 1.05 x mean + one chunk, for one replicated 1 GiB tensor."""
     plans, planners = [], []
     for rank in range(world):
-        planner = ForgeSavePlanner({"model": "replicated"}, Topology.uniform(rank, world))
+        planner = ForgeSavePlanner({"model": "replicated"}, Topology.uniform(rank, world), planning_only=True)
         planner.set_up_planner({"model": {"w": torch.empty(1 << 28, device="meta")}})
         plans.append(planner.create_local_plan())
         planners.append(planner)
@@ -133,7 +133,8 @@ def test_balance_bound_for_replicated_state(world, sizes):
     policy = ChunkPolicy(min_chunk_bytes=1 << 16)
     plans, planners = [], []
     for rank in range(world):
-        planner = ForgeSavePlanner({"m": "replicated"}, Topology.uniform(rank, world), chunk_policy=policy)
+        planner = ForgeSavePlanner({"m": "replicated"}, Topology.uniform(rank, world), chunk_policy=policy,
+                                   planning_only=True)
         planner.set_up_planner({"m": state})
         plans.append(planner.create_local_plan())
         planners.append(planner)

@@ -94,6 +94,27 @@ def test_comparisons_are_bitwise():
     assert element_disagreement(5, 5) is None and element_disagreement("a", "b") == "'a' vs 'b'"
 
 
+def test_digests_see_view_flags_quantizers_and_sparse_indices():
+    """Tensors equal in their storage's bytes but not as values digest differently; rebuilt alike,
+    the same (a lazy view digests as its storage's bytes and its flags, as it is stored)."""
+    def x():
+        return torch.arange(4.0).to(torch.complex64)
+
+    def ints():
+        return torch.arange(6, dtype=torch.int8)
+
+    def coo():
+        return torch.sparse_coo_tensor(torch.tensor([[0, 0]]), torch.tensor([1.0, 2.0]), (3,))
+
+    pairs = [(lambda: x().conj(), x), (lambda: torch._neg_view(x().real), lambda: x().real),
+             (lambda: torch._make_per_tensor_quantized_tensor(ints(), 0.5, 0),
+              lambda: torch._make_per_tensor_quantized_tensor(ints(), 0.25, 0)),
+             (coo, lambda: coo().coalesce()), (lambda: torch.eye(3).to_sparse_csr(), lambda: torch.eye(3).to_sparse_csc())]
+    for one, other in pairs:
+        assert value_digest(one()) != value_digest(other())
+        assert value_digest(one()) == value_digest(one())
+
+
 def test_disagreements_name_the_odd_ranks():
     assert split_by_value({0: "a", 1: "b", 2: "a", 3: "a"}) == [[0, 2, 3], [1]]
     problems = digest_disagreements({0: {"w": "a", "b": "x"}, 1: {"w": "b", "b": "x"}, 2: {"w": "a"}})
@@ -235,7 +256,29 @@ def validation_scenarios(rank: int, world: int, root: str) -> dict:
         if rank == victim:
             component.stateful.state = _state(_copy_seed(pattern, rank))
     out["random"] = (trials, caught, named)
+
+    # 6. values that are more than their storage's bytes (lazy views, quantizers, sparse indices, int
+    # keys): consistent ones pass, and rank 3 holding the same integers under another scale is caught.
+    out["beyond_bytes"] = {}
+    for level in LEVELS:
+        component = StateComponent(f"beyond_{level.value}", Box(_beyond_bytes(0.5)), "replicated",
+                                   validate_replication=True, validation_level=level)
+        coord = CheckpointCoordinator([component], groups, os.path.join(root, "beyond"))
+        check_replication(coord.components, coord.topology, coord.group)
+        if rank == 3:
+            component.stateful.state = _beyond_bytes(0.25)
+        try:
+            check_replication(coord.components, coord.topology, coord.group)
+            out["beyond_bytes"][level.value] = "passed"
+        except ReplicationError as err:
+            out["beyond_bytes"][level.value] = str(err)
     return out
+
+
+def _beyond_bytes(scale: float) -> dict:
+    return {"conj": torch.arange(4.0).to(torch.complex64).conj(), "neg": torch._neg_view(torch.arange(3.0)),
+            "q": torch._make_per_tensor_quantized_tensor(torch.arange(4, dtype=torch.int8), scale, 0),
+            "coo": torch.eye(3).to_sparse(), "csr": torch.eye(3).to_sparse_csr(), "by_id": {0: torch.ones(2)}}
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +328,11 @@ def test_every_random_one_ulp_divergence_is_caught(outcome):
     for trials, caught, named in (r["random"] for r in outcome):
         assert caught == trials, f"caught {caught} of {trials}"
         assert named == trials, f"named component, tensor and rank in {named} of {trials}"
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=lambda v: v.value)
+def test_values_beyond_their_bytes_are_compared_with_what_makes_them(outcome, level):
+    messages = {r["beyond_bytes"][level.value] for r in outcome}
+    assert len(messages) == 1, messages
+    message = messages.pop()
+    assert "'q'" in message and "ranks [3]" in message and "'conj'" not in message, message

@@ -1,4 +1,5 @@
-"""Tensor helpers shared by planners and storage: exact-storage views, chunk narrowing, dtype names."""
+"""Tensor helpers shared by planners and storage: exact-storage views, chunk narrowing, dtype names,
+lazy-view flags."""
 
 from __future__ import annotations
 
@@ -6,6 +7,48 @@ import math
 from collections.abc import Sequence
 
 import torch
+
+from .._torch_compat import negative_view
+
+# The lazy-view flags a tensor can carry ("math bits": ``x.conj()``, ``torch._neg_view(x)``), as
+# ``math_bits`` names them and index.parquet records them.
+MATH_BITS = ("conj", "neg", "conj+neg")
+
+
+def math_bits(tensor: torch.Tensor) -> str | None:
+    """``"conj"``, ``"neg"``, ``"conj+neg"`` or None: the lazy-view flags ``tensor`` carries. Its
+    storage holds the values before the flags apply, as ``torch.save`` stores it."""
+    bits = [name for name, on in (("conj", tensor.is_conj()), ("neg", tensor.is_neg())) if on]
+    return "+".join(bits) or None
+
+
+def with_math_bits(tensor: torch.Tensor, bits: str | None) -> torch.Tensor:
+    """A view of ``tensor``'s storage with ``bits`` flipped: on a plain tensor it adds them (the
+    destination a flagged tensor loads into), on a tensor carrying exactly ``bits`` it removes them
+    (its raw storage, for copies that must not compute anything)."""
+    if bits not in (None, *MATH_BITS):
+        raise ValueError(f"unknown math bits {bits!r} (expected one of {MATH_BITS})")
+    if bits and "conj" in bits:
+        tensor = tensor.conj()
+    if bits and "neg" in bits:
+        tensor = negative_view(tensor)
+    return tensor
+
+
+def raw_view(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` without its lazy-view flags: its storage's values, bit for bit (a view, no copy)."""
+    return with_math_bits(tensor, math_bits(tensor))
+
+
+def copy_exactly(target: torch.Tensor, source: torch.Tensor) -> None:
+    """``target.copy_(source)``, bit for bit where both carry the same lazy-view flags: then the raw
+    storages are copied (a copy through the flags would compute, and complex negation quiets
+    signalling NaNs)."""
+    bits = math_bits(source)
+    if bits is not None and bits == math_bits(target):
+        with_math_bits(target, bits).copy_(with_math_bits(source, bits))
+    else:
+        target.copy_(source)
 
 
 def dtype_named(name: str) -> torch.dtype | None:
@@ -27,11 +70,16 @@ def exact_storage(tensor: torch.Tensor) -> torch.Tensor:
 
     ``torch.save`` writes a tensor's whole underlying storage, so saving a row-chunk (or any view)
     as-is would write the full parent tensor. A contiguous CPU view gets a zero-copy storage slice;
-    a non-contiguous one is copied; other devices are copied to the CPU by the writer anyway.
+    a non-contiguous one is copied; other devices are copied to the CPU by the writer anyway. A lazy
+    conjugate / negative view keeps its flags over its storage's bytes, as ``torch.save`` stores it:
+    the copy or slice is taken of its raw storage and flagged again.
     """
     tensor = tensor.detach()
     if tensor.device.type != "cpu":
         return tensor
+    bits = math_bits(tensor)
+    if bits is not None:
+        return with_math_bits(exact_storage(with_math_bits(tensor, bits)), bits)
     if not tensor.is_contiguous():
         return tensor.contiguous()
     storage = tensor.untyped_storage()

@@ -26,6 +26,8 @@ class StoredItem:
     checksum: str  # xxh3_64 hex of the stored bytes
     rank: int
     data_offset: int | None = None  # where a plain tensor's bytes start inside the item (torch_blob.py)
+    key_path: str | None = None  # the value's keys below its component, when one is not a str (key_paths.py)
+    math_bits: str | None = None  # the lazy-view flags of a tensor written resolved (values.py)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,10 @@ class ItemRecord:
     # Where the tensor's bytes start inside the stored item, for a tensor blob a reader can fill its
     # destination from in one read; None for bytes, small tensors, and indexes written before it existed.
     data_offset: int | None = None
+    # The value's real keys below its component (key_paths.encode_path) where one of them is not a str,
+    # and a tensor's lazy-view flags ("conj", "neg", "conj+neg"; values.py); null otherwise.
+    key_path: str | None = None
+    math_bits: str | None = None
 
     @property
     def location(self) -> tuple[str, int]:
@@ -69,10 +75,12 @@ INDEX_SCHEMA = pa.schema([
     ("checksum", pa.string()),
     ("rank", pa.int32()),
     ("data_offset", pa.int64()),
+    ("key_path", pa.string()),
+    ("math_bits", pa.string()),
 ])
 
 # Columns added after the first release: an index written before them reads them as all-null.
-_OPTIONAL_COLUMNS = frozenset({"data_offset"})
+_OPTIONAL_COLUMNS = frozenset({"data_offset", "key_path", "math_bits"})
 
 
 def encode_index(records: Sequence[ItemRecord]) -> bytes:

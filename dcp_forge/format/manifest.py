@@ -159,6 +159,7 @@ def item_records(metadata: Metadata, results: Sequence[Sequence[WriteResult]],
                 fqn=fqn, kind=kind, dtype=dtype, shape=shape, chunk_offsets=offsets, chunk_sizes=sizes,
                 file=info.relative_path, offset=info.offset, length=info.length,
                 checksum=info.checksum, rank=info.rank, data_offset=info.data_offset,
+                key_path=info.key_path, math_bits=info.math_bits,
             ))
     records.sort(key=lambda r: (r.fqn, r.chunk_offsets or ()))
     return records

@@ -29,8 +29,8 @@ def load_object(data: io.BytesIO | bytes | memoryview, *, name: str) -> object:
     try:
         return torch.load(stream, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        refused = _REFUSED_GLOBAL_RE.search(str(err))
-        what = f"it would call {refused.group(1)}" if refused else "it needs more than tensors and plain types"
+        refused = refused_global(err)
+        what = f"it would call {refused}" if refused else "it needs more than tensors and plain types"
         raise UnsafeCheckpointError(
             f"refusing to load {name!r}: unpickling its stored value is not safe ({what}; a crafted "
             "checkpoint?). If you trust this checkpoint and the type is yours, allow it with "
@@ -38,6 +38,16 @@ def load_object(data: io.BytesIO | bytes | memoryview, *, name: str) -> object:
         ) from err
     except (RuntimeError, EOFError, ValueError) as err:  # not a torch.save blob at all
         raise IntegrityError(f"stored value of {name!r} is not readable: {err}") from err
+
+
+def refused_global(err: BaseException) -> str | None:
+    """The global (``module.name``) torch's weights-only unpickler refused in ``err``, if it names one."""
+    while err is not None:
+        found = _REFUSED_GLOBAL_RE.search(str(err))
+        if found:
+            return found.group(1)
+        err = err.__cause__
+    return None
 
 
 class _MetadataUnpickler(pickle.Unpickler):

@@ -8,8 +8,8 @@ zip CRC, so ``save_tensor`` writes the same zip with the CRC fields left 0 — t
 
 Reading: to read a stored tensor straight into its destination, a reader needs the offset of the
 tensor's data record inside the blob and proof that the blob holds exactly one plain tensor of the
-expected dtype and shape, laid out contiguously. ``tensor_blob_layout`` gets both from the zip's
-central directory and a restricted unpickling of ``data.pkl`` that never builds a tensor and never
+expected dtype and shape, laid out contiguously (with the lazy conjugate / negative flags torch.save
+records beside the bytes, if any). ``tensor_blob_layout`` gets both from the zip's central directory and a restricted unpickling of ``data.pkl`` that never builds a tensor and never
 imports anything beyond the few names a tensor pickle uses. dcp_forge's writer runs the same parse
 on each large blob's edges as it writes them (``layout_from_edges``) and records the offset in
 ``index.parquet``, so its own checkpoints are read without fetching and parsing the edges first.
@@ -93,9 +93,11 @@ class TensorBlobLayout:
     nbytes: int
     dtype: torch.dtype
     shape: tuple[int, ...]
+    math_bits: str | None = None  # lazy-view flags over these bytes (core.tensors.math_bits)
 
     def __str__(self) -> str:
-        return f"a {self.dtype} tensor {list(self.shape)} at byte {self.data_offset}"
+        flags = f" read through its {self.math_bits} flags" if self.math_bits else ""
+        return f"a {self.dtype} tensor {list(self.shape)} at byte {self.data_offset}{flags}"
 
 
 def describe_layout(layout: TensorBlobLayout | None) -> str:
@@ -154,9 +156,14 @@ class _BlobFile:
 
 @dataclass(frozen=True)
 class _StorageRef:
-    dtype: torch.dtype
+    dtype: torch.dtype | None  # None: an untyped storage (``numel`` counts bytes), as _rebuild_tensor_v3 takes
     key: str
     numel: int
+
+
+# ``torch.storage.UntypedStorage`` in a tensor pickle: the storage of the dtypes torch pickles with
+# ``_rebuild_tensor_v3`` (uint16-64, float8, complex32, bits...), whose dtype is an argument instead.
+_UNTYPED_STORAGE = object()
 
 
 @dataclass(frozen=True)
@@ -165,13 +172,35 @@ class _TensorRef:
     storage_offset: int
     size: tuple[int, ...]
     stride: tuple[int, ...]
+    math_bits: str | None = None
+
+
+def _math_bits_of(metadata: Any) -> str | None:
+    """The lazy-view flags torch.save records in a tensor's ``metadata`` (``{"conj": True, "neg": True}``)."""
+    if not metadata:
+        return None
+    if not isinstance(metadata, dict) or set(metadata) - {"conj", "neg"} or not all(
+            type(v) is bool for v in metadata.values()):
+        raise NotPlainTensor(f"tensor with metadata {metadata!r}")
+    return "+".join(name for name in ("conj", "neg") if metadata.get(name)) or None
 
 
 def _rebuild_tensor_v2(storage: Any, storage_offset: int, size: Any, stride: Any, requires_grad: bool = False,
                        backward_hooks: Any = None, metadata: Any = None) -> _TensorRef:
-    if not isinstance(storage, _StorageRef) or backward_hooks:
-        raise NotPlainTensor("tensor with hooks or without a storage")
-    return _TensorRef(storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+    if not isinstance(storage, _StorageRef) or storage.dtype is None or backward_hooks:
+        raise NotPlainTensor("tensor with hooks or without a typed storage")
+    return _TensorRef(storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride),
+                      _math_bits_of(metadata))
+
+
+def _rebuild_tensor_v3(storage: Any, storage_offset: int, size: Any, stride: Any, requires_grad: bool,
+                       backward_hooks: Any, dtype: Any, metadata: Any = None) -> _TensorRef:
+    if not isinstance(storage, _StorageRef) or storage.dtype is not None or backward_hooks:
+        raise NotPlainTensor("tensor with hooks or without an untyped storage")
+    if not isinstance(dtype, torch.dtype) or dtype.itemsize < 1 or storage.numel % dtype.itemsize:
+        raise NotPlainTensor(f"{dtype!r} does not divide a storage of {storage.numel} bytes")
+    typed = _StorageRef(dtype, storage.key, storage.numel // dtype.itemsize)
+    return _rebuild_tensor_v2(typed, storage_offset, size, stride, metadata=metadata)
 
 
 class _LayoutUnpickler(pickle.Unpickler):
@@ -180,16 +209,23 @@ class _LayoutUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
             return _rebuild_tensor_v2
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v3"):
+            return _rebuild_tensor_v3
+        if (module, name) == ("torch.storage", "UntypedStorage"):
+            return _UNTYPED_STORAGE
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
         if module == "torch" and name in _storage_dtypes():
             return _storage_dtypes()[name]
+        if module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)  # _rebuild_tensor_v3's dtype argument
         raise NotPlainTensor(f"{module}.{name} is not part of a plain tensor pickle")
 
     def persistent_load(self, pid: Any) -> _StorageRef:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and (isinstance(pid[1], torch.dtype) or pid[1] is _UNTYPED_STORAGE)):
             raise NotPlainTensor(f"unexpected persistent id {pid!r}")
-        return _StorageRef(pid[1], str(pid[2]), int(pid[4]))
+        return _StorageRef(pid[1] if pid[1] is not _UNTYPED_STORAGE else None, str(pid[2]), int(pid[4]))
 
 
 @functools.cache
@@ -266,7 +302,7 @@ def tensor_blob_layout(blob: _BlobFile) -> TensorBlobLayout:
     nbytes = numel * ref.storage.dtype.itemsize
     if data_size != nbytes or data_offset + nbytes > blob.length:
         raise NotPlainTensor(f"data record holds {data_size} bytes, the tensor needs {nbytes}")
-    return TensorBlobLayout(data_offset, nbytes, ref.storage.dtype, ref.size)
+    return TensorBlobLayout(data_offset, nbytes, ref.storage.dtype, ref.size, ref.math_bits)
 
 
 def layout_from_edges(head: bytes, tail: bytes, length: int) -> TensorBlobLayout | None:
@@ -315,10 +351,10 @@ class BlobEdges:
 
 
 def recorded_layout(data_offset: int | None, dtype: str | None, shape: tuple[int, ...] | None,
-                    length: int) -> TensorBlobLayout | None:
+                    length: int, math_bits: str | None = None) -> TensorBlobLayout | None:
     """The layout an index row records for a stored item of ``length`` bytes (``dtype`` as in
-    ``"torch.float32"``, ``shape`` the stored box); None where the row records none, or one the
-    item cannot hold."""
+    ``"torch.float32"``, ``shape`` the stored box, ``math_bits`` its lazy-view flags); None where the
+    row records none, or one the item cannot hold."""
     if data_offset is None or dtype is None or shape is None or any(s < 0 for s in shape):
         return None
     torch_dtype = dtype_named(dtype)
@@ -327,7 +363,7 @@ def recorded_layout(data_offset: int | None, dtype: str | None, shape: tuple[int
     nbytes = math.prod(shape) * torch_dtype.itemsize
     if data_offset < 0 or data_offset + nbytes > length:
         return None
-    return TensorBlobLayout(data_offset, nbytes, torch_dtype, tuple(shape))
+    return TensorBlobLayout(data_offset, nbytes, torch_dtype, tuple(shape), math_bits)
 
 
 def open_blob(read_at: Callable[[int, int], bytes], length: int) -> _BlobFile:

@@ -157,7 +157,8 @@ def verify_checkpoint(url: str | os.PathLike, storage_options: Mapping[str, Any]
     if records is not None:
         extents = [_Extent(r.file, r.offset, r.length, r.checksum, r.component, r.fqn, r.kind,
                            _recorded_chunk(r), r.data_offset,
-                           recorded_layout(r.data_offset, r.dtype, r.chunk_sizes, r.length)) for r in records]
+                           recorded_layout(r.data_offset, r.dtype, r.chunk_sizes, r.length, r.math_bits))
+                   for r in records]
     elif state is CheckpointState.LEGACY and check is not None and not problems:
         extents = [_Extent(info.relative_path, info.offset, info.length, None, component_of(index.fqn), index.fqn,
                            "tensor" if check.chunk(index) is not None else "bytes", check.chunk(index))

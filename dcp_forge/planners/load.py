@@ -14,14 +14,19 @@ What it adds over ``DefaultLoadPlanner``:
   module-level flag whenever a checkpoint holds keys this rank does not request — always the case
   here, since every rank skips the other ranks' copies;
 - non-tensor values are unpickled with ``weights_only=True`` (safe_load.py);
-- ``select_keys`` loads only some keys of a component (partial load); the others keep their value.
+- ``select_keys`` loads only some keys of a component (partial load); the others keep their value;
+- values go back under their real keys (an optimizer's int parameter ids stay ints, key_paths.py),
+  a tensor the load creates gets the saved conjugate / negative flags, and quantized, sparse or nested
+  tensors (stored whole) replace the destination's value; ``saved_forms`` (from ``index.parquet``,
+  values.saved_forms) says what DCP's metadata cannot. Destinations that cannot take a value (a meta
+  tensor, an expanded view whose elements share memory) raise before anything is read.
 """
 
 from __future__ import annotations
 
 import io
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,10 +36,13 @@ from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 
 from .._torch_compat import set_element
 from ..core.components import ComponentLayout, LayoutSpec, layouts_from
+from ..core.key_paths import KeyPath, Step, place, typed_paths
 from ..core.keys import match_keys, top_level_key
+from ..core.tensors import is_plain_tensor, with_math_bits
 from ..core.topology import Topology
 from ..errors import MissingComponentError, StateMismatchError
 from ..format.safe_load import load_object
+from ..format.values import QUANTIZED_DTYPES, SavedForm, is_opaque_tensor, overlapping_destination
 from .keymap import default_topology, storage_keys_for
 
 
@@ -45,7 +53,10 @@ class ForgeLoadPlanner(DefaultLoadPlanner):
     ``{state-dict key: storage key}``. ``allow_partial_load``: keys absent from the checkpoint are
     left untouched instead of raising. ``select_keys``: ``{state-dict key: glob patterns}``; only
     matching keys of that component (relative to it, e.g. ``"layers.0.*"``) are loaded, and a pattern
-    matching nothing raises. ``keys_not_loaded()`` reports what stayed untouched.
+    matching nothing raises. ``keys_not_loaded()`` reports what stayed untouched. ``saved_forms``:
+    ``{stored fqn: SavedForm}`` from the checkpoint's index (``values.saved_forms(records)``; the
+    coordinator passes it): without it, values the current state lacks come back under string keys
+    and without view flags, as with DCP.
     """
 
     # Non-tensor values are unpickled weights-only (load_bytes below); storage readers that vet the
@@ -54,9 +65,13 @@ class ForgeLoadPlanner(DefaultLoadPlanner):
 
     def __init__(self, components: LayoutSpec | None = None, topology: Topology | None = None, *,
                  key_map: Mapping[str, str] | None = None, allow_partial_load: bool = False,
-                 select_keys: Mapping[str, Sequence[str]] | None = None) -> None:
+                 select_keys: Mapping[str, Sequence[str]] | None = None,
+                 saved_forms: Mapping[str, SavedForm] | None = None) -> None:
         super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True,
                          allow_partial_load=allow_partial_load)
+        self._saved_forms = dict(saved_forms or {})
+        # fqn -> path with the real keys, where one is not a str (DCP's mappings hold str(key))
+        self._typed_paths: dict[str, KeyPath] = {}
         self.layouts: dict[str, ComponentLayout] = layouts_from(components)
         self._topology = topology
         self._explicit_key_map = dict(key_map or {})
@@ -80,7 +95,10 @@ class ForgeLoadPlanner(DefaultLoadPlanner):
         self.key_map = {**computed, **{k: v for k, v in self._explicit_key_map.items() if k in state_dict}}
         self._user_key = {sk: k for k, sk in self.key_map.items()}
         self._user_state_dict = state_dict
-        super().set_up_planner({self.key_map[k]: v for k, v in state_dict.items()}, metadata, is_coordinator)
+        renamed = {self.key_map[k]: v for k, v in state_dict.items()}
+        self._refuse_meta_destinations(renamed)  # DCP would replace them (or fail without a process group)
+        super().set_up_planner(renamed, metadata, is_coordinator)
+        self._typed_paths = typed_paths(self.original_state_dict, self.mappings)
         if self._select_keys:
             self._apply_key_selection(metadata)
         if metadata is not None:
@@ -114,6 +132,17 @@ class ForgeLoadPlanner(DefaultLoadPlanner):
             self.state_dict.pop(fqn, None)
         self.unselected_keys = unselected
 
+    def _refuse_meta_destinations(self, state_dict: dict[str, Any]) -> None:
+        """A meta tensor cannot receive values: loading into a stateful's meta parameters would
+        change nothing (DCP swaps in a new tensor that e.g. ``Module.load_state_dict`` copies into
+        the meta one), so it is refused with its key."""
+        for fqn, value in _tensors_named(state_dict):
+            if value.device.type == "meta":
+                raise StateMismatchError(
+                    f"component {self._component(fqn)!r} on rank {self.topology.rank}: the destination of {fqn!r} is "
+                    "a tensor on the meta device, which cannot hold loaded values; materialise it first (e.g. "
+                    "module.to_empty(device='cpu'))")
+
     def keys_not_loaded(self) -> dict[str, tuple[str, ...]]:
         """Component → its keys (relative to it) this load left at their current value."""
         out: dict[str, list[str]] = defaultdict(list)
@@ -137,13 +166,29 @@ class ForgeLoadPlanner(DefaultLoadPlanner):
             if fqn in self.state_dict or top_level_key(fqn) not in ours or fqn in unselected:
                 continue
             path = tuple(paths.get(fqn) or fqn.split("."))
+            form = self._saved_forms.get(fqn) or SavedForm()
+            if form.key_path is not None:
+                self._typed_paths[fqn] = (Step(path[0]), *form.key_path)
             if isinstance(md, TensorStorageMetadata):
-                value: Any = torch.empty(md.size, dtype=md.properties.dtype)
-                set_element(self.original_state_dict, path, value)
+                if md.properties.dtype in QUANTIZED_DTYPES:
+                    raise StateMismatchError(
+                        f"component {self._component(fqn)!r} on rank {self.topology.rank}: {fqn!r} is a quantized "
+                        f"tensor stored without its scales and zero points (by plain DCP or an older dcp_forge); "
+                        "it can only load into a quantized destination of the same quantization")
+                value: Any = with_math_bits(torch.empty(md.size, dtype=md.properties.dtype), form.math_bits)
+                self._set(fqn, path, value)
             else:
                 value = None  # placeholder: load_bytes sets the real value at ``path``
             self.state_dict[fqn] = value
             self.mappings[fqn] = path
+
+    def _set(self, fqn: str, path: tuple, value: Any) -> None:
+        """Put ``value`` where ``fqn`` lives in the caller's state: under its real keys when known."""
+        typed = self._typed_paths.get(fqn)
+        if typed is not None:
+            place(self.original_state_dict, typed, value)
+        else:
+            set_element(self.original_state_dict, path, value)
 
     def _component(self, fqn: str) -> str:
         storage = top_level_key(fqn)
@@ -173,6 +218,11 @@ class ForgeLoadPlanner(DefaultLoadPlanner):
                     raise StateMismatchError(
                         f"component {component!r} on rank {self.topology.rank}: {fqn!r} was saved as a "
                         f"tensor {tuple(md.size)} but the current state holds {type(obj).__name__}")
+                if is_plain_tensor(obj) and overlapping_destination(obj):
+                    raise StateMismatchError(
+                        f"component {component!r} on rank {self.topology.rank}: the destination of {fqn!r} is an "
+                        f"expanded view (shape {tuple(obj.shape)}, strides {obj.stride()}) whose elements share "
+                        "memory, so it cannot hold the saved values; give it a tensor of its own (e.g. .clone())")
                 if tuple(shape) != tuple(md.size):
                     raise StateMismatchError(
                         f"component {component!r} on rank {self.topology.rank}: shape mismatch for "
@@ -181,7 +231,8 @@ class ForgeLoadPlanner(DefaultLoadPlanner):
                     raise StateMismatchError(
                         f"component {component!r} on rank {self.topology.rank}: dtype mismatch for "
                         f"{fqn!r}: checkpoint has {md.properties.dtype}, current state expects {dtype}")
-            elif isinstance(md, BytesStorageMetadata) and hasattr(obj, "shape") and hasattr(obj, "dtype"):
+            elif (isinstance(md, BytesStorageMetadata) and hasattr(obj, "shape") and hasattr(obj, "dtype")
+                  and not is_opaque_tensor(obj)):  # an opaque tensor was stored whole: it is replaced
                 raise StateMismatchError(
                     f"component {component!r} on rank {self.topology.rank}: {fqn!r} was saved as a "
                     f"non-tensor value but the current state holds a tensor {tuple(obj.shape)}")
@@ -194,9 +245,21 @@ class ForgeLoadPlanner(DefaultLoadPlanner):
         fqn = read_item.dest_index.fqn
         obj = load_object(value, name=f"{self._component(fqn)}: {fqn}")
         path = self.mappings[fqn]
-        set_element(self.original_state_dict, path, obj)
+        self._set(fqn, path, obj)
         if len(path) == 1:  # a top-level value was replaced: hand it back under the caller's key
             self._user_state_dict[self._user_key.get(path[0], path[0])] = obj
+
+
+def _tensors_named(value: Any, name: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor in a nested state, with its dotted name as DCP flattens it."""
+    if isinstance(value, torch.Tensor):
+        yield name, value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _tensors_named(item, f"{name}.{key}" if name else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _tensors_named(item, f"{name}.{i}")
 
 
 def _nearby_keys(saved: Mapping[str, Any], storage_key: str, limit: int = 5) -> str:

@@ -2,7 +2,8 @@
 
 DCP's own reader reads every stored tensor into a buffer, ``torch.load``s it (a second copy) and
 copies it into the destination (a third). Here a stored tensor that one destination takes whole, as a
-contiguous CPU tensor of the same dtype and shape, is read directly into that destination's memory.
+contiguous CPU tensor of the same dtype, shape and lazy conjugate / negative flags, is read directly
+into that destination's memory.
 Where ``index.parquet`` records where the tensor starts (``data_offset``, dcp_forge's own
 checkpoints), the whole blob is one ``read_scatter``: its small header into one buffer, the tensor
 into the destination, its trailer into another, then the header and trailer are parsed to prove the
@@ -11,8 +12,11 @@ locate the data record (torch_blob.py), then the data. Either way the checksum i
 header, destination bytes and trailer, in file order, so it is the same xxh3 as over the stored blob.
 
 Everything else takes the staged path: the whole blob is read into one uninitialised buffer, hashed,
-and the tensor is viewed inside it (no ``torch.load`` copy) before being copied into each destination;
-blobs that are not one plain tensor go through ``torch.load`` as before.
+and the tensor is viewed inside it (no ``torch.load`` copy) before being copied into each destination
+(storage to storage where both carry the same flags, so no value is recomputed); blobs that are not
+one plain tensor go through ``torch.load`` as before. A quantized tensor stored as a tensor item
+(plain DCP) loads only into a destination quantized alike: ``copy_`` would keep the destination's
+scales and zero points.
 
 A read that fails (truncation, checksum mismatch) raises after the bytes reached the destination: a
 failed load leaves the destination state partly overwritten, as with DCP's reader, where earlier
@@ -34,8 +38,8 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlanner, ReadItem
 
 from ..core.keys import top_level_key
-from ..core.tensors import narrow_box
-from ..errors import IntegrityError
+from ..core.tensors import copy_exactly, math_bits, narrow_box, raw_view, with_math_bits
+from ..errors import IntegrityError, StateMismatchError
 from ..format.index import ItemRecord
 from ..format.names import METADATA_FILE
 from ..format.safe_load import load_object
@@ -109,7 +113,7 @@ def group_reads(items: Sequence[ReadItem], storage_data: Mapping[MetadataIndex, 
             chunk = check.chunk(its[0].storage_index)
         record = (records or {}).get((file, offset))
         layout = None if record is None else recorded_layout(record.data_offset, record.dtype, record.chunk_sizes,
-                                                             length)
+                                                             length, record.math_bits)
         reads.append(StoredRead(file, offset, length, tuple(its), layout, chunk))
     return reads
 
@@ -147,7 +151,7 @@ def _direct_target(read: StoredRead, targets: Sequence[torch.Tensor]) -> torch.T
         return None
     target = targets[0]
     if (type(target) is not torch.Tensor or target.device.type != "cpu" or target.layout != torch.strided
-            or not target.is_contiguous() or target.is_conj() or target.is_neg()):
+            or not target.is_contiguous() or target.is_quantized):
         return None
     return target
 
@@ -206,7 +210,7 @@ def _read_direct(handle: InputFile, read: StoredRead, layout: TensorBlobLayout, 
                  target: torch.Tensor, check: Checker) -> None:
     """Read the tensor into ``target``: with its blob's head and tail in the same request when the
     index told where it is (``edges`` None), else the data alone after the parsed ``edges``."""
-    view = byte_view(target) if layout.nbytes else memoryview(b"")
+    view = byte_view(raw_view(target)) if layout.nbytes else memoryview(b"")  # its flags match the blob's
     end = layout.data_offset + layout.nbytes
     if check is None:
         handle.read_into(read.offset + layout.data_offset, view)
@@ -259,9 +263,29 @@ def stored_tensor(buffer: torch.Tensor, name: str) -> torch.Tensor:
             raise IntegrityError(f"the stored tensor {name!r} holds a {type(value).__name__}, not a tensor") from None
         return value
     if not layout.nbytes:
-        return torch.empty(layout.shape, dtype=layout.dtype)
+        return with_math_bits(torch.empty(layout.shape, dtype=layout.dtype), layout.math_bits)
     data = buffer[layout.data_offset:layout.data_offset + layout.nbytes]
-    return data.view(layout.dtype).reshape(layout.shape)
+    return with_math_bits(data.view(layout.dtype).reshape(layout.shape), layout.math_bits)
+
+
+def _quantization(tensor: torch.Tensor) -> tuple:
+    """What copying quantized values into a tensor cannot change: its quantizer."""
+    scheme = tensor.qscheme()
+    if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        return scheme, tensor.q_scale(), tensor.q_zero_point()
+    return (scheme, tensor.q_per_channel_axis(), tensor.q_per_channel_scales().tolist(),
+            tensor.q_per_channel_zero_points().tolist())
+
+
+def _check_quantization(source: torch.Tensor, target: torch.Tensor, item: ReadItem) -> None:
+    """A quantized tensor stored as a tensor item (plain DCP, older dcp_forge) loads into a destination
+    only when both quantize alike: ``copy_`` keeps the destination's scales and zero points and would
+    give the stored integers other values."""
+    found = _quantization(target) if target.is_quantized else "not quantized"
+    if found != _quantization(source):
+        raise StateMismatchError(
+            f"stored quantized tensor {item.storage_index.fqn!r} ({top_level_key(item.storage_index.fqn)!r}) "
+            f"has quantization {_quantization(source)}, its destination {found}: the values would change")
 
 
 def _is_chunk(dtype: torch.dtype, shape: tuple[int, ...], chunk: StoredChunk | None) -> bool:
@@ -293,7 +317,7 @@ def load_stored_item(handle: InputFile, read: StoredRead, planner: LoadPlanner, 
     if target is not None:
         layout, edges = _stored_layout(handle, read)
         if (layout is not None and layout.dtype == target.dtype and layout.shape == tuple(target.shape)
-                and _is_chunk(layout.dtype, layout.shape, read.chunk)):
+                and _is_chunk(layout.dtype, layout.shape, read.chunk) and layout.math_bits == math_bits(target)):
             _read_direct(handle, read, layout, edges, target, check)
             planner.commit_tensor(read.items[0], target)
             return
@@ -312,5 +336,7 @@ def load_stored_item(handle: InputFile, read: StoredRead, planner: LoadPlanner, 
             raise IntegrityError(
                 f"stored chunk of {top_level_key(item.storage_index.fqn)!r} ({item.storage_index.fqn}) "
                 f"has shape {tuple(source.size())}, destination expects {tuple(target.size())}")
-        target.copy_(source)
+        if source.is_quantized:
+            _check_quantization(source, target, item)
+        copy_exactly(target, source)
         planner.commit_tensor(item, target)

@@ -37,8 +37,10 @@ from torch.futures import Future
 from .._torch_compat import StorageInfo
 from ..core.components import ComponentLayout
 from ..core.coverage import unstored_pieces, write_result_problems
+from ..core.key_paths import encode_path
 from ..core.keys import top_level_key
 from ..core.placement import item_bytes
+from ..core.tensors import math_bits, raw_view, with_math_bits
 from ..core.topology import Topology
 from ..errors import IncompleteSaveError, os_error_context
 from ..format.index import StoredItem, encode_index
@@ -117,8 +119,8 @@ def _write_item(stream: _HashingStream, item: WriteItem, planner: SavePlanner) -
         stream.write(data.getbuffer() if isinstance(data, io.BytesIO) else data)
         return
     tensor = data.detach()
-    if tensor.device.type != "cpu":
-        tensor = tensor.cpu()
+    if tensor.device.type != "cpu":  # the storage's bytes move; lazy-view flags are put back on
+        tensor = with_math_bits(raw_view(tensor).cpu(), math_bits(tensor))
     save_tensor(tensor, stream)
 
 
@@ -221,6 +223,7 @@ class ForgeStorageWriter(StorageWriter):
                      rank: int) -> list[WriteResult]:
         out = self.backend.open_output(full)
         stream = _HashingStream(out)
+        forms = getattr(planner, "saved_forms", None) or {}  # what DCP's metadata cannot say (values.py)
         results = []
         try:
             for item in items:
@@ -229,8 +232,11 @@ class ForgeStorageWriter(StorageWriter):
                 offset, length, checksum = stream.end_item()
                 data_offset = (stream.data_offset(length)
                                if item.type != WriteItemType.BYTE_IO and length >= LAYOUT_MIN_BYTES else None)
+                form = forms.get(item.index.fqn)
                 results.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=StoredItem(
-                    name, offset, length, checksum, rank, data_offset)))
+                    name, offset, length, checksum, rank, data_offset,
+                    key_path=encode_path(form.key_path) if form is not None and form.key_path else None,
+                    math_bits=form.math_bits if form is not None else None)))
             out.close()
         except BaseException as err:
             discard_after(out, err)

@@ -108,7 +108,7 @@ def save_plans(states: list[dict], layouts: dict[str, ComponentLayout], topology
     declared = {k: (v.pattern, v.group_name) if v.group_name else v.pattern for k, v in layouts.items()}
     plans, planners = [], []
     for rank in range(topology.world_size):
-        planner = ForgeSavePlanner(declared, topology.with_rank(rank), chunk_policy=policy)
+        planner = ForgeSavePlanner(declared, topology.with_rank(rank), chunk_policy=policy, planning_only=True)
         planner.set_up_planner(states[rank], is_coordinator=rank == 0)
         plans.append(planner.create_local_plan())
         planners.append(planner)
@@ -331,3 +331,249 @@ def tensor_boxes(draw, max_dims: int = 4, max_extent: int = 6):
 progress_counts = st.one_of(st.integers(0, 1000), st.integers(2**53 - 2, 2**70))
 # One training step's advance: (samples, tokens, steps).
 progress_advances = st.lists(st.tuples(st.integers(0, 4096), st.integers(0, 2**40), st.integers(0, 3)), max_size=20)
+
+
+# --- exact values: every kind of value torch.save holds, in the layouts users hand over --------------
+
+# Every dtype a dense tensor can be torch.save-d in (test_exact_values checks it against torch's dtypes).
+SAVABLE_DTYPES = (
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
+    torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex32, torch.complex64,
+    torch.complex128, torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz,
+    torch.float8_e8m0fnu, torch.float4_e2m1fn_x2, torch.bits1x8, torch.bits2x4, torch.bits4x2, torch.bits8,
+    torch.bits16,
+)
+# Dtypes whose negative view torch can resolve (torch._neg_view is accepted on any dtype, resolve_neg is
+# not; complex32 resolves a negative or a conjugate view, not both: the save refuses that one).
+NEGATABLE_DTYPES = frozenset({torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16,
+                              torch.bfloat16, torch.float32, torch.float64, torch.complex32, torch.complex64,
+                              torch.complex128})
+# (dtype, scheme) pairs of quantized tensors: per tensor, per channel with integer zero points, and
+# per channel with float zero points ("float_qparams", embeddings' quantization).
+QUANTIZATIONS = (
+    (torch.qint8, "tensor"), (torch.quint8, "tensor"), (torch.qint32, "tensor"), (torch.quint4x2, "tensor"),
+    (torch.qint8, "channel"), (torch.quint8, "channel"), (torch.qint32, "channel"),
+    (torch.quint8, "float_qparams"), (torch.quint4x2, "float_qparams"),
+)
+LAYOUTS = ("contiguous", "transposed", "strided", "expanded", "offset")
+SPARSE_KINDS = ("coo", "csr", "csc", "bsr")
+
+
+def _compressed(dense: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "csr":
+        return dense.to_sparse_csr()
+    if kind == "csc":
+        return dense.to_sparse_csc()
+    return dense.to_sparse_bsr((2, 2))
+
+
+@dataclass(frozen=True)
+class TensorRecipe:
+    """How to build one tensor value (hypothesis shows recipes, not megabytes of values).
+
+    ``kind``: "dense", "quantized" (``quantization`` from QUANTIZATIONS), "coo" (``coalesced`` or
+    not), "csr", "csc" or "bsr" (2x2 blocks). Dense tensors take ``layout`` (LAYOUTS) and lazy-view ``bits`` ("conj", "neg",
+    "conj+neg"); values are ``seed``-random bytes (bools 0/1), so NaN payloads, -0.0, subnormals occur.
+    """
+
+    kind: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    seed: int
+    layout: str = "contiguous"
+    bits: str | None = None
+    quantization: str | None = None
+    coalesced: bool = True
+
+    def _bytes(self, n: int) -> torch.Tensor:
+        return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(self.seed))
+
+    def _dense(self, shape: tuple[int, ...], dtype: torch.dtype, zeros: bool = False) -> torch.Tensor:
+        n = math.prod(shape) * dtype.itemsize
+        raw = torch.zeros(n, dtype=torch.uint8) if zeros else self._bytes(n)  # bytes: bits dtypes have no zeros()
+        if dtype == torch.bool:
+            raw &= 1
+        return raw.view(dtype).reshape(shape)
+
+    def build(self) -> torch.Tensor:
+        if self.kind == "quantized":
+            return self._quantized()
+        if self.kind in SPARSE_KINDS:
+            return self._sparse()
+        shape = self.shape
+        if self.layout == "transposed":
+            base = self._dense(shape[::-1], self.dtype)
+            value = base.permute(*reversed(range(len(shape))))
+        elif self.layout == "strided":
+            value = self._dense((*shape[:-1], 2 * shape[-1]), self.dtype)[..., ::2] if shape else self._dense((), self.dtype)
+        elif self.layout == "expanded":
+            value = self._dense((1, *shape[1:]), self.dtype).expand(*shape) if shape else self._dense((), self.dtype)
+        elif self.layout == "offset":
+            value = self._dense((shape[0] + 3, *shape[1:]), self.dtype)[3:] if shape else self._dense((), self.dtype)
+        else:
+            value = self._dense(shape, self.dtype)
+        if self.bits and "conj" in self.bits:
+            value = value.conj()
+        if self.bits and "neg" in self.bits:
+            value = torch._neg_view(value)
+        return value
+
+    def _quantized(self) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed)
+        x = torch.randn(self.shape, generator=gen) * 4
+        if self.quantization == "tensor":
+            scale = float(torch.rand((), generator=gen, dtype=torch.float64)) + 1e-3
+            zero = int(torch.randint(-3 if self.dtype == torch.qint32 else 0, 4, (), generator=gen))
+            value = torch.quantize_per_tensor(x, scale, zero, self.dtype)
+            if self.layout == "transposed" and len(self.shape) >= 2:
+                value = torch.quantize_per_tensor(x.transpose(0, 1).contiguous(), scale, zero, self.dtype).transpose(0, 1)
+            return value
+        axis = int(torch.randint(0, len(self.shape), (), generator=gen))
+        channels = self.shape[axis]
+        if self.quantization == "channel":
+            scales = torch.rand(channels, generator=gen, dtype=torch.float64) + 1e-3
+            zeros = torch.randint(0, 4, (channels,), generator=gen)
+        else:
+            axis = 0
+            channels = self.shape[0]
+            scales = torch.rand(channels, generator=gen) + 1e-3
+            zeros = torch.rand(channels, generator=gen)
+        return torch.quantize_per_channel(x, scales, zeros, axis, self.dtype)
+
+    def _sparse(self) -> torch.Tensor:
+        dense = self._dense(self.shape, self.dtype)
+        mask = self._bytes(math.prod(self.shape)).reshape(self.shape) < 96
+        dense = dense * mask.to(self.dtype) if self.dtype != torch.bool else dense & mask
+        if self.kind != "coo":
+            return _compressed(dense, self.kind)
+        sparse = dense.to_sparse()
+        if not self.coalesced:  # every entry twice: uncoalesced, stored and compared as it is
+            indices = torch.cat([sparse.indices(), sparse.indices()], dim=1)
+            values = torch.cat([sparse.values(), sparse.values()])
+            sparse = torch.sparse_coo_tensor(indices, values, self.shape)
+        return sparse
+
+    def destination(self) -> torch.Tensor:
+        """A fresh tensor of the same kind, filled differently (zeros; another quantization), for the
+        load to overwrite: with the same flags, and strides where they give it memory of its own."""
+        if self.kind == "quantized":
+            return torch.quantize_per_tensor(torch.zeros(self.shape), 0.5, 1, torch.quint8)
+        if self.kind in SPARSE_KINDS:
+            zeros = torch.zeros(self.shape, dtype=self.dtype)
+            return zeros.to_sparse() if self.kind == "coo" else _compressed(zeros, self.kind)
+        shape = self.shape
+        if self.layout == "transposed":
+            dest = self._dense(shape[::-1], self.dtype, zeros=True).permute(*reversed(range(len(shape))))
+        else:
+            dest = self._dense(shape, self.dtype, zeros=True)
+        if self.bits and "conj" in self.bits:
+            dest = dest.conj()
+        if self.bits and "neg" in self.bits:
+            dest = torch._neg_view(dest)
+        return dest
+
+
+_small_shapes = st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple)
+_positive_shapes = st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple)
+
+
+@st.composite
+def dense_recipes(draw, max_elements: int = 4096) -> TensorRecipe:
+    dtype = draw(st.sampled_from(SAVABLE_DTYPES))
+    shape = draw(st.one_of(_small_shapes, st.lists(st.integers(1, 64), min_size=1, max_size=2).map(tuple)))
+    layout = draw(st.sampled_from(LAYOUTS))
+    if layout == "transposed" and len(shape) < 2:
+        layout = "contiguous"
+    both = ["conj+neg"] if dtype.is_complex and dtype != torch.complex32 else []
+    bits = draw(st.sampled_from([None, None, "neg"] + (["conj", "conj", *both] if dtype.is_complex else [])))
+    if bits and "neg" in bits and dtype not in NEGATABLE_DTYPES:
+        bits = bits.replace("neg", "").strip("+") or None
+    if math.prod(shape) > max_elements:
+        shape = (max_elements,)
+    return TensorRecipe("dense", dtype, shape, draw(st.integers(0, 2**31 - 1)), layout, bits)
+
+
+@st.composite
+def quantized_recipes(draw) -> TensorRecipe:
+    dtype, scheme = draw(st.sampled_from(QUANTIZATIONS))
+    shape = draw(_positive_shapes)
+    if dtype == torch.quint4x2:  # two values per byte: an even count (sub-byte tensors pack whole bytes)
+        shape = (*shape[:-1], 2 * shape[-1])
+    layout = draw(st.sampled_from(["contiguous", "transposed"])) if scheme == "tensor" else "contiguous"
+    return TensorRecipe("quantized", dtype, shape, draw(st.integers(0, 2**31 - 1)), layout, quantization=scheme)
+
+
+@st.composite
+def sparse_recipes(draw) -> TensorRecipe:
+    kind = draw(st.sampled_from(SPARSE_KINDS))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.int64, torch.complex64, torch.float16]))
+    shape = tuple(2 * s for s in draw(st.lists(st.integers(1, 3), min_size=2, max_size=2)))  # whole 2x2 blocks for BSR
+    return TensorRecipe(kind, dtype, shape, draw(st.integers(0, 2**31 - 1)), coalesced=draw(st.booleans()))
+
+
+tensor_recipes = st.one_of(dense_recipes(), dense_recipes(), dense_recipes(), quantized_recipes(), sparse_recipes())
+
+# Keys of every type dcp_forge records exactly (key_paths.storable_key); str keys are letters only, so
+# that no two paths flatten to the same DCP name ("a.1" from {"a": {1: x}} and {"a.1": x}).
+storable_keys = st.one_of(
+    st.text(alphabet="abcdefgxyz_", min_size=1, max_size=5),
+    st.integers(-(2**70), 2**70),
+    st.booleans(),
+    st.floats(allow_nan=False, allow_infinity=True, width=64),
+    st.none(),
+    st.binary(max_size=3),
+    st.tuples(st.integers(-5, 5), st.text(alphabet="ab", max_size=2)),
+)
+
+# Non-tensor leaves: pickled by DCP, loaded weights-only (NaN and -0.0 included). Not b'': pickle
+# protocol 2 writes it as a call of builtins.bytes, which torch's weights-only loader refuses (so a
+# save refuses it too; test_exact_values checks that).
+plain_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**80), 2**80), st.floats(width=64), st.text(max_size=6),
+              st.binary(min_size=1, max_size=6), st.complex_numbers(allow_nan=False),
+              st.sets(st.integers(-9, 9), max_size=3)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.tuples(inner, inner)),
+    max_leaves=5,
+)
+
+
+def _distinct(keys: list) -> bool:
+    """No two keys equal (1 == 1.0 == True) or alike as strings (DCP names values by str(key))."""
+    return len({k for k in keys}) == len(keys) == len({str(k) for k in keys})
+
+
+@st.composite
+def value_trees(draw, depth: int = 2, max_entries: int = 4, min_entries: int = 1) -> dict:
+    """A state dict: keys of every storable type; leaves are TensorRecipes, plain values, lists of
+    recipes (DCP walks those), tuples holding a recipe (pickled whole) and empty dicts."""
+    keys = draw(st.lists(storable_keys, min_size=min_entries if depth == 2 else 0, max_size=max_entries)
+                .filter(_distinct))
+    tree = {}
+    for key in keys:
+        choice = draw(st.integers(0, 9))
+        if choice <= 4:
+            tree[key] = draw(tensor_recipes)
+        elif choice == 5:
+            tree[key] = draw(plain_values)
+        elif choice == 6 and depth > 0:
+            tree[key] = draw(value_trees(depth - 1, 3))  # may be empty
+        elif choice == 7:
+            tree[key] = draw(st.lists(tensor_recipes, min_size=1, max_size=2))
+        elif choice == 8:
+            tree[key] = (draw(tensor_recipes), draw(plain_values))
+        else:
+            tree[key] = draw(tensor_recipes)
+    return tree
+
+
+def build_values(tree, destination: bool = False):
+    """The values a recipe tree describes (``destination``: fresh ones of the same kinds to load into)."""
+    if isinstance(tree, TensorRecipe):
+        return tree.destination() if destination else tree.build()
+    if isinstance(tree, dict):
+        return {k: build_values(v, destination) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [build_values(v, destination) for v in tree]
+    if isinstance(tree, tuple) and any(isinstance(v, TensorRecipe) for v in tree):
+        return None if destination else tuple(build_values(v) for v in tree)  # pickled whole: replaced
+    return None if destination else tree
