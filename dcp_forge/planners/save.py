@@ -157,8 +157,10 @@ class ForgeSavePlanner(DefaultSavePlanner):
         plain = {k: v for k, v in self.state_dict.items() if k not in opaque} if opaque else self.state_dict
         plan = create_default_local_save_plan(plain, self.is_coordinator)
         items = [*plan.items, *(WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO) for fqn in sorted(opaque))]
-        plan = dataclasses.replace(plan, items=[it for it in items if self._owned_here(it)],
-                                   planner_data=self.mappings)
+        kept = [it for it in items if self._owned_here(it)]
+        empties = tuple(sorted(it.index.fqn for it in kept if isinstance(self.state_dict.get(it.index.fqn), _EmptyMapping)))
+        plan = dataclasses.replace(plan, items=kept, planner_data={**self.mappings, _EMPTY_MAPPINGS: empties}
+                                   if empties else self.mappings)
         self._check_values(plan)
         self.plan = split_large_tensors(plan, self._holders_of, self.chunk_policy)
         return self.plan
@@ -192,7 +194,7 @@ class ForgeSavePlanner(DefaultSavePlanner):
                 f"the save was planned by {len(all_plans)} rank(s), but the topology has "
                 f"{self.topology.world_size} (rank {self.topology.rank}); was the process group destroyed "
                 "while the save was starting? Nothing was written")
-        placed = assign_writers(all_plans)
+        placed = assign_writers(drop_shadowed_empty_mappings(all_plans))
         global_plan, metadata = create_default_global_save_plan(placed)
         if self.flatten_state_dict:
             merged = dict(ChainMap(*[p.planner_data for p in global_plan if p.planner_data]))
@@ -213,6 +215,37 @@ class ForgeSavePlanner(DefaultSavePlanner):
                 return exact_storage(narrow_box(obj, chunk.offsets, chunk.sizes))
         data = super().resolve_data(write_item)
         return exact_storage(data) if isinstance(data, torch.Tensor) else data
+
+
+# The key of a local plan's planner_data under which it lists its empty-dictionary items (no fqn is "").
+_EMPTY_MAPPINGS = ""
+
+
+def drop_shadowed_empty_mappings(plans: list[SavePlan]) -> list[SavePlan]:
+    """Plans without the empty dictionaries that another holder fills, and without their marker.
+
+    Ranks sharing a storage key may hold a dictionary that is empty on some of them and filled on
+    others (a data loader whose state lives on one rank of its group): stored as both, the empty one
+    would replace the filled one at load. A filled dictionary is the value; an empty one only stands
+    for a dictionary nobody filled.
+    """
+    filled: set[tuple] = set()
+    for plan in plans:
+        paths = plan.planner_data or {}
+        for item in plan.items:
+            path = paths.get(item.index.fqn)
+            if path is not None:
+                filled.update(tuple(path[:i]) for i in range(1, len(path)))
+    out = []
+    for plan in plans:
+        paths = dict(plan.planner_data or {})
+        empties = set(paths.pop(_EMPTY_MAPPINGS, ()))
+        shadowed = {fqn for fqn in empties if tuple(paths.get(fqn, ())) in filled}
+        for fqn in shadowed:
+            paths.pop(fqn, None)
+        items = [it for it in plan.items if it.index.fqn not in shadowed] if shadowed else plan.items
+        out.append(dataclasses.replace(plan, items=items, planner_data=paths if plan.planner_data is not None else None))
+    return out
 
 
 class _EmptyMapping:
