@@ -6,7 +6,7 @@ from ._version import __version__
 
 # The public API is imported on first use (PEP 562), not with the package: ``dcp-forge ls`` and
 # ``inspect`` then start without torch (0.3 s instead of seconds). A name added here must also be
-# added to ``__all__``; tests/test_cli.py checks that the inspection commands stay torch-free.
+# added to ``__all__``; tests/ops/test_cli.py checks that the inspection commands stay torch-free.
 _EXPORTS = {
     "AsyncSaveHandle": "async_save",
     "CheckpointCoordinator": "coordinator",

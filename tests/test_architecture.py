@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "dcp_forge"
+from tests.support.paths import REPO
+
+PACKAGE = REPO / "dcp_forge"
 
 # Bottom to top. A module may import modules of its own layer or below. The first matching prefix
 # decides a module's layer.

@@ -10,11 +10,12 @@ import stat
 import subprocess
 import tomllib
 import warnings
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.paths import REPO
+
+ROOT = REPO
 
 
 def test_pyproject_builds_without_setuptools_warnings(monkeypatch):

@@ -26,6 +26,7 @@ import pytest
 from tests.support import fault_proxy, s3_clients, s3_server
 from tests.support.fault_proxy import FaultConfig, FaultProxy
 from tests.support.object_store import S3_BUCKET
+from tests.support.paths import REPO
 
 # s3fs (the 's3' extra) brings botocore along; without it there is nothing to test here.
 pytest.importorskip("s3fs")
@@ -36,7 +37,6 @@ import botocore.session  # noqa: E402
 
 # The session's servers (tests/conftest.py): one SeaweedFS and one moto for every test module.
 BUCKET = S3_BUCKET
-REPO = Path(__file__).resolve().parents[1]
 MiB = 2**20
 
 

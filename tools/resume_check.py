@@ -10,7 +10,7 @@ the resume and its final model tensors must equal the uninterrupted run's exactl
     python -m tools.resume_check                    # every kind, 4 ranks, 80 steps, resume from 20
     python -m tools.resume_check --kinds ddp pipeline --world 2 --async-save
 
-Exit status 0 when every kind matches. (tests/test_trainers_dist.py is the short CI version.)
+Exit status 0 when every kind matches. (tests/trainers/test_trainers_dist.py is the short CI version.)
 """
 
 from __future__ import annotations

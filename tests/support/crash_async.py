@@ -10,7 +10,7 @@ that an uncommitted ``checkpoint-2`` is invisible (and removable with
 ``discard_partial_checkpoints``), and that listing never raises.
 
 Usage: ``python -m tools.crash_async [--trials 200] [--mib 256] [--dir .bench/crash]``.
-A short version (3 trials) runs in CI: tests/test_async_crash.py.
+A short version (3 trials) runs in CI: tests/coordinator/test_async_crash.py.
 """
 
 from __future__ import annotations

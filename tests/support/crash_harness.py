@@ -28,7 +28,7 @@ trial the harness checks, from storage:
     .venv/bin/python -m tools.crash_harness --trials 200 --s3     # the same on s3:// (starts and stops a SeaweedFS)
     .venv/bin/python -m tools.crash_harness --output-dir s3://bucket/run --storage-options '{"endpoint_url": ...}'
 
-The CI test (tests/test_crash_consistency.py) runs the same harness with fewer trials.
+The CI test (tests/storage/test_crash_consistency.py) runs the same harness with fewer trials.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ no higher after the last save than after the first, and back to the start after 
     .venv/bin/python -m tools.soak --saves 200 --mib 64 --world 2          # sync and async, 200 each
     .venv/bin/python -m tools.soak --modes async --saves 100 --mib 256     # the async soak
 
-A short version runs in CI (tests/test_soak.py; tests/test_async_soak.py for async alone).
+A short version runs in CI (tests/manager/test_soak.py; tests/coordinator/test_async_soak.py for async alone).
 """
 
 from __future__ import annotations

@@ -12,9 +12,10 @@ import torch
 
 from dcp_forge import CheckpointCoordinator, StateComponent, latest_checkpoint, list_checkpoints
 from tests.support.crash_async import run_trials
+from tests.support.paths import REPO
 from tests.support.statefuls import Box
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO)
 
 
 def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint_latest(kills, tmp_path):

@@ -25,12 +25,13 @@ from dcp_forge.trainers import (
 from dcp_forge.trainers.data import ReversalPreferenceDataset, ReversalSFTDataset, synthetic_ppo_rollouts
 from dcp_forge.trainers.run import TinyJob, run_job
 from dcp_forge.trainers.tiny_lm import TinyCritic, TinyLM, TinyLMConfig
+from tests.support.paths import REPO
 
 pytestmark = [pytest.mark.filterwarnings("ignore:'set_vital' is deprecated"),
               pytest.mark.filterwarnings("ignore:torch.distributed is disabled"),
               pytest.mark.usefixtures("one_thread")]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO)
 CONFIG = TinyLMConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, max_seq_len=16, dropout=0.1)
 
 

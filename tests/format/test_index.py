@@ -19,6 +19,7 @@ from dcp_forge.core.tensors import narrow_box
 from dcp_forge.format.index import INDEX_SCHEMA, ItemRecord, decode_index, encode_index, read_index_table
 from dcp_forge.format.manifest import checksum_bytes
 from dcp_forge.format.names import INDEX_FILE
+from tests.support.paths import REPO
 
 _boxes = st.one_of(st.none(), st.just(()), st.lists(st.integers(0, 2**40), min_size=1, max_size=4).map(tuple))
 records = st.builds(
@@ -56,7 +57,7 @@ _PROMISED = ["component", "pattern", "storage_key", "fqn", "rank", "file", "offs
 
 def _documented_columns() -> list[tuple[str, str]]:
     """(column, type) pairs of the index table in docs/FORMAT.md, in order (``a, b | t1, t2`` rows split)."""
-    doc = (Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md").read_text()
+    doc = (REPO / "docs" / "FORMAT.md").read_text()
     section = doc.split("## `index.parquet`", 1)[1].split("\n## ", 1)[0]
     rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")]
     out = []

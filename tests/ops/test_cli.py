@@ -21,11 +21,12 @@ from dcp_forge import CheckpointCoordinator, RNGState, StateComponent
 from dcp_forge.cli import EXIT_ERROR, EXIT_FOUND, EXIT_OK, main
 from dcp_forge.core.placement import ChunkPolicy
 from dcp_forge.format.names import CLAIM_FILE
+from tests.support.paths import REPO
 from tests.support.statefuls import Box
 from tests.support.tamper import data_files, flip_byte
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO)
 
 
 def _components(seed=0, step=10, extra_component=False):

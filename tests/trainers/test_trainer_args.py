@@ -23,6 +23,7 @@ from dcp_forge.trainers import (
 from dcp_forge.trainers.args import TRAINER_FIELDS
 from dcp_forge.trainers.data import MarkovTokenDataset
 from dcp_forge.trainers.tiny_lm import TinyCritic, TinyLM, TinyLMConfig
+from tests.support.paths import REPO
 
 CONFIG = TinyLMConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, max_seq_len=16)
 
@@ -178,10 +179,9 @@ def test_a_dataset_without_one_full_batch_is_refused(tmp_path):
 
 def test_the_readme_trainer_example_builds_valid_arguments():
     import ast
-    import pathlib
     import re
 
-    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     [block] = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "TrainingArguments(" in b]
     [call] = [node.value for node in ast.parse(block).body
               if isinstance(node, ast.Assign) and getattr(node.value.func, "id", None) == "TrainingArguments"]

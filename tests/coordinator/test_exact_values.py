@@ -36,9 +36,8 @@ from dcp_forge.core.placement import ChunkPolicy
 from dcp_forge.core.tensors import raw_view
 from dcp_forge.errors import first_rank_failure
 from dcp_forge.storage import item_reader, open_reader, writer
-
-from .support.statefuls import Box
-from .support.strategies import (
+from tests.support.statefuls import Box
+from tests.support.strategies import (
     QUANTIZATIONS,
     SAVABLE_DTYPES,
     TensorRecipe,
