@@ -295,28 +295,54 @@ def test_vs_best_dcp_picks_the_fastest_dcp_configuration():
     assert vs_best_dcp({"dcp_forge": {"gbps_median": 3.0}}) is None
 
 
+# Runs ``dcp_forge.cli.main`` once per argument list in one fresh interpreter (as ``python -m dcp_forge.cli``
+# would, but paying for the imports once), each with its own stdout/stderr, and every warning shown
+# every time it is raised.
+_CLI_SESSION = """
+import contextlib, io, json, sys, warnings
+warnings.simplefilter("always")
+from dcp_forge.cli import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = main(argv)
+        except SystemExit as exit:
+            code = exit.code
+    out.append((code, stdout.getvalue(), stderr.getvalue()))
+print(json.dumps(out))
+"""
+
+
+def cli_session(*argvs, env=None):
+    done = subprocess.run([sys.executable, "-c", _CLI_SESSION, json.dumps([[str(a) for a in argv] for argv in argvs])],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return [subprocess.CompletedProcess(argv, code, stdout, stderr)
+            for argv, (code, stdout, stderr) in zip(argvs, json.loads(done.stdout), strict=True)]
+
+
 def test_entry_point_exit_codes(run, tmp_path):
     _, a, _, _ = run
-    env = dict(os.environ, PYTHONPATH=ROOT)
-
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "dcp_forge.cli", *map(str, args)], env=env,
-                              capture_output=True, text=True, timeout=120)
-
-    assert cli("verify", a).returncode == EXIT_OK
-    missing = cli("inspect", tmp_path / "nowhere")
+    nowhere = tmp_path / "nowhere"
+    ok, missing, convert_missing, verify_missing, to_pt, to_safetensors, back = cli_session(
+        ("verify", a), ("inspect", nowhere), ("convert", nowhere, tmp_path / "out.pt"), ("verify", nowhere),
+        ("convert", a, tmp_path / "out.pt", "--component", "model"),
+        ("convert", a, tmp_path / "out.safetensors", "--component", "model"),
+        ("convert", tmp_path / "out.pt", tmp_path / "imported"), env=dict(os.environ, PYTHONPATH=ROOT))
+    assert ok.returncode == EXIT_OK
     assert missing.returncode == EXIT_ERROR and "no checkpoint" in missing.stderr
     # a missing source: one line, exit 2 (no DCP tracebacks, no AssertionError)
-    for command in ("convert", "verify"):
-        proc = cli(command, tmp_path / "nowhere", *([tmp_path / "out.pt"] if command == "convert" else []))
+    for command, proc in (("convert", convert_missing), ("verify", verify_missing)):
         assert (proc.returncode, proc.stdout) == (EXIT_ERROR, "")
-        assert proc.stderr == f"dcp-forge {command}: error: no checkpoint at {tmp_path / 'nowhere'}\n"
+        assert proc.stderr == f"dcp-forge {command}: error: no checkpoint at {nowhere}\n"
     # a conversion prints what it wrote and nothing else (no "torch.distributed is disabled" warning)
-    for target in ("out.pt", "out.safetensors"):
-        proc = cli("convert", a, tmp_path / target, "--component", "model")
+    for proc in (to_pt, to_safetensors, back):
         assert proc.returncode == EXIT_OK and proc.stderr == "", proc.stderr
-    proc = cli("convert", tmp_path / "out.pt", tmp_path / "imported")
-    assert proc.returncode == EXIT_OK and proc.stderr == "", proc.stderr
+    # the console entry point itself
+    assert subprocess.run([sys.executable, "-m", "dcp_forge.cli", "verify", str(a)], cwd=ROOT,
+                          capture_output=True, timeout=120).returncode == EXIT_OK
 
 
 def test_every_command_works_on_s3_with_credentials_from_the_environment(s3_url, s3_storage_options, s3_env,
