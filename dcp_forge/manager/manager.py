@@ -68,7 +68,8 @@ class CheckpointManager:
         self.retention = RetentionPolicy(policy.save_total_limit, policy.preserve_n_best, policy.greater_is_better)
         self.coordinator = CheckpointCoordinator(components, process_groups, output_dir=policy.output_dir,
                                                  storage_options=policy.storage_options,
-                                                 training_args_hash=policy.training_args_hash)
+                                                 training_args_hash=policy.training_args_hash,
+                                                 local_tier=policy.local_tier)
         self.credit = MetricCredit()
         self.last_checkpoint: str | None = None
         self.last_saved_step: int | None = None
@@ -118,6 +119,10 @@ class CheckpointManager:
             return discarded, existing
 
         discarded, existing = self.coordinator.run_on_coordinator(housekeeping)
+        tiers = self.coordinator.tiers
+        if tiers is not None:  # the same for the local tier, on every node
+            discarded = discarded + tiers.discard_uncommitted(self.coordinator.group)
+            existing = existing + [f"{c.checkpoint_id} (local tier)" for c in tiers.committed(self.coordinator.group)]
         for path in discarded:
             if self.rank == 0:
                 logger.warning("discarded uncommitted checkpoint %s (left by an interrupted save)",
@@ -132,6 +137,8 @@ class CheckpointManager:
     def resume(self, target: bool | str) -> str | None:
         """Load ``target`` (True: the latest committed checkpoint, None when there is none; a path:
         that checkpoint) into the components. Returns the loaded path. Collective."""
+        if target is True and self.coordinator.tiers is not None:
+            return self._resume_tiered()
         if target is True:
             latest = self.coordinator.run_on_coordinator(self._latest_to_resume)
             if latest is None:
@@ -141,6 +148,24 @@ class CheckpointManager:
             self._refuse_newer_checkpoints_than(os.fspath(target))
         self.settle()
         path = os.fspath(self.coordinator.load_checkpoint(target))
+        self.last_checkpoint = path
+        return path
+
+    def _resume_tiered(self) -> str | None:
+        """Resume from the newest checkpoint committed and intact in either tier (the local copy first).
+        Local checkpoints newer than it could not be loaded: they are deleted, so the run can save those
+        steps again. Drains a crash interrupted start again."""
+        self.settle()
+        tiers, group = self.coordinator.tiers, self.coordinator.group
+        if tiers is None:
+            raise ValueError("this manager's coordinator has no local tier")
+        if not tiers.sources(group, announce=False):
+            self.coordinator.run_on_coordinator(
+                lambda: check_output_dir(self.policy.output_dir, self.policy.storage_options))
+            return None
+        path = os.fspath(self.coordinator.load_checkpoint())
+        tiers.discard_newer_than_loaded(group)
+        tiers.drain_pending(group)
         self.last_checkpoint = path
         return path
 
