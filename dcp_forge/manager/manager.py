@@ -19,6 +19,11 @@ With ``async_save`` a save returns once the state is staged (``CheckpointCoordin
 the checkpoint commits in the background, and retention for it runs when the manager next settles:
 at the next save, at the end of training (``settle``) or when closed. Until then ``last_checkpoint``
 names the previous committed one.
+
+With a ``local_tier`` (docs/TIERS.md) ``save_total_limit`` rules ``output_dir`` (the remote tier) and
+the tier's ``keep`` the local one. Retention in ``output_dir`` sees the checkpoints drained by then: the
+one still draining counts from the next save on (and at ``close``, which waits for the last drain).
+Resuming takes the newest checkpoint committed and intact in either tier, the local copy first.
 """
 
 from __future__ import annotations
@@ -229,6 +234,10 @@ class CheckpointManager:
         call before ``dist.destroy_process_group()``."""
         try:
             self.settle()
+            if self.coordinator.tiers is not None:
+                # The last drain commits after the last save's retention: apply it to what is drained now.
+                self.coordinator.tiers.wait()
+                self.apply_retention()
         finally:
             self.coordinator.close()
 

@@ -31,10 +31,22 @@ from ..errors import DrainError, IntegrityError, os_error_context
 from ..format.index import ItemRecord
 from ..format.names import INDEX_FILE, MANIFEST_FILE, METADATA_FILE, TIER_FILE
 from ..format.tier_record import REMOTE, TierRecord
-from ..storage.consistency import RecordFiles, raise_if_problems, record_problems
-from ..storage.lifecycle import CommitRecord, claim, commit, discard_claimed
-from ..storage.registry import join_url, open_backend, redact_url
-from ..storage.verified_copy import ItemVerifier, copy_verified, file_sizes, rows_by_file
+from ..storage import (
+    CommitRecord,
+    ItemVerifier,
+    RecordFiles,
+    claim,
+    commit,
+    copy_verified,
+    discard_claimed,
+    file_sizes,
+    join_url,
+    open_backend,
+    raise_if_problems,
+    record_problems,
+    redact_url,
+    rows_by_file,
+)
 from .site import TierSite
 
 logger = logging.getLogger(__name__)
@@ -75,8 +87,7 @@ def drain(job: DrainJob, site: TierSite, group: Any, output_dir: str, storage_op
     def check_records() -> None:
         files = RecordFiles(job.commit.to_bytes(), job.records.manifest, job.records.metadata, job.records.index)
         raise_if_problems(record_problems(files, f"{site.copy_path(job.checkpoint_id)} (local tier)")[1])
-        with os_error_context(f"claiming {where} to drain {job.checkpoint_id} into", path):
-            claim(backend, path, job.commit.save_id, url)
+        claim(backend, path, job.commit.save_id, url)
 
     collectives.run_on(group, 0, check_records)
     uploaded = 0

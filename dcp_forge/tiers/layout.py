@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from ..core.topology import Topology
 from ..format.names import INDEX_FILE, MANIFEST_FILE, METADATA_FILE
 from ..format.tier_record import LOCAL, TierRecord
-from ..storage.lifecycle import CommitRecord
+from ..storage import CommitRecord
 
 SHARED_RECORDS = frozenset({INDEX_FILE, METADATA_FILE, MANIFEST_FILE})
 

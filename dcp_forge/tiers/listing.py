@@ -8,9 +8,7 @@ import stat
 from ..errors import IntegrityError
 from ..format.names import CLAIM_FILE, COMMIT_FILE, DATA_SUFFIX, TIER_FILE, validate_checkpoint_id
 from ..format.tier_record import TierRecord
-from ..storage.backends import StorageBackend
-from ..storage.lifecycle import CommitRecord, claimant
-from ..storage.registry import open_backend
+from ..storage import CommitRecord, StorageBackend, claimant, open_backend
 from .layout import SHARED_RECORDS, NodeCopy
 
 

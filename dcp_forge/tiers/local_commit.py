@@ -33,11 +33,19 @@ from ..errors import os_error_context
 from ..format.index import ItemRecord
 from ..format.names import INDEX_FILE, MANIFEST_FILE, METADATA_FILE, TIER_FILE
 from ..format.tier_record import LOCAL, TierRecord
-from ..storage.consistency import RecordFiles, parse_index, raise_if_problems
-from ..storage.lifecycle import CommitRecord, claim, claimant, commit, discard_claimed
-from ..storage.registry import redact_url
-from ..storage.verified_copy import rows_by_file
-from ..storage.writer import ForgeStorageWriter
+from ..storage import (
+    CommitRecord,
+    ForgeStorageWriter,
+    RecordFiles,
+    claim,
+    claimant,
+    commit,
+    discard_claimed,
+    parse_index,
+    raise_if_problems,
+    redact_url,
+    rows_by_file,
+)
 from .layout import Transfer, peer_transfers
 from .peer_copy import PeerCopyStats, copy_to_peers
 from .site import TierSite

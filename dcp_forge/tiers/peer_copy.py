@@ -24,8 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..format.index import ItemRecord
-from ..storage.backends import InputFile, OutputStream, StorageBackend, discard_after
-from ..storage.verified_copy import COPY_CHUNK_BYTES, ItemVerifier
+from ..storage import COPY_CHUNK_BYTES, InputFile, ItemVerifier, OutputStream, StorageBackend, discard_after
 from .layout import Transfer
 
 logger = logging.getLogger(__name__)

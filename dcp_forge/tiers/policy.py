@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import describe_type
-from ..storage.registry import scheme_of
+from ..storage import scheme_of
 
 
 def _is_int(value: object) -> bool:

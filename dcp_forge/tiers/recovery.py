@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 from ..errors import CheckpointNotFoundError, IntegrityError
 from ..format.tier_record import LOCAL, REMOTE
-from ..storage.lifecycle import CommitRecord, read_commit
-from ..storage.registry import join_url, open_backend
+from ..storage import CommitRecord, join_url, open_backend, read_commit
 from .layout import LocalCheckpoint
 
 

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 
 from ..core.topology import Topology
 from ..format.names import validate_checkpoint_id
-from ..storage.backends import StorageBackend
-from ..storage.registry import open_backend
+from ..storage import StorageBackend, open_backend
 from .policy import LocalTier
 
 

@@ -20,15 +20,20 @@ from .. import collectives
 from ..errors import ComponentDeclarationError, os_error_context
 from ..format.names import new_save_id
 from ..format.tier_record import LOCAL
-from ..storage.consistency import RecordFiles, parse_index, raise_if_problems
-from ..storage.lifecycle import (
+from ..storage import (
     CheckpointState,
+    RecordFiles,
     checkpoint_state,
     claimant,
     delete_checkpoint,
     discard_claimed,
+    join_url,
+    open_backend,
+    parse_index,
+    raise_if_problems,
+    redact_url,
+    scheme_of,
 )
-from ..storage.registry import join_url, open_backend, redact_url, scheme_of
 from .drain import Drainer, DrainJob, drain, uploads_at_save
 from .layout import (
     LocalCheckpoint,
