@@ -164,11 +164,11 @@ class TieredStorage:
 
     def discard_uncommitted(self, group: Any) -> list[str]:
         """Remove the node copies of saves that never committed in the local tier (after a crash). Only
-        safe while this job is not saving. Returns ``node <n>: <path>`` for each. Collective."""
+        safe while this job is not saving. Returns one line for each. Collective."""
         copies = self.node_copies(group)
         leftovers = uncommitted_copies(copies, local_checkpoints(copies))
         self._remove_on_nodes(group, [(c.node, c.checkpoint_id) for c in leftovers], committed=False)
-        return [f"node {c.node}: {os.path.join(self.site.root, c.checkpoint_id)}" for c in leftovers]
+        return [f"{c.checkpoint_id} (node {c.node}'s copy in the local tier)" for c in leftovers]
 
     # --- loading ----------------------------------------------------------------------------------
     def sources(self, group: Any, checkpoint_id: str | None = None, *, announce: bool = True) -> list[Source]:
