@@ -183,8 +183,8 @@ class TieredStorage:
         sources, notes = collectives.run_on(group, 0, decide)
         if self.site.rank == 0 and announce:
             for note in notes:
-                logger.warning("%s (peer_copies=%d: the local tier survives the loss of %d node%s' local storage)",
-                               note, self.tier.peer_copies, self.tier.peer_copies,
+                logger.warning("%s (peer_copies=%d: the local tier survives losing the local storage of %d "
+                               "node%s)", note, self.tier.peer_copies, self.tier.peer_copies,
                                "" if self.tier.peer_copies == 1 else "s")
         return sources
 
