@@ -227,12 +227,14 @@ def test_ls_shows_each_checkpoint_in_each_tier(tmp_path, capsys):
         coord.save_checkpoint(checkpoint_id="c-2", drain=False)
     remote, local = str(tmp_path / "remote"), str(tmp_path / "local")
     assert main(["ls", remote, "--local-dir", local]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert "local tier" in lines[0] and "remote tier" in lines[0]
-    assert lines[1].startswith("c-1") and lines[1].rstrip().endswith("-  committed") or "committed" in lines[1]
-    assert "committed (local: node 0 of 1)" in lines[2] and lines[2].rstrip().endswith("-")
+    header, first, second = capsys.readouterr().out.splitlines()
+    assert header.split()[-4:] == ["local", "tier", "remote", "tier"]
+    assert first.split()[0] == "c-1" and first.split()[-2:] == ["-", "committed"]  # drained, gone locally (keep=1)
+    assert second.split()[0] == "c-2" and second.endswith("committed (local: node 0 of 1)  -")  # never drained
     assert main(["ls", local]) == 0
-    assert "local: node 0 of 1" in capsys.readouterr().out
+    assert capsys.readouterr().out.splitlines()[1].endswith("committed  local: node 0 of 1")
+    assert main(["ls", remote]) == 0
+    assert capsys.readouterr().out.splitlines()[1].endswith("committed  remote (drained copy)")
     assert main(["ls", remote, "--local-dir", local, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["name"], sorted(set(r) - {"name"})) for r in rows] == [("c-1", ["remote"]), ("c-2", ["local"])]
