@@ -51,6 +51,25 @@ def raise_first(errors: list[BaseException | None], me: int) -> None:
     raise first
 
 
+def agree(group: Any, error: BaseException | None) -> None:
+    """Share this rank's failure (None: it succeeded); raise the lowest failing rank's on every rank."""
+    me = group_rank(group)
+    raise_first(all_gather(group, None if error is None else _travelling(error, me)), me)
+
+
+def gather_results(group: Any, fn: Callable[[], Any]) -> list[Any]:
+    """Run ``fn`` on every rank and give every rank all results, in group-rank order; if it raised
+    anywhere, raise the lowest failing rank's error on every rank instead (one collective)."""
+    me = group_rank(group)
+    try:
+        value, error = fn(), None
+    except Exception as err:  # shared below, then raised on every rank
+        value, error = None, _travelling(err, me)
+    gathered = all_gather(group, (value, error))
+    raise_first([e for _, e in gathered], me)
+    return [v for v, _ in gathered]
+
+
 def on_every_rank(group: Any, fn: Callable[[], Any]) -> Any:
     """Run ``fn`` on every rank; if it raised anywhere, raise the lowest failing rank's error everywhere.
 

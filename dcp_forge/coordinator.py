@@ -202,7 +202,6 @@ class CheckpointCoordinator:
         elif drain is not None:
             raise ComponentDeclarationError("'drain' needs a coordinator with a local_tier")
         path = os.fspath(checkpoint_path) if checkpoint_path is not None else self.checkpoint_path(checkpoint_id)
-        options = {"thread_count": self.thread_count, "extra": extra, "training_args_hash": self.training_args_hash}
         finish: Callable[[], None] | None = None
         if self.tiers is not None:
             # Collective: a drain failure nobody saw raises here; every node claims its copy.
@@ -213,12 +212,14 @@ class CheckpointCoordinator:
         gate = check.wait if check is not None and self.rank == 0 else None
         if self.tiers is not None:
             tiers = self.tiers
-            writer: ForgeStorageWriter = tiers.writer(checkpoint_id, save_id, commit_gate=gate, **options)
+            writer: ForgeStorageWriter = tiers.writer(checkpoint_id, save_id, extra=extra,
+                                                      training_args_hash=self.training_args_hash, commit_gate=gate)
 
             def finish() -> None:
                 tiers.finish_save(writer, checkpoint_id, due)
         else:
-            writer = ForgeStorageWriter(path, self.storage_options, commit_gate=gate, **options)
+            writer = ForgeStorageWriter(path, self.storage_options, thread_count=self.thread_count, extra=extra,
+                                        training_args_hash=self.training_args_hash, commit_gate=gate)
         planner = ForgeSavePlanner(self.components, self.topology, chunk_policy=self.chunk_policy)
         return path, writer, planner, check, finish
 

@@ -90,7 +90,6 @@ def drain(job: DrainJob, site: TierSite, group: Any, output_dir: str, storage_op
         claim(backend, path, job.commit.save_id, url)
 
     collectives.run_on(group, 0, check_records)
-    uploaded = 0
     try:
         def upload(name: str) -> int:
             with os_error_context(f"rank {site.rank} draining {name} of {job.checkpoint_id} to {where}",
@@ -103,15 +102,13 @@ def drain(job: DrainJob, site: TierSite, group: Any, output_dir: str, storage_op
                 finally:
                     source.close()
 
-        failure: BaseException | None = None
-        try:
-            if mine:
-                with ThreadPoolExecutor(max_workers=min(thread_count, len(mine)),
-                                        thread_name_prefix="forge-drain") as pool:
-                    uploaded = sum(pool.map(upload, mine))
-        except Exception as err:  # agreed on below, so every rank stops together
-            failure = err
-        collectives.raise_first(collectives.all_gather(group, failure), site.rank)
+        def upload_mine() -> int:
+            if not mine:
+                return 0
+            with ThreadPoolExecutor(max_workers=min(thread_count, len(mine)), thread_name_prefix="forge-drain") as pool:
+                return sum(pool.map(upload, mine))
+
+        uploaded = collectives.on_every_rank(group, upload_mine)  # every rank stops together on a failure
 
         def finish() -> None:
             tier = TierRecord(tier=REMOTE, checkpoint_id=job.checkpoint_id, save_id=job.commit.save_id,

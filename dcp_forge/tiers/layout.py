@@ -142,7 +142,8 @@ def peer_targets(topology: Topology, rank: int, copies: int) -> tuple[int, ...]:
     """The ranks that keep peer copies of ``rank``'s files: one on each of the next ``copies`` nodes
     (in node order, wrapping around), at the same local position where that node has one."""
     if copies >= topology.num_nodes and copies > 0:
-        raise ValueError(f"peer_copies={copies} needs more than {copies} nodes (the job has {topology.num_nodes})")
+        raise ValueError(f"peer_copies={copies} needs at least {copies + 1} nodes, each keeping copies for others "
+                         f"(the job has {topology.num_nodes})")
     node = topology.node_of_rank[rank]
     position = topology.ranks_on_node(node).index(rank)
     out = []

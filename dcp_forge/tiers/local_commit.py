@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,7 +64,7 @@ class NodeLocalWriter(ForgeStorageWriter):
 
     def __init__(self, url: str, save_id: str, site: TierSite, *, thread_count: int = 2,
                  extra: Mapping[str, Any] | None = None, training_args_hash: str | None = None,
-                 commit_gate: Any = None) -> None:
+                 commit_gate: Callable[[], None] | None = None) -> None:
         self._agreed_save_id = save_id
         self.site = site
         self.commit_record: CommitRecord | None = None
@@ -181,7 +181,7 @@ def commit_local(site: TierSite, group: Any, writer: NodeLocalWriter, checkpoint
         stats, failure = copy_to_peers(transfers, site.rank, group, backend, path, rows_by_file(rows), where)
         if failure is not None:
             failure.add_note(f"while copying the local tier's files of {checkpoint_id} to peer nodes")
-        collectives.raise_first(collectives.all_gather(group, failure), site.rank)
+        collectives.agree(group, failure)
         tier = node_tier_record(site, checkpoint_id, save_id, files, transfers, drain)
 
         def complete_node_copy() -> None:

@@ -141,15 +141,18 @@ def copy_to_peers(transfers: Sequence[Transfer], me: int, group: Any, backend: S
                             handle.read_into(piece.offset, memoryview(payload.numpy()))
                     except Exception as err:  # the partners still get a payload (and fail its checksum)
                         send_failure = err
-                sends = [dist.isend(payload, group=group, group_dst=dst, tag=wave) for dst in piece.dsts]
+                if piece.length:  # an empty file's one piece carries nothing: its partners create it
+                    sends = [dist.isend(payload, group=group, group_dst=dst, tag=wave) for dst in piece.dsts]
                 stats.bytes_sent += piece.length * len(piece.dsts)
             received = []
             for src, pieces in sorted(incoming.items()):
                 if wave < len(pieces) and me in pieces[wave].dsts:
                     data = torch.empty(pieces[wave].length, dtype=torch.uint8)
-                    received.append((pieces[wave], data, dist.irecv(data, group=group, group_src=src, tag=wave)))
+                    work = dist.irecv(data, group=group, group_src=src, tag=wave) if pieces[wave].length else None
+                    received.append((pieces[wave], data, work))
             for piece, data, work in received:
-                work.wait()
+                if work is not None:
+                    work.wait()
                 stats.bytes_received += piece.length
                 receiving.accept(piece, data)
             for work in sends:

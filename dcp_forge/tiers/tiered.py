@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch.distributed as dist
@@ -99,9 +99,11 @@ class TieredStorage:
         claim_node_copies(self.site, group, checkpoint_id, save_id)
         return save_id, due
 
-    def writer(self, checkpoint_id: str, save_id: str, **options: Any) -> NodeLocalWriter:
+    def writer(self, checkpoint_id: str, save_id: str, *, extra: Mapping[str, Any] | None,
+               training_args_hash: str | None, commit_gate: Callable[[], None] | None) -> NodeLocalWriter:
         """The DCP storage writer of this rank's node copy of ``checkpoint_id``."""
-        return NodeLocalWriter(self.site.copy_path(checkpoint_id), save_id, self.site, **options)
+        return NodeLocalWriter(self.site.copy_path(checkpoint_id), save_id, self.site, thread_count=self.thread_count,
+                               extra=extra, training_args_hash=training_args_hash, commit_gate=commit_gate)
 
     def finish_save(self, writer: NodeLocalWriter, checkpoint_id: str, drain: bool) -> LocalCommit:
         """After DCP's save (on the caller's thread: the foreground or the async save's background thread):
@@ -124,9 +126,9 @@ class TieredStorage:
     # --- the local tier, job-wide ----------------------------------------------------------------
     def node_copies(self, group: Any) -> list[NodeCopy]:
         """Every node copy in the local tier, listed by each node's leader. Collective."""
-        mine = collectives.on_every_rank(
+        gathered = collectives.gather_results(
             group, lambda: list_node_copies(self.site.root, self.site.node) if self.site.leader else [])
-        return [copy for copies in collectives.all_gather(group, mine) for copy in copies]
+        return [copy for copies in gathered for copy in copies]
 
     def committed(self, group: Any) -> list[LocalCheckpoint]:
         """The checkpoints committed in the local tier, oldest first. Collective."""

@@ -146,7 +146,7 @@ def test_tier_settings_that_cannot_work_are_refused(tmp_path):
     with pytest.raises(ComponentDeclarationError, match="must be separate directories"):
         CheckpointCoordinator([StateComponent("model", box, "replicated")], output_dir=str(tmp_path),
                               local_tier=str(tmp_path / "local"))
-    with pytest.raises(ValueError, match="peer_copies=1 needs more than 1 nodes"):
+    with pytest.raises(ValueError, match="peer_copies=1 needs at least 2 nodes"):
         coordinator(tmp_path, box, peer_copies=1)
     with coordinator(tmp_path, box) as coord:
         with pytest.raises(ComponentDeclarationError, match="checkpoint_path .* is not under"):
@@ -161,6 +161,17 @@ def _manager(tmp_path, box: Box, **tier) -> CheckpointManager:
     policy = CheckpointPolicy(output_dir=str(tmp_path / "remote"), save_steps=1, save_total_limit=2,
                               local_tier=LocalTier(str(tmp_path / "local"), **tier))
     return CheckpointManager(policy, [StateComponent("model", box, "replicated")])
+
+
+def test_training_arguments_take_a_local_tier_for_their_checkpoint_policy(tmp_path):
+    from dcp_forge.trainers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path / "remote"), local_tier=str(tmp_path / "local"))
+    assert args.checkpoint_policy().local_tier == LocalTier(str(tmp_path / "local"))
+    tier = LocalTier(str(tmp_path / "local"), keep=1)
+    assert TrainingArguments(output_dir="x", local_tier=tier).training_hash() == TrainingArguments(output_dir="x").training_hash()
+    with pytest.raises(ValueError, match="TrainingArguments.local_tier must be a LocalTier, a local directory or None"):
+        TrainingArguments(output_dir="x", local_tier=3)
 
 
 def test_the_manager_resumes_from_the_local_tier_and_finishes_interrupted_drains(tmp_path):

@@ -53,7 +53,7 @@ def test_peer_copies_go_to_distinct_other_nodes_and_survive_losing_that_many_nod
 
 def test_peer_copies_need_more_nodes_than_copies():
     topology = Topology.uniform(0, 4, ranks_per_node=2)
-    with pytest.raises(ValueError, match="peer_copies=2 needs more than 2 nodes"):
+    with pytest.raises(ValueError, match="peer_copies=2 needs at least 3 nodes"):
         peer_targets(topology, 0, 2)
 
 
