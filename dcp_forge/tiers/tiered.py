@@ -170,7 +170,7 @@ class TieredStorage:
         copies = self.node_copies(group)
         leftovers = uncommitted_copies(copies, local_checkpoints(copies))
         self._remove_on_nodes(group, [(c.node, c.checkpoint_id) for c in leftovers], committed=False)
-        return [f"{c.checkpoint_id} (node {c.node}'s copy in the local tier)" for c in leftovers]
+        return [f"{c.checkpoint_id} in node {c.node}'s local tier" for c in leftovers]
 
     # --- loading ----------------------------------------------------------------------------------
     def sources(self, group: Any, checkpoint_id: str | None = None, *, announce: bool = True) -> list[Source]:
