@@ -235,8 +235,10 @@ class CheckpointManager:
         try:
             self.settle()
             if self.coordinator.tiers is not None:
-                # The last drain commits after the last save's retention: apply it to what is drained now.
+                # The last drain ends after the last save's retention ran in either tier (the local tier
+                # kept the checkpoint being drained): apply both to what is there now.
                 self.coordinator.tiers.wait()
+                self.coordinator.tiers.apply_retention(self.coordinator.group)
                 self.apply_retention()
         finally:
             self.coordinator.close()

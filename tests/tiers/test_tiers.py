@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 
 import pytest
 import torch
@@ -119,7 +120,9 @@ def test_each_tier_keeps_its_own_checkpoints_and_every_nth_save_is_drained(tmp_p
     with coordinator(tmp_path, box, keep=2, drain_every=2) as coord:
         for step in range(1, 6):
             box.state = state(step)
+            coord.wait()  # else local retention may keep a checkpoint whose drain is still running, until the next save
             coord.save_checkpoint(checkpoint_id=f"c-{step}")
+        coord.wait()
         coord.save_checkpoint(checkpoint_id="c-6", drain=False)
         coord.save_checkpoint(checkpoint_id="c-7", drain=True)
         coord.wait()
@@ -207,6 +210,41 @@ def test_the_manager_resumes_from_the_local_tier_and_finishes_interrupted_drains
     fresh.close()
 
 
+def test_local_retention_spares_the_checkpoint_being_drained_until_the_manager_closes(tmp_path, monkeypatch):
+    from dcp_forge.tiers import drain as drain_module
+    from dcp_forge.tiers.tiered import TieredStorage
+
+    # checkpoint-2's drain is held until the third save's local retention ran: it runs while draining.
+    gate, spared = threading.Event(), []
+    copy = drain_module.copy_verified
+
+    def held(source, out, verifier, *args):
+        if "checkpoint-2" in out.path:
+            assert gate.wait(60)
+        return copy(source, out, verifier, *args)
+
+    retain = TieredStorage.apply_retention
+
+    def retain_then_release(self, group):
+        deleted = retain(self, group)
+        if self.last_commit is not None and self.last_commit.checkpoint_id == "checkpoint-3" and not gate.is_set():
+            spared.extend(sorted(os.listdir(tmp_path / "local")))
+            gate.set()
+        return deleted
+
+    monkeypatch.setattr(drain_module, "copy_verified", held)
+    monkeypatch.setattr(TieredStorage, "apply_retention", retain_then_release)
+    box = Box(state(0))
+    manager = _manager(tmp_path, box, keep=1)
+    for step in (1, 2, 3):
+        box.state = state(step)
+        manager.save(step=step, epoch=0)
+    manager.close()
+    assert spared == ["checkpoint-2", "checkpoint-3"]  # kept while it drained
+    assert sorted(os.listdir(tmp_path / "local")) == ["checkpoint-3"]  # keep=1 once the drain ended
+    assert [os.path.basename(p) for p in list_checkpoints(tmp_path / "remote")] == ["checkpoint-2", "checkpoint-3"]
+
+
 def test_resuming_past_a_local_checkpoint_that_cannot_load_frees_its_id(tmp_path, caplog):
     box = Box(state(0))
     with coordinator(tmp_path, box, keep=3) as coord:
@@ -235,6 +273,7 @@ def test_ls_shows_each_checkpoint_in_each_tier(tmp_path, capsys):
     box = Box(state(1))
     with coordinator(tmp_path, box, keep=1) as coord:
         coord.save_checkpoint(checkpoint_id="c-1")
+        coord.wait()  # local retention keeps a checkpoint while it drains
         coord.save_checkpoint(checkpoint_id="c-2", drain=False)
     remote, local = str(tmp_path / "remote"), str(tmp_path / "local")
     assert main(["ls", remote, "--local-dir", local]) == 0

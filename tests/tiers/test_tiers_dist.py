@@ -58,6 +58,7 @@ def tiered_job(rank: int, world: int, root: str, remote: str, options: dict, per
         if not load:
             for step in range(1, STEPS + 1):
                 model.state, rng.state = state(step, rank)
+                coord.wait()  # local retention keeps a checkpoint while it drains: let keep=2 show exactly
                 if step < STEPS:
                     coord.save_checkpoint(checkpoint_id=f"checkpoint-{step}")
                 else:
