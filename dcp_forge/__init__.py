@@ -12,6 +12,7 @@ _EXPORTS = {
     "CheckpointCoordinator": "coordinator",
     "read_manifest": "coordinator",
     "AsyncSaveError": "errors",
+    "DrainError": "errors",
     "CheckpointExistsError": "errors",
     "CheckpointNotFoundError": "errors",
     "ComponentDeclarationError": "errors",
@@ -29,6 +30,7 @@ _EXPORTS = {
     "UnsupportedFormatError": "errors",
     "UnsupportedValueError": "errors",
     "LoadResult": "loading",
+    "LocalTier": "tiers.policy",
     "CheckpointManifest": "format.manifest",
     "ComponentManifest": "format.manifest",
     "TopologyPolicy": "core.topology_policy",
@@ -70,8 +72,8 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AsyncSaveError", "AsyncSaveHandle", "CheckpointCoordinator", "CheckpointExistsError", "CheckpointManifest",
-    "CheckpointNotFoundError", "ComponentDeclarationError", "ComponentManifest", "ForgeError", "IncompleteSaveError",
-    "IntegrityError", "LoadResult", "LocationNotFoundError", "MissingComponentError", "ModelState", "OptimizerState",
+    "CheckpointNotFoundError", "ComponentDeclarationError", "ComponentManifest", "DrainError", "ForgeError", "IncompleteSaveError",
+    "IntegrityError", "LoadResult", "LocalTier", "LocationNotFoundError", "MissingComponentError", "ModelState", "OptimizerState",
     "Problem", "ProblemKind", "RNGState", "ReplicationError", "SharingPattern", "StateComponent", "StateMismatchError",
     "Topology", "TopologyChangeError", "TopologyChangeWarning", "TopologyPolicy", "TrainingProgress",
     "UnexpectedComponentError", "UnsafeCheckpointError",

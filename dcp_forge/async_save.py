@@ -65,6 +65,7 @@ from torch.distributed.tensor import DTensor
 
 from . import teardown
 from ._torch_compat import StateDictStager, install_state_dict_stager, tree_leaves
+from .collectives import release_group
 from .core.tensors import is_plain_tensor, math_bits, with_math_bits
 from .errors import AsyncSaveError, first_rank_failure
 from .format.manifest import CheckpointManifest
@@ -481,13 +482,3 @@ def _group_alive(group: Any) -> bool:
     except (ValueError, RuntimeError):  # not registered (destroyed), or no default group anymore
         return False
     return True
-
-
-def release_group(group: Any) -> None:
-    """Destroy a subgroup this process created, if torch.distributed still knows it (local, not collective)."""
-    if group is None or not (dist.is_available() and dist.is_initialized()):
-        return
-    try:
-        dist.destroy_process_group(group)
-    except ValueError:  # already destroyed, e.g. by destroy_process_group() of the whole world
-        pass

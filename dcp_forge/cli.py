@@ -85,15 +85,51 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     entries = list_checkpoint_entries(args.output_dir, options, include_partial=not args.committed)
     if not entries and not location_exists(args.output_dir, options):  # a mistyped path is not an empty run
         raise LocationNotFoundError(errno.ENOENT, "no such output_dir (nothing is there)", args.output_dir)
+    if args.local_dir is not None:
+        return _ls_tiers(args, entries)
     if args.json:
         print(json.dumps([e.__dict__ for e in entries], indent=2))
         return EXIT_OK
     if not entries:
         print(f"no checkpoints under {args.output_dir}", file=sys.stderr)
         return EXIT_OK
-    print(_table(["checkpoint", "step", "size", "time", "state"],
+    tiered = any(e.tier for e in entries)
+    print(_table(["checkpoint", "step", "size", "time", "state"] + (["tier"] if tiered else []),
                  [[e.name, "-" if e.step is None else e.step, _size(e.size_bytes), _when(e.time), e.state]
-                  for e in entries], right=(1, 2)))
+                  + ([e.tier or "-"] if tiered else []) for e in entries], right=(1, 2)))
+    return EXIT_OK
+
+
+def _ls_tiers(args: argparse.Namespace, remote: list[Any]) -> int:
+    """``ls OUTPUT_DIR --local-dir DIR``: each checkpoint once, with its state in either tier (the local
+    tier as this machine's node holds it)."""
+    from .ops.inspection import list_checkpoint_entries
+
+    local = list_checkpoint_entries(args.local_dir, include_partial=not args.committed)
+    by_name: dict[str, dict[str, Any]] = {}
+    for tier, entries in (("remote", remote), ("local", local)):
+        for e in entries:
+            by_name.setdefault(e.name, {})[tier] = e
+    rows = sorted(by_name.items(), key=lambda kv: min((e.time or 0.0, e.name) for e in kv[1].values()))
+    if args.json:
+        print(json.dumps([{"name": name, **{t: e.__dict__ for t, e in copies.items()}} for name, copies in rows],
+                         indent=2))
+        return EXIT_OK
+    if not rows:
+        print(f"no checkpoints under {args.output_dir} or in {args.local_dir}", file=sys.stderr)
+        return EXIT_OK
+
+    def state(e: Any) -> str:
+        if e is None:
+            return "-"
+        return e.state + (f" ({e.tier})" if e.tier and e.tier.startswith("local") else "")
+
+    table = []
+    for name, copies in rows:
+        first = copies.get("local") or copies["remote"]
+        table.append([name, "-" if first.step is None else first.step, _size(first.size_bytes), _when(first.time),
+                      state(copies.get("local")), state(copies.get("remote"))])
+    print(_table(["checkpoint", "step", "size", "time", "local tier", "remote tier"], table, right=(1, 2)))
     return EXIT_OK
 
 
@@ -270,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "commit time and state (committed; legacy = plain DCP; partial = never committed, "
                        "invisible to loads).")
     p.add_argument("output_dir")
+    p.add_argument("--local-dir", default=None, metavar="DIR",
+                   help="also list this node's local tier (a LocalTier's path): one row per checkpoint, with its "
+                        "state in the local and the remote tier")
     p.add_argument("--committed", action="store_true", help="leave out partial checkpoints")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_storage_options(p)

@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import os
-import pickle
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
@@ -32,6 +31,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 
+from . import collectives
 from ._torch_compat import single_process_dcp
 from .async_save import AsyncSaveHandle, AsyncSaver, release_group
 from .core.components import StateComponent, group_names, validate_components
@@ -42,6 +42,7 @@ from .errors import (
     CheckpointNotFoundError,
     ComponentDeclarationError,
     DeclarationTypeError,
+    IntegrityError,
     TopologyChangeWarning,
     describe_type,
     expect_type,
@@ -49,6 +50,7 @@ from .errors import (
 )
 from .format.manifest import CheckpointManifest
 from .format.names import MANIFEST_FILE, validate_checkpoint_id
+from .format.tier_record import LOCAL
 from .format.values import saved_forms
 from .loading import LoadResult, LoadSelection, decide_loads
 from .planners import ForgeLoadPlanner, ForgeSavePlanner
@@ -64,6 +66,9 @@ from .storage import (
     read_once_by_default,
     redact_url,
 )
+from .tiers.policy import LocalTier
+from .tiers.recovery import Source
+from .tiers.tiered import TieredStorage
 
 logger = logging.getLogger(__name__)
 
@@ -97,15 +102,23 @@ class CheckpointCoordinator:
     ``process_groups`` names the groups PER_GROUP components refer to (``ProcessGroup`` objects,
     e.g. from ``DeviceMesh.get_group``). ``node`` overrides this rank's node identity (default:
     torchrun's LOCAL_RANK layout, else the host name).
+
+    ``local_tier`` (a ``LocalTier``, or just its node-local directory): every save commits there first
+    and returns, then drains to ``output_dir`` in the background with a commit of its own; a load takes
+    the newest checkpoint committed and intact in either tier, the local one first (docs/TIERS.md).
     """
 
     def __init__(self, state_components: Sequence[StateComponent],
                  process_groups: Mapping[str, Any] | None = None, output_dir: str | os.PathLike = ".",
                  storage_options: Mapping[str, Any] | None = None, *, node: int | str | None = None,
                  thread_count: int = 2, chunk_policy: ChunkPolicy = ChunkPolicy(),
-                 verify_checksums: bool = True, training_args_hash: str | None = None) -> None:
+                 verify_checksums: bool = True, training_args_hash: str | None = None,
+                 local_tier: LocalTier | str | os.PathLike | None = None) -> None:
         _check_arguments(state_components, process_groups, output_dir, storage_options, node, thread_count,
                          chunk_policy, verify_checksums, training_args_hash)
+        expect_type("local_tier", local_tier, (LocalTier, str, os.PathLike), optional=True)
+        if local_tier is not None and not isinstance(local_tier, LocalTier):
+            local_tier = LocalTier(os.fspath(local_tier))
         self.components = validate_components(state_components)
         self.process_groups = dict(process_groups or {})
         missing = sorted(group_names(self.components) - set(self.process_groups))
@@ -129,6 +142,8 @@ class CheckpointCoordinator:
                                   if _distributed() and needs_replication_check(self.components) else None)
         self.last_manifest: CheckpointManifest | None = None
         self._async_saves = AsyncSaver(self.group, self.topology.rank)
+        self.tiers = (TieredStorage(local_tier, self.topology, self.group, self.output_dir, self.storage_options,
+                                    thread_count) if local_tier is not None else None)
 
     # --- helpers ------------------------------------------------------------------------------
     @property
@@ -136,11 +151,7 @@ class CheckpointCoordinator:
         return self.topology.rank
 
     def _all_gather(self, obj: Any) -> list[Any]:
-        if self.group is None:
-            return [obj]
-        out: list[Any] = [None] * self.topology.world_size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
+        return collectives.all_gather(self.group, obj)
 
     def _check_declarations_agree(self) -> None:
         mine = [c.declaration for c in self.components]
@@ -158,18 +169,7 @@ class CheckpointCoordinator:
         one rank asks the store, so ranks never act on listings taken at different moments.
         Collective: every rank calls it.
         """
-        box: list[Any] = [None]
-        if self.rank == 0:
-            try:
-                box[0] = ("ok", fn())
-            except Exception as err:  # re-raised on every rank below
-                box[0] = ("err", err)
-        if self.group is not None:
-            dist.broadcast_object_list(box, src=0, group=self.group)
-        status, value = box[0]
-        if status == "err":
-            raise value
-        return value
+        return collectives.run_on(self.group, 0, fn)
 
     def _on_every_rank(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on every rank; if it raised anywhere, raise the lowest failing rank's error everywhere.
@@ -177,55 +177,92 @@ class CheckpointCoordinator:
         For decisions taken before a collective: a rank raising alone would leave the others waiting
         in the collective for it.
         """
-        try:
-            value, error = fn(), None
-        except Exception as err:  # shared below, then raised on every rank
-            value, error = None, err
-            try:
-                pickle.dumps(err)
-            except Exception:  # an error that cannot travel still has to stop every rank
-                error = RuntimeError(f"rank {self.rank}: {err!r}")
-        errors = self._all_gather(error)
-        failed = [r for r, e in enumerate(errors) if e is not None]
-        if not failed:
-            return value
-        first = errors[failed[0]]
-        if len(failed) > 1 or failed[0] != self.rank:
-            first.add_note(f"(failed on ranks {failed}; showing rank {failed[0]}'s error)")
-        raise first
+        return collectives.on_every_rank(self.group, fn)
 
     def checkpoint_path(self, checkpoint_id: str) -> str:
         return join_url(self.output_dir, validate_checkpoint_id(checkpoint_id))
 
     # --- save ---------------------------------------------------------------------------------
     def _prepare_save(self, checkpoint_path: str | os.PathLike | None, checkpoint_id: str | None,
-                      validate: bool, extra: Mapping[str, Any] | None
-                      ) -> tuple[str, ForgeStorageWriter, ForgeSavePlanner, ReplicationCheck | None]:
-        """What a sync and an async save share: the path, the replication check, writer and planner."""
+                      validate: bool, extra: Mapping[str, Any] | None, drain: bool | None
+                      ) -> tuple[str, ForgeStorageWriter, ForgeSavePlanner, ReplicationCheck | None,
+                                 Callable[[], None] | None]:
+        """What a sync and an async save share: the path, the replication check, writer and planner, and
+        (with a local tier) what commits the save once DCP's part is done."""
         # Collective: the previous async save commits first; a failure nobody saw raises here, on every rank.
         self._async_saves.settle_for_save()
         expect_type("validate", validate, bool)
+        expect_type("drain", drain, bool, optional=True)
         _check_extra(extra)
         if (checkpoint_path is None) == (checkpoint_id is None):
             raise ComponentDeclarationError("pass exactly one of checkpoint_path or checkpoint_id")
+        if self.tiers is not None:
+            checkpoint_id = self._tiered_id(checkpoint_path, checkpoint_id)
+            checkpoint_path = None
+        elif drain is not None:
+            raise ComponentDeclarationError("'drain' needs a coordinator with a local_tier")
         path = os.fspath(checkpoint_path) if checkpoint_path is not None else self.checkpoint_path(checkpoint_id)
+        finish: Callable[[], None] | None = None
+        if self.tiers is not None:
+            # Collective: a drain failure nobody saw raises here; every node claims its copy.
+            save_id, due = self.tiers.begin_save(self.group, checkpoint_id, drain)
         # The check hashes while DCP plans and writes (sync) or stages (async); the coordinator rank
         # waits for its verdict before committing, and every rank waits for it before returning.
         check = start_replication_check(self.components, self.topology, self._validation_group) if validate else None
-        writer = ForgeStorageWriter(path, self.storage_options, thread_count=self.thread_count,
-                                    extra=extra, training_args_hash=self.training_args_hash,
-                                    commit_gate=check.wait if check is not None and self.rank == 0 else None)
+        gate = check.wait if check is not None and self.rank == 0 else None
+        if self.tiers is not None:
+            tiers = self.tiers
+            writer: ForgeStorageWriter = tiers.writer(checkpoint_id, save_id, extra=extra,
+                                                      training_args_hash=self.training_args_hash, commit_gate=gate)
+
+            def finish() -> None:
+                tiers.finish_save(writer, checkpoint_id, due)
+        else:
+            writer = ForgeStorageWriter(path, self.storage_options, thread_count=self.thread_count, extra=extra,
+                                        training_args_hash=self.training_args_hash, commit_gate=gate)
         planner = ForgeSavePlanner(self.components, self.topology, chunk_policy=self.chunk_policy)
-        return path, writer, planner, check
+        return path, writer, planner, check, finish
+
+    def _tiered_id(self, checkpoint_path: str | os.PathLike | None, checkpoint_id: str | None) -> str:
+        """A tiered save is named by its checkpoint id (a path must be ``output_dir/<id>``)."""
+        if checkpoint_id is not None:
+            return validate_checkpoint_id(checkpoint_id)
+        found = self._id_in_tiers(checkpoint_path)
+        if found is None:
+            raise ComponentDeclarationError(
+                f"a coordinator with a local_tier saves into output_dir/<checkpoint_id>: checkpoint_path "
+                f"{redact_url(os.fspath(checkpoint_path))} is not under {redact_url(self.output_dir)}; pass checkpoint_id")
+        return found
+
+    def _id_in_tiers(self, path: str | os.PathLike | None) -> str | None:
+        """The checkpoint id ``path`` names in output_dir or this node's local tier (None: elsewhere)."""
+        if path is None or self.tiers is None:
+            return None
+        text = os.fspath(path).rstrip("/")
+        for root in (self.output_dir, self.tiers.tier.root):
+            if "://" in text or "://" in root:
+                parent, _, name = text.rpartition("/")
+                if parent == root.rstrip("/") and name:
+                    return validate_checkpoint_id(name)
+            elif os.path.dirname(os.path.abspath(text)) == os.path.abspath(root):
+                return validate_checkpoint_id(os.path.basename(text))
+        return None
 
     def _state_to_save(self) -> dict[str, Any]:
         return {c.key: c.stateful for c in self.components}
 
     def save_checkpoint(self, checkpoint_path: str | os.PathLike | None = None, checkpoint_id: str | None = None,
-                        validate: bool = False, extra: Mapping[str, Any] | None = None) -> str:
-        """Save every component; returns the committed checkpoint's path. Collective."""
+                        validate: bool = False, extra: Mapping[str, Any] | None = None, *,
+                        drain: bool | None = None) -> str:
+        """Save every component; returns the committed checkpoint's path. Collective.
+
+        With a local tier the save is committed in the local tier when this returns, and the path is
+        where it will be in ``output_dir`` once drained; ``drain`` (default: ``LocalTier.drain_every``)
+        says whether to drain it.
+        """
         self._check_open()
-        path, writer, planner, check = self._prepare_save(checkpoint_path, checkpoint_id, validate, extra)
+        path, writer, planner, check, finish = self._prepare_save(checkpoint_path, checkpoint_id, validate, extra,
+                                                                  drain)
         try:
             with _rank_errors(failed_save=writer, group=self.group), single_process_dcp(self.group is None):
                 dcp.save(self._state_to_save(), storage_writer=writer, planner=planner,
@@ -240,12 +277,15 @@ class CheckpointCoordinator:
             raise
         if check is not None:
             check.wait()
+        if finish is not None:
+            finish()
         self.last_manifest = writer.manifest
         logger.info("rank %d: saved %s", self.rank, redact_url(path))
         return path
 
     def async_save(self, checkpoint_path: str | os.PathLike | None = None, checkpoint_id: str | None = None,
-                   validate: bool = False, extra: Mapping[str, Any] | None = None) -> AsyncSaveHandle:
+                   validate: bool = False, extra: Mapping[str, Any] | None = None, *,
+                   drain: bool | None = None) -> AsyncSaveHandle:
         """Save every component in the background; returns once the state is staged. Collective.
 
         The state may change freely once this returns. Waits for the previous async save first and
@@ -254,12 +294,19 @@ class CheckpointCoordinator:
         ``dcp_forge.async_save`` for how staging buffers are reused.
         """
         self._check_open()
-        path, writer, planner, check = self._prepare_save(checkpoint_path, checkpoint_id, validate, extra)
+        path, writer, planner, check, finish = self._prepare_save(checkpoint_path, checkpoint_id, validate, extra,
+                                                                  drain)
+
+        def committed(handle: AsyncSaveHandle) -> None:  # on the background thread, on every rank
+            if finish is not None:
+                finish()
+            self.last_manifest = handle.manifest
+
         # The replication check reads the live state: its verdict is awaited once staged, before the
         # upload starts and before this returns (a mismatch raises here, on every rank; nothing is saved).
         return self._async_saves.start(self._state_to_save(), path, writer, planner,
                                        after_staging=check.wait if check is not None else None,
-                                       on_committed=lambda handle: setattr(self, "last_manifest", handle.manifest))
+                                       on_committed=committed)
 
     # --- lifecycle ----------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -268,19 +315,27 @@ class CheckpointCoordinator:
 
     def wait(self) -> None:
         """Block until the in-flight async save (if any) finished; raise its failure unless this rank's
-        caller saw it already (on its handle, or raised at a save). Local."""
+        caller saw it already (on its handle, or raised at a save). With a local tier, then wait for the
+        drain in flight too. Local."""
         self._async_saves.settle()
+        if self.tiers is not None:
+            self.tiers.wait()
 
     def close(self) -> None:
-        """Wait for the in-flight async save, then free staging buffers and process groups. Idempotent.
+        """Wait for the in-flight async save and drain, then free staging buffers and process groups.
+        Idempotent.
 
         Raises AsyncSaveError if an async save failed and the failure reached neither its handle's
-        caller nor a save.
+        caller nor a save; DrainError likewise for a drain.
         """
         if self._async_saves.closed:
             return
         try:
-            self._async_saves.close()
+            try:
+                self._async_saves.close()
+            finally:
+                if self.tiers is not None:
+                    self.tiers.close()
         finally:
             release_group(self._validation_group)
             release_group(self.group)
@@ -330,27 +385,78 @@ class CheckpointCoordinator:
         expect_type("read_once", read_once, bool, optional=True)
         expect_type("checkpoint_path", checkpoint_path, (str, os.PathLike), optional=True)
         self._async_saves.settle(raise_failure=False)  # a save in flight may become the latest
+        what = {"strict": strict, "components": components, "keys": keys}
+        if self.tiers is not None and (checkpoint_path is None or self._id_in_tiers(checkpoint_path) is not None):
+            return self._load_tiered(self._id_in_tiers(checkpoint_path), read_once, what)
         path = self._resolve_load_path(checkpoint_path)
+        return self._load_from(path, path, self._reader(path, read_once), 0, what)
+
+    def _reader(self, path: str, read_once: bool | None, readers: Mapping[str, Any] | None = None
+                ) -> ForgeStorageReader:
+        """The storage reader of a load from ``path`` (``readers``: a local tier spread over nodes)."""
+        if readers is not None and self.group is not None:
+            return ReadOnceStorageReader(path, group=self.group, thread_count=self.thread_count,
+                                         verify_checksums=self.verify_checksums, readers=readers)
         if read_once is None:
             read_once = read_once_by_default(self.topology, open_backend(path, self.storage_options)[0])
-        read_once = read_once and self.group is not None
-        reader = (ReadOnceStorageReader(path, self.storage_options, group=self.group, thread_count=self.thread_count,
-                                        verify_checksums=self.verify_checksums)
-                  if read_once else
-                  ForgeStorageReader(path, self.storage_options, thread_count=self.thread_count,
-                                     verify_checksums=self.verify_checksums))
+        if read_once and self.group is not None:
+            return ReadOnceStorageReader(path, self.storage_options, group=self.group, thread_count=self.thread_count,
+                                         verify_checksums=self.verify_checksums)
+        return ForgeStorageReader(path, self.storage_options, thread_count=self.thread_count,
+                                  verify_checksums=self.verify_checksums)
+
+    def _load_tiered(self, checkpoint_id: str | None, read_once: bool | None, what: Mapping[str, Any]) -> LoadResult:
+        """Load the newest checkpoint (or ``checkpoint_id``) committed and intact in any tier, trying its
+        local copy first; a copy found damaged (a checksum, a missing file; for the local tier also a
+        failing disk) is logged and the next copy is tried. See tiers/recovery.py."""
+        tiers = self.tiers
+        if tiers is None:
+            raise ValueError("this coordinator has no local tier")
+        sources = tiers.sources(self.group, checkpoint_id)
+        if not sources:
+            what_id = f"checkpoint {checkpoint_id}" if checkpoint_id else "checkpoint"
+            raise CheckpointNotFoundError(f"no committed {what_id} in the local tier {tiers.tier.root} or under "
+                                          f"{redact_url(self.output_dir)}")
+
+        def load(source: Source) -> LoadResult:
+            canonical = self.checkpoint_path(source.checkpoint_id)
+            if source.tier == LOCAL:
+                path = tiers.local_copy_path(source.checkpoint_id)
+                reader = self._reader(path, False if read_once is None else read_once, tiers.readers(source))
+            else:
+                path = source.url or canonical
+                reader = self._reader(path, read_once)
+            result = self._load_from(canonical, path, reader, tiers.records_rank(source), what, source.tier)
+            tiers.last_loaded = source
+            return result
+
+        for source, following in zip(sources[:-1], sources[1:], strict=True):
+            try:
+                return load(source)
+            except (IntegrityError, OSError) as err:
+                if not (isinstance(err, (IntegrityError, CheckpointNotFoundError)) or source.tier == LOCAL):
+                    raise  # the store could not be reached: not a damaged copy, nothing to fall back from
+                if self.rank == 0:
+                    logger.warning("could not load %s (%s: %s); loading %s instead", source.describe(),
+                                   type(err).__name__, err, following.describe())
+        return load(sources[-1])
+
+    def _load_from(self, canonical: str, path: str, reader: ForgeStorageReader, records_rank: int,
+                   what: Mapping[str, Any], tier: str | None = None) -> LoadResult:
+        """Load from the copy at ``path`` (this rank's; ``canonical``: the checkpoint's path in results)."""
+        strict = what["strict"]
         # One rank reads the metadata files; every reader adopts them (no per-rank re-reads).
-        metadata, manifest, records = self.run_on_coordinator(
-            lambda: (reader.read_metadata(), reader.manifest, reader.records))
+        metadata, manifest, records = collectives.run_on(
+            self.group, records_rank, lambda: (reader.read_metadata(), reader.manifest, reader.records))
         reader.use_metadata(metadata, manifest, records)
         selection: LoadSelection = self._on_every_rank(
-            lambda: LoadSelection.build([c.key for c in self.components], components, keys))
+            lambda: LoadSelection.build([c.key for c in self.components], what["components"], what["keys"]))
         decision = self._on_every_rank(lambda: decide_loads(
             self.components, {top_level_key(fqn) for fqn in metadata.state_dict_metadata},
             manifest.save_topology if manifest is not None else None, self.topology, strict=strict, path=path,
             selection=selection))
         for message in decision.warnings:
-            warnings.warn(message, stacklevel=2)
+            warnings.warn(message, stacklevel=3)
         for c in decision.loading:
             prepare_for_load(c.stateful)
         planner = ForgeLoadPlanner(decision.loading, self.topology, key_map=decision.key_map,
@@ -369,9 +475,10 @@ class CheckpointCoordinator:
         changes = tuple(c.log_line(holds_dtensors=c.component in with_dtensors) for c in decision.changes.values())
         if self.rank == 0:
             _announce_topology_changes(changes)
-        result = LoadResult(path=path, loaded=tuple(c.key for c in decision.loading),
+        result = LoadResult(path=canonical, loaded=tuple(c.key for c in decision.loading),
                             not_loaded=dict(decision.not_loaded), keys_not_loaded=planner.keys_not_loaded(),
-                            topology_changes=changes, bytes_read=reader.bytes_read, read_once=read_once)
+                            topology_changes=changes, bytes_read=reader.bytes_read,
+                            read_once=isinstance(reader, ReadOnceStorageReader), tier=tier)
         logger.info("rank %d: %s", self.rank, result.summary())
         return result
 

@@ -103,6 +103,14 @@ class AsyncSaveError(ForgeError, RuntimeError):
     """
 
 
+class DrainError(ForgeError, RuntimeError):
+    """A checkpoint committed in the local tier could not be drained to the remote tier (``output_dir``).
+
+    The checkpoint stays committed (and loadable) in the local tier; nothing of the failed drain is
+    committed remotely. Raised by the next save, ``wait()`` or ``close()`` on every rank, once.
+    """
+
+
 def describe_type(value: object) -> str:
     """Render a value and its type the way attrs does: ``'a' that is a <str>``."""
     return f"{value!r} that is a <{type(value).__name__}>"

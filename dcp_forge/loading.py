@@ -161,8 +161,9 @@ class LoadResult:
     ``keys_not_loaded``: component → state keys left at their current value (not selected by
     ``keys=``, or absent from the checkpoint under ``strict=False``); ``topology_changes``: one line
     per component whose topology changed, saying what the load did; ``bytes_read``: data bytes this
-    rank read from storage (read-once loads get the rest from other ranks). Plain values, so a result
-    can be gathered from every rank (``all_gather_object``).
+    rank read from storage (read-once loads get the rest from other ranks); ``tier``: with a
+    ``LocalTier``, which tier the checkpoint was read from ("local" or "remote"; None without tiers).
+    Plain values, so a result can be gathered from every rank (``all_gather_object``).
     """
 
     path: str
@@ -172,6 +173,7 @@ class LoadResult:
     topology_changes: tuple[str, ...]
     bytes_read: int
     read_once: bool
+    tier: str | None = None
 
     def __fspath__(self) -> str:
         return self.path
@@ -186,7 +188,8 @@ class LoadResult:
 
     def summary(self) -> str:
         """One line for logs: what was loaded and what was not."""
-        text = f"loaded {redact_url(self.path)}: {', '.join(self.loaded) or 'nothing'}"
+        where = f" from the {self.tier} tier" if self.tier else ""
+        text = f"loaded {redact_url(self.path)}{where}: {', '.join(self.loaded) or 'nothing'}"
         if self.not_loaded:
             text += "; not loaded: " + "; ".join(f"{k} ({why})" for k, why in sorted(self.not_loaded.items()))
         for component, keys in sorted(self.keys_not_loaded.items()):

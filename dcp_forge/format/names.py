@@ -13,10 +13,11 @@ MANIFEST_FILE = "checkpoint_manifest.json"
 INDEX_FILE = "index.parquet"  # one row per stored item: where it is and its checksum
 CLAIM_FILE = "_CLAIMED"  # created exclusively when a save starts: one saver per checkpoint id
 COMMIT_FILE = "_COMMITTED"  # created exclusively last: the checkpoint exists from this moment
+TIER_FILE = "_TIER"  # which tier this copy belongs to (a local node's part, a drained remote copy): tier_record.py
 DATA_SUFFIX = ".distcp"
 # Every file a dcp_forge save writes besides DCP's own: a directory holding any of them is never
 # taken for a plain DCP checkpoint (whose .metadata and data files nobody vouches for).
-FORGE_RECORDS = (CLAIM_FILE, COMMIT_FILE, MANIFEST_FILE, INDEX_FILE)
+FORGE_RECORDS = (CLAIM_FILE, COMMIT_FILE, MANIFEST_FILE, INDEX_FILE, TIER_FILE)
 # dcp_forge's save ids (in the claim, the commit marker and .metadata's storage_meta) start with this,
 # so a .metadata says that it was written by dcp_forge even when the other records are gone.
 SAVE_ID_PREFIX = "dcp_forge-"

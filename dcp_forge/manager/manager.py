@@ -19,6 +19,11 @@ With ``async_save`` a save returns once the state is staged (``CheckpointCoordin
 the checkpoint commits in the background, and retention for it runs when the manager next settles:
 at the next save, at the end of training (``settle``) or when closed. Until then ``last_checkpoint``
 names the previous committed one.
+
+With a ``local_tier`` (docs/TIERS.md) ``save_total_limit`` rules ``output_dir`` (the remote tier) and
+the tier's ``keep`` the local one. Retention in ``output_dir`` sees the checkpoints drained by then: the
+one still draining counts from the next save on (and at ``close``, which waits for the last drain).
+Resuming takes the newest checkpoint committed and intact in either tier, the local copy first.
 """
 
 from __future__ import annotations
@@ -68,7 +73,8 @@ class CheckpointManager:
         self.retention = RetentionPolicy(policy.save_total_limit, policy.preserve_n_best, policy.greater_is_better)
         self.coordinator = CheckpointCoordinator(components, process_groups, output_dir=policy.output_dir,
                                                  storage_options=policy.storage_options,
-                                                 training_args_hash=policy.training_args_hash)
+                                                 training_args_hash=policy.training_args_hash,
+                                                 local_tier=policy.local_tier)
         self.credit = MetricCredit()
         self.last_checkpoint: str | None = None
         self.last_saved_step: int | None = None
@@ -118,6 +124,10 @@ class CheckpointManager:
             return discarded, existing
 
         discarded, existing = self.coordinator.run_on_coordinator(housekeeping)
+        tiers = self.coordinator.tiers
+        if tiers is not None:  # the same for the local tier, on every node
+            discarded = discarded + tiers.discard_uncommitted(self.coordinator.group)
+            existing = existing + [f"{c.checkpoint_id} (local tier)" for c in tiers.committed(self.coordinator.group)]
         for path in discarded:
             if self.rank == 0:
                 logger.warning("discarded uncommitted checkpoint %s (left by an interrupted save)",
@@ -132,6 +142,8 @@ class CheckpointManager:
     def resume(self, target: bool | str) -> str | None:
         """Load ``target`` (True: the latest committed checkpoint, None when there is none; a path:
         that checkpoint) into the components. Returns the loaded path. Collective."""
+        if target is True and self.coordinator.tiers is not None:
+            return self._resume_tiered()
         if target is True:
             latest = self.coordinator.run_on_coordinator(self._latest_to_resume)
             if latest is None:
@@ -141,6 +153,24 @@ class CheckpointManager:
             self._refuse_newer_checkpoints_than(os.fspath(target))
         self.settle()
         path = os.fspath(self.coordinator.load_checkpoint(target))
+        self.last_checkpoint = path
+        return path
+
+    def _resume_tiered(self) -> str | None:
+        """Resume from the newest checkpoint committed and intact in either tier (the local copy first).
+        Local checkpoints newer than it could not be loaded: they are deleted, so the run can save those
+        steps again. Drains a crash interrupted start again."""
+        self.settle()
+        tiers, group = self.coordinator.tiers, self.coordinator.group
+        if tiers is None:
+            raise ValueError("this manager's coordinator has no local tier")
+        if not tiers.sources(group, announce=False):
+            self.coordinator.run_on_coordinator(
+                lambda: check_output_dir(self.policy.output_dir, self.policy.storage_options))
+            return None
+        path = os.fspath(self.coordinator.load_checkpoint())
+        tiers.discard_newer_than_loaded(group)
+        tiers.drain_pending(group)
         self.last_checkpoint = path
         return path
 
@@ -204,6 +234,12 @@ class CheckpointManager:
         call before ``dist.destroy_process_group()``."""
         try:
             self.settle()
+            if self.coordinator.tiers is not None:
+                # The last drain ends after the last save's retention ran in either tier (the local tier
+                # kept the checkpoint being drained): apply both to what is there now.
+                self.coordinator.tiers.wait()
+                self.coordinator.tiers.apply_retention(self.coordinator.group)
+                self.apply_retention()
         finally:
             self.coordinator.close()
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import describe_type
+from ..tiers.policy import LocalTier
 
 SAVE_STRATEGIES = ("steps", "epoch", "no")
 
@@ -30,7 +31,9 @@ class CheckpointPolicy:
     ``async_save``: saves return once the state is staged and commit in the background.
     ``validate_replication``: check replicated components across ranks at every save.
     ``training_args_hash``: recorded in each manifest, to tell runs apart. ``storage_options`` go to
-    fsspec and never into a manifest.
+    fsspec and never into a manifest. ``local_tier``: a ``LocalTier`` every save commits to first
+    (node-local, kept by its own ``keep``), drained to ``output_dir`` (kept by ``save_total_limit``);
+    resuming takes the newest checkpoint of either tier, the local copy first (docs/TIERS.md).
     """
 
     output_dir: str
@@ -44,6 +47,7 @@ class CheckpointPolicy:
     validate_replication: bool = False
     training_args_hash: str | None = None
     storage_options: Mapping[str, Any] = field(default_factory=dict)
+    local_tier: LocalTier | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.output_dir, os.PathLike):
@@ -68,6 +72,8 @@ class CheckpointPolicy:
         if not isinstance(self.storage_options, Mapping):
             raise self._error("storage_options", "a mapping")
         object.__setattr__(self, "storage_options", dict(self.storage_options))
+        if self.local_tier is not None and not isinstance(self.local_tier, LocalTier):
+            raise self._error("local_tier", "a LocalTier or None")
         if self.save_strategy == "no":
             for name, unset in (("save_total_limit", None), ("preserve_n_best", 0), ("async_save", False)):
                 if getattr(self, name) != unset:

@@ -30,9 +30,11 @@ from ..format.names import (
     INDEX_FILE,
     MANIFEST_FILE,
     METADATA_FILE,
+    TIER_FILE,
     stripped_checkpoint_message,
     written_by_dcp_forge,
 )
+from ..format.tier_record import TierRecord
 from ..storage import (
     CheckpointState,
     RecordFiles,
@@ -68,6 +70,7 @@ class CheckpointEntry:
     step: int | None
     size_bytes: int | None
     time: float | None  # commit time (committed), claim time (partial), .metadata mtime (legacy)
+    tier: str | None = None  # from the copy's _TIER record: "local: node 0 of 2", "remote (drained copy)"
 
 
 def _step_of(name: str, extra: Mapping[str, Any] | None) -> int | None:
@@ -98,9 +101,18 @@ def _looks_like_a_checkpoint(backend: StorageBackend, path: str) -> bool:
     return any(name in ours or name.endswith(DATA_SUFFIX) for name in backend.list_dir(path))
 
 
+def _tier_of(backend: StorageBackend, path: str) -> str | None:
+    """What the copy's ``_TIER`` record says it is (None: an untiered checkpoint, or an unreadable record)."""
+    try:
+        return TierRecord.from_bytes(backend.read_bytes(backend.join(path, TIER_FILE)), path).describe()
+    except (FileNotFoundError, IntegrityError):
+        return None
+
+
 def list_checkpoint_entries(output_dir: str | os.PathLike, storage_options: Mapping[str, Any] | None = None,
                             *, include_partial: bool = True) -> list[CheckpointEntry]:
-    """Every checkpoint directory under ``output_dir``, oldest first (partial ones last if untimed)."""
+    """Every checkpoint directory under ``output_dir``, oldest first (partial ones last if untimed). A tiered
+    checkpoint's copy (a node's part of the local tier, a drained remote copy) says which in ``tier``."""
     output_dir = os.fspath(output_dir)
     backend, root = open_backend(output_dir, storage_options)
     entries = []
@@ -115,7 +127,7 @@ def list_checkpoint_entries(output_dir: str | os.PathLike, storage_options: Mapp
                 size, step = sum(c.size_bytes for c in manifest.components.values()), _step_of(name, manifest.extra)
             except (FileNotFoundError, IntegrityError):
                 size, step = None, _step_of(name, None)
-            entries.append(CheckpointEntry(url, name, "committed", step, size, when))
+            entries.append(CheckpointEntry(url, name, "committed", step, size, when, _tier_of(backend, path)))
         elif state is CheckpointState.LEGACY:
             info = backend.fs.info(backend.join(path, METADATA_FILE))
             mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
@@ -123,7 +135,7 @@ def list_checkpoint_entries(output_dir: str | os.PathLike, storage_options: Mapp
             entries.append(CheckpointEntry(url, name, "legacy", _step_of(name, None), _dir_bytes(backend, path), when))
         elif state is CheckpointState.PARTIAL and include_partial and _looks_like_a_checkpoint(backend, path):
             entries.append(CheckpointEntry(url, name, "partial", _step_of(name, None), _dir_bytes(backend, path),
-                                           _claim_time(backend, path)))
+                                           _claim_time(backend, path), _tier_of(backend, path)))
     entries.sort(key=lambda e: (e.time is None, e.time or 0.0, e.name))
     return entries
 

@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .backends import FsspecBackend, InputFile, LocalBackend, StorageBackend
+from .backends import FsspecBackend, InputFile, LocalBackend, OutputStream, StorageBackend, discard_after
 from .consistency import (
     Problem,
     ProblemKind,
@@ -24,16 +24,22 @@ from .consistency import (
 from .files import check_extent, extent_problem, open_data_file
 from .lifecycle import (
     CheckpointState,
+    CommitRecord,
     check_output_dir,
     checkpoint_state,
+    claim,
+    claimant,
+    commit,
     delete_checkpoint,
+    discard_claimed,
     discard_partial_checkpoints,
     latest_checkpoint,
     list_checkpoints,
     location_exists,
     read_commit,
 )
-from .registry import BACKENDS, join_url, open_backend, redact_url
+from .registry import BACKENDS, join_url, open_backend, redact_url, scheme_of
+from .verified_copy import COPY_CHUNK_BYTES, ItemVerifier, copy_verified, file_sizes, rows_by_file
 
 if TYPE_CHECKING:
     from .cross_check import ItemCheck, StoredChunk, coverage_problems, manifest_problems
@@ -84,7 +90,9 @@ def open_reader(url: str | os.PathLike, storage_options: Mapping[str, Any] | Non
 
 
 __all__ = [
-    "BACKENDS", "CheckpointState", "ForgeStorageReader", "ForgeStorageWriter", "FsspecBackend", "InputFile",
+    "BACKENDS", "COPY_CHUNK_BYTES", "CheckpointState", "CommitRecord", "ItemVerifier", "OutputStream", "claim",
+    "claimant", "commit", "copy_verified", "discard_after", "discard_claimed", "file_sizes", "rows_by_file",
+    "scheme_of", "ForgeStorageReader", "ForgeStorageWriter", "FsspecBackend", "InputFile",
     "ItemCheck", "LocalBackend", "Problem", "ProblemKind", "ReadOnceStorageReader", "ReadStats", "RecordFiles",
     "SafetensorsReader", "StorageBackend", "StoredChunk", "byte_view", "check_extent", "check_output_dir", "checkpoint_state", "component_of", "coverage_problems", "delete_checkpoint",
     "discard_partial_checkpoints", "extent_problem", "join_url", "latest_checkpoint", "list_checkpoints", "location_exists",

@@ -26,21 +26,26 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import xxhash
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
 from ..core.placement import place_on_least_loaded
 from ..core.topology import Topology
-from ..errors import ComponentDeclarationError
+from ..errors import ComponentDeclarationError, IntegrityError
+from ..format.names import INDEX_FILE
 from .backends import InputFile, LocalBackend, ReadsViewsInTurn, StorageBackend
+from .files import check_extent, open_data_file
 from .item_reader import Checker, StoredRead, load_stored_item
 from .reader import ForgeStorageReader
+from .registry import redact_url
 
 DEFAULT_BATCH_BYTES = 64 * 1024 * 1024
 DEFAULT_WAVE_BYTES = 256 * 1024 * 1024
@@ -91,12 +96,16 @@ class ReadOnceSchedule:
 
 
 def plan_read_once(needs: Sequence[Iterable[Location]], *, min_replicas: int = 2,
-                   batch_bytes: int = DEFAULT_BATCH_BYTES, wave_bytes: int = DEFAULT_WAVE_BYTES
-                   ) -> list[ReadOnceSchedule]:
+                   batch_bytes: int = DEFAULT_BATCH_BYTES, wave_bytes: int = DEFAULT_WAVE_BYTES,
+                   readers: Mapping[str, Collection[int]] | None = None) -> list[ReadOnceSchedule]:
     """Who reads each stored item and how the others get it (pure; ``needs[r]``: what rank r needs).
 
     An item needed by at least ``min_replicas`` ranks is read by one of them (the least loaded, largest
-    items first) and sent to the rest; any other item is read by each rank that needs it. Batches
+    items first) and sent to the rest; any other item is read by each rank that needs it.
+    ``readers`` (data file -> the ranks that can read it; None: every rank can read every file), for
+    checkpoints whose files are spread over node-local storage: an item is read only by a rank that
+    can read its file, preferring the ranks that need it; if none of them can, a rank that can reads
+    it for them and sends it to every rank that needs it. A file no rank can read is a ValueError. Batches
     hold items of one (source, receivers) pair, at most ``batch_bytes`` each unless one item is
     bigger. They are ordered round-robin over sources and cut into waves of at most ``wave_bytes``
     (or one batch): the batches of a wave are in flight together, so every source sends at once,
@@ -115,12 +124,16 @@ def plan_read_once(needs: Sequence[Iterable[Location]], *, min_replicas: int = 2
     load = [0] * world
     shared = []
     for loc, ranks in needers.items():
-        if len(ranks) >= min_replicas:
-            shared.append((loc.length, loc, loc, tuple(sorted(ranks))))
+        able = ranks if readers is None else ranks & set(readers.get(loc.file, ()))
+        if len(ranks) < min_replicas and able == ranks:
+            for r in ranks:
+                reads[r].add(loc)
+                load[r] += loc.length
             continue
-        for r in ranks:
-            reads[r].add(loc)
-            load[r] += loc.length
+        candidates = able or set(readers.get(loc.file, ()) if readers is not None else ())
+        if not candidates:
+            raise ValueError(f"read-once: no rank can read data file {loc.file} (needed by ranks {sorted(ranks)})")
+        shared.append((loc.length, loc, loc, tuple(sorted(candidates))))
     grouped: dict[tuple[int, tuple[int, ...]], list[Location]] = defaultdict(list)
     for loc, reader in place_on_least_loaded(shared, load).items():
         reads[reader].add(loc)
@@ -163,20 +176,23 @@ class ReadOnceStorageReader(ForgeStorageReader):
     """A ``ForgeStorageReader`` that reads each stored item once per job and exchanges it over ``group``.
 
     ``group``: the process group DCP's load runs over (the coordinator's gloo group); the ranks of
-    the load plans are ranks of this group. ``min_replicas`` / ``batch_bytes`` / ``wave_bytes``: see
-    ``plan_read_once``.
+    the load plans are ranks of this group. ``min_replicas`` / ``batch_bytes`` / ``wave_bytes`` /
+    ``readers``: see ``plan_read_once`` (with ``readers``, each rank's ``url`` is its own node's part
+    of a checkpoint spread over node-local storage, and a rank may read items only others need).
     ``bytes_received`` counts what this rank got from other ranks instead of storage.
     """
 
     def __init__(self, url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, *,
                  group: Any, thread_count: int = 2, verify_checksums: bool = True, min_replicas: int = 2,
-                 batch_bytes: int = DEFAULT_BATCH_BYTES, wave_bytes: int = DEFAULT_WAVE_BYTES) -> None:
+                 batch_bytes: int = DEFAULT_BATCH_BYTES, wave_bytes: int = DEFAULT_WAVE_BYTES,
+                 readers: Mapping[str, Collection[int]] | None = None) -> None:
         super().__init__(url, storage_options, thread_count=thread_count, verify_checksums=verify_checksums)
         plan_read_once([], min_replicas=min_replicas, batch_bytes=batch_bytes, wave_bytes=wave_bytes)  # validates
         self.group = group
         self.min_replicas = min_replicas
         self.batch_bytes = batch_bytes
         self.wave_bytes = wave_bytes
+        self.readers = None if readers is None else {name: frozenset(ranks) for name, ranks in readers.items()}
         self.bytes_received = 0
 
     def _location(self, item: ReadItem) -> Location:
@@ -186,7 +202,7 @@ class ReadOnceStorageReader(ForgeStorageReader):
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
         needs = [[self._location(item) for item in plan.items] for plan in plans]
         schedules = plan_read_once(needs, min_replicas=self.min_replicas, batch_bytes=self.batch_bytes,
-                                   wave_bytes=self.wave_bytes)
+                                   wave_bytes=self.wave_bytes, readers=self.readers)
         return [dataclasses.replace(plan, storage_data=s) for plan, s in zip(plans, schedules, strict=True)]
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
@@ -215,7 +231,9 @@ class ReadOnceStorageReader(ForgeStorageReader):
         try:
             # The checks of what this rank needs (cross_check.py) run before it reads or receives anything.
             reads.update({Location(r.file, r.offset, r.length): r for r in self.plan_reads(plan, planner)})
-            self._read_stored(sorted((reads[loc] for loc in schedule.reads), key=_file_order), planner, load)
+            self._read_stored(sorted((reads[loc] for loc in schedule.reads if loc in reads), key=_file_order),
+                              planner, load)
+            kept.update(self._read_for_others(sorted(loc for loc in schedule.reads if loc not in reads)))
         except Exception as err:  # reported after the other ranks learn of it, so nobody waits forever
             failure = err
         everyone_ok: list[Any] = [None] * dist.get_world_size(self.group)
@@ -229,6 +247,46 @@ class ReadOnceStorageReader(ForgeStorageReader):
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
+
+    def _read_for_others(self, locations: Sequence[Location]) -> dict[Location, torch.Tensor]:
+        """Stored items this rank reads only to send (``readers``: no rank that needs them can read their
+        file), as stored, each checked against its index checksum before it is sent."""
+        if not locations:
+            return {}
+        where = redact_url(self.url)
+        by_file: dict[str, list[Location]] = defaultdict(list)
+        for loc in locations:
+            by_file[loc.file].append(loc)
+
+        def read_file(name: str) -> dict[Location, torch.Tensor]:
+            out = {}
+            handle = open_data_file(self.backend, self.path, name, where, "items other ranks load")
+            try:
+                size = handle.size()
+                end = self._file_ends.get(name)
+                if end is not None and size != end:
+                    raise IntegrityError(f"{where}: data file {name} has {size} bytes, the items {INDEX_FILE} "
+                                         f"records in it end at byte {end}")
+                for loc in by_file[name]:
+                    record = self._record_at.get((loc.file, loc.offset))
+                    fqn = record.fqn if record is not None else f"the item at byte {loc.offset}"
+                    check_extent(where, name, size, loc.offset, loc.length, repr(fqn))
+                    buffer = torch.empty(loc.length, dtype=torch.uint8)
+                    handle.read_into(loc.offset, memoryview(buffer.numpy()))
+                    if self.verify_checksums:
+                        self.verify_stored(name, loc.offset, fqn, xxhash.xxh3_64_hexdigest(memoryview(buffer.numpy())))
+                    out[loc] = buffer
+            finally:
+                handle.close()
+            return out
+
+        kept: dict[Location, torch.Tensor] = {}
+        with ThreadPoolExecutor(max_workers=min(self.thread_count, len(by_file)),
+                                thread_name_prefix="forge-read") as pool:
+            for result in pool.map(read_file, sorted(by_file)):
+                kept.update(result)
+        self.bytes_read += sum(loc.length for loc in locations)
+        return kept
 
     def _exchange(self, batches: Sequence[ExchangeBatch], me: int, kept: dict[Location, torch.Tensor],
                   reads: Mapping[Location, StoredRead], planner: LoadPlanner) -> BaseException | None:

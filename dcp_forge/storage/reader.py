@@ -312,11 +312,14 @@ class ForgeStorageReader(StorageReader):
         return done
 
     def _verify(self, read: StoredRead, found: str) -> None:
-        record = self._record_at.get((read.file, read.offset))
+        self.verify_stored(read.file, read.offset, read.fqn, found)
+
+    def verify_stored(self, file: str, offset: int, fqn: str, found: str) -> None:
+        """Raise IntegrityError unless ``found`` is the index's checksum of the item at ``offset`` of ``file``."""
+        record = self._record_at.get((file, offset))
         if record is None:
-            raise IntegrityError(
-                f"{redact_url(self.url)}: {read.file}@{read.offset} ({read.fqn!r}) is not in {INDEX_FILE}")
+            raise IntegrityError(f"{redact_url(self.url)}: {file}@{offset} ({fqn!r}) is not in {INDEX_FILE}")
         if found != record.checksum:
             raise IntegrityError(
-                f"{redact_url(self.url)}: checksum mismatch in {read.file} at byte {read.offset} for component "
-                f"{record.component!r} ({read.fqn!r}): expected {record.checksum}, found {found}")
+                f"{redact_url(self.url)}: checksum mismatch in {file} at byte {offset} for component "
+                f"{record.component!r} ({fqn!r}): expected {record.checksum}, found {found}")

@@ -181,7 +181,7 @@ class ForgeStorageWriter(StorageWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         # Runs on the coordinator before any rank writes; an error here reaches every rank.
-        claim(self.backend, self.path, self.save_id, self.url)
+        self.claim_directory()
         self._global_plan = [dataclasses.replace(plan, storage_data=_RankFiles(rank))
                              for rank, plan in enumerate(plans)]
         return self._global_plan
@@ -330,13 +330,24 @@ class ForgeStorageWriter(StorageWriter):
         self.backend.sync_dir(self.path)
         record = CommitRecord(checkpoint_id=os.path.basename(self.path.rstrip("/")), save_id=self.save_id,
                               committed_at=time.time(), manifest_checksum=checksum_bytes(manifest_bytes))
+        committed = self.commit_directory(record)
+        self.manifest = manifest
+        logger.info("%s %s: %d items, %d bytes (finish %.3fs)", "committed" if committed else "wrote the records of",
+                    redact_url(self.url), len(records), sum(r.length for r in records), time.perf_counter() - started)
+        if self.on_committed is not None:
+            self.on_committed(manifest)
+
+    # --- the directory's lifecycle (a writer for a node-local tier claims and commits differently) ---
+    def claim_directory(self) -> None:
+        """On the coordinator, before any rank writes: take the checkpoint id for this save."""
+        claim(self.backend, self.path, self.save_id, self.url)
+
+    def commit_directory(self, record: CommitRecord) -> bool:
+        """On the coordinator, once every file and record is durable: create the commit marker.
+        Returns whether the checkpoint is committed now (a writer may leave the commit to its caller)."""
         # If even reading the marker back fails, the outcome is unknown (ConnectionError): the
         # checkpoint is then complete, and committed exactly when latest_checkpoint lists it.
         with os_error_context(f"rank {self.rank} committing checkpoint {redact_url(self.url)}",
                               self.backend.join(self.path, COMMIT_FILE)):
             commit(self.backend, self.path, record)
-        self.manifest = manifest
-        logger.info("committed %s: %d items, %d bytes (finish %.3fs)", redact_url(self.url), len(records),
-                    sum(r.length for r in records), time.perf_counter() - started)
-        if self.on_committed is not None:
-            self.on_committed(manifest)
+        return True

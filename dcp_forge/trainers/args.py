@@ -23,6 +23,7 @@ from typing import Any
 
 from ..errors import describe_type
 from ..manager.policy import SAVE_STRATEGIES, CheckpointPolicy
+from ..tiers.policy import LocalTier
 
 __all__ = ["TRAINER_FIELDS", "TrainingArguments"]
 
@@ -44,7 +45,7 @@ TRAIN_LOSS = "train_loss"
 # Fields that say where or whether to resume, not what is trained: they stay out of the hash the
 # manifest records, so a resumed job's checkpoints carry the same training_args_hash as the original's.
 # storage_options may hold credentials, which must never reach a manifest, hashed or not.
-_UNHASHED = frozenset({"output_dir", "resume_from_checkpoint", "storage_options", "async_save"})
+_UNHASHED = frozenset({"output_dir", "resume_from_checkpoint", "storage_options", "async_save", "local_tier"})
 
 
 def _is_int(value: Any) -> bool:
@@ -80,7 +81,9 @@ class TrainingArguments:
     best checkpoint (it is never deleted); evaluation and saving must then run on the same schedule.
 
     ``async_save``: saves return as soon as the state is staged and finish in the background (the
-    next save, the end of training and retention wait for them).
+    next save, the end of training and retention wait for them). ``local_tier`` (a ``LocalTier``, or
+    its node-local directory): saves commit there first and drain to ``output_dir`` in the background;
+    resuming reads the local (or a peer node's) copy first (docs/TIERS.md).
 
     Trainer-specific (None: the trainer's default, ``TRAINER_FIELDS``; a trainer refuses fields it
     does not read): ``dispatch_batches`` (DDPTrainer, FSDPTrainer): True, rank 0 loads each global
@@ -118,6 +121,7 @@ class TrainingArguments:
     logging_steps: int = 10
     dataloader_num_workers: int = 0
     storage_options: Mapping[str, Any] = field(default_factory=dict)
+    local_tier: LocalTier | str | None = None
     dispatch_batches: bool | None = None
     n_microbatches: int | None = None
     pipeline_schedule: str | None = None
@@ -163,6 +167,10 @@ class TrainingArguments:
         if not isinstance(self.storage_options, Mapping):
             raise _field_error("storage_options", "a mapping", self.storage_options)
         object.__setattr__(self, "storage_options", dict(self.storage_options))
+        if isinstance(self.local_tier, (str, os.PathLike)):
+            object.__setattr__(self, "local_tier", LocalTier(os.fspath(self.local_tier)))
+        elif self.local_tier is not None and not isinstance(self.local_tier, LocalTier):
+            raise _field_error("local_tier", "a LocalTier, a local directory or None", self.local_tier)
         self._resolve_evaluation()
         self._check_combinations()
 
@@ -247,7 +255,8 @@ class TrainingArguments:
             preserve_n_best=max(self.preserve_n_best, int(self.load_best_model_at_end)),
             metric_for_best_model=self.metric_for_best_model, greater_is_better=self.greater_is_better,
             async_save=self.async_save, validate_replication=self.validate_replication,
-            training_args_hash=self.training_hash(), storage_options=self.storage_options)
+            training_args_hash=self.training_hash(), storage_options=self.storage_options,
+            local_tier=self.local_tier if isinstance(self.local_tier, LocalTier) else None)
 
     def to_dict(self) -> dict[str, Any]:
         """Every field except storage_options (which may hold credentials)."""

@@ -39,6 +39,7 @@ import datetime
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -88,15 +89,21 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def event_kind(label: str) -> str:
-    """``'write __1_0.distcp'`` -> ``'write data file'``: an event without its rank or file number."""
+    """``'write __1_0.distcp'`` -> ``'write data file'``: an event without its rank or file number. With
+    tiers, ``remote:`` marks the remote tier (``'close remote:__1_0.distcp'`` -> ``'close remote data
+    file'``) and ``peer:`` a peer copy another rank's file is being written into."""
     op, _, name = label.partition(" ")
     torn = name.endswith(" (torn)")
     name = name.removesuffix(" (torn)")
+    where = ""
+    for prefix in ("remote:", "peer:"):
+        if name.startswith(prefix):
+            where, name = prefix[:-1] + " ", name[len(prefix):]
     if name.endswith(".distcp"):
         name = "data file"
     elif name.startswith("checkpoint-"):
         name = "checkpoint dir"
-    return f"{op} {name}" + (" (torn)" if torn else "")
+    return f"{op} {where}{name}" + (" (torn)" if torn else "")
 
 
 class _KillingOutput:
@@ -128,8 +135,10 @@ class _Killer:
 
     MUTATING = ("create_exclusive", "open_output", "write_bytes", "makedirs", "remove", "remove_tree", "sync_dir")
 
-    def __init__(self, target: tuple[str, int] | None, torn: bool, report: Callable[..., None]) -> None:
+    def __init__(self, target: tuple[str, int] | None, torn: bool, report: Callable[..., None],
+                 where: Callable[[str], str] | None = None) -> None:
         self.target, self.torn, self.report = target, torn, report
+        self.where = where or (lambda path: "")  # a path's tier prefix for its label (see event_kind)
         self._lock = threading.Lock()
         self._seen: collections.Counter[str] = collections.Counter()
         self.kinds: list[str] = []  # the kind of every event so far, in order (see event_kind)
@@ -146,10 +155,10 @@ class _Killer:
         killer = self
 
         def hooked(backend: Any, path: str, *rest: Any) -> Any:
-            label = f"{name} {os.path.basename(str(path).rstrip('/'))}"
-            result = killer.event(label, lambda: original(backend, path, *rest))
+            named = f"{killer.where(str(path))}{os.path.basename(str(path).rstrip('/'))}"
+            result = killer.event(f"{name} {named}", lambda: original(backend, path, *rest))
             if name == "open_output":
-                return _KillingOutput(result, killer, os.path.basename(str(path)))
+                return _KillingOutput(result, killer, named)
             return result
 
         return hooked
@@ -169,6 +178,22 @@ class _Killer:
         return run()
 
 
+def _tier_of_path(setup: _Setup, rank: int) -> Callable[[str], str] | None:
+    """With tiers: ``remote:`` for the remote tier's paths, ``peer:`` for another rank's data file written
+    into this node's local tier (a peer copy), nothing for this rank's own local-tier operations."""
+    if setup.local_root is None:
+        return None
+    local_root = os.path.abspath(setup.local_root)
+
+    def where(path: str) -> str:
+        if not os.path.abspath(path).startswith(local_root + os.sep):
+            return "remote:"
+        match = re.match(r"__(\d+)_\d+\.distcp$", os.path.basename(path))
+        return "peer:" if match and int(match.group(1)) != rank else ""
+
+    return where
+
+
 def _train_in_place(boxes: dict[str, Box]) -> None:
     """What training does while an async save uploads: change every tensor in place."""
     for box in boxes.values():
@@ -185,6 +210,11 @@ class _Setup:
     storage_options: dict[str, Any]
     mib: float
     use_async: bool
+    local_root: str | None = None  # tiers: node n's local tier is <local_root>/node<n>, each rank a node
+    peer_copies: int = 1
+
+    def local_dir(self, node: int) -> str:
+        return os.path.join(self.local_root or "", f"node{node}")
 
 
 def _rank_job(rank: int, world: int, init_file: str, setup: _Setup, step: int, expect_step: int | None,
@@ -199,16 +229,20 @@ def _rank_job(rank: int, world: int, init_file: str, setup: _Setup, step: int, e
     def send(*message: Any) -> None:
         conn.send(message)
 
+    if setup.local_root is not None:  # every rank is a node of its own, as torchrun would say
+        os.environ.update({"RANK": str(rank), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": str(rank)})
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=30))
-        from dcp_forge import StateComponent
+        from dcp_forge import LocalTier, StateComponent
         from dcp_forge.manager.manager import CheckpointManager, CheckpointPolicy
 
         boxes = {key: Box({}) for key in ("model", "rng", "trainer")}
         # Resume, save and retention (keep two) the way a trainer does them: through CheckpointManager.
+        tier = (LocalTier(setup.local_dir(rank), keep=2, peer_copies=setup.peer_copies)
+                if setup.local_root is not None else None)
         args = CheckpointPolicy(output_dir=setup.out_dir, storage_options=setup.storage_options, save_steps=1,
-                                save_total_limit=2, async_save=setup.use_async)
+                                save_total_limit=2, async_save=setup.use_async, local_tier=tier)
         manager = CheckpointManager(args, [
             StateComponent("model", boxes["model"], "replicated"), StateComponent("rng", boxes["rng"], "per_rank"),
             StateComponent("trainer", boxes["trainer"], "global")])
@@ -223,7 +257,7 @@ def _rank_job(rank: int, world: int, init_file: str, setup: _Setup, step: int, e
                  all(_same(boxes[key].state, expected[key]) for key in boxes))
         for key, value in make_state(step, rank, setup.mib).items():
             boxes[key].state = value
-        killer = _Killer(target, torn, send)
+        killer = _Killer(target, torn, send, where=_tier_of_path(setup, rank))
         killer.install()
         send("saving")
         started = time.perf_counter()
@@ -353,6 +387,45 @@ def _check_storage(setup: _Setup, path: str, previous: str | None, report: Repor
     return expected
 
 
+def _check_tiers(setup: _Setup, path: str, previous: str | None, report: Report, trial: str, world: int
+                 ) -> str | None:
+    """With tiers: the newest checkpoint committed in either tier (a commit marker on some node, or in the
+    remote tier) is this trial's if it committed anywhere, else the previous one; every committed copy is
+    complete and verifies clean (each node holds every file: one peer copy, two nodes); a drained copy
+    exists only if its local save committed first (the same commit record)."""
+    from dcp_forge import verify_checkpoint
+    from dcp_forge.storage import join_url
+    from dcp_forge.tiers.layout import local_checkpoints
+    from dcp_forge.tiers.listing import list_node_copies
+    from dcp_forge.tiers.recovery import remote_checkpoints
+
+    options = setup.storage_options
+    copies = [c for node in range(world) for c in list_node_copies(setup.local_dir(node), node)]
+    local = {c.checkpoint_id: c for c in local_checkpoints(copies)}
+    remote = {c.checkpoint_id: c for c in remote_checkpoints(setup.out_dir, options)}
+    name = os.path.basename(path)
+    expected = path if name in local or name in remote else previous
+    newest = max([*local.values(), *remote.values()], key=lambda c: c.commit.committed_at, default=None)
+    latest = join_url(setup.out_dir, newest.checkpoint_id) if newest is not None else None
+    if latest != expected:
+        report.failures.append(f"{trial}: the newest checkpoint of either tier is {latest}, expected {expected}")
+    for checkpoint_id, drained in remote.items():
+        problems = verify_checkpoint(drained.url, options)
+        if problems:
+            report.failures.append(f"{trial}: drained {drained.url} has problems: {[str(p) for p in problems]}")
+        here = local.get(checkpoint_id)
+        if here is not None and here.commit.save_id == drained.commit.save_id and here.commit != drained.commit:
+            report.failures.append(f"{trial}: the drained {checkpoint_id} carries another commit record than its "
+                                   f"local save ({drained.commit} vs {here.commit})")
+    for copy in copies:
+        if copy.commit is not None:
+            problems = verify_checkpoint(os.path.join(setup.local_dir(copy.node), copy.checkpoint_id))
+            if problems:
+                report.failures.append(f"{trial}: node {copy.node}'s committed copy of {copy.checkpoint_id} has "
+                                       f"problems: {[str(p) for p in problems]}")
+    return expected
+
+
 def _sweep_order(kinds: list[str], sweep: bool | Sequence[str]) -> list[str]:
     """The kinds of one rank's storage operations to sweep, in order."""
     if sweep is True:
@@ -362,14 +435,17 @@ def _sweep_order(kinds: list[str], sweep: bool | Sequence[str]) -> list[str]:
 
 def run_trials(trials: int, *, world: int = 2, seed: int = 0, mib: float = 2.0, out_dir: str | None = None,
                storage_options: dict[str, Any] | None = None, use_async: bool = False,
-               sweep: bool | Sequence[str] = True, keep_going: bool = False, log: Callable[[str], None] | None = None) -> Report:
+               sweep: bool | Sequence[str] = True, keep_going: bool = False, log: Callable[[str], None] | None = None,
+               tiers: bool = False) -> Report:
     """Run ``trials`` kill trials (after three jobs that kill nothing, and before one that only loads).
 
     ``out_dir``: a local directory or a URL (with ``storage_options``), empty or new; default: a
     temporary directory, removed afterwards. ``use_async``: save with ``async_save`` (training changes the state in place while it uploads)
     instead of ``save_checkpoint``. ``sweep``: begin by killing each rank once at each kind of storage
     operation it performs; a sequence of kinds (``event_kind`` names): only at those, in that order
-    (short runs that must cover chosen steps of the protocol).
+    (short runs that must cover chosen steps of the protocol). ``tiers``: every rank is a node with a
+    local tier of its own (a temporary directory; one peer copy, keep two), ``out_dir`` is the remote
+    tier: kills also hit the local commit, peer copies, drains and retention in either tier.
     """
     from dcp_forge.manager.manager import checkpoint_id_for_step
     from dcp_forge.storage import join_url
@@ -379,7 +455,8 @@ def run_trials(trials: int, *, world: int = 2, seed: int = 0, mib: float = 2.0, 
     rng = random.Random(seed)
     report = Report()
     own_dir = out_dir is None
-    setup = _Setup(out_dir or tempfile.mkdtemp(prefix="crash-"), dict(storage_options or {}), mib, use_async)
+    setup = _Setup(out_dir or tempfile.mkdtemp(prefix="crash-"), dict(storage_options or {}), mib, use_async,
+                   tempfile.mkdtemp(prefix="crash-local-") if tiers else None)
     started = time.monotonic()
     try:
         latest: str | None = None
@@ -444,7 +521,8 @@ def run_trials(trials: int, *, world: int = 2, seed: int = 0, mib: float = 2.0, 
             if not job.killed and errors:
                 report.failures.append(f"{trial}: {errors}")
             latest_before = latest
-            latest = _check_storage(setup, path, latest, report, trial)
+            latest = (_check_tiers(setup, path, latest, report, trial, world) if tiers
+                      else _check_storage(setup, path, latest, report, trial))
             if mode is not None:
                 report.trials += 1
                 report.modes[mode] += 1
@@ -468,6 +546,8 @@ def run_trials(trials: int, *, world: int = 2, seed: int = 0, mib: float = 2.0, 
         report.seconds = time.monotonic() - started
         if own_dir:
             shutil.rmtree(setup.out_dir, ignore_errors=True)
+        if setup.local_root is not None:
+            shutil.rmtree(setup.local_root, ignore_errors=True)
     return report
 
 
@@ -502,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="async saves (training changes the state while they upload) instead of sync ones")
     parser.add_argument("--verbose", action="store_true", help="print one line per trial")
     parser.add_argument("--keep-going", action="store_true", help="do not stop at the first failing trial")
+    parser.add_argument("--tiers", action="store_true",
+                        help="save through a local tier (each rank a node with its own, one peer copy) that drains "
+                             "to the output dir; kills also hit local commits, peer copies and drains")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     if args.s3 and args.output_dir:
@@ -510,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     def run(out_dir: str | None, options: dict[str, Any]) -> int:
         report = run_trials(args.trials, world=args.world, seed=args.seed, mib=args.mib, out_dir=out_dir,
                             storage_options=options, use_async=args.use_async, keep_going=args.keep_going,
-                            log=print if args.verbose else None)
+                            log=print if args.verbose else None, tiers=args.tiers)
         _print_report(report, args.json)
         return 1 if report.failures else 0
 

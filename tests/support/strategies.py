@@ -577,3 +577,31 @@ def build_values(tree, destination: bool = False):
     if isinstance(tree, tuple) and any(isinstance(v, TensorRecipe) for v in tree):
         return None if destination else tuple(build_values(v) for v in tree)  # pickled whole: replaced
     return None if destination else tree
+
+
+# --- storage tiers ----------------------------------------------------------------------------------
+@st.composite
+def node_layouts(draw, max_nodes: int = 6, max_per_node: int = 4) -> Topology:
+    """A job whose nodes may differ in size and whose ranks may interleave across nodes."""
+    sizes = draw(st.lists(st.integers(1, max_per_node), min_size=1, max_size=max_nodes))
+    node_of = draw(st.permutations([n for n, size in enumerate(sizes) for _ in range(size)]))
+    return Topology(rank=0, world_size=len(node_of), node_of_rank=tuple(node_of))
+
+
+@st.composite
+def stored_items(draw, max_items: int = 6) -> tuple[bytes, list]:
+    """A data file's bytes and its index rows: items back to back, as the writer stores them, each with the
+    xxh3 of its bytes (some items empty)."""
+    import xxhash
+
+    from dcp_forge.format.index import ItemRecord
+
+    blobs = draw(st.lists(st.binary(min_size=0, max_size=300), min_size=1, max_size=max_items))
+    rows, offset = [], 0
+    for i, blob in enumerate(blobs):
+        rows.append(ItemRecord(component="box", pattern="replicated", storage_key="box", fqn=f"box.x{i}",
+                               kind="bytes", dtype=None, shape=None, chunk_offsets=None, chunk_sizes=None,
+                               file="__0_0.distcp", offset=offset, length=len(blob),
+                               checksum=xxhash.xxh3_64_hexdigest(blob), rank=0))
+        offset += len(blob)
+    return b"".join(blobs), rows

@@ -1,0 +1,111 @@
+"""Small collectives over a process group that every rank agrees on: gather, run on one rank, agree.
+
+``group`` None means one process (no torch.distributed): each helper then runs locally. Every helper
+is collective: every rank of ``group`` calls it at the same point, with the same ``src``.
+The errors they share travel pickled; one that cannot be pickled still stops every rank, as a
+``RuntimeError`` naming the rank and the original error.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from typing import Any
+
+import torch.distributed as dist
+
+
+def group_rank(group: Any) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def group_size(group: Any) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def all_gather(group: Any, obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in group-rank order."""
+    if group is None:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def _travelling(err: BaseException, rank: int) -> BaseException:
+    try:
+        pickle.dumps(err)
+    except Exception:  # an error that cannot travel still has to stop every rank
+        return RuntimeError(f"rank {rank}: {err!r}")
+    return err
+
+
+def raise_first(errors: list[BaseException | None], me: int) -> None:
+    """Raise the lowest failing rank's error (noting which ranks failed), if any rank failed."""
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if not failed:
+        return
+    rank, first = failed[0]
+    if len(failed) > 1 or rank != me:
+        first.add_note(f"(failed on ranks {[r for r, _ in failed]}; showing rank {rank}'s error)")
+    raise first
+
+
+def agree(group: Any, error: BaseException | None) -> None:
+    """Share this rank's failure (None: it succeeded); raise the lowest failing rank's on every rank."""
+    me = group_rank(group)
+    raise_first(all_gather(group, None if error is None else _travelling(error, me)), me)
+
+
+def gather_results(group: Any, fn: Callable[[], Any]) -> list[Any]:
+    """Run ``fn`` on every rank and give every rank all results, in group-rank order; if it raised
+    anywhere, raise the lowest failing rank's error on every rank instead (one collective)."""
+    me = group_rank(group)
+    try:
+        value, error = fn(), None
+    except Exception as err:  # shared below, then raised on every rank
+        value, error = None, _travelling(err, me)
+    gathered = all_gather(group, (value, error))
+    raise_first([e for _, e in gathered], me)
+    return [v for v, _ in gathered]
+
+
+def on_every_rank(group: Any, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on every rank; if it raised anywhere, raise the lowest failing rank's error everywhere.
+
+    For steps taken before a collective: a rank raising alone would leave the others waiting in the
+    collective for it.
+    """
+    me = group_rank(group)
+    try:
+        value, error = fn(), None
+    except Exception as err:  # shared below, then raised on every rank
+        value, error = None, _travelling(err, me)
+    raise_first(all_gather(group, error), me)
+    return value
+
+
+def run_on(group: Any, src: int, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on group rank ``src`` and give its result (or its exception) to every rank."""
+    box: list[Any] = [None]
+    if group_rank(group) == src:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as err:  # re-raised on every rank below
+            box[0] = ("err", _travelling(err, src))
+    if group is not None:
+        dist.broadcast_object_list(box, group_src=src, group=group)
+    status, value = box[0]
+    if status == "err":
+        raise value
+    return value
+
+
+def release_group(group: Any) -> None:
+    """Destroy a subgroup this process created, if torch.distributed still knows it (local, not collective)."""
+    if group is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.destroy_process_group(group)
+    except ValueError:  # already destroyed, e.g. by destroy_process_group() of the whole world
+        pass
