@@ -242,12 +242,17 @@ def _storage_dtypes() -> Mapping[str, torch.dtype]:
     return types.MappingProxyType(out)
 
 
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, acc = [], 1
-    for s in reversed(shape):
-        strides.append(acc)
-        acc *= max(s, 1)
-    return tuple(reversed(strides))
+def _row_major(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """Whether elements lie in row-major order without gaps, as torch's is_contiguous decides: the
+    stride of a dimension of size 1 never moves to another element, so any value is contiguous there."""
+    if len(shape) != len(stride):
+        return False
+    expected = 1
+    for size, step in zip(reversed(shape), reversed(stride), strict=True):
+        if size != 1 and step != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _stored_bytes(blob: _BlobFile, info: zipfile.ZipInfo) -> tuple[int, int]:
@@ -293,7 +298,7 @@ def tensor_blob_layout(blob: _BlobFile) -> TensorBlobLayout:
         raise NotPlainTensor(f"the blob holds a {type(ref).__name__}, not one tensor")
     numel = math.prod(ref.size)
     if ref.storage_offset != 0 or ref.storage.numel != numel or (
-            numel > 1 and ref.stride != _contiguous_strides(ref.size)):
+            numel > 1 and not _row_major(ref.size, ref.stride)):
         raise NotPlainTensor("the tensor is a strided view of its storage")
     data = by_suffix.get(f"data/{ref.storage.key}")
     if data is None:

@@ -54,8 +54,10 @@ def stored_tensors(draw) -> tuple[torch.Tensor, bool]:
     raw = torch.randint(0, 256, (math.prod(shape) * dtype.itemsize,), dtype=torch.uint8)
     base = (raw & 1 if dtype == torch.bool else raw).view(dtype).reshape(shape)
     form = draw(st.sampled_from(["plain", "transposed", "view", "conj", "neg"]))
-    if form == "transposed" and base.dim() >= 2 and base.shape[0] > 1 and base.shape[1] > 1:
-        return base.transpose(0, 1), base.numel() == 0  # an empty tensor has no layout to get wrong
+    if form == "transposed" and base.dim() >= 2:
+        # Still in row-major order when either swapped dimension has one element: the stride of a
+        # dimension of size 1 never moves, whatever it says. An empty tensor has no layout to get wrong.
+        return base.transpose(0, 1), base.numel() == 0 or base.shape[0] == 1 or base.shape[1] == 1
     if form == "view" and base.numel() > 1:
         return base.reshape(-1)[1:], False
     if form == "conj" and dtype.is_complex:
@@ -87,6 +89,17 @@ def test_layout_finds_exactly_the_tensor_bytes_or_refuses(case, ours):
     assert stored == _storage_bytes(tensor)
     # what a writer or a reader finds from the blob's edges alone
     assert layout_from_edges(data[:layout.data_offset], data[layout.data_offset + layout.nbytes:], len(data)) == layout
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (5, 1), (1, 2, 3), (3, 1, 4)])
+def test_a_dimension_of_one_element_keeps_any_stride_it_says(shape):
+    # transposing a dimension of size 1 changes a stride torch's is_contiguous ignores, nothing else
+    base = torch.arange(math.prod(shape), dtype=torch.int16).reshape(shape)
+    tensor = base.transpose(0, 1)
+    assert tensor.is_contiguous() and tensor.stride() != base.reshape(tensor.shape).stride()
+    data = _blob(tensor, torch.save)
+    layout = _layout(data)
+    assert bytes(data[layout.data_offset:layout.data_offset + layout.nbytes]) == _storage_bytes(tensor)
 
 
 @settings(max_examples=25, deadline=None)
