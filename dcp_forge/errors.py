@@ -12,8 +12,8 @@ import pickle
 from collections.abc import Callable, Iterator
 from typing import Literal, TypeVar, overload
 
-T = TypeVar("T")
-U = TypeVar("U")
+_T = TypeVar("_T")
+_U = TypeVar("_U")
 
 
 class ForgeError(Exception):
@@ -123,16 +123,16 @@ def describe_type(value: object) -> str:
 # expect_type returns the value it checked, typed as what it was checked to be, so a caller binds the
 # checked value (``key = expect_type("key", key, str)``) and type checkers see the narrowed type.
 @overload
-def expect_type(name: str, value: object, expected: type[T], *, optional: Literal[False] = False,
-                owner: str = "") -> T: ...
+def expect_type(name: str, value: object, expected: type[_T], *, optional: Literal[False] = False,
+                owner: str = "") -> _T: ...
 @overload
-def expect_type(name: str, value: object, expected: type[T], *, optional: bool, owner: str = "") -> T | None: ...
+def expect_type(name: str, value: object, expected: type[_T], *, optional: bool, owner: str = "") -> _T | None: ...
 @overload
-def expect_type(name: str, value: object, expected: tuple[type[T], type[U]], *, optional: Literal[False] = False,
-                owner: str = "") -> T | U: ...
+def expect_type(name: str, value: object, expected: tuple[type[_T], type[_U]], *, optional: Literal[False] = False,
+                owner: str = "") -> _T | _U: ...
 @overload
-def expect_type(name: str, value: object, expected: tuple[type[T], type[U]], *, optional: bool,
-                owner: str = "") -> T | U | None: ...
+def expect_type(name: str, value: object, expected: tuple[type[_T], type[_U]], *, optional: bool,
+                owner: str = "") -> _T | _U | None: ...
 def expect_type(name: str, value: object, expected: type | tuple[type, ...], *, optional: bool = False,
                 owner: str = "") -> object:
     """``value``, unchanged; a DeclarationTypeError unless it is an ``expected`` (bools are not ints

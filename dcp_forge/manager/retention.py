@@ -63,9 +63,8 @@ class RetentionPlan:
 def best_checkpoints(records: Sequence[CheckpointRecord], n: int, greater_is_better: bool) -> tuple[str, ...]:
     """Ids of the ``n`` records with the best finite metric, best first; on a tie the earlier step
     wins (it reached that value first)."""
-    scored = [(r.metric, r) for r in records if _finite(r.metric)]
-    ranked = sorted(scored, key=lambda scored_record: (
-        -scored_record[0] if greater_is_better else scored_record[0], scored_record[1].step))
+    ranked = [(r.metric, r) for r in records if _finite(r.metric)]
+    ranked.sort(key=lambda pair: (-pair[0] if greater_is_better else pair[0], pair[1].step))
     return tuple(r.checkpoint_id for _, r in ranked[:n])
 
 

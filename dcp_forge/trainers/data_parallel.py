@@ -45,15 +45,15 @@ def require_process_group(owner: str) -> None:
             "call dist.init_process_group, or use `python -m dcp_forge.trainers.run`), or use Trainer")
 
 
-def model_parallel_mesh(mesh: Any, model_parallel_size: int | None, names: tuple[str, str], *, owner: str,
-                        size_name: str) -> Any:
+def model_parallel_mesh(mesh: DeviceMesh | None, model_parallel_size: int | None, names: tuple[str, str], *,
+                        owner: str, size_name: str) -> DeviceMesh:
     """``mesh``, or when it is None a CPU mesh of shape (world size // ``model_parallel_size``,
     ``model_parallel_size``); either way a 2-D mesh named ``names`` (data-parallel dimension first).
     ``owner`` and ``size_name`` (where the size comes from) name them in errors."""
     if mesh is None:
-        world = dist.get_world_size()
         if model_parallel_size is None:
             raise ValueError(f"{owner} needs {size_name} or a {names} mesh")
+        world = dist.get_world_size()
         if world % model_parallel_size:
             raise ValueError(f"{owner}: {size_name}={model_parallel_size} must divide the world size {world}")
         mesh = init_device_mesh("cpu", (world // model_parallel_size, model_parallel_size), mesh_dim_names=names)
