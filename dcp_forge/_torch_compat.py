@@ -18,7 +18,7 @@ import dataclasses
 import itertools
 import pickle
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -57,8 +57,10 @@ def _set_element_by_hand(root: dict[str, Any], path: ObjectPath, value: Any) -> 
     container: Any = root
     for here, after in itertools.pairwise(path):
         default: Any = {} if type(after) is str else []
-        if isinstance(container, Mapping):
+        if isinstance(container, MutableMapping):
             container = container.setdefault(here, default)
+        elif not isinstance(here, int):
+            raise TypeError(f"object path {path!r}: the key {here!r} addresses a list")
         else:
             container.extend([None] * (here + 1 - len(container)))
             if container[here] is None:
@@ -70,6 +72,7 @@ def _set_element_by_hand(root: dict[str, Any], path: ObjectPath, value: Any) -> 
     container[last] = value
 
 
+_torch_set_element: Callable[[dict[str, Any], ObjectPath, Any], None] | None
 try:
     from torch.distributed.checkpoint._traverse import set_element as _torch_set_element
 except ImportError:  # pragma: no cover - depends on the torch release
@@ -118,6 +121,7 @@ def _flatten_by_hand(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dic
     return flat, paths
 
 
+_torch_flatten: Callable[[dict[str, Any]], tuple[dict[str, Any], dict[str, ObjectPath]]] | None
 try:
     from torch.distributed.checkpoint._nested_dict import flatten_state_dict as _torch_flatten
 except ImportError:  # pragma: no cover - depends on the torch release
@@ -142,6 +146,7 @@ def _leaves_by_hand(tree: Any) -> list[Any]:
     return [tree]
 
 
+_torch_tree_leaves: Callable[[Any], list[Any]] | None
 try:
     from torch.utils._pytree import tree_leaves as _torch_tree_leaves
 except ImportError:  # pragma: no cover - depends on the torch release
@@ -216,6 +221,7 @@ def _local_shape_by_hand(shape: tuple[int, ...], mesh: Any, placements: Any) -> 
     return tuple(sizes)
 
 
+_torch_local_shape: Callable[[Any, Any, Any], tuple[tuple[int, ...], tuple[int, ...]]] | None
 try:
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset as _torch_local_shape
 except ImportError:  # pragma: no cover - depends on the torch release

@@ -24,11 +24,12 @@ EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
 def _size(n: int | None) -> str:
     if n is None:
         return "-"
+    size: float = n
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(size)
 
 
 def _ranks(ranks: Sequence[int] | None) -> str:

@@ -10,6 +10,10 @@ from __future__ import annotations
 import contextlib
 import pickle
 from collections.abc import Callable, Iterator
+from typing import Literal, TypeVar, overload
+
+_T = TypeVar("_T")
+_U = TypeVar("_U")
 
 
 class ForgeError(Exception):
@@ -116,14 +120,28 @@ def describe_type(value: object) -> str:
     return f"{value!r} that is a <{type(value).__name__}>"
 
 
+# expect_type returns the value it checked, typed as what it was checked to be, so a caller binds the
+# checked value (``key = expect_type("key", key, str)``) and type checkers see the narrowed type.
+@overload
+def expect_type(name: str, value: object, expected: type[_T], *, optional: Literal[False] = False,
+                owner: str = "") -> _T: ...
+@overload
+def expect_type(name: str, value: object, expected: type[_T], *, optional: bool, owner: str = "") -> _T | None: ...
+@overload
+def expect_type(name: str, value: object, expected: tuple[type[_T], type[_U]], *, optional: Literal[False] = False,
+                owner: str = "") -> _T | _U: ...
+@overload
+def expect_type(name: str, value: object, expected: tuple[type[_T], type[_U]], *, optional: bool,
+                owner: str = "") -> _T | _U | None: ...
 def expect_type(name: str, value: object, expected: type | tuple[type, ...], *, optional: bool = False,
-                owner: str = "") -> None:
-    """Raise DeclarationTypeError unless ``value`` is an ``expected`` (bools are not ints here)."""
+                owner: str = "") -> object:
+    """``value``, unchanged; a DeclarationTypeError unless it is an ``expected`` (bools are not ints
+    here) or, with ``optional``, None."""
     if value is None and optional:
-        return
+        return value
     kinds = expected if isinstance(expected, tuple) else (expected,)
     if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds and int in kinds):
-        return
+        return value
     wanted = " or ".join(f"<{k.__name__}>" for k in kinds) + (" or None" if optional else "")
     raise DeclarationTypeError(f"{name!r}{owner} must be {wanted} (got {describe_type(value)})")
 

@@ -35,19 +35,8 @@ class LoadSelection:
     keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.components is not None:
-            if isinstance(self.components, str) or not all(isinstance(c, str) for c in self.components):
-                raise ComponentDeclarationError(
-                    f"'components' must be a collection of component keys (got {describe_type(self.components)})"
-                    + (f"; write components=[{self.components!r}]" if isinstance(self.components, str) else ""))
-            object.__setattr__(self, "components", frozenset(self.components))
-        patterns: dict[str, tuple[str, ...]] = {}
-        for name, globs in dict(self.keys).items():
-            if isinstance(globs, str) or not all(isinstance(g, str) for g in globs):
-                raise ComponentDeclarationError(
-                    f"keys[{name!r}] must be a list of glob patterns (got {describe_type(globs)})")
-            patterns[name] = tuple(globs)
-            if not patterns[name]:
+        for name, globs in self.keys.items():
+            if not globs:
                 raise ComponentDeclarationError(
                     f"keys[{name!r}] is empty, which would load nothing of it: leave {name!r} out of keys= to "
                     "load all its keys, or out of components= to load none")
@@ -55,20 +44,38 @@ class LoadSelection:
                 raise ComponentDeclarationError(
                     f"keys= selects keys of component {name!r}, which components= leaves out "
                     f"({sorted(self.components)})")
-        object.__setattr__(self, "keys", types.MappingProxyType(patterns))
+        object.__setattr__(self, "keys", types.MappingProxyType(dict(self.keys)))
 
     @classmethod
     def build(cls, declared: Sequence[str], components: Iterable[str] | None,
               keys: Mapping[str, Iterable[str]] | None) -> LoadSelection:
         """The caller's ``components=`` / ``keys=``, checked against the declared component keys."""
-        selection = cls(components if components is None or isinstance(components, str) else frozenset(components),
-                        dict(keys or {}))
+        selection = cls(_component_names(components),
+                        {name: _glob_patterns(name, globs) for name, globs in (keys or {}).items()})
         _check_known(selection.components or (), declared, "components")
         _check_known(selection.keys, declared, "keys")
         return selection
 
     def includes(self, component: str) -> bool:
         return self.components is None or component in self.components
+
+
+# A bare string is an Iterable[str] too, of its letters: both checks refuse it by name.
+def _component_names(components: Iterable[str] | None) -> frozenset[str] | None:
+    if components is None:
+        return None
+    names = components if isinstance(components, str) else frozenset(components)
+    if isinstance(names, str) or not all(isinstance(c, str) for c in names):
+        raise ComponentDeclarationError(
+            f"'components' must be a collection of component keys (got {describe_type(names)})"
+            + (f"; write components=[{names!r}]" if isinstance(names, str) else ""))
+    return names
+
+
+def _glob_patterns(name: str, globs: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(globs, str) or not all(isinstance(g, str) for g in globs):
+        raise ComponentDeclarationError(f"keys[{name!r}] must be a list of glob patterns (got {describe_type(globs)})")
+    return tuple(globs)
 
 
 def _check_known(names: Iterable[str], known: Iterable[str], what: str) -> None:

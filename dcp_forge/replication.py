@@ -38,7 +38,7 @@ import xxhash
 from ._torch_compat import flatten_state_dict
 from .core.components import StateComponent
 from .core.patterns import SharingPattern, ValidationLevel
-from .core.tensors import dtype_named, math_bits, raw_view
+from .core.tensors import math_bits, raw_view
 from .core.topology import Topology
 from .errors import ReplicationError
 from .format.values import is_opaque_tensor
@@ -75,7 +75,7 @@ def raw_bytes(t: torch.Tensor) -> memoryview:
         return memoryview(b"")
     # as_strided, not reshape: a contiguous tensor may carry odd strides on size-1 dims, which
     # reshape keeps and a byte view refuses; its elements are dense from storage_offset either way.
-    return memoryview(t.as_strided((t.numel(),), (1,)).view(torch.uint8).numpy())
+    return t.as_strided((t.numel(),), (1,)).view(torch.uint8).numpy().data
 
 
 def value_digest(value: Any) -> str:
@@ -97,6 +97,7 @@ def _tensor_parts(t: torch.Tensor) -> list[str | memoryview]:
         return [head, raw_bytes(t)]
     if t.is_quantized:
         scheme = t.qscheme()
+        quantizer: list[str | memoryview]
         if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
             quantizer = [f"{scheme}{t.q_scale().hex()}{t.q_zero_point()}"]
         else:
@@ -105,6 +106,7 @@ def _tensor_parts(t: torch.Tensor) -> list[str | memoryview]:
         return [head, *quantizer, *_tensor_parts(t.int_repr())]
     if t.layout == torch.sparse_coo:
         return [f"{head}coo{t.is_coalesced()}", *_tensor_parts(t._indices()), *_tensor_parts(t._values())]
+    parts: tuple[torch.Tensor, ...]
     if t.layout in (torch.sparse_csr, torch.sparse_bsr):
         parts = (t.crow_indices(), t.col_indices(), t.values())
     elif t.layout in (torch.sparse_csc, torch.sparse_bsc):
@@ -365,7 +367,7 @@ def _describe(value: Any) -> tuple:
     if isinstance(value, torch.Tensor) and (math_bits(value) or is_opaque_tensor(value)):
         return ("value", value_digest(value).encode(), f"a {value.dtype} {value.layout} tensor")
     if isinstance(value, torch.Tensor):
-        return ("tensor", str(value.dtype), tuple(value.shape), value.nbytes)
+        return ("tensor", value.dtype, tuple(value.shape), value.nbytes)
     return ("value", pickle.dumps(value, protocol=4), _short(value))
 
 
@@ -449,8 +451,7 @@ def _compare_batch(batch: list[str], compare: Mapping[str, list[tuple[int, ...]]
             if len(classes) < 2:
                 continue
             classes.sort(key=lambda ranks: (-len(ranks), ranks))
-            as_tensor = {r: values[r].view(dtype_named(dtype)).reshape(shape)
-                         for r in holders}
+            as_tensor = {r: values[r].view(dtype).reshape(shape) for r in holders}
             majority = classes[0]
             problems += [f"{key!r}: differs across ranks ({describe_split(classes)} each agree); ranks {minority} "
                          f"vs ranks {majority}: {element_disagreement(as_tensor[majority[0]], as_tensor[minority[0]])}"

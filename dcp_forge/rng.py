@@ -13,7 +13,7 @@ checkpoint at one world size get the same streams; two ranks get different ones 
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -54,7 +54,10 @@ class RNGState:
 
     def state_dict(self) -> dict[str, Any]:
         version, internal, gauss_next = random.getstate()
-        np_kind, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+        # numpy's stubs type the default call as the dict form, but the default is legacy=True: the tuple
+        # for the global generator, which is always a Mersenne Twister (MT19937).
+        np_kind, np_keys, np_pos, np_has_gauss, np_cached = cast(
+            "tuple[str, np.ndarray, int, int, float]", np.random.get_state(legacy=True))
         state: dict[str, Any] = {
             "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64),
                        "gauss_next": gauss_next},

@@ -67,6 +67,12 @@ def test_set_element_by_hand_matches_dcp():
     assert ours == theirs
 
 
+def test_set_element_by_hand_refuses_a_name_that_addresses_a_list():
+    root = {"a": [{"b": 1}]}
+    with pytest.raises(TypeError, match=r"\('a', 'x', 'b'\): the key 'x' addresses a list"):
+        compat._set_element_by_hand(root, ("a", "x", "b"), 2)
+
+
 def test_tree_leaves_by_hand_matches_torch():
     tree = {"a": [1, (2, 3)], "b": {"c": torch.ones(1)}}
     assert [id(x) for x in compat._leaves_by_hand(tree)] == [id(x) for x in compat.tree_leaves(tree)]

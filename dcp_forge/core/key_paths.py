@@ -69,10 +69,10 @@ def typed_paths(root: Mapping[str, Any], flat_paths: Mapping[str, tuple]) -> dic
         typed = False
         for part in path:
             if isinstance(node, Mapping):
-                lookup = lookups.get(id(node), False)
-                if lookup is False:
-                    lookup = lookups[id(node)] = (None if all(type(k) is str for k in node)
-                                                  else {str(k): k for k in node})
+                if id(node) not in lookups:
+                    lookups[id(node)] = (None if all(type(k) is str for k in node)
+                                         else {str(k): k for k in node})
+                lookup = lookups[id(node)]
                 key = part if lookup is None else lookup[part]
                 typed = typed or type(key) is not str
                 steps.append(Step(key))

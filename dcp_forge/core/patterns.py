@@ -71,7 +71,7 @@ _GROUP_NAME_RE = _KEY_RE
 
 
 def validate_component_key(key: object, *, field_name: str = "key") -> str:
-    expect_type(field_name, key, str)
+    key = expect_type(field_name, key, str)
     if not _KEY_RE.match(key):
         raise ComponentDeclarationError(
             f"{field_name!r} must be a non-empty identifier of letters, digits, '_' or '-', starting "

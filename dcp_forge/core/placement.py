@@ -24,7 +24,7 @@ import dataclasses
 import heapq
 import math
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
@@ -185,8 +185,11 @@ def assign_writers(all_plans: Sequence[SavePlan]) -> list[SavePlan]:
     ]
 
 
-def place_on_least_loaded(items: Sequence[tuple[int, Any, Hashable, Sequence[int]]],
-                          load: list[int]) -> dict[Hashable, int]:
+_Key = TypeVar("_Key", bound=Hashable)
+
+
+def place_on_least_loaded(items: Sequence[tuple[int, Any, _Key, Sequence[int]]],
+                          load: list[int]) -> dict[_Key, int]:
     """Give each ``(size, order, key, candidate ranks)`` item to its least-loaded candidate.
 
     Largest items first (ties broken by ``order``, so the result does not depend on input order);
@@ -196,7 +199,7 @@ def place_on_least_loaded(items: Sequence[tuple[int, Any, Hashable, Sequence[int
     # One lazy min-heap of (load, rank) per distinct candidate set: loads only grow, so a popped entry
     # whose load is stale is re-pushed with the current load until a fresh one surfaces.
     heaps: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-    chosen: dict[Hashable, int] = {}
+    chosen: dict[_Key, int] = {}
     for size, _, key, candidates in sorted(items, key=lambda t: (-t[0], t[1])):
         ranks = tuple(sorted(candidates))
         heap = heaps.get(ranks)

@@ -13,7 +13,7 @@ N → M resume is testable in one process for any N and M.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import TopologyChangeError
 from .components import StateComponent
@@ -95,15 +95,15 @@ def assign_copies(component: StateComponent, saved: Topology, current: Topology)
     if not layout_changed(pattern, group, saved, current):
         return None
     policy = component.topology_policy
-    common = dict(component=component.key, pattern=pattern, policy=policy.name,
-                  saved=saved.describe([group] if group else []),
-                  current=current.describe([group] if group else []))
+    assignment = CopyAssignment(component=component.key, pattern=pattern, policy=policy.name,
+                                saved=saved.describe([group] if group else []),
+                                current=current.describe([group] if group else []))
     if pattern not in _PER_COPY:
-        return CopyAssignment(**common)
+        return assignment
     if policy.kind is PolicyKind.ERROR:
         raise TopologyChangeError(
-            f"{pattern.name} component {component.key!r} was saved with topology {common['saved']} but this "
-            f"job has {common['current']}; its per-copy state cannot be mapped onto the new layout. Choose "
+            f"{pattern.name} component {component.key!r} was saved with topology {assignment.saved} but this "
+            f"job has {assignment.current}; its per-copy state cannot be mapped onto the new layout. Choose "
             "what to do with StateComponent(on_topology_change=...): 'rank0', 'skip' (optional components), "
             "'reseed' (RNG state) or a callable (new_rank, saved, current) -> saved rank; see docs/RESHARDING.md")
     if pattern is SharingPattern.PER_GROUP and group not in saved.groups:
@@ -114,8 +114,7 @@ def assign_copies(component: StateComponent, saved: Topology, current: Topology)
                     for r in range(current.world_size))
     keys = tuple(None if s is None else storage_key(component.key, pattern, saved, group, rank=s)
                  for s in sources)
-    return CopyAssignment(**common, sources=sources, storage_keys=keys,
-                          reseed=policy.kind is PolicyKind.RESEED)
+    return replace(assignment, sources=sources, storage_keys=keys, reseed=policy.kind is PolicyKind.RESEED)
 
 
 def assign_all(components: Sequence[StateComponent], saved: Topology | None,

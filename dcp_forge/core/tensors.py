@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypeGuard
 
 import torch
 
@@ -57,7 +58,7 @@ def dtype_named(name: str) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) else None
 
 
-def is_plain_tensor(obj: object) -> bool:
+def is_plain_tensor(obj: object) -> TypeGuard[torch.Tensor]:
     """A tensor DCP treats as one whole value (not a DTensor or ShardedTensor shard container)."""
     if not isinstance(obj, torch.Tensor):
         return False
@@ -87,7 +88,8 @@ def exact_storage(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     start = tensor.storage_offset() * tensor.element_size()
     sliced = storage[start:start + tensor.nbytes]
-    return torch.empty(0, dtype=tensor.dtype).set_(sliced, 0, tensor.shape)
+    # torch's stubs lack this overload: set_'s stride defaults to the contiguous one (native_functions.yaml).
+    return torch.empty(0, dtype=tensor.dtype).set_(sliced, 0, tensor.shape)  # type: ignore[call-overload]
 
 
 def narrow_box(tensor: torch.Tensor, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:

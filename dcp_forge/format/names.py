@@ -32,7 +32,7 @@ def data_file_name(rank: int, index: int) -> str:
 
 def validate_checkpoint_id(checkpoint_id: object) -> str:
     """A checkpoint id is one path segment: it cannot escape output_dir or hide among our files."""
-    expect_type("checkpoint_id", checkpoint_id, str)
+    checkpoint_id = expect_type("checkpoint_id", checkpoint_id, str)
     if not _ID_RE.match(checkpoint_id) or ".." in checkpoint_id:
         raise ComponentDeclarationError(
             "'checkpoint_id' must be one path segment of letters, digits and '_.-=+', not starting "

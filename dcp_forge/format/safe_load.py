@@ -42,11 +42,12 @@ def load_object(data: io.BytesIO | bytes | memoryview, *, name: str) -> object:
 
 def refused_global(err: BaseException) -> str | None:
     """The global (``module.name``) torch's weights-only unpickler refused in ``err``, if it names one."""
-    while err is not None:
-        found = _REFUSED_GLOBAL_RE.search(str(err))
+    cause: BaseException | None = err
+    while cause is not None:
+        found = _REFUSED_GLOBAL_RE.search(str(cause))
         if found:
             return found.group(1)
-        err = err.__cause__
+        cause = cause.__cause__
     return None
 
 

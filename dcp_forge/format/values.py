@@ -143,16 +143,17 @@ def _plainly_loadable(value: object, depth: int = 0) -> bool:
     """Whether ``value`` is built of builtin scalars, non-empty bytes, lists, tuples, dicts and sets
     only, which pickle protocol 2 writes without any global the weights-only loader refuses; False
     for anything else (or very deep nesting), which the caller then proves by loading it."""
+    # Exact types only: an instance of a subclass is pickled with a reference to its class, a global.
     kind = type(value)
     if kind in _PLAIN_SCALARS:
         return True
-    if kind is bytes:
+    if type(value) is bytes:
         return len(value) > 0  # b"" is pickled as a call of builtins.bytes
     if depth > 32:
         return False
-    if kind in (list, tuple, set):
+    if kind in (list, tuple, set) and isinstance(value, list | tuple | set):
         return all(_plainly_loadable(item, depth + 1) for item in value)
-    if kind is dict:
+    if type(value) is dict:
         return all(_plainly_loadable(k, depth + 1) and _plainly_loadable(v, depth + 1) for k, v in value.items())
     return False
 

@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
+import torch
 from transformers import Trainer
 
 from ..coordinator import CheckpointCoordinator
@@ -76,7 +77,15 @@ def _unwrapped_optimizer(optimizer: Any) -> Any:
     return getattr(optimizer, "optimizer", optimizer)
 
 
-class ForgeTrainerMixin:
+# Type checkers see the mix-in as the Trainer it is mixed into (its hooks override the Trainer's and call
+# them through super()); at run time it stays a plain mix-in, placed before any Trainer subclass.
+if TYPE_CHECKING:
+    _TrainerHost = Trainer
+else:
+    _TrainerHost = object
+
+
+class ForgeTrainerMixin(_TrainerHost):
     """``transformers.Trainer`` mix-in (put it first among the bases) checkpointing through dcp_forge.
 
     ``forge_storage_options``: fsspec options (unused for local paths); ``forge_async_save``: a save
@@ -102,14 +111,23 @@ class ForgeTrainerMixin:
         self._forge_in_checkpoint = False
 
     # --- the coordinator ------------------------------------------------------------------------
-    def forge_components(self: Any) -> list[StateComponent]:
+    def _forge_model(self) -> torch.nn.Module:
+        """The model a checkpoint saves or loads into: there from construction, or made by ``model_init``
+        when ``train`` starts, before any checkpoint."""
+        if self.model is None:
+            raise RuntimeError(f"{type(self).__name__} has no model yet: checkpoints are saved and loaded "
+                               "during train()")
+        return self.model
+
+    def forge_components(self) -> list[StateComponent]:
         """What a checkpoint holds (objects resolved at each save and load: the Trainer re-creates its
         optimizer and scheduler per ``train`` call)."""
         validate = self.forge_validate_replication
         components = [
-            StateComponent("model", _Current(lambda: ModelState(self.model)), SharingPattern.REPLICATED,
+            StateComponent("model", _Current(lambda: ModelState(self._forge_model())), SharingPattern.REPLICATED,
                            validate_replication=validate),
-            StateComponent("optimizer", _Current(lambda: OptimizerState(self.model, _unwrapped_optimizer(self.optimizer))),
+            StateComponent("optimizer", _Current(lambda: OptimizerState(self._forge_model(),
+                                                                    _unwrapped_optimizer(self.optimizer))),
                            SharingPattern.REPLICATED, validate_replication=validate),
             StateComponent("scheduler", _Current(lambda: self.lr_scheduler), SharingPattern.REPLICATED),
             StateComponent("rng", RNGState(), SharingPattern.PER_RANK),
@@ -119,11 +137,14 @@ class ForgeTrainerMixin:
                                              SharingPattern.REPLICATED))
         return components
 
-    def forge_coordinator(self: Any) -> CheckpointCoordinator:
+    def forge_coordinator(self) -> CheckpointCoordinator:
         """This Trainer's coordinator, built at its first save or load (collective)."""
         if self._forge_coordinator is None:
+            # transformers types output_dir as its constructor argument (None: the default), which
+            # TrainingArguments.__post_init__ always replaces with a path.
+            output_dir = cast(str, self.args.output_dir)
             self._forge_coordinator = CheckpointCoordinator(
-                self.forge_components(), output_dir=self.args.output_dir, storage_options=self.forge_storage_options)
+                self.forge_components(), output_dir=output_dir, storage_options=self.forge_storage_options)
         return self._forge_coordinator
 
     def forge_close(self) -> None:
@@ -151,19 +172,19 @@ class ForgeTrainerMixin:
         coordinator.load_checkpoint(forge_checkpoint_of(checkpoint), components=[c for c in components if c in declared])
 
     # --- save hooks ---------------------------------------------------------------------------
-    def _save_checkpoint(self: Any, model: Any, trial: Any) -> None:
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
         self._forge_in_checkpoint = not self.args.save_only_model
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._forge_in_checkpoint = False
 
-    def save_model(self: Any, output_dir: str | None = None, _internal_call: bool = False) -> None:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if self._forge_in_checkpoint:
             return  # a checkpoint's weights are its dcp_forge "model" component
         super().save_model(output_dir, _internal_call=_internal_call)
 
-    def _save_optimizer_and_scheduler(self: Any, output_dir: str) -> None:
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         coordinator = self.forge_coordinator()
         path = forge_checkpoint_of(output_dir)
         # The Trainer writes trainer_state.json into output_dir next, before an async save has created it.
@@ -194,8 +215,11 @@ class ForgeTrainerMixin:
         if checkpoint is not None:
             self._forge_load(checkpoint, ["rng"])
 
-    def _load_best_model(self: Any) -> None:
-        self._forge_load(self.state.best_model_checkpoint, ["model"])
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if best is None:  # the Trainer calls this only once it has recorded a best checkpoint
+            raise RuntimeError(f"{type(self).__name__}: no best checkpoint recorded to load")
+        self._forge_load(best, ["model"])
 
 
 class ForgeTrainer(ForgeTrainerMixin, Trainer):

@@ -107,18 +107,23 @@ class ForgeCheckpointIO(CheckpointIO):
         self._coordinator: CheckpointCoordinator | None = None
         self._in_flight: Any = None
 
-    def _coordinator_for(self, path: str) -> CheckpointCoordinator:
-        """The coordinator, built at the first save or load (collective: every rank is here)."""
+    def _checkpointing(self) -> ForgeCheckpointing:
+        """The strategy that calls us, which provides the live state a load fills."""
         if self.strategy is None:
             raise RuntimeError(
                 "ForgeCheckpointIO saves and loads collectively, into the live model and optimizers: use it with "
                 "a strategy that includes ForgeCheckpointing (ForgeDDPStrategy, ForgeSingleDeviceStrategy); "
                 f"Lightning's {type(self).__name__} was called by a strategy without it")
+        return self.strategy
+
+    def _coordinator_for(self, path: str | os.PathLike) -> CheckpointCoordinator:
+        """The coordinator, built at the first save or load (collective: every rank is here)."""
+        self._checkpointing()  # refuses a strategy without ForgeCheckpointing before anything is built
         if self._coordinator is None:
-            replicated = dict(sharing_pattern=SharingPattern.REPLICATED, validate_replication=self.validate_replication)
-            components = [StateComponent(_MODEL, self._slots[_MODEL], **replicated),
-                          StateComponent(_OPTIMIZERS, self._slots[_OPTIMIZERS], **replicated),
-                          StateComponent(_LIGHTNING, self._slots[_LIGHTNING], SharingPattern.GLOBAL)]
+            components = [StateComponent(key, self._slots[key], SharingPattern.REPLICATED,
+                                         validate_replication=self.validate_replication)
+                          for key in (_MODEL, _OPTIMIZERS)]
+            components.append(StateComponent(_LIGHTNING, self._slots[_LIGHTNING], SharingPattern.GLOBAL))
             self._coordinator = CheckpointCoordinator(
                 components, output_dir=posixpath.dirname(os.fspath(path).rstrip("/")) or ".",
                 storage_options=self.storage_options, thread_count=self.thread_count)
@@ -149,7 +154,7 @@ class ForgeCheckpointIO(CheckpointIO):
         checkpoint dict. Collective. ``map_location`` is not needed: tensors load where their
         targets live."""
         coordinator = self._coordinator_for(path)
-        target = self.strategy.checkpoint_target()
+        target = self._checkpointing().checkpoint_target()
         self._slots[_MODEL].state = target["state_dict"]
         self._slots[_OPTIMIZERS].state = {str(i): s for i, s in enumerate(target["optimizer_states"])}
         self._slots[_LIGHTNING].state = {"checkpoint": b""}

@@ -19,12 +19,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeGuard
 
 __all__ = ["CheckpointRecord", "MetricCredit", "RetentionPlan", "RetentionPolicy", "best_checkpoints",
            "plan_retention"]
 
 
-def _finite(value: float | None) -> bool:
+def _finite(value: float | None) -> TypeGuard[float]:
     return value is not None and math.isfinite(value)
 
 
@@ -62,9 +63,9 @@ class RetentionPlan:
 def best_checkpoints(records: Sequence[CheckpointRecord], n: int, greater_is_better: bool) -> tuple[str, ...]:
     """Ids of the ``n`` records with the best finite metric, best first; on a tie the earlier step
     wins (it reached that value first)."""
-    ranked = sorted((r for r in records if _finite(r.metric)),
-                    key=lambda r: (-r.metric if greater_is_better else r.metric, r.step))
-    return tuple(r.checkpoint_id for r in ranked[:n])
+    ranked = [(r.metric, r) for r in records if _finite(r.metric)]
+    ranked.sort(key=lambda pair: (-pair[0] if greater_is_better else pair[0], pair[1].step))
+    return tuple(r.checkpoint_id for _, r in ranked[:n])
 
 
 def plan_retention(records: Sequence[CheckpointRecord], policy: RetentionPolicy) -> RetentionPlan:

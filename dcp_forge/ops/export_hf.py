@@ -130,12 +130,12 @@ def plan_export(metadata: Metadata, component: str, *, dtype: torch.dtype | None
     tensors: list[ExportedTensor] = []
     skipped: list[str] = []
     seen: dict[str, str] = {}
-    for fqn, name in zip(fqns, unwrapped_names([f[len(prefix):] for f in fqns]), strict=True):
+    for fqn, saved_name in zip(fqns, unwrapped_names([f[len(prefix):] for f in fqns]), strict=True):
         md = metadata.state_dict_metadata[fqn]
         if not isinstance(md, TensorStorageMetadata):
             skipped.append(fqn)
             continue
-        name = apply_key_map(name, key_map)
+        name = apply_key_map(saved_name, key_map)
         if name is None or any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
             continue
         if name in seen:
@@ -254,13 +254,13 @@ def _batches(tensors: Sequence[ExportedTensor], limit: int) -> Iterator[list[Exp
         yield batch
 
 
-def read_tensors(reader: ForgeStorageReader, metadata: Metadata, fqns: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The whole stored tensors ``fqns``, assembled from their chunks by DCP's load planning and read
-    (checksums verified) by ``reader``, whose ``set_up_storage_reader`` has been called."""
+def read_tensors(reader: ForgeStorageReader, metadata: Metadata,
+                 tensors: Sequence[ExportedTensor]) -> dict[str, torch.Tensor]:
+    """The whole stored ``tensors`` (by fqn, as stored), assembled from their chunks by DCP's load
+    planning and read (checksums verified) by ``reader``, whose ``set_up_storage_reader`` has been called."""
     state: dict[str, Any] = {}
-    for fqn in fqns:
-        md = metadata.state_dict_metadata[fqn]
-        state[fqn] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+    for tensor in tensors:
+        state[tensor.fqn] = torch.empty(tensor.spec.shape, dtype=tensor.stored_dtype)
     planner = DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
     planner.set_up_planner(state, metadata, True)
     plan = reader.prepare_local_plan(create_default_local_load_plan(state, metadata, True))
@@ -279,7 +279,7 @@ def _write_file(backend: StorageBackend, path: str, tensors: Sequence[ExportedTe
     try:
         stream.write(header)
         for batch in _batches(ordered, batch_limit):
-            values = read_tensors(reader, metadata, [t.fqn for t in batch])
+            values = read_tensors(reader, metadata, batch)
             for tensor in batch:
                 value = values.pop(tensor.fqn)
                 if value.dtype != tensor.spec.dtype:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import re
+from typing import TypeGuard
 
 from ..errors import IntegrityError, UnsafeCheckpointError
 from .backends import InputFile, StorageBackend
@@ -27,9 +28,14 @@ from .backends import InputFile, StorageBackend
 _SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
 
 
+def safe_file_name(name: object) -> TypeGuard[str]:
+    """Whether ``name`` is one plain file name inside the checkpoint directory."""
+    return isinstance(name, str) and _SAFE_NAME_RE.match(name) is not None and ".." not in name
+
+
 def unsafe_file_name(name: object) -> bool:
     """Whether ``name`` is anything but one plain file name inside the checkpoint directory."""
-    return not (isinstance(name, str) and _SAFE_NAME_RE.match(name) and ".." not in name)
+    return not safe_file_name(name)
 
 
 def open_data_file(backend: StorageBackend, path: str, name: object, where: str, holds: str) -> InputFile:
@@ -39,7 +45,7 @@ def open_data_file(backend: StorageBackend, path: str, name: object, where: str,
     Raises UnsafeCheckpointError for a name that is not one plain path segment or a file that is a
     symbolic link, and IntegrityError for a missing file.
     """
-    if unsafe_file_name(name):
+    if not safe_file_name(name):
         raise UnsafeCheckpointError(
             f"{where}: refusing to open data file {name!r} (holds {holds}): it is outside the checkpoint "
             "directory (data file names must be one plain path segment)")
@@ -74,5 +80,5 @@ def check_extent(where: str, name: str, file_size: int, offset: object, length: 
         raise IntegrityError(problem)
 
 
-def _is_count(value: object) -> bool:
+def _is_count(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0

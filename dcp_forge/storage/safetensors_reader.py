@@ -284,11 +284,11 @@ class SafetensorsReader(StorageReader):
                 span_bytes = int(starts[last - 1]) + run - span_start
                 target_bytes = view[first * run:last * run]
                 if last - first == 1:
-                    handle.read_into(stored.begin + span_start, memoryview(target_bytes))
+                    handle.read_into(stored.begin + span_start, target_bytes.data)
                 else:
                     buffer = np.empty(span_bytes, dtype=np.uint8)
                     largest = max(largest, span_bytes)
-                    handle.read_into(stored.begin + span_start, memoryview(buffer))
+                    handle.read_into(stored.begin + span_start, buffer.data)
                     _gather_runs(buffer, starts[first:last] - span_start, run, target_bytes)
                 read += span_bytes
         except EOFError as err:

@@ -192,15 +192,28 @@ class TrainingArguments:
             raise ValueError(f"TrainingArguments.eval_steps={self.eval_steps} has no effect with "
                              f"eval_strategy={self.eval_strategy!r}; set eval_strategy='steps'")
         metric = self.metric_for_best_model
-        if metric is None:
-            metric = "eval_loss" if self.eval_strategy != "no" else TRAIN_LOSS
-        elif not isinstance(metric, str) or not metric:
+        if metric is not None and (not isinstance(metric, str) or not metric):
             raise _field_error("metric_for_best_model", "a metric name", metric)
-        elif metric != TRAIN_LOSS and not metric.startswith("eval_"):
-            metric = f"eval_{metric}"
-        object.__setattr__(self, "metric_for_best_model", metric)
+        object.__setattr__(self, "metric_for_best_model", self.ranking_metric)
+        object.__setattr__(self, "greater_is_better", self.ranking_greater_is_better)
+
+    # metric_for_best_model and greater_is_better hold these values once built; the properties give
+    # them their resolved types (str, bool).
+    @property
+    def ranking_metric(self) -> str:
+        """``metric_for_best_model`` with HF's default ("eval_loss" when evaluating, else "train_loss")
+        and the "eval_" prefix applied."""
+        metric = self.metric_for_best_model
+        if metric is None:
+            return "eval_loss" if self.eval_strategy != "no" else TRAIN_LOSS
+        return metric if metric == TRAIN_LOSS or metric.startswith("eval_") else f"eval_{metric}"
+
+    @property
+    def ranking_greater_is_better(self) -> bool:
+        """``greater_is_better``, by default False for a metric ending in "loss", else True."""
         if self.greater_is_better is None:
-            object.__setattr__(self, "greater_is_better", not metric.endswith("loss"))
+            return not self.ranking_metric.endswith("loss")
+        return self.greater_is_better
 
     def _check_combinations(self) -> None:
         if self.save_strategy == "no":
@@ -223,7 +236,8 @@ class TrainingArguments:
                 raise ValueError(
                     f"TrainingArguments.load_best_model_at_end needs eval_strategy ({self.eval_strategy!r}) "
                     f"and save_strategy ({self.save_strategy!r}) to match")
-            if self.save_strategy == "steps" and self.save_steps % self.eval_steps:
+            # Both strategies "steps": eval_steps is set (eval_steps is None otherwise).
+            if self.eval_steps is not None and self.save_steps % self.eval_steps:
                 raise ValueError(
                     f"TrainingArguments.load_best_model_at_end needs save_steps={self.save_steps} to be a "
                     f"multiple of eval_steps={self.eval_steps}")
@@ -253,7 +267,7 @@ class TrainingArguments:
             output_dir=self.output_dir, save_strategy=self.save_strategy, save_steps=self.save_steps,
             save_total_limit=self.save_total_limit,
             preserve_n_best=max(self.preserve_n_best, int(self.load_best_model_at_end)),
-            metric_for_best_model=self.metric_for_best_model, greater_is_better=self.greater_is_better,
+            metric_for_best_model=self.ranking_metric, greater_is_better=self.ranking_greater_is_better,
             async_save=self.async_save, validate_replication=self.validate_replication,
             training_args_hash=self.training_hash(), storage_options=self.storage_options,
             local_tier=self.local_tier if isinstance(self.local_tier, LocalTier) else None)

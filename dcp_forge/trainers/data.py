@@ -18,7 +18,7 @@ The languages are learnable, so the loss visibly falls:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sized
 
 import numpy as np
 import torch
@@ -257,10 +257,12 @@ class RolloutDataset(Dataset):
         if not tensors:
             raise ValueError("RolloutDataset: tensors must not be empty")
         lengths = {k: v.shape[0] if v.dim() else None for k, v in tensors.items()}
-        if len(set(lengths.values())) != 1 or None in lengths.values():
+        distinct = set(lengths.values())
+        length = distinct.pop() if len(distinct) == 1 else None
+        if length is None:
             raise ValueError(f"RolloutDataset: every tensor needs the same leading dimension (got {lengths})")
         self.tensors = dict(tensors)
-        self._length = next(iter(lengths.values()))
+        self._length: int = length
 
     def __len__(self) -> int:
         return self._length
@@ -431,6 +433,9 @@ def make_dataloader(
     checkpoint's RNG state covers.
     """
     _check_positive("make_dataloader", batch_size=batch_size)
+    if not isinstance(dataset, Sized):  # the sampler orders the indices 0 .. len(dataset) - 1
+        raise TypeError(f"make_dataloader: dataset must be a map-style Dataset with a length (got a "
+                        f"{type(dataset).__name__} without __len__)")
     sampler = ShardedEpochSampler(
         len(dataset), shuffle=shuffle, seed=seed, num_shards=num_shards, shard_index=shard_index
     )

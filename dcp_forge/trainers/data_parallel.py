@@ -11,12 +11,14 @@ initialised process group (torchrun, or ``init_process_group`` yourself) — one
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.utils.data import Dataset
 
 from ..core.patterns import SharingPattern, ValidationLevel
@@ -31,12 +33,33 @@ from .tiny_lm import apply_fsdp2
 
 __all__ = ["AccelTrainer", "DDPTrainer", "FSDPTrainer"]
 
+# ``parallelize(model, mesh)``: shards the model the trainer was given over ``mesh`` and returns it. The
+# model is typed Any: each default (tiny_lm's) needs its own model class, a user's function another.
+ModelParallelizer = Callable[[Any, DeviceMesh], nn.Module]
+
 
 def require_process_group(owner: str) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             f"{owner} needs an initialised torch.distributed process group: launch with torchrun (and "
             "call dist.init_process_group, or use `python -m dcp_forge.trainers.run`), or use Trainer")
+
+
+def model_parallel_mesh(mesh: DeviceMesh | None, model_parallel_size: int | None, names: tuple[str, str], *,
+                        owner: str, size_name: str) -> DeviceMesh:
+    """``mesh``, or when it is None a CPU mesh of shape (world size // ``model_parallel_size``,
+    ``model_parallel_size``); either way a 2-D mesh named ``names`` (data-parallel dimension first).
+    ``owner`` and ``size_name`` (where the size comes from) name them in errors."""
+    if mesh is None:
+        if model_parallel_size is None:
+            raise ValueError(f"{owner} needs {size_name} or a {names} mesh")
+        world = dist.get_world_size()
+        if world % model_parallel_size:
+            raise ValueError(f"{owner}: {size_name}={model_parallel_size} must divide the world size {world}")
+        mesh = init_device_mesh("cpu", (world // model_parallel_size, model_parallel_size), mesh_dim_names=names)
+    if tuple(mesh.mesh_dim_names or ()) != names:
+        raise ValueError(f"{owner} needs a 2-D mesh named {names} (got {mesh.mesh_dim_names})")
+    return mesh
 
 
 def all_reduce_mean(tensor: torch.Tensor, group: Any, size: int) -> torch.Tensor:
@@ -72,11 +95,11 @@ class _DataParallelTrainer(BaseTrainer):
 
     def _build_train_dataloader(self) -> Any:
         batch = self.args.per_device_train_batch_size
-        common = dict(shuffle=True, seed=self.args.seed, num_workers=self.args.dataloader_num_workers)
+        build = functools.partial(make_dataloader, self.train_dataset, shuffle=True, seed=self.args.seed,
+                                  num_workers=self.args.dataloader_num_workers)
         if not self._dispatching():
-            return make_dataloader(self.train_dataset, batch, num_shards=self.dp_size,
-                                   shard_index=self.dp_rank, **common)
-        loader = make_dataloader(self.train_dataset, batch * self.dp_size, **common) if self.dp_rank == 0 else None
+            return build(batch, num_shards=self.dp_size, shard_index=self.dp_rank)
+        loader = build(batch * self.dp_size) if self.dp_rank == 0 else None
         return DataloaderDispatcher(loader, split_batches=True)
 
     def _dataset_sharing(self) -> ComponentSharing:
@@ -162,26 +185,26 @@ class FSDPTrainer(_DataParallelTrainer):
     trainer_fields = frozenset({"dispatch_batches"})
 
     def __init__(self, model: nn.Module, args: TrainingArguments, train_dataset: Dataset, *,
-                 shard_fn: Callable[[nn.Module, Any], nn.Module] = apply_fsdp2, eval_dataset: Dataset | None = None, strategy: TrainingStrategy | None = None,
+                 shard_fn: ModelParallelizer = apply_fsdp2, eval_dataset: Dataset | None = None, strategy: TrainingStrategy | None = None,
                  optimizer_factory: OptimizerFactory | None = None,
                  callbacks: Sequence[TrainerCallback] = ()) -> None:
         super().__init__(model, args, train_dataset, eval_dataset=eval_dataset, strategy=strategy,
                          optimizer_factory=optimizer_factory, callbacks=callbacks)
         self.shard_fn = shard_fn
-        self.mesh = None
+        self.mesh: DeviceMesh | None = None
 
     def _check_strategy(self) -> None:
         self._refuse_trainable_strategy_modules()
 
     def _setup_parallelism(self) -> None:
         require_process_group(type(self).__name__)
-        from torch.distributed.device_mesh import init_device_mesh
-
         device = "cuda" if next(self.model.parameters()).is_cuda else "cpu"
         self.mesh = init_device_mesh(device, (dist.get_world_size(),), mesh_dim_names=("dp",))
         self.model = self.train_model = self.shard_fn(self.model, self.mesh)
 
     def _optimizer_stateful(self) -> Any:
+        if self.optimizer is None:
+            raise RuntimeError(f"{type(self).__name__}: the optimizer is built by setup()")
         return OptimizerState(self.model, self.optimizer)
 
     def sharing(self) -> dict[str, ComponentSharing]:
@@ -191,6 +214,8 @@ class FSDPTrainer(_DataParallelTrainer):
                 "trainer": r, "callbacks": r, "rng": ComponentSharing(SharingPattern.PER_RANK)}
 
     def get_process_groups(self) -> dict[str, Any]:
+        if self.mesh is None:
+            raise RuntimeError(f"{type(self).__name__}: the device mesh is built by setup()")
         return {"dp_group": self.mesh.get_group("dp")}
 
 

@@ -103,11 +103,12 @@ class DataloaderDispatcher:
 
     # -- state (local) --------------------------------------------------------------------------
 
+    # Only the loading rank holds a loader (``self.dataloader`` is None elsewhere).
     def state_dict(self) -> dict[str, Any]:
-        return self.dataloader.state_dict() if self.is_loading_rank else {}
+        return self.dataloader.state_dict() if self.dataloader is not None else {}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        if not self.is_loading_rank:
+        if self.dataloader is None:
             return
         if not state_dict:
             raise ValueError(
@@ -124,13 +125,13 @@ class DataloaderDispatcher:
         return self._length
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self.group_size == 1:
+        if self.group_size == 1 and self.dataloader is not None:  # the only rank loads: nothing to send
             yield from self.dataloader
             return
-        source = iter(self.dataloader) if self.is_loading_rank else None
+        source = iter(self.dataloader) if self.dataloader is not None else None
         while True:
             batch = header = None
-            if self.is_loading_rank:
+            if source is not None:
                 batch = next(source, None)
                 header = self._header(batch)
             header = self._broadcast_object(header)
@@ -176,18 +177,18 @@ class DataloaderDispatcher:
             received = torch.empty(shape, dtype=wire)
             if self.split_batches:
                 chunks = None
-                if self.is_loading_rank:
+                if batch is not None:  # the loading rank
                     chunks = [c.contiguous().view(wire) for c in batch[key].chunk(self.group_size)]
                 dist.scatter(received, chunks, group=self.group, group_src=self.src)
             else:
-                if self.is_loading_rank:
+                if batch is not None:
                     received = batch[key].contiguous().view(wire)
                 dist.broadcast(received, group=self.group, group_src=self.src)
             out[key] = received.view(dtype)
         return out
 
     def _local_length(self) -> int | None:
-        if not self.is_loading_rank:
+        if self.dataloader is None:
             return None
         try:
             return len(self.dataloader)
@@ -202,6 +203,6 @@ class DataloaderDispatcher:
         return holder[0]
 
     def _global_src(self) -> int:
-        if not self._distributed:
+        if not self._distributed or self.group is None:  # distributed, the group is at least WORLD
             return 0
         return dist.get_global_rank(self.group, self.src)

@@ -24,14 +24,16 @@ from .args import TrainingArguments
 from .base import BaseTrainer, ComponentSharing, OptimizerFactory
 from .callbacks import TrainerCallback
 from .data import make_dataloader
-from .data_parallel import all_reduce_mean, average_gradients, require_process_group
+from .data_parallel import all_reduce_mean, average_gradients, model_parallel_mesh, require_process_group
 from .dispatch import DataloaderDispatcher
 from .strategies import TokenLossStrategy, TrainingStrategy
 from .tiny_lm import split_into_stages
 
 __all__ = ["DPPPTrainer", "PipelineTrainer"]
 
-ModelSplitter = Callable[[nn.Module, int], list[nn.Module]]
+# ``split(model, n_stages)``: the stages of the model the trainer was given. The model is typed Any: the
+# default (tiny_lm's) needs a TinyLM, a user's function its own model class.
+ModelSplitter = Callable[[Any, int], Sequence[nn.Module]]
 
 
 class PipelineTrainer(BaseTrainer):
@@ -45,6 +47,7 @@ class PipelineTrainer(BaseTrainer):
     """
 
     trainer_fields = frozenset({"n_microbatches", "pipeline_schedule"})
+    strategy: TokenLossStrategy  # _check_strategy refuses any other when the trainer is built
 
     def __init__(self, model: nn.Module, args: TrainingArguments, train_dataset: Dataset, *,
                  model_splitter: ModelSplitter = split_into_stages, eval_dataset: Dataset | None = None, strategy: TrainingStrategy | None = None,
@@ -123,8 +126,11 @@ class PipelineTrainer(BaseTrainer):
         batch = self.strategy.prepare_batch(batch)
         losses: list[torch.Tensor] = []
         args = (batch["input_ids"],) if self.is_first_stage else ()
-        kwargs = {"target": batch["labels"], "losses": losses} if self.is_last_stage else {}
-        (self.schedule.eval if evaluate else self.schedule.step)(*args, **kwargs)
+        run = self.schedule.eval if evaluate else self.schedule.step
+        if self.is_last_stage:
+            run(*args, target=batch["labels"], losses=losses)
+        else:
+            run(*args)
         # Equal microbatches: the mean of their losses is the batch's loss (exactly so for unpadded
         # pretraining; SFT microbatches weigh their own response tokens).
         return torch.stack(losses).mean().detach() if self.is_last_stage else torch.zeros(())
@@ -152,6 +158,8 @@ class PipelineTrainer(BaseTrainer):
     def _eval_batches(self) -> Iterable[Mapping[str, Any]]:
         # Every stage builds the same (stateless) loader, so evaluation needs no dispatching; whole
         # batches only, since each must split into n_microbatches.
+        if self.eval_dataset is None:  # evaluate() refuses to run without one
+            raise ValueError(f"{type(self).__name__}.evaluate() needs an eval_dataset")
         return make_dataloader(self.eval_dataset, self.args.per_device_eval_batch_size, shuffle=False,
                                drop_last=True, num_shards=self.dp_size, shard_index=self.dp_rank)
 
@@ -193,15 +201,8 @@ class DPPPTrainer(PipelineTrainer):
         self.mesh = mesh
 
     def _layout(self) -> None:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        if self.mesh is None:
-            pp, world = self.args.pipeline_parallel_size, dist.get_world_size()
-            if world % pp:
-                raise ValueError(f"TrainingArguments.pipeline_parallel_size={pp} must divide the world size {world}")
-            self.mesh = init_device_mesh("cpu", (world // pp, pp), mesh_dim_names=("dp", "pp"))
-        if tuple(self.mesh.mesh_dim_names or ()) != ("dp", "pp"):
-            raise ValueError(f"DPPPTrainer needs a 2-D mesh named ('dp', 'pp') (got {self.mesh.mesh_dim_names})")
+        self.mesh = model_parallel_mesh(self.mesh, self.args.pipeline_parallel_size, ("dp", "pp"), owner="DPPPTrainer",
+                                        size_name="TrainingArguments.pipeline_parallel_size")
         self.pipeline_group = self.mesh.get_group("pp")
         self.stage_index, self.num_stages = self.mesh["pp"].get_local_rank(), self.mesh["pp"].size()
         self._dp_rank, self._dp_size = self.mesh["dp"].get_local_rank(), self.mesh["dp"].size()

@@ -8,11 +8,10 @@ peers (a ``DataloaderDispatcher`` per replica), since they all need the whole ba
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -21,7 +20,13 @@ from .args import TrainingArguments
 from .base import BaseTrainer, ComponentSharing, OptimizerFactory
 from .callbacks import TrainerCallback
 from .data import make_dataloader
-from .data_parallel import all_reduce_mean, average_gradients, require_process_group
+from .data_parallel import (
+    ModelParallelizer,
+    all_reduce_mean,
+    average_gradients,
+    model_parallel_mesh,
+    require_process_group,
+)
 from .dispatch import DataloaderDispatcher
 from .strategies import TrainingStrategy
 from .tiny_lm import apply_tensor_parallel
@@ -43,7 +48,7 @@ class DPTPTrainer(BaseTrainer):
 
     def __init__(self, model: nn.Module, args: TrainingArguments, train_dataset: Dataset, *,
                  tensor_parallel_size: int | None = None, mesh: Any = None,
-                 parallelize_fn: Callable[[nn.Module, Any], nn.Module] = apply_tensor_parallel,
+                 parallelize_fn: ModelParallelizer = apply_tensor_parallel,
                  eval_dataset: Dataset | None = None, strategy: TrainingStrategy | None = None,
                  optimizer_factory: OptimizerFactory | None = None,
                  callbacks: Sequence[TrainerCallback] = ()) -> None:
@@ -67,15 +72,8 @@ class DPTPTrainer(BaseTrainer):
 
     def _setup_parallelism(self) -> None:
         require_process_group(type(self).__name__)
-        from torch.distributed.device_mesh import init_device_mesh
-
-        if self.mesh is None:
-            tp, world = self.tensor_parallel_size, dist.get_world_size()
-            if world % tp:
-                raise ValueError(f"DPTPTrainer: tensor_parallel_size={tp} must divide the world size {world}")
-            self.mesh = init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("dp", "tp"))
-        if tuple(self.mesh.mesh_dim_names or ()) != ("dp", "tp"):
-            raise ValueError(f"DPTPTrainer needs a 2-D mesh named ('dp', 'tp') (got {self.mesh.mesh_dim_names})")
+        self.mesh = model_parallel_mesh(self.mesh, self.tensor_parallel_size, ("dp", "tp"), owner="DPTPTrainer",
+                                        size_name="tensor_parallel_size")
         self.model = self.train_model = self.parallelize_fn(self.model, self.mesh["tp"])
 
     def _build_train_dataloader(self) -> Any:

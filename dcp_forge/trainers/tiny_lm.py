@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor.parallel import ParallelStyle
 
 __all__ = [
     "TinyLMConfig",
@@ -263,7 +267,7 @@ class TinyLMStage(nn.Module):
         mask = _attention_mask(x.shape[1], x.device, None)
         for block in self.blocks.values():
             x = block(x, mask)
-        if self.lm_head is not None:
+        if self.lm_head is not None and self.norm is not None:  # both belong to the last stage
             x = self.lm_head(self.norm(x))
         return x
 
@@ -303,7 +307,7 @@ def split_into_stages(model: TinyLM, n_stages: int) -> list[TinyLMStage]:
 # Tensor parallelism
 
 
-def tensor_parallel_plan(model: _Backbone) -> dict[str, object]:
+def tensor_parallel_plan(model: _Backbone) -> dict[str, ParallelStyle]:
     """``parallelize_module`` plan: q/k/v and fc_in column-parallel, out_proj and fc_out row-parallel.
 
     Each block then needs one all-reduce in attention and one in the MLP; embeddings, norms and the
@@ -311,7 +315,7 @@ def tensor_parallel_plan(model: _Backbone) -> dict[str, object]:
     """
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    plan: dict[str, object] = {}
+    plan: dict[str, ParallelStyle] = {}
     for i in range(len(model.blocks)):
         prefix = f"blocks.{i}"
         for name in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in"):
@@ -337,7 +341,8 @@ def apply_tensor_parallel(model: _Backbone, tp_mesh: DeviceMesh) -> _Backbone:
             raise ValueError(
                 f"TinyLMConfig.{field}={value} must be divisible by the tensor-parallel size {size}"
             )
-    return parallelize_module(model, tp_mesh, tensor_parallel_plan(model))
+    parallelize_module(model, tp_mesh, tensor_parallel_plan(model))  # in place (it returns model)
+    return model
 
 
 def apply_fsdp2(model: _Backbone, dp_mesh: DeviceMesh, *, reshard_after_forward: bool = True) -> _Backbone:

@@ -101,6 +101,8 @@ def test_preference_pairs_share_the_prompt_and_differ_in_the_corrupted_tokens():
         (lambda: ReversalPreferenceDataset(64, 16, 10, num_corrupted=2), "num_corrupted"),
         (lambda: MarkovTokenDataset(8, 16, 10, branching=9), "branching"),
         (lambda: RolloutDataset({"a": torch.zeros(3), "b": torch.zeros(4)}), "leading dimension"),
+        (lambda: RolloutDataset({"a": torch.zeros(())}), "leading dimension"),
+        (lambda: RolloutDataset({"a": torch.zeros(()), "b": torch.zeros(())}), "leading dimension"),
         (
             lambda: make_dataloader(MarkovTokenDataset(8, 4, 10), 2, num_shards=2, shard_index=2),
             "shard_index",
@@ -227,6 +229,16 @@ def test_iterating_and_restoring_never_touch_the_global_rng():
     restored.load_state_dict(loader.state_dict())
     list(restored)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_dataset_without_a_length_is_refused_naming_what_is_needed():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from ({"input_ids": torch.zeros(2, dtype=torch.long)} for _ in range(4))
+
+    with pytest.raises(TypeError, match="map-style Dataset with a length .*Stream"):
+        make_dataloader(Stream(), 2)
+    assert len(RolloutDataset({"a": torch.zeros(3, 2), "b": torch.zeros(3)})) == 3
 
 
 def test_a_state_from_another_shard_count_is_refused():
