@@ -195,6 +195,11 @@ def _malformed_rows(records: list[ItemRecord]) -> list[str]:
         if not (_is_count(r.offset) and _is_count(r.length) and _is_count(r.rank)
                 and (r.data_offset is None or _is_count(r.data_offset))):
             found.append(f"{what} has a negative or missing offset, length, data offset or rank")
+        elif (r.gap_offset is None) != (r.gap_length is None) or (r.gap_offset is not None and not (
+                _is_count(r.gap_offset) and _is_count(r.gap_length) and r.gap_offset + r.gap_length <= r.length)):
+            found.append(f"{what} has a gap ({r.gap_offset}, {r.gap_length}) that is not inside its {r.length} bytes")
+        elif r.gap_offset is not None and r.kind == "tensor" and r.data_offset is None:
+            found.append(f"{what} is a packed tensor without a data offset")
         elif r.kind not in ("tensor", "bytes") or (r.kind == "tensor") != (r.shape is not None):
             found.append(f"{what} is of unknown kind {r.kind!r}")
         elif not consistent or r.storage_key != top_level_key(r.fqn):

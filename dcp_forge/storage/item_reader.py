@@ -42,6 +42,7 @@ from ..core.tensors import copy_exactly, math_bits, narrow_box, raw_view, with_m
 from ..errors import IntegrityError, StateMismatchError
 from ..format.index import ItemRecord
 from ..format.names import METADATA_FILE
+from ..format.pack import DATA_OFFSET, own_pieces, records_problem, value_zip
 from ..format.safe_load import load_object
 from ..format.torch_blob import (
     NotPlainTensor,
@@ -52,12 +53,16 @@ from ..format.torch_blob import (
     recorded_layout,
     tensor_blob_layout,
 )
-from .backends import InputFile
+from .backends import InputFile, ReadsViewsInTurn
 from .consistency import component_of, raise_if_problems
 from .cross_check import ItemCheck, StoredChunk
 
 # Below this, reading header and trailer separately costs more than one read of the whole blob.
 DIRECT_MIN_BYTES = 1024 * 1024
+# Items up to this size that lie next to each other are read together (``batches``): one request
+# for many small items instead of one each; a batch holds at most BATCH_BYTES.
+BATCH_ITEM_BYTES = 256 * 1024
+BATCH_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,14 @@ class StoredRead:
     items: tuple[ReadItem, ...]
     layout: TensorBlobLayout | None = None
     chunk: StoredChunk | None = None
+    gap: tuple[int, int] | None = None  # a packed item's gap (offset from ``offset``, length): pack.py
+
+    @property
+    def pieces(self) -> tuple[tuple[int, int], ...]:
+        """(offset in the file, length) of the bytes this item owns, which its checksum covers."""
+        if self.gap is None:
+            return ((self.offset, self.length),)
+        return tuple((self.offset + start, length) for start, length in own_pieces(self.length, *self.gap))
 
     @property
     def fqn(self) -> str:
@@ -112,10 +125,42 @@ def group_reads(items: Sequence[ReadItem], storage_data: Mapping[MetadataIndex, 
                 raise_if_problems([p for p in [check.problem(index, storage_data[index])] if p is not None])
             chunk = check.chunk(its[0].storage_index)
         record = (records or {}).get((file, offset))
-        layout = None if record is None else recorded_layout(record.data_offset, record.dtype, record.chunk_sizes,
-                                                             length, record.math_bits)
-        reads.append(StoredRead(file, offset, length, tuple(its), layout, chunk))
+        layout = gap = None
+        if record is not None:
+            layout = recorded_layout(record.data_offset, record.dtype, record.chunk_sizes, length, record.math_bits)
+            if record.gap_offset is not None and record.gap_length is not None:
+                gap = (record.gap_offset, record.gap_length)
+        reads.append(StoredRead(file, offset, length, tuple(its), layout, chunk, gap))
     return reads
+
+
+def batches(reads: Sequence[StoredRead], max_bytes: int = BATCH_BYTES) -> list[list[StoredRead]]:
+    """``reads`` (in file order) as the groups read with one request each: consecutive small items of
+    one file whose ranges touch or overlap (the items of a pack, small blobs written one after the
+    other), up to ``max_bytes`` together; every other item alone."""
+    groups: list[list[StoredRead]] = []
+    start = end = -1
+    for read in reads:
+        small = read.gap is not None or (read.length <= BATCH_ITEM_BYTES and read.layout is None)
+        last = groups[-1] if groups else None
+        if (small and last is not None and last[-1].file == read.file and _batchable(last[-1])
+                and read.offset <= end and max(end, read.offset + read.length) - start <= max_bytes):
+            last.append(read)
+            end = max(end, read.offset + read.length)
+            continue
+        groups.append([read])
+        start, end = read.offset, read.offset + read.length
+    return groups
+
+
+def _batchable(read: StoredRead) -> bool:
+    return read.gap is not None or (read.length <= BATCH_ITEM_BYTES and read.layout is None)
+
+
+def span(group: Sequence[StoredRead]) -> tuple[int, int]:
+    """(offset, length) of the bytes a group of reads covers."""
+    start = min(r.offset for r in group)
+    return start, max(r.offset + r.length for r in group) - start
 
 
 def split_runs(reads: Sequence[StoredRead], parts: int) -> list[list[StoredRead]]:
@@ -137,6 +182,53 @@ def split_runs(reads: Sequence[StoredRead], parts: int) -> list[list[StoredRead]
     if current:
         runs.append(current)
     return runs
+
+
+class BufferInput(ReadsViewsInTurn):
+    """An ``InputFile`` over bytes already in memory: ``data`` holds, one after the other, the file's
+    ``pieces`` ((offset, length) each; default: all of ``data``, stored at ``base``). A batch of small
+    items read together, bytes received from another rank. ``view`` lends them without a copy."""
+
+    def __init__(self, data: torch.Tensor, base: int = 0, pieces: Sequence[tuple[int, int]] | None = None) -> None:
+        self.data = data
+        self._bytes = memoryview(data.numpy()) if data.numel() else memoryview(b"")
+        self._pieces = list(pieces) if pieces is not None else [(base, data.numel())]
+        if sum(length for _, length in self._pieces) != data.numel():
+            raise ValueError(f"pieces {self._pieces} do not add up to the {data.numel()} bytes held")
+
+    def size(self) -> int:
+        return max(offset + length for offset, length in self._pieces)  # the file is at least this long
+
+    def view(self, offset: int, length: int) -> memoryview:
+        held = 0
+        for start, size in self._pieces:
+            if start <= offset and offset + length <= start + size and length >= 0:
+                at = held + offset - start
+                return self._bytes[at:at + length]
+            held += size
+        raise EOFError(f"bytes {offset}..{offset + length} are outside the bytes held ({self._pieces[:4]})")
+
+    def read_into(self, offset: int, buffer: memoryview) -> None:
+        source = self.view(offset, len(buffer))
+        if len(buffer):
+            memoryview(buffer).cast("B")[:] = source
+
+    def prefetch(self, offset: int, length: int) -> None:
+        pass  # already in memory
+
+    def close(self) -> None:
+        pass
+
+
+def read_pieces(handle: InputFile, pieces: Sequence[tuple[int, int]]) -> BufferInput:
+    """The file's ``pieces`` ((offset, length) each) read into memory, one after the other."""
+    data = torch.empty(sum(length for _, length in pieces), dtype=torch.uint8)
+    at = 0
+    for offset, length in pieces:
+        if length:
+            handle.read_into(offset, byte_view(data[at:at + length]))
+        at += length
+    return BufferInput(data, pieces=pieces)
 
 
 def _read_bytes(handle: InputFile, offset: int, size: int) -> bytes:
@@ -293,23 +385,97 @@ def _is_chunk(dtype: torch.dtype, shape: tuple[int, ...], chunk: StoredChunk | N
     return chunk is None or (dtype == chunk.dtype and shape == chunk.sizes)
 
 
+def _own_bytes(handle: InputFile, read: StoredRead) -> tuple[memoryview, memoryview]:
+    """A packed item's head and trailer: lent by a handle holding them in memory, else read."""
+    (head_at, head_length), (tail_at, tail_length) = read.pieces
+    lend = getattr(handle, "view", None)
+    if lend is not None:
+        return lend(head_at, head_length), lend(tail_at, tail_length)
+    head, tail = bytearray(head_length), bytearray(tail_length)
+    handle.read_scatter(head_at, [memoryview(head)])
+    handle.read_scatter(tail_at, [memoryview(tail)])
+    return memoryview(head), memoryview(tail)
+
+
+def _load_packed(handle: InputFile, read: StoredRead, planner: LoadPlanner, check: Checker) -> None:
+    """A packed item (pack.py): its checksum over its own bytes, its zip records proven to say what the
+    index says (so plain DCP would read the same), then its value from its head."""
+    head, tail = _own_bytes(handle, read)
+    if check is not None:
+        hasher = xxhash.xxh3_64(head)
+        hasher.update(tail)
+        check(read, hasher.hexdigest())
+    trailer_at = read.pieces[-1][0] - read.offset
+    if read.items[0].type == LoadItemType.BYTE_IO:
+        _refuse_packed(read, records_problem(head, tail, trailer_at, None))
+        _load_value(read, planner, value_zip(head))
+        return
+    layout = read.layout
+    if layout is None or layout.data_offset != DATA_OFFSET or layout.math_bits is not None:
+        _refuse_packed(read, f"the index records no plain tensor in it ({describe_layout(layout)})")
+        return
+    _refuse_packed(read, records_problem(head, tail, trailer_at, (layout.dtype, layout.shape)))
+    if not _is_chunk(layout.dtype, layout.shape, read.chunk):
+        _refuse_packed(read, f"it holds a {layout.dtype} tensor {list(layout.shape)}; {METADATA_FILE} says a "
+                             f"{read.chunk.dtype} tensor {list(read.chunk.sizes)}")
+    targets = [planner.resolve_tensor(item).detach() for item in read.items]
+    data = head[DATA_OFFSET:]
+    target = _direct_target(read, targets)
+    if target is not None and target.dtype == layout.dtype and tuple(target.shape) == layout.shape \
+            and math_bits(target) is None:
+        if layout.nbytes:
+            byte_view(target)[:] = data
+        planner.commit_tensor(read.items[0], target)
+        return
+    stored = (torch.frombuffer(data, dtype=torch.uint8).view(layout.dtype).reshape(layout.shape) if layout.nbytes
+              else torch.empty(layout.shape, dtype=layout.dtype))
+    _apply(read, stored, targets, planner)
+
+
+def _refuse_packed(read: StoredRead, why: str | None) -> None:
+    if why is not None:
+        raise IntegrityError(f"packed item of {read.describe()} in {read.file} at byte {read.offset}: {why}")
+
+
+def _load_value(read: StoredRead, planner: LoadPlanner, data: Any) -> None:
+    """Hand a stored value (``torch.save`` bytes) to every read item of it, vetted first."""
+    if not getattr(planner, "unpickles_safely", False):
+        # DCP's own planners unpickle with weights_only=False: vet the stream first with the
+        # weights-only loader (which refuses any global it does not allow), so that a crafted
+        # checkpoint cannot run code whichever planner reads it.
+        load_object(data, name=read.items[0].storage_index.fqn)
+    for item in read.items:
+        planner.load_bytes(item, io.BytesIO(data))
+
+
+def _apply(read: StoredRead, stored: torch.Tensor, targets: Sequence[torch.Tensor], planner: LoadPlanner) -> None:
+    """Copy each read item's box of the stored tensor into its destination."""
+    for item, target in zip(read.items, targets, strict=True):
+        source = narrow_box(stored, item.storage_offsets, item.lengths)
+        if target.size() != source.size():
+            raise IntegrityError(
+                f"stored chunk of {top_level_key(item.storage_index.fqn)!r} ({item.storage_index.fqn}) "
+                f"has shape {tuple(source.size())}, destination expects {tuple(target.size())}")
+        if source.is_quantized:
+            _check_quantization(source, target, item)
+        copy_exactly(target, source)
+        planner.commit_tensor(item, target)
+
+
 def load_stored_item(handle: InputFile, read: StoredRead, planner: LoadPlanner, check: Checker) -> None:
     """Read one stored item and hand it to every read item that needs it (see the module docstring).
 
     Raises EOFError when the file ends early, and whatever ``check`` raises on a wrong checksum.
     """
+    if read.gap is not None:
+        _load_packed(handle, read, planner, check)
+        return
     if read.items[0].type == LoadItemType.BYTE_IO:
         data = bytearray(read.length)
         handle.read_into(read.offset, memoryview(data))
         if check is not None:
             check(read, xxhash.xxh3_64_hexdigest(data))
-        if not getattr(planner, "unpickles_safely", False):
-            # DCP's own planners unpickle with weights_only=False: vet the stream first with the
-            # weights-only loader (which refuses any global it does not allow), so that a crafted
-            # checkpoint cannot run code whichever planner reads it.
-            load_object(data, name=read.items[0].storage_index.fqn)
-        for item in read.items:
-            planner.load_bytes(item, io.BytesIO(data))
+        _load_value(read, planner, data)
         return
 
     targets = [planner.resolve_tensor(item).detach() for item in read.items]

@@ -45,12 +45,16 @@ from .consistency import (
 from .cross_check import ItemCheck, coverage_problems, manifest_problems, unfilled_problems
 from .files import check_extent, open_data_file
 from .item_reader import (
+    BufferInput,
     Checker,
     ItemLoader,
     PipelinedChecker,
     StoredRead,
+    batches,
     group_reads,
     load_stored_item,
+    read_blob,
+    span,
     split_runs,
 )
 from .lifecycle import CheckpointState, checkpoint_state
@@ -274,13 +278,16 @@ class ForgeStorageReader(StorageReader):
         """Read consecutive stored items (one thread), one open handle per file, taken over from
         ``opened`` where it holds one (else opened here); returns bytes read.
 
-        The next ``PREFETCH_BYTES`` of the run are always requested ahead (``InputFile.prefetch``),
-        so the disk keeps working while this thread verifies and places the current item.
+        Small items next to each other are read together, with one request (``batches``), and applied
+        from memory. The next ``PREFETCH_BYTES`` of the run are always requested ahead
+        (``InputFile.prefetch``), so the disk keeps working while this thread verifies and places the
+        current item.
         """
         handles: dict[str, InputFile] = {}
         done = 0
-        ahead = 0  # run[:ahead] have been prefetched
+        ahead = 0  # groups[:ahead] have been prefetched
         where = redact_url(self.url)
+        groups = batches(run)
 
         def handle_for(read: StoredRead) -> InputFile:
             handle = handles.get(read.file)
@@ -292,20 +299,25 @@ class ForgeStorageReader(StorageReader):
             return handle
 
         try:
-            for i, read in enumerate(run):
-                window_end = read.offset + PREFETCH_BYTES
-                while ahead < len(run) and (ahead <= i or (run[ahead].file == read.file
-                                                           and run[ahead].offset < window_end)):
-                    nxt = run[ahead]
-                    if check is not None or nxt.layout is None:  # else only its tensor's bytes are read
-                        handle_for(nxt).prefetch(nxt.offset, nxt.length)
+            for i, group in enumerate(groups):
+                window_end = group[0].offset + PREFETCH_BYTES
+                while ahead < len(groups) and (ahead <= i or (groups[ahead][0].file == group[0].file
+                                                              and groups[ahead][0].offset < window_end)):
+                    nxt = groups[ahead]
+                    if check is not None or len(nxt) > 1 or nxt[0].layout is None:  # else only tensor bytes are read
+                        handle_for(nxt[0]).prefetch(*span(nxt))
                     ahead += 1
                 try:
-                    load(handle_for(read), read, planner, check)
+                    handle = handle_for(group[0])
+                    if len(group) > 1 or group[0].gap is not None:  # read together, applied from memory
+                        start, length = span(group)
+                        handle = BufferInput(read_blob(handle, start, length), start)
+                    for read in group:
+                        load(handle, read, planner, check)
+                        done += sum(length for _, length in read.pieces)
                 except EOFError as err:
-                    raise IntegrityError(f"{redact_url(self.url)}: data file {read.file} is truncated "
-                                         f"({err}); it holds {read.fqn!r}") from err
-                done += read.length
+                    raise IntegrityError(f"{redact_url(self.url)}: data file {group[0].file} is truncated "
+                                         f"({err}); it holds {group[0].fqn!r}") from err
         finally:
             for handle in handles.values():
                 handle.close()

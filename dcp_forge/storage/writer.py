@@ -9,7 +9,8 @@ If the save fails (DCP raises its ``CheckpointException`` on every rank), the ca
 
 Files keep DCP's layout (``__<rank>_<n>.distcp`` holding ``torch.save`` blobs, written without the
 zip CRC pass, see torch_blob.py; a pickled ``.metadata`` with plain ``_StorageInfo`` entries), so
-DCP's own ``FileSystemReader`` reads them.
+DCP's own ``FileSystemReader`` reads them. Small tensors and values go into packs instead of a zip
+each (pack.py): every one of them is still a zip DCP's reader loads, sharing one run of records.
 Each rank writes its items into ``thread_count`` files in parallel, hashing the bytes as they go.
 """
 
@@ -26,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import xxhash
 from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
@@ -46,6 +48,7 @@ from ..errors import IncompleteSaveError, os_error_context
 from ..format.index import StoredItem, encode_index
 from ..format.manifest import CheckpointManifest, checksum_bytes, component_manifests, item_records, versions
 from ..format.names import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE, data_file_name, new_save_id
+from ..format.pack import PACK_BYTES, PACKED_ITEM_MAX_BYTES, PackBuilder, packable_tensor, value_pickle
 from ..format.torch_blob import BlobEdges, save_tensor
 from .backends import OutputStream, discard_after
 from .cross_check import coverage_problems
@@ -113,8 +116,7 @@ def _bins(items: Sequence[WriteItem], count: int) -> list[list[WriteItem]]:
     return [b for b in bins if b]
 
 
-def _write_item(stream: _HashingStream, item: WriteItem, planner: SavePlanner) -> None:
-    data = planner.resolve_data(item)
+def _write_item(stream: _HashingStream, item: WriteItem, data: Any) -> None:
     if item.type == WriteItemType.BYTE_IO:
         stream.write(data.getbuffer() if isinstance(data, io.BytesIO) else data)
         return
@@ -122,6 +124,57 @@ def _write_item(stream: _HashingStream, item: WriteItem, planner: SavePlanner) -
     if tensor.device.type != "cpu":  # the storage's bytes move; lazy-view flags are put back on
         tensor = with_math_bits(raw_view(tensor).cpu(), math_bits(tensor))
     save_tensor(tensor, stream)
+
+
+def _packable(item: WriteItem, data: Any, form: Any) -> torch.Tensor | memoryview | None:
+    """What of ``data`` goes into a pack (pack.py): a small plain tensor, or the pickle of a small value
+    holding no tensor; None for everything stored in a zip of its own."""
+    if item.type == WriteItemType.BYTE_IO:
+        return value_pickle(data.getbuffer() if isinstance(data, io.BytesIO) else data)
+    if form is not None and form.math_bits is not None:
+        return None  # stored as torch.save stores flagged tensors, with its flags in data.pkl
+    tensor = data.detach()
+    if tensor.device.type not in ("cpu", "meta") and tensor.nbytes <= PACKED_ITEM_MAX_BYTES:
+        tensor = tensor.cpu()
+    return tensor if packable_tensor(tensor) else None
+
+
+class _Packs:
+    """The pack being filled for one data file: items join it as they come, and it is written out
+    whenever it is full (and at the end), with one result per item."""
+
+    def __init__(self, out: OutputStream, name: str, rank: int) -> None:
+        self.out, self.name, self.rank = out, name, rank
+        self._builder = PackBuilder()
+        self._items: list[tuple[WriteItem, Any]] = []
+
+    def add(self, item: WriteItem, packed: torch.Tensor | memoryview, form: Any) -> list[WriteResult]:
+        if isinstance(packed, torch.Tensor):
+            self._builder.add_tensor(packed)
+        else:
+            self._builder.add_value(packed)
+        self._items.append((item, form))
+        return self.flush() if self._builder.nbytes >= PACK_BYTES else []
+
+    def flush(self) -> list[WriteResult]:
+        if not self._items:
+            return []
+        pack, placed = self._builder.build()
+        items, self._items = self._items, []
+        base = self.out.tell()
+        self.out.write(pack)
+        view = memoryview(pack)
+        results = []
+        for (item, form), where in zip(items, placed, strict=True):
+            start = where.offset
+            hasher = xxhash.xxh3_64(view[start:start + where.gap_offset])
+            hasher.update(view[start + where.gap_offset + where.gap_length:start + where.length])
+            results.append(WriteResult(
+                index=item.index, size_in_bytes=where.length - where.gap_length, storage_data=StoredItem(
+                    self.name, base + start, where.length, hasher.hexdigest(), self.rank, where.data_offset,
+                    key_path=encode_path(form.key_path) if form is not None and form.key_path else None,
+                    gap_offset=where.gap_offset, gap_length=where.gap_length)))
+        return results
 
 
 class ForgeStorageWriter(StorageWriter):
@@ -223,20 +276,27 @@ class ForgeStorageWriter(StorageWriter):
                      rank: int) -> list[WriteResult]:
         out = self.backend.open_output(full)
         stream = _HashingStream(out)
+        packs = _Packs(out, name, rank)
         forms = getattr(planner, "saved_forms", None) or {}  # what DCP's metadata cannot say (values.py)
         results = []
         try:
             for item in items:
+                data = planner.resolve_data(item)
+                form = forms.get(item.index.fqn)
+                packed = _packable(item, data, form)
+                if packed is not None:
+                    results += packs.add(item, packed, form)
+                    continue
                 stream.begin_item()
-                _write_item(stream, item, planner)
+                _write_item(stream, item, data)
                 offset, length, checksum = stream.end_item()
                 data_offset = (stream.data_offset(length)
                                if item.type != WriteItemType.BYTE_IO and length >= LAYOUT_MIN_BYTES else None)
-                form = forms.get(item.index.fqn)
                 results.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=StoredItem(
                     name, offset, length, checksum, rank, data_offset,
                     key_path=encode_path(form.key_path) if form is not None and form.key_path else None,
                     math_bits=form.math_bits if form is not None else None)))
+            results += packs.flush()
             out.close()
         except BaseException as err:
             discard_after(out, err)

@@ -231,20 +231,21 @@ def test_the_index_records_where_each_large_tensor_starts(tmp_path):
     saved = _big_state()
     path = _save(tmp_path, saved)
     records = {r.fqn: r for r in _records(path)}
-    for fqn in ("model.w", "model.h"):
+    for fqn in ("model.w", "model.h", "model.small"):  # the small one is packed (format/pack.py)
         r = records[fqn]
         with open(os.path.join(path, r.file), "rb") as f:
             f.seek(r.offset + r.data_offset)
             stored = f.read(saved[fqn[6:]].nbytes)
         assert stored == saved[fqn[6:]].view(torch.uint8).numpy().tobytes()
-    assert records["model.small"].data_offset is None and records["model.step"].data_offset is None
+    assert records["model.small"].gap_offset is not None and records["model.w"].gap_offset is None
+    assert records["model.step"].data_offset is None
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_recorded_blob_is_one_read_straight_into_its_destination(tmp_path, monkeypatch, threads, direct_reads):
     saved = _big_state()
     path = _save(tmp_path, saved, chunk_bytes=2 * DIRECT_MIN_BYTES)  # "w" stored as 4 row-chunks
-    records = [r for r in _records(path) if r.data_offset is not None]
+    records = [r for r in _records(path) if r.data_offset is not None and r.gap_offset is None]  # not packed
     assert sorted(r.fqn for r in records) == ["model.h"] + ["model.w"] * 4
     dest = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in saved.items()}
     calls = _local_reads(monkeypatch)
@@ -260,7 +261,8 @@ def test_a_recorded_blob_is_one_read_straight_into_its_destination(tmp_path, mon
 def test_an_index_without_data_offsets_reads_the_edges_first(tmp_path, monkeypatch, direct_reads):
     saved = _big_state()
     path = _save(tmp_path, saved)
-    set_data_offsets(path, lambda r: None)  # as indexes written before the column existed
+    # as indexes written before the column existed (which had no packs either)
+    set_data_offsets(path, lambda r: None if r.gap_offset is None else r.data_offset)
     dest = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in saved.items()}
     calls = _local_reads(monkeypatch)
     _load(path, dest)
@@ -340,11 +342,11 @@ def test_every_item_is_prefetched_before_it_is_read_and_not_too_far_ahead(tmp_pa
     real_prefetch, real_read = backends._LocalInput.prefetch, backends._LocalInput.read_scatter
 
     def prefetch(self, offset, length):
-        events.append(("prefetch", os.path.basename(self.path), offset))
+        events.append(("prefetch", os.path.basename(self.path), offset, length))
         real_prefetch(self, offset, length)
 
     def read_scatter(self, offset, views):  # every local read (read_into is one view)
-        events.append(("read", os.path.basename(self.path), offset))
+        events.append(("read", os.path.basename(self.path), offset, sum(memoryview(v).nbytes for v in views)))
         real_read(self, offset, views)
 
     monkeypatch.setattr(backends._LocalInput, "prefetch", prefetch)
@@ -356,16 +358,18 @@ def test_every_item_is_prefetched_before_it_is_read_and_not_too_far_ahead(tmp_pa
     records = ForgeStorageReader(path)
     records.read_metadata()
     starts = {(r.file, r.offset): r for r in records.records}
-    prefetched = [(f, o) for kind, f, o in events if kind == "prefetch"]
-    assert sorted(prefetched) == sorted(starts)  # each stored item once
-    for n, (kind, f, o) in enumerate(events):
-        if kind == "read":  # the item holding this byte was prefetched first ...
-            item = max((s for s in starts if s[0] == f and s[1] <= o), key=lambda s: s[1])
-            assert ("prefetch", *item) in events[:n]
+    prefetched = [(f, o, n) for kind, f, o, n in events if kind == "prefetch"]
+    assert len(set(prefetched)) == len(prefetched)  # each range once (small neighbours together)
+    for (f, o), r in starts.items():  # every stored item in exactly one prefetched range
+        assert len([p for p in prefetched if p[0] == f and p[1] <= o and o + r.length <= p[1] + p[2]]) == 1
+    for n, (kind, f, o, length) in enumerate(events):
+        if kind == "read":  # the range holding these bytes was prefetched first ...
+            assert any(e[0] == "prefetch" and e[1] == f and e[2] <= o and o + length <= e[2] + e[3]
+                       for e in events[:n])
     # ... and never more than the window (plus the item being worked on) ahead of the reading
     largest = max(r.length for r in starts.values())
     latest = 0
-    for kind, _file, o in events:
+    for kind, _file, o, _length in events:
         if kind == "read":
             latest = max(latest, o)
         else:
@@ -385,7 +389,7 @@ def test_unverified_loads_prefetch_no_edges_of_recorded_tensors(tmp_path, monkey
     _load(path, dest, verify_checksums=verify)
     assert all(torch.equal(dest[k], saved[k]) for k in ("w", "h", "small"))
     records = _records(path)
-    recorded = {r.location for r in records if r.data_offset is not None}
+    recorded = {r.location for r in records if r.data_offset is not None and r.gap_offset is None}  # not packed
     assert recorded and recorded & set(prefetched) == (recorded if verify else set())  # edges: read to be hashed
     assert {r.location for r in records if r.data_offset is None} <= set(prefetched)
 

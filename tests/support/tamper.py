@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from dcp_forge.format.index import decode_index, encode_index
 from dcp_forge.format.manifest import CheckpointManifest, checksum_bytes, combine_checksums
 from dcp_forge.format.names import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE
+from dcp_forge.format.pack import own_pieces
 
 
 def data_files(path: str | os.PathLike) -> list[str]:
@@ -153,7 +154,10 @@ def reseal(path: str | os.PathLike, manifest_edit=None) -> None:
         with open(os.path.join(path, r.file), "rb") as f:
             f.seek(r.offset)
             data = f.read(max(0, min(r.length, os.fstat(f.fileno()).st_size - r.offset)))
-            records.append(dataclasses.replace(r, checksum=xxhash.xxh3_64_hexdigest(data)))
+        if r.gap_offset is not None and r.gap_length is not None:  # a packed item: its own bytes only
+            data = b"".join(data[start:start + length] for start, length in own_pieces(r.length, r.gap_offset,
+                                                                                        r.gap_length))
+        records.append(dataclasses.replace(r, checksum=xxhash.xxh3_64_hexdigest(data)))
     index_bytes = encode_index(records)
     with open(index_file, "wb") as f:
         f.write(index_bytes)
@@ -163,7 +167,7 @@ def reseal(path: str | os.PathLike, manifest_edit=None) -> None:
     for component in manifest.components.values():
         for skey, copy in component.copies.items():
             rows = [r for r in records if r.storage_key == skey]
-            copy.size_bytes = sum(r.length for r in rows)
+            copy.size_bytes = sum(r.stored_bytes for r in rows)
             copy.checksum = combine_checksums([r.checksum for r in rows])
             copy.writers = sorted({r.rank for r in rows})
         component.ranks = sorted({w for c in component.copies.values() for w in c.writers})
