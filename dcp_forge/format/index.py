@@ -71,6 +71,13 @@ class ItemRecord:
         return self.length - (self.gap_length or 0)
 
 
+def own_pieces(length: int, gap_offset: int, gap_length: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(start, length) of the two pieces a packed item owns inside its range of ``length`` bytes: its
+    head, before its gap, and its trailer, after it."""
+    trailer = gap_offset + gap_length
+    return (0, gap_offset), (trailer, length - trailer)
+
+
 INDEX_SCHEMA = pa.schema([
     ("component", pa.string()),
     ("pattern", pa.string()),

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from .index import own_pieces
 from .torch_blob import legacy_storage_name
 
 # Packs close at this size; items above the item limit are stored in a zip of their own.
@@ -179,12 +180,6 @@ class PackedItem:
     @property
     def own_pieces(self) -> tuple[tuple[int, int], tuple[int, int]]:
         return own_pieces(self.length, self.gap_offset, self.gap_length)
-
-
-def own_pieces(length: int, gap_offset: int, gap_length: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(start, length) of an item's head and trailer inside its range of ``length`` bytes."""
-    trailer = gap_offset + gap_length
-    return (0, gap_offset), (trailer, length - trailer)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -21,7 +21,7 @@ import xxhash
 
 from ..core.keys import top_level_key
 from ..errors import CheckpointNotFoundError, IntegrityError
-from ..format.index import INDEX_SCHEMA, read_index_table
+from ..format.index import INDEX_SCHEMA, own_pieces, read_index_table
 from ..format.manifest import CheckpointManifest
 from ..format.names import (
     CLAIM_FILE,
@@ -54,7 +54,7 @@ from ..storage import (
 _STEP_RE = re.compile(r"(\d+)$")
 # What read_values needs from the index.
 VALUE_COLUMNS = ["fqn", "kind", "dtype", "shape", "chunk_offsets", "chunk_sizes", "file", "offset", "length", "checksum",
-                 "component"]
+                 "component", "gap_offset", "gap_length"]
 
 
 # --- listing ----------------------------------------------------------------------------------------
@@ -270,7 +270,7 @@ class OpenCheckpoint:
                 check_extent(self.where, row["file"], handle.size(), row["offset"], row["length"], holds)
                 blob = read_blob(handle, row["offset"], row["length"])
                 if verify and row["checksum"] is not None:
-                    found = xxhash.xxh3_64_hexdigest(blob.numpy())
+                    found = _owned_checksum(blob.numpy(), row["gap_offset"], row["gap_length"])
                     if found != row["checksum"]:
                         raise IntegrityError(
                             f"{self.where}: checksum mismatch in {row['file']} at byte {row['offset']} for "
@@ -294,6 +294,16 @@ class OpenCheckpoint:
             for handle in handles.values():
                 handle.close()
         return values
+
+
+def _owned_checksum(blob: Any, gap_offset: int | None, gap_length: int | None) -> str:
+    """The xxh3 of a stored item's bytes, without its gap when it is packed (format/pack.py)."""
+    if gap_offset is None or gap_length is None:
+        return xxhash.xxh3_64_hexdigest(blob)
+    hasher = xxhash.xxh3_64()
+    for start, length in own_pieces(len(blob), gap_offset, gap_length):
+        hasher.update(blob[start:start + length])
+    return hasher.hexdigest()
 
 
 # --- summaries ------------------------------------------------------------------------------------
@@ -334,8 +344,10 @@ def summarize_checkpoint(url: str | os.PathLike, storage_options: Mapping[str, A
                          ) -> CheckpointSummary:
     """Components (pattern, ranks, replicas, group, size, checksum, item counts), topology, versions."""
     ckpt = OpenCheckpoint.open(url, storage_options)
-    table = ckpt.table(["component", "storage_key", "kind", "length"])
-    counts = table.group_by("component").aggregate([("length", "sum"), ("length", "count"), ("storage_key", "count_distinct")])
+    table = ckpt.table(["component", "storage_key", "kind", "length", "gap_length"])
+    # The bytes each item owns: a packed item's range includes other items' bytes (its gap).
+    table = table.append_column("owned", pc.subtract(table["length"], pc.fill_null(table["gap_length"], 0)))
+    counts = table.group_by("component").aggregate([("owned", "sum"), ("owned", "count"), ("storage_key", "count_distinct")])
     tensors = table.filter(pc.equal(table["kind"], "tensor")).group_by("component").aggregate([("kind", "count")])
     per_component = {row["component"]: row for row in counts.to_pylist()}
     tensor_counts = {row["component"]: row["kind_count"] for row in tensors.to_pylist()}
@@ -347,8 +359,8 @@ def summarize_checkpoint(url: str | os.PathLike, storage_options: Mapping[str, A
         components.append(ComponentSummary(
             key=key, pattern=comp.sharing_pattern if comp else None, ranks=comp.ranks if comp else None,
             replicated_across=comp.replicated_across if comp else None, group=comp.group_name if comp else None,
-            copies=stats["storage_key_count_distinct"], items=stats["length_count"],
-            tensors=tensor_counts.get(key, 0), size_bytes=stats["length_sum"],
+            copies=stats["storage_key_count_distinct"], items=stats["owned_count"],
+            tensors=tensor_counts.get(key, 0), size_bytes=stats["owned_sum"],
             checksum=comp.checksum if comp else None))
     return CheckpointSummary(
         path=ckpt.where, state=ckpt.state.value,

@@ -44,10 +44,10 @@ from torch.distributed.checkpoint.metadata import (
 from ..core.coverage import unstored_pieces
 from ..core.tensors import dtype_named
 from ..errors import IntegrityError
-from ..format.index import ItemRecord
+from ..format.index import ItemRecord, own_pieces
 from ..format.manifest import CheckpointManifest
 from ..format.names import INDEX_FILE, METADATA_FILE, stripped_checkpoint_message, written_by_dcp_forge
-from ..format.pack import DATA_OFFSET, own_pieces, records_problem, value_zip, version_record_problem
+from ..format.pack import DATA_OFFSET, records_problem, value_zip, version_record_problem
 from ..format.safe_load import UnsafeCheckpointError, load_dcp_metadata, load_object
 from ..format.torch_blob import (
     BlobEdges,

@@ -40,9 +40,9 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlanner, Read
 from ..core.keys import top_level_key
 from ..core.tensors import copy_exactly, math_bits, narrow_box, raw_view, with_math_bits
 from ..errors import IntegrityError, StateMismatchError
-from ..format.index import ItemRecord
+from ..format.index import ItemRecord, own_pieces
 from ..format.names import METADATA_FILE
-from ..format.pack import DATA_OFFSET, own_pieces, records_problem, value_zip
+from ..format.pack import DATA_OFFSET, records_problem, value_zip
 from ..format.safe_load import load_object
 from ..format.torch_blob import (
     NotPlainTensor,
@@ -357,7 +357,15 @@ def stored_tensor(buffer: torch.Tensor, name: str) -> torch.Tensor:
     if not layout.nbytes:
         return with_math_bits(torch.empty(layout.shape, dtype=layout.dtype), layout.math_bits)
     data = buffer[layout.data_offset:layout.data_offset + layout.nbytes]
-    return with_math_bits(data.view(layout.dtype).reshape(layout.shape), layout.math_bits)
+    return with_math_bits(typed_view(data, layout), layout.math_bits)
+
+
+def typed_view(data: torch.Tensor, layout: TensorBlobLayout) -> torch.Tensor:
+    """The stored tensor over ``data`` (its uint8 bytes): a view, or a copy where the bytes do not start
+    at a multiple of the dtype's size (packed items are not padded to one; torch views need it)."""
+    if data.data_ptr() % layout.dtype.itemsize or data.storage_offset() % layout.dtype.itemsize:
+        data = data.clone()
+    return data.view(layout.dtype).reshape(layout.shape)
 
 
 def _quantization(tensor: torch.Tensor) -> tuple:
@@ -427,7 +435,7 @@ def _load_packed(handle: InputFile, read: StoredRead, planner: LoadPlanner, chec
             byte_view(target)[:] = data
         planner.commit_tensor(read.items[0], target)
         return
-    stored = (torch.frombuffer(data, dtype=torch.uint8).view(layout.dtype).reshape(layout.shape) if layout.nbytes
+    stored = (typed_view(torch.frombuffer(data, dtype=torch.uint8), layout) if layout.nbytes
               else torch.empty(layout.shape, dtype=layout.dtype))
     _apply(read, stored, targets, planner)
 

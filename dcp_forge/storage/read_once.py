@@ -38,7 +38,7 @@ from torch.futures import Future
 from ..core.placement import place_on_least_loaded
 from ..core.topology import Topology
 from ..errors import ComponentDeclarationError
-from ..format.pack import own_pieces
+from ..format.index import own_pieces
 from .backends import InputFile, LocalBackend, StorageBackend
 from .item_reader import BufferInput, Checker, StoredRead, load_stored_item, read_pieces
 from .reader import ForgeStorageReader

@@ -16,10 +16,16 @@ from hypothesis import strategies as st
 from dcp_forge import CheckpointCoordinator, RNGState, StateComponent
 from dcp_forge.core.placement import ChunkPolicy
 from dcp_forge.core.tensors import narrow_box
-from dcp_forge.format.index import INDEX_SCHEMA, ItemRecord, decode_index, encode_index, read_index_table
+from dcp_forge.format.index import (
+    INDEX_SCHEMA,
+    ItemRecord,
+    decode_index,
+    encode_index,
+    own_pieces,
+    read_index_table,
+)
 from dcp_forge.format.manifest import checksum_bytes
 from dcp_forge.format.names import INDEX_FILE
-from dcp_forge.format.pack import own_pieces
 from tests.support.paths import REPO
 
 _boxes = st.one_of(st.none(), st.just(()), st.lists(st.integers(0, 2**40), min_size=1, max_size=4).map(tuple))

@@ -180,7 +180,7 @@ def _failing_saves(rank: int, world: int, root: str) -> dict:
 
     if rank == 0:
         writer.save_tensor = unwritable
-    value = {"r": torch.full((1000,), float(rank)), "x": 1}
+    value = {"r": torch.full((100_000,), float(rank)), "x": 1}  # too big to be packed: written by save_tensor
     attempt("unstorable", CheckpointCoordinator([StateComponent("mine", Box(value), "per_rank")],
                                                 output_dir=os.path.join(root, "unstorable")), "ckpt-1")
     return outcome

@@ -17,10 +17,9 @@ import torch
 import xxhash
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
-from dcp_forge.format.index import decode_index, encode_index
+from dcp_forge.format.index import decode_index, encode_index, own_pieces
 from dcp_forge.format.manifest import CheckpointManifest, checksum_bytes, combine_checksums
 from dcp_forge.format.names import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE
-from dcp_forge.format.pack import own_pieces
 
 
 def data_files(path: str | os.PathLike) -> list[str]:
@@ -74,7 +73,9 @@ def replace_item_bytes(path: str | os.PathLike, fqn: str, payload: bytes) -> Non
     write_metadata(path, metadata)
     if not os.path.exists(os.path.join(path, INDEX_FILE)):
         return  # a plain DCP checkpoint: .metadata is the only record
-    records = [dataclasses.replace(r, offset=offset, length=len(payload)) if r.fqn == fqn else r
+    # The row now describes a zip of its own: no gap (it was perhaps packed), no recorded tensor offset.
+    records = [dataclasses.replace(r, offset=offset, length=len(payload), data_offset=None, gap_offset=None,
+                                   gap_length=None) if r.fqn == fqn else r
                for r in decode_index(Path(os.path.join(path, INDEX_FILE)).read_bytes())]
     with open(os.path.join(path, INDEX_FILE), "wb") as f:
         f.write(encode_index(records))
