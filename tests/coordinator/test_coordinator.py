@@ -188,7 +188,7 @@ def test_a_failed_save_never_shadows_the_previous_checkpoint_and_leaves_no_debri
 
     class Exploding(Counter):
         def state_dict(self):
-            return {"step": self.step, "t": torch.ones(3)}
+            return {"step": self.step, "t": torch.ones(100_000)}  # too big to be packed: save_tensor writes it
 
     def exploding_write(tensor, stream):  # fails while the data files are being written
         stream.write(b"partial")
