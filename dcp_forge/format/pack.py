@@ -71,7 +71,8 @@ def _central_entry(name: bytes, size: int, header_at: int) -> bytes:
 
 # Where a packed tensor's bytes start inside its item: right after its data record's local header.
 DATA_OFFSET = _LOCAL.size + len(_DATA_NAME)
-_PICKLE_HEADER = _LOCAL.size + len(_PICKLE_NAME)
+# Where a packed value's pickle starts inside its item: right after its data.pkl record's local header.
+VALUE_OFFSET = _LOCAL.size + len(_PICKLE_NAME)
 _VERSION_RECORD = _local_header(_VERSION_NAME, len(_VERSION)) + _VERSION
 _MAX_INT = 2**31 - 1  # BININT's range: shapes beyond it are not packed
 
@@ -200,7 +201,7 @@ def _trailer(tensor: tuple[torch.dtype, tuple[int, ...]] | None, value_bytes: in
     at = trailer_at + len(first)
     if tensor is not None:
         pickle_record, data_entry = _tensor_records(*tensor)
-        entries = version + _central_entry(_PICKLE_NAME, len(pickle_record) - _PICKLE_HEADER, at) + data_entry
+        entries = version + _central_entry(_PICKLE_NAME, len(pickle_record) - VALUE_OFFSET, at) + data_entry
         at += len(pickle_record)
         count = 3
     else:
@@ -241,7 +242,7 @@ class PackBuilder:
         heads, at = [], 0
         for tensor, _, nbytes, _ in entries:
             heads.append(at)
-            at += (DATA_OFFSET if tensor is not None else _PICKLE_HEADER) + nbytes
+            at += (DATA_OFFSET if tensor is not None else VALUE_OFFSET) + nbytes
         version_at = at
         trailers = []
         for (tensor, _, nbytes, described), start in zip(entries, heads, strict=True):
@@ -258,9 +259,9 @@ class PackBuilder:
                 if nbytes:  # a contiguous CPU tensor's bytes, copied straight from its memory
                     ctypes.memmove(base + start + DATA_OFFSET, pointer, nbytes)
             else:
-                head = _PICKLE_HEADER + nbytes
-                pack[start:start + _PICKLE_HEADER] = _local_header(_PICKLE_NAME, nbytes)
-                pack[start + _PICKLE_HEADER:start + head] = described
+                head = VALUE_OFFSET + nbytes
+                pack[start:start + VALUE_OFFSET] = _local_header(_PICKLE_NAME, nbytes)
+                pack[start + VALUE_OFFSET:start + head] = described
             pack[trailer_at:trailer_at + len(trailer)] = trailer
             trailer_at += len(trailer)
             items.append(PackedItem(start, trailer_at - start, head, trailer_at - len(trailer) - start - head,
@@ -281,8 +282,8 @@ def records_problem(head: Any, trailer: Any, trailer_at: int, tensor: tuple[torc
             return f"its head is not the data record of a {dtype} tensor {list(shape)}"
         value_bytes = 0
     else:
-        value_bytes = len(head) - _PICKLE_HEADER
-        if value_bytes < 0 or head[:_PICKLE_HEADER] != _local_header(_PICKLE_NAME, value_bytes):
+        value_bytes = len(head) - VALUE_OFFSET
+        if value_bytes < 0 or head[:VALUE_OFFSET] != _local_header(_PICKLE_NAME, value_bytes):
             return "its head is not the record of a pickled value"
     if len(trailer) < _END.size + _CENTRAL.size:
         return "its trailer is too short for a central directory"
@@ -313,4 +314,4 @@ def value_zip(head: Any) -> bytes:
     ``load_bytes`` expects), without the other items that share its range: the head, then a trailer
     that starts with a version record of its own."""
     head = bytes(head)
-    return head + _trailer(None, len(head) - _PICKLE_HEADER, len(head), len(head))
+    return head + _trailer(None, len(head) - VALUE_OFFSET, len(head), len(head))

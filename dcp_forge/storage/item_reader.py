@@ -25,6 +25,7 @@ items are already in place.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -79,7 +80,7 @@ class StoredRead:
     chunk: StoredChunk | None = None
     gap: tuple[int, int] | None = None  # a packed item's gap (offset from ``offset``, length): pack.py
 
-    @property
+    @functools.cached_property
     def pieces(self) -> tuple[tuple[int, int], ...]:
         """(offset in the file, length) of the bytes this item owns, which its checksum covers."""
         if self.gap is None:
