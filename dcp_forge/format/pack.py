@@ -34,21 +34,28 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import io
 import math
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import xxhash
 
 from .index import own_pieces
 from .torch_blob import legacy_storage_name
 
-# Packs close at this size; items above the item limit are stored in a zip of their own.
+# Items up to SMALL_ITEM_BYTES go into packs that close at PACK_BYTES: read whole, a pack at a time.
+# Larger tensors go into large packs that close at LARGE_PACK_BYTES: each read straight into its
+# destination, the trailers of a large pack in one read. Every range stays below the 4 GiB of a zip
+# without zip64 records: tensors from PACKED_TENSOR_MAX_BYTES on keep a torch.save zip of their own.
+SMALL_ITEM_BYTES = 64 * 1024
 PACK_BYTES = 256 * 1024
-PACKED_ITEM_MAX_BYTES = 64 * 1024
+LARGE_PACK_BYTES = 1024**3
+PACKED_TENSOR_MAX_BYTES = 2**31 - 1
 
 _LOCAL = struct.Struct("<4s5H3L2H")  # zip local file header
 _CENTRAL = struct.Struct("<4s6H3L5H2L")  # zip central directory entry
@@ -125,7 +132,7 @@ def packable_tensor(tensor: torch.Tensor) -> bool:
     whose bytes ``torch.load`` reads back as they are, on a little-endian machine."""
     return (type(tensor) is torch.Tensor and tensor.layout == torch.strided and tensor.device.type == "cpu"
             and not tensor.is_quantized and not tensor.is_conj() and not tensor.is_neg()
-            and tensor.element_size() >= 1 and tensor.nbytes <= PACKED_ITEM_MAX_BYTES
+            and tensor.element_size() >= 1 and tensor.nbytes <= PACKED_TENSOR_MAX_BYTES
             and all(size <= _MAX_INT for size in tensor.shape) and sys.byteorder == "little")
 
 
@@ -141,7 +148,7 @@ def value_pickle(zipped: Any) -> memoryview | None:
     Read through the central directory, as zip readers do (torch's writer puts the sizes after each
     record's data, not in its local header)."""
     view = memoryview(zipped).cast("B")
-    if not _END.size <= len(view) <= PACKED_ITEM_MAX_BYTES or sys.byteorder != "little":
+    if not _END.size <= len(view) <= SMALL_ITEM_BYTES or sys.byteorder != "little":
         return None
     signature, _, _, _, count, directory_size, directory, comment = _END.unpack_from(view, len(view) - _END.size)
     if signature != b"PK\x05\x06" or comment or directory + directory_size > len(view) - _END.size:
@@ -170,13 +177,15 @@ def value_pickle(zipped: Any) -> memoryview | None:
 
 @dataclass(frozen=True)
 class PackedItem:
-    """One item of a pack: its range (what DCP reads), from the pack's first byte, and its gap."""
+    """One item of a pack: its range (what DCP reads), from the pack's first byte, its gap, and the
+    checksum of the bytes it owns."""
 
     offset: int
     length: int
     gap_offset: int  # from ``offset``: where the bytes of other items start
     gap_length: int
     data_offset: int | None  # a tensor's: where its bytes start, from ``offset``
+    checksum: str  # xxh3_64 hex of its head, then its trailer
 
     @property
     def own_pieces(self) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -211,62 +220,103 @@ def _trailer(tensor: tuple[torch.dtype, tuple[int, ...]] | None, value_bytes: in
     return first + pickle_record + entries + _END.pack(b"PK\x05\x06", 0, 0, count, count, len(entries), at, 0)
 
 
-class PackBuilder:
-    """Collects small tensors and value pickles, then lays them out as one pack (``build``).
+def _memory(tensor: torch.Tensor) -> Any:
+    """The bytes of a contiguous CPU tensor, without a copy (a ctypes array over its memory)."""
+    return (ctypes.c_char * tensor.nbytes).from_address(tensor.data_ptr())
 
-    Tensors are kept by reference until ``build`` copies their bytes into the pack: they must not
-    change in between (DCP's writers hold the same promise for everything they write).
+
+class PackWriter:
+    """Writes one pack to ``out`` (anything with ``write``) as items come: each item's head at once,
+    the trailers when it is closed (``close`` returns the items, in the order they came).
+
+    Heads of small items are gathered and written together; a large tensor's bytes are written
+    straight from its memory. Each item's checksum is computed as its bytes are written.
     """
 
-    def __init__(self) -> None:
-        # (tensor, its data pointer, nbytes, (dtype, shape)) or (None, 0, pickle length, pickle)
-        self._entries: list[tuple[torch.Tensor | None, int, int, Any]] = []
-        self.nbytes = 0  # what the pack will hold, about
+    _GATHER = 1024 * 1024
+
+    def __init__(self, out: Any) -> None:
+        self._out = out
+        self._pending = bytearray()
+        # (start, (dtype, shape) or None for a value, payload bytes, hasher of what is written so far)
+        self._entries: list[tuple[int, tuple[torch.dtype, tuple[int, ...]] | None, int, Any]] = []
+        self.size = 0  # bytes of heads so far (the pack's span, without its trailers)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def add_tensor(self, tensor: torch.Tensor) -> None:
+        """Add a tensor ``packable_tensor`` accepts; it must not change until it is written."""
         tensor = tensor.contiguous()
         nbytes = tensor.nbytes
-        self._entries.append((tensor, tensor.data_ptr(), nbytes, (tensor.dtype, tuple(tensor.shape))))
-        self.nbytes += nbytes + 300
+        header = _local_header(_DATA_NAME, nbytes)
+        data = _memory(tensor) if nbytes else b""
+        hasher = xxhash.xxh3_64(header)
+        hasher.update(data)
+        self._pending += header
+        if nbytes <= SMALL_ITEM_BYTES:
+            self._pending += data
+        else:  # written from the tensor's own memory, after what was gathered before it
+            self._flush()
+            self._out.write(memoryview(data).cast("B"))
+        self._entries.append((self.size, (tensor.dtype, tuple(tensor.shape)), nbytes, hasher))
+        self.size += DATA_OFFSET + nbytes
+        if len(self._pending) >= self._GATHER:
+            self._flush()
 
     def add_value(self, pickled: Any) -> None:
-        self._entries.append((None, 0, len(pickled), pickled))
-        self.nbytes += len(pickled) + 200
+        """Add a value's pickle (``value_pickle``)."""
+        header = _local_header(_PICKLE_NAME, len(pickled))
+        hasher = xxhash.xxh3_64(header)
+        hasher.update(pickled)
+        self._pending += header
+        self._pending += pickled
+        self._entries.append((self.size, None, len(pickled), hasher))
+        self.size += VALUE_OFFSET + len(pickled)
+        if len(self._pending) >= self._GATHER:
+            self._flush()
 
-    def build(self) -> tuple[bytearray, list[PackedItem]]:
-        """The pack's bytes and its items, in the order they were added; the builder is empty after."""
-        entries, self._entries, self.nbytes = self._entries, [], 0
-        heads, at = [], 0
-        for tensor, _, nbytes, _ in entries:
-            heads.append(at)
-            at += (DATA_OFFSET if tensor is not None else VALUE_OFFSET) + nbytes
-        version_at = at
-        trailers = []
-        for (tensor, _, nbytes, described), start in zip(entries, heads, strict=True):
-            trailers.append(_trailer(described if tensor is not None else None, nbytes, at - start, version_at - start))
-            at += len(trailers[-1])
-        pack = bytearray(at)
-        base = ctypes.addressof((ctypes.c_char * len(pack)).from_buffer(pack)) if pack else 0
+    def _flush(self) -> None:
+        if self._pending:
+            self._out.write(self._pending)
+            self._pending = bytearray()
+
+    def close(self) -> list[PackedItem]:
+        """Write the trailers; the items of the pack, each with its range, gap and checksum."""
+        version_at = at = self.size
         items = []
-        trailer_at = version_at
-        for (tensor, pointer, nbytes, described), start, trailer in zip(entries, heads, trailers, strict=True):
-            if tensor is not None:
-                head = DATA_OFFSET + nbytes
-                pack[start:start + DATA_OFFSET] = _local_header(_DATA_NAME, nbytes)
-                if nbytes:  # a contiguous CPU tensor's bytes, copied straight from its memory
-                    ctypes.memmove(base + start + DATA_OFFSET, pointer, nbytes)
-            else:
-                head = VALUE_OFFSET + nbytes
-                pack[start:start + VALUE_OFFSET] = _local_header(_PICKLE_NAME, nbytes)
-                pack[start + VALUE_OFFSET:start + head] = described
-            pack[trailer_at:trailer_at + len(trailer)] = trailer
-            trailer_at += len(trailer)
-            items.append(PackedItem(start, trailer_at - start, head, trailer_at - len(trailer) - start - head,
-                                    DATA_OFFSET if tensor is not None else None))
-        return pack, items
+        trailers = []
+        for start, described, nbytes, hasher in self._entries:
+            trailer = _trailer(described, nbytes, at - start, version_at - start)
+            hasher.update(trailer)
+            head = (DATA_OFFSET if described is not None else VALUE_OFFSET) + nbytes
+            items.append(PackedItem(start, at + len(trailer) - start, head, at - start - head,
+                                    DATA_OFFSET if described is not None else None, hasher.hexdigest()))
+            trailers.append(trailer)
+            at += len(trailer)
+        self._pending += b"".join(trailers)
+        self._flush()
+        self._entries = []
+        return items
+
+
+def pack_in_memory(entries: Sequence[torch.Tensor | Any]) -> tuple[bytes, list[PackedItem]]:
+    """One pack of ``entries`` (tensors, or value pickles) in memory: what a writer would store."""
+    out = io.BytesIO()
+    writer = PackWriter(out)
+    for entry in entries:
+        if isinstance(entry, torch.Tensor):
+            writer.add_tensor(entry)
+        else:
+            writer.add_value(entry)
+    items = writer.close()
+    return out.getvalue(), items
+
+
+def data_header(nbytes: int) -> bytes:
+    """The local header in front of a packed tensor of ``nbytes`` (the first ``DATA_OFFSET`` bytes of
+    its item): a reader that reads the tensor straight into place knows it without reading it."""
+    return _local_header(_DATA_NAME, nbytes)
 
 
 def records_problem(head: Any, trailer: Any, trailer_at: int, tensor: tuple[torch.dtype, tuple[int, ...]] | None
@@ -274,17 +324,24 @@ def records_problem(head: Any, trailer: Any, trailer_at: int, tensor: tuple[torc
     """Why the ``head`` and ``trailer`` bytes of a packed item (its trailer at ``trailer_at`` from its
     start) are not the zip records of a ``tensor`` (dtype, shape) at ``DATA_OFFSET``, or of a value
     pickle filling the rest of the head; None when they are exactly that."""
-    head, trailer = memoryview(head).cast("B"), memoryview(trailer).cast("B")
+    head = memoryview(head).cast("B")
     if tensor is not None:
         dtype, shape = tensor
         nbytes = math.prod(shape) * dtype.itemsize
-        if len(head) != DATA_OFFSET + nbytes or head[:DATA_OFFSET] != _local_header(_DATA_NAME, nbytes):
+        if len(head) != DATA_OFFSET + nbytes or head[:DATA_OFFSET] != data_header(nbytes):
             return f"its head is not the data record of a {dtype} tensor {list(shape)}"
-        value_bytes = 0
-    else:
-        value_bytes = len(head) - VALUE_OFFSET
-        if value_bytes < 0 or head[:VALUE_OFFSET] != _local_header(_PICKLE_NAME, value_bytes):
-            return "its head is not the record of a pickled value"
+        return trailer_problem(trailer, trailer_at, tensor)
+    value_bytes = len(head) - VALUE_OFFSET
+    if value_bytes < 0 or head[:VALUE_OFFSET] != _local_header(_PICKLE_NAME, value_bytes):
+        return "its head is not the record of a pickled value"
+    return trailer_problem(trailer, trailer_at, None, value_bytes)
+
+
+def trailer_problem(trailer: Any, trailer_at: int, tensor: tuple[torch.dtype, tuple[int, ...]] | None,
+                    value_bytes: int = 0) -> str | None:
+    """Why ``trailer`` (at ``trailer_at`` from its item's start) is not the trailer of a packed
+    ``tensor`` (dtype, shape), or of a value pickle of ``value_bytes``; None when it is exactly that."""
+    trailer = memoryview(trailer).cast("B")
     if len(trailer) < _END.size + _CENTRAL.size:
         return "its trailer is too short for a central directory"
     fields = _END.unpack_from(trailer, len(trailer) - _END.size)
@@ -298,13 +355,14 @@ def records_problem(head: Any, trailer: Any, trailer_at: int, tensor: tuple[torc
     return None
 
 
-def version_record_problem(item_range: Any, trailer_at: int) -> str | None:
-    """Why the version record a packed item's central directory names is not the pack's (checked where
-    the whole range is at hand: it lies in the item's gap for every item but the pack's first)."""
-    view = memoryview(item_range).cast("B")
-    directory = _END.unpack_from(view, len(view) - _END.size)[6]
-    version_at = _CENTRAL.unpack_from(view, directory)[16]
-    if view[version_at:version_at + len(_VERSION_RECORD)] != _VERSION_RECORD:
+def version_record_problem(trailer: Any, trailer_at: int, read_at: Callable[[int, int], Any]) -> str | None:
+    """Why the version record a packed item's central directory names is not the pack's; ``read_at(at,
+    n)`` gives bytes of the item's range (the record lies in the item's gap for all but a pack's first
+    item: a check for where the whole pack is at hand, as in ``verify``)."""
+    trailer = memoryview(trailer).cast("B")
+    directory = _END.unpack_from(trailer, len(trailer) - _END.size)[6] - trailer_at
+    version_at = _CENTRAL.unpack_from(trailer, directory)[16]
+    if version_at < 0 or bytes(read_at(version_at, len(_VERSION_RECORD))) != _VERSION_RECORD:
         return f"its central directory names a version record at byte {version_at} where there is none"
     return None
 

@@ -237,9 +237,9 @@ class OpenCheckpoint:
         """
         import torch
 
-        from ..core.tensors import narrow_box, tiling_problem
+        from ..core.tensors import dtype_named, narrow_box, tiling_problem
         from ..format.safe_load import load_object
-        from ..storage import read_blob, stored_tensor
+        from ..storage import packed_tensor, packed_value_zip, read_blob, stored_tensor
 
         wanted = sorted(set(fqns))
         table = self.table(VALUE_COLUMNS)
@@ -268,19 +268,33 @@ class OpenCheckpoint:
                     handle = handles[row["file"]] = open_data_file(self.backend, self.path, row["file"], self.where,
                                                                    holds)
                 check_extent(self.where, row["file"], handle.size(), row["offset"], row["length"], holds)
-                blob = read_blob(handle, row["offset"], row["length"])
+                # The bytes the item owns: its whole range, or a packed item's head and trailer.
+                pieces = ([(row["offset"], row["length"])] if row["gap_offset"] is None else
+                          [(row["offset"] + start, length)
+                           for start, length in own_pieces(row["length"], row["gap_offset"], row["gap_length"])])
+                owned = [read_blob(handle, offset, length) for offset, length in pieces]
                 if verify and row["checksum"] is not None:
-                    found = _owned_checksum(blob.numpy(), row["gap_offset"], row["gap_length"])
-                    if found != row["checksum"]:
+                    hasher = xxhash.xxh3_64()
+                    for piece in owned:
+                        hasher.update(piece.numpy())
+                    if hasher.hexdigest() != row["checksum"]:
                         raise IntegrityError(
                             f"{self.where}: checksum mismatch in {row['file']} at byte {row['offset']} for "
                             f"component {row['component']!r} ({row['fqn']!r}): expected {row['checksum']}, "
-                            f"found {found}")
+                            f"found {hasher.hexdigest()}")
                 name = f"{row['component']}: {fqn}"
-                if row["kind"] != "tensor":
-                    values[fqn] = load_object(blob.numpy().tobytes(), name=name)
+                if row["gap_offset"] is not None:
+                    trailer_at = pieces[1][0] - row["offset"]
+                    if row["kind"] != "tensor":
+                        values[fqn] = load_object(packed_value_zip(owned[0], owned[1], trailer_at, name), name=name)
+                        continue
+                    chunk = packed_tensor(owned[0], owned[1], trailer_at, dtype_named(row["dtype"] or ""),
+                                          tuple(row["chunk_sizes"] or ()), name)
+                elif row["kind"] != "tensor":
+                    values[fqn] = load_object(owned[0].numpy().tobytes(), name=name)
                     continue
-                chunk = stored_tensor(blob, name)
+                else:
+                    chunk = stored_tensor(owned[0], name)
                 if str(chunk.dtype) != row["dtype"] or list(chunk.shape) != list(row["chunk_sizes"] or ()):
                     raise IntegrityError(
                         f"{self.where}: the item of {holds} in {row['file']} at byte {row['offset']} holds a "
@@ -294,16 +308,6 @@ class OpenCheckpoint:
             for handle in handles.values():
                 handle.close()
         return values
-
-
-def _owned_checksum(blob: Any, gap_offset: int | None, gap_length: int | None) -> str:
-    """The xxh3 of a stored item's bytes, without its gap when it is packed (format/pack.py)."""
-    if gap_offset is None or gap_length is None:
-        return xxhash.xxh3_64_hexdigest(blob)
-    hasher = xxhash.xxh3_64()
-    for start, length in own_pieces(len(blob), gap_offset, gap_length):
-        hasher.update(blob[start:start + length])
-    return hasher.hexdigest()
 
 
 # --- summaries ------------------------------------------------------------------------------------

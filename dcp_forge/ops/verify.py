@@ -26,6 +26,7 @@ involved, the component. Nothing is modified.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -47,7 +48,14 @@ from ..errors import IntegrityError
 from ..format.index import ItemRecord, own_pieces
 from ..format.manifest import CheckpointManifest
 from ..format.names import INDEX_FILE, METADATA_FILE, stripped_checkpoint_message, written_by_dcp_forge
-from ..format.pack import DATA_OFFSET, records_problem, value_zip, version_record_problem
+from ..format.pack import (
+    DATA_OFFSET,
+    data_header,
+    records_problem,
+    trailer_problem,
+    value_zip,
+    version_record_problem,
+)
 from ..format.safe_load import UnsafeCheckpointError, load_dcp_metadata, load_object
 from ..format.torch_blob import (
     BlobEdges,
@@ -317,24 +325,33 @@ def _checksum_problem(where: str, extent: _Extent, found: str) -> Problem:
 
 def _pack_problems(where: str, handle: InputFile, extents: Sequence[_Extent],
                    progress: Callable[[int], None] | None) -> list[Problem]:
-    """The problems of packed items whose ranges overlap (format/pack.py), read together: each one's
-    checksum over the bytes it owns, its zip records (what plain DCP reads) against its index row,
-    the pack's version record it names, and a value's pickle against the restricted loader."""
+    """The problems of packed items whose ranges overlap (format/pack.py): each one's checksum over the
+    bytes it owns, its zip records (what plain DCP reads) against its index row, the pack's version
+    record it names, and a value's pickle against the restricted loader. A small pack is read at
+    once; the items of a large one piece by piece."""
     start = extents[0].offset
-    data = _read_at(handle, start, max(e.offset + e.length for e in extents) - start)
+    span = max(e.offset + e.length for e in extents) - start
+    if span <= _READ_PIECE:
+        data = memoryview(_read_at(handle, start, span))
+
+        def read_at(offset: int, size: int) -> memoryview:
+            return data[offset - start:offset - start + size]
+    else:
+        def read_at(offset: int, size: int) -> memoryview:
+            return memoryview(_read_at(handle, offset, size))
     problems = []
     for extent in extents:
-        item = memoryview(data)[extent.offset - start:extent.offset - start + extent.length]
         (head_at, head_length), (tail_at, tail_length) = own_pieces(extent.length, *(extent.gap or (extent.length, 0)))
-        head, tail = item[head_at:head_at + head_length], item[tail_at:tail_at + tail_length]
+        hasher = xxhash.xxh3_64()
+        for piece_at in range(0, head_length, _READ_PIECE):
+            hasher.update(read_at(extent.offset + piece_at, min(_READ_PIECE, head_length - piece_at)))
+        tail = read_at(extent.offset + tail_at, tail_length)
+        hasher.update(tail)
         if progress is not None:
             progress(head_length + tail_length)
-        if extent.checksum is not None:
-            hasher = xxhash.xxh3_64(head)
-            hasher.update(tail)
-            if hasher.hexdigest() != extent.checksum:
-                problems.append(_checksum_problem(where, extent, hasher.hexdigest()))
-                continue
+        if extent.checksum is not None and hasher.hexdigest() != extent.checksum:
+            problems.append(_checksum_problem(where, extent, hasher.hexdigest()))
+            continue
         at = f"{where}: the packed item of {extent.describe()} in data file {extent.file} at byte {extent.offset}"
         if extent.kind == "tensor" and (extent.chunk is None or extent.data_offset != DATA_OFFSET
                                         or extent.layout is None or extent.layout.math_bits is not None):
@@ -342,8 +359,15 @@ def _pack_problems(where: str, handle: InputFile, extents: Sequence[_Extent],
                                     f"{DATA_OFFSET} of it (data offset {extent.data_offset})", INDEX_FILE,
                                     extent.component))
             continue
-        described = (extent.chunk.dtype, extent.chunk.sizes) if extent.chunk is not None else None
-        why = records_problem(head, tail, tail_at, described) or version_record_problem(item, tail_at)
+        head = read_at(extent.offset, min(head_length, DATA_OFFSET) if extent.kind == "tensor" else head_length)
+        if extent.chunk is not None:
+            nbytes = math.prod(extent.chunk.sizes) * extent.chunk.dtype.itemsize
+            why = (None if head_length == DATA_OFFSET + nbytes and head == data_header(nbytes) else
+                   f"its head is not the data record of a {extent.chunk.dtype} tensor {list(extent.chunk.sizes)}")
+            why = why or trailer_problem(tail, tail_at, (extent.chunk.dtype, extent.chunk.sizes))
+        else:
+            why = records_problem(head, tail, tail_at, None)
+        why = why or version_record_problem(tail, tail_at, lambda o, n, e=extent: read_at(e.offset + o, n))
         if why is not None:
             problems.append(Problem(ProblemKind.WRONG_LAYOUT, f"{at}: {why}", extent.file, extent.component))
         elif extent.kind != "tensor":

@@ -43,7 +43,14 @@ from ..core.tensors import copy_exactly, math_bits, narrow_box, raw_view, with_m
 from ..errors import IntegrityError, StateMismatchError
 from ..format.index import ItemRecord, own_pieces
 from ..format.names import METADATA_FILE
-from ..format.pack import DATA_OFFSET, records_problem, value_zip
+from ..format.pack import (
+    DATA_OFFSET,
+    SMALL_ITEM_BYTES,
+    data_header,
+    records_problem,
+    trailer_problem,
+    value_zip,
+)
 from ..format.safe_load import load_object
 from ..format.torch_blob import (
     NotPlainTensor,
@@ -62,7 +69,7 @@ from .cross_check import ItemCheck, StoredChunk
 DIRECT_MIN_BYTES = 1024 * 1024
 # Items up to this size that lie next to each other are read together (``batches``): one request
 # for many small items instead of one each; a batch holds at most BATCH_BYTES.
-BATCH_ITEM_BYTES = 256 * 1024
+BATCH_ITEM_BYTES = 512 * 1024
 BATCH_BYTES = 8 * 1024 * 1024
 
 
@@ -142,9 +149,9 @@ def batches(reads: Sequence[StoredRead], max_bytes: int = BATCH_BYTES) -> list[l
     groups: list[list[StoredRead]] = []
     start = end = -1
     for read in reads:
-        small = read.gap is not None or (read.length <= BATCH_ITEM_BYTES and read.layout is None)
+        small = batchable(read)
         last = groups[-1] if groups else None
-        if (small and last is not None and last[-1].file == read.file and _batchable(last[-1])
+        if (small and last is not None and last[-1].file == read.file and batchable(last[-1])
                 and read.offset <= end and max(end, read.offset + read.length) - start <= max_bytes):
             last.append(read)
             end = max(end, read.offset + read.length)
@@ -154,8 +161,12 @@ def batches(reads: Sequence[StoredRead], max_bytes: int = BATCH_BYTES) -> list[l
     return groups
 
 
-def _batchable(read: StoredRead) -> bool:
-    return read.gap is not None or (read.length <= BATCH_ITEM_BYTES and read.layout is None)
+def batchable(read: StoredRead) -> bool:
+    """Small items, read whole: the items of small packs (values, tensors up to ``SMALL_ITEM_BYTES``),
+    and small blobs whose tensor is not located. A large packed tensor is read straight into place."""
+    if read.gap is not None:
+        return read.layout is None or read.layout.nbytes <= SMALL_ITEM_BYTES
+    return read.length <= BATCH_ITEM_BYTES and read.layout is None
 
 
 def span(group: Sequence[StoredRead]) -> tuple[int, int]:
@@ -361,6 +372,28 @@ def stored_tensor(buffer: torch.Tensor, name: str) -> torch.Tensor:
     return with_math_bits(typed_view(data, layout), layout.math_bits)
 
 
+def packed_tensor(head: torch.Tensor, tail: torch.Tensor, trailer_at: int, dtype: torch.dtype | None,
+                  shape: tuple[int, ...], name: str) -> torch.Tensor:
+    """The tensor a packed item's ``head`` and ``tail`` (uint8 tensors) hold, once its zip records are
+    proven to be those of a ``dtype`` tensor of ``shape`` (IntegrityError naming ``name`` otherwise)."""
+    if dtype is None:
+        raise IntegrityError(f"packed item of {name!r}: its row names no known dtype")
+    why = records_problem(byte_view(head), byte_view(tail), trailer_at, (dtype, shape))
+    if why is not None:
+        raise IntegrityError(f"packed item of {name!r}: {why}")
+    layout = TensorBlobLayout(DATA_OFFSET, head.numel() - DATA_OFFSET, dtype, shape)
+    return typed_view(head[DATA_OFFSET:], layout) if layout.nbytes else torch.empty(shape, dtype=dtype)
+
+
+def packed_value_zip(head: torch.Tensor, tail: torch.Tensor, trailer_at: int, name: str) -> bytes:
+    """The ``torch.save`` bytes of the value a packed item's ``head`` and ``tail`` hold, once its zip
+    records are proven to be those of a pickled value (IntegrityError naming ``name`` otherwise)."""
+    why = records_problem(byte_view(head), byte_view(tail), trailer_at, None)
+    if why is not None:
+        raise IntegrityError(f"packed item of {name!r}: {why}")
+    return value_zip(byte_view(head))
+
+
 def typed_view(data: torch.Tensor, layout: TensorBlobLayout) -> torch.Tensor:
     """The stored tensor over ``data`` (its uint8 bytes): a view, or a copy where the bytes do not start
     at a multiple of the dtype's size (packed items are not padded to one; torch views need it)."""
@@ -394,28 +427,31 @@ def _is_chunk(dtype: torch.dtype, shape: tuple[int, ...], chunk: StoredChunk | N
     return chunk is None or (dtype == chunk.dtype and shape == chunk.sizes)
 
 
-def _own_bytes(handle: InputFile, read: StoredRead) -> tuple[memoryview, memoryview]:
-    """A packed item's head and trailer: lent by a handle holding them in memory, else read."""
+def _own_bytes(handle: InputFile, read: StoredRead, check: Checker) -> tuple[memoryview, memoryview]:
+    """A packed item's head and trailer (lent by a handle holding them in memory, else read), their
+    checksum verified."""
     (head_at, head_length), (tail_at, tail_length) = read.pieces
     lend = getattr(handle, "view", None)
     if lend is not None:
-        return lend(head_at, head_length), lend(tail_at, tail_length)
-    head, tail = bytearray(head_length), bytearray(tail_length)
-    handle.read_scatter(head_at, [memoryview(head)])
-    handle.read_scatter(tail_at, [memoryview(tail)])
-    return memoryview(head), memoryview(tail)
-
-
-def _load_packed(handle: InputFile, read: StoredRead, planner: LoadPlanner, check: Checker) -> None:
-    """A packed item (pack.py): its checksum over its own bytes, its zip records proven to say what the
-    index says (so plain DCP would read the same), then its value from its head."""
-    head, tail = _own_bytes(handle, read)
+        head, tail = lend(head_at, head_length), lend(tail_at, tail_length)
+    else:
+        head, tail = memoryview(bytearray(head_length)), memoryview(bytearray(tail_length))
+        handle.read_into(head_at, head)
+        handle.read_into(tail_at, tail)
     if check is not None:
         hasher = xxhash.xxh3_64(head)
         hasher.update(tail)
         check(read, hasher.hexdigest())
+    return head, tail
+
+
+def _load_packed(handle: InputFile, read: StoredRead, planner: LoadPlanner, check: Checker) -> None:
+    """A packed item (pack.py): its checksum over its own bytes, its zip records proven to say what the
+    index says (so plain DCP would read the same), then its value from its head, or a tensor read
+    straight into its destination."""
     trailer_at = read.pieces[-1][0] - read.offset
     if read.items[0].type == LoadItemType.BYTE_IO:
+        head, tail = _own_bytes(handle, read, check)
         _refuse_packed(read, records_problem(head, tail, trailer_at, None))
         _load_value(read, planner, value_zip(head))
         return
@@ -423,15 +459,22 @@ def _load_packed(handle: InputFile, read: StoredRead, planner: LoadPlanner, chec
     if layout is None or layout.data_offset != DATA_OFFSET or layout.math_bits is not None:
         _refuse_packed(read, f"the index records no plain tensor in it ({describe_layout(layout)})")
         return
-    _refuse_packed(read, records_problem(head, tail, trailer_at, (layout.dtype, layout.shape)))
     if not _is_chunk(layout.dtype, layout.shape, read.chunk):
         _refuse_packed(read, f"it holds a {layout.dtype} tensor {list(layout.shape)}; {METADATA_FILE} says a "
                              f"{read.chunk.dtype} tensor {list(read.chunk.sizes)}")
     targets = [planner.resolve_tensor(item).detach() for item in read.items]
-    data = head[DATA_OFFSET:]
     target = _direct_target(read, targets)
-    if target is not None and target.dtype == layout.dtype and tuple(target.shape) == layout.shape \
-            and math_bits(target) is None:
+    if target is not None and (target.dtype != layout.dtype or tuple(target.shape) != layout.shape
+                               or math_bits(target) is not None):
+        target = None
+    if target is not None and getattr(handle, "view", None) is None:
+        _read_packed_direct(handle, read, layout, trailer_at, target, check)
+        planner.commit_tensor(read.items[0], target)
+        return
+    head, tail = _own_bytes(handle, read, check)
+    _refuse_packed(read, records_problem(head, tail, trailer_at, (layout.dtype, layout.shape)))
+    data = head[DATA_OFFSET:]
+    if target is not None:
         if layout.nbytes:
             byte_view(target)[:] = data
         planner.commit_tensor(read.items[0], target)
@@ -439,6 +482,33 @@ def _load_packed(handle: InputFile, read: StoredRead, planner: LoadPlanner, chec
     stored = (typed_view(torch.frombuffer(data, dtype=torch.uint8), layout) if layout.nbytes
               else torch.empty(layout.shape, dtype=layout.dtype))
     _apply(read, stored, targets, planner)
+
+
+def _read_packed_direct(handle: InputFile, read: StoredRead, layout: TensorBlobLayout, trailer_at: int,
+                        target: torch.Tensor, check: Checker) -> None:
+    """A packed tensor read straight into ``target``: its trailer (checked against the index), then its
+    bytes. The local header in front of them is not read: it follows from the index, and is hashed as
+    such (a damaged one changes nothing a load fills; ``verify`` reads and reports it)."""
+    (_, tail_length) = read.pieces[-1]
+    tail = bytearray(tail_length)
+    handle.read_into(read.offset + trailer_at, memoryview(tail))
+    _refuse_packed(read, trailer_problem(tail, trailer_at, (layout.dtype, layout.shape)))
+    view = byte_view(target) if layout.nbytes else memoryview(b"")
+    if layout.nbytes:
+        handle.read_into(read.offset + DATA_OFFSET, view)
+    if check is None:
+        return
+
+    def verify() -> None:
+        hasher = xxhash.xxh3_64(data_header(layout.nbytes))
+        hasher.update(view)
+        hasher.update(tail)
+        check(read, hasher.hexdigest())
+
+    if isinstance(check, PipelinedChecker):
+        check.submit(verify)
+    else:
+        verify()
 
 
 def _refuse_packed(read: StoredRead, why: str | None) -> None:

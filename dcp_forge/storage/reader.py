@@ -50,6 +50,7 @@ from .item_reader import (
     ItemLoader,
     PipelinedChecker,
     StoredRead,
+    batchable,
     batches,
     group_reads,
     load_stored_item,
@@ -298,18 +299,23 @@ class ForgeStorageReader(StorageReader):
                 handles[read.file] = handle
             return handle
 
+        trailers = _trailer_runs(groups)
         try:
             for i, group in enumerate(groups):
                 window_end = group[0].offset + PREFETCH_BYTES
                 while ahead < len(groups) and (ahead <= i or (groups[ahead][0].file == group[0].file
                                                               and groups[ahead][0].offset < window_end)):
                     nxt = groups[ahead]
-                    if check is not None or len(nxt) > 1 or nxt[0].layout is None:  # else only tensor bytes are read
+                    run_of_trailers = trailers.get(ahead)
+                    if run_of_trailers is not None:  # only its trailer is read before its bytes
+                        if run_of_trailers[0] == ahead:  # the first of the run: fetch them all
+                            handle_for(nxt[0]).prefetch(run_of_trailers[1], run_of_trailers[2])
+                    elif check is not None or len(nxt) > 1 or nxt[0].layout is None:  # else only tensor bytes are read
                         handle_for(nxt[0]).prefetch(*span(nxt))
                     ahead += 1
                 try:
                     handle = handle_for(group[0])
-                    if len(group) > 1 or group[0].gap is not None:  # read together, applied from memory
+                    if len(group) > 1 or (group[0].gap is not None and batchable(group[0])):  # applied from memory
                         start, length = span(group)
                         handle = BufferInput(read_blob(handle, start, length), start)
                     for read in group:
@@ -332,3 +338,30 @@ class ForgeStorageReader(StorageReader):
             raise IntegrityError(
                 f"{redact_url(self.url)}: checksum mismatch in {read.file} at byte {read.offset} for component "
                 f"{record.component!r} ({read.fqn!r}): expected {record.checksum}, found {found}")
+
+
+def _trailer_runs(groups: Sequence[Sequence[StoredRead]]) -> dict[int, tuple[int, int, int]]:
+    """For each group that is one large packed tensor (read straight into place after its trailer), the
+    run of such groups whose trailers lie one after the other (the items of one large pack): group
+    index -> (index of the run's first group, offset, length of the run's trailers)."""
+    runs: dict[int, tuple[int, int, int]] = {}
+    members: list[int] = []
+    file, start, end = None, 0, 0
+
+    def close() -> None:
+        for i in members:
+            runs[i] = (members[0], start, end - start)
+
+    for i, group in enumerate(groups):
+        read = group[0]
+        if len(group) != 1 or read.gap is None or batchable(read):
+            continue
+        (tail_at, tail_length) = read.pieces[-1]
+        if members and read.file == file and tail_at == end:
+            members.append(i)
+            end = tail_at + tail_length
+            continue
+        close()
+        members, file, start, end = [i], read.file, tail_at, tail_at + tail_length
+    close()
+    return runs

@@ -48,7 +48,15 @@ from ..errors import IncompleteSaveError, os_error_context
 from ..format.index import StoredItem, encode_index
 from ..format.manifest import CheckpointManifest, checksum_bytes, component_manifests, item_records, versions
 from ..format.names import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE, data_file_name, new_save_id
-from ..format.pack import PACK_BYTES, PACKED_ITEM_MAX_BYTES, PackBuilder, packable_tensor, value_pickle
+from ..format.pack import (
+    LARGE_PACK_BYTES,
+    PACK_BYTES,
+    PACKED_TENSOR_MAX_BYTES,
+    SMALL_ITEM_BYTES,
+    PackWriter,
+    packable_tensor,
+    value_pickle,
+)
 from ..format.torch_blob import BlobEdges, save_tensor
 from .backends import OutputStream, discard_after
 from .cross_check import coverage_problems
@@ -127,54 +135,55 @@ def _write_item(stream: _HashingStream, item: WriteItem, data: Any) -> None:
 
 
 def _packable(item: WriteItem, data: Any, form: Any) -> torch.Tensor | memoryview | None:
-    """What of ``data`` goes into a pack (pack.py): a small plain tensor, or the pickle of a small value
+    """What of ``data`` goes into a pack (pack.py): a plain tensor, or the pickle of a small value
     holding no tensor; None for everything stored in a zip of its own."""
     if item.type == WriteItemType.BYTE_IO:
         return value_pickle(data.getbuffer() if isinstance(data, io.BytesIO) else data)
     if form is not None and form.math_bits is not None:
         return None  # stored as torch.save stores flagged tensors, with its flags in data.pkl
     tensor = data.detach()
-    if tensor.device.type not in ("cpu", "meta") and tensor.nbytes <= PACKED_ITEM_MAX_BYTES:
+    if tensor.device.type not in ("cpu", "meta") and tensor.nbytes <= PACKED_TENSOR_MAX_BYTES:
         tensor = tensor.cpu()
     return tensor if packable_tensor(tensor) else None
 
 
 class _Packs:
-    """The pack being filled for one data file: items join it as they come, and it is written out
-    whenever it is full (and at the end), with one result per item."""
+    """The pack being filled in one data file: small items and large tensors each in packs of their
+    own kind (pack.py), one pack open at a time, closed when full, when an item of the other kind
+    comes, and at the end; one result per item."""
 
     def __init__(self, out: OutputStream, name: str, rank: int) -> None:
         self.out, self.name, self.rank = out, name, rank
-        self._builder = PackBuilder()
+        self._pack: PackWriter | None = None
+        self._large = False
+        self._base = 0
         self._items: list[tuple[WriteItem, Any]] = []
 
     def add(self, item: WriteItem, packed: torch.Tensor | memoryview, form: Any) -> list[WriteResult]:
+        large = isinstance(packed, torch.Tensor) and packed.nbytes > SMALL_ITEM_BYTES
+        results = self.close() if self._pack is not None and large != self._large else []
+        if self._pack is None:
+            self._pack, self._large, self._base = PackWriter(self.out), large, self.out.tell()
         if isinstance(packed, torch.Tensor):
-            self._builder.add_tensor(packed)
+            self._pack.add_tensor(packed)
         else:
-            self._builder.add_value(packed)
+            self._pack.add_value(packed)
         self._items.append((item, form))
-        return self.flush() if self._builder.nbytes >= PACK_BYTES else []
-
-    def flush(self) -> list[WriteResult]:
-        if not self._items:
-            return []
-        pack, placed = self._builder.build()
-        items, self._items = self._items, []
-        base = self.out.tell()
-        self.out.write(pack)
-        view = memoryview(pack)
-        results = []
-        for (item, form), where in zip(items, placed, strict=True):
-            start = where.offset
-            hasher = xxhash.xxh3_64(view[start:start + where.gap_offset])
-            hasher.update(view[start + where.gap_offset + where.gap_length:start + where.length])
-            results.append(WriteResult(
-                index=item.index, size_in_bytes=where.length - where.gap_length, storage_data=StoredItem(
-                    self.name, base + start, where.length, hasher.hexdigest(), self.rank, where.data_offset,
-                    key_path=encode_path(form.key_path) if form is not None and form.key_path else None,
-                    gap_offset=where.gap_offset, gap_length=where.gap_length)))
+        if self._pack.size >= (LARGE_PACK_BYTES if large else PACK_BYTES):
+            results += self.close()
         return results
+
+    def close(self) -> list[WriteResult]:
+        """Write the open pack's trailers (if one is open); the results of its items."""
+        if self._pack is None:
+            return []
+        placed = self._pack.close()
+        items, self._items, self._pack = self._items, [], None
+        return [WriteResult(index=item.index, size_in_bytes=where.length - where.gap_length, storage_data=StoredItem(
+                    self.name, self._base + where.offset, where.length, where.checksum, self.rank, where.data_offset,
+                    key_path=encode_path(form.key_path) if form is not None and form.key_path else None,
+                    gap_offset=where.gap_offset, gap_length=where.gap_length))
+                for (item, form), where in zip(items, placed, strict=True)]
 
 
 class ForgeStorageWriter(StorageWriter):
@@ -287,6 +296,7 @@ class ForgeStorageWriter(StorageWriter):
                 if packed is not None:
                     results += packs.add(item, packed, form)
                     continue
+                results += packs.close()  # a pack's items stay next to each other
                 stream.begin_item()
                 _write_item(stream, item, data)
                 offset, length, checksum = stream.end_item()
@@ -296,7 +306,7 @@ class ForgeStorageWriter(StorageWriter):
                     name, offset, length, checksum, rank, data_offset,
                     key_path=encode_path(form.key_path) if form is not None and form.key_path else None,
                     math_bits=form.math_bits if form is not None else None)))
-            results += packs.flush()
+            results += packs.close()
             out.close()
         except BaseException as err:
             discard_after(out, err)

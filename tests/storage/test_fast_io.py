@@ -156,11 +156,16 @@ def _big_state(seed=0):
 
 
 def _save(tmp_path, state, chunk_bytes=None):
+    """A checkpoint of torch.save blobs (packs off): the layout of plain DCP checkpoints, of checkpoints
+    written before packs, and of tensors no pack takes (tests/storage/test_packing.py tests packs)."""
     from dcp_forge.core.placement import ChunkPolicy
+    from dcp_forge.storage import writer
 
     coord = CheckpointCoordinator([StateComponent("model", _Holder(state), "replicated")], output_dir=tmp_path,
                                   chunk_policy=ChunkPolicy(chunk_bytes) if chunk_bytes else ChunkPolicy())
-    return coord.save_checkpoint(checkpoint_id="c")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(writer, "_packable", lambda item, data, form: None)
+        return coord.save_checkpoint(checkpoint_id="c")
 
 
 def _load(path, state, **reader_options):
@@ -231,21 +236,20 @@ def test_the_index_records_where_each_large_tensor_starts(tmp_path):
     saved = _big_state()
     path = _save(tmp_path, saved)
     records = {r.fqn: r for r in _records(path)}
-    for fqn in ("model.w", "model.h", "model.small"):  # the small one is packed (format/pack.py)
+    for fqn in ("model.w", "model.h"):
         r = records[fqn]
         with open(os.path.join(path, r.file), "rb") as f:
             f.seek(r.offset + r.data_offset)
             stored = f.read(saved[fqn[6:]].nbytes)
         assert stored == saved[fqn[6:]].view(torch.uint8).numpy().tobytes()
-    assert records["model.small"].gap_offset is not None and records["model.w"].gap_offset is None
-    assert records["model.step"].data_offset is None
+    assert records["model.small"].data_offset is None and records["model.step"].data_offset is None
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_recorded_blob_is_one_read_straight_into_its_destination(tmp_path, monkeypatch, threads, direct_reads):
     saved = _big_state()
     path = _save(tmp_path, saved, chunk_bytes=2 * DIRECT_MIN_BYTES)  # "w" stored as 4 row-chunks
-    records = [r for r in _records(path) if r.data_offset is not None and r.gap_offset is None]  # not packed
+    records = [r for r in _records(path) if r.data_offset is not None]
     assert sorted(r.fqn for r in records) == ["model.h"] + ["model.w"] * 4
     dest = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in saved.items()}
     calls = _local_reads(monkeypatch)
@@ -261,8 +265,7 @@ def test_a_recorded_blob_is_one_read_straight_into_its_destination(tmp_path, mon
 def test_an_index_without_data_offsets_reads_the_edges_first(tmp_path, monkeypatch, direct_reads):
     saved = _big_state()
     path = _save(tmp_path, saved)
-    # as indexes written before the column existed (which had no packs either)
-    set_data_offsets(path, lambda r: None if r.gap_offset is None else r.data_offset)
+    set_data_offsets(path, lambda r: None)  # as indexes written before the column existed
     dest = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in saved.items()}
     calls = _local_reads(monkeypatch)
     _load(path, dest)
@@ -384,14 +387,16 @@ def test_unverified_loads_prefetch_no_edges_of_recorded_tensors(tmp_path, monkey
     path = _save(tmp_path, saved)
     prefetched = []
     monkeypatch.setattr(backends._LocalInput, "prefetch",
-                        lambda self, offset, length: prefetched.append((os.path.basename(self.path), offset)))
+                        lambda self, offset, length: prefetched.append((os.path.basename(self.path), offset, length)))
     dest = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in saved.items()}
     _load(path, dest, verify_checksums=verify)
     assert all(torch.equal(dest[k], saved[k]) for k in ("w", "h", "small"))
     records = _records(path)
-    recorded = {r.location for r in records if r.data_offset is not None and r.gap_offset is None}  # not packed
-    assert recorded and recorded & set(prefetched) == (recorded if verify else set())  # edges: read to be hashed
-    assert {r.location for r in records if r.data_offset is None} <= set(prefetched)
+    recorded = {r.location for r in records if r.data_offset is not None}
+    assert recorded and recorded & {(f, o) for f, o, _ in prefetched} == (recorded if verify else set())  # edges: hashed
+    for r in records:  # every item read whole was prefetched (small neighbours in one range)
+        if r.data_offset is None:
+            assert any(f == r.file and o <= r.offset and r.offset + r.length <= o + n for f, o, n in prefetched)
 
 
 def test_pipelined_checker_waits_for_every_hash_and_raises_the_first_failure():

@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from dcp_forge import CheckpointCoordinator, IntegrityError, StateComponent, verify_checkpoint
 from dcp_forge.core.tensors import dtype_named
 from dcp_forge.format.index import own_pieces
-from dcp_forge.format.pack import PACKED_ITEM_MAX_BYTES
+from dcp_forge.format.pack import SMALL_ITEM_BYTES
 from dcp_forge.ops.verify import ProblemKind
 from dcp_forge.storage import ForgeStorageReader
 from tests.support.statefuls import Box
@@ -72,16 +72,14 @@ def test_small_items_share_packs_of_few_bytes_each(saved):
     path, model, _ = saved
     records = _records(path)
     big = [r for r in records if r.kind == "tensor"
-           and math.prod(r.chunk_sizes) * dtype_named(r.dtype).itemsize > PACKED_ITEM_MAX_BYTES]
-    small = [r for r in records if r not in big]
+           and math.prod(r.chunk_sizes) * dtype_named(r.dtype).itemsize > SMALL_ITEM_BYTES]
     assert sorted(r.fqn for r in big) == ["model.proj.weight", "optimizer.state.80.exp_avg",
                                           "optimizer.state.80.exp_avg_sq"]
-    assert all(r.gap_offset is None for r in big)  # 128 KiB: zips of their own, read straight into place
-    assert small and all(r.gap_offset is not None for r in small), [r.fqn for r in small if r.gap_offset is None]
+    assert all(r.gap_offset is not None for r in records), [r.fqn for r in records if r.gap_offset is None]
     data = sum(os.path.getsize(os.path.join(path, name)) for name in data_files(path))
-    payload = sum(v.nbytes for k, v in model.state_dict().items() if k != "proj.weight")
+    payload = sum(v.nbytes for v in model.state_dict().values())
     # a zip each was ~1.5 KB of records per item; optimizer state is about twice the model's payload
-    assert data - sum(r.length for r in big) < 3 * payload + 500 * len(small)
+    assert data < 3 * payload + 500 * len(records)
     assert data == sum(r.stored_bytes for r in records)  # every byte owned by exactly one item
 
 
@@ -122,6 +120,27 @@ def test_dcp_forge_loads_packed_items_exactly_and_verify_is_clean(saved, tmp_pat
         assert all(torch.equal(got[k], want[k]) for k in want)
     assert extra.state_dict() == {"step": 7, "name": "run", "lrs": [0.1, 0.01], "table": extra.state_dict()["table"]}
     assert torch.equal(extra.state_dict()["table"], torch.arange(5))
+
+
+def test_large_packed_tensors_are_read_into_place_with_their_trailers_in_one_read(saved, tmp_path, monkeypatch):
+    from dcp_forge.storage import backends
+
+    path, model, _ = saved
+    calls = []
+    real = backends._LocalInput.read_scatter
+
+    def read_scatter(self, offset, views):
+        calls.append((os.path.basename(self.path), offset, [memoryview(v).nbytes for v in views]))
+        real(self, offset, views)
+
+    monkeypatch.setattr(backends._LocalInput, "read_scatter", read_scatter)
+    fresh, _ = _trained(5)
+    weight = fresh.proj.weight
+    CheckpointCoordinator([StateComponent("model", fresh, "replicated")], output_dir=tmp_path).load_checkpoint(
+        path, strict=False)
+    assert fresh.proj.weight.data_ptr() == weight.data_ptr() and torch.equal(fresh.proj.weight, model.proj.weight)
+    row = _packed(path, "model.proj.weight")
+    assert (row.file, row.offset + row.data_offset, [model.proj.weight.nbytes]) in calls  # straight into place
 
 
 def test_loading_some_items_of_a_pack_reads_them_alone(saved, tmp_path):
