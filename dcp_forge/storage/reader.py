@@ -85,6 +85,7 @@ class ForgeStorageReader(StorageReader):
         self.records: list[ItemRecord] = []
         self._record_at: dict[tuple[str, int], ItemRecord] = {}
         self._file_ends: dict[str, int] = {}  # data file -> where its last indexed item ends
+        self._listed_sizes: dict[str, int] = {}  # file -> size, from the listing read_metadata made
         self.storage_data: dict[MetadataIndex, Any] = {}
         self.bytes_read = 0  # data bytes read from storage (stored items, not the metadata files)
         self._known: Metadata | None = None
@@ -130,7 +131,10 @@ class ForgeStorageReader(StorageReader):
             self._file_ends[r.file] = max(self._file_ends.get(r.file, 0), r.offset + r.length)
 
     def _read_metadata_files(self) -> Metadata:
-        state = checkpoint_state(self.backend, self.path)
+        # One listing says what the checkpoint holds and how long each data file is (opening a file
+        # then needs no request of its own on object stores).
+        self._listed_sizes = self.backend.list_sizes(self.path)
+        state = checkpoint_state(self.backend, self.path, names=self._listed_sizes)
         where = redact_url(self.url)
         if state is CheckpointState.MISSING:
             raise CheckpointNotFoundError(f"no checkpoint at {where}")
@@ -244,7 +248,8 @@ class ForgeStorageReader(StorageReader):
         opened: dict[str, InputFile] = {}
 
         def open_file(name: str) -> None:
-            opened[name] = open_data_file(self.backend, self.path, name, where, by_file[name][0].describe())
+            opened[name] = open_data_file(self.backend, self.path, name, where, by_file[name][0].describe(),
+                                          size=self._listed_sizes.get(name))
 
         try:
             with ThreadPoolExecutor(max_workers=min(self.thread_count, len(by_file)),
