@@ -250,11 +250,13 @@ class PackWriter:
         tensor = tensor.contiguous()
         nbytes = tensor.nbytes
         header = _local_header(_DATA_NAME, nbytes)
-        data = _memory(tensor) if nbytes else b""
+        small = nbytes <= SMALL_ITEM_BYTES
+        # a small tensor's bytes copied at once (one call), a large one's viewed in place
+        data = ctypes.string_at(tensor.data_ptr(), nbytes) if small else _memory(tensor)
         hasher = xxhash.xxh3_64(header)
         hasher.update(data)
         self._pending += header
-        if nbytes <= SMALL_ITEM_BYTES:
+        if small:
             self._pending += data
         else:  # written from the tensor's own memory, after what was gathered before it
             self._flush()

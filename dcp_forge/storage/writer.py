@@ -117,10 +117,11 @@ def _bins(items: Sequence[WriteItem], count: int) -> list[list[WriteItem]]:
     """Split items into ``count`` lists of about equal bytes (largest first onto the lightest)."""
     bins: list[list[WriteItem]] = [[] for _ in range(max(1, count))]
     loads = [0] * len(bins)
-    for item in sorted(items, key=item_bytes, reverse=True):
+    for size, _, item in sorted(((item_bytes(item), i, item) for i, item in enumerate(items)),
+                                key=lambda sized: (-sized[0], sized[1])):
         i = loads.index(min(loads))
         bins[i].append(item)
-        loads[i] += item_bytes(item)
+        loads[i] += size
     return [b for b in bins if b]
 
 
