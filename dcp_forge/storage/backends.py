@@ -149,8 +149,9 @@ class StorageBackend(abc.ABC):
         self.fs.makedirs(path, exist_ok=True)
 
     def list_sizes(self, path: str) -> dict[str, int]:
-        """``{name: size}`` of the files directly under ``path`` ({} if it is no directory), from one
-        listing (on object stores one request, where asking each file's size costs one each)."""
+        """``{name: size}`` of the entries directly under ``path`` that are no directories ({} if it is
+        no directory), from one listing (on object stores one request, where asking each file's size
+        costs one each)."""
         try:
             if not self.fs.isdir(path):
                 return {}
@@ -398,8 +399,9 @@ class LocalBackend(StorageBackend):
     def list_sizes(self, path: str) -> dict[str, int]:
         try:
             with os.scandir(path) as entries:
+                # every entry but directories, links too: opening one refuses it (O_NOFOLLOW) with a clear error
                 return {e.name: e.stat(follow_symlinks=False).st_size for e in entries
-                        if e.is_file(follow_symlinks=False)}
+                        if not e.is_dir(follow_symlinks=False)}
         except (FileNotFoundError, NotADirectoryError):
             return {}
 
