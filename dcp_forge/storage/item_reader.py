@@ -11,6 +11,11 @@ index right. Otherwise (plain DCP checkpoints, older indexes) header and trailer
 locate the data record (torch_blob.py), then the data. Either way the checksum is computed over
 header, destination bytes and trailer, in file order, so it is the same xxh3 as over the stored blob.
 
+A packed item (format/pack.py) is cut out of bytes already in memory where a batch of small items was
+read together (read_batches.py), or, a large packed tensor, read straight into its destination after
+its trailer (the trailers of a large pack lie together and arrive with one request); its checksum
+covers the bytes it owns, and its zip records must be exactly the ones its index row implies.
+
 Everything else takes the staged path: the whole blob is read into one uninitialised buffer, hashed,
 and the tensor is viewed inside it (no ``torch.load`` copy) before being copied into each destination
 (storage to storage where both carry the same flags, so no value is recomputed); blobs that are not
@@ -45,7 +50,6 @@ from ..format.index import ItemRecord, own_pieces
 from ..format.names import METADATA_FILE
 from ..format.pack import (
     DATA_OFFSET,
-    SMALL_ITEM_BYTES,
     data_header,
     records_problem,
     trailer_problem,
@@ -61,16 +65,12 @@ from ..format.torch_blob import (
     recorded_layout,
     tensor_blob_layout,
 )
-from .backends import InputFile, ReadsViewsInTurn
+from .backends import InputFile
 from .consistency import component_of, raise_if_problems
 from .cross_check import ItemCheck, StoredChunk
 
 # Below this, reading header and trailer separately costs more than one read of the whole blob.
 DIRECT_MIN_BYTES = 1024 * 1024
-# Items up to this size that lie next to each other are read together (``batches``): one request
-# for many small items instead of one each; a batch holds at most BATCH_BYTES.
-BATCH_ITEM_BYTES = 512 * 1024
-BATCH_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -142,39 +142,6 @@ def group_reads(items: Sequence[ReadItem], storage_data: Mapping[MetadataIndex, 
     return reads
 
 
-def batches(reads: Sequence[StoredRead], max_bytes: int = BATCH_BYTES) -> list[list[StoredRead]]:
-    """``reads`` (in file order) as the groups read with one request each: consecutive small items of
-    one file whose ranges touch or overlap (the items of a pack, small blobs written one after the
-    other), up to ``max_bytes`` together; every other item alone."""
-    groups: list[list[StoredRead]] = []
-    start = end = -1
-    for read in reads:
-        small = batchable(read)
-        last = groups[-1] if groups else None
-        if (small and last is not None and last[-1].file == read.file and batchable(last[-1])
-                and read.offset <= end and max(end, read.offset + read.length) - start <= max_bytes):
-            last.append(read)
-            end = max(end, read.offset + read.length)
-            continue
-        groups.append([read])
-        start, end = read.offset, read.offset + read.length
-    return groups
-
-
-def batchable(read: StoredRead) -> bool:
-    """Small items, read whole: the items of small packs (values, tensors up to ``SMALL_ITEM_BYTES``),
-    and small blobs whose tensor is not located. A large packed tensor is read straight into place."""
-    if read.gap is not None:
-        return read.layout is None or read.layout.nbytes <= SMALL_ITEM_BYTES
-    return read.length <= BATCH_ITEM_BYTES and read.layout is None
-
-
-def span(group: Sequence[StoredRead]) -> tuple[int, int]:
-    """(offset, length) of the bytes a group of reads covers."""
-    start = min(r.offset for r in group)
-    return start, max(r.offset + r.length for r in group) - start
-
-
 def split_runs(reads: Sequence[StoredRead], parts: int) -> list[list[StoredRead]]:
     """``reads`` (in file order) cut into at most ``parts`` consecutive runs of about equal bytes.
 
@@ -194,53 +161,6 @@ def split_runs(reads: Sequence[StoredRead], parts: int) -> list[list[StoredRead]
     if current:
         runs.append(current)
     return runs
-
-
-class BufferInput(ReadsViewsInTurn):
-    """An ``InputFile`` over bytes already in memory: ``data`` holds, one after the other, the file's
-    ``pieces`` ((offset, length) each; default: all of ``data``, stored at ``base``). A batch of small
-    items read together, bytes received from another rank. ``view`` lends them without a copy."""
-
-    def __init__(self, data: torch.Tensor, base: int = 0, pieces: Sequence[tuple[int, int]] | None = None) -> None:
-        self.data = data
-        self._bytes = memoryview(data.numpy()) if data.numel() else memoryview(b"")
-        self._pieces = list(pieces) if pieces is not None else [(base, data.numel())]
-        if sum(length for _, length in self._pieces) != data.numel():
-            raise ValueError(f"pieces {self._pieces} do not add up to the {data.numel()} bytes held")
-
-    def size(self) -> int:
-        return max(offset + length for offset, length in self._pieces)  # the file is at least this long
-
-    def view(self, offset: int, length: int) -> memoryview:
-        held = 0
-        for start, size in self._pieces:
-            if start <= offset and offset + length <= start + size and length >= 0:
-                at = held + offset - start
-                return self._bytes[at:at + length]
-            held += size
-        raise EOFError(f"bytes {offset}..{offset + length} are outside the bytes held ({self._pieces[:4]})")
-
-    def read_into(self, offset: int, buffer: memoryview) -> None:
-        source = self.view(offset, len(buffer))
-        if len(buffer):
-            memoryview(buffer).cast("B")[:] = source
-
-    def prefetch(self, offset: int, length: int) -> None:
-        pass  # already in memory
-
-    def close(self) -> None:
-        pass
-
-
-def read_pieces(handle: InputFile, pieces: Sequence[tuple[int, int]]) -> BufferInput:
-    """The file's ``pieces`` ((offset, length) each) read into memory, one after the other."""
-    data = torch.empty(sum(length for _, length in pieces), dtype=torch.uint8)
-    at = 0
-    for offset, length in pieces:
-        if length:
-            handle.read_into(offset, byte_view(data[at:at + length]))
-        at += length
-    return BufferInput(data, pieces=pieces)
 
 
 def _read_bytes(handle: InputFile, offset: int, size: int) -> bytes:

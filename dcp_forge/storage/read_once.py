@@ -40,7 +40,8 @@ from ..core.topology import Topology
 from ..errors import ComponentDeclarationError
 from ..format.index import own_pieces
 from .backends import InputFile, LocalBackend, StorageBackend
-from .item_reader import BufferInput, Checker, StoredRead, load_stored_item, read_pieces
+from .item_reader import Checker, StoredRead, load_stored_item
+from .read_batches import BufferInput, read_pieces
 from .reader import ForgeStorageReader
 
 DEFAULT_BATCH_BYTES = 64 * 1024 * 1024

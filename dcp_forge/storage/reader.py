@@ -45,20 +45,17 @@ from .consistency import (
 from .cross_check import ItemCheck, coverage_problems, manifest_problems, unfilled_problems
 from .files import check_extent, open_data_file
 from .item_reader import (
-    BufferInput,
     Checker,
     ItemLoader,
     PipelinedChecker,
     StoredRead,
-    batchable,
-    batches,
     group_reads,
     load_stored_item,
     read_blob,
-    span,
     split_runs,
 )
 from .lifecycle import CheckpointState, checkpoint_state
+from .read_batches import BufferInput, batchable, batches, span
 from .registry import open_backend, redact_url
 
 logger = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ If the save fails (DCP raises its ``CheckpointException`` on every rank), the ca
 
 Files keep DCP's layout (``__<rank>_<n>.distcp`` holding ``torch.save`` blobs, written without the
 zip CRC pass, see torch_blob.py; a pickled ``.metadata`` with plain ``_StorageInfo`` entries), so
-DCP's own ``FileSystemReader`` reads them. Small tensors and values go into packs instead of a zip
-each (pack.py): every one of them is still a zip DCP's reader loads, sharing one run of records.
+DCP's own ``FileSystemReader`` reads them. Plain tensors and small values go into packs instead of a
+zip each (pack.py): every one of them is still a zip DCP's reader loads, sharing one run of records.
 Each rank writes its items into ``thread_count`` files in parallel, hashing the bytes as they go.
 """
 
