@@ -96,6 +96,8 @@ def write_synthetic_checkpoint(path: str, items: int, *, changed: int = 0, dropp
         "data_offset": pa.nulls(n, pa.int64()),  # the blobs are tiny: below LAYOUT_MIN_BYTES
         "key_path": pa.nulls(n, pa.string()),  # string keys, plain tensors
         "math_bits": pa.nulls(n, pa.string()),
+        "gap_offset": pa.nulls(n, pa.int64()),  # each blob a zip of its own, as before packs
+        "gap_length": pa.nulls(n, pa.int64()),
     }
     table = pa.table(columns, schema=INDEX_SCHEMA)
     sink = io.BytesIO()

@@ -182,6 +182,42 @@ def raw_contenders(settings, files: Files, ctl, tensor_bytes: int, quick: bool) 
     return saves + loads
 
 
+# ------------------------------------------------------------------------------------ request count
+
+def count_requests(info, settings, options: dict, state: dict[str, torch.Tensor], thread_count: int,
+                   files: Files) -> dict[str, int]:
+    """Requests per load, counted by a proxy (tests/support/fault_proxy.py, faults off) between the
+    client and the server: one dcp_forge load (Arrow, checksums verified) of a checkpoint, and the best
+    raw reader (pyarrow ``readinto``, 16 MiB ranges, 4 threads per object) of that checkpoint's data
+    objects, the same bytes. Untimed: the proxy relays every byte in Python."""
+    import dataclasses
+
+    from tests.support.fault_proxy import FaultProxy
+
+    with FaultProxy(info.endpoint_url) as proxy:
+        proxied = {**options, "endpoint_url": proxy.endpoint_url, "data_client": "arrow"}
+        coordinator = CheckpointCoordinator(
+            [StateComponent("model", _TensorDict(state), SharingPattern.REPLICATED)],
+            output_dir=f"s3://{BUCKET}/counted", storage_options=proxied, thread_count=thread_count)
+        path = coordinator.save_checkpoint(checkpoint_id="c")
+        target = {k: torch.empty_like(v) for k, v in state.items()}
+        loader = CheckpointCoordinator([StateComponent("model", _TensorDict(target), SharingPattern.REPLICATED)],
+                                       output_dir=f"s3://{BUCKET}/counted", storage_options=proxied,
+                                       thread_count=thread_count)
+        proxy.reset_stats()
+        loader.load_checkpoint(path)
+        forge = proxy.stats()["requests"]
+        if any(not torch.equal(target[k], v) for k, v in state.items()):
+            raise AssertionError("the counted dcp_forge load read different values")
+        afs = C.make_arrow_fs(dataclasses.replace(settings, endpoint_url=proxy.endpoint_url))
+        native = path.split("://", 1)[1]
+        proxy.reset_stats()
+        per_object(lambda p, data: B.arrow_ranges_into(afs, p, memoryview(bytearray(len(data))), 16 * MiB, 4),
+                   files)(native)
+        raw = proxy.stats()["requests"]
+    return {"dcp_forge": forge, "raw": raw}
+
+
 # ------------------------------------------------------------------------------------------ driver
 
 def measure(contenders: list[Contender], repeats: int, clock: B.Clock, log: Callable[[str], None]) -> None:
@@ -267,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         for count in [int(x) for x in a.extra_thread_counts.split(",") if x.strip()]:
             contenders += forge_contenders(options, "arrow", state, target, count, ctl)
         contenders += raw_contenders(settings, files, ctl, a.size_mib * MiB // a.tensors, a.quick)
+        requests = count_requests(info, settings, options, state, a.thread_count, files)
+        log(f"requests per load: dcp_forge {requests['dcp_forge']}, raw pyarrow {requests['raw']}")
         clock = B.Clock(info.pid)
         load0 = os.getloadavg()[0]
         for op in ("save", "load"):
@@ -279,7 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     conditions = (f"SeaweedFS `weed mini` on 127.0.0.1, data in {data_dir} (local disk), GOMEMLIMIT={a.gomemlimit}; "
                   f"{os.cpu_count()} CPUs shared by client, server and other work (load average {load0:.1f} before, "
                   f"{load1:.1f} after); pyarrow {pa.__version__} io_thread_count={pa.io_thread_count()}")
+    summary["requests_per_load"] = requests
     print_table(summary, a, nbytes, conditions)
+    print(f"\nrequests per load (counted at a proxy): dcp_forge {requests['dcp_forge']}, raw pyarrow readinto 16 MiB "
+          f"ranges x4 threads/object {requests['raw']} ({requests['dcp_forge'] / requests['raw']:.2f}x)")
     if a.json:
         Path(a.json).write_text(json.dumps({"bytes": nbytes, "size_mib": a.size_mib, "tensors": a.tensors,
                                             "repeats": a.repeats, "thread_count": a.thread_count,

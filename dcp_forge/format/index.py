@@ -1,8 +1,9 @@
 """The per-checkpoint item index (``index.parquet``): one row per stored item.
 
 Each row says where one stored item lives (file, offset, length), what it is (component, storage
-key, fqn, dtype, shape, chunk box), who wrote it, its xxh3 checksum and, for large plain tensors,
-where the tensor's bytes start inside it. Readers verify checksums from it and read such tensors in
+key, fqn, dtype, shape, chunk box), who wrote it, its xxh3 checksum, for large plain tensors and
+packed ones where the tensor's bytes start inside it, and for packed items which bytes of their
+range belong to other items (format/pack.py). Readers verify checksums from it and read such tensors in
 one request; inspection tools read it instead of unpickling DCP's metadata.
 """
 
@@ -28,6 +29,8 @@ class StoredItem:
     data_offset: int | None = None  # where a plain tensor's bytes start inside the item (torch_blob.py)
     key_path: str | None = None  # the value's keys below its component, when one is not a str (key_paths.py)
     math_bits: str | None = None  # the lazy-view flags of a tensor written resolved (values.py)
+    gap_offset: int | None = None  # a packed item's gap: the bytes of other items inside its range (pack.py)
+    gap_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,26 @@ class ItemRecord:
     # and a tensor's lazy-view flags ("conj", "neg", "conj+neg"; values.py); null otherwise.
     key_path: str | None = None
     math_bits: str | None = None
+    # For an item stored in a pack (format/pack.py): the bytes of its range that belong to other items
+    # of the pack, from ``offset + gap_offset``; its checksum covers the rest. Null for other items.
+    gap_offset: int | None = None
+    gap_length: int | None = None
 
     @property
     def location(self) -> tuple[str, int]:
         return (self.file, self.offset)
+
+    @property
+    def stored_bytes(self) -> int:
+        """The bytes this item owns: its range without its gap (what its checksum covers)."""
+        return self.length - (self.gap_length or 0)
+
+
+def own_pieces(length: int, gap_offset: int, gap_length: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(start, length) of the two pieces a packed item owns inside its range of ``length`` bytes: its
+    head, before its gap, and its trailer, after it."""
+    trailer = gap_offset + gap_length
+    return (0, gap_offset), (trailer, length - trailer)
 
 
 INDEX_SCHEMA = pa.schema([
@@ -77,10 +96,12 @@ INDEX_SCHEMA = pa.schema([
     ("data_offset", pa.int64()),
     ("key_path", pa.string()),
     ("math_bits", pa.string()),
+    ("gap_offset", pa.int64()),
+    ("gap_length", pa.int64()),
 ])
 
 # Columns added after the first release: an index written before them reads them as all-null.
-_OPTIONAL_COLUMNS = frozenset({"data_offset", "key_path", "math_bits"})
+_OPTIONAL_COLUMNS = frozenset({"data_offset", "key_path", "math_bits", "gap_offset", "gap_length"})
 
 
 def encode_index(records: Sequence[ItemRecord]) -> bytes:

@@ -28,7 +28,9 @@ if TYPE_CHECKING:  # torch stays unimported until a save needs it (inspection to
     from torch.distributed.checkpoint.metadata import Metadata
     from torch.distributed.checkpoint.storage import WriteResult
 
-FORMAT_VERSION = 1
+# 2: small items may be packed (format/pack.py): their ranges overlap, and the index's gap columns say
+# which bytes of a range its checksum covers. Readers of format 1 would refuse such checksums.
+FORMAT_VERSION = 2
 
 
 def checksum_bytes(data: bytes | memoryview) -> str:
@@ -160,6 +162,7 @@ def item_records(metadata: Metadata, results: Sequence[Sequence[WriteResult]],
                 file=info.relative_path, offset=info.offset, length=info.length,
                 checksum=info.checksum, rank=info.rank, data_offset=info.data_offset,
                 key_path=info.key_path, math_bits=info.math_bits,
+                gap_offset=info.gap_offset, gap_length=info.gap_length,
             ))
     records.sort(key=lambda r: (r.fqn, r.chunk_offsets or ()))
     return records
@@ -188,7 +191,7 @@ def component_manifests(records: Sequence[ItemRecord], layouts: Mapping[str, Com
         holders = _holders_of_copy(parsed, pattern, topology)
         copy = CopyManifest(
             holders=list(holders), writers=sorted({r.rank for r in items}),
-            size_bytes=sum(r.length for r in items), checksum=combine_checksums([r.checksum for r in items]),
+            size_bytes=sum(r.stored_bytes for r in items), checksum=combine_checksums([r.checksum for r in items]),
         )
         comp = components.setdefault(parsed.component, ComponentManifest(
             key=parsed.component, sharing_pattern=pattern.value, ranks=[], replicated_across=None,

@@ -242,6 +242,27 @@ def _storage_dtypes() -> Mapping[str, torch.dtype]:
     return types.MappingProxyType(out)
 
 
+def legacy_storage_name(dtype: torch.dtype) -> str | None:
+    """The legacy storage class ``torch.save`` names for ``dtype`` (``"FloatStorage"``), None for the
+    dtypes it pickles with ``_rebuild_tensor_v3`` instead."""
+    return _legacy_storage_names().get(dtype)
+
+
+@functools.cache
+def _legacy_storage_names() -> Mapping[torch.dtype, str]:
+    # "Storage" is an alias of FloatStorage; quantized storages (Q...) hold no plain tensor.
+    return types.MappingProxyType({dtype: name for name, dtype in _storage_dtypes().items()
+                                   if name != "Storage" and not name.startswith("Q")})
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(strides))
+
+
 def _row_major(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     """Whether elements lie in row-major order without gaps, as torch's is_contiguous decides: the
     stride of a dimension of size 1 never moves to another element, so any value is contiguous there."""
@@ -280,11 +301,15 @@ def tensor_blob_layout(blob: _BlobFile) -> TensorBlobLayout:
         prefix, _, rest = info.filename.partition("/")
         by_suffix[rest] = info
     pkl = by_suffix.get("data.pkl")
-    order = by_suffix.get("byteorder")
-    if pkl is None or order is None:
-        raise NotPlainTensor("no data.pkl or byteorder record")
-    order_offset, order_size = _stored_bytes(blob, order)
-    if blob.fetch(order_offset, order_size) != sys.byteorder.encode():
+    if pkl is None:
+        raise NotPlainTensor("no data.pkl record")
+    order = by_suffix.get("byteorder")  # torch.load reads a blob without one as little endian
+    if order is None:
+        stored_order = b"little"
+    else:
+        order_offset, order_size = _stored_bytes(blob, order)
+        stored_order = blob.fetch(order_offset, order_size)
+    if stored_order != sys.byteorder.encode():
         raise NotPlainTensor("stored in another byte order")
     pkl_offset, pkl_size = _stored_bytes(blob, pkl)
     pickled = blob.fetch(pkl_offset, pkl_size)

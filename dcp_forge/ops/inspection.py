@@ -21,7 +21,7 @@ import xxhash
 
 from ..core.keys import top_level_key
 from ..errors import CheckpointNotFoundError, IntegrityError
-from ..format.index import INDEX_SCHEMA, read_index_table
+from ..format.index import INDEX_SCHEMA, own_pieces, read_index_table
 from ..format.manifest import CheckpointManifest
 from ..format.names import (
     CLAIM_FILE,
@@ -56,7 +56,7 @@ from ..storage import (
 _STEP_RE = re.compile(r"(\d+)$")
 # What read_values needs from the index.
 VALUE_COLUMNS = ["fqn", "kind", "dtype", "shape", "chunk_offsets", "chunk_sizes", "file", "offset", "length", "checksum",
-                 "component"]
+                 "component", "gap_offset", "gap_length"]
 
 
 # --- listing ----------------------------------------------------------------------------------------
@@ -249,9 +249,9 @@ class OpenCheckpoint:
         """
         import torch
 
-        from ..core.tensors import narrow_box, tiling_problem
+        from ..core.tensors import dtype_named, narrow_box, tiling_problem
         from ..format.safe_load import load_object
-        from ..storage import read_blob, stored_tensor
+        from ..storage import packed_tensor, packed_value_zip, read_blob, stored_tensor
 
         wanted = sorted(set(fqns))
         table = self.table(VALUE_COLUMNS)
@@ -280,19 +280,33 @@ class OpenCheckpoint:
                     handle = handles[row["file"]] = open_data_file(self.backend, self.path, row["file"], self.where,
                                                                    holds)
                 check_extent(self.where, row["file"], handle.size(), row["offset"], row["length"], holds)
-                blob = read_blob(handle, row["offset"], row["length"])
+                # The bytes the item owns: its whole range, or a packed item's head and trailer.
+                pieces = ([(row["offset"], row["length"])] if row["gap_offset"] is None else
+                          [(row["offset"] + start, length)
+                           for start, length in own_pieces(row["length"], row["gap_offset"], row["gap_length"])])
+                owned = [read_blob(handle, offset, length) for offset, length in pieces]
                 if verify and row["checksum"] is not None:
-                    found = xxhash.xxh3_64_hexdigest(blob.numpy())
-                    if found != row["checksum"]:
+                    hasher = xxhash.xxh3_64()
+                    for piece in owned:
+                        hasher.update(piece.numpy())
+                    if hasher.hexdigest() != row["checksum"]:
                         raise IntegrityError(
                             f"{self.where}: checksum mismatch in {row['file']} at byte {row['offset']} for "
                             f"component {row['component']!r} ({row['fqn']!r}): expected {row['checksum']}, "
-                            f"found {found}")
+                            f"found {hasher.hexdigest()}")
                 name = f"{row['component']}: {fqn}"
-                if row["kind"] != "tensor":
-                    values[fqn] = load_object(blob.numpy().tobytes(), name=name)
+                if row["gap_offset"] is not None:
+                    trailer_at = pieces[1][0] - row["offset"]
+                    if row["kind"] != "tensor":
+                        values[fqn] = load_object(packed_value_zip(owned[0], owned[1], trailer_at, name), name=name)
+                        continue
+                    chunk = packed_tensor(owned[0], owned[1], trailer_at, dtype_named(row["dtype"] or ""),
+                                          tuple(row["chunk_sizes"] or ()), name)
+                elif row["kind"] != "tensor":
+                    values[fqn] = load_object(owned[0].numpy().tobytes(), name=name)
                     continue
-                chunk = stored_tensor(blob, name)
+                else:
+                    chunk = stored_tensor(owned[0], name)
                 if str(chunk.dtype) != row["dtype"] or list(chunk.shape) != list(row["chunk_sizes"] or ()):
                     raise IntegrityError(
                         f"{self.where}: the item of {holds} in {row['file']} at byte {row['offset']} holds a "
@@ -346,8 +360,10 @@ def summarize_checkpoint(url: str | os.PathLike, storage_options: Mapping[str, A
                          ) -> CheckpointSummary:
     """Components (pattern, ranks, replicas, group, size, checksum, item counts), topology, versions."""
     ckpt = OpenCheckpoint.open(url, storage_options)
-    table = ckpt.table(["component", "storage_key", "kind", "length"])
-    counts = table.group_by("component").aggregate([("length", "sum"), ("length", "count"), ("storage_key", "count_distinct")])
+    table = ckpt.table(["component", "storage_key", "kind", "length", "gap_length"])
+    # The bytes each item owns: a packed item's range includes other items' bytes (its gap).
+    table = table.append_column("owned", pc.subtract(table["length"], pc.fill_null(table["gap_length"], 0)))
+    counts = table.group_by("component").aggregate([("owned", "sum"), ("owned", "count"), ("storage_key", "count_distinct")])
     tensors = table.filter(pc.equal(table["kind"], "tensor")).group_by("component").aggregate([("kind", "count")])
     per_component = {row["component"]: row for row in counts.to_pylist()}
     tensor_counts = {row["component"]: row["kind_count"] for row in tensors.to_pylist()}
@@ -359,8 +375,8 @@ def summarize_checkpoint(url: str | os.PathLike, storage_options: Mapping[str, A
         components.append(ComponentSummary(
             key=key, pattern=comp.sharing_pattern if comp else None, ranks=comp.ranks if comp else None,
             replicated_across=comp.replicated_across if comp else None, group=comp.group_name if comp else None,
-            copies=stats["storage_key_count_distinct"], items=stats["length_count"],
-            tensors=tensor_counts.get(key, 0), size_bytes=stats["length_sum"],
+            copies=stats["storage_key_count_distinct"], items=stats["owned_count"],
+            tensors=tensor_counts.get(key, 0), size_bytes=stats["owned_sum"],
             checksum=comp.checksum if comp else None))
     return CheckpointSummary(
         path=ckpt.where, state=ckpt.state.value,

@@ -17,7 +17,8 @@ What is checked, in order (docs/FORMAT.md describes the files):
    the dtype and shape the records give it (where the index records where a tensor starts inside its
    blob, ``data_offset``, the blob's own zip records say the same), and every stored value unpickles
    with the restricted loader (plain DCP checkpoints record no checksums: presence, extents and
-   values are checked).
+   values are checked). A packed item (format/pack.py) is checked over the bytes it owns, and its
+   zip records (what plain DCP reads from its range) must be exactly those of what its row records.
 
 Every problem found is reported (not just the first), each naming the file and, where one is
 involved, the component. Nothing is modified.
@@ -25,6 +26,7 @@ involved, the component. Nothing is modified.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -43,9 +45,17 @@ from torch.distributed.checkpoint.metadata import (
 from ..core.coverage import unstored_pieces
 from ..core.tensors import dtype_named
 from ..errors import IntegrityError
-from ..format.index import ItemRecord
+from ..format.index import ItemRecord, own_pieces
 from ..format.manifest import CheckpointManifest
 from ..format.names import INDEX_FILE, METADATA_FILE, stripped_checkpoint_message, written_by_dcp_forge
+from ..format.pack import (
+    DATA_OFFSET,
+    data_header,
+    records_problem,
+    trailer_problem,
+    value_zip,
+    version_record_problem,
+)
 from ..format.safe_load import UnsafeCheckpointError, load_dcp_metadata, load_object
 from ..format.torch_blob import (
     BlobEdges,
@@ -100,6 +110,7 @@ class _Extent:
     chunk: StoredChunk | None = None  # the dtype and shape the records give a tensor item
     data_offset: int | None = None
     layout: TensorBlobLayout | None = None  # the tensor the index describes at data_offset
+    gap: tuple[int, int] | None = None  # a packed item's gap: the bytes of other items in its range
 
     def describe(self) -> str:
         return f"{self.fqn!r} (component {self.component!r})"
@@ -157,7 +168,8 @@ def verify_checkpoint(url: str | os.PathLike, storage_options: Mapping[str, Any]
     if records is not None:
         extents = [_Extent(r.file, r.offset, r.length, r.checksum, r.component, r.fqn, r.kind,
                            _recorded_chunk(r), r.data_offset,
-                           recorded_layout(r.data_offset, r.dtype, r.chunk_sizes, r.length, r.math_bits))
+                           recorded_layout(r.data_offset, r.dtype, r.chunk_sizes, r.length, r.math_bits),
+                           None if r.gap_offset is None or r.gap_length is None else (r.gap_offset, r.gap_length))
                    for r in records]
     elif state is CheckpointState.LEGACY and check is not None and not problems:
         extents = [_Extent(info.relative_path, info.offset, info.length, None, component_of(index.fqn), index.fqn,
@@ -255,13 +267,22 @@ def _file_problems(backend: StorageBackend, path: str, where: str, name: str, ex
     buffer = memoryview(bytearray(_READ_PIECE))
     try:
         size = handle.size()
-        for extent in extents:
+        packed: list[_Extent] = []  # consecutive packed items whose ranges overlap: read together
+        for i, extent in enumerate(extents):
             bad = extent_problem(where, name, size, extent.offset, extent.length, extent.describe())
             if bad is not None:
                 cut = [e for e in extents if e.offset + e.length > size]
                 problems.append(Problem(ProblemKind.TRUNCATED, f"{bad}; {len(cut)} item(s) are cut off", name,
                                         extent.component))
                 break
+            if extent.gap is not None:
+                packed.append(extent)
+                following = extents[i + 1] if i + 1 < len(extents) else None
+                if following is None or following.gap is None or following.offset >= max(
+                        e.offset + e.length for e in packed):
+                    problems += _pack_problems(where, handle, packed, progress)
+                    packed = []
+                continue
             if extent.checksum is None:
                 problems += _value_problems(where, handle, extent, None)
                 continue
@@ -278,12 +299,11 @@ def _file_problems(backend: StorageBackend, path: str, where: str, name: str, ex
                 if progress is not None:
                     progress(len(piece))
             if hasher.hexdigest() != extent.checksum:
-                problems.append(Problem(
-                    ProblemKind.CHECKSUM_MISMATCH, f"{where}: checksum mismatch in data file {name} at byte "
-                    f"{extent.offset} for component {extent.component!r} ({extent.fqn!r}): expected "
-                    f"{extent.checksum}, found {hasher.hexdigest()}", name, extent.component))
+                problems.append(_checksum_problem(where, extent, hasher.hexdigest()))
             else:
                 problems += _value_problems(where, handle, extent, edges)
+        if packed:  # the items read up to a truncation
+            problems += _pack_problems(where, handle, packed, progress)
     except EOFError as err:  # the file shrank while being read
         problems.append(Problem(ProblemKind.TRUNCATED, f"{where}: data file {name} is truncated ({err})", name,
                                 components[0]))
@@ -294,6 +314,69 @@ def _file_problems(backend: StorageBackend, path: str, where: str, name: str, ex
         problems.append(Problem(
             ProblemKind.TRAILING_BYTES, f"{where}: data file {name} has {size - written_end} bytes after its last "
             f"item (ends at {written_end}, file has {size}): it was appended to or replaced", name, components[0]))
+    return problems
+
+
+def _checksum_problem(where: str, extent: _Extent, found: str) -> Problem:
+    return Problem(ProblemKind.CHECKSUM_MISMATCH, f"{where}: checksum mismatch in data file {extent.file} at byte "
+                   f"{extent.offset} for component {extent.component!r} ({extent.fqn!r}): expected "
+                   f"{extent.checksum}, found {found}", extent.file, extent.component)
+
+
+def _pack_problems(where: str, handle: InputFile, extents: Sequence[_Extent],
+                   progress: Callable[[int], None] | None) -> list[Problem]:
+    """The problems of packed items whose ranges overlap (format/pack.py): each one's checksum over the
+    bytes it owns, its zip records (what plain DCP reads) against its index row, the pack's version
+    record it names, and a value's pickle against the restricted loader. A small pack is read at
+    once; the items of a large one piece by piece."""
+    start = extents[0].offset
+    span = max(e.offset + e.length for e in extents) - start
+    if span <= _READ_PIECE:
+        data = memoryview(_read_at(handle, start, span))
+
+        def read_at(offset: int, size: int) -> memoryview:
+            return data[offset - start:offset - start + size]
+    else:
+        def read_at(offset: int, size: int) -> memoryview:
+            return memoryview(_read_at(handle, offset, size))
+    problems = []
+    for extent in extents:
+        (head_at, head_length), (tail_at, tail_length) = own_pieces(extent.length, *(extent.gap or (extent.length, 0)))
+        hasher = xxhash.xxh3_64()
+        for piece_at in range(0, head_length, _READ_PIECE):
+            hasher.update(read_at(extent.offset + piece_at, min(_READ_PIECE, head_length - piece_at)))
+        tail = read_at(extent.offset + tail_at, tail_length)
+        hasher.update(tail)
+        if progress is not None:
+            progress(head_length + tail_length)
+        if extent.checksum is not None and hasher.hexdigest() != extent.checksum:
+            problems.append(_checksum_problem(where, extent, hasher.hexdigest()))
+            continue
+        at = f"{where}: the packed item of {extent.describe()} in data file {extent.file} at byte {extent.offset}"
+        if extent.kind == "tensor" and (extent.chunk is None or extent.data_offset != DATA_OFFSET
+                                        or extent.layout is None or extent.layout.math_bits is not None):
+            problems.append(Problem(ProblemKind.WRONG_LAYOUT, f"{at}: its index row records no plain tensor at byte "
+                                    f"{DATA_OFFSET} of it (data offset {extent.data_offset})", INDEX_FILE,
+                                    extent.component))
+            continue
+        head = read_at(extent.offset, min(head_length, DATA_OFFSET) if extent.kind == "tensor" else head_length)
+        if extent.chunk is not None:
+            nbytes = math.prod(extent.chunk.sizes) * extent.chunk.dtype.itemsize
+            why = (None if head_length == DATA_OFFSET + nbytes and head == data_header(nbytes) else
+                   f"its head is not the data record of a {extent.chunk.dtype} tensor {list(extent.chunk.sizes)}")
+            why = why or trailer_problem(tail, tail_at, (extent.chunk.dtype, extent.chunk.sizes))
+        else:
+            why = records_problem(head, tail, tail_at, None)
+        why = why or version_record_problem(tail, tail_at, lambda o, n, e=extent: read_at(e.offset + o, n))
+        if why is not None:
+            problems.append(Problem(ProblemKind.WRONG_LAYOUT, f"{at}: {why}", extent.file, extent.component))
+        elif extent.kind != "tensor":
+            try:
+                load_object(value_zip(head), name=f"{extent.component}: {extent.fqn}")
+            except UnsafeCheckpointError as err:
+                problems.append(Problem(ProblemKind.UNSAFE, f"{at}: {err}", extent.file, extent.component))
+            except IntegrityError as err:
+                problems.append(Problem(ProblemKind.MALFORMED, f"{at}: {err}", extent.file, extent.component))
     return problems
 
 

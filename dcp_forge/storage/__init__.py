@@ -43,7 +43,7 @@ from .verified_copy import COPY_CHUNK_BYTES, ItemVerifier, copy_verified, file_s
 
 if TYPE_CHECKING:
     from .cross_check import ItemCheck, StoredChunk, coverage_problems, manifest_problems
-    from .item_reader import byte_view, read_blob, stored_tensor
+    from .item_reader import byte_view, packed_tensor, packed_value_zip, read_blob, stored_tensor
     from .read_once import ReadOnceStorageReader, read_once_by_default
     from .reader import ForgeStorageReader
     from .safetensors_reader import ReadStats, SafetensorsReader
@@ -55,6 +55,7 @@ _NEEDS_TORCH = {
     "ForgeStorageReader": "reader", "ForgeStorageWriter": "writer",
     "ItemCheck": "cross_check", "StoredChunk": "cross_check", "coverage_problems": "cross_check",
     "manifest_problems": "cross_check", "read_blob": "item_reader", "stored_tensor": "item_reader",
+    "packed_tensor": "item_reader", "packed_value_zip": "item_reader",
     "ReadOnceStorageReader": "read_once", "read_once_by_default": "read_once", "byte_view": "item_reader",
     "ReadStats": "safetensors_reader", "SafetensorsReader": "safetensors_reader",
 }
@@ -98,5 +99,5 @@ __all__ = [
     "discard_partial_checkpoints", "extent_problem", "join_url", "latest_checkpoint", "list_checkpoints", "location_exists",
     "manifest_problems", "open_backend", "open_data_file", "open_reader", "open_writer", "parse_index",
     "raise_if_problems", "read_blob", "read_commit", "read_once_by_default", "record_problems", "redact_url", "storage_location_problems",
-    "stored_tensor",
+    "stored_tensor", "packed_tensor", "packed_value_zip",
 ]

@@ -136,7 +136,10 @@ class StorageBackend(abc.ABC):
     def open_output(self, path: str) -> OutputStream: ...
 
     @abc.abstractmethod
-    def open_input(self, path: str) -> InputFile: ...
+    def open_input(self, path: str, size: int | None = None) -> InputFile:
+        """Open ``path`` for reading. ``size``: its length, when the caller knows it from a listing
+        (``list_sizes``), so that a backend whose open costs a request for it (object stores) skips
+        that request."""
 
     # --- namespace ----------------------------------------------------------------------------
     def exists(self, path: str) -> bool:
@@ -144,6 +147,18 @@ class StorageBackend(abc.ABC):
 
     def makedirs(self, path: str) -> None:
         self.fs.makedirs(path, exist_ok=True)
+
+    def list_sizes(self, path: str) -> dict[str, int]:
+        """``{name: size}`` of the entries directly under ``path`` that are no directories ({} if it is
+        no directory), from one listing (on object stores one request, where asking each file's size
+        costs one each)."""
+        try:
+            if not self.fs.isdir(path):
+                return {}
+            entries = self.fs.ls(path, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        return file_sizes(path, entries)
 
     def list_dir(self, path: str, dirs_only: bool = False) -> list[str]:
         """Names (not paths) of the entries directly under ``path``; [] if it is no directory."""
@@ -169,6 +184,13 @@ class StorageBackend(abc.ABC):
 
     def sync_dir(self, path: str) -> None:  # noqa: B027 - a no-op unless a backend has directories to sync
         """Make the directory entries of files just created durable (no-op where meaningless)."""
+
+
+def file_sizes(path: str, entries: list[dict[str, Any]]) -> dict[str, int]:
+    """``{name: size}`` of the files among fsspec ``ls(path, detail=True)`` entries under ``path``."""
+    names = entry_names(path, [e for e in entries if e.get("type") != "directory"], dirs_only=False)
+    sizes = {posixpath.basename(str(e["name"]).rstrip("/")): e.get("size") for e in entries}
+    return {name: int(sizes[name]) for name in names if isinstance(sizes.get(name), int)}
 
 
 def entry_names(path: str, entries: list[dict[str, Any]], dirs_only: bool) -> list[str]:
@@ -358,8 +380,8 @@ class LocalBackend(StorageBackend):
     def open_output(self, path: str) -> OutputStream:
         return _LocalOutput(path)
 
-    def open_input(self, path: str) -> InputFile:
-        return _LocalInput(path)
+    def open_input(self, path: str, size: int | None = None) -> InputFile:
+        return _LocalInput(path)  # the size comes with the open file (fstat), for free
 
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
@@ -373,6 +395,15 @@ class LocalBackend(StorageBackend):
                 return sorted(e.name for e in entries if not dirs_only or e.is_dir())
         except (FileNotFoundError, NotADirectoryError):
             return []
+
+    def list_sizes(self, path: str) -> dict[str, int]:
+        try:
+            with os.scandir(path) as entries:
+                # every entry but directories, links too: opening one refuses it (O_NOFOLLOW) with a clear error
+                return {e.name: e.stat(follow_symlinks=False).st_size for e in entries
+                        if not e.is_dir(follow_symlinks=False)}
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
 
     def remove(self, path: str) -> None:
         try:
@@ -445,8 +476,9 @@ def read_exactly(file: Any, path: str, offset: int, view: memoryview) -> None:
 
 
 class _FsspecInput(ReadsViewsInTurn):
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
-        self._file = fs.open(path, "rb")
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, size: int | None = None) -> None:
+        # fsspec's buffered files take a known size instead of asking for it (a HEAD on object stores)
+        self._file = fs.open(path, "rb") if size is None else fs.open(path, "rb", size=size)
         self.path = path
 
     def size(self) -> int:
@@ -476,5 +508,5 @@ class FsspecBackend(StorageBackend):
     def open_output(self, path: str) -> OutputStream:
         return _FsspecOutput(self.fs, path)
 
-    def open_input(self, path: str) -> InputFile:
+    def open_input(self, path: str, size: int | None = None) -> InputFile:
         return _FsspecInput(self.fs, path)

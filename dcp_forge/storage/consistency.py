@@ -187,26 +187,39 @@ def _malformed_rows(records: list[ItemRecord]) -> list[str]:
     chunks: set[tuple[str, tuple[int, ...]]] = set()
     keys: dict[tuple[str, str, str], bool] = {}  # (storage key, component, pattern) -> consistent; few distinct
     for r in records:
-        what = f"row of {r.fqn!r} in {r.file} at byte {r.offset}"
         consistent = keys.get((r.storage_key, r.component, r.pattern))
         if consistent is None:
             consistent = keys[(r.storage_key, r.component, r.pattern)] = (
                 _component_of_key(r.storage_key) == r.component and _pattern_fits_key(r.pattern, r.storage_key))
-        if not (_is_count(r.offset) and _is_count(r.length) and _is_count(r.rank)
-                and (r.data_offset is None or _is_count(r.data_offset))):
-            found.append(f"{what} has a negative or missing offset, length, data offset or rank")
-        elif r.kind not in ("tensor", "bytes") or (r.kind == "tensor") != (r.shape is not None):
-            found.append(f"{what} is of unknown kind {r.kind!r}")
-        elif not consistent or r.storage_key != top_level_key(r.fqn):
-            found.append(f"{what} names storage key {r.storage_key!r}, component {r.component!r} and pattern "
-                         f"{r.pattern!r}, which do not fit its fqn and each other")
-        elif r.location in locations:
-            found.append(f"{what}: two rows for one stored location")
-        elif (r.fqn, tuple(r.chunk_offsets or ())) in chunks:
-            found.append(f"{what}: two rows for chunk {list(r.chunk_offsets or ())} of {r.fqn!r}")
+        why = _row_problem(r, consistent)  # the row's description is only formatted for a problem
+        if why is None and r.location in locations:
+            why = ": two rows for one stored location"
+        elif why is None and (r.fqn, tuple(r.chunk_offsets or ())) in chunks:
+            why = f": two rows for chunk {list(r.chunk_offsets or ())} of {r.fqn!r}"
+        if why is not None:
+            found.append(f"row of {r.fqn!r} in {r.file} at byte {r.offset}{why}")
         locations.add(r.location)
         chunks.add((r.fqn, tuple(r.chunk_offsets or ())))
     return found
+
+
+def _row_problem(r: ItemRecord, consistent: bool) -> str | None:
+    """What makes one row impossible on its own, to follow its description (``consistent``: its key,
+    component and pattern fit)."""
+    if not (_is_count(r.offset) and _is_count(r.length) and _is_count(r.rank)
+            and (r.data_offset is None or _is_count(r.data_offset))):
+        return " has a negative or missing offset, length, data offset or rank"
+    if (r.gap_offset is None) != (r.gap_length is None) or (r.gap_offset is not None and not (
+            _is_count(r.gap_offset) and _is_count(r.gap_length) and r.gap_offset + r.gap_length <= r.length)):
+        return f" has a gap ({r.gap_offset}, {r.gap_length}) that is not inside its {r.length} bytes"
+    if r.gap_offset is not None and r.kind == "tensor" and r.data_offset is None:
+        return " is a packed tensor without a data offset"
+    if r.kind not in ("tensor", "bytes") or (r.kind == "tensor") != (r.shape is not None):
+        return f" is of unknown kind {r.kind!r}"
+    if not consistent or r.storage_key != top_level_key(r.fqn):
+        return (f" names storage key {r.storage_key!r}, component {r.component!r} and pattern {r.pattern!r}, "
+                "which do not fit its fqn and each other")
+    return None
 
 
 def _component_of_key(key: str) -> str | None:

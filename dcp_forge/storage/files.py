@@ -38,9 +38,10 @@ def unsafe_file_name(name: object) -> bool:
     return not safe_file_name(name)
 
 
-def open_data_file(backend: StorageBackend, path: str, name: object, where: str, holds: str) -> InputFile:
+def open_data_file(backend: StorageBackend, path: str, name: object, where: str, holds: str,
+                   size: int | None = None) -> InputFile:
     """Open the data file ``name`` of the checkpoint directory ``path`` (``where``: its URL for messages;
-    ``holds``: what the file holds, for messages).
+    ``holds``: what the file holds, for messages; ``size``: its length from a listing, if known).
 
     Raises UnsafeCheckpointError for a name that is not one plain path segment or a file that is a
     symbolic link, and IntegrityError for a missing file.
@@ -50,7 +51,7 @@ def open_data_file(backend: StorageBackend, path: str, name: object, where: str,
             f"{where}: refusing to open data file {name!r} (holds {holds}): it is outside the checkpoint "
             "directory (data file names must be one plain path segment)")
     try:
-        return backend.open_input(backend.join(path, name))
+        return backend.open_input(backend.join(path, name), size=size)
     except FileNotFoundError as err:
         raise IntegrityError(f"{where}: data file {name} is missing (holds {holds})") from err
     except OSError as err:

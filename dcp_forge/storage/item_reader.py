@@ -11,6 +11,11 @@ index right. Otherwise (plain DCP checkpoints, older indexes) header and trailer
 locate the data record (torch_blob.py), then the data. Either way the checksum is computed over
 header, destination bytes and trailer, in file order, so it is the same xxh3 as over the stored blob.
 
+A packed item (format/pack.py) is cut out of bytes already in memory where a batch of small items was
+read together (read_batches.py), or, a large packed tensor, read straight into its destination after
+its trailer (the trailers of a large pack lie together and arrive with one request); its checksum
+covers the bytes it owns, and its zip records must be exactly the ones its index row implies.
+
 Everything else takes the staged path: the whole blob is read into one uninitialised buffer, hashed,
 and the tensor is viewed inside it (no ``torch.load`` copy) before being copied into each destination
 (storage to storage where both carry the same flags, so no value is recomputed); blobs that are not
@@ -25,6 +30,7 @@ items are already in place.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -40,8 +46,15 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlanner, Read
 from ..core.keys import top_level_key
 from ..core.tensors import copy_exactly, math_bits, narrow_box, raw_view, with_math_bits
 from ..errors import IntegrityError, StateMismatchError
-from ..format.index import ItemRecord
+from ..format.index import ItemRecord, own_pieces
 from ..format.names import METADATA_FILE
+from ..format.pack import (
+    DATA_OFFSET,
+    data_header,
+    records_problem,
+    trailer_problem,
+    value_zip,
+)
 from ..format.safe_load import load_object
 from ..format.torch_blob import (
     NotPlainTensor,
@@ -72,6 +85,14 @@ class StoredRead:
     items: tuple[ReadItem, ...]
     layout: TensorBlobLayout | None = None
     chunk: StoredChunk | None = None
+    gap: tuple[int, int] | None = None  # a packed item's gap (offset from ``offset``, length): pack.py
+
+    @functools.cached_property
+    def pieces(self) -> tuple[tuple[int, int], ...]:
+        """(offset in the file, length) of the bytes this item owns, which its checksum covers."""
+        if self.gap is None:
+            return ((self.offset, self.length),)
+        return tuple((self.offset + start, length) for start, length in own_pieces(self.length, *self.gap))
 
     @property
     def fqn(self) -> str:
@@ -112,9 +133,12 @@ def group_reads(items: Sequence[ReadItem], storage_data: Mapping[MetadataIndex, 
                 raise_if_problems([p for p in [check.problem(index, storage_data[index])] if p is not None])
             chunk = check.chunk(its[0].storage_index)
         record = (records or {}).get((file, offset))
-        layout = None if record is None else recorded_layout(record.data_offset, record.dtype, record.chunk_sizes,
-                                                             length, record.math_bits)
-        reads.append(StoredRead(file, offset, length, tuple(its), layout, chunk))
+        layout = gap = None
+        if record is not None:
+            layout = recorded_layout(record.data_offset, record.dtype, record.chunk_sizes, length, record.math_bits)
+            if record.gap_offset is not None and record.gap_length is not None:
+                gap = (record.gap_offset, record.gap_length)
+        reads.append(StoredRead(file, offset, length, tuple(its), layout, chunk, gap))
     return reads
 
 
@@ -265,7 +289,37 @@ def stored_tensor(buffer: torch.Tensor, name: str) -> torch.Tensor:
     if not layout.nbytes:
         return with_math_bits(torch.empty(layout.shape, dtype=layout.dtype), layout.math_bits)
     data = buffer[layout.data_offset:layout.data_offset + layout.nbytes]
-    return with_math_bits(data.view(layout.dtype).reshape(layout.shape), layout.math_bits)
+    return with_math_bits(typed_view(data, layout), layout.math_bits)
+
+
+def packed_tensor(head: torch.Tensor, tail: torch.Tensor, trailer_at: int, dtype: torch.dtype | None,
+                  shape: tuple[int, ...], name: str) -> torch.Tensor:
+    """The tensor a packed item's ``head`` and ``tail`` (uint8 tensors) hold, once its zip records are
+    proven to be those of a ``dtype`` tensor of ``shape`` (IntegrityError naming ``name`` otherwise)."""
+    if dtype is None:
+        raise IntegrityError(f"packed item of {name!r}: its row names no known dtype")
+    why = records_problem(byte_view(head), byte_view(tail), trailer_at, (dtype, shape))
+    if why is not None:
+        raise IntegrityError(f"packed item of {name!r}: {why}")
+    layout = TensorBlobLayout(DATA_OFFSET, head.numel() - DATA_OFFSET, dtype, shape)
+    return typed_view(head[DATA_OFFSET:], layout) if layout.nbytes else torch.empty(shape, dtype=dtype)
+
+
+def packed_value_zip(head: torch.Tensor, tail: torch.Tensor, trailer_at: int, name: str) -> bytes:
+    """The ``torch.save`` bytes of the value a packed item's ``head`` and ``tail`` hold, once its zip
+    records are proven to be those of a pickled value (IntegrityError naming ``name`` otherwise)."""
+    why = records_problem(byte_view(head), byte_view(tail), trailer_at, None)
+    if why is not None:
+        raise IntegrityError(f"packed item of {name!r}: {why}")
+    return value_zip(byte_view(head))
+
+
+def typed_view(data: torch.Tensor, layout: TensorBlobLayout) -> torch.Tensor:
+    """The stored tensor over ``data`` (its uint8 bytes): a view, or a copy where the bytes do not start
+    at a multiple of the dtype's size (packed items are not padded to one; torch views need it)."""
+    if data.data_ptr() % layout.dtype.itemsize or data.storage_offset() % layout.dtype.itemsize:
+        data = data.clone()
+    return data.view(layout.dtype).reshape(layout.shape)
 
 
 def _quantization(tensor: torch.Tensor) -> tuple:
@@ -293,23 +347,134 @@ def _is_chunk(dtype: torch.dtype, shape: tuple[int, ...], chunk: StoredChunk | N
     return chunk is None or (dtype == chunk.dtype and shape == chunk.sizes)
 
 
+def _own_bytes(handle: InputFile, read: StoredRead, check: Checker) -> tuple[memoryview, memoryview]:
+    """A packed item's head and trailer (lent by a handle holding them in memory, else read), their
+    checksum verified."""
+    (head_at, head_length), (tail_at, tail_length) = read.pieces
+    lend = getattr(handle, "view", None)
+    if lend is not None:
+        head, tail = lend(head_at, head_length), lend(tail_at, tail_length)
+    else:
+        head, tail = memoryview(bytearray(head_length)), memoryview(bytearray(tail_length))
+        handle.read_into(head_at, head)
+        handle.read_into(tail_at, tail)
+    if check is not None:
+        hasher = xxhash.xxh3_64(head)
+        hasher.update(tail)
+        check(read, hasher.hexdigest())
+    return head, tail
+
+
+def _load_packed(handle: InputFile, read: StoredRead, planner: LoadPlanner, check: Checker) -> None:
+    """A packed item (pack.py): its checksum over its own bytes, its zip records proven to say what the
+    index says (so plain DCP would read the same), then its value from its head, or a tensor read
+    straight into its destination."""
+    trailer_at = read.pieces[-1][0] - read.offset
+    if read.items[0].type == LoadItemType.BYTE_IO:
+        head, tail = _own_bytes(handle, read, check)
+        _refuse_packed(read, records_problem(head, tail, trailer_at, None))
+        _load_value(read, planner, value_zip(head))
+        return
+    layout = read.layout
+    if layout is None or layout.data_offset != DATA_OFFSET or layout.math_bits is not None:
+        _refuse_packed(read, f"the index records no plain tensor in it ({describe_layout(layout)})")
+        return
+    if not _is_chunk(layout.dtype, layout.shape, read.chunk):
+        _refuse_packed(read, f"it holds a {layout.dtype} tensor {list(layout.shape)}; {METADATA_FILE} says a "
+                             f"{read.chunk.dtype} tensor {list(read.chunk.sizes)}")
+    targets = [planner.resolve_tensor(item).detach() for item in read.items]
+    target = _direct_target(read, targets)
+    if target is not None and (target.dtype != layout.dtype or tuple(target.shape) != layout.shape
+                               or math_bits(target) is not None):
+        target = None
+    if target is not None and getattr(handle, "view", None) is None:
+        _read_packed_direct(handle, read, layout, trailer_at, target, check)
+        planner.commit_tensor(read.items[0], target)
+        return
+    head, tail = _own_bytes(handle, read, check)
+    _refuse_packed(read, records_problem(head, tail, trailer_at, (layout.dtype, layout.shape)))
+    data = head[DATA_OFFSET:]
+    if target is not None:
+        if layout.nbytes:
+            byte_view(target)[:] = data
+        planner.commit_tensor(read.items[0], target)
+        return
+    stored = (typed_view(torch.frombuffer(data, dtype=torch.uint8), layout) if layout.nbytes
+              else torch.empty(layout.shape, dtype=layout.dtype))
+    _apply(read, stored, targets, planner)
+
+
+def _read_packed_direct(handle: InputFile, read: StoredRead, layout: TensorBlobLayout, trailer_at: int,
+                        target: torch.Tensor, check: Checker) -> None:
+    """A packed tensor read straight into ``target``: its trailer (checked against the index), then its
+    bytes. The local header in front of them is not read: it follows from the index, and is hashed as
+    such (a damaged one changes nothing a load fills; ``verify`` reads and reports it)."""
+    (_, tail_length) = read.pieces[-1]
+    tail = bytearray(tail_length)
+    handle.read_into(read.offset + trailer_at, memoryview(tail))
+    _refuse_packed(read, trailer_problem(tail, trailer_at, (layout.dtype, layout.shape)))
+    view = byte_view(target) if layout.nbytes else memoryview(b"")
+    if layout.nbytes:
+        handle.read_into(read.offset + DATA_OFFSET, view)
+    if check is None:
+        return
+
+    def verify() -> None:
+        hasher = xxhash.xxh3_64(data_header(layout.nbytes))
+        hasher.update(view)
+        hasher.update(tail)
+        check(read, hasher.hexdigest())
+
+    if isinstance(check, PipelinedChecker):
+        check.submit(verify)
+    else:
+        verify()
+
+
+def _refuse_packed(read: StoredRead, why: str | None) -> None:
+    if why is not None:
+        raise IntegrityError(f"packed item of {read.describe()} in {read.file} at byte {read.offset}: {why}")
+
+
+def _load_value(read: StoredRead, planner: LoadPlanner, data: Any) -> None:
+    """Hand a stored value (``torch.save`` bytes) to every read item of it, vetted first."""
+    if not getattr(planner, "unpickles_safely", False):
+        # DCP's own planners unpickle with weights_only=False: vet the stream first with the
+        # weights-only loader (which refuses any global it does not allow), so that a crafted
+        # checkpoint cannot run code whichever planner reads it.
+        load_object(data, name=read.items[0].storage_index.fqn)
+    for item in read.items:
+        planner.load_bytes(item, io.BytesIO(data))
+
+
+def _apply(read: StoredRead, stored: torch.Tensor, targets: Sequence[torch.Tensor], planner: LoadPlanner) -> None:
+    """Copy each read item's box of the stored tensor into its destination."""
+    for item, target in zip(read.items, targets, strict=True):
+        source = narrow_box(stored, item.storage_offsets, item.lengths)
+        if target.size() != source.size():
+            raise IntegrityError(
+                f"stored chunk of {top_level_key(item.storage_index.fqn)!r} ({item.storage_index.fqn}) "
+                f"has shape {tuple(source.size())}, destination expects {tuple(target.size())}")
+        if source.is_quantized:
+            _check_quantization(source, target, item)
+        copy_exactly(target, source)
+        planner.commit_tensor(item, target)
+
+
 def load_stored_item(handle: InputFile, read: StoredRead, planner: LoadPlanner, check: Checker) -> None:
     """Read one stored item and hand it to every read item that needs it (see the module docstring).
 
     Raises EOFError when the file ends early, and whatever ``check`` raises on a wrong checksum.
     """
+    if read.gap is not None:
+        _load_packed(handle, read, planner, check)
+        return
     if read.items[0].type == LoadItemType.BYTE_IO:
         data = bytearray(read.length)
         handle.read_into(read.offset, memoryview(data))
         if check is not None:
             check(read, xxhash.xxh3_64_hexdigest(data))
-        if not getattr(planner, "unpickles_safely", False):
-            # DCP's own planners unpickle with weights_only=False: vet the stream first with the
-            # weights-only loader (which refuses any global it does not allow), so that a crafted
-            # checkpoint cannot run code whichever planner reads it.
-            load_object(data, name=read.items[0].storage_index.fqn)
-        for item in read.items:
-            planner.load_bytes(item, io.BytesIO(data))
+        _load_value(read, planner, data)
         return
 
     targets = [planner.resolve_tensor(item).detach() for item in read.items]

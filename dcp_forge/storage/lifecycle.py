@@ -25,7 +25,7 @@ import errno
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -67,8 +67,9 @@ class CommitRecord:
             raise IntegrityError(f"commit marker {where} is malformed: {err}") from err
 
 
-def checkpoint_state(backend: StorageBackend, path: str) -> CheckpointState:
-    names = set(backend.list_dir(path))
+def checkpoint_state(backend: StorageBackend, path: str, names: Iterable[str] | None = None) -> CheckpointState:
+    """What ``path`` holds, from a listing of it (``names``: one the caller has just made)."""
+    names = set(backend.list_dir(path) if names is None else names)
     if COMMIT_FILE in names:
         return CheckpointState.COMMITTED
     if not names:

@@ -40,10 +40,12 @@ from torch.futures import Future
 from ..core.placement import place_on_least_loaded
 from ..core.topology import Topology
 from ..errors import ComponentDeclarationError, IntegrityError
+from ..format.index import own_pieces
 from ..format.names import INDEX_FILE
-from .backends import InputFile, LocalBackend, ReadsViewsInTurn, StorageBackend
+from .backends import InputFile, LocalBackend, StorageBackend
 from .files import check_extent, open_data_file
 from .item_reader import Checker, StoredRead, load_stored_item
+from .read_batches import BufferInput, read_pieces
 from .reader import ForgeStorageReader
 from .registry import redact_url
 
@@ -66,11 +68,25 @@ def read_once_by_default(topology: Topology, backend: StorageBackend) -> bool:
 
 @dataclass(frozen=True, order=True)
 class Location:
-    """One stored item: a byte range of a data file."""
+    """One stored item: a byte range of a data file, of which a packed item owns all but its ``gap``
+    (offset from ``offset``, length; format/pack.py). What travels between ranks is what it owns."""
 
     file: str
     offset: int
     length: int
+    gap: tuple[int, int] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the item owns (and is sent)."""
+        return self.length - (self.gap[1] if self.gap is not None else 0)
+
+    @property
+    def pieces(self) -> tuple[tuple[int, int], ...]:
+        """(offset in the file, length) of the bytes it owns."""
+        if self.gap is None:
+            return ((self.offset, self.length),)
+        return tuple((self.offset + start, length) for start, length in own_pieces(self.length, *self.gap))
 
 
 @dataclass(frozen=True)
@@ -84,7 +100,7 @@ class ExchangeBatch:
 
     @property
     def nbytes(self) -> int:
-        return sum(loc.length for loc in self.locations)
+        return sum(loc.nbytes for loc in self.locations)
 
 
 @dataclass(frozen=True)
@@ -128,12 +144,12 @@ def plan_read_once(needs: Sequence[Iterable[Location]], *, min_replicas: int = 2
         if len(ranks) < min_replicas and able == ranks:
             for r in ranks:
                 reads[r].add(loc)
-                load[r] += loc.length
+                load[r] += loc.nbytes
             continue
         candidates = able or set(readers.get(loc.file, ()) if readers is not None else ())
         if not candidates:
             raise ValueError(f"read-once: no rank can read data file {loc.file} (needed by ranks {sorted(ranks)})")
-        shared.append((loc.length, loc, loc, tuple(sorted(candidates))))
+        shared.append((loc.nbytes, loc, loc, tuple(sorted(candidates))))
     grouped: dict[tuple[int, tuple[int, ...]], list[Location]] = defaultdict(list)
     for loc, reader in place_on_least_loaded(shared, load).items():
         reads[reader].add(loc)
@@ -158,15 +174,15 @@ def plan_read_once(needs: Sequence[Iterable[Location]], *, min_replicas: int = 2
 def _cut(locations: Sequence[Location], limit: int) -> list[tuple[Location, ...]]:
     """Consecutive pieces of at most ``limit`` bytes. A location of ``SOLO_BYTES`` or more is a piece
     of its own: it is sent as it was read, without being copied into a concatenation."""
-    pieces: list[tuple[Location, ...]] = [(loc,) for loc in locations if loc.length >= SOLO_BYTES]
+    pieces: list[tuple[Location, ...]] = [(loc,) for loc in locations if loc.nbytes >= SOLO_BYTES]
     current: list[Location] = []
     size = 0
-    for loc in (loc for loc in locations if loc.length < SOLO_BYTES):
-        if current and size + loc.length > limit:
+    for loc in (loc for loc in locations if loc.nbytes < SOLO_BYTES):
+        if current and size + loc.nbytes > limit:
             pieces.append(tuple(current))
             current, size = [], 0
         current.append(loc)
-        size += loc.length
+        size += loc.nbytes
     if current:
         pieces.append(tuple(current))
     return pieces
@@ -197,7 +213,11 @@ class ReadOnceStorageReader(ForgeStorageReader):
 
     def _location(self, item: ReadItem) -> Location:
         info = self.storage_data[item.storage_index]
-        return Location(info.relative_path, info.offset, info.length)
+        record = self._record_at.get((info.relative_path, info.offset))
+        gap = None
+        if record is not None and record.gap_offset is not None and record.gap_length is not None:
+            gap = (record.gap_offset, record.gap_length)
+        return Location(info.relative_path, info.offset, info.length, gap)
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
         needs = [[self._location(item) for item in plan.items] for plan in plans]
@@ -217,20 +237,19 @@ class ReadOnceStorageReader(ForgeStorageReader):
         kept: dict[Location, torch.Tensor] = {}
 
         def load(handle: InputFile, read: StoredRead, planner: LoadPlanner, check: Checker) -> None:
-            location = Location(read.file, read.offset, read.length)
+            location = Location(read.file, read.offset, read.length, read.gap)
             if location not in to_send:
                 load_stored_item(handle, read, planner, check)
                 return
             # Other ranks need these bytes too: keep them as stored, then apply them from memory.
-            buffer = torch.empty(read.length, dtype=torch.uint8)
-            handle.read_into(read.offset, memoryview(buffer.numpy()))
-            load_stored_item(BufferInput(buffer, read.offset), read, planner, check)
-            kept[location] = buffer
+            held = read_pieces(handle, location.pieces)
+            load_stored_item(held, read, planner, check)
+            kept[location] = held.data
 
         failure: BaseException | None = None
         try:
             # The checks of what this rank needs (cross_check.py) run before it reads or receives anything.
-            reads.update({Location(r.file, r.offset, r.length): r for r in self.plan_reads(plan, planner)})
+            reads.update({Location(r.file, r.offset, r.length, r.gap): r for r in self.plan_reads(plan, planner)})
             self._read_stored(sorted((reads[loc] for loc in schedule.reads if loc in reads), key=_file_order),
                               planner, load)
             kept.update(self._read_for_others(sorted(loc for loc in schedule.reads if loc not in reads)))
@@ -271,11 +290,10 @@ class ReadOnceStorageReader(ForgeStorageReader):
                     record = self._record_at.get((loc.file, loc.offset))
                     fqn = record.fqn if record is not None else f"the item at byte {loc.offset}"
                     check_extent(where, name, size, loc.offset, loc.length, repr(fqn))
-                    buffer = torch.empty(loc.length, dtype=torch.uint8)
-                    handle.read_into(loc.offset, memoryview(buffer.numpy()))
+                    held = read_pieces(handle, loc.pieces).data  # what the item owns, as it is sent
                     if self.verify_checksums:
-                        self.verify_stored(name, loc.offset, fqn, xxhash.xxh3_64_hexdigest(memoryview(buffer.numpy())))
-                    out[loc] = buffer
+                        self.verify_stored(name, loc.offset, fqn, xxhash.xxh3_64_hexdigest(memoryview(held.numpy())))
+                    out[loc] = held
             finally:
                 handle.close()
             return out
@@ -285,7 +303,7 @@ class ReadOnceStorageReader(ForgeStorageReader):
                                 thread_name_prefix="forge-read") as pool:
             for result in pool.map(read_file, sorted(by_file)):
                 kept.update(result)
-        self.bytes_read += sum(loc.length for loc in locations)
+        self.bytes_read += sum(loc.nbytes for loc in locations)
         return kept
 
     def _exchange(self, batches: Sequence[ExchangeBatch], me: int, kept: dict[Location, torch.Tensor],
@@ -331,10 +349,10 @@ class ReadOnceStorageReader(ForgeStorageReader):
         for loc in batch.locations:
             buffer = kept.pop(loc, None)
             if buffer is not None:
-                payload[start:start + loc.length] = buffer
+                payload[start:start + loc.nbytes] = buffer
             elif missing is None:
                 missing = RuntimeError(f"read-once: rank {batch.source} has no bytes of {loc} to send")
-            start += loc.length
+            start += loc.nbytes
         return payload, missing
 
     def _apply_received(self, payload: torch.Tensor, locations: Sequence[Location],
@@ -342,35 +360,10 @@ class ReadOnceStorageReader(ForgeStorageReader):
         start = 0
         for loc in locations:
             # Checked again against the index: the bytes crossed the network.
-            load_stored_item(BufferInput(payload[start:start + loc.length], loc.offset), reads[loc], planner,
+            load_stored_item(BufferInput(payload[start:start + loc.nbytes], pieces=loc.pieces), reads[loc], planner,
                              self.checker)
-            start += loc.length
+            start += loc.nbytes
 
 
 def _file_order(read: StoredRead) -> tuple[str, int]:
     return (read.file, read.offset)
-
-
-class BufferInput(ReadsViewsInTurn):
-    """An ``InputFile`` over bytes already in memory that were stored at ``base`` of their file."""
-
-    def __init__(self, data: torch.Tensor, base: int) -> None:
-        self.data = data
-        self.base = base
-
-    def size(self) -> int:
-        return self.base + self.data.numel()  # the file is at least this long
-
-    def read_into(self, offset: int, buffer: memoryview) -> None:
-        start = offset - self.base
-        if start < 0 or start + len(buffer) > self.data.numel():
-            raise EOFError(f"bytes {offset}..{offset + len(buffer)} are outside the {self.data.numel()} bytes "
-                           f"held from offset {self.base}")
-        if len(buffer):
-            torch.frombuffer(buffer, dtype=torch.uint8).copy_(self.data[start:start + len(buffer)])
-
-    def prefetch(self, offset: int, length: int) -> None:
-        pass  # already in memory
-
-    def close(self) -> None:
-        pass

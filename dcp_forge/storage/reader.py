@@ -51,9 +51,11 @@ from .item_reader import (
     StoredRead,
     group_reads,
     load_stored_item,
+    read_blob,
     split_runs,
 )
 from .lifecycle import CheckpointState, checkpoint_state
+from .read_batches import BufferInput, batchable, batches, span
 from .registry import open_backend, redact_url
 
 logger = logging.getLogger(__name__)
@@ -80,6 +82,7 @@ class ForgeStorageReader(StorageReader):
         self.records: list[ItemRecord] = []
         self._record_at: dict[tuple[str, int], ItemRecord] = {}
         self._file_ends: dict[str, int] = {}  # data file -> where its last indexed item ends
+        self._listed_sizes: dict[str, int] = {}  # file -> size, from the listing read_metadata made
         self.storage_data: dict[MetadataIndex, Any] = {}
         self.bytes_read = 0  # data bytes read from storage (stored items, not the metadata files)
         self._known: Metadata | None = None
@@ -125,7 +128,10 @@ class ForgeStorageReader(StorageReader):
             self._file_ends[r.file] = max(self._file_ends.get(r.file, 0), r.offset + r.length)
 
     def _read_metadata_files(self) -> Metadata:
-        state = checkpoint_state(self.backend, self.path)
+        # One listing says what the checkpoint holds and how long each data file is (opening a file
+        # then needs no request of its own on object stores).
+        self._listed_sizes = self.backend.list_sizes(self.path)
+        state = checkpoint_state(self.backend, self.path, names=self._listed_sizes)
         where = redact_url(self.url)
         if state is CheckpointState.MISSING:
             raise CheckpointNotFoundError(f"no checkpoint at {where}")
@@ -239,7 +245,8 @@ class ForgeStorageReader(StorageReader):
         opened: dict[str, InputFile] = {}
 
         def open_file(name: str) -> None:
-            opened[name] = open_data_file(self.backend, self.path, name, where, by_file[name][0].describe())
+            opened[name] = open_data_file(self.backend, self.path, name, where, by_file[name][0].describe(),
+                                          size=self._listed_sizes.get(name))
 
         try:
             with ThreadPoolExecutor(max_workers=min(self.thread_count, len(by_file)),
@@ -274,13 +281,16 @@ class ForgeStorageReader(StorageReader):
         """Read consecutive stored items (one thread), one open handle per file, taken over from
         ``opened`` where it holds one (else opened here); returns bytes read.
 
-        The next ``PREFETCH_BYTES`` of the run are always requested ahead (``InputFile.prefetch``),
-        so the disk keeps working while this thread verifies and places the current item.
+        Small items next to each other are read together, with one request (``batches``), and applied
+        from memory. The next ``PREFETCH_BYTES`` of the run are always requested ahead
+        (``InputFile.prefetch``), so the disk keeps working while this thread verifies and places the
+        current item.
         """
         handles: dict[str, InputFile] = {}
         done = 0
-        ahead = 0  # run[:ahead] have been prefetched
+        ahead = 0  # groups[:ahead] have been prefetched
         where = redact_url(self.url)
+        groups = batches(run)
 
         def handle_for(read: StoredRead) -> InputFile:
             handle = handles.get(read.file)
@@ -291,21 +301,31 @@ class ForgeStorageReader(StorageReader):
                 handles[read.file] = handle
             return handle
 
+        trailers = _trailer_runs(groups)
         try:
-            for i, read in enumerate(run):
-                window_end = read.offset + PREFETCH_BYTES
-                while ahead < len(run) and (ahead <= i or (run[ahead].file == read.file
-                                                           and run[ahead].offset < window_end)):
-                    nxt = run[ahead]
-                    if check is not None or nxt.layout is None:  # else only its tensor's bytes are read
-                        handle_for(nxt).prefetch(nxt.offset, nxt.length)
+            for i, group in enumerate(groups):
+                window_end = group[0].offset + PREFETCH_BYTES
+                while ahead < len(groups) and (ahead <= i or (groups[ahead][0].file == group[0].file
+                                                              and groups[ahead][0].offset < window_end)):
+                    nxt = groups[ahead]
+                    run_of_trailers = trailers.get(ahead)
+                    if run_of_trailers is not None:  # only its trailer is read before its bytes
+                        if run_of_trailers[0] == ahead:  # the first of the run: fetch them all
+                            handle_for(nxt[0]).prefetch(run_of_trailers[1], run_of_trailers[2])
+                    elif check is not None or len(nxt) > 1 or nxt[0].layout is None:  # else only tensor bytes are read
+                        handle_for(nxt[0]).prefetch(*span(nxt))
                     ahead += 1
                 try:
-                    load(handle_for(read), read, planner, check)
+                    handle = handle_for(group[0])
+                    if len(group) > 1 or (group[0].gap is not None and batchable(group[0])):  # applied from memory
+                        start, length = span(group)
+                        handle = BufferInput(read_blob(handle, start, length), start)
+                    for read in group:
+                        load(handle, read, planner, check)
+                        done += sum(length for _, length in read.pieces)
                 except EOFError as err:
-                    raise IntegrityError(f"{redact_url(self.url)}: data file {read.file} is truncated "
-                                         f"({err}); it holds {read.fqn!r}") from err
-                done += read.length
+                    raise IntegrityError(f"{redact_url(self.url)}: data file {group[0].file} is truncated "
+                                         f"({err}); it holds {group[0].fqn!r}") from err
         finally:
             for handle in handles.values():
                 handle.close()
@@ -323,3 +343,31 @@ class ForgeStorageReader(StorageReader):
             raise IntegrityError(
                 f"{redact_url(self.url)}: checksum mismatch in {file} at byte {offset} for component "
                 f"{record.component!r} ({fqn!r}): expected {record.checksum}, found {found}")
+
+
+
+def _trailer_runs(groups: Sequence[Sequence[StoredRead]]) -> dict[int, tuple[int, int, int]]:
+    """For each group that is one large packed tensor (read straight into place after its trailer), the
+    run of such groups whose trailers lie one after the other (the items of one large pack): group
+    index -> (index of the run's first group, offset, length of the run's trailers)."""
+    runs: dict[int, tuple[int, int, int]] = {}
+    members: list[int] = []
+    file, start, end = None, 0, 0
+
+    def close() -> None:
+        for i in members:
+            runs[i] = (members[0], start, end - start)
+
+    for i, group in enumerate(groups):
+        read = group[0]
+        if len(group) != 1 or read.gap is None or batchable(read):
+            continue
+        (tail_at, tail_length) = read.pieces[-1]
+        if members and read.file == file and tail_at == end:
+            members.append(i)
+            end = tail_at + tail_length
+            continue
+        close()
+        members, file, start, end = [i], read.file, tail_at, tail_at + tail_length
+    close()
+    return runs

@@ -44,7 +44,15 @@ from urllib.parse import urlsplit
 
 from ..errors import LocationNotFoundError
 from .arrow_io import ArrowInput, ArrowOutput
-from .backends import InputFile, OutputStream, StorageBackend, _FsspecInput, _FsspecOutput, entry_names
+from .backends import (
+    InputFile,
+    OutputStream,
+    StorageBackend,
+    _FsspecInput,
+    _FsspecOutput,
+    entry_names,
+    file_sizes,
+)
 
 # Markers are tiny; a larger body would make s3fs switch to multipart, where the condition is only
 # checked at CompleteMultipartUpload and two concurrent uploads are not race-safe.
@@ -348,9 +356,9 @@ class _S3fsOutput(_FsspecOutput):
 class _S3fsInput(_FsspecInput):
     """s3fs's ranged reads, their errors naming the object (``s3_errors``)."""
 
-    def __init__(self, fs: Any, path: str) -> None:
+    def __init__(self, fs: Any, path: str, size: int | None = None) -> None:
         with s3_errors("open for reading", path):
-            super().__init__(fs, path)
+            super().__init__(fs, path, size)
 
     def read_into(self, offset: int, buffer: memoryview) -> None:
         with s3_errors("read", self.path):
@@ -373,7 +381,9 @@ class S3Backend(StorageBackend):
 
     def read_bytes(self, path: str) -> bytes:
         with s3_errors("read", path):
-            return self.fs.cat_file(path)
+            # One GET: s3fs asks for the size first (a HEAD) when it may split the read into parallel
+            # ranges, which the small files read whole never need.
+            return self.fs.cat_file(path, max_concurrency=1)
 
     def create_exclusive(self, path: str, data: bytes) -> None:
         with s3_errors("conditional PUT", path):
@@ -385,10 +395,10 @@ class S3Backend(StorageBackend):
         with s3_errors("upload", path):
             return _S3fsOutput(self.fs, path)
 
-    def open_input(self, path: str) -> InputFile:
-        if self.arrow_fs is not None:
+    def open_input(self, path: str, size: int | None = None) -> InputFile:
+        if self.arrow_fs is not None:  # pyarrow opens by path only, asking for the size itself (a HEAD)
             return ArrowInput(self.arrow_fs, path)
-        return _S3fsInput(self.fs, path)
+        return _S3fsInput(self.fs, path, size)
 
     def makedirs(self, path: str) -> None:
         pass  # prefixes exist by having objects under them
@@ -406,6 +416,16 @@ class S3Backend(StorageBackend):
         except (FileNotFoundError, NotADirectoryError):
             return []
         return entry_names(path, entries, dirs_only)
+
+    def list_sizes(self, path: str) -> dict[str, int]:
+        try:
+            with s3_errors("listing", path):
+                entries = self.fs.ls(path, detail=True, refresh=True)
+        except LocationNotFoundError:
+            raise
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        return file_sizes(path, entries)
 
     def remove(self, path: str) -> None:
         try:

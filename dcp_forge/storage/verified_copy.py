@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 import xxhash
 
 from ..errors import IntegrityError
-from ..format.index import ItemRecord
+from ..format.index import ItemRecord, own_pieces
 from ..format.names import INDEX_FILE
 from .backends import InputFile, OutputStream, discard_after
 
@@ -37,27 +37,45 @@ def rows_by_file(records: Iterable[ItemRecord]) -> dict[str, list[ItemRecord]]:
     return {name: sorted(rows, key=lambda r: r.offset) for name, rows in sorted(out.items())}
 
 
+def owned_pieces(row: ItemRecord) -> tuple[tuple[int, int], ...]:
+    """(offset in the file, length) of the bytes ``row``'s checksum covers, in file order: its whole
+    range, or for a packed item its range without its gap (format/pack.py)."""
+    if row.gap_offset is None or row.gap_length is None:
+        return ((row.offset, row.length),)
+    return tuple((row.offset + start, length) for start, length in own_pieces(row.length, row.gap_offset,
+                                                                               row.gap_length))
+
+
 class ItemVerifier:
     """Checks the bytes of data file ``name``, fed in order from byte 0, against its index ``rows``.
 
-    ``update`` raises IntegrityError as soon as an item's bytes hash to anything but its recorded
-    xxh3; ``finish`` raises unless exactly ``size`` bytes came and every item was checked. ``where``
-    names the copy being read, for messages.
+    Every item's checksum covers the bytes it owns (a packed item's head and trailer, with other items
+    in between), and no byte is owned twice. ``update`` raises IntegrityError as soon as an item's
+    last piece went by and its bytes hash to anything but its recorded xxh3; ``finish`` raises unless
+    exactly ``size`` bytes came and every item was checked. ``where`` names the copy being read.
     """
 
     def __init__(self, where: str, name: str, rows: Sequence[ItemRecord], size: int) -> None:
         self.where, self.name, self.size = where, name, size
-        self._rows = sorted(rows, key=lambda r: r.offset)
-        for before, after in zip(self._rows, self._rows[1:], strict=False):
-            if before.offset + before.length > after.offset:
-                raise IntegrityError(f"{where}/{INDEX_FILE}: items of {name} overlap ({before.fqn!r} at byte "
-                                     f"{before.offset} and {after.fqn!r} at byte {after.offset})")
-        if self._rows and self._rows[-1].offset + self._rows[-1].length > size:
+        self._rows = list(rows)
+        # (start, length, row), zero-length pieces before the piece that starts where they are
+        self._pieces = sorted((start, length, i) for i, row in enumerate(self._rows)
+                              for start, length in owned_pieces(row))
+        for (s1, l1, r1), (s2, _, r2) in zip(self._pieces, self._pieces[1:], strict=False):
+            if s1 + l1 > s2:
+                raise IntegrityError(f"{where}/{INDEX_FILE}: items of {name} overlap ({self._rows[r1].fqn!r} "
+                                     f"at byte {s1} and {self._rows[r2].fqn!r} at byte {s2})")
+        end = max((start + length for start, length, _ in self._pieces), default=0)
+        if end > size:
             raise IntegrityError(f"{where}: {name} should have {size} bytes, but {INDEX_FILE} records an item "
-                                 f"ending at byte {self._rows[-1].offset + self._rows[-1].length}")
+                                 f"ending at byte {end}")
+        self._left = [0] * len(self._rows)  # pieces of each item not yet seen
+        for _, _, i in self._pieces:
+            self._left[i] += 1
         self._pos = 0
-        self._next = 0  # index of the first row not yet checked
-        self._hasher = xxhash.xxh3_64()
+        self._next = 0  # index of the first piece not yet seen
+        self._checked = 0
+        self._hashers: dict[int, xxhash.xxh3_64] = {}
 
     def update(self, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
@@ -65,36 +83,40 @@ class ItemVerifier:
             raise IntegrityError(f"{self.where}: {self.name} is longer than the {self.size} bytes {INDEX_FILE} "
                                  "records in it")
         while len(view):
-            if self._next >= len(self._rows):
+            if self._next >= len(self._pieces):
                 self._pos += len(view)
                 return
-            row = self._rows[self._next]
-            if self._pos < row.offset:  # bytes between items: nothing vouches for them, nothing reads them
-                step = min(row.offset - self._pos, len(view))
+            start, length, row = self._pieces[self._next]
+            if self._pos < start:  # bytes no item owns: nothing vouches for them, nothing reads them
+                step = min(start - self._pos, len(view))
             else:
-                step = min(row.offset + row.length - self._pos, len(view))
-                self._hasher.update(view[:step])
+                step = min(start + length - self._pos, len(view))
+                self._hashers.setdefault(row, xxhash.xxh3_64()).update(view[:step])
             view = view[step:]
             self._pos += step
-            if self._pos == row.offset + row.length:
-                self._check(row)
+            if self._pos == start + length:
+                self._piece_done(row)
 
-    def _check(self, row: ItemRecord) -> None:
-        found = self._hasher.hexdigest()
-        self._hasher.reset()
+    def _piece_done(self, row: int) -> None:
         self._next += 1
-        if found != row.checksum:
+        self._left[row] -= 1
+        if self._left[row]:
+            return
+        found = self._hashers.pop(row, xxhash.xxh3_64()).hexdigest()
+        self._checked += 1
+        record = self._rows[row]
+        if found != record.checksum:
             raise IntegrityError(
-                f"{self.where}: checksum mismatch in {self.name} at byte {row.offset} for component "
-                f"{row.component!r} ({row.fqn!r}): expected {row.checksum}, found {found}")
+                f"{self.where}: checksum mismatch in {self.name} at byte {record.offset} for component "
+                f"{record.component!r} ({record.fqn!r}): expected {record.checksum}, found {found}")
 
     def finish(self) -> None:
-        while self._next < len(self._rows) and self._rows[self._next].length == 0 \
-                and self._rows[self._next].offset == self._pos:
-            self._check(self._rows[self._next])  # an empty item at the very end
-        if self._pos != self.size or self._next != len(self._rows):
+        while self._next < len(self._pieces) and self._pieces[self._next][1] == 0 \
+                and self._pieces[self._next][0] == self._pos:
+            self._piece_done(self._pieces[self._next][2])  # empty pieces at the very end
+        if self._pos != self.size or self._checked != len(self._rows):
             raise IntegrityError(f"{self.where}: {self.name} has {self._pos} bytes, {INDEX_FILE} records "
-                                 f"{self.size} (items checked: {self._next} of {len(self._rows)})")
+                                 f"{self.size} (items checked: {self._checked} of {len(self._rows)})")
 
 
 def copy_verified(source: InputFile, out: OutputStream, verifier: ItemVerifier,

@@ -9,7 +9,8 @@ If the save fails (DCP raises its ``CheckpointException`` on every rank), the ca
 
 Files keep DCP's layout (``__<rank>_<n>.distcp`` holding ``torch.save`` blobs, written without the
 zip CRC pass, see torch_blob.py; a pickled ``.metadata`` with plain ``_StorageInfo`` entries), so
-DCP's own ``FileSystemReader`` reads them.
+DCP's own ``FileSystemReader`` reads them. Plain tensors and small values go into packs instead of a
+zip each (pack.py): every one of them is still a zip DCP's reader loads, sharing one run of records.
 Each rank writes its items into ``thread_count`` files in parallel, hashing the bytes as they go.
 """
 
@@ -26,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import xxhash
 from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
@@ -46,6 +48,15 @@ from ..errors import IncompleteSaveError, os_error_context
 from ..format.index import StoredItem, encode_index
 from ..format.manifest import CheckpointManifest, checksum_bytes, component_manifests, item_records, versions
 from ..format.names import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE, data_file_name, new_save_id
+from ..format.pack import (
+    LARGE_PACK_BYTES,
+    PACK_BYTES,
+    PACKED_TENSOR_MAX_BYTES,
+    SMALL_ITEM_BYTES,
+    PackWriter,
+    packable_tensor,
+    value_pickle,
+)
 from ..format.torch_blob import BlobEdges, save_tensor
 from .backends import OutputStream, discard_after
 from .cross_check import coverage_problems
@@ -106,15 +117,15 @@ def _bins(items: Sequence[WriteItem], count: int) -> list[list[WriteItem]]:
     """Split items into ``count`` lists of about equal bytes (largest first onto the lightest)."""
     bins: list[list[WriteItem]] = [[] for _ in range(max(1, count))]
     loads = [0] * len(bins)
-    for item in sorted(items, key=item_bytes, reverse=True):
+    for size, _, item in sorted(((item_bytes(item), i, item) for i, item in enumerate(items)),
+                                key=lambda sized: (-sized[0], sized[1])):
         i = loads.index(min(loads))
         bins[i].append(item)
-        loads[i] += item_bytes(item)
+        loads[i] += size
     return [b for b in bins if b]
 
 
-def _write_item(stream: _HashingStream, item: WriteItem, planner: SavePlanner) -> None:
-    data = planner.resolve_data(item)
+def _write_item(stream: _HashingStream, item: WriteItem, data: Any) -> None:
     if item.type == WriteItemType.BYTE_IO:
         stream.write(data.getbuffer() if isinstance(data, io.BytesIO) else data)
         return
@@ -122,6 +133,58 @@ def _write_item(stream: _HashingStream, item: WriteItem, planner: SavePlanner) -
     if tensor.device.type != "cpu":  # the storage's bytes move; lazy-view flags are put back on
         tensor = with_math_bits(raw_view(tensor).cpu(), math_bits(tensor))
     save_tensor(tensor, stream)
+
+
+def _packable(item: WriteItem, data: Any, form: Any) -> torch.Tensor | memoryview | None:
+    """What of ``data`` goes into a pack (pack.py): a plain tensor, or the pickle of a small value
+    holding no tensor; None for everything stored in a zip of its own."""
+    if item.type == WriteItemType.BYTE_IO:
+        return value_pickle(data.getbuffer() if isinstance(data, io.BytesIO) else data)
+    if form is not None and form.math_bits is not None:
+        return None  # stored as torch.save stores flagged tensors, with its flags in data.pkl
+    tensor = data.detach()
+    if tensor.device.type not in ("cpu", "meta") and tensor.nbytes <= PACKED_TENSOR_MAX_BYTES:
+        tensor = tensor.cpu()
+    return tensor if packable_tensor(tensor) else None
+
+
+class _Packs:
+    """The pack being filled in one data file: small items and large tensors each in packs of their
+    own kind (pack.py), one pack open at a time, closed when full, when an item of the other kind
+    comes, and at the end; one result per item."""
+
+    def __init__(self, out: OutputStream, name: str, rank: int) -> None:
+        self.out, self.name, self.rank = out, name, rank
+        self._pack: PackWriter | None = None
+        self._large = False
+        self._base = 0
+        self._items: list[tuple[WriteItem, Any]] = []
+
+    def add(self, item: WriteItem, packed: torch.Tensor | memoryview, form: Any) -> list[WriteResult]:
+        large = isinstance(packed, torch.Tensor) and packed.nbytes > SMALL_ITEM_BYTES
+        results = self.close() if self._pack is not None and large != self._large else []
+        if self._pack is None:
+            self._pack, self._large, self._base = PackWriter(self.out), large, self.out.tell()
+        if isinstance(packed, torch.Tensor):
+            self._pack.add_tensor(packed)
+        else:
+            self._pack.add_value(packed)
+        self._items.append((item, form))
+        if self._pack.size >= (LARGE_PACK_BYTES if large else PACK_BYTES):
+            results += self.close()
+        return results
+
+    def close(self) -> list[WriteResult]:
+        """Write the open pack's trailers (if one is open); the results of its items."""
+        if self._pack is None:
+            return []
+        placed = self._pack.close()
+        items, self._items, self._pack = self._items, [], None
+        return [WriteResult(index=item.index, size_in_bytes=where.length - where.gap_length, storage_data=StoredItem(
+                    self.name, self._base + where.offset, where.length, where.checksum, self.rank, where.data_offset,
+                    key_path=encode_path(form.key_path) if form is not None and form.key_path else None,
+                    gap_offset=where.gap_offset, gap_length=where.gap_length))
+                for (item, form), where in zip(items, placed, strict=True)]
 
 
 class ForgeStorageWriter(StorageWriter):
@@ -223,20 +286,28 @@ class ForgeStorageWriter(StorageWriter):
                      rank: int) -> list[WriteResult]:
         out = self.backend.open_output(full)
         stream = _HashingStream(out)
+        packs = _Packs(out, name, rank)
         forms = getattr(planner, "saved_forms", None) or {}  # what DCP's metadata cannot say (values.py)
         results = []
         try:
             for item in items:
+                data = planner.resolve_data(item)
+                form = forms.get(item.index.fqn)
+                packed = _packable(item, data, form)
+                if packed is not None:
+                    results += packs.add(item, packed, form)
+                    continue
+                results += packs.close()  # a pack's items stay next to each other
                 stream.begin_item()
-                _write_item(stream, item, planner)
+                _write_item(stream, item, data)
                 offset, length, checksum = stream.end_item()
                 data_offset = (stream.data_offset(length)
                                if item.type != WriteItemType.BYTE_IO and length >= LAYOUT_MIN_BYTES else None)
-                form = forms.get(item.index.fqn)
                 results.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=StoredItem(
                     name, offset, length, checksum, rank, data_offset,
                     key_path=encode_path(form.key_path) if form is not None and form.key_path else None,
                     math_bits=form.math_bits if form is not None else None)))
+            results += packs.close()
             out.close()
         except BaseException as err:
             discard_after(out, err)

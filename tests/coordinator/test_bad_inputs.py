@@ -319,7 +319,7 @@ CASES = [
     Case("truncated manifest, checksums off", ValueError, r"checkpoint manifest is malformed",
          _tampered(_edit_manifest(lambda text: text[:len(text) // 2], seal=False), verify=False)),
     Case("checkpoint of a newer format version", ValueError, r"manifest format version 99 is newer than this "
-         r"dcp_forge understands \(1\); upgrade dcp_forge", _tampered(_edit_manifest(_newer_format, seal=True))),
+         r"dcp_forge understands \(2\); upgrade dcp_forge", _tampered(_edit_manifest(_newer_format, seal=True))),
     Case("corrupted commit marker", ValueError, r"commit marker .*_COMMITTED is malformed",
          _tampered(lambda path: Path(os.path.join(path, COMMIT_FILE)).write_text("{"))),
 ]

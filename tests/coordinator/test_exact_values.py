@@ -47,30 +47,34 @@ from tests.support.strategies import (
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-# staged: the defaults (small tensors are read whole and copied); recorded: the index records where
-# every tensor starts, read straight into its destination; edges: no offsets recorded, the reader
-# parses each blob's edges first, then reads straight into the destination.
-READ_MODES = ("staged", "recorded", "edges")
+# packed: the defaults (small tensors and values share packs, each cut out of its pack's bytes);
+# staged: nothing packed, small tensors read whole and copied; recorded: nothing packed, the index
+# records where every tensor starts, read straight into its destination; edges: nothing packed, no
+# offsets recorded, the reader parses each blob's edges first, then reads straight into the destination.
+READ_MODES = ("packed", "staged", "recorded", "edges")
 
 
 @contextlib.contextmanager
 def read_mode(mode: str):
-    """Thresholds for ``mode``, and the list of items read by the direct path (observed)."""
-    direct: list[str] = []
-    original = item_reader._read_direct
+    """Thresholds for ``mode``, and the list of items read by the mode's path (observed)."""
+    taken: list[str] = []
+    path = "_load_packed" if mode == "packed" else "_read_direct"
+    original = getattr(item_reader, path)
 
     def counting(handle, read, *args):
-        direct.append(read.fqn)
+        taken.append(read.fqn)
         return original(handle, read, *args)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(item_reader, "_read_direct", counting)
+        patch.setattr(item_reader, path, counting)
+        if mode != "packed":
+            patch.setattr(writer, "_packable", lambda item, data, form: None)
         if mode == "recorded":
             patch.setattr(writer, "LAYOUT_MIN_BYTES", 1)
         elif mode == "edges":
             patch.setattr(writer, "LAYOUT_MIN_BYTES", 1 << 40)
             patch.setattr(item_reader, "DIRECT_MIN_BYTES", 1)
-        yield direct
+        yield taken
 
 
 def coordinator(root, states: dict, chunk_bytes: int = 1 << 24) -> CheckpointCoordinator:
@@ -198,7 +202,7 @@ def test_every_value_comes_back_bit_for_bit(trees, mode, chunk_bytes):
         if mode == "staged":
             assert not direct
         elif readable:
-            assert direct, "no tensor took the direct read path"
+            assert direct, f"no tensor took the {mode} read path"
         zeroed = {key: build_values(tree, destination=True) for key, tree in trees.items()}
         assert_exact(load(path, zeroed), saved)  # loaded in place, or replaced (opaque and plain values)
 

@@ -69,7 +69,7 @@ def _only(problems, kind):
 def test_intact_checkpoint_has_no_problems_and_progress_counts_every_byte(saved):
     seen = []
     assert verify_checkpoint(saved, progress=seen.append, thread_count=1) == []
-    assert sum(seen) == sum(r.length for r in _records(saved))
+    assert sum(seen) == sum(r.stored_bytes for r in _records(saved))  # every byte once (packs overlap)
     assert len(data_files(saved)) == 2
 
 
@@ -216,18 +216,26 @@ def test_memory_backend(tmp_path):
     fs.rm("/verify-test", recursive=True)
 
 
+@pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("change", [lambda r: r.data_offset + 64, lambda r: r.data_offset - 8,
                                     lambda r: r.length])
-def test_a_recorded_tensor_offset_the_blob_contradicts(tmp_path, change):
+def test_a_recorded_tensor_offset_the_blob_contradicts(tmp_path, monkeypatch, change, packed):
+    from dcp_forge.storage import writer
+
+    if not packed:  # a torch.save zip of its own, as plain DCP and checkpoints before packs store it
+        monkeypatch.setattr(writer, "_packable", lambda item, data, form: None)
     box = Box({"w": torch.randn(512, 512), "b": torch.ones(3)})  # "w": 1 MiB, its offset recorded
     path = CheckpointCoordinator([StateComponent("box", box, "global")], output_dir=tmp_path).save_checkpoint(
         checkpoint_id="c")
     record = next(r for r in _records(path) if r.fqn == "box.w")
-    assert record.data_offset is not None and verify_checkpoint(path) == []
+    assert record.data_offset is not None and (record.gap_offset is not None) == packed and verify_checkpoint(path) == []
     set_data_offsets(path, lambda r: change(r) if r.fqn == "box.w" else r.data_offset)
     problem = _only(verify_checkpoint(path), ProblemKind.WRONG_LAYOUT)
     assert problem.file == INDEX_FILE and problem.component == "box"
-    assert f"its zip records say it holds a torch.float32 tensor [512, 512] at byte {record.data_offset}" in problem.message
+    if packed:  # a packed tensor's bytes always follow its 38-byte local header
+        assert f"records no plain tensor at byte {record.data_offset} of it (data offset {change(record)})" in problem.message
+    else:
+        assert f"its zip records say it holds a torch.float32 tensor [512, 512] at byte {record.data_offset}" in problem.message
 
 
 def test_thread_count_is_validated(saved):

@@ -169,11 +169,16 @@ def _big_state(seed=0):
 
 
 def _save(tmp_path, state, chunk_bytes=None):
+    """A checkpoint of torch.save blobs (packs off): the layout of plain DCP checkpoints, of checkpoints
+    written before packs, and of tensors no pack takes (tests/storage/test_packing.py tests packs)."""
     from dcp_forge.core.placement import ChunkPolicy
+    from dcp_forge.storage import writer
 
     coord = CheckpointCoordinator([StateComponent("model", _Holder(state), "replicated")], output_dir=tmp_path,
                                   chunk_policy=ChunkPolicy(chunk_bytes) if chunk_bytes else ChunkPolicy())
-    return coord.save_checkpoint(checkpoint_id="c")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(writer, "_packable", lambda item, data, form: None)
+        return coord.save_checkpoint(checkpoint_id="c")
 
 
 def _load(path, state, **reader_options):
@@ -353,11 +358,11 @@ def test_every_item_is_prefetched_before_it_is_read_and_not_too_far_ahead(tmp_pa
     real_prefetch, real_read = backends._LocalInput.prefetch, backends._LocalInput.read_scatter
 
     def prefetch(self, offset, length):
-        events.append(("prefetch", os.path.basename(self.path), offset))
+        events.append(("prefetch", os.path.basename(self.path), offset, length))
         real_prefetch(self, offset, length)
 
     def read_scatter(self, offset, views):  # every local read (read_into is one view)
-        events.append(("read", os.path.basename(self.path), offset))
+        events.append(("read", os.path.basename(self.path), offset, sum(memoryview(v).nbytes for v in views)))
         real_read(self, offset, views)
 
     monkeypatch.setattr(backends._LocalInput, "prefetch", prefetch)
@@ -369,16 +374,18 @@ def test_every_item_is_prefetched_before_it_is_read_and_not_too_far_ahead(tmp_pa
     records = ForgeStorageReader(path)
     records.read_metadata()
     starts = {(r.file, r.offset): r for r in records.records}
-    prefetched = [(f, o) for kind, f, o in events if kind == "prefetch"]
-    assert sorted(prefetched) == sorted(starts)  # each stored item once
-    for n, (kind, f, o) in enumerate(events):
-        if kind == "read":  # the item holding this byte was prefetched first ...
-            item = max((s for s in starts if s[0] == f and s[1] <= o), key=lambda s: s[1])
-            assert ("prefetch", *item) in events[:n]
+    prefetched = [(f, o, n) for kind, f, o, n in events if kind == "prefetch"]
+    assert len(set(prefetched)) == len(prefetched)  # each range once (small neighbours together)
+    for (f, o), r in starts.items():  # every stored item in exactly one prefetched range
+        assert len([p for p in prefetched if p[0] == f and p[1] <= o and o + r.length <= p[1] + p[2]]) == 1
+    for n, (kind, f, o, length) in enumerate(events):
+        if kind == "read":  # the range holding these bytes was prefetched first ...
+            assert any(e[0] == "prefetch" and e[1] == f and e[2] <= o and o + length <= e[2] + e[3]
+                       for e in events[:n])
     # ... and never more than the window (plus the item being worked on) ahead of the reading
     largest = max(r.length for r in starts.values())
     latest = 0
-    for kind, _file, o in events:
+    for kind, _file, o, _length in events:
         if kind == "read":
             latest = max(latest, o)
         else:
@@ -393,14 +400,16 @@ def test_unverified_loads_prefetch_no_edges_of_recorded_tensors(tmp_path, monkey
     path = _save(tmp_path, saved)
     prefetched = []
     monkeypatch.setattr(backends._LocalInput, "prefetch",
-                        lambda self, offset, length: prefetched.append((os.path.basename(self.path), offset)))
+                        lambda self, offset, length: prefetched.append((os.path.basename(self.path), offset, length)))
     dest = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in saved.items()}
     _load(path, dest, verify_checksums=verify)
     assert all(torch.equal(dest[k], saved[k]) for k in ("w", "h", "small"))
     records = _records(path)
     recorded = {r.location for r in records if r.data_offset is not None}
-    assert recorded and recorded & set(prefetched) == (recorded if verify else set())  # edges: read to be hashed
-    assert {r.location for r in records if r.data_offset is None} <= set(prefetched)
+    assert recorded and recorded & {(f, o) for f, o, _ in prefetched} == (recorded if verify else set())  # edges: hashed
+    for r in records:  # every item read whole was prefetched (small neighbours in one range)
+        if r.data_offset is None:
+            assert any(f == r.file and o <= r.offset and r.offset + r.length <= o + n for f, o, n in prefetched)
 
 
 def test_pipelined_checker_waits_for_every_hash_and_raises_the_first_failure():

@@ -136,3 +136,34 @@ def test_a_load_reads_each_blob_where_the_index_says_on_one_handle_per_object(s3
     assert sorted(heads) == sorted(set(heads)) and heads  # one handle per object
     gets = sum(method == "GET" for method, _ in data)
     assert gets <= 2 * len(state) + len(heads)  # a GET per tensor, about one small window per blob
+
+
+@pytest.mark.parametrize("data_client", ["arrow", "s3fs"])
+def test_a_load_costs_no_request_per_small_item_and_none_for_zip_records(s3_server_info, s3_url, data_client):
+    """Requests per load, counted at the proxy: the records in one listing and one GET each (no HEAD
+    first), per data object one open, one GET per large tensor straight into place, one GET for the
+    trailers of each large pack, one for each run of small items (packs): nothing per small item, and
+    no request for any tensor's zip header or trailer alone."""
+    from tests.support.fault_proxy import FaultProxy
+    from tests.support.object_store import storage_options_for
+
+    gen = torch.Generator().manual_seed(6)
+    large = {f"w{i}": torch.randn(2**18 + i, generator=gen) for i in range(6)}  # ~1 MiB each: large packs
+    small = {f"norm{i}": torch.randn(64, generator=gen) for i in range(60)}
+    state = {**large, **small}
+    with FaultProxy(s3_server_info.endpoint_url) as proxy:  # faults off: it relays and counts
+        options = {**storage_options_for(s3_server_info), "endpoint_url": proxy.endpoint_url,
+                   "data_client": data_client}
+        path = coordinator(s3_url, options, state).save_checkpoint(checkpoint_id="ckpt")
+        proxy.reset_stats()
+        target = {k: torch.zeros_like(v) for k, v in state.items()}
+        coordinator(s3_url, options, target).load_checkpoint(path)
+        requests = [(method, target_path.split("?")[0]) for _, method, target_path, _ in proxy.events()]
+    assert all(torch.equal(target[k], state[k]) for k in state)
+    data = [(method, p.rsplit("/", 1)[1]) for method, p in requests if p.endswith(".distcp")]
+    records = [(method, p) for method, p in requests if not p.endswith(".distcp")]
+    objects = {name for _, name in data}
+    assert len(records) <= 5 and not [r for r in records if r[0] == "HEAD"], records  # a listing, 4 GETs
+    assert sum(method == "HEAD" for method, _ in data) <= len(objects)  # opening an object: at most a HEAD
+    # one GET per large tensor, per large pack's trailers and per run of small items in each object
+    assert sum(method == "GET" for method, _ in data) <= len(large) + 2 * len(objects), data

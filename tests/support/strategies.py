@@ -590,18 +590,32 @@ def node_layouts(draw, max_nodes: int = 6, max_per_node: int = 4) -> Topology:
 
 @st.composite
 def stored_items(draw, max_items: int = 6) -> tuple[bytes, list]:
-    """A data file's bytes and its index rows: items back to back, as the writer stores them, each with the
-    xxh3 of its bytes (some items empty)."""
+    """A data file's bytes and its index rows, as the writer stores them: items back to back (some
+    empty) and, drawn or not, a pack of small tensors whose items overlap (format/pack.py), each
+    row with the xxh3 of the bytes it owns."""
     import xxhash
 
     from dcp_forge.format.index import ItemRecord
+    from dcp_forge.format.pack import pack_in_memory
+
+    def row(i: int, offset: int, length: int, checksum: str, gap: tuple[int, int] | None = None) -> ItemRecord:
+        return ItemRecord(component="box", pattern="replicated", storage_key="box", fqn=f"box.x{i}",
+                          kind="bytes", dtype=None, shape=None, chunk_offsets=None, chunk_sizes=None,
+                          file="__0_0.distcp", offset=offset, length=length, checksum=checksum, rank=0,
+                          gap_offset=gap[0] if gap else None, gap_length=gap[1] if gap else None)
 
     blobs = draw(st.lists(st.binary(min_size=0, max_size=300), min_size=1, max_size=max_items))
-    rows, offset = [], 0
+    packed = draw(st.lists(st.integers(0, 12), max_size=4))
+    pack_at = draw(st.integers(0, len(blobs)))
+    rows, parts, offset = [], [], 0
     for i, blob in enumerate(blobs):
-        rows.append(ItemRecord(component="box", pattern="replicated", storage_key="box", fqn=f"box.x{i}",
-                               kind="bytes", dtype=None, shape=None, chunk_offsets=None, chunk_sizes=None,
-                               file="__0_0.distcp", offset=offset, length=len(blob),
-                               checksum=xxhash.xxh3_64_hexdigest(blob), rank=0))
+        if i == pack_at and packed:
+            data, items = pack_in_memory([torch.arange(n, dtype=torch.int16) for n in packed])
+            rows += [row(len(blobs) + j, offset + it.offset, it.length, it.checksum, (it.gap_offset, it.gap_length))
+                     for j, it in enumerate(items)]
+            parts.append(data)
+            offset += len(data)
+        rows.append(row(i, offset, len(blob), xxhash.xxh3_64_hexdigest(blob)))
+        parts.append(blob)
         offset += len(blob)
-    return b"".join(blobs), rows
+    return b"".join(parts), rows

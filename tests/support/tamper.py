@@ -17,7 +17,7 @@ import torch
 import xxhash
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
-from dcp_forge.format.index import decode_index, encode_index
+from dcp_forge.format.index import decode_index, encode_index, own_pieces
 from dcp_forge.format.manifest import CheckpointManifest, checksum_bytes, combine_checksums
 from dcp_forge.format.names import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE
 
@@ -73,7 +73,9 @@ def replace_item_bytes(path: str | os.PathLike, fqn: str, payload: bytes) -> Non
     write_metadata(path, metadata)
     if not os.path.exists(os.path.join(path, INDEX_FILE)):
         return  # a plain DCP checkpoint: .metadata is the only record
-    records = [dataclasses.replace(r, offset=offset, length=len(payload)) if r.fqn == fqn else r
+    # The row now describes a zip of its own: no gap (it was perhaps packed), no recorded tensor offset.
+    records = [dataclasses.replace(r, offset=offset, length=len(payload), data_offset=None, gap_offset=None,
+                                   gap_length=None) if r.fqn == fqn else r
                for r in decode_index(Path(os.path.join(path, INDEX_FILE)).read_bytes())]
     with open(os.path.join(path, INDEX_FILE), "wb") as f:
         f.write(encode_index(records))
@@ -153,7 +155,10 @@ def reseal(path: str | os.PathLike, manifest_edit=None) -> None:
         with open(os.path.join(path, r.file), "rb") as f:
             f.seek(r.offset)
             data = f.read(max(0, min(r.length, os.fstat(f.fileno()).st_size - r.offset)))
-            records.append(dataclasses.replace(r, checksum=xxhash.xxh3_64_hexdigest(data)))
+        if r.gap_offset is not None and r.gap_length is not None:  # a packed item: its own bytes only
+            data = b"".join(data[start:start + length] for start, length in own_pieces(r.length, r.gap_offset,
+                                                                                        r.gap_length))
+        records.append(dataclasses.replace(r, checksum=xxhash.xxh3_64_hexdigest(data)))
     index_bytes = encode_index(records)
     with open(index_file, "wb") as f:
         f.write(index_bytes)
@@ -163,7 +168,7 @@ def reseal(path: str | os.PathLike, manifest_edit=None) -> None:
     for component in manifest.components.values():
         for skey, copy in component.copies.items():
             rows = [r for r in records if r.storage_key == skey]
-            copy.size_bytes = sum(r.length for r in rows)
+            copy.size_bytes = sum(r.stored_bytes for r in rows)
             copy.checksum = combine_checksums([r.checksum for r in rows])
             copy.writers = sorted({r.rank for r in rows})
         component.ranks = sorted({w for c in component.copies.values() for w in c.writers})
