@@ -51,7 +51,8 @@ from .format.manifest import CheckpointManifest
 from .format.names import MANIFEST_FILE, validate_checkpoint_id
 from .format.values import saved_forms
 from .loading import LoadResult, LoadSelection, decide_loads
-from .planners import ForgeLoadPlanner, ForgeSavePlanner
+from .planners import ForgeLoadPlanner, ForgeSavePlanner, PlanCache
+from .rank_exchange import RankExchange
 from .replication import ReplicationCheck, needs_replication_check, start_replication_check
 from .statefuls import prepare_for_load
 from .storage import (
@@ -129,6 +130,9 @@ class CheckpointCoordinator:
                                   if _distributed() and needs_replication_check(self.components) else None)
         self.last_manifest: CheckpointManifest | None = None
         self._async_saves = AsyncSaver(self.group, self.topology.rank)
+        # Every rank plans its saves by itself (planners/derived.py) and reuses a plan while the state's
+        # structure is unchanged: this coordinator's plans, never shared with another's.
+        self.plan_cache = PlanCache()
 
     # --- helpers ------------------------------------------------------------------------------
     @property
@@ -199,9 +203,10 @@ class CheckpointCoordinator:
 
     # --- save ---------------------------------------------------------------------------------
     def _prepare_save(self, checkpoint_path: str | os.PathLike | None, checkpoint_id: str | None,
-                      validate: bool, extra: Mapping[str, Any] | None
+                      validate: bool, extra: Mapping[str, Any] | None, *, background: bool = False
                       ) -> tuple[str, ForgeStorageWriter, ForgeSavePlanner, ReplicationCheck | None]:
-        """What a sync and an async save share: the path, the replication check, writer and planner."""
+        """What a sync and an async save share: the path, the replication check, writer and planner.
+        ``background``: the save runs on the async saver's thread and process group."""
         # Collective: the previous async save commits first; a failure nobody saw raises here, on every rank.
         self._async_saves.settle_for_save()
         expect_type("validate", validate, bool)
@@ -212,10 +217,14 @@ class CheckpointCoordinator:
         # The check hashes while DCP plans and writes (sync) or stages (async); the coordinator rank
         # waits for its verdict before committing, and every rank waits for it before returning.
         check = start_replication_check(self.components, self.topology, self._validation_group) if validate else None
+        # The planner's and the writer's own collectives (dcp.save runs with use_collectives=False).
+        exchange = RankExchange(self._async_saves.save_group() if background else self.group)
         writer = ForgeStorageWriter(path, self.storage_options, thread_count=self.thread_count,
                                     extra=extra, training_args_hash=self.training_args_hash,
-                                    commit_gate=check.wait if check is not None and self.rank == 0 else None)
-        planner = ForgeSavePlanner(self.components, self.topology, chunk_policy=self.chunk_policy)
+                                    commit_gate=check.wait if check is not None and self.rank == 0 else None,
+                                    exchange=exchange)
+        planner = ForgeSavePlanner(self.components, self.topology, chunk_policy=self.chunk_policy,
+                                   exchange=exchange, plan_cache=self.plan_cache)
         return path, writer, planner, check
 
     def _state_to_save(self) -> dict[str, Any]:
@@ -229,7 +238,7 @@ class CheckpointCoordinator:
         try:
             with _rank_errors(failed_save=writer, group=self.group), single_process_dcp(self.group is None):
                 dcp.save(self._state_to_save(), storage_writer=writer, planner=planner,
-                         process_group=self.group, no_dist=self.group is None)
+                         process_group=self.group, no_dist=self.group is None, use_collectives=False)
         except BaseException as err:
             if check is not None:
                 try:
@@ -254,7 +263,8 @@ class CheckpointCoordinator:
         ``dcp_forge.async_save`` for how staging buffers are reused.
         """
         self._check_open()
-        path, writer, planner, check = self._prepare_save(checkpoint_path, checkpoint_id, validate, extra)
+        path, writer, planner, check = self._prepare_save(checkpoint_path, checkpoint_id, validate, extra,
+                                                          background=True)
         # The replication check reads the live state: its verdict is awaited once staged, before the
         # upload starts and before this returns (a mismatch raises here, on every rank; nothing is saved).
         return self._async_saves.start(self._state_to_save(), path, writer, planner,
