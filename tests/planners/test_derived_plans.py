@@ -167,19 +167,21 @@ def test_dtensor_shards_replicas_and_empty_shards_are_placed_by_their_holders(ca
 def _replicated_states(world: int, odd_rank: int | None, change: str) -> list[dict]:
     states = []
     for rank in range(world):
-        model = {"w": torch.empty(64, device="meta"), "b": torch.empty(8, device="meta")}
+        model = {"w": torch.empty(64, device="meta"), "b": torch.empty(8, device="meta"), "loader": {"pos": 3}}
         if rank == odd_rank:
             if change == "shape":
                 model["b"] = torch.empty(9, device="meta")
             elif change == "extra key":
                 model["extra"] = torch.empty(2, device="meta")
+            elif change == "empty here, filled elsewhere":  # a loader whose state lives on other ranks
+                model["loader"] = {}
             else:  # a key missing
                 del model["b"]
         states.append({"model": model, "rng": {"x": torch.empty(rank + 1, device="meta")}})
     return states
 
 
-@pytest.mark.parametrize("change", ["shape", "extra key", "missing key"])
+@pytest.mark.parametrize("change", ["shape", "extra key", "missing key", "empty here, filled elsewhere"])
 def test_ranks_holding_different_shared_state_do_not_agree(change):
     layouts = {"model": ComponentLayout("model", SharingPattern.REPLICATED),
                "rng": ComponentLayout("rng", SharingPattern.PER_RANK)}
