@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan
 from torch.distributed.tensor import DTensor
 
-from ..core.tensors import is_plain_tensor
+from ..core.tensors import is_plain_tensor, raw_view
 from ..core.topology import Topology
 from ..format.values import is_opaque_tensor
 from .derived import PlanSummary
@@ -40,8 +40,10 @@ _SIGNATURE_VERSION = b"dcp_forge plan signature 1"
 def _tensor_description(tensor: torch.Tensor) -> tuple:
     """What DCP's ``TensorProperties.create_from_tensor`` and a write item's shape read, and whether
     the tensor is stored whole as a pickle (quantized, sparse, nested: ``values.is_opaque_tensor``)."""
+    opaque = is_opaque_tensor(tensor)
+    pinned = raw_view(tensor).is_pinned() if not opaque else None  # a lazy view's flags: not the plan's business
     return (tuple(tensor.shape) if not tensor.is_nested else None, str(tensor.dtype), str(tensor.layout),
-            tensor.requires_grad, tensor.is_pinned(), is_opaque_tensor(tensor))
+            tensor.requires_grad, pinned, opaque)
 
 
 def state_signature(flat_state: Mapping[str, Any], paths: Mapping[str, Any], context: bytes) -> bytes | None:

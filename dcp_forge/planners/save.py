@@ -212,7 +212,6 @@ class ForgeSavePlanner(DefaultSavePlanner):
                 refuse_unstorable_tensor(value, functools.partial(self._where, fqn), allow_meta=self.planning_only)
 
     def _local_plan(self) -> SavePlan:
-        self._refuse_unstorable_values()
         # DCP's default local plan, except that opaque tensors (quantized, sparse, nested) are stored
         # whole as pickles: their quantizer or indices are not bytes of one strided storage.
         opaque = {fqn for fqn, value in self.state_dict.items() if is_opaque_tensor(value)}
@@ -228,6 +227,7 @@ class ForgeSavePlanner(DefaultSavePlanner):
 
     def create_local_plan(self) -> SavePlan:
         if self.exchange is None:
+            self._refuse_unstorable_values()
             self.plan = self._local_plan()
             return self.plan
         self._summary = self._cached = self._signature = self._final = None
@@ -243,12 +243,12 @@ class ForgeSavePlanner(DefaultSavePlanner):
     def _plan_locally(self) -> None:
         """This rank's local plan and who holds each of its items, reused from the cache when the
         state's structure is unchanged since the last committed save."""
+        self._refuse_unstorable_values()
         if self.plan_cache is not None:
             self._signature = state_signature(self.state_dict, self.mappings, self._signature_context())
             self._cached = self.plan_cache.lookup(self._signature)
-        if self._cached is not None:  # the values are new: refused or pickled as in a fresh plan
+        if self._cached is not None:  # the values are new: pickled and their forms noted afresh
             self.plan, self._summary = self._cached.local_plan, self._cached.summary
-            self._refuse_unstorable_values()
             self._check_values(self.plan)
             return
         self.plan = self._local_plan()
