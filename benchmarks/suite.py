@@ -1,7 +1,7 @@
 """``dcp-forge bench``: the whole benchmark suite, a JSON report and a PNG plot.
 
 Runs, in this order: save/load of a state against the disk's limits (save_load.py), save planning
-for 10,000 items x 8 ranks and its scaling (planning.py), and inspect/diff of a synthetic
+at 8 to 4,096 simulated ranks x 1,000 items (planning.py), and inspect/diff of a synthetic
 million-item index (index_scale.py). The plot shows save and load throughput of every contender
 next to the limits measured in the same run (matplotlib, the ``bench`` extra).
 """
@@ -103,8 +103,9 @@ def run_suite(config: BenchConfig, log: Callable[[str], None] = print, progress:
                                              directory=run.directory), log=log).to_json()
     if bar is not None:
         bar.update()
-    planning = run_planning(sizes=(250, 500) if config.quick else (2500, 5000, 10000, 20000), log=log,
-                            repetitions=1 if config.quick else 3)
+    planning = (run_planning(worlds=(8, 64), items=250, repetitions=1, local_repetitions=1, validate_up_to=8,
+                             sweep=(), log=log)
+                if config.quick else run_planning(log=log))
     if bar is not None:
         bar.update()
     index = run_index_scale(items=run.index_items, repetitions=1 if config.quick else 3, directory=run.directory,

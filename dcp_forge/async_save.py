@@ -389,6 +389,13 @@ class AsyncSaver:
         except BaseException:  # never raise during teardown (a second Ctrl-C, say)
             logger.exception("rank %d: waiting for the async save at teardown failed", self.rank)
 
+    def save_group(self) -> Any:
+        """The process group background saves run over (None in a single process); the first call
+        creates it, a collective: every rank reaches its first async save together (call protocol)."""
+        if self.group is not None and self.background_group is None:
+            self.background_group = dist.new_group(backend="gloo")
+        return self.background_group
+
     def start(self, state: Mapping[str, Any], checkpoint_path: str, writer: ForgeStorageWriter,
               planner: ForgeSavePlanner, *, after_staging: Callable[[], None] | None = None,
               on_committed: Callable[[AsyncSaveHandle], None] | None = None) -> AsyncSaveHandle:
@@ -406,17 +413,16 @@ class AsyncSaver:
             raise RuntimeError("AsyncSaver.start needs the previous save settled: call settle_for_save() "
                                "on every rank first")
         teardown.install_sigterm_handler()
-        if self.group is not None and self.background_group is None:
-            # Collective: every rank reaches its first async save together (documented call protocol).
-            self.background_group = dist.new_group(backend="gloo")
+        background_group = self.save_group()
         if self._stager is None:
             self._stager = ForgeStager(self.group, self.rank)
         started = time.perf_counter()
         self._stager.after_staging = after_staging
         try:
             upload = dcp.async_save(dict(state), storage_writer=writer, planner=planner,
-                                    process_group=self.background_group, async_stager=self._stager,
-                                    no_dist=self.background_group is None)
+                                    process_group=background_group, async_stager=self._stager,
+                                    no_dist=background_group is None,
+                                    use_collectives=planner.exchange is None)
         finally:
             self._stager.after_staging = None
         handle = AsyncSaveHandle(checkpoint_path)

@@ -8,11 +8,12 @@ The errors they share travel pickled; one that cannot be pickled still stops eve
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable
 from typing import Any
 
 import torch.distributed as dist
+
+from .rank_exchange import picklable_error
 
 
 def group_rank(group: Any) -> int:
@@ -32,14 +33,6 @@ def all_gather(group: Any, obj: Any) -> list[Any]:
     return out
 
 
-def _travelling(err: BaseException, rank: int) -> BaseException:
-    try:
-        pickle.dumps(err)
-    except Exception:  # an error that cannot travel still has to stop every rank
-        return RuntimeError(f"rank {rank}: {err!r}")
-    return err
-
-
 def raise_first(errors: list[BaseException | None], me: int) -> None:
     """Raise the lowest failing rank's error (noting which ranks failed), if any rank failed."""
     failed = [(r, e) for r, e in enumerate(errors) if e is not None]
@@ -54,7 +47,7 @@ def raise_first(errors: list[BaseException | None], me: int) -> None:
 def agree(group: Any, error: BaseException | None) -> None:
     """Share this rank's failure (None: it succeeded); raise the lowest failing rank's on every rank."""
     me = group_rank(group)
-    raise_first(all_gather(group, None if error is None else _travelling(error, me)), me)
+    raise_first(all_gather(group, None if error is None else picklable_error(error, me)), me)
 
 
 def gather_results(group: Any, fn: Callable[[], Any]) -> list[Any]:
@@ -64,7 +57,7 @@ def gather_results(group: Any, fn: Callable[[], Any]) -> list[Any]:
     try:
         value, error = fn(), None
     except Exception as err:  # shared below, then raised on every rank
-        value, error = None, _travelling(err, me)
+        value, error = None, picklable_error(err, me)
     gathered = all_gather(group, (value, error))
     raise_first([e for _, e in gathered], me)
     return [v for v, _ in gathered]
@@ -80,7 +73,7 @@ def on_every_rank(group: Any, fn: Callable[[], Any]) -> Any:
     try:
         value, error = fn(), None
     except Exception as err:  # shared below, then raised on every rank
-        value, error = None, _travelling(err, me)
+        value, error = None, picklable_error(err, me)
     raise_first(all_gather(group, error), me)
     return value
 
@@ -92,7 +85,7 @@ def run_on(group: Any, src: int, fn: Callable[[], Any]) -> Any:
         try:
             box[0] = ("ok", fn())
         except Exception as err:  # re-raised on every rank below
-            box[0] = ("err", _travelling(err, src))
+            box[0] = ("err", picklable_error(err, src))
     if group is not None:
         dist.broadcast_object_list(box, group_src=src, group=group)
     status, value = box[0]

@@ -53,7 +53,8 @@ from .format.names import MANIFEST_FILE, validate_checkpoint_id
 from .format.tier_record import LOCAL
 from .format.values import saved_forms
 from .loading import LoadResult, LoadSelection, decide_loads
-from .planners import ForgeLoadPlanner, ForgeSavePlanner
+from .planners import ForgeLoadPlanner, ForgeSavePlanner, PlanCache
+from .rank_exchange import RankExchange
 from .replication import ReplicationCheck, needs_replication_check, start_replication_check
 from .statefuls import prepare_for_load
 from .storage import (
@@ -144,6 +145,9 @@ class CheckpointCoordinator:
         self._async_saves = AsyncSaver(self.group, self.topology.rank)
         self.tiers = (TieredStorage(local_tier, self.topology, self.group, self.output_dir, self.storage_options,
                                     thread_count) if local_tier is not None else None)
+        # Every rank plans its saves by itself (planners/derived.py) and reuses a plan while the state's
+        # structure is unchanged: this coordinator's plans, never shared with another's.
+        self.plan_cache = PlanCache()
 
     # --- helpers ------------------------------------------------------------------------------
     @property
@@ -184,11 +188,13 @@ class CheckpointCoordinator:
 
     # --- save ---------------------------------------------------------------------------------
     def _prepare_save(self, checkpoint_path: str | os.PathLike | None, checkpoint_id: str | None,
-                      validate: bool, extra: Mapping[str, Any] | None, drain: bool | None
+                      validate: bool, extra: Mapping[str, Any] | None, drain: bool | None, *,
+                      background: bool = False
                       ) -> tuple[str, ForgeStorageWriter, ForgeSavePlanner, ReplicationCheck | None,
                                  Callable[[], None] | None]:
         """What a sync and an async save share: the path, the replication check, writer and planner, and
-        (with a local tier) what commits the save once DCP's part is done."""
+        (with a local tier) what commits the save once DCP's part is done. ``background``: the save
+        runs on the async saver's thread and process group."""
         # Collective: the previous async save commits first; a failure nobody saw raises here, on every rank.
         self._async_saves.settle_for_save()
         expect_type("validate", validate, bool)
@@ -210,17 +216,22 @@ class CheckpointCoordinator:
         # waits for its verdict before committing, and every rank waits for it before returning.
         check = start_replication_check(self.components, self.topology, self._validation_group) if validate else None
         gate = check.wait if check is not None and self.rank == 0 else None
+        # The planner's and the writer's own collectives (dcp.save runs with use_collectives=False).
+        exchange = RankExchange(self._async_saves.save_group() if background else self.group)
         if self.tiers is not None:
             tiers = self.tiers
             writer: ForgeStorageWriter = tiers.writer(checkpoint_id, save_id, extra=extra,
-                                                      training_args_hash=self.training_args_hash, commit_gate=gate)
+                                                      training_args_hash=self.training_args_hash, commit_gate=gate,
+                                                      exchange=exchange)
 
             def finish() -> None:
                 tiers.finish_save(writer, checkpoint_id, due)
         else:
             writer = ForgeStorageWriter(path, self.storage_options, thread_count=self.thread_count, extra=extra,
-                                        training_args_hash=self.training_args_hash, commit_gate=gate)
-        planner = ForgeSavePlanner(self.components, self.topology, chunk_policy=self.chunk_policy)
+                                        training_args_hash=self.training_args_hash, commit_gate=gate,
+                                        exchange=exchange)
+        planner = ForgeSavePlanner(self.components, self.topology, chunk_policy=self.chunk_policy,
+                                   exchange=exchange, plan_cache=self.plan_cache)
         return path, writer, planner, check, finish
 
     def _tiered_id(self, checkpoint_path: str | os.PathLike | None, checkpoint_id: str | None) -> str:
@@ -266,7 +277,7 @@ class CheckpointCoordinator:
         try:
             with _rank_errors(failed_save=writer, group=self.group), single_process_dcp(self.group is None):
                 dcp.save(self._state_to_save(), storage_writer=writer, planner=planner,
-                         process_group=self.group, no_dist=self.group is None)
+                         process_group=self.group, no_dist=self.group is None, use_collectives=False)
         except BaseException as err:
             if check is not None:
                 try:
@@ -295,7 +306,7 @@ class CheckpointCoordinator:
         """
         self._check_open()
         path, writer, planner, check, finish = self._prepare_save(checkpoint_path, checkpoint_id, validate, extra,
-                                                                  drain)
+                                                                  drain, background=True)
 
         def committed(handle: AsyncSaveHandle) -> None:  # on the background thread, on every rank
             if finish is not None:

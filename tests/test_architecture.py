@@ -16,7 +16,7 @@ PACKAGE = REPO / "dcp_forge"
 # decides a module's layer.
 LAYERS: list[tuple[str, ...]] = [
     ("dcp_forge._version", "dcp_forge.errors", "dcp_forge._torch_compat"),
-    ("dcp_forge.core", "dcp_forge.rng", "dcp_forge.statefuls"),
+    ("dcp_forge.core", "dcp_forge.rng", "dcp_forge.statefuls", "dcp_forge.rank_exchange"),
     ("dcp_forge.format",),
     ("dcp_forge.storage", "dcp_forge.collectives"),
     ("dcp_forge.planners", "dcp_forge.replication"),

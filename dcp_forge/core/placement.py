@@ -122,7 +122,7 @@ def split_large_tensors(plan: SavePlan, holders_of: Callable[[str], int],
     return dataclasses.replace(plan, items=items)
 
 
-def _describe(item: WriteItem) -> tuple:
+def describe_item(item: WriteItem) -> tuple:
     """What every holder of one item must agree on (shape, dtype, chunk box, kind)."""
     td = item.tensor_data
     if td is None:
@@ -131,7 +131,8 @@ def _describe(item: WriteItem) -> tuple:
     return (item.type, tuple(td.size), td.properties.dtype, chunk)
 
 
-def _index_order(index: MetadataIndex) -> tuple:
+def index_order(index: MetadataIndex) -> tuple:
+    """How items are ordered where sizes tie: by key, then offsets (plain tuples, comparable)."""
     return (index.fqn, tuple(index.offset) if index.offset is not None else ())
 
 
@@ -152,13 +153,13 @@ def assign_writers(all_plans: Sequence[SavePlan]) -> list[SavePlan]:
             seen = first_seen.get(key)
             if seen is not None:
                 other_rank, other = seen
-                # Cheap field-wise equality first; _describe only when they may differ.
+                # Cheap field-wise equality first; describe_item only when they may differ.
                 if (other.type != item.type or other.tensor_data != item.tensor_data) and \
-                        _describe(other) != _describe(item):
+                        describe_item(other) != describe_item(item):
                     raise ComponentDeclarationError(
                         f"ranks {other_rank} and {rank} declare {idx.fqn!r} as the same shared state but "
-                        f"disagree on it: rank {other_rank} has {_describe(other)}, rank {rank} has "
-                        f"{_describe(item)}; check that its sharing pattern matches how it is really shared"
+                        f"disagree on it: rank {other_rank} has {describe_item(other)}, rank {rank} has "
+                        f"{describe_item(item)}; check that its sharing pattern matches how it is really shared"
                     )
                 holders[key].append(rank)
             else:
@@ -175,7 +176,7 @@ def assign_writers(all_plans: Sequence[SavePlan]) -> list[SavePlan]:
             load[ranks[0]] += size
             keep[ranks[0]].add(key)
         else:
-            shared.append((size, _index_order(item.index), key, tuple(ranks)))
+            shared.append((size, index_order(item.index), key, tuple(ranks)))
     for key, rank in place_on_least_loaded(shared, load).items():
         keep[rank].add(key)
 

@@ -7,6 +7,7 @@ Both work on their own, straight in ``dcp.save`` / ``dcp.load``::
 """
 
 from .load import ForgeLoadPlanner
+from .plan_cache import PlanCache
 from .save import ForgeSavePlanner
 
-__all__ = ["ForgeLoadPlanner", "ForgeSavePlanner"]
+__all__ = ["ForgeLoadPlanner", "ForgeSavePlanner", "PlanCache"]

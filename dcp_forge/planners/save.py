@@ -16,6 +16,14 @@ What it adds over ``DefaultSavePlanner``:
   ``saved_forms`` holds what the writer records beside DCP's metadata (real key types, view flags).
 
 It works as ``dcp.save(state_dict, planner=ForgeSavePlanner(...), ...)`` with any storage writer.
+Planning on every rank by itself (``exchange=RankExchange(group)``, with
+``dcp.save(..., use_collectives=False)`` and a ``ForgeStorageWriter`` given the same exchange): DCP
+then calls ``create_global_plan`` on every rank with that rank's plan alone. Each rank computes its
+own final plan from the declarations (derived.py); one all-reduce of a few numbers proves that the
+ranks sharing state agree on it and shares any rank's failure, and the writer's finish gathers what
+the coordinator commits. Where the ranks disagree, or some item's holders cannot be named locally,
+the plans are gathered and placed on the coordinator as DCP would (``planned_by == "gather"``).
+With ``plan_cache`` (one per coordinator), a save whose structure is unchanged reuses its plans.
 """
 
 from __future__ import annotations
@@ -23,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-from collections import ChainMap
 from typing import Any
 
 import torch
@@ -35,16 +42,40 @@ from torch.distributed.checkpoint.default_planner import (
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
 
+from ..core.agreement import LANES, all_agree, member_terms
 from ..core.components import ComponentLayout, LayoutSpec, layouts_from
 from ..core.key_paths import KeyPath, describe_path, empty_mappings, storable_key, typed_paths
 from ..core.keys import parse_storage_key, top_level_key
 from ..core.patterns import SharingPattern
-from ..core.placement import ChunkPolicy, assign_writers, split_large_tensors
+from ..core.placement import ChunkPolicy, assign_writers, item_bytes, split_large_tensors
 from ..core.tensors import exact_storage, is_plain_tensor, math_bits, narrow_box
 from ..core.topology import Topology
 from ..errors import IncompleteSaveError, UnsupportedValueError
 from ..format.values import SavedForm, is_opaque_tensor, pickled_value, refuse_unstorable_tensor
+from ..rank_exchange import RankExchange, travelling
+from .derived import (
+    CommitReport,
+    HolderSets,
+    PlanSummary,
+    merged_paths,
+    set_name,
+    summarize,
+    verified_global_plan,
+)
 from .keymap import default_topology, holders_count, storage_keys_for
+from .plan_cache import CachedCommit, CachedPlan, PlanCache, state_signature
+
+# The all-reduce that starts a save planned on every rank: COUNT_LANES counts every rank adds to
+# (ranks that failed, that hold items they cannot place alone, that can reuse their cached plan),
+# COORDINATOR_LANES only the coordinator adds to (the bytes of the GLOBAL values it alone writes,
+# which the placement of shared items balances against), then agreement sums (core.agreement: 0
+# modulo their primes when the ranks agree).
+COUNT_LANES, COORDINATOR_LANES = 3, 1
+_FAILED, _UNPLACEABLE, _CACHED, _GLOBAL_BYTES = range(COUNT_LANES + COORDINATOR_LANES)
+_AGREEMENT = COUNT_LANES + COORDINATOR_LANES
+_SETS = slice(_AGREEMENT, _AGREEMENT + LANES)  # every replica set's members hold the same items
+_GENERATION = slice(_AGREEMENT + LANES, _AGREEMENT + 2 * LANES)  # every rank's cache comes from the same save
+
 
 
 class ForgeSavePlanner(DefaultSavePlanner):
@@ -54,12 +85,15 @@ class ForgeSavePlanner(DefaultSavePlanner):
     declared are treated as REPLICATED across the world, which is what plain DCP assumes.
     ``topology``: required for PER_NODE / PER_GROUP declarations (see ``gather_topology``).
     ``planning_only``: the state is only planned, never written (tests and benchmarks plan meta
-    tensors, which a real save refuses).
+    tensors, which a real save refuses). ``exchange``, ``plan_cache``: planning on every rank by
+    itself (module docstring).
     """
 
     def __init__(self, components: LayoutSpec | None = None, topology: Topology | None = None, *,
-                 chunk_policy: ChunkPolicy = ChunkPolicy(), planning_only: bool = False) -> None:
-        # Plan caching stays off: DCP caches plans at class level, a known source of stale plans.
+                 chunk_policy: ChunkPolicy = ChunkPolicy(), planning_only: bool = False,
+                 exchange: RankExchange | None = None, plan_cache: PlanCache | None = None) -> None:
+        # DCP's plan caching stays off: it caches plans at class level, a known source of stale
+        # plans. ``plan_cache`` (planning on every rank only) is this planner's own, per coordinator.
         super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True, enable_plan_caching=False)
         self.layouts: dict[str, ComponentLayout] = layouts_from(components)
         self._topology = topology
@@ -73,6 +107,18 @@ class ForgeSavePlanner(DefaultSavePlanner):
         self.saved_forms: dict[str, SavedForm] = {}
         # fqn -> the pickle proven to load back at planning, written as it is (resolve_data)
         self._pickled: dict[str, io.BytesIO] = {}
+        self.exchange = exchange
+        self.plan_cache = plan_cache
+        self._holders: dict[str, int] = {}
+        # How the last global plan was made: "gather" (every rank's plan on the coordinator),
+        # "declarations" (on every rank by itself), "cache" (every rank reused its last plan).
+        self.planned_by: str | None = None
+        self._error: Exception | None = None  # planning on every rank: shared before anyone writes
+        self._summary: PlanSummary | str | None = None
+        self._signature: bytes | None = None
+        self._cached: CachedPlan | None = None
+        self._final: SavePlan | None = None
+        self._coordinator_bytes = 0
 
     @property
     def topology(self) -> Topology:
@@ -82,6 +128,15 @@ class ForgeSavePlanner(DefaultSavePlanner):
 
     def set_up_planner(self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None,
                        is_coordinator: bool = False) -> None:
+        self._error = None
+        try:
+            self._set_up(state_dict, storage_meta, is_coordinator)
+        except Exception as err:
+            if self.exchange is None:
+                raise
+            self._error = err  # raised on every rank by create_global_plan's agreement
+
+    def _set_up(self, state_dict: dict[str, Any], storage_meta: StorageMeta | None, is_coordinator: bool) -> None:
         odd = [k for k in state_dict if type(k) is not str]
         if odd:
             raise UnsupportedValueError(
@@ -136,7 +191,11 @@ class ForgeSavePlanner(DefaultSavePlanner):
         return f"component {component!r} on rank {self.topology.rank}" + (f", key {relative!r}" if relative else "")
 
     def _holders_of(self, fqn: str) -> int:
-        return holders_count(self._layout_of_storage_key.get(top_level_key(fqn)), self.topology)
+        key = top_level_key(fqn)
+        count = self._holders.get(key)
+        if count is None:
+            count = self._holders[key] = holders_count(self._layout_of_storage_key.get(key), self.topology)
+        return count
 
     def _owned_here(self, item: WriteItem) -> bool:
         """GLOBAL plain values are rank 0's; other ranks' copies are not planned at all."""
@@ -147,10 +206,12 @@ class ForgeSavePlanner(DefaultSavePlanner):
         layout = self._layout_of_storage_key.get(top_level_key(fqn))
         return layout is None or layout.pattern is not SharingPattern.GLOBAL or self.topology.rank == 0
 
-    def create_local_plan(self) -> SavePlan:
+    def _refuse_unstorable_values(self) -> None:
         for fqn, value in self.state_dict.items():  # before DCP's planning, which would fail on some
             if is_plain_tensor(value) and self._owns(fqn):
                 refuse_unstorable_tensor(value, functools.partial(self._where, fqn), allow_meta=self.planning_only)
+
+    def _local_plan(self) -> SavePlan:
         # DCP's default local plan, except that opaque tensors (quantized, sparse, nested) are stored
         # whole as pickles: their quantizer or indices are not bytes of one strided storage.
         opaque = {fqn for fqn, value in self.state_dict.items() if is_opaque_tensor(value)}
@@ -162,8 +223,45 @@ class ForgeSavePlanner(DefaultSavePlanner):
         plan = dataclasses.replace(plan, items=kept, planner_data={**self.mappings, _EMPTY_MAPPINGS: empties}
                                    if empties else self.mappings)
         self._check_values(plan)
-        self.plan = split_large_tensors(plan, self._holders_of, self.chunk_policy)
+        return split_large_tensors(plan, self._holders_of, self.chunk_policy)
+
+    def create_local_plan(self) -> SavePlan:
+        if self.exchange is None:
+            self._refuse_unstorable_values()
+            self.plan = self._local_plan()
+            return self.plan
+        self._summary = self._cached = self._signature = self._final = None
+        if self._error is None:
+            try:
+                self._plan_locally()
+            except Exception as err:  # raised on every rank by create_global_plan's agreement
+                self._error = err
+        if self._error is not None:
+            self.plan = SavePlan([])
         return self.plan
+
+    def _plan_locally(self) -> None:
+        """This rank's local plan and who holds each of its items, reused from the cache when the
+        state's structure is unchanged since the last committed save."""
+        self._refuse_unstorable_values()
+        if self.plan_cache is not None:
+            self._signature = state_signature(self.state_dict, self.mappings, self._signature_context())
+            self._cached = self.plan_cache.lookup(self._signature)
+        if self._cached is not None:  # the values are new: pickled and their forms noted afresh
+            self.plan, self._summary = self._cached.local_plan, self._cached.summary
+            self._check_values(self.plan)
+            return
+        self.plan = self._local_plan()
+        self._summary = self.summarize_holders(self.plan)
+
+    def summarize_holders(self, local_plan: SavePlan) -> PlanSummary | str:
+        """Who holds each item of this rank's ``local_plan`` (derived.summarize), or why some item's
+        holders cannot be named by this rank alone. Needs ``set_up_planner`` first."""
+        holder_sets = HolderSets(self.topology)
+        return summarize(
+            local_plan, lambda item: holder_sets.of(item, self.state_dict.get(item.index.fqn),
+                                                    self._layout_of_storage_key.get(top_level_key(item.index.fqn))),
+            self.topology.rank, self.topology.world_size)
 
     def _check_values(self, plan: SavePlan) -> None:
         """Refuse what would not come back exactly (before anything is written), keep each proven
@@ -186,7 +284,28 @@ class ForgeSavePlanner(DefaultSavePlanner):
         self._pickled = {fqn: data for fqn, data in self._pickled.items() if fqn in kept}  # others: another rank's
         return super().finish_plan(new_plan)
 
+    @property
+    def summary(self) -> PlanSummary | str | None:
+        """Who holds each item of this rank's last local plan (planning on every rank), or why some
+        item's holders could not be named by this rank alone."""
+        return self._summary
+
+    @property
+    def placement_base(self) -> dict[int, int]:
+        """The loads the last derived placement started from, the same on every rank: the
+        coordinator's GLOBAL values (``global_value_bytes`` of rank 0)."""
+        return {0: self._coordinator_bytes} if self._coordinator_bytes else {}
+
+    def _signature_context(self) -> bytes:
+        """What a plan depends on besides the state's structure (see plan_cache.state_signature)."""
+        assert self.plan_cache is not None
+        return repr((type(self).__qualname__, self.topology.rank, self.plan_cache.topology_digest(self.topology),
+                     sorted((k, v.pattern.value, v.group_name) for k, v in self.layouts.items()),
+                     self.chunk_policy)).encode()
+
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        if self.exchange is not None and len(all_plans) == 1:
+            return self._plan_on_every_rank(all_plans[0])
         if self._topology_given and len(all_plans) != self.topology.world_size:
             # DCP saves as a single process when torch.distributed's default group is gone by the time
             # a (background) save starts: this rank's shards alone would pass for the whole state.
@@ -194,14 +313,140 @@ class ForgeSavePlanner(DefaultSavePlanner):
                 f"the save was planned by {len(all_plans)} rank(s), but the topology has "
                 f"{self.topology.world_size} (rank {self.topology.rank}); was the process group destroyed "
                 "while the save was starting? Nothing was written")
+        global_plan, metadata = self._gathered_global_plan(all_plans)
+        self.planned_by = "gather"
+        return global_plan, metadata
+
+    def _gathered_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        """Every rank's final plan and the metadata, from every rank's local plan (coordinator)."""
         placed = assign_writers(drop_shadowed_empty_mappings(all_plans))
         global_plan, metadata = create_default_global_save_plan(placed)
         if self.flatten_state_dict:
-            merged = dict(ChainMap(*[p.planner_data for p in global_plan if p.planner_data]))
-            metadata = dataclasses.replace(metadata, planner_data=merged)
+            metadata = dataclasses.replace(metadata, planner_data=merged_paths(global_plan))
         self.global_plan = global_plan
         self.metadata = metadata
         return global_plan, metadata
+
+    # --- planning on every rank by itself (use_collectives=False) -------------------------------
+    def _plan_on_every_rank(self, local_plan: SavePlan) -> tuple[list[SavePlan], Metadata]:
+        exchange = self.exchange
+        assert exchange is not None
+        if (exchange.rank, exchange.world_size) != (self.topology.rank, self.topology.world_size):
+            raise IncompleteSaveError(
+                f"the save's process group has rank {exchange.rank} of {exchange.world_size}, its topology rank "
+                f"{self.topology.rank} of {self.topology.world_size}: plan over the group the topology was "
+                "gathered on. Nothing was written")
+        error = self._error or exchange.failure
+        summed = exchange.sum(self._agreement_lanes(error))
+        if summed[_FAILED]:
+            exchange.raise_everywhere("planning the save", error)
+        if summed[_UNPLACEABLE] == 0 and all_agree(summed[_SETS]):
+            every_rank_cached = summed[_CACHED] == exchange.world_size and all_agree(summed[_GENERATION])
+            self.planned_by = "cache" if every_rank_cached else "declarations"
+            if every_rank_cached and self.plan_cache is not None:
+                self.plan_cache.hits += 1
+            final = self._derive(local_plan, summed[_GLOBAL_BYTES])
+        else:
+            final = self._gather_and_scatter(local_plan)
+        self._final = final
+        return [final], Metadata(state_dict_metadata={})
+
+    def _derive(self, local_plan: SavePlan, coordinator_bytes: int) -> SavePlan:
+        """This rank's final plan, once the ranks agree (reused from the cache when made from the same
+        structure and the same coordinator load). A failure here leaves nothing to write and is raised
+        on every rank at the commit (``commit_report``): no rank may stop while the others write."""
+        assert isinstance(self._summary, PlanSummary)
+        self._coordinator_bytes = coordinator_bytes
+        if self._cached is not None and self._cached.coordinator_bytes == coordinator_bytes:
+            return self._cached.final_plan
+        try:
+            return self._summary.final_plan(local_plan, self.placement_base)
+        except Exception as err:
+            self._error = err
+            return dataclasses.replace(local_plan, items=[])
+
+    def _agreement_lanes(self, error: Exception | None) -> list[int]:
+        lanes = [0] * (_AGREEMENT + 2 * LANES)
+        lanes[_FAILED] = int(error is not None)
+        if error is not None:
+            return lanes
+        if isinstance(self._summary, PlanSummary):
+            lanes[_SETS] = self._summary.agreement_terms()
+        else:
+            lanes[_UNPLACEABLE] = 1
+        if self.topology.rank == 0:
+            lanes[_GLOBAL_BYTES] = self.global_value_bytes()
+        generation = self.plan_cache.generation if self.plan_cache is not None else None
+        reusable = self._cached is not None and (
+            not self.exchange.is_coordinator or self.plan_cache.commit_for(generation) is not None)
+        lanes[_CACHED] = int(reusable)
+        world = self.topology.world_size
+        lanes[_GENERATION] = member_terms(b"generation " + set_name(range(world)), self.topology.rank, world,
+                                          (generation or "").encode() if reusable else b"")
+        return lanes
+
+    def global_value_bytes(self) -> int:
+        """Bytes of the GLOBAL plain values in this rank's local plan (rank 0 alone plans them; DTensor
+        shards follow their mesh): what the coordinator writes besides its share of shared state."""
+        def is_global(item: WriteItem) -> bool:
+            layout = self._layout_of_storage_key.get(top_level_key(item.index.fqn))
+            return layout is not None and layout.pattern is SharingPattern.GLOBAL and item.type != WriteItemType.SHARD
+
+        return sum(item_bytes(item) for item in self.plan.items if is_global(item))
+
+    def _gather_and_scatter(self, local_plan: SavePlan) -> SavePlan:
+        """DCP's path: every rank's local plan on the coordinator, which places them and sends each
+        rank its final plan; a failure there raises on every rank."""
+        exchange = self.exchange
+        assert exchange is not None
+        self.planned_by = "gather"
+        plans = exchange.gather(local_plan)
+        failures, finals = None, None
+        if plans is not None:
+            try:
+                finals, _ = self._gathered_global_plan(plans)
+            except Exception as err:  # e.g. holders disagreeing on a shape: every rank raises it
+                failures = {exchange.rank: travelling(err, exchange.rank)}
+        return exchange.scatter_outcome("planning the save", failures, finals)
+
+    def commit_report(self) -> CommitReport | None:
+        """What the coordinator needs from this rank to commit (writer's finish, every rank); raises a
+        failure of this rank's planning left for the commit to share."""
+        if self._error is not None:
+            raise self._error
+        if self.planned_by == "declarations" and isinstance(self._summary, PlanSummary) and self._final is not None:
+            return self._summary.commit_report(self._final)
+        return None
+
+    def global_plan_and_metadata(self, reports: list[CommitReport | None], where: str
+                                 ) -> tuple[list[SavePlan], Metadata]:
+        """Every rank's final plan and the metadata to commit, from every rank's ``commit_report``
+        (writer's finish, coordinator)."""
+        if self.planned_by == "cache":
+            cached = self.plan_cache.commit_for(self.plan_cache.generation) if self.plan_cache else None
+            if cached is None:
+                raise IncompleteSaveError(f"not committing checkpoint {where}: the cached plan to reuse is gone")
+            self.global_plan = cached.global_plan
+            self.metadata = Metadata(state_dict_metadata=cached.metadata.state_dict_metadata,
+                                     planner_data=cached.metadata.planner_data)
+        elif self.planned_by == "declarations":
+            if any(report is None for report in reports):
+                raise IncompleteSaveError(f"not committing checkpoint {where}: rank(s) "
+                                          f"{[r for r, rep in enumerate(reports) if rep is None]} sent no plan")
+            self.global_plan, self.metadata = verified_global_plan(reports, self.topology.world_size, where)
+        return self.global_plan, self.metadata
+
+    def committed(self, generation: str) -> None:
+        """Keep this save's plans for the next save (writer's finish, every rank, once committed)."""
+        if self.plan_cache is None or self.planned_by not in ("cache", "declarations") or self._signature is None:
+            return
+        assert isinstance(self._summary, PlanSummary) and self._final is not None
+        skeleton = None
+        if self.exchange is not None and self.exchange.is_coordinator:
+            skeleton = CachedCommit(generation, list(self.global_plan), Metadata(
+                state_dict_metadata=self.metadata.state_dict_metadata, planner_data=self.metadata.planner_data))
+        self.plan_cache.remember(CachedPlan(self._signature, self.plan, self._summary, self._final,
+                                            self._coordinator_bytes, generation), skeleton)
 
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor | Any:
         if write_item.type == WriteItemType.BYTE_IO:

@@ -7,6 +7,12 @@ cover its share of the global plan, then index, metadata, manifest, commit).
 If the save fails (DCP raises its ``CheckpointException`` on every rank), the caller calls
 ``discard_failed_save`` on every rank: the coordinator removes what the save wrote.
 
+With ``dcp.save(..., use_collectives=False)`` (ranks planning on their own, planners/save.py) the
+writer needs ``exchange`` (the planner's): the coordinator claims the checkpoint id in
+``prepare_local_plan`` (the planner's agreement shares the outcome before anyone writes), a rank's
+failure to write is kept for ``finish``, and ``finish`` on every rank runs
+``shared_commit.commit_over_exchange``, which commits on the coordinator exactly as above.
+
 Files keep DCP's layout (``__<rank>_<n>.distcp`` holding ``torch.save`` blobs, written without the
 zip CRC pass, see torch_blob.py; a pickled ``.metadata`` with plain ``_StorageInfo`` entries), so
 DCP's own ``FileSystemReader`` reads them. Plain tensors and small values go into packs instead of a
@@ -58,10 +64,12 @@ from ..format.pack import (
     value_pickle,
 )
 from ..format.torch_blob import BlobEdges, save_tensor
+from ..rank_exchange import RankExchange
 from .backends import OutputStream, discard_after
 from .cross_check import coverage_problems
 from .lifecycle import CommitRecord, claim, commit, discard_claimed
 from .registry import open_backend, redact_url
+from .shared_commit import PlansForCommit, commit_over_exchange
 
 # Tensor blobs from this size on get their data offset recorded in the index, so a load reads them
 # straight into their destination in one read. Below it the zip parse costs more than the copy
@@ -194,6 +202,7 @@ class ForgeStorageWriter(StorageWriter):
     manifest (step, metrics). ``commit_gate``: called on the coordinator once every rank's data is
     durable, before any record is written; if it raises, the save fails and nothing is committed.
     ``on_committed``: called on the coordinator with the manifest once the commit marker exists.
+    ``exchange``: the collectives of a save whose ranks plan on their own (the planner's).
 
     A failed save is cleaned up by ``discard_failed_save``, which the caller of ``dcp.save`` calls on
     every rank once DCP raised the failure everywhere (``CheckpointCoordinator`` does).
@@ -203,7 +212,8 @@ class ForgeStorageWriter(StorageWriter):
                  thread_count: int = 2, extra: Mapping[str, Any] | None = None,
                  training_args_hash: str | None = None,
                  commit_gate: Callable[[], None] | None = None,
-                 on_committed: Callable[[CheckpointManifest], None] | None = None) -> None:
+                 on_committed: Callable[[CheckpointManifest], None] | None = None,
+                 exchange: RankExchange | None = None) -> None:
         super().__init__()
         if not isinstance(thread_count, int) or thread_count < 1:
             raise ValueError(f"'thread_count' must be a positive int (got {thread_count!r})")
@@ -219,6 +229,10 @@ class ForgeStorageWriter(StorageWriter):
         self._global_plan: list[SavePlan] | None = None  # on the coordinator, once planned
         self.is_coordinator = False
         self.rank = 0
+        self.exchange = exchange
+        self._own_collectives = False  # use_collectives=False: the exchange replaces DCP's gathers
+        self._planner: SavePlanner | None = None
+        self._write_error: Exception | None = None
         self.reset(url)
 
     # --- DCP StorageWriter protocol ----------------------------------------------------------
@@ -238,11 +252,24 @@ class ForgeStorageWriter(StorageWriter):
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
         self.rank = int(kwargs.get("rank", 0) or 0)
+        self._own_collectives = not kwargs.get("use_collectives", True)
+        self._planner, self._write_error = None, None
+        if self._own_collectives and self.exchange is None:
+            raise ValueError("dcp.save(use_collectives=False) with a ForgeStorageWriter needs exchange=: the "
+                             "RankExchange its ForgeSavePlanner plans over")
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        if self._own_collectives and self.is_coordinator:
+            # Before any rank writes: the planner's agreement, next, shares a failure with every rank.
+            try:
+                self.claim_directory()
+            except Exception as err:
+                self.exchange.note_failure(err)
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        if self._own_collectives:  # each rank's own plan, claimed in prepare_local_plan
+            return [dataclasses.replace(plan, storage_data=_RankFiles(self.rank)) for plan in plans]
         # Runs on the coordinator before any rank writes; an error here reaches every rank.
         self.claim_directory()
         self._global_plan = [dataclasses.replace(plan, storage_data=_RankFiles(rank))
@@ -252,6 +279,21 @@ class ForgeStorageWriter(StorageWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         self._layouts = getattr(planner, "layouts", {}) or {}
         self._topology = getattr(planner, "topology", None)
+        if not self._own_collectives:
+            return self._write_plan(plan, planner)
+        self._planner = planner
+        try:  # kept for finish, where every rank learns of it: no rank may wait for a peer that raised
+            if not isinstance(planner, PlansForCommit):
+                raise ValueError(f"dcp.save(use_collectives=False) with a ForgeStorageWriter needs a planner that "
+                                 f"plans on every rank (ForgeSavePlanner with exchange=), not {type(planner).__name__}")
+            return self._write_plan(plan, planner)
+        except Exception as err:
+            self._write_error = err
+            done: Future[list[WriteResult]] = Future()
+            done.set_result([])
+            return done
+
+    def _write_plan(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         rank = plan.storage_data.rank if isinstance(plan.storage_data, _RankFiles) else self.rank
         bins = _bins(plan.items, self.thread_count)
         results: list[WriteResult] = []
@@ -368,6 +410,22 @@ class ForgeStorageWriter(StorageWriter):
             raise IncompleteSaveError(f"not committing checkpoint {redact_url(self.url)}: {shown}")
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        if self._own_collectives:
+            planner = self._planner if isinstance(self._planner, PlansForCommit) else None
+            commit_over_exchange(self.exchange, planner, results[0] if results else [], self._write_error,
+                                 self._commit_gathered, redact_url(self.url))
+            return
+        self._commit(metadata, results)
+
+    def _commit_gathered(self, global_plan: list[SavePlan], metadata: Metadata,
+                         results: list[list[WriteResult]]) -> str:
+        """The coordinator's commit of a save whose ranks planned on their own; returns the save id."""
+        self._global_plan = [dataclasses.replace(plan, storage_data=_RankFiles(rank))
+                             for rank, plan in enumerate(global_plan)]
+        self._commit(metadata, results)
+        return self.save_id
+
+    def _commit(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         started = time.perf_counter()
         self._refuse_incomplete(metadata, results)
         if self.commit_gate is not None:

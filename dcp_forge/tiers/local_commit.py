@@ -33,6 +33,7 @@ from ..errors import os_error_context
 from ..format.index import ItemRecord
 from ..format.names import INDEX_FILE, MANIFEST_FILE, METADATA_FILE, TIER_FILE
 from ..format.tier_record import LOCAL, TierRecord
+from ..rank_exchange import RankExchange
 from ..storage import (
     CommitRecord,
     ForgeStorageWriter,
@@ -64,12 +65,12 @@ class NodeLocalWriter(ForgeStorageWriter):
 
     def __init__(self, url: str, save_id: str, site: TierSite, *, thread_count: int = 2,
                  extra: Mapping[str, Any] | None = None, training_args_hash: str | None = None,
-                 commit_gate: Callable[[], None] | None = None) -> None:
+                 commit_gate: Callable[[], None] | None = None, exchange: RankExchange | None = None) -> None:
         self._agreed_save_id = save_id
         self.site = site
         self.commit_record: CommitRecord | None = None
         super().__init__(url, None, thread_count=thread_count, extra=extra, training_args_hash=training_args_hash,
-                         commit_gate=commit_gate)
+                         commit_gate=commit_gate, exchange=exchange)
 
     def reset(self, checkpoint_id: str | None = None) -> None:
         super().reset(checkpoint_id)

@@ -20,6 +20,7 @@ from .. import collectives
 from ..errors import ComponentDeclarationError, os_error_context
 from ..format.names import new_save_id
 from ..format.tier_record import LOCAL
+from ..rank_exchange import RankExchange
 from ..storage import (
     CheckpointState,
     RecordFiles,
@@ -100,10 +101,12 @@ class TieredStorage:
         return save_id, due
 
     def writer(self, checkpoint_id: str, save_id: str, *, extra: Mapping[str, Any] | None,
-               training_args_hash: str | None, commit_gate: Callable[[], None] | None) -> NodeLocalWriter:
+               training_args_hash: str | None, commit_gate: Callable[[], None] | None,
+               exchange: RankExchange | None = None) -> NodeLocalWriter:
         """The DCP storage writer of this rank's node copy of ``checkpoint_id``."""
         return NodeLocalWriter(self.site.copy_path(checkpoint_id), save_id, self.site, thread_count=self.thread_count,
-                               extra=extra, training_args_hash=training_args_hash, commit_gate=commit_gate)
+                               extra=extra, training_args_hash=training_args_hash, commit_gate=commit_gate,
+                               exchange=exchange)
 
     def finish_save(self, writer: NodeLocalWriter, checkpoint_id: str, drain: bool) -> LocalCommit:
         """After DCP's save (on the caller's thread: the foreground or the async save's background thread):

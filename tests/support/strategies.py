@@ -14,11 +14,13 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from dcp_forge._torch_compat import local_shard_shape, simulated_device_mesh
+from dcp_forge.core.agreement import LANES, PRIMES
 from dcp_forge.core.components import ComponentLayout, StateComponent
 from dcp_forge.core.patterns import SharingPattern
 from dcp_forge.core.placement import ChunkPolicy
 from dcp_forge.core.topology import Topology
 from dcp_forge.planners import ForgeLoadPlanner, ForgeSavePlanner
+from dcp_forge.planners.derived import PlanSummary
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8]
 
@@ -113,6 +115,38 @@ def save_plans(states: list[dict], layouts: dict[str, ComponentLayout], topology
         plans.append(planner.create_local_plan())
         planners.append(planner)
     return plans, planners
+
+
+@dataclass
+class DerivedJob:
+    """Every rank's planning of one save by itself, simulated in one process (planners/derived.py)."""
+
+    local: list  # every rank's local plan
+    summaries: list[PlanSummary | str]
+    summed: list[int]  # the agreement lanes, summed over the ranks as the all-reduce would
+    finals: list  # every rank's own final plan (only meaningful where the ranks agree)
+    coordinator_bytes: int  # rank 0's GLOBAL values, which the placement balances against
+
+
+def derived_plans(states: list[dict], layouts: dict[str, ComponentLayout], topology: Topology,
+                  policy: ChunkPolicy) -> DerivedJob:
+    """What each rank of ``topology`` plans by itself for ``states[rank]``."""
+    plans, planners = save_plans(states, layouts, topology, policy)
+    summaries = [planner.summarize_holders(plan) for planner, plan in zip(planners, plans, strict=True)]
+    summed = [0] * LANES
+    for summary in summaries:
+        if isinstance(summary, PlanSummary):
+            summed = [(a + b) % p for a, b, p in zip(summed, summary.agreement_terms(), PRIMES, strict=True)]
+    coordinator_bytes = planners[0].global_value_bytes()  # what the all-reduce shares besides
+    base = {0: coordinator_bytes} if coordinator_bytes else {}
+    finals = [summary.final_plan(plan, base) if isinstance(summary, PlanSummary) else None
+              for summary, plan in zip(summaries, plans, strict=True)]
+    return DerivedJob(plans, summaries, summed, finals, coordinator_bytes)
+
+
+def commit_reports(job: DerivedJob) -> list:
+    """What every rank of ``job`` would report to the coordinator after writing its final plan."""
+    return [summary.commit_report(final) for summary, final in zip(job.summaries, job.finals, strict=True)]
 
 
 # --- N -> M resharding ------------------------------------------------------------------------
