@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("dcp_forge.storage",),
     ("dcp_forge.planners", "dcp_forge.replication"),
     ("dcp_forge.ops", "dcp_forge.loading"),
-    ("dcp_forge.async_save", "dcp_forge.teardown"),
+    ("dcp_forge.async_save", "dcp_forge.async_staging", "dcp_forge.async_process", "dcp_forge.teardown"),
     ("dcp_forge.coordinator",),
     ("dcp_forge.manager",),
     ("dcp_forge.integrations", "dcp_forge.trainers"),
