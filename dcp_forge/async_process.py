@@ -18,9 +18,12 @@ training process's GIL. What travels, and how:
 Why not DCP's ``AsyncCheckpointerType.PROCESS``: it keeps one daemon per interpreter for every
 saver, needs an initialised default process group (no single-process jobs), re-sends every staged
 storage's file descriptor through ``multiprocessing``'s resource sharer at every save (a socket
-connection each), and has no way to close it. Like DCP's, the upload process is started with
-``spawn``: a script that saves this way needs the ``if __name__ == "__main__":`` guard, because
-``spawn`` imports the main module again in the new process.
+connection each), has no way to close it, and starts it with ``multiprocessing``'s ``spawn``, which
+imports the script's main module again (a script without the ``if __name__ == "__main__":`` guard
+runs twice) and is refused in a daemonic process. The upload process here is a plain interpreter
+(``subprocess``) running ``serve``, over a socket pair it inherits; it learns the training
+process's ``sys.path`` first, so that whatever the training process can import (a custom fsspec
+filesystem the writer holds, say) it can too.
 
 Lifecycle: the training process starts its upload process when its coordinator is built, and the
 first save joins the upload processes into their group (collective on every rank). The upload process
@@ -39,16 +42,18 @@ import datetime
 import io
 import logging
 import mmap
-import multiprocessing
 import os
 import pickle
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from multiprocessing.reduction import recvfds, sendfds
 from typing import Any
 
@@ -249,12 +254,20 @@ class UploadProcess:
         self.world_size = world_size
         self.connected = False
         self.arenas = SharedArenas()
-        context = multiprocessing.get_context("spawn")
-        self._conn, child_conn = context.Pipe(duplex=True)
-        self._process = context.Process(target=serve, args=(child_conn, rank, world_size, os.getpid()), daemon=True,
-                                        name=f"dcp-forge-upload-{rank}")
-        self._process.start()
-        child_conn.close()
+        if not sys.executable:
+            raise RuntimeError("AsyncOptions(upload='process') needs sys.executable to start the upload process")
+        parent_end, child_end = socket.socketpair()
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", _BOOTSTRAP, str(child_end.fileno()), str(rank), str(world_size), str(os.getpid())],
+                pass_fds=(child_end.fileno(),))
+        except BaseException:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
+        self._conn = Connection(parent_end.detach())
+        self._conn.send(list(sys.path))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forge-upload-{rank}")
 
     def connect(self, group: Any, master_host: str) -> None:
@@ -296,9 +309,10 @@ class UploadProcess:
         try:
             return self._conn.recv()
         except (EOFError, OSError) as err:
-            self._process.join(5)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(5)
             raise RuntimeError(f"rank {self.rank}: the upload process (pid {self._process.pid}) is gone (exit code "
-                               f"{self._process.exitcode}); the save in flight, if any, was not committed") from err
+                               f"{self._process.returncode}); the save in flight, if any, was not committed") from err
 
     def submit(self, staged: dict[str, Any] | Future[dict[str, Any]], writer: ForgeStorageWriter,
                planner: ForgeSavePlanner) -> Future[CheckpointManifest | None]:
@@ -333,26 +347,39 @@ class UploadProcess:
         return self._process.pid
 
     def alive(self) -> bool:
-        return self._process.is_alive()
+        return self._process.poll() is None
 
     def close(self, timeout: float = 60.0) -> None:
         """Stop the upload process (after the request it serves, if any) and free the shared memory
         it has not been handed. Local; idempotent."""
-        if self._process.is_alive():
+        if self.alive():
             with contextlib.suppress(OSError):
                 self._conn.send(("stop",))
-            self._process.join(timeout)
-            if self._process.is_alive():
-                logger.warning("rank %d: the upload process did not stop within %.0f s; terminating it",
+            try:
+                self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("rank %d: the upload process did not stop within %.0f s; killing it",
                                self.rank, timeout)
-                self._process.terminate()
-                self._process.join(5)
+                self._process.kill()
+                self._process.wait()
         self._conn.close()
         self._executor.shutdown(wait=False)
         self.arenas.close()
 
 
 # --- the upload process's side ------------------------------------------------------------------
+# What the upload process runs: the socket it inherited, then the training process's sys.path (before
+# importing anything of ours), then serve().
+_BOOTSTRAP = """
+import sys
+from multiprocessing.connection import Connection
+conn = Connection(int(sys.argv[1]))
+sys.path[:] = conn.recv()
+from dcp_forge.async_process import serve
+serve(conn, int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+"""
+
+
 def serve(conn: Any, rank: int, world_size: int, parent_pid: int) -> None:
     """The upload process: join the upload group, then save what the training process sends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -388,9 +415,10 @@ def _join_upload_group(conn: Any, rank: int, world_size: int) -> None:
         store = dist.TCPStore("0.0.0.0", 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
         conn.send(("store", store.port))
     else:
-        kind, host, port = conn.recv()
-        if kind != "store":
-            raise RuntimeError(f"upload process of rank {rank}: expected the store's address, got {kind!r}")
+        message = conn.recv()
+        if message[0] != "store":  # told to stop before the group was complete
+            raise RuntimeError(f"upload process of rank {rank}: expected the store's address, got {message[0]!r}")
+        _, host, port = message
         store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
     dist.init_process_group("gloo", store=dist.PrefixStore("dcp-forge-upload", store), rank=rank,
                             world_size=world_size, timeout=timeout)
