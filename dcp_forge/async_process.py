@@ -38,7 +38,6 @@ uploads.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import io
 import logging
 import mmap
@@ -61,6 +60,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.constants import default_pg_timeout
 
 from ._torch_compat import single_process_dcp
 from .errors import first_rank_failure
@@ -410,7 +410,9 @@ def _exit_with_parent(parent_pid: int) -> None:
 def _join_upload_group(conn: Any, rank: int, world_size: int) -> None:
     if world_size == 1:
         return
-    timeout = datetime.timedelta(seconds=START_TIMEOUT_S)
+    # torch's default for process groups, as the thread uploads' background group has: a collective
+    # of a save waits for the slowest rank's writes.
+    timeout = default_pg_timeout
     if rank == 0:  # hosts the store, on a port the system picks (no race for a "free" port)
         store = dist.TCPStore("0.0.0.0", 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
         conn.send(("store", store.port))

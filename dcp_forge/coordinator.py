@@ -298,10 +298,14 @@ class CheckpointCoordinator:
         ``Optimizer.register_step_pre_hook``). Returns the hook's handle (``.remove()`` takes it off).
 
         Optimizer steps are where parameters and optimizer state change; other places that change
-        saved tensors in place need ``wait_for_staging()`` or ``mutating()``.
+        saved tensors in place need ``wait_for_staging()`` or ``mutating()``. A wrapper that steps an
+        inner optimizer (accelerate's ``AcceleratedOptimizer``: ``.optimizer``) gets the hook on the
+        inner one, whose step is the one that runs.
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise DeclarationTypeError(f"install_step_hook needs a torch.optim.Optimizer (got {describe_type(optimizer)})")
+        while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+            optimizer = optimizer.optimizer
         saves = weakref.ref(self._async_saves)  # the hook must not keep a closed coordinator's saver alive
 
         def wait_for_staging(_optimizer: Any, _args: Any, _kwargs: Any) -> None:

@@ -68,7 +68,8 @@ class CheckpointManager:
         self.retention = RetentionPolicy(policy.save_total_limit, policy.preserve_n_best, policy.greater_is_better)
         self.coordinator = CheckpointCoordinator(components, process_groups, output_dir=policy.output_dir,
                                                  storage_options=policy.storage_options,
-                                                 training_args_hash=policy.training_args_hash)
+                                                 training_args_hash=policy.training_args_hash,
+                                                 async_options=policy.async_options)
         self.credit = MetricCredit()
         self.last_checkpoint: str | None = None
         self.last_saved_step: int | None = None
