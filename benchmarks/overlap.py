@@ -25,8 +25,11 @@ values); each variant's first save (which allocates its staging memory) happens 
 Checkpoints go to local disk and are deleted once committed.
 
 Reported per variant, medians over rounds: the cycle's time over the reference cycle's (the training
-time overhead; target <= 2%), the time the training thread was blocked per save (the call, the wait
-for the previous upload, waits at mutation points), and the mean time of the steps that ran while an
+time overhead; target <= 2%); where the training thread was blocked: in the save call, at mutation
+points (``stall``: the optimizer step waiting for an overlapped copy) and at the end of the cycle
+waiting for the upload (``wait``); the CPU seconds the save used (every other thread of the training
+process, and the upload process) over the reference cycle's training CPU seconds, which is what the
+save costs where it must share the training's cores; and the mean time of the steps that ran while an
 upload was in flight over the reference's mean step time (the training thread's slowdown from a
 background upload: thread vs process uploads).
 
@@ -102,7 +105,6 @@ class Saver:
     def __init__(self, variant: str, work: Workload, root: str) -> None:
         self.variant, self.work, self.root = variant, work, os.path.join(root, variant)
         os.makedirs(self.root, exist_ok=True)
-        self.blocked: list[float] = []  # per save: the call, plus waits at mutation points
         self._pending: Any = None
         self._hook: Any = None
         self._coord: CheckpointCoordinator | None = None
@@ -116,7 +118,6 @@ class Saver:
                 output_dir=self.root, async_options=AsyncOptions(staging=staging, upload=upload))
         self.save(-1)  # the first save allocates the staging memory: not part of the steady state
         self.finish()
-        self.blocked.clear()
 
     def attach(self) -> None:
         if self._coord is not None:
@@ -130,23 +131,26 @@ class Saver:
     def in_flight(self) -> bool:
         return self._pending is not None and not self._pending[0].done()
 
-    def _settle(self) -> None:
+    def child_pids(self) -> list[int]:
+        upload = self._coord._async_saves.upload_process if self._coord is not None else None
+        return [upload.pid] if upload is not None else []
+
+    def _settle(self) -> float:
+        """Wait for the save in flight and delete it; returns how long mutation points waited for it."""
         if self._pending is None:
-            return
+            return 0.0
         handle, path = self._pending
         self._pending = None
         if self._coord is not None:
-            if self.blocked:
-                self.blocked[-1] += handle.stall_seconds
             delete_checkpoint(handle.result())
-        else:
-            handle.result()
-            shutil.rmtree(path)
+            return handle.stall_seconds
+        handle.result()
+        shutil.rmtree(path)
+        return 0.0
 
     def save(self, step: int) -> None:
         if self.variant == "none":
             return
-        started = time.perf_counter()
         self._settle()  # one save in flight, as dcp_forge does: the previous one must be done
         path = os.path.join(self.root, f"checkpoint-{step}")
         if self._coord is not None:
@@ -154,11 +158,10 @@ class Saver:
         else:
             handle = dcp.async_save({"model": self.work.model, "optimizer": self.work.optimizer}, checkpoint_id=path,
                                     async_stager=self._stager, no_dist=True)
-        self.blocked.append(time.perf_counter() - started)
         self._pending = (handle, path)
 
-    def finish(self) -> None:
-        self._settle()
+    def finish(self) -> float:
+        return self._settle()
 
     def close(self) -> None:
         self.finish()
@@ -169,24 +172,43 @@ class Saver:
             self._stager.close()
 
 
+def _children_cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) the given child processes used so far (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def save_cycle(work: Workload, saver: Saver, save_every: int) -> dict:
     """One save and the steps until the next one (see the module docstring)."""
     saver.attach()
+    children = saver.child_pids()
+    cpu, train_cpu, child_cpu = time.process_time(), 0.0, _children_cpu_s(children)
     started = time.perf_counter()
     saver.save(0)
+    call_s = time.perf_counter() - started
     step_times: list[tuple[float, bool]] = []
     for _ in range(save_every):
         uploading = saver.in_flight()
-        t = time.perf_counter()
+        t, tc = time.perf_counter(), time.thread_time()
         work.step()
+        train_cpu += time.thread_time() - tc
         step_times.append((time.perf_counter() - t, uploading))
     waited = time.perf_counter()
-    saver.finish()
+    stall_s = saver.finish()
     cycle_s = time.perf_counter() - started
     saver.detach()
     during = [s for s, uploading in step_times if uploading]
-    blocked = saver.blocked.pop() + (time.perf_counter() - waited) if saver.blocked else 0.0
-    return {"cycle_s": cycle_s, "blocked_s": blocked, "step_s": statistics.mean(s for s, _ in step_times),
+    checkpoint_cpu = time.process_time() - cpu - train_cpu + _children_cpu_s(children) - child_cpu
+    return {"cycle_s": cycle_s, "call_s": call_s, "stall_s": stall_s, "wait_s": time.perf_counter() - waited,
+            "train_cpu_s": train_cpu, "checkpoint_cpu_s": checkpoint_cpu,
+            "step_s": statistics.mean(s for s, _ in step_times),
             "step_during_upload_s": statistics.mean(during) if during else None, "steps_during_upload": len(during)}
 
 
@@ -210,19 +232,28 @@ def bench_model(name: str, work: Workload, args: argparse.Namespace) -> dict:
 
 
 def report(results: dict, args: argparse.Namespace) -> None:
+    def med(rounds: list[dict], variant: str, fn: Callable[[dict, dict], float | None]) -> float | None:
+        values = [v for r in rounds if (v := fn(r[variant], r["none"])) is not None]
+        return statistics.median(values) if values else None
+
     for name, result in results.items():
         rounds = result["rounds"]
         print(f"\n{name}: state {result['state_bytes'] / (1 << 30):.3f} GiB, a save every {args.save_every} steps, "
               f"median of {len(rounds)} rounds; {torch.get_num_threads()} torch threads")
-        print(f"{'variant':<20} {'cycle s':>8} {'overhead':>9} {'blocked/save s':>15} {'step during upload':>19}")
+        print(f"{'variant':<19} {'cycle s':>7} {'overhead':>8} {'call s':>7} {'stall s':>7} {'wait s':>7} "
+              f"{'ckpt CPU/train CPU':>18} {'step during upload':>18}")
         for variant in args.variants:
-            overhead = statistics.median(r[variant]["cycle_s"] / r["none"]["cycle_s"] - 1 for r in rounds)
-            slowdowns = [r[variant]["step_during_upload_s"] / r["none"]["step_s"] for r in rounds
-                         if r[variant]["step_during_upload_s"] is not None]
-            slowdown = f"{statistics.median(slowdowns):.3f}x" if slowdowns else "-"
-            print(f"{variant:<20} {statistics.median(r[variant]['cycle_s'] for r in rounds):8.2f} "
-                  f"{100 * overhead:8.2f}% {statistics.median(r[variant]['blocked_s'] for r in rounds):15.3f} "
-                  f"{slowdown:>19}")
+            cells = [med(rounds, variant, lambda v, n: v["cycle_s"]),
+                     med(rounds, variant, lambda v, n: 100 * (v["cycle_s"] / n["cycle_s"] - 1)),
+                     med(rounds, variant, lambda v, n: v["call_s"]), med(rounds, variant, lambda v, n: v["stall_s"]),
+                     med(rounds, variant, lambda v, n: v["wait_s"]),
+                     med(rounds, variant, lambda v, n: 100 * v["checkpoint_cpu_s"] / n["train_cpu_s"]),
+                     med(rounds, variant, lambda v, n: None if v["step_during_upload_s"] is None
+                         else v["step_during_upload_s"] / n["step_s"])]
+            shown = [f"{cells[0]:7.2f}", f"{cells[1]:7.2f}%", *(f"{c:7.3f}" for c in cells[2:5]),
+                     f"{cells[5]:17.1f}%", "-" if cells[6] is None else f"{cells[6]:.3f}x"]
+            print(f"{variant:<19} {shown[0]:>7} {shown[1]:>8} {shown[2]:>7} {shown[3]:>7} {shown[4]:>7} "
+                  f"{shown[5]:>18} {shown[6]:>18}")
 
 
 def main() -> None:

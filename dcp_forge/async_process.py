@@ -27,12 +27,13 @@ filesystem the writer holds, say) it can too.
 
 Lifecycle: the training process starts its upload process when its coordinator is built, and the
 first save joins the upload processes into their group (collective on every rank). The upload process
-ignores SIGINT (Ctrl-C reaches the whole process group; the training process decides), serves one
-request at a time, and exits when told to (``close``, which the teardown paths reach only after the
-save in flight settled) or at once when the training process is gone (killed): an upload outliving its
-job could still be writing when a restarted job discards uncommitted checkpoints, and then commit a
-directory with files missing. So a killed job's save in flight is never committed, as with thread
-uploads.
+serves one request at a time and exits when told to (``close``) or at once when the training process
+is gone. It ignores SIGINT and SIGTERM, which often reach a whole process group (Ctrl-C, torchrun
+stopping its workers): the training process decides, and its teardown (``teardown.py``) waits for the
+save in flight before it exits, as with thread uploads. When the training process is gone, killed or
+exited, the upload process ends within ``PARENT_CHECK_S``: an upload outliving its job could still be
+writing when a restarted job discards uncommitted checkpoints, and then commit a directory with files
+missing. So a killed job's save in flight is never committed, as with thread uploads.
 """
 
 from __future__ import annotations
@@ -368,10 +369,12 @@ class UploadProcess:
 
 
 # --- the upload process's side ------------------------------------------------------------------
-# What the upload process runs: the socket it inherited, then the training process's sys.path (before
-# importing anything of ours), then serve().
+# What the upload process runs: signals the training process decides about ignored from the start, the
+# socket it inherited, then the training process's sys.path (before importing anything of ours), serve().
 _BOOTSTRAP = """
-import sys
+import signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
 from multiprocessing.connection import Connection
 conn = Connection(int(sys.argv[1]))
 sys.path[:] = conn.recv()
@@ -383,6 +386,7 @@ serve(conn, int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
 def serve(conn: Any, rank: int, world_size: int, parent_pid: int) -> None:
     """The upload process: join the upload group, then save what the training process sends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="forge-upload-watchdog", daemon=True).start()
     torch.set_num_threads(1)  # serialization and hashing run on the writer's threads, not torch's
     try:
