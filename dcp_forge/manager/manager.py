@@ -18,7 +18,9 @@ so a manager never touches checkpoints another tool put into the same ``output_d
 With ``async_save`` a save returns once the state is staged (``CheckpointCoordinator.async_save``);
 the checkpoint commits in the background, and retention for it runs when the manager next settles:
 at the next save, at the end of training (``settle``) or when closed. Until then ``last_checkpoint``
-names the previous committed one.
+names the previous committed one. With ``policy.async_options`` staging "overlapped", a loop of
+one's own declares its mutation points on ``manager.coordinator`` (``install_step_hook(optimizer)``,
+``mutating()``); the trainers do it themselves.
 """
 
 from __future__ import annotations
