@@ -389,5 +389,10 @@ if StateDictStager is not None and all(callable(getattr(StateDictStager, h, None
         def __init__(self, allocate: Callable[[int], torch.UntypedStorage]) -> None:
             super().__init__(pin_memory=False, share_memory=False)  # memory is allocate()'s business
             self._setup_deferral(allocate)
+
+        # DCP's recursive deep copy enters torch.no_grad() at every object it visits, which costs about
+        # as much as the walk itself; ``stage`` already runs under no_grad, so the recursion does not.
+        deepcopy_with_tensor_offload = getattr(StateDictStager.deepcopy_with_tensor_offload, "__wrapped__",
+                                               StateDictStager.deepcopy_with_tensor_offload)
 else:  # pragma: no cover - depends on the torch release
     DeferredCopyStager = None  # staging falls back to copying by hand at the call

@@ -133,6 +133,11 @@ def test_dcps_state_dict_stager_has_the_hooks_a_deferred_copy_overrides():
         "self", "storage", "non_blocking"]
     assert list(inspect.signature(StateDictStager._offload_tensor).parameters) == [
         "self", "x", "memo", "non_blocking"]
+    # the deep copy's undecorated recursion (its no_grad entered once, by stage)
+    assert list(inspect.signature(StateDictStager.deepcopy_with_tensor_offload.__wrapped__).parameters) == [
+        "self", "x", "memo", "_nil", "non_blocking"]
+    assert compat.DeferredCopyStager.deepcopy_with_tensor_offload is (
+        StateDictStager.deepcopy_with_tensor_offload.__wrapped__)
 
 
 def test_a_deferred_copy_stages_views_on_one_buffer_filled_later():
