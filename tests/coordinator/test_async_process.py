@@ -87,3 +87,16 @@ def test_a_dead_upload_process_fails_the_save_and_commits_nothing(tmp_path):
     assert latest_checkpoint(tmp_path) == str(tmp_path / "first")
     coord.close()  # the failure reached the caller: closing raises nothing
     assert list_checkpoints(tmp_path) == [str(tmp_path / "first")]
+
+
+@pytest.mark.s3
+def test_an_upload_process_saves_to_object_storage(s3_url, s3_storage_options):
+    """The writer travels to the upload process with its storage options (its S3 clients are rebuilt there)."""
+    weights = {"w": torch.arange(1 << 15, dtype=torch.float32), "step": 3}
+    with CheckpointCoordinator([StateComponent("box", Box(weights), "global")], output_dir=s3_url,
+                               storage_options=s3_storage_options, async_options=PROCESS) as coord:
+        path = coord.async_save(checkpoint_id="c").result()
+    target = Box({"w": torch.zeros(1 << 15), "step": None})
+    CheckpointCoordinator([StateComponent("box", target, "global")], output_dir=s3_url,
+                          storage_options=s3_storage_options).load_checkpoint(path)
+    assert torch.equal(target.state["w"], weights["w"]) and target.state["step"] == 3
