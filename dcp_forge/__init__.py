@@ -8,6 +8,7 @@ from ._version import __version__
 # ``inspect`` then start without torch (0.3 s instead of seconds). A name added here must also be
 # added to ``__all__``; tests/ops/test_cli.py checks that the inspection commands stay torch-free.
 _EXPORTS = {
+    "AsyncOptions": "async_save",
     "AsyncSaveHandle": "async_save",
     "CheckpointCoordinator": "coordinator",
     "read_manifest": "coordinator",
@@ -25,6 +26,7 @@ _EXPORTS = {
     "StateMismatchError": "errors",
     "TopologyChangeError": "errors",
     "TopologyChangeWarning": "errors",
+    "UndeclaredMutationError": "errors",
     "UnexpectedComponentError": "errors",
     "UnsafeCheckpointError": "errors",
     "UnsupportedFormatError": "errors",
@@ -71,12 +73,13 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "AsyncSaveError", "AsyncSaveHandle", "CheckpointCoordinator", "CheckpointExistsError", "CheckpointManifest",
-    "CheckpointNotFoundError", "ComponentDeclarationError", "ComponentManifest", "DrainError", "ForgeError", "IncompleteSaveError",
-    "IntegrityError", "LoadResult", "LocalTier", "LocationNotFoundError", "MissingComponentError", "ModelState", "OptimizerState",
+    "AsyncOptions", "AsyncSaveError", "AsyncSaveHandle", "CheckpointCoordinator", "CheckpointExistsError",
+    "CheckpointManifest", "CheckpointNotFoundError", "ComponentDeclarationError", "ComponentManifest", "DrainError",
+    "ForgeError", "IncompleteSaveError", "IntegrityError", "LoadResult", "LocalTier", "LocationNotFoundError",
+    "MissingComponentError", "ModelState", "OptimizerState",
     "Problem", "ProblemKind", "RNGState", "ReplicationError", "SharingPattern", "StateComponent", "StateMismatchError",
     "Topology", "TopologyChangeError", "TopologyChangeWarning", "TopologyPolicy", "TrainingProgress",
-    "UnexpectedComponentError", "UnsafeCheckpointError",
+    "UndeclaredMutationError", "UnexpectedComponentError", "UnsafeCheckpointError",
     "UnsupportedFormatError", "UnsupportedValueError",
     "ValidationLevel", "delete_checkpoint", "discard_partial_checkpoints", "export_hf", "gather_topology",
     "latest_checkpoint", "list_checkpoints", "load_hf_into", "read_manifest", "verify_checkpoint", "__version__",

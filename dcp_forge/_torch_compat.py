@@ -268,16 +268,6 @@ except ImportError:  # pragma: no cover - depends on the torch release
     StateDictStager = None  # type: ignore[assignment,misc]
 
 
-def install_state_dict_stager(stager: Any, inner: Any) -> bool:
-    """Make DCP's ``DefaultStager`` ``stager`` copy state through ``inner`` (a ``StateDictStager``,
-    which keeps one CPU buffer per source storage across saves); False where this torch's
-    ``DefaultStager`` has no such part to replace (the caller then stages by hand)."""
-    if StateDictStager is None or not isinstance(getattr(stager, "_state_dict_stager", None), StateDictStager):
-        return False
-    stager._state_dict_stager = inner
-    return True
-
-
 # --- torch.save without its CRC pass -------------------------------------------------------------
 def _zip_writer_without_crc() -> Callable[[torch.Tensor, Any], None] | None:
     """torch.save's own zip writer with ``compute_crc32=False`` for one call, if this torch has the
@@ -326,3 +316,89 @@ def save_tensor_without_crc(tensor: torch.Tensor, stream: Any) -> None:
             if counted.written:
                 raise
     torch.save(tensor, stream)
+
+
+# --- staging with deferred copies ----------------------------------------------------------------
+def tensor_version(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter (autograd's ``_version``: every in-place change through a tensor
+    sharing it, views and ``detach()``-ed aliases included, adds one); None where torch has none."""
+    version = getattr(tensor, "_version", None)
+    return version if isinstance(version, int) else None
+
+
+# The two hooks of DCP's StateDictStager a deferred copy overrides: its per-storage copy (called once
+# per distinct source storage of a stage call) and its per-tensor offload (which calls the former).
+STAGER_HOOKS = ("_stage_untyped_storage", "_offload_tensor")
+
+
+class _DeferringHooks:
+    """What ``DeferredCopyStager`` adds to DCP's ``StateDictStager`` (a mixin, so that the class exists
+    only where torch has the stager it builds on)."""
+
+    def _setup_deferral(self, allocate: Callable[[int], torch.UntypedStorage]) -> None:
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self._allocate = allocate
+        # One staging buffer per source storage, weakly keyed: freed with the source.
+        self._buffers = WeakIdKeyDictionary()
+        self._defer_min_bytes: int | None = None
+        self._deferred_ids: set[int] = set()
+        self.deferred: list[tuple[torch.UntypedStorage, torch.UntypedStorage]] = []
+        self.watched: list[tuple[torch.Tensor, int | None]] = []
+
+    def stage_deferring(self, state_dict: Any, defer_min_bytes: int | None, non_blocking: bool = False) -> Any:
+        """A staged copy of ``state_dict`` whose storages of at least ``defer_min_bytes`` bytes are not
+        copied yet (None: copy every one now). Afterwards ``deferred`` lists their (source, buffer)
+        pairs, to copy before the staged copy is used, and ``watched`` the source tensors on them with
+        their version counters at this call."""
+        self._defer_min_bytes = defer_min_bytes
+        self._deferred_ids = set()
+        self.deferred, self.watched = [], []
+        return self.stage(state_dict, non_blocking=non_blocking)  # type: ignore[attr-defined]
+
+    def _stage_untyped_storage(self, storage: torch.UntypedStorage, non_blocking: bool = False) -> torch.UntypedStorage:
+        nbytes = storage.nbytes()
+        buffer = self._buffers.get(storage)
+        if buffer is None or buffer.nbytes() != nbytes:  # new, or the source was resized in place
+            buffer = self._allocate(nbytes)
+            self._buffers[storage] = buffer
+        if self._defer_min_bytes is not None and nbytes >= self._defer_min_bytes:
+            self.deferred.append((storage, buffer))
+            self._deferred_ids.add(id(storage))
+        else:
+            buffer.copy_(storage, non_blocking=non_blocking)
+        return buffer
+
+    def _offload_tensor(self, x: torch.Tensor, memo: Any, non_blocking: bool = False) -> torch.Tensor:
+        staged = super()._offload_tensor(x, memo, non_blocking=non_blocking)  # type: ignore[misc]
+        # As DCP decides whether a tensor has a storage of its own to stage (wrapper subclasses such
+        # as DTensor have none: their inner tensors are staged through their slots).
+        if (type(x) is torch.Tensor or x.data_ptr() != 0) and id(x.untyped_storage()) in self._deferred_ids:
+            self.watched.append((x, tensor_version(x)))
+        return staged
+
+    def buffer_count(self) -> int:
+        return len(self._buffers)
+
+    def close(self) -> None:
+        super().close()  # type: ignore[misc]
+        self._buffers.clear()
+        self.deferred, self.watched = [], []
+
+
+if StateDictStager is not None and all(callable(getattr(StateDictStager, h, None)) for h in STAGER_HOOKS):
+    class DeferredCopyStager(_DeferringHooks, StateDictStager):
+        """DCP's ``StateDictStager`` (deep copy with tensors staged into CPU buffers kept per source
+        storage, views rebuilt on their staged base) whose buffers come from ``allocate(nbytes)`` and
+        whose large copies can be left for later (``stage_deferring``)."""
+
+        def __init__(self, allocate: Callable[[int], torch.UntypedStorage]) -> None:
+            super().__init__(pin_memory=False, share_memory=False)  # memory is allocate()'s business
+            self._setup_deferral(allocate)
+
+        # DCP's recursive deep copy enters torch.no_grad() at every object it visits, which costs about
+        # as much as the walk itself; ``stage`` already runs under no_grad, so the recursion does not.
+        deepcopy_with_tensor_offload = getattr(StateDictStager.deepcopy_with_tensor_offload, "__wrapped__",
+                                               StateDictStager.deepcopy_with_tensor_offload)
+else:  # pragma: no cover - depends on the torch release
+    DeferredCopyStager = None  # staging falls back to copying by hand at the call

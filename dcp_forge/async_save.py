@@ -9,46 +9,46 @@ global plan (a rank whose process group vanished mid-save never passes for done)
 checkpoint is committed exactly like a sync one, and a crash at any moment before ``_COMMITTED``
 leaves the previous checkpoint the latest.
 
-Where DCP did not fit, and what this module does instead:
+``AsyncOptions`` chooses how the two halves run:
+
+- ``staging``: "blocking" copies the state at the call; "overlapped" copies small state at the call
+  and the large tensors while training goes on, until the next declared mutation point (an optimizer
+  step with ``CheckpointCoordinator.install_step_hook``, ``wait_for_staging()``, ``with mutating():``,
+  or any wait for the save). See ``async_staging`` for both and for the mutation check.
+- ``upload``: "thread" runs the upload on a thread of the training process (DCP's THREAD executor);
+  "process" in an upload process per rank, staging memory shared with it (``async_process``).
+
+Where DCP did not fit, and what this package does instead:
 
 - ``async_save`` without ``async_stager`` builds and frees a new ``DefaultStager`` per call (the caller
-  is blocked 4-8x a memcpy while fresh memory is faulted in). ``ForgeStager`` keeps one
-  ``DefaultStager`` for the coordinator's lifetime: its ``StateDictStager`` caches one staging buffer
-  per source storage (weakly keyed, freed with the source), so from the second save on staging is
-  one copy into already-allocated memory.
+  is blocked 4-8x a memcpy while fresh memory is faulted in). ``ForgeStager`` keeps its buffers for
+  the coordinator's lifetime, one per source storage, so from the second save on staging is one copy
+  into already-allocated memory (also when a source storage grew in place: its buffer is replaced).
 - ``StagingOptions()``'s defaults raise on a CPU-only machine (``use_non_blocking_copy`` needs an
-  accelerator) and pin memory only with CUDA: ``staging_options()`` picks per machine.
-- DCP's ``StateDictStager`` copies a tensor as its raw storage: a conjugate / negative view comes
-  back without its flag (other values, silently) and a quantized tensor without its quantizer (an
-  internal assert later), and a sparse one fails. dcp_forge's exact stager re-applies the flags to the
-  staged copy and copies quantized, sparse and nested tensors whole; meta tensors stay as they are (a
-  staged copy would be uninitialised memory), for the save planner to refuse.
-- DCP's stager raises ``AssertionError`` ("Cached storage size does not match") when a source storage
-  grew in place (``Tensor.resize_``) since the last save: ``ForgeStager`` then drops its buffers and
-  stages again with a fresh stager.
+  accelerator) and pin memory only with CUDA: staging picks per machine.
 - A staging failure on one rank raises only there, and the other ranks' background saves would wait
-  in collectives until the process group times out: ``ForgeStager.stage`` agrees on success across
-  ranks before any background work starts, and every rank raises.
+  in collectives until the process group times out: every rank agrees on success before any
+  background work starts, and every rank raises.
 - DCP's future has no bound on saves in flight and forgets failures nobody asked for; its errors are
   DCP's ``CheckpointException``. ``AsyncSaver`` allows one save in flight (the next waits: the reused
   buffers must not change under a running upload, one background group serves one save at a time,
   and commits stay in save order), remembers a failure until it reached the caller (the handle's
   ``result()``/``exception()``/done-callback, else the next save or ``close()`` raises it), and
   ``AsyncSaveHandle.result()`` raises the failing rank's own typed error.
-- DCP's PROCESS executor is not used: it re-imports ``__main__`` in a daemon, sets up a process group
-  of its own, and would need the planner's declarations pickled across; the THREAD executor with a
-  gloo group of our own keeps background collectives off the training loop's groups.
+- DCP's PROCESS executor is not used (``async_process`` says why); the THREAD executor runs with a
+  gloo group of our own, which keeps background collectives off the training loop's groups.
 
 Call protocol: every rank calls ``AsyncSaver.start`` together (the first call creates the background
-process group, a collective), with the same checkpoint path. ``settle``/``close`` are local, but wait
-for the in-flight save, which finishes only when every rank's upload does. A saver nobody closed is
-settled before its process group is destroyed, at interpreter exit and on SIGTERM (teardown.py).
+process group, a collective, and with ``upload="process"`` starts the upload processes), with the same
+checkpoint path. ``wait_for_staging``, ``settle`` and ``close`` are local, but wait for the in-flight
+save, which finishes only when every rank's upload does (and, overlapped, only once every rank
+released its staging). A saver nobody closed is settled before its process group is destroyed, at
+interpreter exit and on SIGTERM (teardown.py).
 """
 
 from __future__ import annotations
 
-import copy
-import functools
+import dataclasses
 import logging
 import threading
 import time
@@ -59,202 +59,81 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
-from torch.distributed.tensor import DTensor
+from torch.distributed.checkpoint.staging import StagingOptions
+from torch.distributed.checkpoint.stateful import Stateful
 
 from . import teardown
-from ._torch_compat import StateDictStager, install_state_dict_stager, tree_leaves
+from .async_process import UploadProcess, master_host, save_failure
+from .async_staging import ForgeStager, StagingInFlight, plain_buffer, staged_bytes, staging_options
 from .collectives import release_group
-from .core.tensors import is_plain_tensor, math_bits, with_math_bits
-from .errors import AsyncSaveError, first_rank_failure
+from .errors import AsyncSaveError
 from .format.manifest import CheckpointManifest
-from .format.values import is_opaque_tensor, opaque_copy
 from .planners import ForgeSavePlanner
 from .storage import ForgeStorageWriter, redact_url
 
+__all__ = ["AsyncOptions", "AsyncSaveHandle", "AsyncSaver", "ForgeStager", "StagingOptions", "release_group",
+           "staged_bytes", "staging_options"]
+
 logger = logging.getLogger(__name__)
 
-# DCP's wording for a cached staging buffer whose source storage changed size (see module docstring).
-_RESIZED_STORAGE_MESSAGE = "Cached storage size does not match"
+STAGING_MODES = ("blocking", "overlapped")
+UPLOAD_MODES = ("thread", "process")
 
 
-def staging_options() -> StagingOptions:
-    """Staging settings for this machine: synchronous (the caller may mutate the state once staging
-    returns), pinned buffers only with CUDA, non-blocking device copies only with an accelerator."""
-    return StagingOptions(use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
-                          use_async_staging=False, use_non_blocking_copy=torch.accelerator.is_available())
+@dataclasses.dataclass(frozen=True)
+class AsyncOptions:
+    """How ``async_save`` stages and uploads (see the module docstring).
 
-
-@functools.cache
-def _exact_state_dict_stager() -> type | None:
-    """DCP's ``StateDictStager`` (one cached CPU buffer per source storage), made exact: it stages a
-    tensor as its raw storage, so lazy-view flags are re-applied to the staged copy, and opaque
-    tensors (quantized, sparse, nested) are copied whole. None where this torch lacks the class."""
-    if StateDictStager is None:
-        return None
-
-    class ExactStateDictStager(StateDictStager):
-        def _offload_tensor(self, x: torch.Tensor, memo: dict, non_blocking: bool = False) -> torch.Tensor:
-            if is_plain_tensor(x) and (x.device.type == "meta" or is_opaque_tensor(x)):
-                staged = x.detach() if x.device.type == "meta" else opaque_copy(x)
-            else:
-                staged = super()._offload_tensor(x, memo, non_blocking=non_blocking)
-                if is_plain_tensor(x):
-                    staged = with_math_bits(staged, math_bits(x))
-            memo[id(x)] = staged
-            return staged
-
-    return ExactStateDictStager
-
-
-class _CopyingStager:
-    """Staging by hand, where torch's ``DefaultStager`` cannot stage through an exact
-    ``StateDictStager``: a deep copy (values exact, lazy views materialised), with no buffers kept
-    across saves."""
-
-    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        memo = {id(leaf): opaque_copy(leaf) for leaf in tree_leaves(state_dict) if is_opaque_tensor(leaf)}
-        return copy.deepcopy(state_dict, memo)
-
-    def close(self) -> None:
-        pass
-
-
-def exact_stager(options: StagingOptions) -> DefaultStager | _CopyingStager:
-    """A stager whose copies are exact (see ``_exact_state_dict_stager``): DCP's ``DefaultStager``
-    staging through the exact ``StateDictStager`` where this torch allows, else ``_CopyingStager``."""
-    stager = DefaultStager(options)
-    exact = _exact_state_dict_stager()
-    if exact is not None and install_state_dict_stager(
-            stager, exact(pin_memory=options.use_pinned_memory, share_memory=options.use_shared_memory)):
-        return stager
-    stager.close()
-    return _CopyingStager()
-
-
-def _local_tensors(value: Any) -> list[torch.Tensor]:
-    """The plain tensors holding a value's local data (a DTensor's local shard, a ShardedTensor's shards)."""
-    if isinstance(value, DTensor):
-        return [value.to_local()]
-    if hasattr(value, "local_shards"):
-        return [shard.tensor for shard in value.local_shards()]
-    return [value] if isinstance(value, torch.Tensor) else []
-
-
-def staged_bytes(staged: Any) -> int:
-    """Bytes of the distinct storages behind the tensors of a staged state dict (views count once)."""
-    storages = {}
-    for leaf in tree_leaves(staged):
-        for tensor in _local_tensors(leaf):
-            if tensor.device.type == "cpu" and tensor.layout == torch.strided and not tensor.is_nested:
-                storage = tensor.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
-
-
-class ForgeStager(AsyncStager):
-    """DCP's ``DefaultStager``, kept across saves, that every rank agrees succeeded.
-
-    ``stage`` (DCP's ``AsyncStager`` protocol; called by ``dcp.async_save`` on the caller's thread, on
-    every rank together) returns a staged copy independent of later in-place changes to the state.
-    Views and tensors sharing a storage are staged as one copy of the whole base storage (DCP's
-    ``StateDictStager`` dedups by storage and rebuilds each view with its offset and strides), so a
-    small view of a large storage costs the large storage's bytes; ``last_staged_bytes`` tells. The
-    planner's row-chunks are cut later, from the staged tensors (``exact_storage`` slices the staging
-    buffer without copying), so chunking costs no staging memory.
+    ``staging``: "blocking" (the call returns once the state is copied) or "overlapped" (the call
+    returns once the small state is copied; storages of at least ``lazy_min_bytes`` are copied in the
+    background until the next declared mutation point, which waits for what is left).
+    ``upload``: "thread" (a background thread of the training process) or "process" (an upload
+    process per rank, off the training process's GIL; Linux; scripts need the
+    ``if __name__ == "__main__":`` guard, since the process is started with ``spawn``).
     """
 
-    # stage() returns fully staged data; nothing to synchronize after DCP starts the upload.
-    _synchronize_after_execute = False
+    staging: str = "blocking"
+    upload: str = "thread"
+    lazy_min_bytes: int = 64 * 1024
 
-    def __init__(self, group: Any = None, rank: int = 0, options: StagingOptions | None = None) -> None:
-        self.options = options if options is not None else staging_options()
-        self.group = group
-        self.rank = rank
-        self._stager = exact_stager(self.options)
-        self.last_staged_bytes = 0
-        self.last_staging_seconds = 0.0
-        # Called once this rank staged, before the agreement (e.g. a replication check's wait(), which
-        # must finish before the caller may change the state); its error fails the save on every rank.
-        self.after_staging: Callable[[], None] | None = None
+    def __post_init__(self) -> None:
+        if self.staging not in STAGING_MODES:
+            raise ValueError(f"AsyncOptions.staging must be one of {STAGING_MODES} (got {self.staging!r})")
+        if self.upload not in UPLOAD_MODES:
+            raise ValueError(f"AsyncOptions.upload must be one of {UPLOAD_MODES} (got {self.upload!r})")
+        if not isinstance(self.lazy_min_bytes, int) or isinstance(self.lazy_min_bytes, bool) or self.lazy_min_bytes < 0:
+            raise ValueError(f"AsyncOptions.lazy_min_bytes must be an int >= 0 (got {self.lazy_min_bytes!r})")
 
-    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        started = time.perf_counter()
-        error: BaseException | None = None
-        staged: dict[str, Any] = {}
-        try:
-            staged = self._stage_reusing_buffers(state_dict)
-        except Exception as err:  # agreed on below, then raised on every rank
-            error = err
-        if self.after_staging is not None:
-            try:
-                self.after_staging()  # even after a staging failure: a check's thread must not outlive us
-            except Exception as err:
-                if error is None:
-                    error = err
-                else:
-                    error.add_note(f"after staging, {err.__class__.__name__}: {err}")
-        self._agree(error)
-        self.last_staged_bytes = staged_bytes(staged)
-        self.last_staging_seconds = time.perf_counter() - started
-        return staged
-
-    def _stage_reusing_buffers(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        try:
-            return self._stager.stage(state_dict)
-        except AssertionError as err:
-            if _RESIZED_STORAGE_MESSAGE not in str(err):
-                raise
-            logger.info("rank %d: a staged tensor's storage changed size; re-allocating staging buffers",
-                        self.rank)
-            self._stager.close()
-            self._stager = exact_stager(self.options)
-            return self._stager.stage(state_dict)
-
-    def _agree(self, error: BaseException | None) -> None:
-        """Raise on every rank if staging failed on any (so no rank starts a save the others skip)."""
-        if self.group is None:
-            if error is not None:
-                raise error
-            return
-        flag = torch.tensor([0 if error is None else 1], dtype=torch.int64)
-        dist.all_reduce(flag, group=self.group)
-        if int(flag.item()) == 0:
-            return
-        reports: list[Any] = [None] * dist.get_world_size(self.group)
-        mine = None if error is None else f"{type(error).__name__}: {error}"
-        dist.all_gather_object(reports, mine, group=self.group)
-        if error is not None:
-            raise error
-        failed = {rank: text for rank, text in enumerate(reports) if text is not None}
-        raise AsyncSaveError(f"async save not started: staging failed on rank(s) {sorted(failed)} "
-                             f"(rank {min(failed)}: {failed[min(failed)]}); rank {self.rank} staged fine")
-
-    def close(self) -> None:
-        """Free the staging buffers (they are re-created by the next ``stage``)."""
-        self._stager.close()
-        self._stager = exact_stager(self.options)
+    @property
+    def overlapped(self) -> bool:
+        return self.staging == "overlapped"
 
 
 class AsyncSaveHandle:
-    """One async save: returned once the state is staged; the upload and commit run in the background.
+    """One async save: returned once the state is staged (overlapped: once its small part is); the
+    upload and commit run in the background.
 
     ``result(timeout)`` gives the committed checkpoint's path, or raises the failing rank's error (the
     same typed error a sync save raises). Once a failure reached the caller this way (``result()``
     raised it, ``exception()`` returned it, or a done-callback was registered, which receives it),
-    the next save does not raise it again. ``done()`` never blocks. ``staging_seconds`` is how long the
-    caller was blocked staging, ``staged_bytes`` the staging memory this save used, ``upload_seconds``
-    the time from staged to committed (None until done). ``manifest`` is the committed manifest on the
-    coordinator rank (None on the others, and until done).
+    the next save does not raise it again. ``done()`` never blocks. ``result()`` and ``exception()``
+    are declared mutation points (they release an overlapped staging first). ``wait_for_staging()``
+    returns once the state is copied (at once for blocking staging).
+
+    Measures: ``staging_seconds``, how long the call blocked the caller; ``staged_bytes``, the staging
+    memory this save used; ``copy_seconds``, from the call until the overlapped copy was done (None
+    for blocking staging); ``stall_seconds``, how long mutation points waited for that copy together;
+    ``upload_seconds``, from the call's return to the commit (None until done). ``manifest`` is the
+    committed manifest on the coordinator rank (None on the others, and until done).
     """
 
-    def __init__(self, checkpoint_path: str) -> None:
+    def __init__(self, checkpoint_path: str, staging: StagingInFlight | None = None) -> None:
         self.checkpoint_path = checkpoint_path
         self.staging_seconds = 0.0
         self.staged_bytes = 0
         self.upload_seconds: float | None = None
         self.manifest: CheckpointManifest | None = None
+        self._staging = staging
         self._future: Future[str] = Future()
         self._staged_at = time.perf_counter()
         self.outcome_delivered = False  # the caller has seen (or a callback receives) how it ended
@@ -263,11 +142,25 @@ class AsyncSaveHandle:
         state = "pending" if not self.done() else ("failed" if self._future.exception() else "committed")
         return f"AsyncSaveHandle({redact_url(self.checkpoint_path)!r}, {state})"
 
+    @property
+    def copy_seconds(self) -> float | None:
+        return None if self._staging is None else self._staging.copy_seconds
+
+    @property
+    def stall_seconds(self) -> float:
+        return 0.0 if self._staging is None else self._staging.stall_seconds
+
+    def wait_for_staging(self) -> None:
+        """Return once this save no longer reads the live state: the caller may change it in place."""
+        if self._staging is not None:
+            self._staging.release()
+
     def done(self) -> bool:
         return self._future.done()
 
     def result(self, timeout: float | None = None) -> str:
         """The committed path; raises the background error, or TimeoutError after ``timeout`` seconds."""
+        self.wait_for_staging()
         try:
             return self._future.result(timeout)
         finally:
@@ -275,6 +168,7 @@ class AsyncSaveHandle:
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The background error (None once committed); TimeoutError after ``timeout`` seconds."""
+        self.wait_for_staging()
         try:
             return self._future.exception(timeout)
         finally:
@@ -288,21 +182,34 @@ class AsyncSaveHandle:
         self._future.add_done_callback(lambda _: fn(self))
 
 
+def _state_dicts(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` with every Stateful replaced by its ``state_dict()``, on the caller's thread (what DCP's
+    ``async_save`` does before staging)."""
+    return {key: value.state_dict() if isinstance(value, Stateful) else value for key, value in state.items()}
+
+
 class AsyncSaver:
     """Runs one coordinator's async saves: at most one in flight, failures never lost.
 
     ``group`` is the caller's (coordinator's) process group for the staging agreement; the
-    background group is created by the first ``start`` (collectively). ``settle_for_save`` (before each
-    ``start`` or sync save) waits for the previous save and raises its failure, unless the caller
-    already saw it on the handle.
-    Not thread-safe: call it from one thread per rank. A saver not closed is settled at teardown
-    (``dcp_forge.teardown``).
+    background group (and, with ``options.upload == "process"``, the upload processes) are created by
+    the first ``start`` (collectively). ``settle_for_save`` (before each ``start`` or sync save) waits
+    for the previous save and raises its failure, unless the caller already saw it on the handle.
+    ``wait_for_staging`` is the declared mutation point of an overlapped staging.
+    Not thread-safe, except ``wait_for_staging``: call it from one thread per rank. A saver not closed
+    is settled at teardown (``dcp_forge.teardown``).
     """
 
-    def __init__(self, group: Any = None, rank: int = 0) -> None:
+    def __init__(self, group: Any = None, rank: int = 0, options: AsyncOptions | None = None, *,
+                 world_size: int = 1, single_node: bool = True) -> None:
         self.group = group
         self.rank = rank
+        self.options = options if options is not None else AsyncOptions()
+        self.world_size = world_size
+        self.single_node = single_node
         self.background_group: Any = None
+        # Started now, so that its start-up overlaps the job's; joined to the others at the first save.
+        self.upload_process = UploadProcess(rank, world_size) if self.options.upload == "process" else None
         self._stager: ForgeStager | None = None
         self._in_flight: AsyncSaveHandle | None = None
         self._unraised: AsyncSaveHandle | None = None  # failed, not yet raised at a save or close
@@ -315,10 +222,18 @@ class AsyncSaver:
         handle = self._in_flight
         return handle if handle is not None and not handle.done() else None
 
+    def wait_for_staging(self) -> None:
+        """A declared mutation point: wait until the in-flight save no longer reads the live state (an
+        overlapped staging's copy is done and checked). Local; cheap when nothing is staging."""
+        handle = self._in_flight
+        if handle is not None:
+            handle.wait_for_staging()
+
     def _wait(self) -> AsyncSaveHandle | None:
         """Wait for the in-flight save; returns a failed one whose failure no save has raised yet."""
         handle = self._in_flight
         if handle is not None:
+            handle.wait_for_staging()
             handle._future.exception()  # waits, unseen by the caller; _finish records a failure
             self._in_flight = None
         with self._lock:
@@ -337,6 +252,7 @@ class AsyncSaver:
         if not raise_failure:
             handle = self._in_flight
             if handle is not None:
+                handle.wait_for_staging()
                 handle._future.exception()
                 self._in_flight = None
             return
@@ -389,6 +305,7 @@ class AsyncSaver:
         except BaseException:  # never raise during teardown (a second Ctrl-C, say)
             logger.exception("rank %d: waiting for the async save at teardown failed", self.rank)
 
+    # --- saving ----------------------------------------------------------------------------------
     def save_group(self) -> Any:
         """The process group background saves run over (None in a single process); the first call
         creates it, a collective: every rank reaches its first async save together (call protocol)."""
@@ -396,15 +313,30 @@ class AsyncSaver:
             self.background_group = dist.new_group(backend="gloo")
         return self.background_group
 
+    def _prepare(self) -> ForgeStager:
+        """What the first save creates, collectively: the background group, the upload processes, the stager."""
+        self.save_group()
+        allocate = plain_buffer
+        if self.upload_process is not None:
+            if not self.upload_process.connected:
+                self.upload_process.connect(self.group, master_host(self.single_node) if self.rank == 0 else "")
+            allocate = self.upload_process.arenas.allocate
+        if self._stager is None:
+            self._stager = ForgeStager(self.group, self.rank, overlap=self.options.overlapped,
+                                       lazy_min_bytes=self.options.lazy_min_bytes, allocate=allocate,
+                                       background_group=self.background_group)
+        return self._stager
+
     def start(self, state: Mapping[str, Any], checkpoint_path: str, writer: ForgeStorageWriter,
               planner: ForgeSavePlanner, *, after_staging: Callable[[], None] | None = None,
               on_committed: Callable[[AsyncSaveHandle], None] | None = None) -> AsyncSaveHandle:
         """Stage ``state`` (``{key: stateful}``) and save it to ``checkpoint_path`` in the background.
 
-        Collective, after ``settle_for_save()``. Returns once staged. ``after_staging()`` runs on the
-        caller's thread once this rank staged; if it raises (on any rank), every rank raises and nothing
-        is saved.
-        ``on_committed(handle)`` runs on the background thread after the commit, before ``result()``
+        Collective, after ``settle_for_save()``. Returns once staged (overlapped: once the small state
+        is). ``after_staging()`` runs once this rank's state is copied (overlapped: in the background,
+        before the next mutation point returns); if it raises (on any rank), every rank fails the save
+        and nothing is saved: at the call for blocking staging, on the handle for overlapped staging.
+        ``on_committed(handle)`` runs on a background thread after the commit, before ``result()``
         returns.
         """
         if self.closed:
@@ -413,35 +345,48 @@ class AsyncSaver:
             raise RuntimeError("AsyncSaver.start needs the previous save settled: call settle_for_save() "
                                "on every rank first")
         teardown.install_sigterm_handler()
-        background_group = self.save_group()
-        if self._stager is None:
-            self._stager = ForgeStager(self.group, self.rank)
+        stager = self._prepare()
         started = time.perf_counter()
-        self._stager.after_staging = after_staging
+        stager.after_staging, stager.label = after_staging, checkpoint_path
         try:
-            upload = dcp.async_save(dict(state), storage_writer=writer, planner=planner,
-                                    process_group=background_group, async_stager=self._stager,
-                                    no_dist=background_group is None,
-                                    use_collectives=planner.exchange is None)
+            upload = self._stage_and_submit(stager, state, writer, planner)
         finally:
-            self._stager.after_staging = None
-        handle = AsyncSaveHandle(checkpoint_path)
+            stager.after_staging = None
+        handle = AsyncSaveHandle(checkpoint_path, stager.in_flight)
         handle.staging_seconds = time.perf_counter() - started
-        handle.staged_bytes = self._stager.last_staged_bytes
+        handle.staged_bytes = stager.last_staged_bytes
         self._in_flight = handle
         upload.add_done_callback(lambda f: self._finish(handle, f, writer, on_committed))
         return handle
 
+    def _stage_and_submit(self, stager: ForgeStager, state: Mapping[str, Any], writer: ForgeStorageWriter,
+                          planner: ForgeSavePlanner) -> Future:
+        """Stage on the caller's thread and hand the upload to the background: a future of its outcome."""
+        if self.upload_process is None:
+            upload = dcp.async_save(dict(state), storage_writer=writer, planner=planner,
+                                    process_group=self.background_group, async_stager=stager,
+                                    no_dist=self.background_group is None,
+                                    use_collectives=planner.exchange is None)
+            return getattr(upload, "upload_completion", upload)  # an AsyncSaveResponse when staging is a future
+        staged = stager.stage(_state_dicts(state))
+        # The writer's commit gate (a replication check's verdict) stays here: staging awaited it already.
+        # So do the planner's exchange (a process group) and plan cache: the upload process plans over
+        # its own group (async_process._save), without a cache of its own across saves.
+        writer.commit_gate = None
+        writer.exchange = planner.exchange = None
+        planner.plan_cache = None
+        return self.upload_process.submit(staged, writer, planner)
+
     def _finish(self, handle: AsyncSaveHandle, upload: Future, writer: ForgeStorageWriter,
                 on_committed: Callable[[AsyncSaveHandle], None] | None) -> None:
-        """Background thread: turn DCP's outcome into the handle's, bookkeeping first."""
+        """Background thread: turn the upload's outcome into the handle's, bookkeeping first."""
         handle.upload_seconds = time.perf_counter() - handle._staged_at
         error = upload.exception()
-        if isinstance(error, CheckpointException):  # raised on every rank: the save failed everywhere
-            error = first_rank_failure(error) or error
-            writer.discard_failed_save(error, self.background_group)
+        if error is not None:  # DCP's CheckpointException is raised on every rank: the save failed everywhere
+            error = save_failure(error, writer, self.background_group)
         if error is None:
-            handle.manifest = writer.manifest
+            result = upload.result()
+            handle.manifest = result if isinstance(result, CheckpointManifest) else writer.manifest
             if on_committed is not None:
                 try:
                     on_committed(handle)
@@ -463,7 +408,8 @@ class AsyncSaver:
         handle._future.set_exception(error)
 
     def close(self, raise_failure: bool = True) -> None:
-        """Wait for the in-flight save, free the staging buffers and the background group.
+        """Wait for the in-flight save, stop the upload process, free the staging buffers and the
+        background group.
 
         Raises AsyncSaveError for a failure that has not reached the caller (not seen on its handle,
         not raised at a save), unless ``raise_failure`` is False: then it was only logged. Idempotent.
@@ -475,6 +421,9 @@ class AsyncSaver:
         finally:
             self.closed = True
             teardown.unregister(self)
+            if self.upload_process is not None:
+                self.upload_process.close()
+                self.upload_process = None
             if self._stager is not None:
                 self._stager.close()
                 self._stager = None

@@ -10,6 +10,12 @@ before ``dist.destroy_process_group()``. A forgotten ``close()`` loses nothing: 
 group, interpreter exit and SIGTERM first wait for the save in flight (``dcp_forge.teardown``), and a
 save commits only once every rank's write results cover the whole plan.
 
+Overlapped staging (``async_options=AsyncOptions(staging="overlapped")``) returns from ``async_save``
+before the large tensors are copied; every place that changes saved tensors in place must then be
+declared: ``install_step_hook(optimizer)`` makes each optimizer step wait for the copy,
+``wait_for_staging()`` / ``with mutating():`` do the same anywhere else. Both are local and cost
+nothing when no copy is running.
+
 A background failure is raised by its handle (``result()``, ``exception()``, a done-callback). Once
 the caller has seen it there on some rank, the next save proceeds; a failure nobody looked at is
 raised by the next save on every rank (which then saves nothing), by ``wait()`` or by ``close()``.
@@ -22,18 +28,21 @@ import json
 import logging
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
+from torch.utils.hooks import RemovableHandle
 
 from . import collectives
 from ._torch_compat import single_process_dcp
-from .async_save import AsyncSaveHandle, AsyncSaver, release_group
+from .async_save import AsyncOptions, AsyncSaveHandle, AsyncSaver, release_group
 from .core.components import StateComponent, group_names, validate_components
 from .core.keys import top_level_key
 from .core.placement import ChunkPolicy
@@ -102,7 +111,9 @@ class CheckpointCoordinator:
 
     ``process_groups`` names the groups PER_GROUP components refer to (``ProcessGroup`` objects,
     e.g. from ``DeviceMesh.get_group``). ``node`` overrides this rank's node identity (default:
-    torchrun's LOCAL_RANK layout, else the host name).
+    torchrun's LOCAL_RANK layout, else the host name). ``async_options`` chooses how ``async_save``
+    stages (at the call, or overlapped with training) and where it uploads (a thread, or an upload
+    process per rank); see ``AsyncOptions``.
 
     ``local_tier`` (a ``LocalTier``, or just its node-local directory): every save commits there first
     and returns, then drains to ``output_dir`` in the background with a commit of its own; a load takes
@@ -114,10 +125,12 @@ class CheckpointCoordinator:
                  storage_options: Mapping[str, Any] | None = None, *, node: int | str | None = None,
                  thread_count: int = 2, chunk_policy: ChunkPolicy = ChunkPolicy(),
                  verify_checksums: bool = True, training_args_hash: str | None = None,
-                 local_tier: LocalTier | str | os.PathLike | None = None) -> None:
+                 local_tier: LocalTier | str | os.PathLike | None = None,
+                 async_options: AsyncOptions | None = None) -> None:
         _check_arguments(state_components, process_groups, output_dir, storage_options, node, thread_count,
                          chunk_policy, verify_checksums, training_args_hash)
         expect_type("local_tier", local_tier, (LocalTier, str, os.PathLike), optional=True)
+        expect_type("async_options", async_options, AsyncOptions, optional=True)
         if local_tier is not None and not isinstance(local_tier, LocalTier):
             local_tier = LocalTier(os.fspath(local_tier))
         self.components = validate_components(state_components)
@@ -142,7 +155,9 @@ class CheckpointCoordinator:
         self._validation_group = (dist.new_group(backend="gloo")
                                   if _distributed() and needs_replication_check(self.components) else None)
         self.last_manifest: CheckpointManifest | None = None
-        self._async_saves = AsyncSaver(self.group, self.topology.rank)
+        self.async_options = async_options if async_options is not None else AsyncOptions()
+        self._async_saves = AsyncSaver(self.group, self.topology.rank, self.async_options,
+                                       world_size=self.topology.world_size, single_node=self.topology.num_nodes == 1)
         self.tiers = (TieredStorage(local_tier, self.topology, self.group, self.output_dir, self.storage_options,
                                     thread_count) if local_tier is not None else None)
         # Every rank plans its saves by itself (planners/derived.py) and reuses a plan while the state's
@@ -299,7 +314,11 @@ class CheckpointCoordinator:
                    drain: bool | None = None) -> AsyncSaveHandle:
         """Save every component in the background; returns once the state is staged. Collective.
 
-        The state may change freely once this returns. Waits for the previous async save first and
+        With blocking staging (the default) the state may change freely once this returns. With
+        overlapped staging it returns before the large tensors are copied: change saved tensors in
+        place only after a declared mutation point (``install_step_hook``, ``wait_for_staging``,
+        ``mutating``); a change before it refuses the save (``UndeclaredMutationError`` on the
+        handle), and nothing is committed. Waits for the previous async save first and
         raises its failure, unless the caller already saw it on that save's handle (on any rank).
         ``handle.result()`` gives the committed path or raises the background error. See
         ``dcp_forge.async_save`` for how staging buffers are reused.
@@ -318,6 +337,41 @@ class CheckpointCoordinator:
         return self._async_saves.start(self._state_to_save(), path, writer, planner,
                                        after_staging=check.wait if check is not None else None,
                                        on_committed=committed)
+
+    # --- declared mutation points (overlapped staging) ---------------------------------------------
+    def wait_for_staging(self) -> None:
+        """Return once the in-flight async save no longer reads the live state; call it before changing
+        saved tensors in place. Local; returns at once when no overlapped staging is copying."""
+        self._async_saves.wait_for_staging()
+
+    @contextlib.contextmanager
+    def mutating(self) -> Iterator[None]:
+        """``with coordinator.mutating(): ...`` around code that changes saved tensors in place (an EMA
+        update, a weight edit) waits for an overlapped staging first. Local."""
+        self.wait_for_staging()
+        yield
+
+    def install_step_hook(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        """Make every ``optimizer.step()`` wait for an overlapped staging still copying (a step pre-hook,
+        ``Optimizer.register_step_pre_hook``). Returns the hook's handle (``.remove()`` takes it off).
+
+        Optimizer steps are where parameters and optimizer state change; other places that change
+        saved tensors in place need ``wait_for_staging()`` or ``mutating()``. A wrapper that steps an
+        inner optimizer (accelerate's ``AcceleratedOptimizer``: ``.optimizer``) gets the hook on the
+        inner one, whose step is the one that runs.
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise DeclarationTypeError(f"install_step_hook needs a torch.optim.Optimizer (got {describe_type(optimizer)})")
+        while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+            optimizer = optimizer.optimizer
+        saves = weakref.ref(self._async_saves)  # the hook must not keep a closed coordinator's saver alive
+
+        def wait_for_staging(_optimizer: Any, _args: Any, _kwargs: Any) -> None:
+            saver = saves()
+            if saver is not None:
+                saver.wait_for_staging()
+
+        return optimizer.register_step_pre_hook(wait_for_staging)
 
     # --- lifecycle ----------------------------------------------------------------------------
     def _check_open(self) -> None:

@@ -115,6 +115,17 @@ class DrainError(ForgeError, RuntimeError):
     """
 
 
+class UndeclaredMutationError(AsyncSaveError):
+    """An overlapped async save saw its state change in place before its staging copy was done.
+
+    With ``AsyncOptions(staging="overlapped")`` the call returns before the large tensors are copied,
+    and only declared mutation points (an optimizer step with ``install_step_hook``,
+    ``wait_for_staging()``, ``with mutating():``) wait for the copy. A tensor of the save that changed
+    in place before the first of them makes the copy possibly torn: the save is refused, nothing is
+    committed.
+    """
+
+
 def describe_type(value: object) -> str:
     """Render a value and its type the way attrs does: ``'a' that is a <str>``."""
     return f"{value!r} that is a <{type(value).__name__}>"

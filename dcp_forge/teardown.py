@@ -20,6 +20,11 @@ commit. Three ways a job ends pull them away, and each waits here for the live s
   save in flight it kills the process as the default would, and a second SIGTERM always does. A
   handler the application installed is left alone.
 
+With ``AsyncOptions(staging="overlapped")`` each wait first releases the staging (the copy finishes
+and is checked before the upload may start). Upload processes (``AsyncOptions(upload="process")``)
+ignore SIGINT and SIGTERM and end on their own once the training process is gone, so these waits
+cover them too.
+
 None of them raises a save's failure (it was logged when it happened): teardown must go on.
 Whatever the order, a checkpoint is either committed whole or not at all: the commit itself waits
 for every rank's write results (``dcp_forge.coverage``).

@@ -129,3 +129,56 @@ def test_only_dcps_single_process_warning_is_silenced_and_only_around_our_calls(
     single = [m for m in messages if re.search(compat.SINGLE_PROCESS_WARNING, m)]
     assert len(single) == 2, "torch's text still matches, and it is silenced only where dcp_forge asks"
     assert "any other warning" in messages
+
+
+def test_dcps_state_dict_stager_has_the_hooks_a_deferred_copy_overrides():
+    from torch.distributed.checkpoint._state_dict_stager import StateDictStager
+
+    assert compat.DeferredCopyStager is not None, "overlapped staging now falls back to copying at the call"
+    assert list(inspect.signature(StateDictStager._stage_untyped_storage).parameters) == [
+        "self", "storage", "non_blocking"]
+    assert list(inspect.signature(StateDictStager._offload_tensor).parameters) == [
+        "self", "x", "memo", "non_blocking"]
+    # the deep copy's undecorated recursion (its no_grad entered once, by stage)
+    assert list(inspect.signature(StateDictStager.deepcopy_with_tensor_offload.__wrapped__).parameters) == [
+        "self", "x", "memo", "_nil", "non_blocking"]
+    assert compat.DeferredCopyStager.deepcopy_with_tensor_offload is (
+        StateDictStager.deepcopy_with_tensor_offload.__wrapped__)
+
+
+def test_a_deferred_copy_stages_views_on_one_buffer_filled_later():
+    stager = compat.DeferredCopyStager(torch.UntypedStorage)
+    big, small = torch.arange(1000.0), torch.arange(3.0)
+    state = {"big": big, "tail": big[990:], "small": small, "meta": [1, {"x": "y"}]}
+    staged = stager.stage_deferring(state, defer_min_bytes=4000)
+    assert [(source.nbytes(), buffer.nbytes()) for source, buffer in stager.deferred] == [(4000, 4000)]
+    assert [t.shape for t, _ in stager.watched] == [torch.Size([1000]), torch.Size([10])]
+    assert torch.equal(staged["small"], small) and staged["meta"] == [1, {"x": "y"}]
+    for source, buffer in stager.deferred:
+        buffer.copy_(source)
+    assert torch.equal(staged["big"], big) and torch.equal(staged["tail"], big[990:])
+    assert staged["tail"].untyped_storage().data_ptr() == staged["big"].untyped_storage().data_ptr()
+    again = stager.stage_deferring(state, defer_min_bytes=None)  # the buffers are reused, copied now
+    assert again["big"].untyped_storage().data_ptr() == staged["big"].untyped_storage().data_ptr()
+    assert stager.deferred == [] and stager.buffer_count() == 2
+
+
+def test_version_counters_see_in_place_changes_through_state_dict_aliases():
+    """What the overlapped staging's mutation check relies on: a state_dict() tensor (detached) shares
+    its parameter's version counter, and an optimizer step (foreach kernels) advances it."""
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    weight = model.state_dict()["weight"]
+    before = compat.tensor_version(weight)
+    assert isinstance(before, int)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    assert compat.tensor_version(weight) > before
+    moment = opt.state_dict()["state"][0]["exp_avg"]
+    before = compat.tensor_version(moment)
+    opt.step()
+    assert compat.tensor_version(moment) > before
+    before = compat.tensor_version(weight)
+    with torch.no_grad():
+        model.weight[0].mul_(2)  # through a view of the parameter
+    assert compat.tensor_version(weight) > before

@@ -82,6 +82,12 @@ class Topology:
             normalised[name] = tuple(groups)
         object.__setattr__(self, "groups", types.MappingProxyType(dict(sorted(normalised.items()))))
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # A value: it travels to an upload process inside the save planner (the read-only groups
+        # mapping does not pickle as such).
+        return (Topology, (self.rank, self.world_size, self.node_of_rank,
+                           {name: groups for name, groups in self.groups.items()}))
+
     # --- construction -------------------------------------------------------------------------
     @classmethod
     def single(cls) -> Topology:

@@ -24,6 +24,9 @@ With a ``local_tier`` (docs/TIERS.md) ``save_total_limit`` rules ``output_dir`` 
 the tier's ``keep`` the local one. Retention in ``output_dir`` sees the checkpoints drained by then: the
 one still draining counts from the next save on (and at ``close``, which waits for the last drain).
 Resuming takes the newest checkpoint committed and intact in either tier, the local copy first.
+With ``policy.async_options`` staging "overlapped", a loop of one's own declares its mutation points
+on ``manager.coordinator`` (``install_step_hook(optimizer)``, ``mutating()``); the trainers do it
+themselves.
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ class CheckpointManager:
         self.coordinator = CheckpointCoordinator(components, process_groups, output_dir=policy.output_dir,
                                                  storage_options=policy.storage_options,
                                                  training_args_hash=policy.training_args_hash,
-                                                 local_tier=policy.local_tier)
+                                                 local_tier=policy.local_tier,
+                                                 async_options=policy.async_options)
         self.credit = MetricCredit()
         self.last_checkpoint: str | None = None
         self.last_saved_step: int | None = None

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..async_save import AsyncOptions
 from ..errors import describe_type
 from ..tiers.policy import LocalTier
 
@@ -28,7 +29,8 @@ class CheckpointPolicy:
     """``save_strategy`` "steps" saves every ``save_steps`` steps and at the last step; "epoch" at the
     end of every epoch; "no" never. ``save_total_limit`` keeps the newest that many checkpoints (the
     newest and the ``preserve_n_best`` best by ``metric_for_best_model`` are never deleted).
-    ``async_save``: saves return once the state is staged and commit in the background.
+    ``async_save``: saves return once the state is staged and commit in the background;
+    ``async_options`` says how they stage and upload (``AsyncOptions``).
     ``validate_replication``: check replicated components across ranks at every save.
     ``training_args_hash``: recorded in each manifest, to tell runs apart. ``storage_options`` go to
     fsspec and never into a manifest. ``local_tier``: a ``LocalTier`` every save commits to first
@@ -44,6 +46,7 @@ class CheckpointPolicy:
     metric_for_best_model: str = "train_loss"
     greater_is_better: bool = False
     async_save: bool = False
+    async_options: AsyncOptions = field(default_factory=AsyncOptions)
     validate_replication: bool = False
     training_args_hash: str | None = None
     storage_options: Mapping[str, Any] = field(default_factory=dict)
@@ -67,6 +70,8 @@ class CheckpointPolicy:
         for name in ("greater_is_better", "async_save", "validate_replication"):
             if not isinstance(getattr(self, name), bool):
                 raise self._error(name, "<bool>")
+        if not isinstance(self.async_options, AsyncOptions):
+            raise self._error("async_options", "an AsyncOptions")
         if self.training_args_hash is not None and not isinstance(self.training_args_hash, str):
             raise self._error("training_args_hash", "a string or None")
         if not isinstance(self.storage_options, Mapping):

@@ -466,6 +466,15 @@ class ForgeStorageWriter(StorageWriter):
         if self.on_committed is not None:
             self.on_committed(manifest)
 
+    # --- what a save in another process hands back (async_process: uploads in a process of their own) ---
+    def outcome(self) -> Any:
+        """What the caller's copy of this writer needs of a save that ran on another copy of it."""
+        return self.manifest
+
+    def adopt_outcome(self, outcome: Any) -> None:
+        """Take over ``outcome()`` of the copy that saved."""
+        self.manifest = outcome
+
     # --- the directory's lifecycle (a writer for a node-local tier claims and commits differently) ---
     def claim_directory(self) -> None:
         """On the coordinator, before any rank writes: take the checkpoint id for this save."""

@@ -83,6 +83,12 @@ class NodeLocalWriter(ForgeStorageWriter):
         self.commit_record = record
         return False
 
+    def outcome(self) -> Any:
+        return self.manifest, self.commit_record
+
+    def adopt_outcome(self, outcome: Any) -> None:
+        self.manifest, self.commit_record = outcome
+
     def discard_failed_save(self, error: BaseException, group: Any = None) -> None:
         """Every node's leader removes its node's copy of the failed save; collective over ``group``."""
         if self.site.leader:

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..async_save import STAGING_MODES, UPLOAD_MODES, AsyncOptions
 from ..errors import describe_type
 from ..manager.policy import SAVE_STRATEGIES, CheckpointPolicy
 from ..tiers.policy import LocalTier
@@ -45,7 +46,8 @@ TRAIN_LOSS = "train_loss"
 # Fields that say where or whether to resume, not what is trained: they stay out of the hash the
 # manifest records, so a resumed job's checkpoints carry the same training_args_hash as the original's.
 # storage_options may hold credentials, which must never reach a manifest, hashed or not.
-_UNHASHED = frozenset({"output_dir", "resume_from_checkpoint", "storage_options", "async_save", "local_tier"})
+_UNHASHED = frozenset({"output_dir", "resume_from_checkpoint", "storage_options", "async_save", "async_staging",
+                       "async_upload", "async_lazy_min_bytes", "local_tier"})
 
 
 def _is_int(value: Any) -> bool:
@@ -81,7 +83,13 @@ class TrainingArguments:
     best checkpoint (it is never deleted); evaluation and saving must then run on the same schedule.
 
     ``async_save``: saves return as soon as the state is staged and finish in the background (the
-    next save, the end of training and retention wait for them). ``local_tier`` (a ``LocalTier``, or
+    next save, the end of training and retention wait for them). ``async_staging`` "overlapped": a
+    save returns once the small state is copied, and the large tensors are copied during the next
+    forward and backward passes (the optimizer step waits for what is left; see ``AsyncOptions``);
+    "blocking" (default) copies everything at the call; ``async_lazy_min_bytes``: the storage size
+    from which a tensor is copied during those passes (smaller ones, and everything that is not a
+    tensor, at the call). ``async_upload`` "process": the upload runs in an upload process per rank
+    instead of a thread of the training process. ``local_tier`` (a ``LocalTier``, or
     its node-local directory): saves commit there first and drain to ``output_dir`` in the background;
     resuming reads the local (or a peer node's) copy first (docs/TIERS.md).
 
@@ -117,6 +125,9 @@ class TrainingArguments:
     save_dataset_state: bool = True
     save_rng_state: bool = True
     async_save: bool = False
+    async_staging: str = "blocking"
+    async_upload: str = "thread"
+    async_lazy_min_bytes: int = AsyncOptions.lazy_min_bytes
     validate_replication: bool = True
     logging_steps: int = 10
     dataloader_num_workers: int = 0
@@ -150,6 +161,10 @@ class TrainingArguments:
         self._check_choice("save_strategy", SAVE_STRATEGIES)
         self._check_choice("eval_strategy", EVAL_STRATEGIES)
         self._check_choice("lr_scheduler_type", LR_SCHEDULER_TYPES)
+        self._check_choice("async_staging", STAGING_MODES)
+        self._check_choice("async_upload", UPLOAD_MODES)
+        if not _is_int(self.async_lazy_min_bytes) or self.async_lazy_min_bytes < 0:
+            raise _field_error("async_lazy_min_bytes", "a non-negative int", self.async_lazy_min_bytes)
         if self.pipeline_schedule is not None:
             self._check_choice("pipeline_schedule", PIPELINE_SCHEDULES)
         for name in ("save_optimizer_state", "save_scheduler_state", "save_dataset_state", "save_rng_state",
@@ -218,11 +233,19 @@ class TrainingArguments:
     def _check_combinations(self) -> None:
         if self.save_strategy == "no":
             for name, unset in (("save_total_limit", None), ("preserve_n_best", 0), ("async_save", False),
+                                ("async_staging", "blocking"), ("async_upload", "thread"),
+                                ("async_lazy_min_bytes", AsyncOptions.lazy_min_bytes),
                                 ("load_best_model_at_end", False)):
                 if getattr(self, name) != unset:
                     raise ValueError(
                         f"TrainingArguments.{name}={getattr(self, name)!r} needs checkpoints, but "
                         "save_strategy is 'no'")
+        if not self.async_save:
+            for name, unset in (("async_staging", "blocking"), ("async_upload", "thread"),
+                                ("async_lazy_min_bytes", AsyncOptions.lazy_min_bytes)):
+                if getattr(self, name) != unset:
+                    raise ValueError(f"TrainingArguments.{name}={getattr(self, name)!r} applies to async saves; "
+                                     "set async_save=True")
         metric = self.metric_for_best_model
         ranked = self.preserve_n_best or self.load_best_model_at_end
         if ranked and metric != TRAIN_LOSS and self.eval_strategy == "no":
@@ -269,6 +292,8 @@ class TrainingArguments:
             preserve_n_best=max(self.preserve_n_best, int(self.load_best_model_at_end)),
             metric_for_best_model=self.ranking_metric, greater_is_better=self.ranking_greater_is_better,
             async_save=self.async_save, validate_replication=self.validate_replication,
+            async_options=AsyncOptions(staging=self.async_staging, upload=self.async_upload,
+                                       lazy_min_bytes=self.async_lazy_min_bytes),
             training_args_hash=self.training_hash(), storage_options=self.storage_options,
             local_tier=self.local_tier if isinstance(self.local_tier, LocalTier) else None)
 

@@ -310,6 +310,9 @@ class BaseTrainer(abc.ABC):
         self.optimizer = self._build_optimizer()
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.args, self.total_steps)
         self.manager = CheckpointManager(self.args.checkpoint_policy(), self.get_state_components(), self.get_process_groups())
+        # Overlapped async staging copies parameters and optimizer state while the next forward and
+        # backward passes run; the optimizer step, where they change, waits for what is left.
+        self.manager.coordinator.install_step_hook(self.optimizer)
 
     @property
     def total_steps(self) -> int:

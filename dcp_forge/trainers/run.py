@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..async_save import STAGING_MODES, UPLOAD_MODES, AsyncOptions
 from .args import TrainingArguments
 from .base import BaseTrainer, Trainer
 from .callbacks import TrainerCallback
@@ -73,6 +74,9 @@ class TinyJob:
     parallel_size: int = 2
     n_microbatches: int = 4
     async_save: bool = False
+    async_staging: str = "blocking"
+    async_upload: str = "thread"
+    async_lazy_min_bytes: int = AsyncOptions.lazy_min_bytes
     storage_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -94,7 +98,8 @@ class TinyJob:
             save_total_limit=self.save_total_limit, resume_from_checkpoint=self.resume,
             per_device_train_batch_size=self.per_device_train_batch_size, seed=self.seed,
             learning_rate=self.learning_rate, logging_steps=10, async_save=self.async_save,
-            storage_options=dict(self.storage_options), **extra)
+            async_staging=self.async_staging, async_upload=self.async_upload,
+            async_lazy_min_bytes=self.async_lazy_min_bytes, storage_options=dict(self.storage_options), **extra)
 
 
 class InterruptAt(TrainerCallback):
@@ -178,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-total-limit", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue from the latest committed checkpoint")
     p.add_argument("--async-save", action="store_true", help="save in the background while training goes on")
+    p.add_argument("--async-staging", choices=STAGING_MODES, default=defaults.async_staging,
+                   help="overlapped: copy the large tensors during the next forward/backward (with --async-save)")
+    p.add_argument("--async-upload", choices=UPLOAD_MODES, default=defaults.async_upload,
+                   help="process: upload in a process of its own (with --async-save)")
     p.add_argument("--interrupt-at", type=int, default=None, help="stop after this step without saving")
     p.add_argument("--batch-size", type=int, default=defaults.per_device_train_batch_size, help="per device")
     p.add_argument("--seed", type=int, default=defaults.seed)
@@ -200,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   save_steps=opts.save_steps, save_total_limit=opts.save_total_limit, resume=opts.resume,
                   interrupt_at=opts.interrupt_at, per_device_train_batch_size=opts.batch_size, seed=opts.seed,
                   parallel_size=opts.parallel_size, n_layers=opts.n_layers, async_save=opts.async_save,
+                  async_staging=opts.async_staging, async_upload=opts.async_upload,
                   storage_options=dict(opts.storage_option))
     try:
         result = run_job(job)

@@ -8,19 +8,24 @@ import random
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from dcp_forge import CheckpointCoordinator, StateComponent, latest_checkpoint, list_checkpoints
-from tests.support.crash_async import run_trials
+from dcp_forge import AsyncOptions, CheckpointCoordinator, StateComponent, latest_checkpoint, list_checkpoints
+from tests.support.crash_async import process_gone, run_trials
 from tests.support.paths import REPO
 from tests.support.statefuls import Box
 
 ROOT = str(REPO)
 
 
-def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint_latest(kills, tmp_path):
+@pytest.mark.parametrize("options", [AsyncOptions(), AsyncOptions(staging="overlapped", upload="process")],
+                         ids=["blocking-thread", "overlapped-process"])
+def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint_latest(kills, tmp_path, options):
+    """Upload processes die with their training process (checked by run_trials), never to commit later."""
     seed = random.randrange(1 << 30)
-    results = run_trials(3, mib=64, directory=str(tmp_path / "crash"), seed=seed)  # raises if a guarantee broke
+    # raises if a guarantee broke
+    results = run_trials(3, mib=64, directory=str(tmp_path / "crash"), seed=seed, options=options)
     assert len(results) == 3, f"seed {seed}"
     assert all(r["latest"] in ("checkpoint-1", "checkpoint-2") for r in results)
 
@@ -29,31 +34,44 @@ def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint_latest(kills
 # save, no close()) and another coordinator's save in flight (no result(), no close()).
 SCRIPT_ENDING_MID_SAVE = """
 import sys, torch
-from dcp_forge import CheckpointCoordinator, StateComponent
+from dcp_forge import AsyncOptions, CheckpointCoordinator, StateComponent
 from tests.support.statefuls import Box
 
+staging, upload = sys.argv[2].split("-")
+options = AsyncOptions(staging=staging, upload=upload)
+
 state = {"t": torch.arange(1 << 22, dtype=torch.float64), "step": 7}
-failing = CheckpointCoordinator([StateComponent("box", Box(state), "global")], output_dir=sys.argv[1])
+failing = CheckpointCoordinator([StateComponent("box", Box(state), "global")], output_dir=sys.argv[1],
+                                async_options=options)
 failing.async_save(checkpoint_id="first").result()
 failing.async_save(checkpoint_id="first")  # fails in the background: the id is taken
-saving = CheckpointCoordinator([StateComponent("box", Box(state), "global")], output_dir=sys.argv[1])
+saving = CheckpointCoordinator([StateComponent("box", Box(state), "global")], output_dir=sys.argv[1],
+                               async_options=options)
 saving.async_save(checkpoint_id="in-flight")
-state["t"].mul_(-1)  # after staging: must not reach the checkpoint
+with saving.mutating(), failing.mutating():  # both coordinators save this state
+    state["t"].mul_(-1)  # after staging: must not reach the checkpoint
 state["step"] = 8
+for coordinator in (failing, saving):
+    if coordinator._async_saves.upload_process is not None:
+        print("UPLOAD", coordinator._async_saves.upload_process.pid, flush=True)
 print("STARTED", flush=True)
 """
 
 
-def _run(script: str, directory) -> subprocess.CompletedProcess:
+def _run(script: str, directory, mode: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "-c", script, str(directory)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", script, str(directory), mode], capture_output=True, text=True,
                           env=env, timeout=180)
 
 
-def test_interpreter_exit_finishes_the_in_flight_save_and_reports_unraised_failures(tmp_path):
-    proc = _run(SCRIPT_ENDING_MID_SAVE, tmp_path)
+@pytest.mark.parametrize("mode", ["blocking-thread", "overlapped-process"])
+def test_interpreter_exit_finishes_the_in_flight_save_and_reports_unraised_failures(tmp_path, mode):
+    proc = _run(SCRIPT_ENDING_MID_SAVE, tmp_path, mode)
     assert proc.returncode == 0, proc.stderr
     assert "STARTED" in proc.stdout
+    uploads = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("UPLOAD")]
+    assert len(uploads) == (2 if mode.endswith("process") else 0)
+    assert all(process_gone(pid) for pid in uploads)  # stopped at exit, after their saves
     assert "async save of" in proc.stderr and "first failed: CheckpointExistsError" in proc.stderr
     assert latest_checkpoint(tmp_path) == str(tmp_path / "in-flight")
     assert list_checkpoints(tmp_path) == [str(tmp_path / "first"), str(tmp_path / "in-flight")]

@@ -1,7 +1,10 @@
-"""Async save on 2 real gloo ranks (one spawn, several scenarios): byte-identical to a sync save,
-exact under mutation while the training loop runs its own collectives, DTensor shards, a staging
+"""Async save on 2 real gloo ranks (one spawn per mode, several scenarios): byte-identical to a sync
+save, exact under mutation while the training loop runs its own collectives, DTensor shards, a staging
 failure on one rank raised on every rank, background failures raised on every rank, and a
-replication check (validate=True) that judges the state of the call."""
+replication check (validate=True) that judges the state of the call. Every scenario runs with staging
+at the call and uploads on a thread (the default), with overlapped staging (changes declared with
+``mutating()``), and with overlapped staging and upload processes (DTensors and the writer's state
+travel to them; their own process group commits)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import pytest
 import torch
 
 from dcp_forge import (
+    AsyncOptions,
     AsyncSaveError,
     CheckpointCoordinator,
     CheckpointExistsError,
@@ -55,13 +59,19 @@ def _same_files(a: str, b: str, skip=("_CLAIMED", "_COMMITTED", "checkpoint_mani
     return first == second
 
 
-def scenarios(rank: int, world: int, root: str) -> dict:
+MODES = {"blocking-thread": AsyncOptions(),
+         "overlapped-thread": AsyncOptions(staging="overlapped", lazy_min_bytes=1024),
+         "overlapped-process": AsyncOptions(staging="overlapped", upload="process", lazy_min_bytes=1024)}
+
+
+def scenarios(rank: int, world: int, root: str, mode: str) -> dict:
     import torch.distributed as dist
 
     warnings.simplefilter("ignore")
     out: dict = {}
+    options = MODES[mode]
     comps, model, mine, sharded = _components(rank, world, seed=1)
-    coord = CheckpointCoordinator(comps, output_dir=root, chunk_policy=SMALL_CHUNKS)
+    coord = CheckpointCoordinator(comps, output_dir=root, chunk_policy=SMALL_CHUNKS, async_options=options)
 
     # 1. Same content as a sync save of the same state.
     coord.save_checkpoint(checkpoint_id="sync")
@@ -75,8 +85,8 @@ def scenarios(rank: int, world: int, root: str) -> dict:
     expected_mine = snapshot(mine)
     expected_shard = sharded.to_local().clone()
     handle = coord.async_save(checkpoint_id="mutated")
-    mutate_in_place(mine)
-    with torch.no_grad():
+    with coord.mutating(), torch.no_grad():  # a declared mutation point (overlapped: waits for the copy)
+        mutate_in_place(mine)
         for p in model.parameters():
             p.mul_(-3)
         sharded.to_local().add_(1000)
@@ -142,12 +152,13 @@ def scenarios(rank: int, world: int, root: str) -> dict:
     # call returns; a mismatch raises on every rank and saves nothing.
     weights = Box({"w": torch.ones(256)})
     with CheckpointCoordinator([StateComponent("model", weights, "replicated", validate_replication=True)],
-                               output_dir=os.path.join(root, "validated")) as checked:
+                               output_dir=os.path.join(root, "validated"), async_options=options) as checked:
         handle = checked.async_save(checkpoint_id="consistent", validate=True)
-        weights.state["w"].add_(rank)  # now the replicas differ, after the call
+        with checked.mutating():
+            weights.state["w"].add_(rank)  # now the replicas differ, after the call
         out["validated_consistent"] = os.path.basename(handle.result(timeout=120))
-        try:
-            checked.async_save(checkpoint_id="diverged", validate=True)
+        try:  # staging at the call raises at the call; overlapped staging on the handle
+            checked.async_save(checkpoint_id="diverged", validate=True).result(timeout=120)
             out["validated_diverged"] = "no error"
         except ReplicationError as err:
             out["validated_diverged"] = type(err).__name__
@@ -156,10 +167,10 @@ def scenarios(rank: int, world: int, root: str) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def outcome(ranks, tmp_path_factory):
+@pytest.fixture(scope="module", params=sorted(MODES))
+def outcome(ranks, tmp_path_factory, request):
     root = str(tmp_path_factory.mktemp("async_dist"))
-    return ranks(scenarios, 2, root)
+    return ranks(scenarios, 2, root, request.param)
 
 
 def test_async_checkpoint_is_byte_identical_to_a_sync_one(outcome):

@@ -7,6 +7,9 @@ one order: ``dist.destroy_process_group()`` right away (on every rank, on one ra
 dcp_forge's hook on it), interpreter exit with neither ``close()`` nor ``destroy_process_group()``,
 SIGTERM to one or to every rank, SIGKILL to one rank. Whatever the order, the checkpoint is either
 committed, verifies clean and loads bit-exactly to the values of the call, or not committed at all.
+The scenarios run with uploads on a thread and in upload processes (``AsyncOptions(upload="process")``,
+whose own process group a teardown of the training's groups does not touch; a killed rank's upload
+process ends with it).
 """
 
 from __future__ import annotations
@@ -24,7 +27,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dcp_forge import CheckpointCoordinator, StateComponent, latest_checkpoint, verify_checkpoint
+from dcp_forge import (
+    AsyncOptions,
+    CheckpointCoordinator,
+    StateComponent,
+    latest_checkpoint,
+    verify_checkpoint,
+)
 from dcp_forge.statefuls import ModelState, OptimizerState
 from dcp_forge.storage import CheckpointState, checkpoint_state, open_backend
 from tests.support import slow_storage
@@ -65,7 +74,7 @@ def _pause_new_threads_entering_dcp_save(until: threading.Event) -> None:
     threading.settrace(trace)
 
 
-def _rank(rank: int, init_file: str, root: str, mode: str, killed: tuple[int, ...], report) -> None:
+def _rank(rank: int, init_file: str, root: str, mode: str, killed: tuple[int, ...], upload: str, report) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -84,7 +93,8 @@ def _rank(rank: int, init_file: str, root: str, mode: str, killed: tuple[int, ..
     if rank == 0:
         torch.save(expected, os.path.join(root, "expected.pt"))
     coord = CheckpointCoordinator(_components(model, opt), output_dir=slow_storage.slow_url(root),
-                                  storage_options={"seconds_per_mib": SECONDS_PER_MIB}, thread_count=1)
+                                  storage_options={"seconds_per_mib": SECONDS_PER_MIB}, thread_count=1,
+                                  async_options=AsyncOptions(upload=upload))
     destroyed = threading.Event()
     if mode == "destroy_unhooked_first":
         # The group is gone before the background save starts: DCP then saves as a single process,
@@ -116,7 +126,8 @@ def _rank(rank: int, init_file: str, root: str, mode: str, killed: tuple[int, ..
     # then the process exits: neither close() nor (except above) destroy_process_group()
 
 
-def run_scenario(ctx, root: str, mode: str, kill: tuple[int, ...] = (), how: int = signal.SIGTERM) -> dict:
+def run_scenario(ctx, root: str, mode: str, kill: tuple[int, ...] = (), how: int = signal.SIGTERM,
+                 upload: str = "thread") -> dict:
     """Start the ranks from ``ctx`` (the ``rank_processes`` / ``kills`` fixture), signal ``kill`` ranks
     once every rank staged; returns exit codes and what each said.
 
@@ -125,7 +136,7 @@ def run_scenario(ctx, root: str, mode: str, kill: tuple[int, ...] = (), how: int
     """
     init_file = os.path.join(root, "rendezvous")
     pipes = [ctx.Pipe(duplex=False) for _ in range(WORLD)]
-    procs = [ctx.Process(target=_rank, args=(r, init_file, root, mode, kill, pipes[r][1]), daemon=True)
+    procs = [ctx.Process(target=_rank, args=(r, init_file, root, mode, kill, upload, pipes[r][1]), daemon=True)
              for r in range(WORLD)]
     for p in procs:
         p.start()
@@ -177,26 +188,33 @@ def outcome(root: str) -> str:
     return "committed"
 
 
+UPLOADS = pytest.mark.parametrize("upload", ["thread", "process"])
+
+
+@UPLOADS
 @pytest.mark.parametrize("mode", ["destroy", "destroy_one", "exit"])
-def test_forgetting_close_still_commits_the_whole_checkpoint(rank_processes, tmp_path, mode):
-    run = run_scenario(rank_processes, str(tmp_path), mode)
+def test_forgetting_close_still_commits_the_whole_checkpoint(rank_processes, tmp_path, mode, upload):
+    run = run_scenario(rank_processes, str(tmp_path), mode, upload=upload)
     assert run["exitcodes"] == [0, 0], run
     assert outcome(str(tmp_path)) == "committed"
 
 
+@UPLOADS
 @pytest.mark.parametrize("mode", ["destroy_unhooked", "destroy_unhooked_first"], ids=["racing", "before-start"])
-def test_destroying_the_group_past_the_hook_commits_all_or_nothing(rank_processes, tmp_path, mode):
-    run_scenario(rank_processes, str(tmp_path), mode)
+def test_destroying_the_group_past_the_hook_commits_all_or_nothing(rank_processes, tmp_path, mode, upload):
+    run_scenario(rank_processes, str(tmp_path), mode, upload=upload)
     assert outcome(str(tmp_path)) in ("committed", "partial", "missing")
 
 
+@UPLOADS
 @pytest.mark.parametrize("kill", [(1,), (0, 1)], ids=["one-rank", "every-rank"])
-def test_sigterm_while_uploading_commits_all_or_nothing(kills, tmp_path, kill):
-    run = run_scenario(kills, str(tmp_path), "signal", kill=kill)
+def test_sigterm_while_uploading_commits_all_or_nothing(kills, tmp_path, kill, upload):
+    run = run_scenario(kills, str(tmp_path), "signal", kill=kill, upload=upload)
     assert all(code in (0, 128 + signal.SIGTERM, -signal.SIGTERM) for code in run["exitcodes"]), run
     assert outcome(str(tmp_path)) in ("committed", "partial", "missing")
 
 
-def test_sigkill_of_one_rank_while_uploading_commits_nothing_half_done(kills, tmp_path):
-    run_scenario(kills, str(tmp_path), "signal", kill=(1,), how=signal.SIGKILL)
+@UPLOADS
+def test_sigkill_of_one_rank_while_uploading_commits_nothing_half_done(kills, tmp_path, upload):
+    run_scenario(kills, str(tmp_path), "signal", kill=(1,), how=signal.SIGKILL, upload=upload)
     assert outcome(str(tmp_path)) in ("committed", "partial", "missing")

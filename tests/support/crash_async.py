@@ -9,7 +9,9 @@ duration] after the async save returned, then checks, as a process that did not 
 that an uncommitted ``checkpoint-2`` is invisible (and removable with
 ``discard_partial_checkpoints``), and that listing never raises.
 
-Usage: ``python -m tools.crash_async [--trials 200] [--mib 256] [--dir .bench/crash]``.
+Usage: ``python -m tools.crash_async [--trials 200] [--mib 256] [--dir .bench/crash] [--staging overlapped]
+[--upload process]``. With ``--upload process`` each trial also checks that the upload process ends
+with its killed training process.
 A short version (3 trials) runs in CI: tests/coordinator/test_async_crash.py.
 """
 
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 
 from dcp_forge import (
+    AsyncOptions,
     CheckpointCoordinator,
     StateComponent,
     discard_partial_checkpoints,
@@ -37,6 +40,8 @@ from dcp_forge import (
 )
 from dcp_forge.storage import CheckpointState, checkpoint_state, open_backend
 from tests.support.dist import rank_context
+
+BLOCKING = AsyncOptions()  # staging at the call, uploading on a thread
 
 
 class Weights:
@@ -61,24 +66,29 @@ class Weights:
         self.step += 1
 
 
-def child(directory: str, mib: int, report: Any) -> None:
-    """Save checkpoint-1 (version 1) sync, then checkpoint-2 (version 2) async while training on."""
+def child(directory: str, mib: int, report: Any, options: AsyncOptions) -> None:
+    """Save checkpoint-1 (version 1) sync, then checkpoint-2 (version 2) async while training on.
+    Overlapped staging: every change of the state is a declared mutation point (``mutating``)."""
     warnings.simplefilter("ignore")
     weights = Weights(mib, version=1)
-    coord = CheckpointCoordinator([StateComponent("model", weights, "replicated")], output_dir=directory)
+    coord = CheckpointCoordinator([StateComponent("model", weights, "replicated")], output_dir=directory,
+                                  async_options=options)
     start = time.perf_counter()
     coord.save_checkpoint(checkpoint_id="checkpoint-1")
     report.send(("SYNC", time.perf_counter() - start))
     weights.advance()  # version 2
     handle = coord.async_save(checkpoint_id="checkpoint-2")
-    report.send(("STAGED", None))
+    upload = coord._async_saves.upload_process
+    report.send(("STAGED", None if upload is None else upload.pid))
     while not handle.done():
-        weights.advance()  # training goes on, changing the state in place
+        with coord.mutating():
+            weights.advance()  # training goes on, changing the state in place
         time.sleep(0.01)
     handle.result()
     report.send(("COMMITTED", None))
     while True:  # keep living: the parent's kill must always hit a running process
-        weights.advance()
+        with coord.mutating():
+            weights.advance()
         time.sleep(0.01)
 
 
@@ -100,7 +110,19 @@ def _loads_exactly(path: str, directory: str, mib: int, version: int) -> bool:
                                           for k in expected.tensors)
 
 
-def trial(directory: str, mib: int, rng: random.Random) -> dict:
+def process_gone(pid: int, patience_s: float = 60.0) -> bool:
+    """Whether process ``pid`` is gone, waiting up to ``patience_s`` (not a timing check: a bound on a hang)."""
+    deadline = time.monotonic() + patience_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def trial(directory: str, mib: int, rng: random.Random, options: AsyncOptions = BLOCKING) -> dict:
     """One kill; returns what was observed (raises AssertionError if a guarantee broke)."""
     shutil.rmtree(directory, ignore_errors=True)
     os.makedirs(directory)
@@ -108,12 +130,12 @@ def trial(directory: str, mib: int, rng: random.Random) -> dict:
     # trial would spend seconds importing); SIGKILL ends them like any process.
     ctx = rank_context()
     receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=child, args=(directory, mib, send), daemon=True)
+    proc = ctx.Process(target=child, args=(directory, mib, send, options), daemon=True)
     proc.start()
     send.close()
     try:
         sync_seconds = _expect(receive, "SYNC", proc)
-        _expect(receive, "STAGED", proc)
+        upload_pid = _expect(receive, "STAGED", proc)
         delay = rng.uniform(0.0, 2.0 * sync_seconds)
         time.sleep(delay)
         os.kill(proc.pid, signal.SIGKILL)
@@ -123,6 +145,10 @@ def trial(directory: str, mib: int, rng: random.Random) -> dict:
             proc.kill()
             proc.join()
         receive.close()
+    # An upload process outliving its killed job could commit later, under a restarted job's feet.
+    if upload_pid is not None and not process_gone(upload_pid):
+        os.kill(upload_pid, signal.SIGKILL)
+        raise AssertionError(f"the upload process {upload_pid} outlived its killed training process")
     first, second = os.path.join(directory, "checkpoint-1"), os.path.join(directory, "checkpoint-2")
     backend, native = open_backend(second)
     state = checkpoint_state(backend, native)
@@ -144,9 +170,10 @@ def trial(directory: str, mib: int, rng: random.Random) -> dict:
     return {"delay_s": round(delay, 4), "checkpoint_2": state.value, "latest": os.path.basename(latest)}
 
 
-def run_trials(trials: int, mib: int, directory: str, seed: int | None = None) -> list[dict]:
+def run_trials(trials: int, mib: int, directory: str, seed: int | None = None,
+               options: AsyncOptions = BLOCKING) -> list[dict]:
     rng = random.Random(seed)
-    return [trial(directory, mib, rng) for _ in range(trials)]
+    return [trial(directory, mib, rng, options) for _ in range(trials)]
 
 
 def main() -> None:
@@ -155,11 +182,14 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--dir", default=".bench/crash")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--staging", choices=("blocking", "overlapped"), default="blocking")
+    parser.add_argument("--upload", choices=("thread", "process"), default="thread")
     args = parser.parse_args()
+    options = AsyncOptions(staging=args.staging, upload=args.upload)
     warnings.simplefilter("ignore")
     results = []
     for i in range(args.trials):
-        results.append(trial(args.dir, args.mib, random.Random(None if args.seed is None else args.seed + i)))
+        results.append(trial(args.dir, args.mib, random.Random(None if args.seed is None else args.seed + i), options))
         print(json.dumps(results[-1]), flush=True)
     shutil.rmtree(args.dir, ignore_errors=True)
     outcomes = Counter(r["checkpoint_2"] for r in results)

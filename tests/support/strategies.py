@@ -653,3 +653,29 @@ def stored_items(draw, max_items: int = 6) -> tuple[bytes, list]:
         parts.append(blob)
         offset += len(blob)
     return b"".join(parts), rows
+
+
+@dataclass(frozen=True)
+class StagingCase:
+    """Tensors around an overlapped staging's size threshold, and in-place edits made after the call:
+    ``edits`` lists (tensor name, declared) in order; a declared edit waits for the staging first."""
+
+    tensors: dict[str, torch.Tensor]
+    edits: tuple[tuple[str, bool], ...]
+    lazy_min_bytes: int
+
+
+@st.composite
+def staging_cases(draw, lazy_min_bytes: int = 4096) -> StagingCase:
+    count = draw(st.integers(1, 4))
+    elements = lazy_min_bytes // 4
+    tensors: dict[str, torch.Tensor] = {}
+    for i in range(count):  # below, at and above the threshold
+        numel = draw(st.sampled_from([1, elements // 2, elements - 1, elements, 2 * elements + 3]))
+        tensors[f"t{i}"] = torch.arange(numel, dtype=torch.float32) * (i + 1)
+    for name in draw(st.lists(st.sampled_from(sorted(tensors)), unique=True, max_size=2)):
+        base = tensors[name]
+        if base.numel() > 2:
+            tensors[f"{name}_view"] = base[1:]  # shares its base's storage, and so its fate
+    edits = draw(st.lists(st.tuples(st.sampled_from(sorted(tensors)), st.booleans()), max_size=4))
+    return StagingCase(tensors, tuple(edits), lazy_min_bytes)

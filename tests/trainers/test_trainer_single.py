@@ -61,6 +61,24 @@ def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
     assert all(torch.equal(resumed["params"][k], reference.params[k]) for k in reference.params)
 
 
+@pytest.mark.parametrize("upload", ["thread", "process"])
+def test_overlapped_async_checkpoints_are_the_sync_ones(tmp_path, upload):
+    """Saves that copy parameters and AdamW state during the next steps (the optimizer step waits for
+    what is left), uploaded on a thread or by an upload process, write the files a sync save writes."""
+    job = TinyJob(trainer="single", max_steps=12, save_steps=4, output_dir=str(tmp_path / "sync"))
+    reference = run_job(job)
+    overlapped = run_job(dataclasses.replace(job, output_dir=str(tmp_path / "overlapped"), async_save=True,
+                                             async_staging="overlapped", async_upload=upload,
+                                             async_lazy_min_bytes=1024))
+    assert overlapped.output.step_losses == reference.output.step_losses
+    skip = {"_CLAIMED", "_COMMITTED", "checkpoint_manifest.json", ".metadata"}
+    for step in (4, 8, 12):
+        sync_dir, async_dir = tmp_path / "sync" / f"checkpoint-{step}", tmp_path / "overlapped" / f"checkpoint-{step}"
+        names = sorted(set(os.listdir(sync_dir)) - skip)
+        assert names == sorted(set(os.listdir(async_dir)) - skip)
+        assert all((sync_dir / n).read_bytes() == (async_dir / n).read_bytes() for n in names), step
+
+
 def _trainer(tmp_path, name="run", dataset=None, **kwargs) -> Trainer:
     callbacks = kwargs.pop("callbacks", ())
     strategy = kwargs.pop("strategy", None)

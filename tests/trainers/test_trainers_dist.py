@@ -25,7 +25,11 @@ WORLD = 4
 K, INTERRUPT, SAVE_STEPS = 8, 6, 4  # resumes from checkpoint-4: 4 steps after resume
 RESUME_STEP = 4
 KINDS = ("ddp", "ddp-independent", "fsdp", "accelerate", "pipeline", "dp-pp", "dp-tp")
-ASYNC_KINDS = ("ddp-independent", "dp-pp")  # these save in the background (TrainingArguments.async_save)
+ASYNC_KINDS = ("ddp-independent", "dp-pp", "fsdp")  # these save in the background (TrainingArguments.async_save)
+# ... and these with overlapped staging: parameters and optimizer state (FSDP2's DTensor shards too) are
+# copied while the next steps' forward and backward run, the optimizer step waits for what is left
+OVERLAPPED_KINDS = {"ddp-independent": {"async_staging": "overlapped", "async_lazy_min_bytes": 1024},
+                    "fsdp": {"async_staging": "overlapped", "async_lazy_min_bytes": 1024}}
 
 R, G, PR, PG = "replicated", "global", "per_rank", "per_group"
 # (pattern, process group, replication checked at save) per component, as each trainer declares
@@ -59,7 +63,8 @@ EXPECTED_GROUPS = {
 
 def _job(kind: str, root: str, run: str, **kwargs) -> TinyJob:
     return TinyJob(trainer=kind, output_dir=os.path.join(root, kind, run), max_steps=K, save_steps=SAVE_STEPS,
-                   n_layers=4 if kind == "pipeline" else 2, num_samples=96, async_save=kind in ASYNC_KINDS, **kwargs)
+                   n_layers=4 if kind == "pipeline" else 2, num_samples=96, async_save=kind in ASYNC_KINDS,
+                   **OVERLAPPED_KINDS.get(kind, {}), **kwargs)
 
 
 def _detector() -> DivergenceDetector:
