@@ -88,8 +88,8 @@ class AsyncOptions:
     returns once the small state is copied; storages of at least ``lazy_min_bytes`` are copied in the
     background until the next declared mutation point, which waits for what is left).
     ``upload``: "thread" (a background thread of the training process) or "process" (an upload
-    process per rank, off the training process's GIL; Linux; scripts need the
-    ``if __name__ == "__main__":`` guard, since the process is started with ``spawn``).
+    process per rank, off the training process's GIL; Linux; a plain interpreter, so a script
+    without the ``if __name__ == "__main__":`` guard is not run again).
     """
 
     staging: str = "blocking"

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from dcp_forge import (
+    AsyncOptions,
     CheckpointCoordinator,
     ComponentDeclarationError,
     DrainError,
@@ -52,9 +53,11 @@ def bit_exact(a: dict, b: dict) -> bool:
         if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
 
 
-def coordinator(tmp_path, box: Box, out: str | None = None, options: dict | None = None, **tier) -> CheckpointCoordinator:
+def coordinator(tmp_path, box: Box, out: str | None = None, options: dict | None = None,
+                async_options: AsyncOptions | None = None, **tier) -> CheckpointCoordinator:
     return CheckpointCoordinator([StateComponent("model", box, "replicated")], output_dir=out or str(tmp_path / "remote"),
-                                 storage_options=options, local_tier=LocalTier(str(tmp_path / "local"), **tier))
+                                 storage_options=options, local_tier=LocalTier(str(tmp_path / "local"), **tier),
+                                 async_options=async_options)
 
 
 def committed(path) -> bool:
@@ -130,11 +133,14 @@ def test_each_tier_keeps_its_own_checkpoints_and_every_nth_save_is_drained(tmp_p
     assert [os.path.basename(p) for p in list_checkpoints(tmp_path / "remote")] == ["c-2", "c-4", "c-7"]
 
 
-def test_async_tiered_saves_keep_the_state_of_the_call(tmp_path):
+@pytest.mark.parametrize("options", [AsyncOptions(), AsyncOptions(staging="overlapped", lazy_min_bytes=1024),
+                                     AsyncOptions(upload="process")], ids=["blocking", "overlapped", "process"])
+def test_async_tiered_saves_keep_the_state_of_the_call(tmp_path, options):
     box = Box(state(1))
-    with coordinator(tmp_path, box) as coord:
+    with coordinator(tmp_path, box, async_options=options) as coord:
         handle = coord.async_save(checkpoint_id="c-1")
-        box.state["w"].add_(1)  # training goes on
+        with coord.mutating():  # a declared mutation point: training goes on
+            box.state["w"].add_(1)
         assert handle.result() == str(tmp_path / "remote" / "c-1")
         coord.wait()
         box.state = empty()
