@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -418,7 +419,7 @@ class ForgeSavePlanner(DefaultSavePlanner):
             return self._summary.commit_report(self._final)
         return None
 
-    def global_plan_and_metadata(self, reports: list[CommitReport | None], where: str
+    def global_plan_and_metadata(self, reports: Sequence[CommitReport | None], where: str
                                  ) -> tuple[list[SavePlan], Metadata]:
         """Every rank's final plan and the metadata to commit, from every rank's ``commit_report``
         (writer's finish, coordinator)."""
@@ -430,10 +431,11 @@ class ForgeSavePlanner(DefaultSavePlanner):
             self.metadata = Metadata(state_dict_metadata=cached.metadata.state_dict_metadata,
                                      planner_data=cached.metadata.planner_data)
         elif self.planned_by == "declarations":
-            if any(report is None for report in reports):
+            sent = [report for report in reports if report is not None]
+            if len(sent) != len(reports):
                 raise IncompleteSaveError(f"not committing checkpoint {where}: rank(s) "
                                           f"{[r for r, rep in enumerate(reports) if rep is None]} sent no plan")
-            self.global_plan, self.metadata = verified_global_plan(reports, self.topology.world_size, where)
+            self.global_plan, self.metadata = verified_global_plan(sent, self.topology.world_size, where)
         return self.global_plan, self.metadata
 
     def committed(self, generation: str) -> None:

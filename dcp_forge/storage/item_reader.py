@@ -181,7 +181,7 @@ def _direct_target(read: StoredRead, targets: Sequence[torch.Tensor]) -> torch.T
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
 class PipelinedChecker:
