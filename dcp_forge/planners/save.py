@@ -338,7 +338,7 @@ class ForgeSavePlanner(DefaultSavePlanner):
                 f"{self.topology.rank} of {self.topology.world_size}: plan over the group the topology was "
                 "gathered on. Nothing was written")
         error = self._error or exchange.failure
-        summed = exchange.sum(self._agreement_lanes(error))
+        summed = exchange.sum(self._agreement_lanes(exchange, error))
         if summed[_FAILED]:
             exchange.raise_everywhere("planning the save", error)
         if summed[_UNPLACEABLE] == 0 and all_agree(summed[_SETS]):
@@ -366,7 +366,7 @@ class ForgeSavePlanner(DefaultSavePlanner):
             self._error = err
             return dataclasses.replace(local_plan, items=[])
 
-    def _agreement_lanes(self, error: Exception | None) -> list[int]:
+    def _agreement_lanes(self, exchange: RankExchange, error: BaseException | None) -> list[int]:
         lanes = [0] * (_AGREEMENT + 2 * LANES)
         lanes[_FAILED] = int(error is not None)
         if error is not None:
@@ -377,9 +377,10 @@ class ForgeSavePlanner(DefaultSavePlanner):
             lanes[_UNPLACEABLE] = 1
         if self.topology.rank == 0:
             lanes[_GLOBAL_BYTES] = self.global_value_bytes()
-        generation = self.plan_cache.generation if self.plan_cache is not None else None
-        reusable = self._cached is not None and (
-            not self.exchange.is_coordinator or self.plan_cache.commit_for(generation) is not None)
+        cache = self.plan_cache  # where self._cached came from
+        generation = cache.generation if cache is not None else None
+        reusable = self._cached is not None and cache is not None and (
+            not exchange.is_coordinator or cache.commit_for(generation) is not None)
         lanes[_CACHED] = int(reusable)
         world = self.topology.world_size
         lanes[_GENERATION] = member_terms(b"generation " + set_name(range(world)), self.topology.rank, world,
@@ -458,6 +459,7 @@ class ForgeSavePlanner(DefaultSavePlanner):
         if write_item.type == WriteItemType.SHARD:
             obj = self.state_dict.get(write_item.index.fqn)
             if is_plain_tensor(obj):  # one of our row-chunks of a plain tensor
+                assert write_item.tensor_data is not None, "a SHARD item describes its chunk"
                 chunk = write_item.tensor_data.chunk
                 return exact_storage(narrow_box(obj, chunk.offsets, chunk.sizes))
         data = super().resolve_data(write_item)
