@@ -34,7 +34,7 @@ def _byte_view(tensor: torch.Tensor) -> memoryview:
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
         raise ValueError(f"expected a contiguous CPU tensor (got device={tensor.device}, "
                          f"contiguous={tensor.is_contiguous()})")
-    return memoryview(tensor.view(torch.uint8).reshape(-1).numpy())
+    return tensor.view(torch.uint8).reshape(-1).numpy().data
 
 
 def drop_page_cache(path: str) -> int:

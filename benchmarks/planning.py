@@ -83,7 +83,7 @@ from dcp_forge.rank_exchange import RankExchange
 
 STAGES = 4
 SHARD_GROUP = 8  # HSDP: sharded within a node of 8 ranks, replicated across nodes
-DECLARED = {"model": SharingPattern.REPLICATED, "stage": (SharingPattern.PER_GROUP, "pp"),
+DECLARED: dict[str, SharingPattern | tuple[SharingPattern, str]] = {"model": SharingPattern.REPLICATED, "stage": (SharingPattern.PER_GROUP, "pp"),
             "fsdp": SharingPattern.GLOBAL, "rng": SharingPattern.PER_RANK, "trainer": SharingPattern.GLOBAL}
 WORLDS = (8, 64, 256, 1024, 4096)
 LANE_BYTES = 8
@@ -190,7 +190,8 @@ def _size(obj: Any) -> int:
 
 def _results(plan: SavePlan, rank: int) -> list[WriteResult]:
     """The write results a rank would send for ``plan``: where each item went and its checksum."""
-    out, offset = [], 0
+    out: list[WriteResult] = []
+    offset = 0
     for item in plan.items:
         length = item_bytes(item) + 700
         out.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=StoredItem(
@@ -222,8 +223,7 @@ def plan_by_declarations(job: Job, rank: int, cache: PlanCache, state: dict | No
     def plan() -> int:
         planner.set_up_planner(state, is_coordinator=rank == 0)
         local = planner.create_local_plan()
-        if not isinstance(planner.summary, PlanSummary):
-            raise RuntimeError(f"rank {rank} cannot plan by itself: {planner.summary}")
+        _summary(planner)  # this rank can plan by itself
         finals, _ = planner.create_global_plan([local])
         planner.finish_plan(finals[0])
         return len(local.items)
@@ -232,6 +232,14 @@ def plan_by_declarations(job: Job, rank: int, cache: PlanCache, state: dict | No
     report = planner.commit_report()
     report_bytes = _size((None, _results(planner.plan, rank), report))
     return RankPlanning(planner, seconds, report_bytes, local_items)
+
+
+def _summary(planner: ForgeSavePlanner) -> PlanSummary:
+    """Who holds each item of the planner's last local plan; raises unless its rank planned by itself."""
+    summary = planner.summary
+    if not isinstance(summary, PlanSummary):
+        raise RuntimeError(f"rank {planner.topology.rank} cannot plan by itself: {summary}")
+    return summary
 
 
 def _renamed(item_or_key: Any, old: int, new: int) -> Any:
@@ -245,12 +253,12 @@ def _renamed(item_or_key: Any, old: int, new: int) -> Any:
 
 def class_reports(job: Job, representatives: dict[tuple[int, int], ForgeSavePlanner]) -> list[CommitReport]:
     """Every rank's commit report, built from its class's representative (see the module docstring)."""
-    writers = {cls: planner.summary.writers(planner.placement_base) for cls, planner in representatives.items()}
+    writers = {cls: _summary(planner).writers(planner.placement_base) for cls, planner in representatives.items()}
     reports = []
     for rank in range(job.world):
         cls = job.rank_class(rank)
         rep = representatives[cls]
-        rep_rank, summary = rep.topology.rank, rep.summary
+        rep_rank, summary = rep.topology.rank, _summary(rep)
         items, item_sets, sets = [], [], []
         for share in summary.sets:
             if share.size > 1:
@@ -332,7 +340,10 @@ def forge_saves(job: Job, repetitions: int, states: dict[int, dict] | None = Non
     states = states or {r: job.state(r) for r in reps}
     classes = sorted({job.rank_class(r) for r in range(world)})
     rep_of = {cls: next(r for r in range(world) if job.rank_class(r) == cls) for cls in classes}
-    first, again, commit, reports = [], [], [], None
+    first: list[float] = []
+    again: list[float] = []
+    commit: list[float] = []
+    reports: list[CommitReport] | None = None
     for _ in range(repetitions):
         caches = {r: PlanCache() for r in reps}
         runs = {r: plan_by_declarations(job, r, caches[r], states[r]) for r in reps}
@@ -350,6 +361,8 @@ def forge_saves(job: Job, repetitions: int, states: dict[int, dict] | None = Non
         if any(run.planner.planned_by != "cache" for run in repeat.values()):
             raise AssertionError("the repeated save did not reuse the plans")
         again.append(max(run.seconds for run in repeat.values()))
+    if reports is None:
+        raise ValueError(f"forge_saves needs at least one repetition, not {repetitions}")
     outcome = _size(("ok", "dcp-forge-0123456789abcdef0123456789abcdef"))
     lanes = LANE_BYTES * (COUNT_LANES + COORDINATOR_LANES + 2 * len(PRIMES))
     # The gather pads every rank's report to the largest: the rank writing the most sets the size.
@@ -460,9 +473,11 @@ def _validate(job: Job, reports: list[CommitReport], metadata: Any, log: Callabl
     real = []
     for rank in range(job.world):
         run = plan_by_declarations(job, rank, PlanCache())
-        summary = run.planner.summary
-        summed = [(a + b) % p for a, b, p in zip(summed, summary.agreement_terms(), PRIMES, strict=True)]
-        real.append(run.planner.commit_report())
+        summed = [(a + b) % p for a, b, p in zip(summed, _summary(run.planner).agreement_terms(), PRIMES, strict=True)]
+        report = run.planner.commit_report()
+        if report is None:
+            raise AssertionError(f"rank {rank} planned by itself but has no commit report")
+        real.append(report)
     if not all_agree(summed):
         raise AssertionError(f"the ranks of the {job.world}-rank job do not agree")
     for rank, (ours, theirs) in enumerate(zip(reports, real, strict=True)):

@@ -103,8 +103,10 @@ if DeferredCopyStager is not None:
                     staged = with_math_bits(staged, math_bits(x))
             memo[id(x)] = staged
             return staged
+
+    _exact_stager: type[ExactStager] | None = ExactStager
 else:  # pragma: no cover - depends on the torch release
-    ExactStager = None
+    _exact_stager = None  # staging copies at the call (_CopyingStager)
 
 
 class _CopyingStager:
@@ -279,7 +281,7 @@ class ForgeStager(AsyncStager):
                  background_group: Any = None) -> None:
         self.group = group
         self.rank = rank
-        self.overlap = overlap and ExactStager is not None
+        self.overlap = overlap and _exact_stager is not None
         if overlap and not self.overlap:
             logger.warning("this torch has no StateDictStager to build overlapped staging on: staging at the call")
         self.lazy_min_bytes = lazy_min_bytes
@@ -296,9 +298,9 @@ class ForgeStager(AsyncStager):
         self.label = ""  # the checkpoint being staged, for messages
 
     def _new_buffers(self) -> Any:
-        if ExactStager is None:  # pragma: no cover - depends on the torch release
+        if _exact_stager is None:  # pragma: no cover - depends on the torch release
             return _CopyingStager()
-        return ExactStager(self._allocate)
+        return _exact_stager(self._allocate)
 
     def stage(self, state_dict: dict[str, Any]) -> dict[str, Any] | Future[dict[str, Any]]:
         started = time.perf_counter()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from .rank_exchange import picklable_error
@@ -102,3 +103,18 @@ def release_group(group: Any) -> None:
         dist.destroy_process_group(group)
     except ValueError:  # already destroyed, e.g. by destroy_process_group() of the whole world
         pass
+
+
+def isend(tensor: torch.Tensor, group: Any, group_dst: int, tag: int) -> dist.Work:
+    """``dist.isend`` to a rank of ``group``, which this rank is in (torch posts no request only for a
+    rank outside it)."""
+    work = dist.isend(tensor, group=group, group_dst=group_dst, tag=tag)
+    assert work is not None, "a rank sends only within its own group"
+    return work
+
+
+def irecv(tensor: torch.Tensor, group: Any, group_src: int, tag: int) -> dist.Work:
+    """``dist.irecv`` from a rank of ``group``, which this rank is in."""
+    work = dist.irecv(tensor, group=group, group_src=group_src, tag=tag)
+    assert work is not None, "a rank receives only within its own group"
+    return work

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
-Item = tuple[int, Any, Hashable]  # (bytes, order key for ties, item key)
+Key = TypeVar("Key", bound=Hashable)
+Item = tuple[int, Any, Key]  # (bytes, order key for ties, item key)
 
 
-def place_within_set(items: Iterable[Item], members: Sequence[int], base: Mapping[int, int] | None = None
-                     ) -> tuple[dict[Hashable, int], dict[int, int]]:
+def place_within_set(items: Iterable[Item[Key]], members: Sequence[int], base: Mapping[int, int] | None = None
+                     ) -> tuple[dict[Key, int], dict[int, int]]:
     """Give each ``(size, order, key)`` item to the least-loaded of ``members`` (sorted ranks).
 
     ``base``: loads the members start from (absent: 0). Returns ``(writer of each key, load of each
@@ -46,7 +47,7 @@ def place_within_set(items: Iterable[Item], members: Sequence[int], base: Mappin
     heap: list[tuple[int, int]] = []  # (load, rank) of every member passed over or given an item
     loads: dict[int, int] = {}
     passed = 0  # members[:passed] are in the heap
-    chosen: dict[Hashable, int] = {}
+    chosen: dict[Key, int] = {}
     for size, _, key in sorted(items, key=lambda item: (-item[0], item[1])):
         # Members not passed yet weigh their base; the first with none stands for all such members
         # (same load, lowest rank), so members with a base before it join the heap first.
@@ -68,9 +69,9 @@ def place_within_set(items: Iterable[Item], members: Sequence[int], base: Mappin
     return chosen, loads
 
 
-def derive_writers(world_size: int, world_items: Iterable[Item],
-                   other_sets: Iterable[tuple[Sequence[int], Iterable[Item]]],
-                   base: Mapping[int, int] | None = None) -> dict[Hashable, int]:
+def derive_writers(world_size: int, world_items: Iterable[Item[Key]],
+                   other_sets: Iterable[tuple[Sequence[int], Iterable[Item[Key]]]],
+                   base: Mapping[int, int] | None = None) -> dict[Key, int]:
     """The writer of every item of the world set and of each ``(members, items)`` set given.
 
     A rank passes the sets it belongs to; the members of a set, each passing the same set, get the

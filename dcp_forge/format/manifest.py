@@ -21,7 +21,7 @@ from ..core.components import ComponentLayout
 from ..core.keys import StorageKey, parse_storage_key, top_level_key
 from ..core.patterns import SharingPattern
 from ..core.topology import Topology
-from ..errors import IntegrityError, UnsupportedFormatError
+from ..errors import ComponentDeclarationError, IntegrityError, UnsupportedFormatError
 from .index import ItemRecord, StoredItem
 
 if TYPE_CHECKING:  # torch stays unimported until a save needs it (inspection tools start without it)
@@ -208,12 +208,18 @@ def component_manifests(records: Sequence[ItemRecord], layouts: Mapping[str, Com
 
 
 def _holders_of_copy(parsed: StorageKey, pattern: SharingPattern, topology: Topology) -> tuple[int, ...]:
-    if pattern is SharingPattern.PER_RANK:
+    """The ranks holding the copy stored under ``parsed`` (``pattern``: its component's): a namespaced
+    key names them; a plain key is GLOBAL (rank 0's) or REPLICATED (every rank's)."""
+    if parsed.rank is not None:
         return (parsed.rank,)
-    if pattern is SharingPattern.PER_NODE:
+    if parsed.node is not None:
         return topology.ranks_on_node(parsed.node)
-    if pattern is SharingPattern.PER_GROUP:
+    if parsed.group_ranks is not None:
         return tuple(parsed.group_ranks)
     if pattern is SharingPattern.GLOBAL:
         return (0,)
-    return tuple(range(topology.world_size))
+    if pattern is SharingPattern.REPLICATED:
+        return tuple(range(topology.world_size))
+    raise ComponentDeclarationError(
+        f"storage key {str(parsed)!r} has no namespace naming its holders, but component {parsed.component!r} "
+        f"is declared {pattern.value}: only GLOBAL and REPLICATED copies are stored under the component key")

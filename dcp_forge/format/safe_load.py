@@ -23,7 +23,7 @@ __all__ = ["UnsafeCheckpointError", "load_dcp_metadata", "load_object"]
 _REFUSED_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
-def load_object(data: io.BytesIO | bytes | memoryview, *, name: str) -> object:
+def load_object(data: io.BytesIO | bytes | bytearray | memoryview, *, name: str) -> object:
     """Unpickle one stored non-tensor value safely; ``name`` says which (component / key)."""
     stream = data if isinstance(data, io.BytesIO) else io.BytesIO(bytes(data))
     try:

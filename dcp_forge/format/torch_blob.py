@@ -168,7 +168,9 @@ _UNTYPED_STORAGE = object()
 
 @dataclass(frozen=True)
 class _TensorRef:
-    storage: _StorageRef
+    dtype: torch.dtype  # its storage's (an untyped storage gets the dtype _rebuild_tensor_v3 names)
+    storage_key: str
+    storage_numel: int  # in elements of ``dtype``
     storage_offset: int
     size: tuple[int, ...]
     stride: tuple[int, ...]
@@ -189,7 +191,7 @@ def _rebuild_tensor_v2(storage: Any, storage_offset: int, size: Any, stride: Any
                        backward_hooks: Any = None, metadata: Any = None) -> _TensorRef:
     if not isinstance(storage, _StorageRef) or storage.dtype is None or backward_hooks:
         raise NotPlainTensor("tensor with hooks or without a typed storage")
-    return _TensorRef(storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride),
+    return _TensorRef(storage.dtype, storage.key, storage.numel, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride),
                       _math_bits_of(metadata))
 
 
@@ -225,7 +227,7 @@ class _LayoutUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
                 and (isinstance(pid[1], torch.dtype) or pid[1] is _UNTYPED_STORAGE)):
             raise NotPlainTensor(f"unexpected persistent id {pid!r}")
-        return _StorageRef(pid[1] if pid[1] is not _UNTYPED_STORAGE else None, str(pid[2]), int(pid[4]))
+        return _StorageRef(pid[1] if isinstance(pid[1], torch.dtype) else None, str(pid[2]), int(pid[4]))
 
 
 @functools.cache
@@ -322,20 +324,20 @@ def tensor_blob_layout(blob: _BlobFile) -> TensorBlobLayout:
     if not isinstance(ref, _TensorRef):
         raise NotPlainTensor(f"the blob holds a {type(ref).__name__}, not one tensor")
     numel = math.prod(ref.size)
-    if ref.storage_offset != 0 or ref.storage.numel != numel or (
+    if ref.storage_offset != 0 or ref.storage_numel != numel or (
             numel > 1 and not _row_major(ref.size, ref.stride)):
         raise NotPlainTensor("the tensor is a strided view of its storage")
-    data = by_suffix.get(f"data/{ref.storage.key}")
+    data = by_suffix.get(f"data/{ref.storage_key}")
     if data is None:
-        raise NotPlainTensor(f"no data record for storage {ref.storage.key!r}")
+        raise NotPlainTensor(f"no data record for storage {ref.storage_key!r}")
     data_offset, data_size = _stored_bytes(blob, data)
-    nbytes = numel * ref.storage.dtype.itemsize
+    nbytes = numel * ref.dtype.itemsize
     if data_size != nbytes or data_offset + nbytes > blob.length:
         raise NotPlainTensor(f"data record holds {data_size} bytes, the tensor needs {nbytes}")
-    return TensorBlobLayout(data_offset, nbytes, ref.storage.dtype, ref.size, ref.math_bits)
+    return TensorBlobLayout(data_offset, nbytes, ref.dtype, ref.size, ref.math_bits)
 
 
-def layout_from_edges(head: bytes, tail: bytes, length: int) -> TensorBlobLayout | None:
+def layout_from_edges(head: bytes | bytearray, tail: bytes | bytearray, length: int) -> TensorBlobLayout | None:
     """The layout of a blob of ``length`` bytes from its first bytes (``head``) and last bytes
     (``tail``) alone, as a writer sees them stream past or a reader that read them; None when the
     blob is not one plain tensor or a record the parse needs lies outside both edges."""
@@ -343,9 +345,9 @@ def layout_from_edges(head: bytes, tail: bytes, length: int) -> TensorBlobLayout
 
     def read_at(offset: int, size: int) -> bytes:
         if offset + size <= len(head):
-            return head[offset:offset + size]
+            return bytes(head[offset:offset + size])
         if offset >= tail_start:
-            return tail[offset - tail_start:offset - tail_start + size]
+            return bytes(tail[offset - tail_start:offset - tail_start + size])
         raise NotPlainTensor("a record lies between the edges given")
 
     try:

@@ -121,7 +121,7 @@ def list_checkpoint_entries(output_dir: str | os.PathLike, storage_options: Mapp
         state = checkpoint_state(backend, path)
         url = join_url(output_dir, name)
         if state is CheckpointState.COMMITTED:
-            when = read_commit(backend, path).committed_at
+            when: float | None = read_commit(backend, path).committed_at
             try:
                 manifest = CheckpointManifest.from_json(backend.read_bytes(backend.join(path, MANIFEST_FILE)))
                 size, step = sum(c.size_bytes for c in manifest.components.values()), _step_of(name, manifest.extra)
@@ -157,15 +157,16 @@ def _legacy_table(metadata_bytes: bytes, where: str) -> pa.Table:
     rows: dict[str, list] = {name: [] for name in INDEX_SCHEMA.names}
     for index, info in (metadata.storage_data or {}).items():
         md = metadata.state_dict_metadata.get(index.fqn)
-        tensor = isinstance(md, TensorStorageMetadata)
+        tensor = md if isinstance(md, TensorStorageMetadata) else None
         offsets = tuple(index.offset or ())
-        chunk = next((c for c in md.chunks if tuple(c.offsets) == offsets), None) if tensor else None
+        chunk = next((c for c in tensor.chunks if tuple(c.offsets) == offsets), None) if tensor is not None else None
         values = {
             "component": top_level_key(index.fqn), "pattern": None, "storage_key": top_level_key(index.fqn),
-            "fqn": index.fqn, "kind": "tensor" if tensor else "bytes",
-            "dtype": str(md.properties.dtype) if tensor else None, "shape": list(md.size) if tensor else None,
-            "chunk_offsets": list(offsets) if tensor else None,
-            "chunk_sizes": (list(chunk.sizes) if chunk is not None else list(md.size)) if tensor else None,
+            "fqn": index.fqn, "kind": "tensor" if tensor is not None else "bytes",
+            "dtype": str(tensor.properties.dtype) if tensor is not None else None,
+            "shape": list(tensor.size) if tensor is not None else None,
+            "chunk_offsets": list(offsets) if tensor is not None else None,
+            "chunk_sizes": (list(chunk.sizes) if chunk is not None else list(tensor.size)) if tensor is not None else None,
             "file": info.relative_path, "offset": info.offset, "length": info.length, "checksum": None, "rank": None,
         }
         for name, column in rows.items():  # what plain DCP does not record (checksum, data_offset...) is null
@@ -288,7 +289,7 @@ class OpenCheckpoint:
                 if verify and row["checksum"] is not None:
                     hasher = xxhash.xxh3_64()
                     for piece in owned:
-                        hasher.update(piece.numpy())
+                        hasher.update(piece.numpy().data)
                     if hasher.hexdigest() != row["checksum"]:
                         raise IntegrityError(
                             f"{self.where}: checksum mismatch in {row['file']} at byte {row['offset']} for "

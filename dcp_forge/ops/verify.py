@@ -171,7 +171,7 @@ def verify_checkpoint(url: str | os.PathLike, storage_options: Mapping[str, Any]
                            recorded_layout(r.data_offset, r.dtype, r.chunk_sizes, r.length, r.math_bits),
                            None if r.gap_offset is None or r.gap_length is None else (r.gap_offset, r.gap_length))
                    for r in records]
-    elif state is CheckpointState.LEGACY and check is not None and not problems:
+    elif state is CheckpointState.LEGACY and metadata is not None and check is not None and not problems:
         extents = [_Extent(info.relative_path, info.offset, info.length, None, component_of(index.fqn), index.fqn,
                            "tensor" if check.chunk(index) is not None else "bytes", check.chunk(index))
                    for index, info in metadata.storage_data.items()]
@@ -367,7 +367,10 @@ def _pack_problems(where: str, handle: InputFile, extents: Sequence[_Extent],
             why = why or trailer_problem(tail, tail_at, (extent.chunk.dtype, extent.chunk.sizes))
         else:
             why = records_problem(head, tail, tail_at, None)
-        why = why or version_record_problem(tail, tail_at, lambda o, n, e=extent: read_at(e.offset + o, n))
+        def read_in_item(at: int, size: int, item_at: int = extent.offset) -> memoryview:
+            return read_at(item_at + at, size)
+
+        why = why or version_record_problem(tail, tail_at, read_in_item)
         if why is not None:
             problems.append(Problem(ProblemKind.WRONG_LAYOUT, f"{at}: {why}", extent.file, extent.component))
         elif extent.kind != "tensor":

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -41,7 +41,7 @@ from ..core.components import ComponentLayout
 from ..core.keys import decode_ranks, encode_ranks
 from ..core.patterns import SharingPattern
 from ..core.placement import describe_item, index_order, item_bytes
-from ..core.set_placement import derive_writers
+from ..core.set_placement import Item, derive_writers
 from ..core.tensors import is_plain_tensor
 from ..core.topology import Topology
 from ..errors import IncompleteSaveError
@@ -105,7 +105,7 @@ class HolderSets:
             return self._declared(layout)
         if not isinstance(value, DTensor) or item.tensor_data is None or item.tensor_data.chunk is None:
             return None
-        on_mesh = self._on_mesh(value, item)
+        on_mesh = self._on_mesh(value, item.tensor_data.chunk)
         if on_mesh is None or (layout is not None and layout.pattern is SharingPattern.GLOBAL):
             return on_mesh
         declared = self._declared(layout)
@@ -118,8 +118,8 @@ class HolderSets:
                 tuple(r for r in declared[1] if r not in mesh_ranks or r in same_piece))
         return found
 
-    def _on_mesh(self, value: DTensor, item: WriteItem) -> tuple[bytes, Members] | None:
-        """The ranks of ``value``'s mesh whose shard of it has the same offsets as this rank's.
+    def _on_mesh(self, value: DTensor, chunk: ChunkStorageMetadata) -> tuple[bytes, Members] | None:
+        """The ranks of ``value``'s mesh whose shard of it (``chunk``) has the same offsets as this rank's.
 
         Placed by ``Shard`` / ``Replicate`` only (others: None). A non-empty piece of a dimension
         starts where no other piece does, so the holders share this rank's coordinates on the mesh
@@ -127,7 +127,6 @@ class HolderSets:
         every other empty piece of it, so the holders are the coordinates whose piece is empty too.
         """
         mesh, placements = value.device_mesh, tuple(value.placements)
-        chunk = item.tensor_data.chunk
         shape = tuple(value.shape)
         empty = tuple((d, shape[d]) for d in range(len(shape)) if chunk.sizes[d] == 0)
         memo = (id(mesh), placements, empty)
@@ -141,7 +140,7 @@ class HolderSets:
             holds = np.ones(ranks.size, dtype=bool)
             pieces: dict[int, np.ndarray] = {}  # tensor dim -> piece size along it, per coordinate
             for mesh_dim, placement in enumerate(placements):
-                if isinstance(placement, Replicate):
+                if not isinstance(placement, Shard):  # Replicate, as checked above
                     continue
                 if chunk.sizes[placement.dim] > 0:
                     holds &= coordinates[mesh_dim] == coordinate[mesh_dim]
@@ -203,8 +202,8 @@ class PlanSummary:
         """The writer of every item of this rank's sets held by more than one rank (the same on every
         member of a set, once the sets are proven to agree); ``base``: bytes ranks write besides, known
         to every rank alike (the coordinator's GLOBAL values)."""
-        world_items: list = []
-        others = []
+        world_items: list[Item[ItemKey]] = []
+        others: list[tuple[Members, list[Item[ItemKey]]]] = []
         for share in self.sets:
             if share.size == 1:
                 continue
@@ -280,7 +279,7 @@ def verified_global_plan(reports: Sequence[CommitReport], world_size: int, where
             continue
         for item, set_index in zip(report.plan.items, report.item_sets, strict=True):
             written.setdefault(report.sets[set_index][0], []).append(item)
-    holders_of = {}
+    holders_of: dict[ItemKey, bytes] = {}
     for name, items in written.items():
         for item in items:
             other = holders_of.setdefault(item_key(item), name)

@@ -118,7 +118,7 @@ class ForgeLoadPlanner(DefaultLoadPlanner):
         for fqn in sorted(candidates):
             if self._component(fqn) in self._select_keys and fqn != top_level_key(fqn):
                 by_component[self._component(fqn)].append(fqn)
-        unselected = []
+        unselected: list[str] = []
         for component, patterns in self._select_keys.items():
             fqns = by_component.get(component, [])
             prefix = len(self.key_map.get(component, component)) + 1
@@ -194,10 +194,12 @@ class ForgeLoadPlanner(DefaultLoadPlanner):
         storage = top_level_key(fqn)
         return self._user_key.get(storage, storage)
 
-    def _check_against_metadata(self) -> None:
-        if self.metadata is None:
+    def _check_against_metadata(self) -> Metadata:
+        """The checkpoint's metadata, once the state is checked against it."""
+        metadata = self.metadata
+        if metadata is None:
             raise RuntimeError("DCP called create_local_plan before set_up_planner gave it metadata")
-        saved = self.metadata.state_dict_metadata
+        saved = metadata.state_dict_metadata
         self.skipped_keys = []
         for fqn, obj in self.state_dict.items():
             component = self._component(fqn)
@@ -236,10 +238,11 @@ class ForgeLoadPlanner(DefaultLoadPlanner):
                 raise StateMismatchError(
                     f"component {component!r} on rank {self.topology.rank}: {fqn!r} was saved as a "
                     f"non-tensor value but the current state holds a tensor {tuple(obj.shape)}")
+        return metadata
 
     def create_local_plan(self) -> LoadPlan:
-        self._check_against_metadata()
-        return create_default_local_load_plan(self.state_dict, self.metadata, not self.allow_partial_load)
+        metadata = self._check_against_metadata()
+        return create_default_local_load_plan(self.state_dict, metadata, not self.allow_partial_load)
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         fqn = read_item.dest_index.fqn
@@ -247,7 +250,9 @@ class ForgeLoadPlanner(DefaultLoadPlanner):
         path = self.mappings[fqn]
         self._set(fqn, path, obj)
         if len(path) == 1:  # a top-level value was replaced: hand it back under the caller's key
-            self._user_state_dict[self._user_key.get(path[0], path[0])] = obj
+            top = path[0]
+            assert isinstance(top, str), "the planned state's top-level keys are storage keys"
+            self._user_state_dict[self._user_key.get(top, top)] = obj
 
 
 def _tensors_named(value: Any, name: str = "") -> Iterator[tuple[str, torch.Tensor]]:

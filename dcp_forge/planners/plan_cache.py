@@ -55,7 +55,7 @@ def state_signature(flat_state: Mapping[str, Any], paths: Mapping[str, Any], con
     paths; ``context``: the rank, topology, declarations and chunk policy, encoded by the caller.
     """
     meshes: dict[int, tuple] = {}
-    described = []
+    described: list[tuple[object, ...]] = []  # one description per key, its form by kind
     for key, value in flat_state.items():
         if isinstance(value, DTensor):
             mesh = value.device_mesh

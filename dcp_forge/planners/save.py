@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -337,7 +338,7 @@ class ForgeSavePlanner(DefaultSavePlanner):
                 f"{self.topology.rank} of {self.topology.world_size}: plan over the group the topology was "
                 "gathered on. Nothing was written")
         error = self._error or exchange.failure
-        summed = exchange.sum(self._agreement_lanes(error))
+        summed = exchange.sum(self._agreement_lanes(exchange, error))
         if summed[_FAILED]:
             exchange.raise_everywhere("planning the save", error)
         if summed[_UNPLACEABLE] == 0 and all_agree(summed[_SETS]):
@@ -365,7 +366,7 @@ class ForgeSavePlanner(DefaultSavePlanner):
             self._error = err
             return dataclasses.replace(local_plan, items=[])
 
-    def _agreement_lanes(self, error: Exception | None) -> list[int]:
+    def _agreement_lanes(self, exchange: RankExchange, error: BaseException | None) -> list[int]:
         lanes = [0] * (_AGREEMENT + 2 * LANES)
         lanes[_FAILED] = int(error is not None)
         if error is not None:
@@ -376,9 +377,10 @@ class ForgeSavePlanner(DefaultSavePlanner):
             lanes[_UNPLACEABLE] = 1
         if self.topology.rank == 0:
             lanes[_GLOBAL_BYTES] = self.global_value_bytes()
-        generation = self.plan_cache.generation if self.plan_cache is not None else None
-        reusable = self._cached is not None and (
-            not self.exchange.is_coordinator or self.plan_cache.commit_for(generation) is not None)
+        cache = self.plan_cache  # where self._cached came from
+        generation = cache.generation if cache is not None else None
+        reusable = self._cached is not None and cache is not None and (
+            not exchange.is_coordinator or cache.commit_for(generation) is not None)
         lanes[_CACHED] = int(reusable)
         world = self.topology.world_size
         lanes[_GENERATION] = member_terms(b"generation " + set_name(range(world)), self.topology.rank, world,
@@ -418,7 +420,7 @@ class ForgeSavePlanner(DefaultSavePlanner):
             return self._summary.commit_report(self._final)
         return None
 
-    def global_plan_and_metadata(self, reports: list[CommitReport | None], where: str
+    def global_plan_and_metadata(self, reports: Sequence[CommitReport | None], where: str
                                  ) -> tuple[list[SavePlan], Metadata]:
         """Every rank's final plan and the metadata to commit, from every rank's ``commit_report``
         (writer's finish, coordinator)."""
@@ -430,10 +432,11 @@ class ForgeSavePlanner(DefaultSavePlanner):
             self.metadata = Metadata(state_dict_metadata=cached.metadata.state_dict_metadata,
                                      planner_data=cached.metadata.planner_data)
         elif self.planned_by == "declarations":
-            if any(report is None for report in reports):
+            sent = [report for report in reports if report is not None]
+            if len(sent) != len(reports):
                 raise IncompleteSaveError(f"not committing checkpoint {where}: rank(s) "
                                           f"{[r for r, rep in enumerate(reports) if rep is None]} sent no plan")
-            self.global_plan, self.metadata = verified_global_plan(reports, self.topology.world_size, where)
+            self.global_plan, self.metadata = verified_global_plan(sent, self.topology.world_size, where)
         return self.global_plan, self.metadata
 
     def committed(self, generation: str) -> None:
@@ -456,6 +459,7 @@ class ForgeSavePlanner(DefaultSavePlanner):
         if write_item.type == WriteItemType.SHARD:
             obj = self.state_dict.get(write_item.index.fqn)
             if is_plain_tensor(obj):  # one of our row-chunks of a plain tensor
+                assert write_item.tensor_data is not None, "a SHARD item describes its chunk"
                 chunk = write_item.tensor_data.chunk
                 return exact_storage(narrow_box(obj, chunk.offsets, chunk.sizes))
         data = super().resolve_data(write_item)

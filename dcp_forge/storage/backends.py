@@ -190,7 +190,7 @@ def file_sizes(path: str, entries: list[dict[str, Any]]) -> dict[str, int]:
     """``{name: size}`` of the files among fsspec ``ls(path, detail=True)`` entries under ``path``."""
     names = entry_names(path, [e for e in entries if e.get("type") != "directory"], dirs_only=False)
     sizes = {posixpath.basename(str(e["name"]).rstrip("/")): e.get("size") for e in entries}
-    return {name: int(sizes[name]) for name in names if isinstance(sizes.get(name), int)}
+    return {name: int(size) for name in names if isinstance(size := sizes.get(name), int)}
 
 
 def entry_names(path: str, entries: list[dict[str, Any]], dirs_only: bool) -> list[str]:

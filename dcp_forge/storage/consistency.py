@@ -16,7 +16,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeGuard
 
 import pyarrow as pa
 
@@ -175,7 +175,8 @@ def parse_index(data: bytes | None, where: str) -> tuple[list[ItemRecord], list[
     return records, []
 
 
-def _is_count(value: object) -> bool:
+def _is_count(value: object) -> TypeGuard[int]:
+    """A non-negative int (not a bool): what a row's offsets, lengths and ranks must be."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 

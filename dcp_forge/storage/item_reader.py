@@ -181,7 +181,7 @@ def _direct_target(read: StoredRead, targets: Sequence[torch.Tensor]) -> torch.T
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
 class PipelinedChecker:
@@ -379,7 +379,7 @@ def _load_packed(handle: InputFile, read: StoredRead, planner: LoadPlanner, chec
     if layout is None or layout.data_offset != DATA_OFFSET or layout.math_bits is not None:
         _refuse_packed(read, f"the index records no plain tensor in it ({describe_layout(layout)})")
         return
-    if not _is_chunk(layout.dtype, layout.shape, read.chunk):
+    if read.chunk is not None and not _is_chunk(layout.dtype, layout.shape, read.chunk):
         _refuse_packed(read, f"it holds a {layout.dtype} tensor {list(layout.shape)}; {METADATA_FILE} says a "
                              f"{read.chunk.dtype} tensor {list(read.chunk.sizes)}")
     targets = [planner.resolve_tensor(item).detach() for item in read.items]
@@ -491,7 +491,7 @@ def load_stored_item(handle: InputFile, read: StoredRead, planner: LoadPlanner, 
     if check is not None:
         check(read, xxhash.xxh3_64_hexdigest(byte_view(buffer)))
     stored = stored_tensor(buffer, f"{component_of(read.fqn)}: {read.fqn}")
-    if not _is_chunk(stored.dtype, tuple(stored.shape), read.chunk):
+    if read.chunk is not None and not _is_chunk(stored.dtype, tuple(stored.shape), read.chunk):
         raise IntegrityError(
             f"stored item of {read.describe()} in {read.file} at byte {read.offset} holds a {stored.dtype} tensor "
             f"{list(stored.shape)}; {METADATA_FILE} says it holds a {read.chunk.dtype} tensor {list(read.chunk.sizes)}")

@@ -29,7 +29,7 @@ class BufferInput(ReadsViewsInTurn):
 
     def __init__(self, data: torch.Tensor, base: int = 0, pieces: Sequence[tuple[int, int]] | None = None) -> None:
         self.data = data
-        self._bytes = memoryview(data.numpy()) if data.numel() else memoryview(b"")
+        self._bytes = byte_view(data) if data.numel() else memoryview(b"")
         self._pieces = list(pieces) if pieces is not None else [(base, data.numel())]
         if sum(length for _, length in self._pieces) != data.numel():
             raise ValueError(f"pieces {self._pieces} do not add up to the {data.numel()} bytes held")

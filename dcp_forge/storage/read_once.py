@@ -37,6 +37,7 @@ import xxhash
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
+from ..collectives import irecv, isend
 from ..core.placement import place_on_least_loaded
 from ..core.topology import Topology
 from ..errors import ComponentDeclarationError, IntegrityError
@@ -292,7 +293,7 @@ class ReadOnceStorageReader(ForgeStorageReader):
                     check_extent(where, name, size, loc.offset, loc.length, repr(fqn))
                     held = read_pieces(handle, loc.pieces).data  # what the item owns, as it is sent
                     if self.verify_checksums:
-                        self.verify_stored(name, loc.offset, fqn, xxhash.xxh3_64_hexdigest(memoryview(held.numpy())))
+                        self.verify_stored(name, loc.offset, fqn, xxhash.xxh3_64_hexdigest(held.numpy().data))
                     out[loc] = held
             finally:
                 handle.close()
@@ -321,11 +322,11 @@ class ReadOnceStorageReader(ForgeStorageReader):
                 if batch.source == me:
                     payload, missing = self._payload(batch, kept)
                     failure = failure or missing
-                    sends += [dist.isend(payload, group=self.group, group_dst=r, tag=tag) for r in batch.receivers]
+                    sends += [isend(payload, self.group, r, tag) for r in batch.receivers]
                 elif me in batch.receivers:
                     payload = torch.empty(batch.nbytes, dtype=torch.uint8)
                     receives.append((batch, payload,
-                                     dist.irecv(payload, group=self.group, group_src=batch.source, tag=tag)))
+                                     irecv(payload, self.group, batch.source, tag)))
             for batch, payload, work in receives:
                 work.wait()
                 self.bytes_received += batch.nbytes

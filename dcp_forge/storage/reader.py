@@ -145,6 +145,8 @@ class ForgeStorageReader(StorageReader):
             if not self.verify_checksums:
                 problems = [p for p in problems if p.kind not in _CHECKSUM_KINDS]
             raise_if_problems(problems)
+            # An absent or unreadable manifest or .metadata is a problem of a kind raised just above.
+            assert manifest is not None and files.metadata is not None, "record_problems let a missing record pass"
             metadata_bytes = files.metadata
             records, problems = parse_index(files.index, where)
             raise_if_problems(problems)

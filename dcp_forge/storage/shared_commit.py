@@ -65,6 +65,8 @@ def commit_over_exchange(exchange: RankExchange, planner: PlansForCommit | None,
         failures = {rank: failure for rank, (failure, _, _) in enumerate(gathered) if failure is not None}
         if not failures:
             try:
+                # A rank without such a planner failed in write_data, and that failure was gathered.
+                assert planner is not None, "the coordinator has no planner that plans on every rank"
                 plans, metadata = planner.global_plan_and_metadata([rep for _, _, rep in gathered], where)
                 generation = commit(plans, metadata, [res for _, res, _ in gathered])
             except Exception as err:  # not committed: every rank raises it

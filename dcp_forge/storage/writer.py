@@ -230,7 +230,7 @@ class ForgeStorageWriter(StorageWriter):
         self.is_coordinator = False
         self.rank = 0
         self.exchange = exchange
-        self._own_collectives = False  # use_collectives=False: the exchange replaces DCP's gathers
+        self._own_exchange: RankExchange | None = None  # use_collectives=False: it replaces DCP's gathers
         self._planner: SavePlanner | None = None
         self._write_error: Exception | None = None
         self.reset(url)
@@ -252,23 +252,24 @@ class ForgeStorageWriter(StorageWriter):
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
         self.rank = int(kwargs.get("rank", 0) or 0)
-        self._own_collectives = not kwargs.get("use_collectives", True)
-        self._planner, self._write_error = None, None
-        if self._own_collectives and self.exchange is None:
-            raise ValueError("dcp.save(use_collectives=False) with a ForgeStorageWriter needs exchange=: the "
-                             "RankExchange its ForgeSavePlanner plans over")
+        self._planner, self._write_error, self._own_exchange = None, None, None
+        if not kwargs.get("use_collectives", True):
+            if self.exchange is None:
+                raise ValueError("dcp.save(use_collectives=False) with a ForgeStorageWriter needs exchange=: the "
+                                 "RankExchange its ForgeSavePlanner plans over")
+            self._own_exchange = self.exchange
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        if self._own_collectives and self.is_coordinator:
+        if self._own_exchange is not None and self.is_coordinator:
             # Before any rank writes: the planner's agreement, next, shares a failure with every rank.
             try:
                 self.claim_directory()
             except Exception as err:
-                self.exchange.note_failure(err)
+                self._own_exchange.note_failure(err)
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        if self._own_collectives:  # each rank's own plan, claimed in prepare_local_plan
+        if self._own_exchange is not None:  # each rank's own plan, claimed in prepare_local_plan
             return [dataclasses.replace(plan, storage_data=_RankFiles(self.rank)) for plan in plans]
         # Runs on the coordinator before any rank writes; an error here reaches every rank.
         self.claim_directory()
@@ -279,7 +280,7 @@ class ForgeStorageWriter(StorageWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         self._layouts = getattr(planner, "layouts", {}) or {}
         self._topology = getattr(planner, "topology", None)
-        if not self._own_collectives:
+        if self._own_exchange is None:
             return self._write_plan(plan, planner)
         self._planner = planner
         try:  # kept for finish, where every rank learns of it: no rank may wait for a peer that raised
@@ -410,9 +411,9 @@ class ForgeStorageWriter(StorageWriter):
             raise IncompleteSaveError(f"not committing checkpoint {redact_url(self.url)}: {shown}")
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        if self._own_collectives:
+        if self._own_exchange is not None:
             planner = self._planner if isinstance(self._planner, PlansForCommit) else None
-            commit_over_exchange(self.exchange, planner, results[0] if results else [], self._write_error,
+            commit_over_exchange(self._own_exchange, planner, results[0] if results else [], self._write_error,
                                  self._commit_gathered, redact_url(self.url))
             return
         self._commit(metadata, results)

@@ -113,9 +113,11 @@ def drain(job: DrainJob, site: TierSite, group: Any, output_dir: str, storage_op
         def finish() -> None:
             tier = TierRecord(tier=REMOTE, checkpoint_id=job.checkpoint_id, save_id=job.commit.save_id,
                               data_files=sizes)
+            records = job.records  # all present: check_records refused a copy missing any, before uploading
+            assert records.index is not None and records.metadata is not None and records.manifest is not None
             with os_error_context(f"rank 0 committing the drained copy {where}", path):
-                for name, data in ((INDEX_FILE, job.records.index), (METADATA_FILE, job.records.metadata),
-                                   (MANIFEST_FILE, job.records.manifest), (TIER_FILE, tier.to_bytes())):
+                for name, data in ((INDEX_FILE, records.index), (METADATA_FILE, records.metadata),
+                                   (MANIFEST_FILE, records.manifest), (TIER_FILE, tier.to_bytes())):
                     backend.write_bytes(backend.join(path, name), data)
                 backend.sync_dir(path)
                 present = set(backend.list_dir(path))

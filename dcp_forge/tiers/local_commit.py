@@ -23,6 +23,7 @@ the committed save (their save id says so), and loads use their files.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ class NodeLocalWriter(ForgeStorageWriter):
         super().__init__(url, None, thread_count=thread_count, extra=extra, training_args_hash=training_args_hash,
                          commit_gate=commit_gate, exchange=exchange)
 
-    def reset(self, checkpoint_id: str | None = None) -> None:
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         super().reset(checkpoint_id)
         self.save_id = self._agreed_save_id
 

@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from ..collectives import irecv, isend
 from ..format.index import ItemRecord
 from ..storage import COPY_CHUNK_BYTES, InputFile, ItemVerifier, OutputStream, StorageBackend, discard_after
 from .layout import Transfer
@@ -86,7 +86,7 @@ class _Receiving:
                                                             piece.file, self.rows.get(piece.file, ()),
                                                             piece.file_size))
             out, verifier = self._open[piece.file]
-            view = memoryview(data.numpy()).cast("B")
+            view = data.numpy().data.cast("B")
             try:
                 verifier.update(view)
                 out.write(view)
@@ -138,17 +138,17 @@ def copy_to_peers(transfers: Sequence[Transfer], me: int, group: Any, backend: S
                         if handle is None:
                             handle = handles[piece.file] = backend.open_input(backend.join(path, piece.file))
                         if piece.length:
-                            handle.read_into(piece.offset, memoryview(payload.numpy()))
+                            handle.read_into(piece.offset, payload.numpy().data)
                     except Exception as err:  # the partners still get a payload (and fail its checksum)
                         send_failure = err
                 if piece.length:  # an empty file's one piece carries nothing: its partners create it
-                    sends = [dist.isend(payload, group=group, group_dst=dst, tag=wave) for dst in piece.dsts]
+                    sends = [isend(payload, group, dst, wave) for dst in piece.dsts]
                 stats.bytes_sent += piece.length * len(piece.dsts)
             received = []
             for src, pieces in sorted(incoming.items()):
                 if wave < len(pieces) and me in pieces[wave].dsts:
                     data = torch.empty(pieces[wave].length, dtype=torch.uint8)
-                    work = dist.irecv(data, group=group, group_src=src, tag=wave) if pieces[wave].length else None
+                    work = irecv(data, group, src, wave) if pieces[wave].length else None
                     received.append((pieces[wave], data, work))
             for piece, data, work in received:
                 if work is not None:

@@ -59,7 +59,7 @@ def load_sources(local: Sequence[LocalCheckpoint], remote: Sequence[RemoteCheckp
                  checkpoint_id: str | None = None) -> tuple[list[Source], list[str]]:
     """The copies to try, in order, and one line per newer local checkpoint that cannot be loaded from
     the local tier (why, and where the load goes instead). ``checkpoint_id``: only that checkpoint."""
-    saves: dict[tuple[str, str], dict[str, object]] = {}
+    saves: dict[tuple[str, str], dict[str, LocalCheckpoint | RemoteCheckpoint]] = {}
     for c in local:
         saves.setdefault((c.checkpoint_id, c.commit.save_id), {})[LOCAL] = c
     for r in remote:
@@ -86,6 +86,6 @@ def load_sources(local: Sequence[LocalCheckpoint], remote: Sequence[RemoteCheckp
     return sources, notes
 
 
-def _commit_of(copies: Mapping[str, object]) -> CommitRecord:
-    copy = copies.get(LOCAL) or copies.get(REMOTE)
-    return copy.commit  # type: ignore[union-attr]
+def _commit_of(copies: Mapping[str, LocalCheckpoint | RemoteCheckpoint]) -> CommitRecord:
+    """The commit record of a save: its local copy's, else its remote copy's (it has one or both)."""
+    return (copies.get(LOCAL) or copies[REMOTE]).commit

@@ -8,6 +8,7 @@ given (or, for ``finish_save``, over its own commit group), called by every rank
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import uuid
@@ -244,15 +245,19 @@ class TieredStorage:
                                    c.checkpoint_id)
                 continue
             records = collectives.run_on(group, self.site.leader_of(c.record_nodes[0]),
-                                         lambda c=c: RecordFiles.read(*open_backend(self.site.copy_path(c.checkpoint_id))))
+                                         functools.partial(self._node_records, c))
             rows, problems = parse_index(records.index, self.site.copy_path(c.checkpoint_id))
             raise_if_problems(problems)
             files = files_of(rows)
             uploads = plan_uploads(files, node_readers(c.holders, self.site.topology), self.site.topology.world_size)
-            collectives.run_on(group, 0, lambda c=c: self._discard_interrupted_drain(c))
+            collectives.run_on(group, 0, functools.partial(self._discard_interrupted_drain, c))
             self._submit(DrainJob(c.checkpoint_id, c.commit, records, tuple(rows), uploads))
             started.append(c.checkpoint_id)
         return started
+
+    def _node_records(self, checkpoint: LocalCheckpoint) -> RecordFiles:
+        """The shared records of this node's copy of ``checkpoint`` (on a node that holds them)."""
+        return RecordFiles.read(*open_backend(self.site.copy_path(checkpoint.checkpoint_id)))
 
     def _discard_interrupted_drain(self, checkpoint: LocalCheckpoint) -> None:
         """Remove an uncommitted remote copy of this very save (a drain cut short): nothing else writes it."""
