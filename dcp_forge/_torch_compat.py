@@ -401,4 +401,6 @@ if StateDictStager is not None and all(callable(getattr(StateDictStager, h, None
         deepcopy_with_tensor_offload = getattr(StateDictStager.deepcopy_with_tensor_offload, "__wrapped__",
                                                StateDictStager.deepcopy_with_tensor_offload)
 else:  # pragma: no cover - depends on the torch release
-    DeferredCopyStager = None  # staging falls back to copying by hand at the call
+    # Staging falls back to copying by hand at the call. mypy cannot type a name that is a class on
+    # one branch and None on the other; callers check it against None before subclassing it.
+    DeferredCopyStager = None  # type: ignore[misc, assignment]
