@@ -60,6 +60,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import StagingOptions
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 from torch.distributed.checkpoint.stateful import Stateful
 
 from . import teardown
@@ -280,7 +281,7 @@ class AsyncSaver:
         else:
             any_unseen, any_seen = unseen, seen
         if not any_unseen or any_seen:
-            if unseen:
+            if failed is not None and unseen:
                 logger.info("rank %d: the failure of the async save of %s was seen on another rank; saving on",
                             self.rank, redact_url(failed.checkpoint_path))
             return
@@ -367,7 +368,8 @@ class AsyncSaver:
                                     process_group=self.background_group, async_stager=stager,
                                     no_dist=self.background_group is None,
                                     use_collectives=planner.exchange is None)
-            return getattr(upload, "upload_completion", upload)  # an AsyncSaveResponse when staging is a future
+            # An AsyncSaveResponse when staging returns a future (overlapped), else the upload's future.
+            return upload.upload_completion if isinstance(upload, AsyncSaveResponse) else upload
         staged = stager.stage(_state_dicts(state))
         # The writer's commit gate (a replication check's verdict) stays here: staging awaited it already.
         # So do the planner's exchange (a process group) and plan cache: the upload process plans over

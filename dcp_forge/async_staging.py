@@ -371,6 +371,13 @@ class ForgeStager(AsyncStager):
         event.record()
         return event, self._stream
 
+    def synchronize_staging(self) -> None:
+        """DCP's mutation point for a stager whose ``stage`` returns before the copy is done: wait until
+        the last overlapped staging no longer reads the live state (``StagingInFlight.release``).
+        Blocking staging copied everything at the call, so there is nothing to wait for."""
+        if self.in_flight is not None:
+            self.in_flight.release()
+
     def buffer_count(self) -> int:
         """How many staging buffers are kept (one per source storage staged since the last close)."""
         counter = getattr(self._buffers, "buffer_count", None)

@@ -218,15 +218,18 @@ class CheckpointCoordinator:
         if (checkpoint_path is None) == (checkpoint_id is None):
             raise ComponentDeclarationError("pass exactly one of checkpoint_path or checkpoint_id")
         if self.tiers is not None:
-            checkpoint_id = self._tiered_id(checkpoint_path, checkpoint_id)
-            checkpoint_path = None
+            tier_id = self._tiered_id(checkpoint_path, checkpoint_id)
+            path = self.checkpoint_path(tier_id)
+            # Collective: a drain failure nobody saw raises here; every node claims its copy.
+            save_id, due = self.tiers.begin_save(self.group, tier_id, drain)
         elif drain is not None:
             raise ComponentDeclarationError("'drain' needs a coordinator with a local_tier")
-        path = os.fspath(checkpoint_path) if checkpoint_path is not None else self.checkpoint_path(checkpoint_id)
+        elif checkpoint_id is not None:
+            path = self.checkpoint_path(checkpoint_id)
+        else:
+            assert checkpoint_path is not None  # exactly one of the two was given (checked above)
+            path = os.fspath(checkpoint_path)
         finish: Callable[[], None] | None = None
-        if self.tiers is not None:
-            # Collective: a drain failure nobody saw raises here; every node claims its copy.
-            save_id, due = self.tiers.begin_save(self.group, checkpoint_id, drain)
         # The check hashes while DCP plans and writes (sync) or stages (async); the coordinator rank
         # waits for its verdict before committing, and every rank waits for it before returning.
         check = start_replication_check(self.components, self.topology, self._validation_group) if validate else None
@@ -235,12 +238,12 @@ class CheckpointCoordinator:
         exchange = RankExchange(self._async_saves.save_group() if background else self.group)
         if self.tiers is not None:
             tiers = self.tiers
-            writer: ForgeStorageWriter = tiers.writer(checkpoint_id, save_id, extra=extra,
-                                                      training_args_hash=self.training_args_hash, commit_gate=gate,
-                                                      exchange=exchange)
+            local_writer = tiers.writer(tier_id, save_id, extra=extra, training_args_hash=self.training_args_hash,
+                                        commit_gate=gate, exchange=exchange)
+            writer: ForgeStorageWriter = local_writer
 
             def finish() -> None:
-                tiers.finish_save(writer, checkpoint_id, due)
+                tiers.finish_save(local_writer, tier_id, due)
         else:
             writer = ForgeStorageWriter(path, self.storage_options, thread_count=self.thread_count, extra=extra,
                                         training_args_hash=self.training_args_hash, commit_gate=gate,
@@ -253,6 +256,7 @@ class CheckpointCoordinator:
         """A tiered save is named by its checkpoint id (a path must be ``output_dir/<id>``)."""
         if checkpoint_id is not None:
             return validate_checkpoint_id(checkpoint_id)
+        assert checkpoint_path is not None  # the caller passes exactly one of the two
         found = self._id_in_tiers(checkpoint_path)
         if found is None:
             raise ComponentDeclarationError(
@@ -362,8 +366,10 @@ class CheckpointCoordinator:
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise DeclarationTypeError(f"install_step_hook needs a torch.optim.Optimizer (got {describe_type(optimizer)})")
-        while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-            optimizer = optimizer.optimizer
+        inner = getattr(optimizer, "optimizer", None)
+        while isinstance(inner, torch.optim.Optimizer):
+            optimizer = inner
+            inner = getattr(optimizer, "optimizer", None)
         saves = weakref.ref(self._async_saves)  # the hook must not keep a closed coordinator's saver alive
 
         def wait_for_staging(_optimizer: Any, _args: Any, _kwargs: Any) -> None:

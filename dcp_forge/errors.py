@@ -144,6 +144,10 @@ def expect_type(name: str, value: object, expected: tuple[type[_T], type[_U]], *
 @overload
 def expect_type(name: str, value: object, expected: tuple[type[_T], type[_U]], *, optional: bool,
                 owner: str = "") -> _T | _U | None: ...
+# Three or more kinds: checked alike, but typed only as object (bind the value to an annotated name).
+@overload
+def expect_type(name: str, value: object, expected: tuple[type, ...], *, optional: bool = False,
+                owner: str = "") -> object: ...
 def expect_type(name: str, value: object, expected: type | tuple[type, ...], *, optional: bool = False,
                 owner: str = "") -> object:
     """``value``, unchanged; a DeclarationTypeError unless it is an ``expected`` (bools are not ints

@@ -35,10 +35,11 @@ import logging
 import os
 import posixpath
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from ..coordinator import CheckpointCoordinator, read_manifest
 from ..core.components import StateComponent
+from ..errors import DeclarationTypeError, describe_type
 from ..storage import (
     check_output_dir,
     delete_checkpoint,
@@ -143,7 +144,7 @@ class CheckpointManager:
                 "to continue that run, or choose an empty output_dir")
         return discarded
 
-    def resume(self, target: bool | str) -> str | None:
+    def resume(self, target: Literal[True] | str | os.PathLike) -> str | None:
         """Load ``target`` (True: the latest committed checkpoint, None when there is none; a path:
         that checkpoint) into the components. Returns the loaded path. Collective."""
         if target is True and self.coordinator.tiers is not None:
@@ -152,11 +153,15 @@ class CheckpointManager:
             latest = self.coordinator.run_on_coordinator(self._latest_to_resume)
             if latest is None:
                 return None
-            target = latest
-        else:
-            self._refuse_newer_checkpoints_than(os.fspath(target))
+            checkpoint: str = latest
+        elif isinstance(target, (str, os.PathLike)):
+            checkpoint = os.fspath(target)
+            self._refuse_newer_checkpoints_than(checkpoint)
+        else:  # False, say: not resuming is the caller's decision, made before calling
+            raise DeclarationTypeError(f"CheckpointManager.resume takes True or a checkpoint path "
+                                       f"(got {describe_type(target)})")
         self.settle()
-        path = os.fspath(self.coordinator.load_checkpoint(target))
+        path = os.fspath(self.coordinator.load_checkpoint(checkpoint))
         self.last_checkpoint = path
         return path
 

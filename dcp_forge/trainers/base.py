@@ -37,7 +37,7 @@ import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -59,6 +59,8 @@ from .strategies import PretrainStrategy, TrainingStrategy
 __all__ = ["BaseTrainer", "ComponentSharing", "Trainer", "build_lr_scheduler", "seed_everything"]
 
 logger = logging.getLogger(__name__)
+
+_C = TypeVar("_C")
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -250,9 +252,9 @@ class BaseTrainer(abc.ABC):
         """The mean of ``value`` over the data-parallel replicas, identical on every rank."""
         return float(value)
 
-    def _eval_batches(self) -> Iterable[Mapping[str, Any]]:
-        """This rank's share of the evaluation data (stateless: rebuilt for each evaluation)."""
-        return make_dataloader(self.eval_dataset, self.args.per_device_eval_batch_size, shuffle=False,
+    def _eval_batches(self, dataset: Dataset) -> Iterable[Mapping[str, Any]]:
+        """This rank's share of ``dataset`` (stateless: rebuilt for each evaluation)."""
+        return make_dataloader(dataset, self.args.per_device_eval_batch_size, shuffle=False,
                                drop_last=False, num_shards=self.dp_size, shard_index=self.dp_rank)
 
     def _evaluate_batch(self, batch: Mapping[str, Any]) -> dict[str, float]:
@@ -314,6 +316,12 @@ class BaseTrainer(abc.ABC):
         # backward passes run; the optimizer step, where they change, waits for what is left.
         self.manager.coordinator.install_step_hook(self.optimizer)
 
+    def _checkpointing(self) -> CheckpointManager:
+        """The checkpoint manager, after ``setup()`` (collective the first time, a no-op after)."""
+        self.setup()
+        assert self.manager is not None  # setup() builds it, and nothing unsets it
+        return self.manager
+
     @property
     def total_steps(self) -> int:
         if self.args.max_steps is not None:
@@ -334,17 +342,17 @@ class BaseTrainer(abc.ABC):
         starts fresh.
         """
         target = self._resume_target(resume_from_checkpoint)
-        self.setup()
-        self.manager.prepare_output_dir(resuming=target is not False)
-        resumed_from = self.manager.resume(target) if target is not False else None
+        manager = self._checkpointing()
+        manager.prepare_output_dir(resuming=target is not False)
+        resumed_from = manager.resume(target) if target is not False else None
         if resume_from_checkpoint is True and resumed_from is None:
             raise CheckpointNotFoundError(f"train(resume_from_checkpoint=True): no committed checkpoint in "
                                           f"output_dir {redact_url(self.args.output_dir)}")
-        if resumed_from is not None and self.manager.rank == 0:
+        if resumed_from is not None and manager.rank == 0:
             logger.info("resumed from %s at step %d", redact_url(resumed_from), self.state.global_step)
         self.control = TrainerControl()
         self.state.max_steps = self.total_steps
-        self.state.is_world_process_zero = self.manager.rank == 0
+        self.state.is_world_process_zero = manager.rank == 0
         self._callback("on_train_begin")
         step_losses: list[float] = []
         metrics: dict[str, float] = {}
@@ -370,20 +378,20 @@ class BaseTrainer(abc.ABC):
                     metrics.update(self._log_evaluate_save(None, epoch_end=True))
         if self.control.should_training_stop:
             reason = self.control.stop_reason or "stopped by a callback"
-            if self.manager.rank == 0:
+            if manager.rank == 0:
                 logger.warning("training stopped at step %d: %s", self.state.global_step, reason)
         else:
             reason = "max_steps" if self.args.max_steps is not None else "num_train_epochs"
-            if self.manager.should_save(self.state.global_step, final=True):
+            if manager.should_save(self.state.global_step, final=True):
                 self.save_checkpoint()
-        self.manager.settle()  # an async save in flight commits (and retention runs) before we report
+        manager.settle()  # an async save in flight commits (and retention runs) before we report
         self._note_best_checkpoint()
         if self.args.load_best_model_at_end:
             self._load_best_model()
         self._callback("on_train_end")
         return TrainOutput(global_step=self.state.global_step, step_losses=step_losses, stop_reason=reason,
-                           last_checkpoint=self.manager.last_checkpoint,
-                           best_checkpoint=self.manager.best_checkpoint(), resumed_from=resumed_from,
+                           last_checkpoint=manager.last_checkpoint,
+                           best_checkpoint=manager.best_checkpoint(), resumed_from=resumed_from,
                            metrics=metrics)
 
     def _resume_target(self, resume_from_checkpoint: bool | str | os.PathLike | None) -> bool | str:
@@ -403,19 +411,22 @@ class BaseTrainer(abc.ABC):
         return not within_epoch and self.state.epoch >= self.args.num_train_epochs
 
     def _train_step(self, batch: Mapping[str, Any]) -> float:
+        optimizer, scheduler = self.optimizer, self.lr_scheduler
+        assert optimizer is not None and scheduler is not None  # train() ran setup(), which builds both
         loss = self._forward_backward(batch)
         self._synchronize_gradients()
         self._callback("on_pre_optimizer_step")
-        self.optimizer.step()
+        optimizer.step()
         self._callback("on_optimizer_step")
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
         self.state.global_step += 1
         return self._global_mean(loss)
 
     def _after_step(self, loss: float) -> dict[str, float]:
         self.state.loss_sum += loss
         self.state.loss_count += 1
+        assert self.lr_scheduler is not None  # train() ran setup(), which builds it
         logs = {"loss": loss, "learning_rate": float(self.lr_scheduler.get_last_lr()[0])}
         self._callback("on_step_end", logs=logs)
         if self.control.should_training_stop:
@@ -425,13 +436,15 @@ class BaseTrainer(abc.ABC):
     def _log_evaluate_save(self, logs: Mapping[str, float] | None, *, epoch_end: bool) -> dict[str, float]:
         """After a step (``logs``) or an epoch end: log, evaluate and save as scheduled or as a
         callback requested through ``control``, in HF's order. Returns the evaluation's metrics."""
-        step, args, control = self.state.global_step, self.args, self.control
+        step, args, control, manager = self.state.global_step, self.args, self.control, self._checkpointing()
         if logs is not None and step % args.logging_steps == 0:
             control.should_log = True
+        # eval_steps is set whenever eval_strategy is "steps" (TrainingArguments fills it in).
         if (args.eval_strategy == "epoch" and epoch_end) or (
-                args.eval_strategy == "steps" and not epoch_end and step % args.eval_steps == 0):
+                args.eval_strategy == "steps" and not epoch_end and args.eval_steps is not None
+                and step % args.eval_steps == 0):
             control.should_evaluate = True
-        if self.manager.should_save(step, epoch_end=epoch_end, final=not epoch_end and self._done(within_epoch=True)):
+        if manager.should_save(step, epoch_end=epoch_end, final=not epoch_end and self._done(within_epoch=True)):
             control.should_save = True
         metrics: dict[str, float] = {}
         if control.should_log:
@@ -444,7 +457,7 @@ class BaseTrainer(abc.ABC):
             control.should_save = False
             # A stopped run saves nothing more; a step is saved once; save_strategy "no" never saves.
             if (not control.should_training_stop and args.save_strategy != "no"
-                    and step not in (0, self.manager.last_saved_step)):
+                    and step not in (0, manager.last_saved_step)):
                 self.save_checkpoint()
         return metrics
 
@@ -463,14 +476,15 @@ class BaseTrainer(abc.ABC):
     def evaluate(self) -> dict[str, float]:
         """Mean strategy metrics over ``eval_dataset``, "eval_"-prefixed; counts toward the ranking
         metric of the next checkpoint, is logged (``on_log``) and reported to ``on_evaluate``. Collective."""
-        if self.eval_dataset is None:
+        eval_dataset = self.eval_dataset
+        if eval_dataset is None:
             raise ValueError(f"{type(self).__name__}.evaluate() needs an eval_dataset")
-        self.setup()
+        manager = self._checkpointing()
         self.train_model.eval()
         sums: dict[str, float] = {}
         batches = 0
         try:
-            for batch in self._eval_batches():
+            for batch in self._eval_batches(eval_dataset):
                 for key, value in self._evaluate_batch(batch).items():
                     sums[key] = sums.get(key, 0.0) + value
                 batches += 1
@@ -480,7 +494,7 @@ class BaseTrainer(abc.ABC):
         local = torch.tensor([sums[k] / max(batches, 1) for k in keys], dtype=torch.float64)
         means = self._global_mean_vector(local)
         metrics = {f"eval_{k}": float(v) for k, v in zip(keys, means, strict=True)}
-        self.manager.observe(metrics)
+        manager.observe(metrics)
         self.log(metrics)
         self._callback("on_evaluate", metrics=metrics)
         return metrics
@@ -490,36 +504,37 @@ class BaseTrainer(abc.ABC):
 
     def save_checkpoint(self) -> str:
         """Save every component now as ``checkpoint-<global_step>`` (then apply retention). Collective."""
-        self.setup()
+        manager = self._checkpointing()
         mean_loss = self.state.take_mean_loss()
         logs = {} if mean_loss is None else {"train_loss": mean_loss}
-        self.manager.observe(logs)
-        path = self.manager.save(step=self.state.global_step, epoch=self.state.epoch, logs=logs)
+        manager.observe(logs)
+        path = manager.save(step=self.state.global_step, epoch=self.state.epoch, logs=logs)
         self._note_best_checkpoint()
         self._callback("on_save", checkpoint_path=path)
         return path
 
     def _note_best_checkpoint(self) -> None:
-        if self.manager.retention.preserve_n_best:
-            self.state.best_model_checkpoint = self.manager.best_checkpoint()
+        manager = self._checkpointing()
+        if manager.retention.preserve_n_best:
+            self.state.best_model_checkpoint = manager.best_checkpoint()
 
     def _load_best_model(self) -> None:
         """``load_best_model_at_end``: the model (and strategy modules) of the best checkpoint."""
-        best = self.manager.best_checkpoint()
-        if best is None or (best == self.manager.last_checkpoint
-                            and self.manager.last_saved_step == self.state.global_step):
+        manager = self._checkpointing()
+        best = manager.best_checkpoint()
+        if best is None or (best == manager.last_checkpoint and manager.last_saved_step == self.state.global_step):
             return  # the model in memory is the best checkpoint's
-        self.manager.coordinator.load_checkpoint(best, components=["model", *self.aux_modules])
-        if self.manager.rank == 0:
+        manager.coordinator.load_checkpoint(best, components=["model", *self.aux_modules])
+        if manager.rank == 0:
             logger.info("loaded the best model (by %s) from %s", self.args.metric_for_best_model, redact_url(best))
 
     def load_checkpoint(self, path: str | None = None, strict: bool = True) -> Any:
         """Load a checkpoint (default: the latest committed one) into every component; returns the
         coordinator's path-like ``LoadResult``. Collective."""
-        self.setup()
-        self.manager.settle()
-        loaded = self.manager.coordinator.load_checkpoint(path, strict=strict)
-        self.manager.last_checkpoint = os.fspath(loaded)
+        manager = self._checkpointing()
+        manager.settle()
+        loaded = manager.coordinator.load_checkpoint(path, strict=strict)
+        manager.last_checkpoint = os.fspath(loaded)
         return loaded
 
     def close(self) -> None:
@@ -548,8 +563,8 @@ def callback_name(callback: Any) -> str:
     return str(getattr(callback, "name", type(callback).__name__))
 
 
-def _subclasses(cls: type) -> list[type]:
-    out = []
+def _subclasses(cls: type[_C]) -> list[type[_C]]:
+    out: list[type[_C]] = []
     for sub in cls.__subclasses__():
         out += [sub, *_subclasses(sub)]
     return out
@@ -567,7 +582,9 @@ class _ManagerState:
                                                                              "last_saved_step": None}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.trainer.manager.load_state_dict(state)
+        manager = self.trainer.manager
+        assert manager is not None  # loads run through the manager's coordinator, so the manager exists
+        manager.load_state_dict(state)
 
 
 class Trainer(BaseTrainer):

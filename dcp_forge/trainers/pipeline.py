@@ -155,12 +155,10 @@ class PipelineTrainer(BaseTrainer):
     def _global_mean_vector(self, values: torch.Tensor) -> torch.Tensor:
         return self._from_last_stage(values)
 
-    def _eval_batches(self) -> Iterable[Mapping[str, Any]]:
+    def _eval_batches(self, dataset: Dataset) -> Iterable[Mapping[str, Any]]:
         # Every stage builds the same (stateless) loader, so evaluation needs no dispatching; whole
         # batches only, since each must split into n_microbatches.
-        if self.eval_dataset is None:  # evaluate() refuses to run without one
-            raise ValueError(f"{type(self).__name__}.evaluate() needs an eval_dataset")
-        return make_dataloader(self.eval_dataset, self.args.per_device_eval_batch_size, shuffle=False,
+        return make_dataloader(dataset, self.args.per_device_eval_batch_size, shuffle=False,
                                drop_last=True, num_shards=self.dp_size, shard_index=self.dp_rank)
 
     def _evaluate_batch(self, batch: Mapping[str, Any]) -> dict[str, float]:

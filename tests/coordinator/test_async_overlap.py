@@ -21,6 +21,7 @@ from dcp_forge import (
     latest_checkpoint,
     list_checkpoints,
 )
+from dcp_forge.async_staging import ForgeStager
 from dcp_forge.core.placement import ChunkPolicy
 from tests.support.statefuls import Box, Counter
 from tests.support.states import assert_same, empty_like_state, snapshot
@@ -184,3 +185,22 @@ def test_overlapped_options_are_checked_when_built():
         AsyncOptions(lazy_min_bytes=-1)
     with pytest.raises(TypeError, match="async_options"):
         CheckpointCoordinator([], async_options={"staging": "overlapped"})
+
+
+def test_synchronize_staging_is_the_stagers_mutation_point():
+    """DCP's AsyncStager protocol: after ``synchronize_staging()`` the caller may change the state. For an
+    overlapped staging it waits for the background copy, so an in-place change afterwards is no
+    undeclared mutation and the staged state is that of the call."""
+    stager = ForgeStager(overlap=True, lazy_min_bytes=4096)
+    state = {"w": torch.arange(1 << 12, dtype=torch.float32)}
+    expected = snapshot(state)
+    try:
+        staged = stager.stage(state)
+        assert stager.in_flight is not None
+        stager.synchronize_staging()
+        assert stager.in_flight.released
+        state["w"].add_(1)
+        assert_same(staged.result(timeout=60), expected)
+        stager.synchronize_staging()  # idempotent
+    finally:
+        stager.close()

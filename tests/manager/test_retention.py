@@ -297,3 +297,12 @@ def test_resuming_from_an_older_checkpoint_than_output_dirs_newest_is_refused_up
         resumed.resume(old)
     delete_checkpoint(os.path.join(str(tmp_path), "checkpoint-10"))
     assert resumed.resume(old) == old
+
+
+@pytest.mark.parametrize("target", [False, None, 3])
+def test_resume_refuses_what_is_neither_true_nor_a_path(tmp_path, target):
+    """Not resuming is decided before calling resume; False or None there is a caller's mistake, named as such."""
+    manager = CheckpointManager(CheckpointPolicy(output_dir=str(tmp_path)),
+                                [StateComponent("counter", TensorCounter(), SharingPattern.GLOBAL)])
+    with pytest.raises(TypeError, match=r"CheckpointManager\.resume takes True or a checkpoint path \(got .* <"):
+        manager.resume(target)
