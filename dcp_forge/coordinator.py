@@ -44,6 +44,7 @@ from . import collectives
 from ._torch_compat import single_process_dcp
 from .async_save import AsyncOptions, AsyncSaveHandle, AsyncSaver, release_group
 from .core.components import StateComponent, group_names, validate_components
+from .core.gc_pause import paused_gc
 from .core.keys import top_level_key
 from .core.placement import ChunkPolicy
 from .core.topology import Topology, gather_topology
@@ -294,7 +295,8 @@ class CheckpointCoordinator:
         path, writer, planner, check, finish = self._prepare_save(checkpoint_path, checkpoint_id, validate, extra,
                                                                   drain)
         try:
-            with _rank_errors(failed_save=writer, group=self.group), single_process_dcp(self.group is None):
+            with _rank_errors(failed_save=writer, group=self.group), single_process_dcp(self.group is None), \
+                    paused_gc():
                 dcp.save(self._state_to_save(), storage_writer=writer, planner=planner,
                          process_group=self.group, no_dist=self.group is None, use_collectives=False)
         except BaseException as err:
@@ -515,6 +517,12 @@ class CheckpointCoordinator:
     def _load_from(self, canonical: str, path: str, reader: ForgeStorageReader, records_rank: int,
                    what: Mapping[str, Any], tier: str | None = None) -> LoadResult:
         """Load from the copy at ``path`` (this rank's; ``canonical``: the checkpoint's path in results)."""
+        with paused_gc():
+            return self._load_copy(canonical, path, reader, records_rank, what, tier)
+
+    def _load_copy(self, canonical: str, path: str, reader: ForgeStorageReader, records_rank: int,
+                   what: Mapping[str, Any], tier: str | None) -> LoadResult:
+        """``_load_from``'s work, run while the garbage collector is paused."""
         strict = what["strict"]
         # One rank reads the metadata files; every reader adopts them (no per-rank re-reads).
         metadata, manifest, records = collectives.run_on(

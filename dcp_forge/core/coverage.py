@@ -20,9 +20,12 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan
 from torch.distributed.checkpoint.storage import WriteResult
 
+from .placement import index_key
+
 
 def unstored_pieces(metadata: Metadata, stored: Collection[MetadataIndex]) -> dict[str, list[MetadataIndex]]:
     """The pieces (a tensor's chunks, a bytes value) ``metadata`` lists that ``stored`` lacks, by key."""
+    stored_keys = {index_key(index) for index in stored}
     missing = {}
     for fqn, md in sorted(metadata.state_dict_metadata.items()):
         if isinstance(md, BytesStorageMetadata):
@@ -31,7 +34,7 @@ def unstored_pieces(metadata: Metadata, stored: Collection[MetadataIndex]) -> di
             wanted = [MetadataIndex(fqn, chunk.offsets) for chunk in md.chunks]
         else:
             continue
-        lacking = [index for index in wanted if index not in stored]
+        lacking = [index for index in wanted if index_key(index) not in stored_keys]
         if lacking:
             missing[fqn] = lacking
     return missing
@@ -53,10 +56,12 @@ def write_result_problems(plans: Sequence[SavePlan], results: Sequence[Sequence[
         if got is None:
             problems.append(f"rank {rank} returned no write results ({len(plan.items)} item(s) planned there)")
             continue
-        planned = Counter(item.index for item in plan.items)
-        written = Counter(result.index for result in got)
-        missing = sorted(planned - written, key=str)
-        unplanned = sorted(written - planned, key=str)
+        planned = Counter(index_key(item.index) for item in plan.items)
+        written = Counter(index_key(result.index) for result in got)
+        if planned == written:
+            continue
+        missing = sorted((MetadataIndex(*key) for key in planned - written), key=str)
+        unplanned = sorted((MetadataIndex(*key) for key in written - planned), key=str)
         if missing:
             problems.append(f"rank {rank} wrote {len(got)} of its {len(plan.items)} planned item(s); "
                             f"missing: {_describe(missing)}")

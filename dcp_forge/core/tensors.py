@@ -19,8 +19,10 @@ MATH_BITS = ("conj", "neg", "conj+neg")
 def math_bits(tensor: torch.Tensor) -> str | None:
     """``"conj"``, ``"neg"``, ``"conj+neg"`` or None: the lazy-view flags ``tensor`` carries. Its
     storage holds the values before the flags apply, as ``torch.save`` stores it."""
-    bits = [name for name, on in (("conj", tensor.is_conj()), ("neg", tensor.is_neg())) if on]
-    return "+".join(bits) or None
+    conj, neg = tensor.is_conj(), tensor.is_neg()
+    if not (conj or neg):  # nearly every tensor, and asked several times per saved item: no list built
+        return None
+    return "conj+neg" if conj and neg else "conj" if conj else "neg"
 
 
 def with_math_bits(tensor: torch.Tensor, bits: str | None) -> torch.Tensor:
@@ -105,6 +107,14 @@ def _is_index(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _one_whole_chunk(shape: tuple, offsets: tuple, sizes: tuple) -> bool:
+    """Whether one chunk at ``offsets`` of ``sizes`` is exactly the whole tensor of ``shape``: plain
+    ints (bools and other int subclasses go to ``tiling_problem``'s full checks), no negative size,
+    zero offsets, the same sizes."""
+    return (sizes == shape and len(offsets) == len(shape) and not any(offsets)
+            and {*map(type, shape), *map(type, offsets), *map(type, sizes)} <= {int} and all(s >= 0 for s in shape))
+
+
 def tiling_problem(shape: Sequence[int], boxes: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                    whole: bool = True) -> str | None:
     """Why the boxes ``(offsets, sizes)`` do not tile a tensor of ``shape`` exactly once; None if they do.
@@ -118,11 +128,10 @@ def tiling_problem(shape: Sequence[int], boxes: Sequence[tuple[Sequence[int], Se
     tensors compare each box with a few neighbours only.
     """
     shape = tuple(shape)
+    if len(boxes) == 1 and _one_whole_chunk(shape, tuple(boxes[0][0]), tuple(boxes[0][1])):
+        return None  # how unsharded tensors are stored: checked for every tensor of a save and a load
     if not all(map(_is_index, shape)) or any(s < 0 for s in shape):
         return f"its shape {list(shape)} is not a list of sizes"
-    if len(boxes) == 1 and tuple(boxes[0][1]) == shape and len(boxes[0][0]) == len(shape) and all(
-            _is_index(o) and o == 0 for o in boxes[0][0]) and all(map(_is_index, boxes[0][1])):
-        return None  # one chunk, the whole tensor: how unsharded tensors are stored
     total = math.prod(shape)
     covered = 0
     nonempty = []

@@ -142,12 +142,16 @@ def item_records(metadata: Metadata, results: Sequence[Sequence[WriteResult]],
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     records = []
+    # (component, pattern) of each storage key: a component's items all share a few keys.
+    of_key: dict[str, tuple[str, str]] = {}
     for rank_results in results:
         for result in rank_results:
             info: StoredItem = result.storage_data
             fqn = result.index.fqn
             skey = top_level_key(fqn)
-            component = parse_storage_key(skey).component
+            if (known := of_key.get(skey)) is None:
+                known = of_key[skey] = (parse_storage_key(skey).component, pattern_of(skey, layouts).value)
+            component, pattern = known
             md = metadata.state_dict_metadata.get(fqn)
             offsets = tuple(result.index.offset) if result.index.offset is not None else None
             if isinstance(md, TensorStorageMetadata):
@@ -157,7 +161,7 @@ def item_records(metadata: Metadata, results: Sequence[Sequence[WriteResult]],
             else:
                 kind, dtype, shape, sizes = "bytes", None, None, None
             records.append(ItemRecord(
-                component=component, pattern=pattern_of(skey, layouts).value, storage_key=skey,
+                component=component, pattern=pattern, storage_key=skey,
                 fqn=fqn, kind=kind, dtype=dtype, shape=shape, chunk_offsets=offsets, chunk_sizes=sizes,
                 file=info.relative_path, offset=info.offset, length=info.length,
                 checksum=info.checksum, rank=info.rank, data_offset=info.data_offset,

@@ -40,18 +40,18 @@ from ..core.agreement import rank_terms
 from ..core.components import ComponentLayout
 from ..core.keys import decode_ranks, encode_ranks
 from ..core.patterns import SharingPattern
-from ..core.placement import describe_item, index_order, item_bytes
+from ..core.placement import describe_item, index_key, index_order, item_bytes
 from ..core.set_placement import Item, derive_writers
 from ..core.tensors import is_plain_tensor
 from ..core.topology import Topology
 from ..errors import IncompleteSaveError
 
-ItemKey = tuple[str, Any]  # (fqn, offsets), as DCP's MetadataIndex compares them
+ItemKey = tuple[str, Any]  # index_key: (fqn, offsets), as DCP's MetadataIndex compares them
 Members = Sequence[int]  # sorted ranks: a range for the whole world, else a tuple
 
 
 def item_key(item: WriteItem) -> ItemKey:
-    return (item.index.fqn, item.index.offset)
+    return index_key(item.index)
 
 
 def items_digest(items: Iterable[WriteItem]) -> bytes:

@@ -3,6 +3,7 @@ and the commit protocol (a crashed save never shadows the previous checkpoint)."
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 
@@ -250,3 +251,27 @@ def test_corrupted_byte_is_detected_on_load(tmp_path):
         f.write(bytes([byte[0] ^ 0x01]))
     with pytest.raises(ValueError, match=rf"checksum mismatch in {data_file}.*'model'"):
         coord.load_checkpoint(path)
+
+
+class _SeesCollector(Counter):
+    """Records whether the garbage collector ran while DCP asked for or handed over its state."""
+
+    seen: list[bool]
+
+    def state_dict(self) -> dict:
+        self.seen.append(gc.isenabled())
+        return super().state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen.append(gc.isenabled())
+        super().load_state_dict(state)
+
+
+def test_save_and_load_pause_the_garbage_collector_and_restore_it(tmp_path):
+    counter = _SeesCollector(5)
+    counter.seen = []
+    coord = CheckpointCoordinator([StateComponent("trainer", counter, "global")], output_dir=tmp_path)
+    assert gc.isenabled()
+    coord.load_checkpoint(coord.save_checkpoint(checkpoint_id="checkpoint-5"))
+    assert counter.seen and not any(counter.seen)
+    assert gc.isenabled()

@@ -39,3 +39,18 @@ def test_tiling_problems_say_what_is_wrong():
     assert tiling_problem((), [((), ())]) is None and "overlap" in tiling_problem((), [((), ()), ((), ())])
     assert tiling_problem((4, 4), [((0, 0), (2, 4))], whole=False) is None  # a copy of part of it
     assert "overlap" in tiling_problem((4, 4), [((0, 0), (3, 4)), ((2, 0), (1, 4))], whole=False)
+
+
+@given(st.lists(st.integers(0, 5), max_size=3), st.data())
+def test_one_whole_chunk_is_refused_unless_its_numbers_are_plain_sizes(shape, data):
+    """The whole-tensor chunk every unsharded tensor has takes a short path: it must refuse what the
+    full checks refuse, a size or offset that is a float or a bool equal to the right number among them."""
+    odd = data.draw(st.sampled_from([float, bool, np.int64]))
+    where = data.draw(st.sampled_from(["shape", "offsets", "sizes"]))
+    numbers = {"shape": list(shape), "offsets": [0] * len(shape), "sizes": list(shape)}
+    assert tiling_problem(tuple(numbers["shape"]), [(tuple(numbers["offsets"]), tuple(numbers["sizes"]))]) is None
+    if not shape or (odd is bool and any(n > 1 for n in numbers[where])):
+        return
+    numbers[where][0] = odd(numbers[where][0])
+    problem = tiling_problem(tuple(numbers["shape"]), [(tuple(numbers["offsets"]), tuple(numbers["sizes"]))])
+    assert problem is not None, (numbers, where, odd)

@@ -1,0 +1,29 @@
+"""Pausing Python's cyclic garbage collector while a save or load handles many small objects."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Run the block with the cyclic garbage collector off, restoring its previous state after.
+
+    A save or load of many small tensors creates a few objects per item (plans, write results,
+    metadata, index records) that live until the checkpoint is committed or loaded. Each wave of such
+    survivors triggers a full collection, which walks the whole process heap (torch alone holds
+    hundreds of thousands of objects), so the collector's time grows with the item count while it
+    finds nothing: these objects are freed by reference counting once the save ends. Cycles created
+    in the block are collected by the first collection after it. torch's ``get_state_dict`` does the
+    same. Nesting and concurrent blocks leave the collector on once the outermost block that turned
+    it off has ended.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
