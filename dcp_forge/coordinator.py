@@ -44,7 +44,6 @@ from . import collectives
 from ._torch_compat import single_process_dcp
 from .async_save import AsyncOptions, AsyncSaveHandle, AsyncSaver, release_group
 from .core.components import StateComponent, group_names, validate_components
-from .core.gc_pause import paused_gc
 from .core.keys import top_level_key
 from .core.placement import ChunkPolicy
 from .core.topology import Topology, gather_topology
@@ -62,6 +61,7 @@ from .format.manifest import CheckpointManifest
 from .format.names import MANIFEST_FILE, validate_checkpoint_id
 from .format.tier_record import LOCAL
 from .format.values import saved_forms
+from .gc_pause import paused_gc
 from .loading import LoadResult, LoadSelection, decide_loads
 from .planners import ForgeLoadPlanner, ForgeSavePlanner, PlanCache
 from .rank_exchange import RankExchange

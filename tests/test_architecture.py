@@ -15,7 +15,7 @@ PACKAGE = REPO / "dcp_forge"
 # Bottom to top. A module may import modules of its own layer or below. The first matching prefix
 # decides a module's layer.
 LAYERS: list[tuple[str, ...]] = [
-    ("dcp_forge._version", "dcp_forge.errors", "dcp_forge._torch_compat"),
+    ("dcp_forge._version", "dcp_forge.errors", "dcp_forge._torch_compat", "dcp_forge.gc_pause"),
     ("dcp_forge.core", "dcp_forge.rng", "dcp_forge.statefuls", "dcp_forge.rank_exchange"),
     ("dcp_forge.format",),
     ("dcp_forge.storage", "dcp_forge.collectives"),

@@ -7,7 +7,7 @@ import gc
 
 import pytest
 
-from dcp_forge.core.gc_pause import paused_gc
+from dcp_forge.gc_pause import paused_gc
 
 
 @pytest.fixture
