@@ -173,8 +173,9 @@ class AgreedExchange(RankExchange):
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     """``fn()`` and its seconds, with the garbage collector paused (as ``timeit`` does): a collection of
-    the many plans this process holds for every simulated rank would land on whichever phase runs."""
-    gc.collect()
+    the many plans this process holds for every simulated rank would land on whichever phase runs.
+    No collection first: with the collector off, garbage left by earlier phases costs the timed one
+    nothing, and a full collection over those plans takes longer than most phases."""
     gc.disable()
     try:
         started = time.perf_counter()
