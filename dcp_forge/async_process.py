@@ -466,8 +466,8 @@ def _serve_requests(conn: Any, world_size: int) -> None:
             return  # the training process is gone; the save ended as it did
 
 
-def _save(staged: dict[str, Any], writer: ForgeStorageWriter, planner: ForgeSavePlanner,
-          world_size: int) -> CheckpointManifest | None:
+def _save(staged: dict[str, Any], writer: ForgeStorageWriter, planner: ForgeSavePlanner, world_size: int) -> Any:
+    """Save ``staged`` in the upload process; the writer's ``outcome()``, for the training process's copy."""
     no_dist = world_size == 1
     group = None if no_dist else dist.group.WORLD
     # Every rank plans by itself here too, over the upload processes' group.
