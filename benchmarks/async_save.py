@@ -23,7 +23,6 @@ staging memory <= 1x the state.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -34,6 +33,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
+from benchmarks.results import write_json
 from dcp_forge import AsyncOptions, CheckpointCoordinator, StateComponent, delete_checkpoint
 from dcp_forge.async_save import staging_options
 
@@ -195,9 +195,7 @@ def report(args, state_bytes: int, memory: dict, rounds: list[dict]) -> None:
           f"{med('forge_upload_cpu_s', 'sync_save_cpu_s'):7.2f}")
     print(f"staging memory: {memory['staged_bytes'] / state_bytes:.3f}x the state (bytes staged); RSS grew "
           f"{memory['rss_growth_bytes'] / state_bytes:.3f}x the state at the first async save")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"state_bytes": state_bytes, "memory": memory, "rounds": rounds}, f, indent=2)
+    write_json(args.json, {"state_bytes": state_bytes, "memory": memory, "rounds": rounds})
 
 
 if __name__ == "__main__":

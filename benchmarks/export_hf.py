@@ -34,6 +34,7 @@ import time
 
 import torch
 
+from benchmarks.results import write_json
 from benchmarks.save_load import SaveLoadConfig, _TensorDict
 
 CONTENDERS = ("export_hf", "export_hf bf16", "whole state")
@@ -165,9 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = run(args.budget_mib, args.factor, args.tensors, args.shard_mib, args.dir)
     print(report(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
     return 0
 
 

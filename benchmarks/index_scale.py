@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import shutil
 import statistics
@@ -30,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from benchmarks.results import write_json
 from dcp_forge.format.index import INDEX_SCHEMA
 from dcp_forge.format.manifest import (
     CheckpointManifest,
@@ -205,9 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = run_index_scale(args.items, repetitions=args.repetitions, directory=args.dir, cli=not args.no_cli)
     print(format_index_scale(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
     return 0
 
 

@@ -40,7 +40,6 @@ Usage: ``python -m benchmarks.overlap [--models tiny-lm mlp] [--rounds 8] [--sav
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -54,6 +53,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.staging import DefaultStager
 
+from benchmarks.results import write_json
 from dcp_forge import AsyncOptions, CheckpointCoordinator, StateComponent, delete_checkpoint
 from dcp_forge.async_staging import staging_options
 from dcp_forge.trainers.tiny_lm import TinyLM, TinyLMConfig
@@ -278,9 +278,7 @@ def main() -> None:
         results[name] = bench_model(name, work, args)
         del work
     report(results, args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

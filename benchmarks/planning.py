@@ -45,7 +45,6 @@ import collections
 import dataclasses
 import functools
 import gc
-import json
 import math
 import pickle
 import statistics
@@ -62,6 +61,7 @@ from torch.distributed.checkpoint.planner import SavePlanner as DcpSavePlanner
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from benchmarks.results import write_json
 from dcp_forge._torch_compat import local_shard_shape, simulated_device_mesh
 from dcp_forge.core.agreement import PRIMES, all_agree
 from dcp_forge.core.keys import storage_key
@@ -575,9 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_planning(args.worlds, args.items, args.repetitions, args.local_repetitions, args.validate_up_to,
                           args.sweep)
     print(format_planning(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
     return 0
 
 

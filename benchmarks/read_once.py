@@ -47,6 +47,7 @@ import torch.multiprocessing as mp
 from torch.distributed.checkpoint import FileSystemReader
 
 from benchmarks.disk import drop_page_cache
+from benchmarks.results import write_json
 from benchmarks.save_load import SaveLoadConfig, _TensorDict, make_state
 from dcp_forge import CheckpointCoordinator, StateComponent, delete_checkpoint, read_manifest
 from dcp_forge._torch_compat import fsspec_reader_class
@@ -182,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     results = [run_world(world, args) for world in args.worlds]
     print(format_table(results, args))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import resource
 import shutil
@@ -39,6 +38,7 @@ from benchmarks.disk import (
     recycle_page_cache,
     resident_bytes,
 )
+from benchmarks.results import write_json
 from dcp_forge.coordinator import CheckpointCoordinator
 from dcp_forge.core.components import StateComponent
 from dcp_forge.core.patterns import SharingPattern
@@ -370,9 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                             directory=args.dir)
     result = run_save_load(config).to_json()
     print(format_table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
     return 0
 
 

@@ -13,7 +13,6 @@ medians. Bytes on disk are every file of the saved directory.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -28,6 +27,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
 from benchmarks.disk import drop_page_cache
+from benchmarks.results import write_json
 from benchmarks.save_load import _forge_load, _forge_save, _torch_load, _torch_save
 
 Action = Callable[[str, dict[str, torch.Tensor]], None]
@@ -145,9 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         for count in args.counts:
             results.append(run_count(count, args.repetitions, root, contenders))
     print(format_table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"results": results, "load_average": os.getloadavg(), "cpus": os.cpu_count()}, f, indent=2)
+    write_json(args.json, {"results": results, "load_average": os.getloadavg(), "cpus": os.cpu_count()})
     return 0
 
 

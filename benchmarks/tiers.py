@@ -34,6 +34,8 @@ import time
 import urllib.request
 import uuid
 
+from benchmarks.results import write_json
+
 BUCKET = "bench"
 
 
@@ -158,9 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             report[name] = round(statistics.median(max(r[name][i] for r in per_rank) for i in range(len(values))), 3)
     for name, value in report.items():
         print(f"{name:45s} {value}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_json(args.json, report)
     return 0
 
 

@@ -30,7 +30,6 @@ import os
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from types import TracebackType
 from typing import Any
 
 import torch
@@ -77,6 +76,7 @@ from .storage import (
     read_once_by_default,
     redact_url,
 )
+from .teardown import ClosesOnExit
 from .tiers.policy import LocalTier
 from .tiers.recovery import Source
 from .tiers.tiered import TieredStorage
@@ -107,7 +107,7 @@ def _rank_errors(failed_save: ForgeStorageWriter | None = None, group: Any = Non
         raise original from exc
 
 
-class CheckpointCoordinator:
+class CheckpointCoordinator(ClosesOnExit):
     """Saves and loads ``state_components`` under ``output_dir`` (a local path or fsspec URL).
 
     ``process_groups`` names the groups PER_GROUP components refer to (``ProcessGroup`` objects,
@@ -413,18 +413,6 @@ class CheckpointCoordinator:
             release_group(self._validation_group)
             release_group(self.group)
 
-    def __enter__(self) -> CheckpointCoordinator:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if exc is None:
-            self.close()
-            return
-        try:
-            self.close()
-        except Exception as close_error:  # keep the body's exception; say what close found
-            exc.add_note(f"while handling it, closing the CheckpointCoordinator raised: {close_error!r}")
 
     # --- load ---------------------------------------------------------------------------------
     def _resolve_load_path(self, checkpoint_path: str | os.PathLike | None) -> str:

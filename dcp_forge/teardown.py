@@ -40,7 +40,8 @@ import os
 import signal
 import threading
 import weakref
-from typing import Any, Protocol
+from types import TracebackType
+from typing import Any, Protocol, Self
 
 import torch.distributed as dist
 
@@ -58,6 +59,28 @@ class Settling(Protocol):
 
 
 _LIVE: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+class ClosesOnExit:
+    """For classes with a ``close()``: ``with obj:`` calls it at the end of the block. If the block
+    raised, that error stays the one raised, with what ``close()`` raised noted on it."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self: _Closable, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as close_error:  # keep the body's exception; say what close found
+            exc.add_note(f"while handling it, closing the {type(self).__name__} raised: {close_error!r}")
 
 
 def register(saver: Settling) -> None:

@@ -495,13 +495,4 @@ def load_stored_item(handle: InputFile, read: StoredRead, planner: LoadPlanner, 
         raise IntegrityError(
             f"stored item of {read.describe()} in {read.file} at byte {read.offset} holds a {stored.dtype} tensor "
             f"{list(stored.shape)}; {METADATA_FILE} says it holds a {read.chunk.dtype} tensor {list(read.chunk.sizes)}")
-    for item, target in zip(read.items, targets, strict=True):
-        source = narrow_box(stored, item.storage_offsets, item.lengths)
-        if target.size() != source.size():
-            raise IntegrityError(
-                f"stored chunk of {top_level_key(item.storage_index.fqn)!r} ({item.storage_index.fqn}) "
-                f"has shape {tuple(source.size())}, destination expects {tuple(target.size())}")
-        if source.is_quantized:
-            _check_quantization(source, target, item)
-        copy_exactly(target, source)
-        planner.commit_tensor(item, target)
+    _apply(read, stored, targets, planner)

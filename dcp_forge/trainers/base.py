@@ -36,7 +36,6 @@ import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, TypeVar
 
 import numpy as np
@@ -50,6 +49,7 @@ from ..errors import CheckpointNotFoundError, describe_type
 from ..manager.manager import CheckpointManager
 from ..rng import RNGState
 from ..storage import redact_url
+from ..teardown import ClosesOnExit
 from .args import TRAINER_FIELDS, TrainingArguments
 from .callbacks import TrainerCallback, is_stateful
 from .data import make_dataloader
@@ -102,7 +102,7 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class BaseTrainer(abc.ABC):
+class BaseTrainer(ClosesOnExit, abc.ABC):
     """The shared loop; see the module docstring for the call protocol.
 
     ``train_dataset`` / ``eval_dataset``: map-style datasets of dict items (``data.py`` has
@@ -544,18 +544,6 @@ class BaseTrainer(abc.ABC):
         if self.manager is not None:
             self.manager.close()
 
-    def __enter__(self) -> BaseTrainer:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if exc is None:
-            self.close()
-            return
-        try:
-            self.close()
-        except Exception as close_error:  # keep the body's exception; say what close found
-            exc.add_note(f"while handling it, closing the {type(self).__name__} raised: {close_error!r}")
 
 
 def callback_name(callback: Any) -> str:

@@ -28,6 +28,7 @@ from dcp_forge.format.torch_blob import (
 )
 from dcp_forge.storage import ForgeStorageReader, open_reader
 from dcp_forge.storage.item_reader import DIRECT_MIN_BYTES, PipelinedChecker, StoredRead, split_runs
+from tests.support.local_reads import record_local_reads
 from tests.support.strategies import DTYPES
 from tests.support.tamper import set_data_offsets
 
@@ -230,21 +231,6 @@ def test_row_chunks_are_read_directly_into_their_rows(tmp_path, direct_reads):
     assert sorted(direct_reads) == ["model.h"] + ["model.w"] * 4
 
 
-def _local_reads(monkeypatch):
-    """(file, offset, view sizes) of every read the local backend makes (read_into is one view)."""
-    from dcp_forge.storage import backends
-
-    calls = []
-    real = backends._LocalInput.read_scatter
-
-    def read_scatter(self, offset, views):
-        calls.append((os.path.basename(self.path), offset, [memoryview(v).nbytes for v in views]))
-        real(self, offset, views)
-
-    monkeypatch.setattr(backends._LocalInput, "read_scatter", read_scatter)
-    return calls
-
-
 def test_the_index_records_where_each_large_tensor_starts(tmp_path):
     saved = _big_state()
     path = _save(tmp_path, saved)
@@ -265,7 +251,7 @@ def test_a_recorded_blob_is_one_read_straight_into_its_destination(tmp_path, mon
     records = [r for r in _records(path) if r.data_offset is not None]
     assert sorted(r.fqn for r in records) == ["model.h"] + ["model.w"] * 4
     dest = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in saved.items()}
-    calls = _local_reads(monkeypatch)
+    calls = record_local_reads(monkeypatch)
     _load(path, dest, thread_count=threads)
     assert all(torch.equal(dest[k], saved[k]) for k in ("w", "h", "small"))
     assert sorted(direct_reads) == ["model.h"] + ["model.w"] * 4
@@ -280,7 +266,7 @@ def test_an_index_without_data_offsets_reads_the_edges_first(tmp_path, monkeypat
     path = _save(tmp_path, saved)
     set_data_offsets(path, lambda r: None)  # as indexes written before the column existed
     dest = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in saved.items()}
-    calls = _local_reads(monkeypatch)
+    calls = record_local_reads(monkeypatch)
     _load(path, dest)
     assert all(torch.equal(dest[k], saved[k]) for k in ("w", "h", "small"))
     assert sorted(direct_reads) == ["model.h", "model.w"]

@@ -19,6 +19,7 @@ from dcp_forge.format.index import own_pieces
 from dcp_forge.format.pack import SMALL_ITEM_BYTES
 from dcp_forge.ops.verify import ProblemKind
 from dcp_forge.storage import ForgeStorageReader
+from tests.support.local_reads import record_local_reads
 from tests.support.statefuls import Box
 from tests.support.tamper import data_files, edit_index, flip_byte
 
@@ -123,17 +124,8 @@ def test_dcp_forge_loads_packed_items_exactly_and_verify_is_clean(saved, tmp_pat
 
 
 def test_large_packed_tensors_are_read_into_place_with_their_trailers_in_one_read(saved, tmp_path, monkeypatch):
-    from dcp_forge.storage import backends
-
     path, model, _ = saved
-    calls = []
-    real = backends._LocalInput.read_scatter
-
-    def read_scatter(self, offset, views):
-        calls.append((os.path.basename(self.path), offset, [memoryview(v).nbytes for v in views]))
-        real(self, offset, views)
-
-    monkeypatch.setattr(backends._LocalInput, "read_scatter", read_scatter)
+    calls = record_local_reads(monkeypatch)
     fresh, _ = _trained(5)
     weight = fresh.proj.weight
     CheckpointCoordinator([StateComponent("model", fresh, "replicated")], output_dir=tmp_path).load_checkpoint(
