@@ -28,6 +28,7 @@ from dcp_forge.ops.convert import load_checkpoint_state
 from dcp_forge.planners import ForgeLoadPlanner, ForgeSavePlanner
 from dcp_forge.storage import open_reader, open_writer
 from tests.support.statefuls import Counter
+from tests.support.tamper import data_files, flip_byte
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -243,12 +244,8 @@ def test_corrupted_byte_is_detected_on_load(tmp_path):
     coord = CheckpointCoordinator([StateComponent("model", torch.nn.Linear(64, 64), "replicated")],
                                   output_dir=tmp_path)
     path = coord.save_checkpoint(checkpoint_id="c")
-    data_file = sorted(p for p in os.listdir(path) if p.endswith(".distcp"))[0]
-    with open(os.path.join(path, data_file), "r+b") as f:
-        f.seek(900)
-        byte = f.read(1)
-        f.seek(900)
-        f.write(bytes([byte[0] ^ 0x01]))
+    data_file = data_files(path)[0]
+    flip_byte(os.path.join(path, data_file), 900)
     with pytest.raises(ValueError, match=rf"checksum mismatch in {data_file}.*'model'"):
         coord.load_checkpoint(path)
 

@@ -17,6 +17,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from dcp_forge import list_checkpoints, read_manifest, verify_checkpoint  # noqa: E402
 from dcp_forge.integrations.hf import FORGE_DIR, ForgeTrainer, forge_checkpoint_of  # noqa: E402
+from tests.support.tamper import data_files, flip_byte  # noqa: E402
 
 STEPS, SAVE_AT = 6, 3
 
@@ -109,11 +110,6 @@ def test_a_torn_checkpoint_is_refused(tmp_path, one_thread):
     out = str(tmp_path)
     train(out, save=True)
     forge = forge_checkpoint_of(os.path.join(out, f"checkpoint-{SAVE_AT}"))
-    data = sorted(n for n in os.listdir(forge) if n.endswith(".distcp"))[0]
-    with open(os.path.join(forge, data), "r+b") as f:
-        f.seek(64)
-        byte = f.read(1)
-        f.seek(64)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte(os.path.join(forge, data_files(forge)[0]), 64)
     with pytest.raises(ValueError, match="checksum|IntegrityError|xxh3"):
         train(out, save=False, resume=os.path.join(out, f"checkpoint-{SAVE_AT}"), seed=1)

@@ -30,8 +30,6 @@ from tests.support.tamper import data_files, flip_byte, flip_value_byte, set_dat
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-
-
 def _state(seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     return {"big": torch.randn(256, 64, generator=gen), "small": torch.arange(7) * seed, "step": seed,
