@@ -70,12 +70,27 @@ class ItemRecord:
         """The bytes this item owns: its range without its gap (what its checksum covers)."""
         return self.length - (self.gap_length or 0)
 
+    @property
+    def pieces(self) -> tuple[tuple[int, int], ...]:
+        """(offset in the file, length) of the bytes this item owns, in file order (file_pieces)."""
+        gap = (self.gap_offset, self.gap_length) if self.gap_offset is not None and self.gap_length is not None else None
+        return file_pieces(self.offset, self.length, gap)
+
 
 def own_pieces(length: int, gap_offset: int, gap_length: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """(start, length) of the two pieces a packed item owns inside its range of ``length`` bytes: its
     head, before its gap, and its trailer, after it."""
     trailer = gap_offset + gap_length
     return (0, gap_offset), (trailer, length - trailer)
+
+
+def file_pieces(offset: int, length: int, gap: tuple[int, int] | None) -> tuple[tuple[int, int], ...]:
+    """(offset in the file, length) of the bytes an item stored at ``offset`` owns, which its checksum
+    covers: its whole range, or for a packed item (``gap``: offset from ``offset``, length) its range
+    without the gap."""
+    if gap is None:
+        return ((offset, length),)
+    return tuple((offset + start, size) for start, size in own_pieces(length, *gap))
 
 
 INDEX_SCHEMA = pa.schema([

@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlanner, Read
 from ..core.keys import top_level_key
 from ..core.tensors import copy_exactly, math_bits, narrow_box, raw_view, with_math_bits
 from ..errors import IntegrityError, StateMismatchError
-from ..format.index import ItemRecord, own_pieces
+from ..format.index import ItemRecord, file_pieces
 from ..format.names import METADATA_FILE
 from ..format.pack import (
     DATA_OFFSET,
@@ -90,9 +90,7 @@ class StoredRead:
     @functools.cached_property
     def pieces(self) -> tuple[tuple[int, int], ...]:
         """(offset in the file, length) of the bytes this item owns, which its checksum covers."""
-        if self.gap is None:
-            return ((self.offset, self.length),)
-        return tuple((self.offset + start, length) for start, length in own_pieces(self.length, *self.gap))
+        return file_pieces(self.offset, self.length, self.gap)
 
     @property
     def fqn(self) -> str:

@@ -41,7 +41,7 @@ from ..collectives import irecv, isend
 from ..core.placement import place_on_least_loaded
 from ..core.topology import Topology
 from ..errors import ComponentDeclarationError, IntegrityError
-from ..format.index import own_pieces
+from ..format.index import file_pieces
 from ..format.names import INDEX_FILE
 from .backends import InputFile, LocalBackend, StorageBackend
 from .files import check_extent, open_data_file
@@ -85,9 +85,7 @@ class Location:
     @property
     def pieces(self) -> tuple[tuple[int, int], ...]:
         """(offset in the file, length) of the bytes it owns."""
-        if self.gap is None:
-            return ((self.offset, self.length),)
-        return tuple((self.offset + start, length) for start, length in own_pieces(self.length, *self.gap))
+        return file_pieces(self.offset, self.length, self.gap)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 import xxhash
 
 from ..errors import IntegrityError
-from ..format.index import ItemRecord, own_pieces
+from ..format.index import ItemRecord
 from ..format.names import INDEX_FILE
 from .backends import InputFile, OutputStream, discard_after
 
@@ -37,15 +37,6 @@ def rows_by_file(records: Iterable[ItemRecord]) -> dict[str, list[ItemRecord]]:
     return {name: sorted(rows, key=lambda r: r.offset) for name, rows in sorted(out.items())}
 
 
-def owned_pieces(row: ItemRecord) -> tuple[tuple[int, int], ...]:
-    """(offset in the file, length) of the bytes ``row``'s checksum covers, in file order: its whole
-    range, or for a packed item its range without its gap (format/pack.py)."""
-    if row.gap_offset is None or row.gap_length is None:
-        return ((row.offset, row.length),)
-    return tuple((row.offset + start, length) for start, length in own_pieces(row.length, row.gap_offset,
-                                                                               row.gap_length))
-
-
 class ItemVerifier:
     """Checks the bytes of data file ``name``, fed in order from byte 0, against its index ``rows``.
 
@@ -60,7 +51,7 @@ class ItemVerifier:
         self._rows = list(rows)
         # (start, length, row), zero-length pieces before the piece that starts where they are
         self._pieces = sorted((start, length, i) for i, row in enumerate(self._rows)
-                              for start, length in owned_pieces(row))
+                              for start, length in row.pieces)
         for (s1, l1, r1), (s2, _, r2) in zip(self._pieces, self._pieces[1:], strict=False):
             if s1 + l1 > s2:
                 raise IntegrityError(f"{where}/{INDEX_FILE}: items of {name} overlap ({self._rows[r1].fqn!r} "

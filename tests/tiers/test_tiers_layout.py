@@ -15,7 +15,6 @@ from dcp_forge.core.topology import Topology
 from dcp_forge.format.tier_record import LOCAL, REMOTE, TierRecord
 from dcp_forge.storage import CommitRecord, ItemVerifier, copy_verified, open_backend
 from dcp_forge.storage.read_once import Location, plan_read_once
-from dcp_forge.storage.verified_copy import owned_pieces
 from dcp_forge.tiers.layout import (
     NodeCopy,
     local_checkpoints,
@@ -224,7 +223,7 @@ def test_a_copy_becomes_durable_only_if_every_item_matches_its_checksum(tmp_path
     flipped[where] ^= 0x01
     with open(source, "wb") as f:
         f.write(bytes(flipped))
-    damaged = next(r for r in rows if any(at <= where < at + n for at, n in owned_pieces(r)))  # one owner per byte
+    damaged = next(r for r in rows if any(at <= where < at + n for at, n in r.pieces))  # one owner per byte
     with pytest.raises(IntegrityError, match=rf"checksum mismatch in __0_0.distcp at byte {damaged.offset} for "
                                              rf"component 'box' \('{damaged.fqn}'\)"):
         copy_verified(backend.open_input(source), backend.open_output(target),
