@@ -124,11 +124,6 @@ class RankExchange:
         failures = {rank: wrapped for rank, wrapped in enumerate(gathered) if wrapped is not None}
         raise CheckpointException(step, failures)
 
-    def agree_on_failure(self, step: str, error: BaseException | None) -> None:
-        """Return on every rank if no rank has an ``error``; else raise on every rank (see above)."""
-        if self.sum([error is not None])[0]:
-            self.raise_everywhere(step, error)
-
     def share_outcome(self, step: str, failures: Mapping[int, Failure] | None, value: Any = None) -> Any:
         """The coordinator's verdict on every rank: ``value`` if ``failures`` is empty, else raise one
         ``CheckpointException`` holding ``failures`` (rank -> ``travelling`` error; read on the
