@@ -4,6 +4,7 @@ over node-local files, and the item-by-item check every copy of a data file goes
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -241,6 +242,20 @@ def test_a_copy_of_the_wrong_length_is_refused(tmp_path):
                       ItemVerifier("ckpt", "__0_0.distcp", [], 7))
     assert not os.path.exists(os.path.join(root, "copy"))
 
+
+
+@given(stored_items(), st.data())
+def test_an_index_whose_items_claim_the_same_bytes_or_bytes_past_the_file_is_refused(item_file, data):
+    blob, rows = item_file
+    owned = [r for r in rows if r.stored_bytes]
+    if owned:  # a second row owning the first bytes of an item: every byte has one owner
+        twin = dataclasses.replace(data.draw(st.sampled_from(owned)), fqn="box.twin")
+        with pytest.raises(IntegrityError, match=r"items of __0_0.distcp overlap"):
+            ItemVerifier("ckpt", "__0_0.distcp", [*rows, twin], len(blob))
+    short = len(blob) - 1
+    if any(at + n > short for r in rows for at, n in r.pieces):
+        with pytest.raises(IntegrityError, match=rf"should have {short} bytes, but index.parquet records an item"):
+            ItemVerifier("ckpt", "__0_0.distcp", rows, short)
 
 # --- records and settings --------------------------------------------------------------------------
 def test_tier_records_round_trip_and_refuse_malformed_ones():
