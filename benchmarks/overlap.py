@@ -8,7 +8,11 @@ Trains a model and saves every ``--save-every`` steps, once per variant, in the 
   upload on a thread);
 - ``overlapped-thread``: staging overlapped with the next forward/backward (``AsyncOptions``), the
   optimizer step waits for what is left (``install_step_hook``); upload on a thread;
-- ``blocking-process``, ``overlapped-process``: the same with uploads in an upload process.
+- ``blocking-process``, ``overlapped-process``: the same with uploads in an upload process;
+- ``raw-write``: the floor for any checkpointer that writes through the page cache: another process
+  (a plain interpreter without torch) writes as many bytes as the state holds, from a buffer of its
+  own, to a file in 32 MiB writes and ``fdatasync``s it. What it costs the training (page cache
+  copies, writeback, memory bandwidth) is what no upload, in a thread or a process, can avoid here.
 
 Models: ``tiny-lm`` (``dcp_forge.trainers.tiny_lm``; many small ops, so its steps are sensitive to a
 background thread holding the GIL) and ``mlp`` (Linear layers sized so that parameters plus AdamW
@@ -41,8 +45,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -58,7 +65,49 @@ from dcp_forge import AsyncOptions, CheckpointCoordinator, StateComponent, delet
 from dcp_forge.async_staging import staging_options
 from dcp_forge.trainers.tiny_lm import TinyLM, TinyLMConfig
 
-VARIANTS = ("none", "dcp", "blocking-thread", "overlapped-thread", "blocking-process", "overlapped-process")
+VARIANTS = ("none", "dcp", "blocking-thread", "overlapped-thread", "blocking-process", "overlapped-process",
+            "raw-write")
+
+# The raw-write variant's writer: one request per line on stdin (a path), one line back when the file
+# is on disk. Its buffer is written to once first, so that no page of it is allocated during a cycle.
+_RAW_WRITER = """
+import os, sys
+size = int(sys.argv[1]); chunk = 32 << 20
+buffer = bytearray(b"\\x01") * size
+view = memoryview(buffer)
+for path in sys.stdin:
+    fd = os.open(path.strip(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    for at in range(0, size, chunk):
+        os.write(fd, view[at:at + chunk])
+    os.fdatasync(fd)
+    os.close(fd)
+    print("done", flush=True)
+"""
+
+
+class RawWriter:
+    """The raw-write variant's other process (see the module docstring)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.process = subprocess.Popen([sys.executable, "-c", _RAW_WRITER, str(nbytes)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def write(self, path: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(path + "\n")
+
+    def in_flight(self) -> bool:
+        return not select.select([self.process.stdout], [], [], 0)[0]
+
+    def wait(self) -> None:
+        assert self.process.stdout is not None
+        if self.process.stdout.readline().strip() != "done":
+            raise RuntimeError(f"the raw writer failed (exit status {self.process.poll()})")
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait()
 
 
 class Workload:
@@ -109,7 +158,10 @@ class Saver:
         self._hook: Any = None
         self._coord: CheckpointCoordinator | None = None
         self._stager: DefaultStager | None = None
-        if variant == "dcp":
+        self._raw: RawWriter | None = None
+        if variant == "raw-write":
+            self._raw = RawWriter(work.state_bytes())
+        elif variant == "dcp":
             self._stager = DefaultStager(staging_options())
         elif variant != "none":
             staging, upload = variant.split("-")
@@ -129,9 +181,13 @@ class Saver:
             self._hook = None
 
     def in_flight(self) -> bool:
-        return self._pending is not None and not self._pending[0].done()
+        if self._pending is None:
+            return False
+        return self._raw.in_flight() if self._raw is not None else not self._pending[0].done()
 
     def child_pids(self) -> list[int]:
+        if self._raw is not None:
+            return [self._raw.process.pid]
         upload = self._coord._async_saves.upload_process if self._coord is not None else None
         return [upload.pid] if upload is not None else []
 
@@ -141,6 +197,10 @@ class Saver:
             return 0.0
         handle, path = self._pending
         self._pending = None
+        if self._raw is not None:
+            self._raw.wait()
+            os.remove(path)
+            return 0.0
         if self._coord is not None:
             delete_checkpoint(handle.result())
             return handle.stall_seconds
@@ -153,7 +213,10 @@ class Saver:
             return
         self._settle()  # one save in flight, as dcp_forge does: the previous one must be done
         path = os.path.join(self.root, f"checkpoint-{step}")
-        if self._coord is not None:
+        if self._raw is not None:
+            self._raw.write(path)
+            handle = None
+        elif self._coord is not None:
             handle = self._coord.async_save(checkpoint_path=path)
         else:
             handle = dcp.async_save({"model": self.work.model, "optimizer": self.work.optimizer}, checkpoint_id=path,
@@ -170,6 +233,8 @@ class Saver:
             self._coord.close()
         if self._stager is not None:
             self._stager.close()
+        if self._raw is not None:
+            self._raw.close()
 
 
 def _children_cpu_s(pids: list[int]) -> float:
