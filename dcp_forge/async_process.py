@@ -66,7 +66,7 @@ from torch.distributed.constants import default_pg_timeout
 from ._torch_compat import single_process_dcp
 from .errors import first_rank_failure
 from .format.manifest import CheckpointManifest
-from .planners import ForgeSavePlanner
+from .planners import ForgeSavePlanner, PlanCache
 from .rank_exchange import RankExchange
 from .storage import ForgeStorageWriter
 
@@ -342,7 +342,8 @@ class UploadProcess:
         finally:
             for _, _, fd in unsent:
                 os.close(fd)
-        writer.adopt_outcome(self._expect("saved", timeout=None))
+        outcome, planner.planned_by = self._expect("saved", timeout=None)
+        writer.adopt_outcome(outcome)
         return writer.manifest
 
     @property
@@ -434,6 +435,9 @@ def _join_upload_group(conn: Any, rank: int, world_size: int) -> None:
 
 def _serve_requests(conn: Any, world_size: int) -> None:
     arenas: dict[int, torch.Tensor] = {}
+    # This process serves one coordinator for its whole life, over one group: its saves reuse their
+    # plans as the coordinator's own saves do (a request's planner arrives without a cache).
+    plans = PlanCache()
     while True:
         try:
             message = conn.recv()
@@ -456,7 +460,8 @@ def _serve_requests(conn: Any, world_size: int) -> None:
         payload = conn.recv_bytes()
         try:
             writer, planner, staged = _RequestUnpickler(io.BytesIO(payload), arenas).load()
-            reply: tuple[str, Any] = ("saved", _save(staged, writer, planner, world_size))
+            planner.plan_cache = plans
+            reply: tuple[str, Any] = ("saved", (_save(staged, writer, planner, world_size), planner.planned_by))
         except BaseException as err:  # the training process raises it on the handle
             reply = ("error", _portable(err))
         del payload
@@ -467,7 +472,8 @@ def _serve_requests(conn: Any, world_size: int) -> None:
 
 
 def _save(staged: dict[str, Any], writer: ForgeStorageWriter, planner: ForgeSavePlanner, world_size: int) -> Any:
-    """Save ``staged`` in the upload process; the writer's ``outcome()``, for the training process's copy."""
+    """Save ``staged`` in the upload process; the writer's ``outcome()``, for the training process's copy
+    (with ``planner.planned_by``, for its planner's)."""
     no_dist = world_size == 1
     group = None if no_dist else dist.group.WORLD
     # Every rank plans by itself here too, over the upload processes' group.

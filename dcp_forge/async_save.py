@@ -125,7 +125,9 @@ class AsyncSaveHandle:
     memory this save used; ``copy_seconds``, from the call until the overlapped copy was done (None
     for blocking staging); ``stall_seconds``, how long mutation points waited for that copy together;
     ``upload_seconds``, from the call's return to the commit (None until done). ``manifest`` is the
-    committed manifest on the coordinator rank (None on the others, and until done).
+    committed manifest on the coordinator rank (None on the others, and until done). ``planned_by``
+    says how the save was planned once done: ``"cache"`` (the previous save's plans reused),
+    ``"declarations"`` (every rank planned alone) or ``"gather"`` (DCP's exchange of plans).
     """
 
     def __init__(self, checkpoint_path: str, staging: StagingInFlight | None = None) -> None:
@@ -134,6 +136,7 @@ class AsyncSaveHandle:
         self.staged_bytes = 0
         self.upload_seconds: float | None = None
         self.manifest: CheckpointManifest | None = None
+        self.planned_by: str | None = None
         self._staging = staging
         self._future: Future[str] = Future()
         self._staged_at = time.perf_counter()
@@ -357,7 +360,7 @@ class AsyncSaver:
         handle.staging_seconds = time.perf_counter() - started
         handle.staged_bytes = stager.last_staged_bytes
         self._in_flight = handle
-        upload.add_done_callback(lambda f: self._finish(handle, f, writer, on_committed))
+        upload.add_done_callback(lambda f: self._finish(handle, f, writer, planner, on_committed))
         return handle
 
     def _stage_and_submit(self, stager: ForgeStager, state: Mapping[str, Any], writer: ForgeStorageWriter,
@@ -373,16 +376,17 @@ class AsyncSaver:
         staged = stager.stage(_state_dicts(state))
         # The writer's commit gate (a replication check's verdict) stays here: staging awaited it already.
         # So do the planner's exchange (a process group) and plan cache: the upload process plans over
-        # its own group (async_process._save), without a cache of its own across saves.
+        # its own group (async_process._save), with plans it keeps across saves itself.
         writer.commit_gate = None
         writer.exchange = planner.exchange = None
         planner.plan_cache = None
         return self.upload_process.submit(staged, writer, planner)
 
-    def _finish(self, handle: AsyncSaveHandle, upload: Future, writer: ForgeStorageWriter,
+    def _finish(self, handle: AsyncSaveHandle, upload: Future, writer: ForgeStorageWriter, planner: ForgeSavePlanner,
                 on_committed: Callable[[AsyncSaveHandle], None] | None) -> None:
         """Background thread: turn the upload's outcome into the handle's, bookkeeping first."""
         handle.upload_seconds = time.perf_counter() - handle._staged_at
+        handle.planned_by = planner.planned_by
         error = upload.exception()
         if error is not None:  # DCP's CheckpointException is raised on every rank: the save failed everywhere
             error = save_failure(error, writer, self.background_group)

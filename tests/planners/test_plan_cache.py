@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.distributed.tensor import Replicate, Shard
 
-from dcp_forge import CheckpointCoordinator, CheckpointExistsError, StateComponent
+from dcp_forge import AsyncOptions, CheckpointCoordinator, CheckpointExistsError, StateComponent
 from dcp_forge._torch_compat import flatten_state_dict
 from dcp_forge.core.placement import ChunkPolicy
 from dcp_forge.planners.plan_cache import state_signature
@@ -87,6 +87,26 @@ def test_repeated_saves_reuse_the_plan_until_the_structure_changes(tmp_path):
         loaded, counter = Box({"w": torch.zeros_like(expected_w)}), Counter()
         CheckpointCoordinator(_components(loaded, counter), output_dir=tmp_path).load_checkpoint(tmp_path / name)
         assert torch.equal(loaded.state["w"], expected_w) and counter.step == expected_step
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # DCP's single-process notice, from its upload thread
+@pytest.mark.parametrize("upload", ["thread", "process"])
+def test_async_saves_reuse_the_plan_wherever_they_upload(tmp_path, upload):
+    model, step = Box({"w": torch.arange(12.0).reshape(4, 3)}), Counter(1)
+    with CheckpointCoordinator(_components(model, step), output_dir=tmp_path,
+                               async_options=AsyncOptions(upload=upload)) as coord:
+        planned = []
+        for name, w in [("a", model.state["w"]), ("b", model.state["w"] + 1), ("c", torch.arange(15.0).reshape(5, 3)),
+                        ("d", torch.arange(15.0).reshape(5, 3) - 1)]:
+            model.state["w"] = w.clone()
+            handle = coord.async_save(checkpoint_id=name)
+            handle.result()
+            planned.append(handle.planned_by)
+    # The upload process keeps plans of its own: a new shape is planned afresh there too.
+    assert planned == ["declarations", "cache", "declarations", "cache"]
+    loaded = Box({"w": torch.zeros(5, 3)})
+    CheckpointCoordinator(_components(loaded, Counter()), output_dir=tmp_path).load_checkpoint(tmp_path / "d")
+    assert torch.equal(loaded.state["w"], torch.arange(15.0).reshape(5, 3) - 1)
 
 
 def test_each_coordinator_keeps_its_own_plans(tmp_path):
