@@ -66,6 +66,7 @@ from torch.distributed.constants import default_pg_timeout
 from ._torch_compat import single_process_dcp
 from .errors import first_rank_failure
 from .format.manifest import CheckpointManifest
+from .gc_pause import paused_gc
 from .planners import ForgeSavePlanner, PlanCache
 from .rank_exchange import RankExchange
 from .storage import ForgeStorageWriter
@@ -478,7 +479,8 @@ def _save(staged: dict[str, Any], writer: ForgeStorageWriter, planner: ForgeSave
     group = None if no_dist else dist.group.WORLD
     # Every rank plans by itself here too, over the upload processes' group.
     writer.exchange = planner.exchange = RankExchange(group)
-    with single_process_dcp(no_dist):
+    # Nothing but this save runs here: the collector may rest for it, as for a sync save (gc_pause.py).
+    with single_process_dcp(no_dist), paused_gc():
         try:
             dcp.save(staged, storage_writer=writer, planner=planner, no_dist=no_dist, use_collectives=False)
         except BaseException as err:
