@@ -31,8 +31,14 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_local_load_plan
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
 from .._torch_compat import set_element
 from ..core.components import ComponentLayout, LayoutSpec, layouts_from
@@ -242,7 +248,7 @@ class ForgeLoadPlanner(DefaultLoadPlanner):
 
     def create_local_plan(self) -> LoadPlan:
         metadata = self._check_against_metadata()
-        return create_default_local_load_plan(self.state_dict, metadata, not self.allow_partial_load)
+        return whole_tensor_load_plan(self.state_dict, metadata, not self.allow_partial_load)
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         fqn = read_item.dest_index.fqn
@@ -253,6 +259,58 @@ class ForgeLoadPlanner(DefaultLoadPlanner):
             top = path[0]
             assert isinstance(top, str), "the planned state's top-level keys are storage keys"
             self._user_state_dict[self._user_key.get(top, top)] = obj
+
+
+def whole_tensor_load_plan(state_dict: Mapping[str, Any], metadata: Metadata, strict: bool = True) -> LoadPlan:
+    """``create_default_local_load_plan``'s plan, item for item, with its per-item resharding sweep
+    skipped where there is nothing to reshard.
+
+    A plain tensor stored as one chunk that covers it whole (every non-resharded load of a tensor
+    that is not sharded) gets the one read item DCP's sweep would compute for it: the whole chunk into
+    the whole destination. Every other value (DTensors, sharded tensors, chunked or empty tensors,
+    non-tensor values) is planned by DCP itself, in the same order.
+    """
+    saved = metadata.state_dict_metadata
+    requests: list[ReadItem] = []
+    others: dict[str, Any] = {}
+
+    def plan_others() -> None:
+        if others:
+            requests.extend(create_default_local_load_plan(others, metadata, strict).items)
+            others.clear()
+
+    for fqn, obj in state_dict.items():
+        md = saved.get(fqn)
+        chunk = _whole_chunk(md, obj)
+        if chunk is None:
+            others[fqn] = obj
+            continue
+        plan_others()  # keeps DCP's order of read items
+        zeros = chunk.offsets
+        requests.append(ReadItem(type=LoadItemType.TENSOR, dest_index=MetadataIndex(fqn, zeros, 0),
+                                 dest_offsets=zeros, storage_index=MetadataIndex(fqn, zeros, 0),
+                                 storage_offsets=zeros, lengths=chunk.sizes))
+    plan_others()
+    return LoadPlan(requests)
+
+
+def _whole_chunk(md: Any, obj: Any) -> ChunkStorageMetadata | None:
+    """The one stored chunk of ``md`` when it holds all of the plain tensor ``obj`` (same size, offsets
+    zero, no empty dimension: DCP's sweep reads nothing for an empty one); None otherwise."""
+    if type(obj) not in _PLAIN_TENSOR_TYPES or not isinstance(md, TensorStorageMetadata) or len(md.chunks) != 1:
+        return None
+    chunk = md.chunks[0]
+    size = obj.size()
+    if md.size != size or chunk.sizes != size or any(chunk.offsets) or not all(size):
+        return None
+    if type(chunk.offsets) is not torch.Size or type(chunk.sizes) is not torch.Size:
+        return ChunkStorageMetadata(torch.Size(chunk.offsets), torch.Size(chunk.sizes))
+    return chunk
+
+
+# Tensors DCP plans as one local chunk of their own shape (``_create_chunk_from_tensor``): no
+# ``__create_chunk_list__`` of their own, not sharded.
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def _tensors_named(value: Any, name: str = "") -> Iterator[tuple[str, torch.Tensor]]:
