@@ -18,6 +18,8 @@ Each check collects ``Problem``s: ``verify`` reports them all, loading raises th
 
 from __future__ import annotations
 
+import functools
+
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -127,6 +129,12 @@ def _record_facts(record: ItemRecord) -> ItemFacts:
                      None if record.chunk_sizes is None else tuple(record.chunk_sizes), record.length)
 
 
+@functools.cache
+def _dtype_name(dtype: torch.dtype) -> str:
+    """``str(dtype)``, as the index records it (once per dtype: torch builds the string each time)."""
+    return str(dtype)
+
+
 class StoredChunk(NamedTuple):
     """A stored tensor chunk as ``.metadata`` describes it: what a reader must find in its blob."""
 
@@ -157,43 +165,50 @@ class ItemCheck:
 
     def problem(self, index: MetadataIndex, info: Any) -> Problem | None:
         """What is wrong with ``.metadata``'s location ``info`` of item ``index``; None when the
-        records agree on it. (On the load path for every stored item read: the agreeing case is kept
-        to a few lookups and one tuple comparison.)"""
+        records agree on it."""
+        return self.checked(index, info)[0]
+
+    def checked(self, index: MetadataIndex, info: Any) -> tuple[Problem | None, StoredChunk | None]:
+        """``problem(index, info)`` and the chunk ``index`` names (``chunk``), found with one lookup.
+        (On the load path for every stored item read: the agreeing case is kept to a few lookups and
+        one tuple comparison.)"""
         fqn = index.fqn
         md = self.metadata.state_dict_metadata.get(fqn)
+        chunk = None
         if isinstance(md, TensorStorageMetadata):
             chunk = self.chunk(index)
             if chunk is None:
                 return self._problem(ProblemKind.INCOMPLETE, index, info, METADATA_FILE, f"stores a chunk of {fqn!r} at "
-                                     f"offsets {list(index.offset or ())} in {{at}}, which is none of its chunks")
+                                     f"offsets {list(index.offset or ())} in {{at}}, which is none of its chunks"), None
             if not isinstance(chunk.dtype, torch.dtype):
                 return self._problem(ProblemKind.MALFORMED, index, info, METADATA_FILE,
-                                     f"describes {fqn!r} with dtype {chunk.dtype!r}")
+                                     f"describes {fqn!r} with dtype {chunk.dtype!r}"), chunk
             nbytes = math.prod(chunk.sizes) * chunk.dtype.itemsize
             if nbytes > info.length:
                 return self._problem(ProblemKind.MALFORMED, index, info, METADATA_FILE, f"describes chunk "
                                      f"{list(index.offset or ())} of {fqn!r} as {chunk.dtype} {list(chunk.sizes)} "
-                                     f"({nbytes} bytes), which cannot fit in the {info.length} bytes stored in {{at}}")
-            expected = ItemFacts(fqn, tuple(index.offset or ()), "tensor", str(chunk.dtype), tuple(md.size),
+                                     f"({nbytes} bytes), which cannot fit in the {info.length} bytes stored in "
+                                     "{at}"), chunk
+            expected = ItemFacts(fqn, tuple(index.offset or ()), "tensor", _dtype_name(chunk.dtype), tuple(md.size),
                                  chunk.sizes, info.length)
         elif isinstance(md, BytesStorageMetadata):
             expected = ItemFacts(fqn, (), "bytes", None, None, None, info.length)
         else:
             return self._problem(ProblemKind.INCOMPLETE if md is None else ProblemKind.MALFORMED, index, info,
-                                 METADATA_FILE, f"stores {fqn!r} in {{at}} but describes it as {type(md).__name__}")
+                                 METADATA_FILE, f"stores {fqn!r} in {{at}} but describes it as {type(md).__name__}"), None
         if self._by_location is None:
-            return None
+            return None, chunk
         record = self._by_location.get((info.relative_path, info.offset))
         if record is None:
             return self._problem(ProblemKind.INCOMPLETE, index, info, INDEX_FILE,
-                                 f"has no row for {fqn!r} stored in {{at}} ({METADATA_FILE} lists it)")
+                                 f"has no row for {fqn!r} stored in {{at}} ({METADATA_FILE} lists it)"), chunk
         found = _record_facts(record)
         if found == expected:
-            return None
+            return None, chunk
         return Problem(ProblemKind.INCOMPLETE, f"{self.where}: {INDEX_FILE} and {METADATA_FILE} disagree about the "
                        f"item stored in {info.relative_path} at byte {info.offset} (index vs metadata: "
                        f"{'; '.join(found.differences(expected))}): refusing to load {fqn!r} from it", INDEX_FILE,
-                       component_of(fqn))
+                       component_of(fqn)), chunk
 
     def _problem(self, kind: ProblemKind, index: MetadataIndex, info: Any, file: str, what: str) -> Problem:
         """A problem ``file`` has with one location; ``what`` may say ``{at}`` for the location."""

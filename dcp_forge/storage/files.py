@@ -62,6 +62,12 @@ def open_data_file(backend: StorageBackend, path: str, name: object, where: str,
         raise
 
 
+def extent_fits(file_size: int, offset: object, length: object) -> bool:
+    """Whether ``length`` bytes at ``offset`` (non-negative ints) lie inside a file of ``file_size``
+    bytes: the common case of ``extent_problem``, with no message to build."""
+    return _is_count(offset) and _is_count(length) and offset + length <= file_size
+
+
 def extent_problem(where: str, name: str, file_size: int, offset: object, length: object, holds: str) -> str | None:
     """Why ``length`` bytes at ``offset`` of data file ``name`` (``file_size`` bytes long) cannot be an
     item's bytes; None when they can. ``holds``: the item, for the message."""

@@ -123,14 +123,20 @@ def group_reads(items: Sequence[ReadItem], storage_data: Mapping[MetadataIndex, 
             raise IntegrityError(f"{METADATA_FILE} has no stored location for chunk {list(item.storage_index.offset or ())} "
                                  f"of {item.storage_index.fqn!r} (component {component_of(item.storage_index.fqn)!r})")
         grouped[(info.relative_path, info.offset, info.length)].append(item)
+    records = records or {}
     reads = []
     for (file, offset, length), its in sorted(grouped.items(), key=lambda kv: kv[0]):
         chunk = None
         if check is not None:
-            for index in dict.fromkeys(item.storage_index for item in its):  # each item claiming the location
-                raise_if_problems([p for p in [check.problem(index, storage_data[index])] if p is not None])
-            chunk = check.chunk(its[0].storage_index)
-        record = (records or {}).get((file, offset))
+            # each item claiming the location (most locations serve one)
+            claims = [its[0].storage_index] if len(its) == 1 else dict.fromkeys(item.storage_index for item in its)
+            for i, index in enumerate(claims):
+                problem, found = check.checked(index, storage_data[index])
+                if problem is not None:
+                    raise_if_problems([problem])
+                if i == 0:
+                    chunk = found
+        record = records.get((file, offset))
         layout = gap = None
         if record is not None:
             layout = recorded_layout(record.data_offset, record.dtype, record.chunk_sizes, length, record.math_bits)

@@ -43,7 +43,7 @@ from .consistency import (
     storage_location_problems,
 )
 from .cross_check import ItemCheck, coverage_problems, manifest_problems, unfilled_problems
-from .files import check_extent, open_data_file
+from .files import check_extent, extent_fits, open_data_file
 from .item_reader import (
     Checker,
     ItemLoader,
@@ -258,7 +258,8 @@ class ForgeStorageReader(StorageReader):
             for name, its in by_file.items():
                 size = opened[name].size()
                 for read in its:
-                    check_extent(where, name, size, read.offset, read.length, read.describe())
+                    if not extent_fits(size, read.offset, read.length):  # describes the item only to refuse it
+                        check_extent(where, name, size, read.offset, read.length, read.describe())
                 end = self._file_ends.get(name)
                 if end is not None and size < end:
                     raise IntegrityError(f"{where}: data file {name} is truncated: it has {size} bytes, the items "
