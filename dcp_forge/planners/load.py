@@ -250,6 +250,15 @@ class ForgeLoadPlanner(DefaultLoadPlanner):
         metadata = self._check_against_metadata()
         return whole_tensor_load_plan(self.state_dict, metadata, not self.allow_partial_load)
 
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        # A read item that fills a whole plain tensor (what ``whole_tensor_load_plan`` plans) resolves to
+        # the tensor itself, as DCP's lookup and narrowing would, without their per-item work.
+        tensor = self.state_dict.get(read_item.dest_index.fqn)
+        if (type(tensor) in _PLAIN_TENSOR_TYPES and read_item.lengths == tensor.size()
+                and not any(read_item.dest_offsets) and not any(read_item.dest_index.offset or ())):
+            return tensor
+        return super().resolve_tensor(read_item)
+
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         fqn = read_item.dest_index.fqn
         obj = load_object(value, name=f"{self._component(fqn)}: {fqn}")

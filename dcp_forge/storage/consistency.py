@@ -19,11 +19,12 @@ from enum import Enum
 from typing import TYPE_CHECKING, TypeGuard
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..core.keys import parse_storage_key, top_level_key
 from ..core.patterns import SharingPattern
 from ..errors import CheckpointNotFoundError, IntegrityError, UnsafeCheckpointError, UnsupportedFormatError
-from ..format.index import ItemRecord, decode_index
+from ..format.index import ItemRecord, read_index_table, records_from_table
 from ..format.manifest import CheckpointManifest, checksum_bytes
 from ..format.names import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE
 from .backends import StorageBackend
@@ -159,15 +160,16 @@ def parse_index(data: bytes | None, where: str) -> tuple[list[ItemRecord], list[
     if data is None:
         return [], [Problem(ProblemKind.MISSING_FILE, f"{where} is missing {INDEX_FILE}", INDEX_FILE)]
     try:
-        records = decode_index(data)
+        table = read_index_table(data)
+        records = records_from_table(table)
     except (pa.ArrowException, OSError, ValueError, TypeError, KeyError) as err:
         return [], [Problem(ProblemKind.MALFORMED, f"{where}/{INDEX_FILE} is not a readable index: {err}",
                             INDEX_FILE)]
-    bad = sorted({r.file for r in records if unsafe_file_name(r.file)})
+    bad = sorted(name for name in {r.file for r in records} if unsafe_file_name(name))
     if bad:
         return [], [Problem(ProblemKind.UNSAFE, f"{where}/{INDEX_FILE} names data files outside the checkpoint "
                             f"directory: {bad[:3]}", INDEX_FILE)]
-    malformed = _malformed_rows(records)
+    malformed = [] if _rows_well_formed(table, records) else _malformed_rows(records)
     if malformed:
         return [], [Problem(ProblemKind.MALFORMED, f"{where}/{INDEX_FILE} is not a consistent index: "
                             f"{'; '.join(malformed[:3])}" + (f" (and {len(malformed) - 3} more)" if len(malformed) > 3
@@ -178,6 +180,57 @@ def parse_index(data: bytes | None, where: str) -> tuple[list[ItemRecord], list[
 def _is_count(value: object) -> TypeGuard[int]:
     """A non-negative int (not a bool): what a row's offsets, lengths and ranks must be."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _rows_well_formed(table: pa.Table, records: list[ItemRecord]) -> bool:
+    """Whether ``_malformed_rows`` finds nothing, proven column by column in one vectorised pass; False
+    when it cannot be proven that way (then ``_malformed_rows`` looks row by row and says what is wrong).
+
+    The same conditions as ``_row_problem``'s, over whole columns: extents and ranks present and
+    non-negative, gaps inside their items (sums checked for overflow), packed tensors with a data
+    offset, known kinds with a shape exactly for tensors, each distinct (storage key, component,
+    pattern) consistent and every fqn under its storage key; then no two rows for one location or chunk.
+    """
+    if not table.num_rows:
+        return True
+    col = table.column
+    try:
+        for name in ("offset", "length", "rank"):
+            if col(name).null_count or pc.min(col(name)).as_py() < 0:
+                return False
+        for name in ("data_offset", "gap_offset", "gap_length"):
+            low = pc.min(col(name)).as_py()
+            if low is not None and low < 0:
+                return False
+        gap_offset, gap_length = col("gap_offset"), col("gap_length")
+        if not pc.all(pc.equal(pc.is_null(gap_offset), pc.is_null(gap_length))).as_py():
+            return False
+        if pc.any(pc.greater(pc.add_checked(gap_offset, gap_length), col("length"))).as_py():
+            return False
+        kind = col("kind")
+        if kind.null_count or not pc.all(pc.is_in(kind, pa.array(["tensor", "bytes"]))).as_py():
+            return False
+        tensor = pc.equal(kind, "tensor")
+        if not pc.all(pc.equal(tensor, pc.is_valid(col("shape")))).as_py():
+            return False
+        if pc.any(pc.and_(pc.and_(pc.is_valid(gap_offset), tensor), pc.is_null(col("data_offset")))).as_py():
+            return False
+        keys = table.select(["storage_key", "component", "pattern", "fqn"])
+        if any(keys.column(name).null_count for name in keys.column_names):
+            return False
+        top = pc.list_element(pc.split_pattern(keys.column("fqn"), ".", max_splits=1), 0)
+        if not pc.all(pc.equal(top, keys.column("storage_key"))).as_py():
+            return False
+    except pa.ArrowInvalid:  # an overflowing gap: the row-by-row pass says which row
+        return False
+    distinct = keys.select(["storage_key", "component", "pattern"]).group_by(
+        ["storage_key", "component", "pattern"]).aggregate([])
+    for key, component, pattern in zip(*(distinct.column(n).to_pylist() for n in ("storage_key", "component",
+                                                                                    "pattern")), strict=True):
+        if _component_of_key(key) != component or not _pattern_fits_key(pattern, key):
+            return False
+    return (len({r.location for r in records}) == len(records)
+            and len({(r.fqn, r.chunk_offsets or ()) for r in records}) == len(records))
 
 
 def _malformed_rows(records: list[ItemRecord]) -> list[str]:

@@ -19,7 +19,6 @@ Each check collects ``Problem``s: ``verify`` reports them all, loading raises th
 from __future__ import annotations
 
 import functools
-
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
