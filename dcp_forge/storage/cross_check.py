@@ -154,13 +154,19 @@ class ItemCheck:
     def chunk(self, index: MetadataIndex) -> StoredChunk | None:
         """The chunk ``index`` names, as ``.metadata`` describes it (None for non-tensor items)."""
         md = self.metadata.state_dict_metadata.get(index.fqn)
-        if not isinstance(md, TensorStorageMetadata):
-            return None
-        chunks = self._chunks.get(index.fqn)
-        if chunks is None:
-            chunks = self._chunks[index.fqn] = {tuple(c.offsets): c for c in md.chunks}
-        chunk = chunks.get(tuple(index.offset or ()))
-        return None if chunk is None else StoredChunk(md.properties.dtype, tuple(chunk.sizes))
+        return self._chunk_of(md, index) if isinstance(md, TensorStorageMetadata) else None
+
+    def _chunk_of(self, md: TensorStorageMetadata, index: MetadataIndex) -> StoredChunk | None:
+        offsets = tuple(index.offset or ())
+        if len(md.chunks) == 1:  # most tensors: one chunk, no table of chunks to build
+            (chunk,) = md.chunks
+            found = chunk if tuple(chunk.offsets) == offsets else None
+        else:
+            chunks = self._chunks.get(index.fqn)
+            if chunks is None:
+                chunks = self._chunks[index.fqn] = {tuple(c.offsets): c for c in md.chunks}
+            found = chunks.get(offsets)
+        return None if found is None else StoredChunk(md.properties.dtype, tuple(found.sizes))
 
     def problem(self, index: MetadataIndex, info: Any) -> Problem | None:
         """What is wrong with ``.metadata``'s location ``info`` of item ``index``; None when the
@@ -175,7 +181,7 @@ class ItemCheck:
         md = self.metadata.state_dict_metadata.get(fqn)
         chunk = None
         if isinstance(md, TensorStorageMetadata):
-            chunk = self.chunk(index)
+            chunk = self._chunk_of(md, index)
             if chunk is None:
                 return self._problem(ProblemKind.INCOMPLETE, index, info, METADATA_FILE, f"stores a chunk of {fqn!r} at "
                                      f"offsets {list(index.offset or ())} in {{at}}, which is none of its chunks"), None

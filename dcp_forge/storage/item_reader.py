@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import io
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlanner, Read
 from ..core.keys import top_level_key
 from ..core.tensors import copy_exactly, math_bits, narrow_box, raw_view, with_math_bits
 from ..errors import IntegrityError, StateMismatchError
-from ..format.index import ItemRecord, file_pieces
+from ..format.index import ItemRecord, file_pieces, own_pieces
 from ..format.names import METADATA_FILE
 from ..format.pack import (
     DATA_OFFSET,
@@ -116,26 +115,37 @@ def group_reads(items: Sequence[ReadItem], storage_data: Mapping[MetadataIndex, 
     With ``check``, every stored location is first checked against the records (cross_check.py):
     one that the index and ``.metadata`` do not agree on raises before anything is read.
     """
-    grouped: dict[tuple[str, int, int], list[ReadItem]] = defaultdict(list)
+    # location -> (its .metadata entry, the read items it serves), each location looked up once
+    grouped: dict[tuple[str, int, int], tuple[Any, list[ReadItem]]] = {}
     for item in items:
         info = storage_data.get(item.storage_index)
         if info is None:
             raise IntegrityError(f"{METADATA_FILE} has no stored location for chunk {list(item.storage_index.offset or ())} "
                                  f"of {item.storage_index.fqn!r} (component {component_of(item.storage_index.fqn)!r})")
-        grouped[(info.relative_path, info.offset, info.length)].append(item)
+        location = (info.relative_path, info.offset, info.length)
+        entry = grouped.get(location)
+        if entry is None:
+            grouped[location] = (info, [item])
+        else:
+            entry[1].append(item)
     records = records or {}
     reads = []
-    for (file, offset, length), its in sorted(grouped.items(), key=lambda kv: kv[0]):
+    for location in sorted(grouped):
+        file, offset, length = location
+        info, its = grouped[location]
         chunk = None
         if check is not None:
-            # each item claiming the location (most locations serve one)
-            claims = [its[0].storage_index] if len(its) == 1 else dict.fromkeys(item.storage_index for item in its)
-            for i, index in enumerate(claims):
-                problem, found = check.checked(index, storage_data[index])
+            if len(its) == 1:  # most locations serve one read item
+                problem, chunk = check.checked(its[0].storage_index, info)
                 if problem is not None:
                     raise_if_problems([problem])
-                if i == 0:
-                    chunk = found
+            else:
+                for i, index in enumerate(dict.fromkeys(item.storage_index for item in its)):  # each claiming it
+                    problem, found = check.checked(index, storage_data[index])
+                    if problem is not None:
+                        raise_if_problems([problem])
+                    if i == 0:
+                        chunk = found
         record = records.get((file, offset))
         layout = gap = None
         if record is not None:
@@ -354,7 +364,10 @@ def _is_chunk(dtype: torch.dtype, shape: tuple[int, ...], chunk: StoredChunk | N
 def _own_bytes(handle: InputFile, read: StoredRead, check: Checker) -> tuple[memoryview, memoryview]:
     """A packed item's head and trailer (lent by a handle holding them in memory, else read), their
     checksum verified."""
-    (head_at, head_length), (tail_at, tail_length) = read.pieces
+    assert read.gap is not None, "only a packed item has a head and a trailer"
+    (head_at, head_length), (tail_at, tail_length) = own_pieces(read.length, *read.gap)
+    head_at += read.offset
+    tail_at += read.offset
     lend = getattr(handle, "view", None)
     if lend is not None:
         head, tail = lend(head_at, head_length), lend(tail_at, tail_length)
@@ -373,7 +386,8 @@ def _load_packed(handle: InputFile, read: StoredRead, planner: LoadPlanner, chec
     """A packed item (pack.py): its checksum over its own bytes, its zip records proven to say what the
     index says (so plain DCP would read the same), then its value from its head, or a tensor read
     straight into its destination."""
-    trailer_at = read.pieces[-1][0] - read.offset
+    assert read.gap is not None, "only a packed item has a gap"
+    trailer_at = read.gap[0] + read.gap[1]  # its trailer follows its gap
     if read.items[0].type == LoadItemType.BYTE_IO:
         head, tail = _own_bytes(handle, read, check)
         _refuse_packed(read, records_problem(head, tail, trailer_at, None))
