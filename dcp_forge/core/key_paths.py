@@ -65,7 +65,7 @@ def typed_paths(root: Mapping[str, Any], flat_paths: Mapping[str, tuple]) -> dic
     out: dict[str, KeyPath] = {}
     for name, path in flat_paths.items():
         node: Any = root
-        steps = []
+        keys: list[tuple[Any, bool]] = []  # (key, whether it is a list position); Steps built only if typed
         typed = False
         for part in path:
             if isinstance(node, Mapping):
@@ -75,13 +75,13 @@ def typed_paths(root: Mapping[str, Any], flat_paths: Mapping[str, tuple]) -> dic
                 lookup = lookups[id(node)]
                 key = part if lookup is None else lookup[part]
                 typed = typed or type(key) is not str
-                steps.append(Step(key))
+                keys.append((key, False))
                 node = node[key]
             else:
-                steps.append(Step(part, index=True))
+                keys.append((part, True))
                 node = node[part]
         if typed:
-            out[name] = tuple(steps)
+            out[name] = tuple(Step(key, index=index) for key, index in keys)
     return out
 
 

@@ -208,14 +208,13 @@ class ForgeLoadPlanner(DefaultLoadPlanner):
         saved = metadata.state_dict_metadata
         self.skipped_keys = []
         for fqn, obj in self.state_dict.items():
-            component = self._component(fqn)
             md = saved.get(fqn)
             if md is None:
                 if self.allow_partial_load:
                     self.skipped_keys.append(fqn)
                     continue
                 raise MissingComponentError(
-                    f"component {component!r} on rank {self.topology.rank}: key {fqn!r} is not in the "
+                    f"component {self._component(fqn)!r} on rank {self.topology.rank}: key {fqn!r} is not in the "
                     f"checkpoint (expected because the current state has it; the checkpoint has "
                     f"{_nearby_keys(saved, top_level_key(fqn))})"
                 )
@@ -224,25 +223,25 @@ class ForgeLoadPlanner(DefaultLoadPlanner):
                 dtype = getattr(obj, "dtype", None)
                 if shape is None:
                     raise StateMismatchError(
-                        f"component {component!r} on rank {self.topology.rank}: {fqn!r} was saved as a "
+                        f"component {self._component(fqn)!r} on rank {self.topology.rank}: {fqn!r} was saved as a "
                         f"tensor {tuple(md.size)} but the current state holds {type(obj).__name__}")
                 if is_plain_tensor(obj) and overlapping_destination(obj):
                     raise StateMismatchError(
-                        f"component {component!r} on rank {self.topology.rank}: the destination of {fqn!r} is an "
+                        f"component {self._component(fqn)!r} on rank {self.topology.rank}: the destination of {fqn!r} is an "
                         f"expanded view (shape {tuple(obj.shape)}, strides {obj.stride()}) whose elements share "
                         "memory, so it cannot hold the saved values; give it a tensor of its own (e.g. .clone())")
                 if tuple(shape) != tuple(md.size):
                     raise StateMismatchError(
-                        f"component {component!r} on rank {self.topology.rank}: shape mismatch for "
+                        f"component {self._component(fqn)!r} on rank {self.topology.rank}: shape mismatch for "
                         f"{fqn!r}: checkpoint has {tuple(md.size)}, current state expects {tuple(shape)}")
                 if dtype != md.properties.dtype:
                     raise StateMismatchError(
-                        f"component {component!r} on rank {self.topology.rank}: dtype mismatch for "
+                        f"component {self._component(fqn)!r} on rank {self.topology.rank}: dtype mismatch for "
                         f"{fqn!r}: checkpoint has {md.properties.dtype}, current state expects {dtype}")
             elif (isinstance(md, BytesStorageMetadata) and hasattr(obj, "shape") and hasattr(obj, "dtype")
                   and not is_opaque_tensor(obj)):  # an opaque tensor was stored whole: it is replaced
                 raise StateMismatchError(
-                    f"component {component!r} on rank {self.topology.rank}: {fqn!r} was saved as a "
+                    f"component {self._component(fqn)!r} on rank {self.topology.rank}: {fqn!r} was saved as a "
                     f"non-tensor value but the current state holds a tensor {tuple(obj.shape)}")
         return metadata
 
@@ -296,9 +295,9 @@ def whole_tensor_load_plan(state_dict: Mapping[str, Any], metadata: Metadata, st
             continue
         plan_others()  # keeps DCP's order of read items
         zeros = chunk.offsets
-        requests.append(ReadItem(type=LoadItemType.TENSOR, dest_index=MetadataIndex(fqn, zeros, 0),
-                                 dest_offsets=zeros, storage_index=MetadataIndex(fqn, zeros, 0),
-                                 storage_offsets=zeros, lengths=chunk.sizes))
+        index = MetadataIndex(fqn, zeros, 0)  # destination and stored chunk alike (immutable: one object)
+        requests.append(ReadItem(type=LoadItemType.TENSOR, dest_index=index, dest_offsets=zeros,
+                                 storage_index=index, storage_offsets=zeros, lengths=chunk.sizes))
     plan_others()
     return LoadPlan(requests)
 

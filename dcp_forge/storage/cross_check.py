@@ -61,8 +61,9 @@ def coverage_problems(metadata: Metadata, fqns: Iterable[str], where: str) -> li
     """The tensors among ``fqns`` whose stored chunks do not tile them exactly once (a tensor of a
     copy that ``holds_part`` of it: whose chunks reach outside it or overlap)."""
     problems = []
+    saved = metadata.state_dict_metadata
     for fqn in sorted(set(fqns)):
-        md = metadata.state_dict_metadata.get(fqn)
+        md = saved.get(fqn)
         if not isinstance(md, TensorStorageMetadata):
             continue
         why = tiling_problem(md.size, [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks],
@@ -84,6 +85,9 @@ def unfilled_problems(metadata: Metadata, items: Iterable[ReadItem], destination
     The stored chunks do not overlap (``coverage_problems``), so the plan's reads into a destination
     are disjoint and fill it exactly when their volumes add up to the part this rank holds.
     """
+    parts = [fqn for fqn in destinations if holds_part(fqn)]
+    if not parts:  # every stored tensor is whole: its tiling proves it filled
+        return []
     filled: dict[str, int] = defaultdict(int)
     for item in items:
         if item.type != LoadItemType.BYTE_IO:
