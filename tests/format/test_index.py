@@ -108,3 +108,12 @@ def test_saved_index_rows_point_at_their_stored_bytes(tmp_path):
             source = model.state_dict()[r.fqn.split(".", 1)[1]]
             assert r.shape == tuple(source.shape)
             assert torch.equal(value, narrow_box(source, r.chunk_offsets, r.chunk_sizes))
+
+
+def test_decoded_records_are_the_records_their_constructor_builds():
+    # Decoding sets each record's fields at once, bypassing __init__: a __post_init__ would be skipped.
+    assert not hasattr(ItemRecord, "__post_init__")
+    rows = [ItemRecord("m", "replicated", "m", "m.w", "tensor", "torch.float32", (2, 3), (0, 0), (2, 3), "f", 0, 9,
+                       "ab", 0, 38, None, "conj", 4, 5)]
+    decoded = decode_index(encode_index(rows))
+    assert decoded == rows and vars(decoded[0]) == vars(rows[0]) and hash(decoded[0]) == hash(rows[0])
