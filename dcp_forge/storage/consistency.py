@@ -304,8 +304,18 @@ def storage_location_problems(metadata: Metadata, where: str) -> list[Problem]:
     """Every location in DCP's metadata must be a file directly inside the checkpoint directory, with a
     non-negative offset and length."""
     infos = list(metadata.storage_data.values())
+    verdicts: dict[str, bool] = {}  # str name -> unsafe: thousands of items name a few files
+
+    def unsafe(name: object) -> bool:
+        if type(name) is not str:
+            return unsafe_file_name(name)
+        verdict = verdicts.get(name)
+        if verdict is None:
+            verdict = verdicts[name] = unsafe_file_name(name)
+        return verdict
+
     bad = sorted({repr(getattr(info, "relative_path", info)) for info in infos
-                  if unsafe_file_name(getattr(info, "relative_path", None))})
+                  if unsafe(getattr(info, "relative_path", None))})
     if bad:
         return [Problem(ProblemKind.UNSAFE, f"{where}/{METADATA_FILE} points at data files outside the checkpoint "
                         f"directory (refusing to read them): {', '.join(bad[:3])}", METADATA_FILE)]

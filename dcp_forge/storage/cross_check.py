@@ -149,10 +149,13 @@ class ItemCheck:
     """Checks stored locations of one checkpoint against ``.metadata`` and (dcp_forge checkpoints) the
     index rows, which ``records`` holds (None: a plain DCP checkpoint, with no index)."""
 
-    def __init__(self, metadata: Metadata, records: Sequence[ItemRecord] | None, where: str) -> None:
+    def __init__(self, metadata: Metadata, records: Sequence[ItemRecord] | None, where: str, *,
+                 by_location: Mapping[tuple[str, int], ItemRecord] | None = None) -> None:
+        """``by_location``: ``records`` by their location, where the caller holds that map already."""
         self.metadata = metadata
         self.where = where
-        self._by_location = None if records is None else {r.location: r for r in records}
+        self._by_location = None if records is None else (
+            by_location if by_location is not None else {r.location: r for r in records})
         self._chunks: dict[str, dict[tuple[int, ...], ChunkStorageMetadata]] = {}
 
     def chunk(self, index: MetadataIndex) -> StoredChunk | None:

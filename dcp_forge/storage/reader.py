@@ -117,6 +117,8 @@ class ForgeStorageReader(StorageReader):
         The coordinator reads the metadata files on one rank and broadcasts them, so they are read
         from storage once per job rather than once per rank.
         """
+        if metadata is self._known and manifest is self.manifest and records is self.records:
+            return  # this reader read them itself: its lookups are built already
         self._known = metadata
         self.use_records(manifest, records)
 
@@ -169,7 +171,8 @@ class ForgeStorageReader(StorageReader):
         self.storage_data = metadata.storage_data
         # A dcp_forge checkpoint (it has a manifest) is checked against its index; a plain DCP one only
         # against .metadata itself.
-        self._item_check = ItemCheck(metadata, self.records if self.manifest is not None else None, where)
+        self._item_check = ItemCheck(metadata, self.records if self.manifest is not None else None, where,
+                                     by_location=self._record_at)
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
