@@ -387,15 +387,25 @@ def recorded_layout(data_offset: int | None, dtype: str | None, shape: tuple[int
     """The layout an index row records for a stored item of ``length`` bytes (``dtype`` as in
     ``"torch.float32"``, ``shape`` the stored box, ``math_bits`` its lazy-view flags); None where the
     row records none, or one the item cannot hold."""
-    if data_offset is None or dtype is None or shape is None or any(s < 0 for s in shape):
+    if data_offset is None or dtype is None or shape is None:
+        return None
+    # Thousands of small tensors share a few layouts (an item's length only bounds it): one per shape.
+    layout = (_layout(data_offset, dtype, shape, math_bits) if type(shape) is tuple and type(dtype) is str
+              else _layout.__wrapped__(data_offset, dtype, shape, math_bits))
+    if layout is None or layout.data_offset + layout.nbytes > length:
+        return None
+    return layout
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(data_offset: int, dtype: str, shape: tuple[int, ...], math_bits: str | None) -> TensorBlobLayout | None:
+    """``recorded_layout`` before its bounds check against the item's length."""
+    if any(s < 0 for s in shape):
         return None
     torch_dtype = dtype_named(dtype)
-    if torch_dtype is None:
+    if torch_dtype is None or data_offset < 0:
         return None
-    nbytes = math.prod(shape) * torch_dtype.itemsize
-    if data_offset < 0 or data_offset + nbytes > length:
-        return None
-    return TensorBlobLayout(data_offset, nbytes, torch_dtype, tuple(shape), math_bits)
+    return TensorBlobLayout(data_offset, math.prod(shape) * torch_dtype.itemsize, torch_dtype, tuple(shape), math_bits)
 
 
 def open_blob(read_at: Callable[[int, int], bytes], length: int) -> _BlobFile:
