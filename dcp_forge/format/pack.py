@@ -315,6 +315,7 @@ def pack_in_memory(entries: Sequence[torch.Tensor | Any]) -> tuple[bytes, list[P
     return out.getvalue(), items
 
 
+@functools.lru_cache(maxsize=4096)
 def data_header(nbytes: int) -> bytes:
     """The local header in front of a packed tensor of ``nbytes`` (the first ``DATA_OFFSET`` bytes of
     its item): a reader that reads the tensor straight into place knows it without reading it."""

@@ -138,6 +138,19 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype)
 
 
+def _agrees(record: ItemRecord, expected: ItemFacts) -> bool:
+    """``_record_facts(record) == expected``, field by field without building the record's facts (the
+    case of every item of a sound checkpoint)."""
+    return (record.fqn == expected.fqn and record.length == expected.length and record.kind == expected.kind
+            and record.dtype == expected.dtype and tuple(record.chunk_offsets or ()) == expected.chunk_offsets
+            and _same_tuple(record.shape, expected.shape) and _same_tuple(record.chunk_sizes, expected.chunk_sizes))
+
+
+def _same_tuple(found: Sequence[int] | None, expected: tuple[int, ...] | None) -> bool:
+    """``(None if found is None else tuple(found)) == expected``."""
+    return found is None if expected is None else found is not None and tuple(found) == expected
+
+
 class StoredChunk(NamedTuple):
     """A stored tensor chunk as ``.metadata`` describes it: what a reader must find in its blob."""
 
@@ -214,9 +227,9 @@ class ItemCheck:
         if record is None:
             return self._problem(ProblemKind.INCOMPLETE, index, info, INDEX_FILE,
                                  f"has no row for {fqn!r} stored in {{at}} ({METADATA_FILE} lists it)"), chunk
-        found = _record_facts(record)
-        if found == expected:
+        if _agrees(record, expected):
             return None, chunk
+        found = _record_facts(record)
         return Problem(ProblemKind.INCOMPLETE, f"{self.where}: {INDEX_FILE} and {METADATA_FILE} disagree about the "
                        f"item stored in {info.relative_path} at byte {info.offset} (index vs metadata: "
                        f"{'; '.join(found.differences(expected))}): refusing to load {fqn!r} from it", INDEX_FILE,

@@ -92,6 +92,11 @@ class StoredRead:
         return file_pieces(self.offset, self.length, self.gap)
 
     @property
+    def stored_bytes(self) -> int:
+        """The bytes this item owns (its range without its gap): what reading it reads."""
+        return self.length - (self.gap[1] if self.gap is not None else 0)
+
+    @property
     def fqn(self) -> str:
         return self.items[0].storage_index.fqn
 

@@ -328,7 +328,7 @@ class ForgeStorageReader(StorageReader):
                         handle = BufferInput(read_blob(handle, start, length), start)
                     for read in group:
                         load(handle, read, planner, check)
-                        done += sum(length for _, length in read.pieces)
+                        done += read.stored_bytes
                 except EOFError as err:
                     raise IntegrityError(f"{redact_url(self.url)}: data file {group[0].file} is truncated "
                                          f"({err}); it holds {group[0].fqn!r}") from err

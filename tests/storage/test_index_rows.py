@@ -1,5 +1,6 @@
 """The rows of ``index.parquet`` a reader accepts: the vectorised pass that proves a whole index well
-formed accepts exactly what the row-by-row pass accepts, and a damaged row is still named."""
+formed accepts exactly what the row-by-row pass accepts, and a damaged row is still named; a row agrees
+with ``.metadata`` exactly when their facts are equal."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 from dcp_forge.format.index import ItemRecord, encode_index, read_index_table, records_from_table
 from dcp_forge.storage.consistency import _malformed_rows, _rows_well_formed, parse_index
+from dcp_forge.storage.cross_check import ItemFacts, _agrees, _record_facts
 
 
 def _rows(count: int) -> list[ItemRecord]:
@@ -72,3 +74,25 @@ def test_the_vectorised_pass_accepts_what_the_row_pass_accepts(count, damage, co
     assert bool(problems) == bool(_malformed_rows(records))
     if not problems:
         assert found == records
+
+
+_small_tuples = st.one_of(st.none(), st.lists(st.integers(0, 2), max_size=2).map(tuple))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["m.a", "m.b"]), _small_tuples, st.sampled_from(["tensor", "bytes"]),
+       st.sampled_from([None, "torch.float32", "torch.int32"]), _small_tuples, _small_tuples, st.integers(0, 2),
+       st.data())
+def test_an_index_row_agrees_with_the_metadata_exactly_when_their_facts_are_equal(
+        fqn, offsets, kind, dtype, shape, sizes, length, data):
+    record = ItemRecord("m", "replicated", "m", fqn, kind, dtype, shape, offsets, sizes, "f", 0, length, "c", 0)
+    facts = _record_facts(record)
+    # the metadata's facts: the row's own, or with one field changed
+    field = data.draw(st.sampled_from([None, *ItemFacts._fields]))
+    if field is not None:
+        other = {"fqn": st.sampled_from(["m.a", "m.b"]), "chunk_offsets": _small_tuples.map(lambda t: t or ()),
+                 "kind": st.sampled_from(["tensor", "bytes"]),
+                 "dtype": st.sampled_from([None, "torch.float32", "torch.int32"]), "shape": _small_tuples,
+                 "chunk_sizes": _small_tuples, "length": st.integers(0, 2)}[field]
+        facts = facts._replace(**{field: data.draw(other)})
+    assert _agrees(record, facts) == (_record_facts(record) == facts)
