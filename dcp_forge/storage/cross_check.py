@@ -60,19 +60,21 @@ def holds_part(fqn: str) -> bool:
 def coverage_problems(metadata: Metadata, fqns: Iterable[str], where: str) -> list[Problem]:
     """The tensors among ``fqns`` whose stored chunks do not tile them exactly once (a tensor of a
     copy that ``holds_part`` of it: whose chunks reach outside it or overlap)."""
-    problems = []
+    found = []
     saved = metadata.state_dict_metadata
-    for fqn in sorted(set(fqns)):
+    for fqn in set(fqns):
         md = saved.get(fqn)
         if not isinstance(md, TensorStorageMetadata):
             continue
-        why = tiling_problem(md.size, [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks],
-                             whole=not holds_part(fqn))
+        why = tiling_problem(md.size, [(c.offsets, c.sizes) for c in md.chunks], whole=not holds_part(fqn))
         if why is not None:
-            component = component_of(fqn)
-            problems.append(Problem(
-                ProblemKind.INCOMPLETE, f"{where}/{METADATA_FILE}: tensor {fqn!r} of component {component!r} "
-                f"cannot be loaded exactly: {why}", METADATA_FILE, component))
+            found.append((fqn, why))
+    problems = []
+    for fqn, why in sorted(found):  # in key order (only the tensors with a problem are sorted)
+        component = component_of(fqn)
+        problems.append(Problem(
+            ProblemKind.INCOMPLETE, f"{where}/{METADATA_FILE}: tensor {fqn!r} of component {component!r} "
+            f"cannot be loaded exactly: {why}", METADATA_FILE, component))
     return problems
 
 
