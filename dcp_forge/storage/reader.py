@@ -9,7 +9,8 @@ anything is read, the records are cross-checked (manifest against index, each lo
 its index row, each tensor's chunks tiling it: cross_check.py) and every data file is opened inside
 the checkpoint, without following links, and bounds every extent read from it (files.py). Each
 stored item is read once per ``read_data`` however many destinations need it, ``thread_count``
-threads each read a consecutive run of about equal bytes, tensors go straight into their
+threads each read a consecutive run of about equal bytes (one thread for local files of small items
+only: ``read_threads``), tensors go straight into their
 destinations where they can (item_reader.py), and every item is checked against its xxh3 checksum
 from ``index.parquet``.
 """
@@ -33,7 +34,7 @@ from ..format.index import ItemRecord
 from ..format.manifest import CheckpointManifest
 from ..format.names import INDEX_FILE, METADATA_FILE, stripped_checkpoint_message, written_by_dcp_forge
 from ..format.safe_load import load_dcp_metadata
-from .backends import InputFile
+from .backends import InputFile, LocalBackend
 from .consistency import (
     ProblemKind,
     RecordFiles,
@@ -214,7 +215,7 @@ class ForgeStorageReader(StorageReader):
     def _read_stored(self, reads: Sequence[StoredRead], planner: LoadPlanner,
                      load: ItemLoader = load_stored_item) -> None:
         """Read stored items (in file order) on up to ``thread_count`` threads, ``load`` applying each."""
-        runs = split_runs(reads, self.thread_count)
+        runs = split_runs(reads, self.read_threads(reads))
         if not runs:
             return
         opened = self._open_data_files(reads)
@@ -236,6 +237,15 @@ class ForgeStorageReader(StorageReader):
         finally:
             for handle in list(opened.values()):  # the files no run took over
                 handle.close()
+
+    def read_threads(self, reads: Sequence[StoredRead]) -> int:
+        """How many threads read ``reads``: ``thread_count``, but one where every item is small and the
+        files are local. Threads pay off for what storage serves slowly (large reads, each thread issuing
+        its own; an object store's round trips); small items applied from memory, with the kernel reading
+        the file ahead, are the interpreter's work, which a second thread only contends for."""
+        if isinstance(self.backend, LocalBackend) and all(batchable(read) for read in reads):
+            return 1
+        return self.thread_count
 
     def _open_data_files(self, reads: Sequence[StoredRead]) -> dict[str, InputFile]:
         """Open every data file ``reads`` need, before anything is read, and prove each one: a plain file
