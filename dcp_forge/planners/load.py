@@ -309,7 +309,7 @@ def _whole_chunk(md: Any, obj: Any) -> ChunkStorageMetadata | None:
         return None
     chunk = md.chunks[0]
     size = obj.size()
-    if md.size != size or chunk.sizes != size or any(chunk.offsets) or not all(size):
+    if md.size != size or chunk.sizes != size or len(chunk.offsets) != len(size) or any(chunk.offsets) or not all(size):
         return None
     if type(chunk.offsets) is not torch.Size or type(chunk.sizes) is not torch.Size:
         return ChunkStorageMetadata(torch.Size(chunk.offsets), torch.Size(chunk.sizes))
