@@ -135,9 +135,7 @@ def group_reads(items: Sequence[ReadItem], storage_data: Mapping[MetadataIndex, 
             entry[1].append(item)
     records = records or {}
     reads = []
-    for location in sorted(grouped):
-        file, offset, length = location
-        info, its = grouped[location]
+    for (file, offset, length), (info, its) in sorted(grouped.items()):  # locations are unique: sorted by them
         chunk = None
         if check is not None:
             if len(its) == 1:  # most locations serve one read item
