@@ -229,8 +229,12 @@ def _rows_well_formed(table: pa.Table, records: list[ItemRecord]) -> bool:
                                                                                     "pattern")), strict=True):
         if _component_of_key(key) != component or not _pattern_fits_key(pattern, key):
             return False
-    return (len({r.location for r in records}) == len(records)
-            and len({(r.fqn, r.chunk_offsets or ()) for r in records}) == len(records))
+    rows = table.num_rows
+    if table.select(["file", "offset"]).group_by(["file", "offset"]).aggregate([]).num_rows != rows:
+        return False  # two rows for one location
+    # each fqn on one row (tensors stored whole) has one row per chunk; else compare the chunks
+    return (pc.count_distinct(keys.column("fqn")).as_py() == rows
+            or len({(r.fqn, r.chunk_offsets or ()) for r in records}) == rows)
 
 
 def _malformed_rows(records: list[ItemRecord]) -> list[str]:

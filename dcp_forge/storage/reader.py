@@ -125,10 +125,13 @@ class ForgeStorageReader(StorageReader):
 
     def use_records(self, manifest: CheckpointManifest | None, records: Sequence[ItemRecord]) -> None:
         self.manifest, self.records = manifest, list(records)
-        self._record_at = {r.location: r for r in self.records}
+        self._record_at = {}
         self._file_ends = {}
-        for r in self.records:
-            self._file_ends[r.file] = max(self._file_ends.get(r.file, 0), r.offset + r.length)
+        for r in self.records:  # one pass: thousands of rows
+            self._record_at[(r.file, r.offset)] = r  # r.location
+            end = r.offset + r.length
+            if end > self._file_ends.get(r.file, -1):
+                self._file_ends[r.file] = end
 
     def _read_metadata_files(self) -> Metadata:
         # One listing says what the checkpoint holds and how long each data file is (opening a file
