@@ -506,7 +506,11 @@ class CheckpointCoordinator(ClosesOnExit):
                    what: Mapping[str, Any], tier: str | None = None) -> LoadResult:
         """Load from the copy at ``path`` (this rank's; ``canonical``: the checkpoint's path in results)."""
         with paused_gc():
-            return self._load_copy(canonical, path, reader, records_rank, what, tier)
+            result = self._load_copy(canonical, path, reader, records_rank, what, tier)
+            # The reader holds the checkpoint's metadata and index rows (objects per stored item): freed
+            # here, while the collector rests, its first collection does not have to walk them all.
+            del reader
+            return result
 
     def _load_copy(self, canonical: str, path: str, reader: ForgeStorageReader, records_rank: int,
                    what: Mapping[str, Any], tier: str | None) -> LoadResult:
