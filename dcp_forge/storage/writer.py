@@ -51,6 +51,7 @@ from ..core.placement import item_bytes
 from ..core.tensors import math_bits, raw_view, with_math_bits
 from ..core.topology import Topology
 from ..errors import IncompleteSaveError, os_error_context
+from ..format.dcp_metadata import share_equal_parts
 from ..format.index import StoredItem, encode_index
 from ..format.manifest import CheckpointManifest, checksum_bytes, component_manifests, item_records, versions
 from ..format.names import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE, data_file_name, new_save_id
@@ -440,6 +441,7 @@ class ForgeStorageWriter(StorageWriter):
         # As DCP's FileSystemWriter.finish records them: readers look for the save's ids and the version.
         metadata.storage_meta = self.storage_meta()
         metadata.version = CURRENT_DCP_VERSION
+        share_equal_parts(metadata)
         index_bytes = encode_index(records)
         metadata_bytes = pickle.dumps(metadata)
         manifest = CheckpointManifest(
