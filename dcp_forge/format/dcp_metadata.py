@@ -22,60 +22,56 @@ import torch
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 
 
-class _Shared:
-    """One object per distinct value, for the parts of one metadata."""
-
-    def __init__(self) -> None:
-        self._sizes: dict[tuple[int, ...], torch.Size] = {}
-        self._properties: dict[tuple, Any] = {}
-        self._texts: dict[str, str] = {}
-
-    def size(self, value: Any) -> Any:
-        if type(value) is not torch.Size:  # a plain tuple stays a tuple: only torch.Size is shared
-            return value
-        return self._sizes.setdefault(tuple(value), value)
-
-    def properties(self, value: Any) -> Any:
-        # Every field with its type: equal-but-different values (1 and True) must not merge.
-        fields = tuple((type(v), v) for v in vars(value).values())
-        return self._properties.setdefault((type(value), *fields), value)
-
-    def text(self, value: Any) -> Any:
-        return self._texts.setdefault(value, value) if type(value) is str else value
-
-
 def share_equal_parts(metadata: Metadata) -> None:
     """Make equal parts of ``metadata`` one object each (module docstring), in place. Only the
     containers of ``metadata`` are replaced or updated; every value stays equal and of its type."""
-    shared = _Shared()
+    sizes: dict[tuple[int, ...], torch.Size] = {}
+    properties: dict[tuple, Any] = {}
+
+    def shared_size(value: Any) -> Any:
+        if type(value) is not torch.Size:  # a plain tuple stays a tuple: only torch.Size is shared
+            return value
+        return sizes.setdefault(value, value)  # a Size hashes and compares as its tuple
+
     keys: dict[str, str] = {}
     for fqn, md in metadata.state_dict_metadata.items():
         keys[fqn] = fqn
-        if isinstance(md, TensorStorageMetadata):
-            md.properties = shared.properties(md.properties)
-            md.size = shared.size(md.size)
-            for chunk in md.chunks:
-                chunk.offsets = shared.size(chunk.offsets)
-                chunk.sizes = shared.size(chunk.sizes)
-    if isinstance(metadata.planner_data, dict):
+        if type(md) is not TensorStorageMetadata:
+            continue
+        md.properties = properties.setdefault(_properties_key(md.properties), md.properties)
+        md.size = shared_size(md.size)
+        for chunk in md.chunks:
+            chunk.offsets = shared_size(chunk.offsets)
+            chunk.sizes = shared_size(chunk.sizes)
+    if type(metadata.planner_data) is dict:
         metadata.planner_data = {keys.get(k, k) if type(k) is str else k: path
                                  for k, path in metadata.planner_data.items()}
-    if isinstance(metadata.storage_data, dict):
+    if type(metadata.storage_data) is dict:
+        texts: dict[str, str] = {}
         storage_data = {}
         for index, info in metadata.storage_data.items():
             if type(index) is MetadataIndex:
-                index = _shared_index(index, keys.get(index.fqn, index.fqn), shared.size(index.offset))
-            if hasattr(info, "relative_path"):
-                info.relative_path = shared.text(info.relative_path)
+                index = _shared_index(index, keys.get(index.fqn, index.fqn), shared_size(index.offset))
+            path = getattr(info, "relative_path", None)
+            if type(path) is str:
+                info.relative_path = texts.setdefault(path, path)
             storage_data[index] = info
         metadata.storage_data = storage_data
 
 
+def _properties_key(value: Any) -> tuple:
+    """What makes two ``TensorProperties`` interchangeable: their class and every field with its type
+    (1 and True are equal, but not the same field)."""
+    return (type(value), *((type(field), field) for field in vars(value).values()))
+
+
 def _shared_index(index: MetadataIndex, fqn: str, offset: Any) -> MetadataIndex:
-    """``index`` naming ``fqn`` and ``offset`` themselves (equal to its own): its ``__init__`` would
-    copy the offset into a new ``torch.Size``, so the fields are set as that ``__init__`` sets them."""
+    """``index`` naming ``fqn`` and ``offset`` themselves (equal to its own). Its ``__init__`` would
+    copy the offset into a new ``torch.Size``: the fields are set as that ``__init__`` sets them."""
     if index.fqn is fqn and index.offset is offset:
         return index
-    shared = MetadataIndex(fqn, None, index.index)
+    shared = MetadataIndex.__new__(MetadataIndex)
+    object.__setattr__(shared, "fqn", fqn)
+    object.__setattr__(shared, "index", index.index)
     object.__setattr__(shared, "offset", offset)
     return shared
