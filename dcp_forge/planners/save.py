@@ -122,6 +122,8 @@ class ForgeSavePlanner(DefaultSavePlanner):
         self._cached: CachedPlan | None = None
         self._final: SavePlan | None = None
         self._coordinator_bytes = 0
+        self._default_lookup = (type(self).lookup_object is DefaultSavePlanner.lookup_object
+                                and type(self).transform_object is DefaultSavePlanner.transform_object)
 
     @property
     def topology(self) -> Topology:
@@ -469,6 +471,14 @@ class ForgeSavePlanner(DefaultSavePlanner):
             pickled = self._pickled.pop(write_item.index.fqn, None)
             if pickled is not None:
                 return pickled
+        if write_item.type == WriteItemType.TENSOR:
+            obj = self.state_dict.get(write_item.index.fqn)
+            offset = write_item.index.offset
+            # What DCP's lookup returns for a plain tensor at its origin, without its per-item
+            # lookups (unless a subclass changed how objects are looked up or transformed).
+            if type(obj) is torch.Tensor and (offset is None or (len(offset) == obj.dim() and not any(offset))) \
+                    and self._default_lookup:
+                return exact_storage(obj)
         if write_item.type == WriteItemType.SHARD:
             obj = self.state_dict.get(write_item.index.fqn)
             if is_plain_tensor(obj):  # one of our row-chunks of a plain tensor

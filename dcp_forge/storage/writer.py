@@ -404,7 +404,7 @@ class ForgeStorageWriter(StorageWriter):
                 problems.append(f"the global plan has {len(self._global_plan)} rank(s), the save's topology {world}")
             problems += write_result_problems(self._global_plan, results)
         problems += [p.message for p in coverage_problems(metadata, metadata.state_dict_metadata, redact_url(self.url))]
-        written = {result.index for rank_results in results if rank_results is not None for result in rank_results}
+        written = [result.index for rank_results in results if rank_results is not None for result in rank_results]
         problems += [f"{len(missing)} piece(s) of {fqn!r} in the metadata have no write result"
                      for fqn, missing in unstored_pieces(metadata, written).items()]
         if problems:
