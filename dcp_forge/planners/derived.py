@@ -29,6 +29,7 @@ import hashlib
 import marshal
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -62,7 +63,7 @@ def items_digest(items: Iterable[WriteItem]) -> bytes:
     writes values only (no references, no interning marks), so equal items give equal bytes on every
     rank; it is many times quicker than their ``repr``. A value marshal cannot write (a key of
     another type) falls back to the ``repr``."""
-    described = sorted(((index_order(item.index), _builtin_description(item)) for item in items), key=lambda d: d[0])
+    described = sorted(((index_order(item.index), _builtin_description(item)) for item in items), key=itemgetter(0))
     try:
         encoded = b"marshal " + marshal.dumps(described, 0)
     except ValueError:
