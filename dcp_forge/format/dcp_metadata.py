@@ -38,7 +38,10 @@ def share_equal_parts(metadata: Metadata) -> None:
         keys[fqn] = fqn
         if type(md) is not TensorStorageMetadata:
             continue
-        md.properties = properties.setdefault(_properties_key(md.properties), md.properties)
+        try:
+            md.properties = properties.setdefault(_properties_key(md.properties), md.properties)
+        except TypeError:  # a field that cannot be a key: this one stays as it is
+            pass
         md.size = shared_size(md.size)
         for chunk in md.chunks:
             chunk.offsets = shared_size(chunk.offsets)
@@ -62,7 +65,8 @@ def share_equal_parts(metadata: Metadata) -> None:
 def _properties_key(value: Any) -> tuple:
     """What makes two ``TensorProperties`` interchangeable: their class and every field with its type
     (1 and True are equal, but not the same field)."""
-    return (type(value), *((type(field), field) for field in vars(value).values()))
+    fields = tuple(vars(value).values())
+    return (type(value), fields, tuple(map(type, fields)))
 
 
 def _shared_index(index: MetadataIndex, fqn: str, offset: Any) -> MetadataIndex:
