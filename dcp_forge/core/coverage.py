@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Collection, Sequence
 
+import torch
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     Metadata,
@@ -27,17 +28,22 @@ def unstored_pieces(metadata: Metadata, stored: Collection[MetadataIndex]) -> di
     """The pieces (a tensor's chunks, a bytes value) ``metadata`` lists that ``stored`` lacks, by key."""
     stored_keys = {index_key(index) for index in stored}
     missing = {}
-    for fqn, md in sorted(metadata.state_dict_metadata.items()):
+    for fqn, md in metadata.state_dict_metadata.items():
         if isinstance(md, BytesStorageMetadata):
-            wanted = [MetadataIndex(fqn)]
+            if (fqn, None) not in stored_keys:
+                missing[fqn] = [MetadataIndex(fqn)]
         elif isinstance(md, TensorStorageMetadata):
-            wanted = [MetadataIndex(fqn, chunk.offsets) for chunk in md.chunks]
-        else:
-            continue
-        lacking = [index for index in wanted if index_key(index) not in stored_keys]
-        if lacking:
-            missing[fqn] = lacking
-    return missing
+            # Keys as index_key gives them (a MetadataIndex holds its offsets as a torch.Size, which
+            # compares and hashes as its tuple): a MetadataIndex is only made for a missing piece.
+            lacking = [chunk.offsets for chunk in md.chunks if (fqn, _as_offsets(chunk.offsets)) not in stored_keys]
+            if lacking:
+                missing[fqn] = [MetadataIndex(fqn, offsets) for offsets in lacking]
+    return dict(sorted(missing.items()))
+
+
+def _as_offsets(offsets: Sequence[int] | None) -> tuple[int, ...] | None:
+    """``offsets`` as ``MetadataIndex`` would hold them (a torch.Size, or None)."""
+    return offsets if offsets is None or isinstance(offsets, tuple) else torch.Size(offsets)
 
 
 def _describe(indexes: Sequence[MetadataIndex], limit: int = 3) -> str:

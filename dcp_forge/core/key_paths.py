@@ -65,14 +65,14 @@ def typed_paths(root: Mapping[str, Any], flat_paths: Mapping[str, tuple]) -> dic
     out: dict[str, KeyPath] = {}
     for name, path in flat_paths.items():
         node: Any = root
-        keys: list[tuple[Any, bool]] = []  # (key, whether it is a list position); Steps built only if typed
+        keys: list[tuple[Any, bool]] = []  # (key, is a list position): Steps are made for typed paths only
         typed = False
         for part in path:
-            if isinstance(node, Mapping):
-                if id(node) not in lookups:
-                    lookups[id(node)] = (None if all(type(k) is str for k in node)
-                                         else {str(k): k for k in node})
-                lookup = lookups[id(node)]
+            if type(node) is dict or isinstance(node, Mapping):
+                lookup = lookups.get(id(node), False)
+                if lookup is False:
+                    lookup = lookups[id(node)] = (None if all(type(k) is str for k in node)
+                                                  else {str(k): k for k in node})
                 key = part if lookup is None else lookup[part]
                 typed = typed or type(key) is not str
                 keys.append((key, False))

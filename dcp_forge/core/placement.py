@@ -108,6 +108,9 @@ def split_large_tensors(plan: SavePlan, holders_of: Callable[[str], int],
         if item.type != WriteItemType.TENSOR or td is None:
             items.append(item)
             continue
+        if math.prod(td.size) * td.properties.dtype.itemsize < 2 * policy.min_chunk_bytes:
+            items.append(item)  # chunk_boxes keeps it whole: asked without counting its holders
+            continue
         boxes = chunk_boxes(td.size, td.properties.dtype.itemsize, holders_of(item.index.fqn), policy)
         if len(boxes) == 1:
             items.append(item)

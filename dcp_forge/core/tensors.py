@@ -62,6 +62,8 @@ def dtype_named(name: str) -> torch.dtype | None:
 
 def is_plain_tensor(obj: object) -> TypeGuard[torch.Tensor]:
     """A tensor DCP treats as one whole value (not a DTensor or ShardedTensor shard container)."""
+    if type(obj) is torch.Tensor:  # the usual case, asked several times per saved item: no attribute lookups
+        return True
     if not isinstance(obj, torch.Tensor):
         return False
     # DTensor and ShardedTensor implement DCP's _Checkpointable / shard-lookup protocol.

@@ -10,6 +10,7 @@ one request; inspection tools read it instead of unpickling DCP's metadata.
 from __future__ import annotations
 
 import io
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 
@@ -119,8 +120,15 @@ INDEX_SCHEMA = pa.schema([
 _OPTIONAL_COLUMNS = frozenset({"data_offset", "key_path", "math_bits", "gap_offset", "gap_length"})
 
 
+_RECORD_FIELDS = tuple(f.name for f in fields(ItemRecord))
+_record_row = operator.attrgetter(*_RECORD_FIELDS)
+
+
 def encode_index(records: Sequence[ItemRecord]) -> bytes:
-    columns = {f.name: [getattr(r, f.name) for r in records] for f in fields(ItemRecord)}
+    # Row by row, then transposed: one visit per record, where a pass per column would walk every
+    # record once for each field.
+    transposed = zip(*map(_record_row, records), strict=True) if records else ([] for _ in _RECORD_FIELDS)
+    columns = {name: list(column) for name, column in zip(_RECORD_FIELDS, transposed, strict=True)}
     table = pa.table(columns, schema=INDEX_SCHEMA)
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")

@@ -155,7 +155,11 @@ def item_records(metadata: Metadata, results: Sequence[Sequence[WriteResult]],
             md = metadata.state_dict_metadata.get(fqn)
             offsets = tuple(result.index.offset) if result.index.offset is not None else None
             if isinstance(md, TensorStorageMetadata):
-                chunk = next((c for c in md.chunks if tuple(c.offsets) == offsets), None)
+                chunks = md.chunks
+                if len(chunks) == 1 and tuple(chunks[0].offsets) == offsets:  # a whole tensor: its one chunk
+                    chunk = chunks[0]
+                else:
+                    chunk = next((c for c in chunks if tuple(c.offsets) == offsets), None)
                 kind, dtype, shape = "tensor", str(md.properties.dtype), tuple(md.size)
                 sizes = tuple(chunk.sizes) if chunk is not None else tuple(md.size)
             else:

@@ -133,7 +133,7 @@ def packable_tensor(tensor: torch.Tensor) -> bool:
     return (type(tensor) is torch.Tensor and tensor.layout == torch.strided and tensor.device.type == "cpu"
             and not tensor.is_quantized and not tensor.is_conj() and not tensor.is_neg()
             and tensor.element_size() >= 1 and tensor.nbytes <= PACKED_TENSOR_MAX_BYTES
-            and all(size <= _MAX_INT for size in tensor.shape) and sys.byteorder == "little")
+            and max(tensor.shape, default=0) <= _MAX_INT and sys.byteorder == "little")
 
 
 _TORCH_SAVE_HOUSEKEEPING = frozenset({b".format_version", b".storage_alignment", b"byteorder", b"version",

@@ -73,7 +73,12 @@ def saved_forms(records: Iterable[ItemRecord]) -> dict[str, SavedForm]:
 
 def is_opaque_tensor(value: object) -> bool:
     """A tensor that is not dense strided storage (quantized, sparse, nested): stored whole, pickled."""
-    return is_plain_tensor(value) and (value.is_quantized or value.layout != torch.strided or value.is_nested)
+    return is_plain_tensor(value) and has_opaque_layout(value)
+
+
+def has_opaque_layout(tensor: torch.Tensor) -> bool:
+    """``is_opaque_tensor`` for a tensor already known to be plain (``is_plain_tensor``)."""
+    return tensor.is_quantized or tensor.layout != torch.strided or tensor.is_nested
 
 
 def opaque_copy(tensor: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import marshal
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,20 +29,21 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan
 from torch.distributed.tensor import DTensor
 
-from ..core.tensors import is_plain_tensor, raw_view
+from ..core.tensors import is_plain_tensor, math_bits, raw_view
 from ..core.topology import Topology
-from ..format.values import is_opaque_tensor
+from ..format.values import has_opaque_layout
 from .derived import PlanSummary
 
 # Bump when planning changes how a plan follows from what the signature covers.
-_SIGNATURE_VERSION = b"dcp_forge plan signature 1"
+_SIGNATURE_VERSION = b"dcp_forge plan signature 2"
 
 
 def _tensor_description(tensor: torch.Tensor) -> tuple:
     """What DCP's ``TensorProperties.create_from_tensor`` and a write item's shape read, and whether
     the tensor is stored whole as a pickle (quantized, sparse, nested: ``values.is_opaque_tensor``)."""
-    opaque = is_opaque_tensor(tensor)
-    pinned = raw_view(tensor).is_pinned() if not opaque else None  # a lazy view's flags: not the plan's business
+    opaque = has_opaque_layout(tensor)
+    # A lazy view's flags are not the plan's business: its storage's pinning is.
+    pinned = (tensor if math_bits(tensor) is None else raw_view(tensor)).is_pinned() if not opaque else None
     return (tuple(tensor.shape) if not tensor.is_nested else None, str(tensor.dtype), str(tensor.layout),
             tensor.requires_grad, pinned, opaque)
 
@@ -71,8 +73,12 @@ def state_signature(flat_state: Mapping[str, Any], paths: Mapping[str, Any], con
             return None
         else:  # pickled as bytes: the plan only knows its key
             described.append((key, "bytes"))
-    text = repr((described, sorted((k, tuple(p)) for k, p in paths.items())))
-    return hashlib.blake2b(_SIGNATURE_VERSION + context + text.encode(), digest_size=32).digest()
+    signed = (described, sorted((k, tuple(p)) for k, p in paths.items()))
+    try:  # values only, no references (derived.items_digest): quicker than the repr
+        encoded = b"marshal " + marshal.dumps(signed, 0)
+    except ValueError:
+        encoded = b"repr " + repr(signed).encode()
+    return hashlib.blake2b(_SIGNATURE_VERSION + context + encoded, digest_size=32).digest()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,7 +52,7 @@ from ..core.placement import ChunkPolicy, assign_writers, item_bytes, split_larg
 from ..core.tensors import exact_storage, is_plain_tensor, math_bits, narrow_box
 from ..core.topology import Topology
 from ..errors import IncompleteSaveError, UnsupportedValueError
-from ..format.values import SavedForm, is_opaque_tensor, pickled_value, refuse_unstorable_tensor
+from ..format.values import SavedForm, has_opaque_layout, pickled_value, refuse_unstorable_tensor
 from ..rank_exchange import RankExchange, travelling
 from .derived import (
     CommitReport,
@@ -104,6 +104,8 @@ class ForgeSavePlanner(DefaultSavePlanner):
         self.key_map: dict[str, str] = {}
         self._layout_of_storage_key: dict[str, ComponentLayout | None] = {}
         self._key_paths: dict[str, KeyPath] = {}
+        self._empty_mappings: set[str] = set()  # the fqns of empty dictionaries stored as values
+        self._opaque: set[str] = set()  # the fqns of plain tensors stored whole, pickled (values.py)
         # fqn -> what the writer records beside DCP's metadata (only values that have something)
         self.saved_forms: dict[str, SavedForm] = {}
         # fqn -> the pickle proven to load back at planning, written as it is (resolve_data)
@@ -120,6 +122,8 @@ class ForgeSavePlanner(DefaultSavePlanner):
         self._cached: CachedPlan | None = None
         self._final: SavePlan | None = None
         self._coordinator_bytes = 0
+        self._default_lookup = (type(self).lookup_object is DefaultSavePlanner.lookup_object
+                                and type(self).transform_object is DefaultSavePlanner.transform_object)
 
     @property
     def topology(self) -> Topology:
@@ -170,6 +174,7 @@ class ForgeSavePlanner(DefaultSavePlanner):
 
     def _add_empty_mappings(self, state_dict: dict[str, Any]) -> None:
         """Store each empty dictionary as a value of its own: DCP's flattening keeps leaves only."""
+        self._empty_mappings = set()
         for path, steps, empty in empty_mappings(state_dict):
             fqn = ".".join(map(str, path))
             if fqn in self.state_dict:  # {1: {}, "1": 5}: two keys with one string form
@@ -177,6 +182,7 @@ class ForgeSavePlanner(DefaultSavePlanner):
                     f"{self._where(fqn)}: two keys of one dictionary have the same string form, so their values "
                     "would share one stored name; make the keys distinct as strings")
             self.state_dict[fqn] = _EmptyMapping(empty)
+            self._empty_mappings.add(fqn)
             self.mappings[fqn] = path
             if any(type(step.key) is not str for step in steps if not step.index):
                 self._key_paths[fqn] = steps
@@ -204,23 +210,32 @@ class ForgeSavePlanner(DefaultSavePlanner):
 
     def _owns(self, fqn: str) -> bool:
         """Whether this rank plans the plain value ``fqn`` (GLOBAL values: rank 0 only)."""
+        if self.topology.rank == 0:
+            return True
         layout = self._layout_of_storage_key.get(top_level_key(fqn))
-        return layout is None or layout.pattern is not SharingPattern.GLOBAL or self.topology.rank == 0
+        return layout is None or layout.pattern is not SharingPattern.GLOBAL
 
-    def _refuse_unstorable_values(self) -> None:
-        for fqn, value in self.state_dict.items():  # before DCP's planning, which would fail on some
-            if is_plain_tensor(value) and self._owns(fqn):
+    def _check_tensors(self) -> None:
+        """Refuse the plain tensors this rank plans whose values cannot be stored (before DCP's
+        planning, which would fail on some), and note the opaque ones (``_opaque``)."""
+        self._opaque = set()
+        for fqn, value in self.state_dict.items():
+            if not is_plain_tensor(value):
+                continue
+            if has_opaque_layout(value):
+                self._opaque.add(fqn)
+            if self._owns(fqn):
                 refuse_unstorable_tensor(value, functools.partial(self._where, fqn), allow_meta=self.planning_only)
 
     def _local_plan(self) -> SavePlan:
         # DCP's default local plan, except that opaque tensors (quantized, sparse, nested) are stored
         # whole as pickles: their quantizer or indices are not bytes of one strided storage.
-        opaque = {fqn for fqn, value in self.state_dict.items() if is_opaque_tensor(value)}
+        opaque = self._opaque
         plain = {k: v for k, v in self.state_dict.items() if k not in opaque} if opaque else self.state_dict
         plan = create_default_local_save_plan(plain, self.is_coordinator)
         items = [*plan.items, *(WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO) for fqn in sorted(opaque))]
-        kept = [it for it in items if self._owned_here(it)]
-        empties = tuple(sorted(it.index.fqn for it in kept if isinstance(self.state_dict.get(it.index.fqn), _EmptyMapping)))
+        kept = items if self.topology.rank == 0 else [it for it in items if self._owned_here(it)]
+        empties = tuple(sorted(it.index.fqn for it in kept if it.index.fqn in self._empty_mappings))
         plan = dataclasses.replace(plan, items=kept, planner_data={**self.mappings, _EMPTY_MAPPINGS: empties}
                                    if empties else self.mappings)
         self._check_values(plan)
@@ -228,7 +243,7 @@ class ForgeSavePlanner(DefaultSavePlanner):
 
     def create_local_plan(self) -> SavePlan:
         if self.exchange is None:
-            self._refuse_unstorable_values()
+            self._check_tensors()
             self.plan = self._local_plan()
             return self.plan
         self._summary = self._cached = self._signature = self._final = None
@@ -244,7 +259,7 @@ class ForgeSavePlanner(DefaultSavePlanner):
     def _plan_locally(self) -> None:
         """This rank's local plan and who holds each of its items, reused from the cache when the
         state's structure is unchanged since the last committed save."""
-        self._refuse_unstorable_values()
+        self._check_tensors()
         if self.plan_cache is not None:
             self._signature = state_signature(self.state_dict, self.mappings, self._signature_context())
             self._cached = self.plan_cache.lookup(self._signature)
@@ -271,14 +286,14 @@ class ForgeSavePlanner(DefaultSavePlanner):
         for item in plan.items:
             fqn = item.index.fqn
             value = self.state_dict.get(fqn)
-            if item.type == WriteItemType.BYTE_IO and not is_opaque_tensor(value):
+            opaque = fqn in self._opaque
+            if item.type == WriteItemType.BYTE_IO and not opaque:
                 original = value.mapping if isinstance(value, _EmptyMapping) else value
                 self._pickled[fqn] = pickled_value(original, self._where(fqn))
             key_path = self._key_paths.get(fqn)
-            form = SavedForm(key_path[1:] if key_path is not None else None,
-                             math_bits(value) if is_plain_tensor(value) and not is_opaque_tensor(value) else None)
-            if form:
-                self.saved_forms[fqn] = form
+            bits = math_bits(value) if not opaque and is_plain_tensor(value) else None
+            if key_path is not None or bits is not None:  # a SavedForm holding neither is not kept
+                self.saved_forms[fqn] = SavedForm(key_path[1:] if key_path is not None else None, bits)
 
     def finish_plan(self, new_plan: SavePlan) -> SavePlan:
         kept = {item.index.fqn for item in new_plan.items if item.type == WriteItemType.BYTE_IO}
@@ -456,6 +471,14 @@ class ForgeSavePlanner(DefaultSavePlanner):
             pickled = self._pickled.pop(write_item.index.fqn, None)
             if pickled is not None:
                 return pickled
+        if write_item.type == WriteItemType.TENSOR:
+            obj = self.state_dict.get(write_item.index.fqn)
+            offset = write_item.index.offset
+            # What DCP's lookup returns for a plain tensor at its origin, without its per-item
+            # lookups (unless a subclass changed how objects are looked up or transformed).
+            if type(obj) is torch.Tensor and (offset is None or (len(offset) == obj.dim() and not any(offset))) \
+                    and self._default_lookup:
+                return exact_storage(obj)
         if write_item.type == WriteItemType.SHARD:
             obj = self.state_dict.get(write_item.index.fqn)
             if is_plain_tensor(obj):  # one of our row-chunks of a plain tensor

@@ -51,6 +51,7 @@ from ..core.placement import item_bytes
 from ..core.tensors import math_bits, raw_view, with_math_bits
 from ..core.topology import Topology
 from ..errors import IncompleteSaveError, os_error_context
+from ..format.dcp_metadata import share_equal_parts
 from ..format.index import StoredItem, encode_index
 from ..format.manifest import CheckpointManifest, checksum_bytes, component_manifests, item_records, versions
 from ..format.names import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE, data_file_name, new_save_id
@@ -150,7 +151,8 @@ def _packable(item: WriteItem, data: Any, form: Any) -> torch.Tensor | memoryvie
         return value_pickle(data.getbuffer() if isinstance(data, io.BytesIO) else data)
     if form is not None and form.math_bits is not None:
         return None  # stored as torch.save stores flagged tensors, with its flags in data.pkl
-    tensor = data.detach()
+    # Only its bytes are read: a plain tensor outside autograd (what resolve_data gives) needs no detached copy.
+    tensor = data if type(data) is torch.Tensor and not data.requires_grad else data.detach()
     if tensor.device.type not in ("cpu", "meta") and tensor.nbytes <= PACKED_TENSOR_MAX_BYTES:
         tensor = tensor.cpu()
     return tensor if packable_tensor(tensor) else None
@@ -403,7 +405,7 @@ class ForgeStorageWriter(StorageWriter):
                 problems.append(f"the global plan has {len(self._global_plan)} rank(s), the save's topology {world}")
             problems += write_result_problems(self._global_plan, results)
         problems += [p.message for p in coverage_problems(metadata, metadata.state_dict_metadata, redact_url(self.url))]
-        written = {result.index for rank_results in results if rank_results is not None for result in rank_results}
+        written = [result.index for rank_results in results if rank_results is not None for result in rank_results]
         problems += [f"{len(missing)} piece(s) of {fqn!r} in the metadata have no write result"
                      for fqn, missing in unstored_pieces(metadata, written).items()]
         if problems:
@@ -440,6 +442,7 @@ class ForgeStorageWriter(StorageWriter):
         # As DCP's FileSystemWriter.finish records them: readers look for the save's ids and the version.
         metadata.storage_meta = self.storage_meta()
         metadata.version = CURRENT_DCP_VERSION
+        share_equal_parts(metadata)
         index_bytes = encode_index(records)
         metadata_bytes = pickle.dumps(metadata)
         manifest = CheckpointManifest(

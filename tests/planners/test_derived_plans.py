@@ -21,12 +21,14 @@ from dcp_forge.core.patterns import SharingPattern
 from dcp_forge.core.placement import (
     ChunkPolicy,
     assign_writers,
+    describe_item,
+    index_order,
     item_bytes,
     plan_loads,
 )
 from dcp_forge.core.topology import Topology
 from dcp_forge.errors import IncompleteSaveError
-from dcp_forge.planners.derived import PlanSummary, item_key, verified_global_plan
+from dcp_forge.planners.derived import PlanSummary, item_key, items_digest, verified_global_plan
 from tests.support.strategies import (
     RESHARD_LAYOUTS,
     commit_reports,
@@ -242,3 +244,34 @@ def test_the_coordinator_s_global_values_count_in_the_balance():
     assert derived.coordinator_bytes == 3 << 20
     assert max(loads) <= sum(loads) / 4 + (1 << 20)  # rank 0 takes less of the model
     assert loads[0] == 3 << 20  # the 8 model tensors went to the 3 other ranks
+
+
+def _write_item(fqn: str, kind: int, shape: tuple[int, ...], dtype: torch.dtype, row: int) -> WriteItem:
+    if kind == 0:
+        return WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO)
+    offsets = torch.Size([row] + [0] * (len(shape) - 1)) if shape else torch.Size([])
+    item_type = WriteItemType.SHARD if kind == 2 else WriteItemType.TENSOR
+    return WriteItem(index=MetadataIndex(fqn, offsets), type=item_type, tensor_data=TensorWriteData(
+        chunk=ChunkStorageMetadata(offsets, torch.Size(shape)), properties=TensorProperties(dtype=dtype),
+        size=torch.Size(shape)))
+
+
+_digest_items = st.lists(st.builds(
+    _write_item, st.text(max_size=3), st.integers(0, 2), st.lists(st.integers(0, 3), max_size=2).map(tuple),
+    st.sampled_from([torch.float32, torch.bfloat16, torch.int64]), st.integers(0, 2)), max_size=6,
+    unique_by=lambda item: index_order(item.index))  # a set holds each key once
+
+
+@SETTINGS
+@given(_digest_items, _digest_items, st.randoms())
+def test_items_digest_is_equal_exactly_when_the_items_are(first: list[WriteItem], second: list[WriteItem],
+                                                          rng: object) -> None:
+    """Members compare sets by digest: it must not depend on order, and must tell any described
+    difference (key, offsets, kind, shape, dtype, chunk) apart."""
+    def described(items: list[WriteItem]) -> list:
+        return sorted(((index_order(it.index), describe_item(it)) for it in items), key=repr)
+
+    shuffled = list(first)
+    rng.shuffle(shuffled)  # type: ignore[attr-defined]
+    assert items_digest(shuffled) == items_digest(first)
+    assert (items_digest(first) == items_digest(second)) == (described(first) == described(second))

@@ -12,11 +12,13 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from dcp_forge import CheckpointCoordinator, IntegrityError, StateComponent, verify_checkpoint
 from dcp_forge.core.tensors import dtype_named
 from dcp_forge.format.index import own_pieces
 from dcp_forge.format.pack import SMALL_ITEM_BYTES
+from dcp_forge.format.safe_load import load_dcp_metadata
 from dcp_forge.ops.verify import ProblemKind
 from dcp_forge.storage import ForgeStorageReader
 from tests.support.local_reads import record_local_reads
@@ -182,3 +184,20 @@ def test_a_resealed_row_that_moves_a_packed_item_is_refused(tmp_path, field, del
     with pytest.raises(IntegrityError, match=fqn):
         CheckpointCoordinator([StateComponent("model", fresh, "replicated")], output_dir=tmp_path).load_checkpoint(
             path, strict=False)
+
+
+def test_metadata_is_written_with_its_equal_parts_shared(saved):
+    """pickle writes an object once however often it appears: the writer makes equal parts one object
+    (format/dcp_metadata.py), and the checkpoint above still loads with plain DCP and dcp_to_torch_save."""
+    path, _, _ = saved
+    with open(os.path.join(path, ".metadata"), "rb") as f:
+        metadata = load_dcp_metadata(f.read(), name="test")
+    tensors = [md for md in metadata.state_dict_metadata.values() if isinstance(md, TensorStorageMetadata)]
+    assert len({id(md.properties) for md in tensors}) == len({repr(md.properties) for md in tensors})
+    sizes = [size for md in tensors for size in (md.size, *(c for chunk in md.chunks for c in (chunk.offsets,
+                                                                                               chunk.sizes)))]
+    assert len({id(size) for size in sizes}) == len({tuple(size) for size in sizes})
+    keys = {fqn: fqn for fqn in metadata.state_dict_metadata}
+    assert all(index.fqn is keys[index.fqn] for index in metadata.storage_data)
+    assert all(fqn is keys[fqn] for fqn in metadata.planner_data)
+    assert len({id(info.relative_path) for info in metadata.storage_data.values()}) == len(data_files(path))
