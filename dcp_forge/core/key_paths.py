@@ -55,6 +55,9 @@ def describe_path(path: KeyPath) -> str:
     return out
 
 
+_UNSEEN: Any = object()  # a mapping typed_paths has not looked at yet
+
+
 def typed_paths(root: Mapping[str, Any], flat_paths: Mapping[str, tuple]) -> dict[str, KeyPath]:
     """For each flattened name whose DCP path (``flat_paths``: mapping keys as ``str(key)``, list
     positions as ints) passes through a key that is not a ``str``, the path with the real keys.
@@ -69,8 +72,7 @@ def typed_paths(root: Mapping[str, Any], flat_paths: Mapping[str, tuple]) -> dic
         typed = False
         for part in path:
             if type(node) is dict or isinstance(node, Mapping):
-                lookup = lookups.get(id(node), False)
-                if lookup is False:
+                if (lookup := lookups.get(id(node), _UNSEEN)) is _UNSEEN:
                     lookup = lookups[id(node)] = (None if all(type(k) is str for k in node)
                                                   else {str(k): k for k in node})
                 key = part if lookup is None else lookup[part]

@@ -139,7 +139,7 @@ def versions() -> dict[str, str]:
 def item_records(metadata: Metadata, results: Sequence[Sequence[WriteResult]],
                  layouts: Mapping[str, ComponentLayout]) -> list[ItemRecord]:
     """One record per stored item, joining DCP's metadata with what each writer reported."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
 
     records = []
     # (component, pattern) of each storage key: a component's items all share a few keys.
@@ -156,6 +156,7 @@ def item_records(metadata: Metadata, results: Sequence[Sequence[WriteResult]],
             offsets = tuple(result.index.offset) if result.index.offset is not None else None
             if isinstance(md, TensorStorageMetadata):
                 chunks = md.chunks
+                chunk: ChunkStorageMetadata | None
                 if len(chunks) == 1 and tuple(chunks[0].offsets) == offsets:  # a whole tensor: its one chunk
                     chunk = chunks[0]
                 else:

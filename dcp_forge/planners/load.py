@@ -253,7 +253,7 @@ class ForgeLoadPlanner(DefaultLoadPlanner):
         # A read item that fills a whole plain tensor (what ``whole_tensor_load_plan`` plans) resolves to
         # the tensor itself, as DCP's lookup and narrowing would, without their per-item work.
         tensor = self.state_dict.get(read_item.dest_index.fqn)
-        if (type(tensor) in _PLAIN_TENSOR_TYPES and read_item.lengths == tensor.size()
+        if (isinstance(tensor, torch.Tensor) and type(tensor) in _PLAIN_TENSOR_TYPES and read_item.lengths == tensor.size()
                 and not any(read_item.dest_offsets) and not any(read_item.dest_index.offset or ())):
             return tensor
         return super().resolve_tensor(read_item)
