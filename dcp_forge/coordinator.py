@@ -24,6 +24,7 @@ raised by the next save on every rank (which then saves nothing), by ``wait()`` 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -483,11 +484,13 @@ class CheckpointCoordinator(ClosesOnExit):
             canonical = self.checkpoint_path(source.checkpoint_id)
             if source.tier == LOCAL:
                 path = tiers.local_copy_path(source.checkpoint_id)
-                reader = self._reader(path, False if read_once is None else read_once, tiers.readers(source))
+                reader = functools.partial(self._reader, path, False if read_once is None else read_once,
+                                           tiers.readers(source))
             else:
                 path = source.url or canonical
-                reader = self._reader(path, read_once)
-            result = self._load_from(canonical, path, reader, tiers.records_rank(source), what, source.tier)
+                reader = functools.partial(self._reader, path, read_once)
+            # Made in the call: _load_from holds the reader's only reference and frees it (see there).
+            result = self._load_from(canonical, path, reader(), tiers.records_rank(source), what, source.tier)
             tiers.last_loaded = source
             return result
 

@@ -1,4 +1,4 @@
-"""paused_gc: the collector is off inside the block and back in its previous state after it."""
+"""paused_gc: the collector is off inside the block and back in its previous state after it; loads free\nwhat they read before it resumes."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ import contextlib
 import gc
 
 import pytest
+import torch
 
+from dcp_forge import CheckpointCoordinator, StateComponent
+from dcp_forge.core.patterns import SharingPattern
 from dcp_forge.gc_pause import paused_gc
+from tests.support.statefuls import Box
 
 
 @pytest.fixture
@@ -32,18 +36,14 @@ def test_paused_gc_restores_the_previous_state(gc_state, enabled, raises):
 
 
 
-def test_a_load_frees_what_it_read_before_the_collector_resumes(gc_state, tmp_path):
+@pytest.mark.parametrize("tiered", [False, True], ids=["one-location", "tiered"])
+def test_a_load_frees_what_it_read_before_the_collector_resumes(gc_state, tmp_path, tiered):
     # The reader holds objects per stored item (the checkpoint's metadata, its index rows): still held
     # when the collector resumes, the first collection walks them all and frees none of them.
-    import torch
-
-    from dcp_forge import CheckpointCoordinator, StateComponent
-    from dcp_forge.core.patterns import SharingPattern
-    from tests.support.statefuls import Box
-
     box = Box({f"t{i}": torch.full((4,), float(i)) for i in range(3000)})
-    coord = CheckpointCoordinator([StateComponent("m", box, SharingPattern.REPLICATED)], output_dir=tmp_path)
-    path = coord.save_checkpoint(checkpoint_path=str(tmp_path / "ckpt"))
+    coord = CheckpointCoordinator([StateComponent("m", box, SharingPattern.REPLICATED)], output_dir=tmp_path / "out",
+                                  local_tier=str(tmp_path / "local") if tiered else None)
+    path = coord.save_checkpoint(checkpoint_id="ckpt")
     coord.load_checkpoint(path)  # first loads import and cache what every later load uses
     gc.enable()
     gc.collect()
@@ -58,4 +58,5 @@ def test_a_load_frees_what_it_read_before_the_collector_resumes(gc_state, tmp_pa
         coord.load_checkpoint(path)
     finally:
         gc.callbacks.remove(count)
+        coord.close()
     assert max(young, default=0) < len(box.state), young  # far fewer than one object per stored item
