@@ -3,6 +3,7 @@ lazy-view flags."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import TypeGuard
@@ -14,6 +15,12 @@ from .._torch_compat import negative_view
 # The lazy-view flags a tensor can carry ("math bits": ``x.conj()``, ``torch._neg_view(x)``), as
 # ``math_bits`` names them and index.parquet records them.
 MATH_BITS = ("conj", "neg", "conj+neg")
+
+
+@functools.cache
+def dtype_text(dtype: torch.dtype) -> str:
+    """``str(dtype)``, as the index records it (once per dtype: torch builds the string each time)."""
+    return str(dtype)
 
 
 def math_bits(tensor: torch.Tensor) -> str | None:

@@ -13,6 +13,7 @@ import io
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -122,6 +123,15 @@ _OPTIONAL_COLUMNS = frozenset({"data_offset", "key_path", "math_bits", "gap_offs
 
 _RECORD_FIELDS = tuple(f.name for f in fields(ItemRecord))
 _record_row = operator.attrgetter(*_RECORD_FIELDS)
+
+
+def new_record(fields: dict[str, Any]) -> ItemRecord:
+    """The ``ItemRecord`` with ``fields`` (every field, by name, in field order), set at once: a frozen
+    dataclass's ``__init__`` sets them one ``object.__setattr__`` at a time, which a save of many
+    items pays once per item. ItemRecord has no ``__post_init__`` to skip."""
+    record = object.__new__(ItemRecord)
+    object.__setattr__(record, "__dict__", fields)
+    return record
 
 
 def encode_index(records: Sequence[ItemRecord]) -> bytes:

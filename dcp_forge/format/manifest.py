@@ -22,10 +22,10 @@ from ..core.keys import StorageKey, parse_storage_key, top_level_key
 from ..core.patterns import SharingPattern
 from ..core.topology import Topology
 from ..errors import ComponentDeclarationError, IntegrityError, UnsupportedFormatError
-from .index import ItemRecord, StoredItem
+from .index import ItemRecord, StoredItem, new_record
 
 if TYPE_CHECKING:  # torch stays unimported until a save needs it (inspection tools start without it)
-    from torch.distributed.checkpoint.metadata import Metadata
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
     from torch.distributed.checkpoint.storage import WriteResult
 
 # 2: small items may be packed (format/pack.py): their ranges overlap, and the index's gap columns say
@@ -139,8 +139,11 @@ def versions() -> dict[str, str]:
 def item_records(metadata: Metadata, results: Sequence[Sequence[WriteResult]],
                  layouts: Mapping[str, ComponentLayout]) -> list[ItemRecord]:
     """One record per stored item, joining DCP's metadata with what each writer reported."""
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    from ..core.tensors import dtype_text
+
+    saved = metadata.state_dict_metadata
     records = []
     # (component, pattern) of each storage key: a component's items all share a few keys.
     of_key: dict[str, tuple[str, str]] = {}
@@ -151,30 +154,35 @@ def item_records(metadata: Metadata, results: Sequence[Sequence[WriteResult]],
             skey = top_level_key(fqn)
             if (known := of_key.get(skey)) is None:
                 known = of_key[skey] = (parse_storage_key(skey).component, pattern_of(skey, layouts).value)
-            component, pattern = known
-            md = metadata.state_dict_metadata.get(fqn)
+            md = saved.get(fqn)
             offsets = tuple(result.index.offset) if result.index.offset is not None else None
             if isinstance(md, TensorStorageMetadata):
-                chunks = md.chunks
-                chunk: ChunkStorageMetadata | None
-                if len(chunks) == 1 and tuple(chunks[0].offsets) == offsets:  # a whole tensor: its one chunk
-                    chunk = chunks[0]
-                else:
-                    chunk = next((c for c in chunks if tuple(c.offsets) == offsets), None)
-                kind, dtype, shape = "tensor", str(md.properties.dtype), tuple(md.size)
-                sizes = tuple(chunk.sizes) if chunk is not None else tuple(md.size)
+                kind, dtype, shape = "tensor", dtype_text(md.properties.dtype), tuple(md.size)
+                sizes = _chunk_sizes(md, offsets)
             else:
                 kind, dtype, shape, sizes = "bytes", None, None, None
-            records.append(ItemRecord(
-                component=component, pattern=pattern, storage_key=skey,
-                fqn=fqn, kind=kind, dtype=dtype, shape=shape, chunk_offsets=offsets, chunk_sizes=sizes,
-                file=info.relative_path, offset=info.offset, length=info.length,
-                checksum=info.checksum, rank=info.rank, data_offset=info.data_offset,
-                key_path=info.key_path, math_bits=info.math_bits,
-                gap_offset=info.gap_offset, gap_length=info.gap_length,
-            ))
-    records.sort(key=lambda r: (r.fqn, r.chunk_offsets or ()))
+            records.append(new_record({
+                "component": known[0], "pattern": known[1], "storage_key": skey, "fqn": fqn, "kind": kind,
+                "dtype": dtype, "shape": shape, "chunk_offsets": offsets, "chunk_sizes": sizes,
+                "file": info.relative_path, "offset": info.offset, "length": info.length, "checksum": info.checksum,
+                "rank": info.rank, "data_offset": info.data_offset, "key_path": info.key_path,
+                "math_bits": info.math_bits, "gap_offset": info.gap_offset, "gap_length": info.gap_length,
+            }))
+    records.sort(key=_record_order)
     return records
+
+
+def _chunk_sizes(md: TensorStorageMetadata, offsets: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The sizes of ``md``'s chunk at ``offsets`` (the whole tensor's if it lists none there)."""
+    chunks = md.chunks
+    if len(chunks) == 1 and chunks[0].offsets == offsets:  # a whole tensor: its one chunk
+        return tuple(chunks[0].sizes)
+    chunk = next((c for c in chunks if tuple(c.offsets) == offsets), None)
+    return tuple(chunk.sizes) if chunk is not None else tuple(md.size)
+
+
+def _record_order(record: ItemRecord) -> tuple:
+    return (record.fqn, record.chunk_offsets or ())
 
 
 def pattern_of(storage_key: str, layouts: Mapping[str, ComponentLayout]) -> SharingPattern:

@@ -18,7 +18,6 @@ Each check collects ``Problem``s: ``verify`` reports them all, loading raises th
 
 from __future__ import annotations
 
-import functools
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -38,7 +37,7 @@ from torch.distributed.tensor import DTensor
 from ..core.components import ComponentLayout
 from ..core.keys import NAMESPACE_SEP, parse_storage_key, top_level_key
 from ..core.patterns import SharingPattern
-from ..core.tensors import tiling_problem
+from ..core.tensors import dtype_text, tiling_problem
 from ..core.topology import Topology
 from ..errors import ComponentDeclarationError
 from ..format.index import ItemRecord
@@ -134,12 +133,6 @@ def _record_facts(record: ItemRecord) -> ItemFacts:
                      None if record.chunk_sizes is None else tuple(record.chunk_sizes), record.length)
 
 
-@functools.cache
-def _dtype_name(dtype: torch.dtype) -> str:
-    """``str(dtype)``, as the index records it (once per dtype: torch builds the string each time)."""
-    return str(dtype)
-
-
 def _agrees(record: ItemRecord, expected: ItemFacts) -> bool:
     """``_record_facts(record) == expected``, field by field without building the record's facts (the
     case of every item of a sound checkpoint)."""
@@ -216,7 +209,7 @@ class ItemCheck:
                                      f"{list(index.offset or ())} of {fqn!r} as {chunk.dtype} {list(chunk.sizes)} "
                                      f"({nbytes} bytes), which cannot fit in the {info.length} bytes stored in "
                                      "{at}"), chunk
-            expected = ItemFacts(fqn, tuple(index.offset or ()), "tensor", _dtype_name(chunk.dtype), tuple(md.size),
+            expected = ItemFacts(fqn, tuple(index.offset or ()), "tensor", dtype_text(chunk.dtype), tuple(md.size),
                                  chunk.sizes, info.length)
         elif isinstance(md, BytesStorageMetadata):
             expected = ItemFacts(fqn, (), "bytes", None, None, None, info.length)

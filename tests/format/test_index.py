@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,6 +22,7 @@ from dcp_forge.format.index import (
     ItemRecord,
     decode_index,
     encode_index,
+    new_record,
     own_pieces,
     read_index_table,
 )
@@ -117,3 +119,11 @@ def test_decoded_records_are_the_records_their_constructor_builds():
                        "ab", 0, 38, None, "conj", 4, 5)]
     decoded = decode_index(encode_index(rows))
     assert decoded == rows and vars(decoded[0]) == vars(rows[0]) and hash(decoded[0]) == hash(rows[0])
+
+
+@settings(max_examples=100, deadline=None)
+@given(records)
+def test_a_record_built_at_once_is_the_record_its_constructor_builds(record):
+    built = new_record({f.name: getattr(record, f.name) for f in fields(ItemRecord)})
+    assert built == record and vars(built) == vars(record) and hash(built) == hash(record)
+    assert repr(built) == repr(record) and list(vars(built)) == [f.name for f in fields(ItemRecord)]
