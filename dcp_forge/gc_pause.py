@@ -19,6 +19,12 @@ def paused_gc() -> Iterator[None]:
     in the block are collected by the first collection after it. torch's ``get_state_dict`` does the
     same. Nesting and concurrent blocks leave the collector on once the outermost block that turned
     it off has ended.
+
+    What the block leaves alive (a save's plan kept for the next save, its metadata, the caller's
+    results) would be walked by the first collection after it, and again when promoted, before
+    reaching the oldest generation, where it ends up anyway: the block ends by moving every tracked
+    object to the oldest generation at once (``_promote_all``). Cycles left by the block are then
+    found by the next full collection instead of the next young one.
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -26,4 +32,15 @@ def paused_gc() -> Iterator[None]:
         yield
     finally:
         if was_enabled:
+            _promote_all()
             gc.enable()
+
+
+def _promote_all() -> None:
+    """Move every object the collector tracks to its oldest generation, without walking any: freezing
+    moves them all to the permanent generation, unfreezing moves that into the oldest one (each one
+    list splice). Skipped while the process keeps objects frozen (``gc.freeze`` before a fork, so that
+    children share their pages): unfreezing would release those too."""
+    if gc.get_freeze_count() == 0:
+        gc.freeze()
+        gc.unfreeze()
