@@ -44,7 +44,7 @@ from ..core.keys import decode_ranks, encode_ranks
 from ..core.patterns import SharingPattern
 from ..core.placement import describe_item, index_key, index_order, item_bytes
 from ..core.set_placement import Item, derive_writers
-from ..core.tensors import is_plain_tensor
+from ..core.tensors import dtype_text, is_plain_tensor
 from ..core.topology import Topology
 from ..errors import IncompleteSaveError
 
@@ -77,7 +77,7 @@ def _builtin_description(item: WriteItem) -> tuple:
     if len(described) == 1:
         return (described[0].value,)
     kind, size, dtype, chunk = described
-    return (kind.value, size, str(dtype), chunk)
+    return (kind.value, size, dtype_text(dtype), chunk)
 
 
 def set_name(members: Members) -> bytes:
