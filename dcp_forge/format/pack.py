@@ -130,10 +130,12 @@ def tensor_pickle(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
 def packable_tensor(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is stored packed: a small dense CPU tensor without lazy-view flags, of a dtype
     whose bytes ``torch.load`` reads back as they are, on a little-endian machine."""
-    return (type(tensor) is torch.Tensor and tensor.layout == torch.strided and tensor.device.type == "cpu"
+    # Every size of a tensor holding an element is at most its element count, itself at most its
+    # bytes: only an empty tensor's sizes need looking at (asked per item, so asked cheaply).
+    return (type(tensor) is torch.Tensor and tensor.layout == torch.strided and tensor.is_cpu
             and not tensor.is_quantized and not tensor.is_conj() and not tensor.is_neg()
             and tensor.element_size() >= 1 and tensor.nbytes <= PACKED_TENSOR_MAX_BYTES
-            and max(tensor.shape, default=0) <= _MAX_INT and sys.byteorder == "little")
+            and (tensor.numel() > 0 or max(tensor.shape, default=0) <= _MAX_INT) and sys.byteorder == "little")
 
 
 _TORCH_SAVE_HOUSEKEEPING = frozenset({b".format_version", b".storage_alignment", b"byteorder", b"version",

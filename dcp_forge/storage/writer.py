@@ -153,7 +153,7 @@ def _packable(item: WriteItem, data: Any, form: Any) -> torch.Tensor | memoryvie
         return None  # stored as torch.save stores flagged tensors, with its flags in data.pkl
     # Only its bytes are read: a plain tensor outside autograd (what resolve_data gives) needs no detached copy.
     tensor = data if type(data) is torch.Tensor and not data.requires_grad else data.detach()
-    if tensor.device.type not in ("cpu", "meta") and tensor.nbytes <= PACKED_TENSOR_MAX_BYTES:
+    if not tensor.is_cpu and tensor.device.type != "meta" and tensor.nbytes <= PACKED_TENSOR_MAX_BYTES:
         tensor = tensor.cpu()
     return tensor if packable_tensor(tensor) else None
 

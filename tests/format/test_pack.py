@@ -138,6 +138,17 @@ def test_another_dtype_or_shape_than_recorded_is_a_problem():
     assert records_problem(head, tail, tail_at, None) is not None
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([0, 1, 3, 2**31 - 1, 2**31, 2**40]), max_size=3).filter(lambda s: math.prod(n for n in s if n) < 2**62),
+       st.sampled_from([torch.uint8, torch.float32, torch.float64]))
+def test_a_packed_shape_fits_the_pickle_whatever_the_sizes(sizes, dtype):
+    # Sizes are looked at for empty tensors only: a tensor holding an element is packed only with
+    # every size at most its bytes, which BININT holds. Both kinds checked against the full rule.
+    tensor = torch.zeros(1, dtype=dtype).as_strided(sizes, [0] * len(sizes))  # no memory, whatever its sizes
+    fits = tensor.nbytes <= PACKED_TENSOR_MAX_BYTES and max(sizes, default=0) <= 2**31 - 1
+    assert packable_tensor(tensor) == fits, (sizes, dtype)
+
+
 def test_what_is_packed():
     assert packable_tensor(torch.ones(3)) and packable_tensor(torch.ones(())) and packable_tensor(torch.ones(0, 5))
     assert packable_tensor(torch.ones(4, 4).t())  # stored contiguous
