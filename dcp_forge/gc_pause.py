@@ -16,15 +16,14 @@ def paused_gc() -> Iterator[None]:
     survivors triggers a full collection, which walks the whole process heap (torch alone holds
     hundreds of thousands of objects), so the collector's time grows with the item count while it
     finds nothing: these objects are freed by reference counting once the save ends. Cycles created
-    in the block are collected by the first collection after it. torch's ``get_state_dict`` does the
-    same. Nesting and concurrent blocks leave the collector on once the outermost block that turned
+    in the block are collected by the next full collection after it. torch's ``get_state_dict`` pauses
+    the collector too. Nesting and concurrent blocks leave the collector on once the outermost block that turned
     it off has ended.
 
     What the block leaves alive (a save's plan kept for the next save, its metadata, the caller's
     results) would be walked by the first collection after it, and again when promoted, before
     reaching the oldest generation, where it ends up anyway: the block ends by moving every tracked
-    object to the oldest generation at once (``_promote_all``). Cycles left by the block are then
-    found by the next full collection instead of the next young one.
+    object to the oldest generation at once (``_promote_all``).
     """
     was_enabled = gc.isenabled()
     gc.disable()
