@@ -191,17 +191,9 @@ def decode_index(data: bytes) -> list[ItemRecord]:
 def records_from_table(table: pa.Table) -> list[ItemRecord]:
     """One ``ItemRecord`` per row of an index table with every column (``read_index_table``)."""
     # Column by column, then one record per row: twice as fast as table.to_pylist()'s dict per row.
-    names = [f.name for f in fields(ItemRecord)]
+    names = _RECORD_FIELDS
     columns = [_tuples(table[name]) if name in _TUPLE_COLUMNS else table[name].to_pylist() for name in names]
-    # Each record's fields set at once: a frozen dataclass's __init__ sets them one object.__setattr__
-    # at a time, which costs more than the rest of decoding. ItemRecord has no __post_init__ to skip.
-    new = object.__new__
-    records = []
-    for row in zip(*columns, strict=True):
-        record = new(ItemRecord)
-        record.__dict__.update(zip(names, row, strict=True))
-        records.append(record)
-    return records
+    return [new_record(dict(zip(names, row, strict=True))) for row in zip(*columns, strict=True)]
 
 
 def records_as_dicts(records: Iterable[ItemRecord]) -> list[dict]:

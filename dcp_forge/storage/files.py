@@ -71,13 +71,12 @@ def extent_fits(file_size: int, offset: object, length: object) -> bool:
 def extent_problem(where: str, name: str, file_size: int, offset: object, length: object, holds: str) -> str | None:
     """Why ``length`` bytes at ``offset`` of data file ``name`` (``file_size`` bytes long) cannot be an
     item's bytes; None when they can. ``holds``: the item, for the message."""
+    if extent_fits(file_size, offset, length):
+        return None
     if not _is_count(offset) or not _is_count(length):
         return (f"{where}: the location of {holds} in data file {name} is malformed (offset {offset!r}, length "
                 f"{length!r}; both must be non-negative ints)")
-    end = offset + length
-    if end > file_size:
-        return (f"{where}: data file {name} is truncated: it has {file_size} bytes, {holds} ends at byte {end}")
-    return None
+    return f"{where}: data file {name} is truncated: it has {file_size} bytes, {holds} ends at byte {offset + length}"
 
 
 def check_extent(where: str, name: str, file_size: int, offset: object, length: object, holds: str) -> None:

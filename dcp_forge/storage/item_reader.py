@@ -367,10 +367,7 @@ def _is_chunk(dtype: torch.dtype, shape: tuple[int, ...], chunk: StoredChunk | N
 def _own_bytes(handle: InputFile, read: StoredRead, check: Checker) -> tuple[memoryview, memoryview]:
     """A packed item's head and trailer (lent by a handle holding them in memory, else read), their
     checksum verified."""
-    assert read.gap is not None, "only a packed item has a head and a trailer"
-    (head_at, head_length), (tail_at, tail_length) = own_pieces(read.length, *read.gap)
-    head_at += read.offset
-    tail_at += read.offset
+    (head_at, head_length), (tail_at, tail_length) = read.pieces
     lend = getattr(handle, "view", None)
     if lend is not None:
         head, tail = lend(head_at, head_length), lend(tail_at, tail_length)
@@ -390,7 +387,7 @@ def _load_packed(handle: InputFile, read: StoredRead, planner: LoadPlanner, chec
     index says (so plain DCP would read the same), then its value from its head, or a tensor read
     straight into its destination."""
     assert read.gap is not None, "only a packed item has a gap"
-    trailer_at = read.gap[0] + read.gap[1]  # its trailer follows its gap
+    trailer_at = own_pieces(read.length, *read.gap)[1][0]
     if read.items[0].type == LoadItemType.BYTE_IO:
         head, tail = _own_bytes(handle, read, check)
         _refuse_packed(read, records_problem(head, tail, trailer_at, None))
