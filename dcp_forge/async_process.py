@@ -332,18 +332,21 @@ class UploadProcess:
         _RequestPickler(buffer, self.arenas).dump((writer, planner, staged))
         del staged
         unsent, dead = self.arenas.take_unsent(), self.arenas.take_dead()
+        sent = False
         try:
             self._conn.send(("save", dead, [(arena_id, size) for arena_id, size, _ in unsent]))
             with socket.socket(fileno=os.dup(self._conn.fileno())) as sock:
                 for start in range(0, len(unsent), FDS_PER_MESSAGE):
                     sendfds(sock, [fd for _, _, fd in unsent[start:start + FDS_PER_MESSAGE]])
             self._conn.send_bytes(buffer.getbuffer())
+            sent = True
         except OSError:
-            return self._expect("saved")  # the process is gone: say how it ended
+            pass  # the process is gone: its last words, or its absence, are read below and raised
         finally:
             for _, _, fd in unsent:
                 os.close(fd)
-        outcome, planner.planned_by = self._expect("saved", timeout=None)
+        # A save takes as long as it takes; a process that could not take the request answers at once.
+        outcome, planner.planned_by = self._expect("saved", timeout=None if sent else START_TIMEOUT_S)
         writer.adopt_outcome(outcome)
         return writer.manifest
 
