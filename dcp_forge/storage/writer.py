@@ -26,7 +26,6 @@ import dataclasses
 import io
 import logging
 import os
-import pickle
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +50,7 @@ from ..core.placement import item_bytes
 from ..core.tensors import math_bits, raw_view, with_math_bits
 from ..core.topology import Topology
 from ..errors import IncompleteSaveError, os_error_context
-from ..format.dcp_metadata import share_equal_parts
+from ..format.dcp_metadata import metadata_pickle, share_equal_parts
 from ..format.index import StoredItem, encode_index
 from ..format.manifest import CheckpointManifest, checksum_bytes, component_manifests, item_records, versions
 from ..format.names import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE, data_file_name, new_save_id
@@ -444,7 +443,7 @@ class ForgeStorageWriter(StorageWriter):
         metadata.version = CURRENT_DCP_VERSION
         share_equal_parts(metadata)
         index_bytes = encode_index(records)
-        metadata_bytes = pickle.dumps(metadata)
+        metadata_bytes = metadata_pickle(metadata)
         manifest = CheckpointManifest(
             checkpoint_path=redact_url(self.url), world_size=topology.world_size,
             timestamp=datetime.now(UTC), components=component_manifests(records, self._layouts, topology),

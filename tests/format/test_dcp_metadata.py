@@ -1,4 +1,5 @@
-"""DCP's .metadata with equal parts shared: it unpickles equal, field types included, and shorter."""
+"""DCP's .metadata with equal parts shared and written with short records: it unpickles equal (plain
+pickle, as DCP reads it, and the restricted loader), field types included, and shorter."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torch.distributed.checkpoint.planner_helpers import _create_write_items
 
 from dcp_forge._torch_compat import StorageInfo
 from dcp_forge.core.placement import ChunkPolicy, split_large_tensors
-from dcp_forge.format.dcp_metadata import share_equal_parts
+from dcp_forge.format.dcp_metadata import metadata_pickle, share_equal_parts
 from dcp_forge.format.safe_load import load_dcp_metadata
 
 _values = st.one_of(
@@ -55,11 +56,12 @@ def test_shared_metadata_unpickles_equal_with_the_same_types(state: dict[str, ob
     original = _metadata(state, files)
     shared = copy.deepcopy(original)
     share_equal_parts(shared)
-    written = pickle.dumps(shared)
-    for loaded in (pickle.loads(written), load_dcp_metadata(written, name="test")):
-        assert loaded == original
-        assert _typed(loaded) == _typed(original)
-    assert len(written) <= len(pickle.dumps(original))
+    written, compact = pickle.dumps(shared), metadata_pickle(shared)
+    for data in (written, compact):
+        for loaded in (pickle.loads(data), load_dcp_metadata(data, name="test")):
+            assert loaded == original
+            assert _typed(loaded) == _typed(original)
+    assert len(compact) <= len(written) <= len(pickle.dumps(original))
 
 
 def test_equal_parts_are_written_once() -> None:
@@ -84,3 +86,19 @@ def test_a_tuple_offset_stays_a_tuple() -> None:
     object.__setattr__(index, "offset", (0,))  # as an older writer may have left it
     share_equal_parts(metadata)
     assert type(next(iter(metadata.storage_data)).offset) is tuple
+    assert type(next(iter(pickle.loads(metadata_pickle(metadata)).storage_data)).offset) is tuple
+
+
+def test_short_records_keep_what_is_not_a_field_and_drop_a_field_name_per_item() -> None:
+    state = {f"model.w{i}": torch.zeros(4) for i in range(50)}
+    metadata = _metadata(state, ["__0_0.distcp"], chunk_bytes=1024)
+    share_equal_parts(metadata)
+    info = next(iter(metadata.storage_data.values()))
+    info.note = "kept"  # an attribute beyond DCP's fields: written as pickle writes it
+    info.transform_descriptors = ["zstd"]
+    compact = metadata_pickle(metadata)
+    loaded = pickle.loads(compact)
+    first = next(iter(loaded.storage_data.values()))
+    assert (first.note, first.transform_descriptors) == ("kept", ["zstd"]) and loaded == metadata
+    assert compact.count(b"relative_path") == 1 and compact.count(b"offsets") == 0
+    assert len(compact) < 0.75 * len(pickle.dumps(metadata))
