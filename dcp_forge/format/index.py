@@ -141,8 +141,17 @@ def encode_index(records: Sequence[ItemRecord]) -> bytes:
     columns = {name: list(column) for name, column in zip(_RECORD_FIELDS, transposed, strict=True)}
     table = pa.table(columns, schema=INDEX_SCHEMA)
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", use_dictionary=_DICTIONARY_COLUMNS,
+                   column_encoding=_COLUMN_ENCODINGS)
     return sink.getvalue()
+
+
+# Byte positions and lengths grow item by item (packs write items in order): their differences are
+# small. Names of neighbouring items share long prefixes. A checksum is unique to its item. Only the
+# columns that repeat a few values (component, dtype, file, shapes...) gain from a dictionary.
+_COLUMN_ENCODINGS = {**dict.fromkeys(("offset", "length", "data_offset", "gap_offset", "gap_length"),
+                                     "DELTA_BINARY_PACKED"), "fqn": "DELTA_BYTE_ARRAY"}
+_DICTIONARY_COLUMNS = [name for name in INDEX_SCHEMA.names if name not in _COLUMN_ENCODINGS and name != "checksum"]
 
 
 def read_index_table(data: bytes, columns: Sequence[str] | None = None) -> pa.Table:
