@@ -16,8 +16,10 @@ range and never look at bytes no entry names, so the ranges of a pack's items ma
   and the value's pickle, as ``torch.save`` wrote it;
 - trailer 1 starts with the pack's one ``a/version`` record (torch's zip reader requires one; a
   missing ``byteorder`` record means little endian to ``torch.load``);
-- a tensor's trailer holds its ``a/data.pkl``: a pickle of ``_rebuild_tensor_v2`` (``_v3`` for dtypes
-  without a legacy storage class) over storage ``0`` with the tensor's dtype and contiguous shape;
+- a tensor's ``a/data.pkl`` is a pickle of ``_rebuild_tensor_v2`` (``_v3`` for dtypes without a
+  legacy storage class) over storage ``0`` with the tensor's dtype and contiguous shape. It depends on
+  nothing else, so the pack holds one per dtype and shape: in the trailer of the first tensor of that
+  dtype and shape; the trailers of the others name that record (which lies in their gap);
 - then every trailer has its central directory (``a/version``, ``a/data.pkl`` and, for a tensor,
   ``a/data/0``), offsets counted from the start of its item's head, and the end record.
 
@@ -27,7 +29,9 @@ and its checksum covers the item's own bytes in file order (head, then trailer),
 pack is covered by exactly one item's checksum. Every field of a head and a trailer follows from
 the item's dtype and shape (or pickle length) and where its gap and the version record are:
 ``records_problem`` rebuilds them and compares, which proves that what plain DCP would read from the
-zip records is what the index says (dtype, shape, data offset), without parsing the zip.
+zip records is what the index says (dtype, shape, data offset), without parsing the zip. The records
+an item names in its gap (the version record, a shared ``data.pkl``) are another item's bytes,
+covered by that item's checksum; ``shared_records_problem`` checks them where the pack is at hand.
 """
 
 from __future__ import annotations
@@ -204,16 +208,23 @@ def _tensor_records(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[bytes, 
 
 
 def _trailer(tensor: tuple[torch.dtype, tuple[int, ...]] | None, value_bytes: int, trailer_at: int,
-             version_at: int) -> bytes:
+             version_at: int, pickle_at: int | None = None) -> bytes:
     """An item's trailer: ``tensor`` (dtype, shape) or a value pickle of ``value_bytes``; offsets from
-    the item's start: its trailer at ``trailer_at``, the pack's version record at ``version_at``."""
+    the item's start: its trailer at ``trailer_at``, the pack's version record at ``version_at``, and a
+    tensor's ``data.pkl`` record at ``pickle_at`` (None: in this trailer, after the version record if
+    the trailer carries it)."""
     version = _central_entry(_VERSION_NAME, len(_VERSION), version_at)
     first = _VERSION_RECORD if version_at == trailer_at else b""  # the pack's first trailer carries it
     at = trailer_at + len(first)
     if tensor is not None:
         pickle_record, data_entry = _tensor_records(*tensor)
-        entries = version + _central_entry(_PICKLE_NAME, len(pickle_record) - VALUE_OFFSET, at) + data_entry
-        at += len(pickle_record)
+        pickle_bytes = len(pickle_record) - VALUE_OFFSET
+        if pickle_at is None or pickle_at == at:
+            pickle_at = at
+            at += len(pickle_record)
+        else:  # another trailer's record of this dtype and shape
+            pickle_record = b""
+        entries = version + _central_entry(_PICKLE_NAME, pickle_bytes, pickle_at) + data_entry
         count = 3
     else:
         pickle_record = b""
@@ -290,8 +301,13 @@ class PackWriter:
         version_at = at = self.size
         items = []
         trailers = []
+        pickles: dict[tuple[torch.dtype, tuple[int, ...]], int] = {}  # where each data.pkl record is
         for start, described, nbytes, hasher in self._entries:
-            trailer = _trailer(described, nbytes, at - start, version_at - start)
+            pickle_at = None
+            if described is not None:
+                # the first trailer of a dtype and shape carries its record, after the version record
+                pickle_at = pickles.setdefault(described, at + (len(_VERSION_RECORD) if at == version_at else 0)) - start
+            trailer = _trailer(described, nbytes, at - start, version_at - start, pickle_at)
             hasher.update(trailer)
             head = (DATA_OFFSET if described is not None else VALUE_OFFSET) + nbytes
             items.append(PackedItem(start, at + len(trailer) - start, head, at - start - head,
@@ -345,30 +361,60 @@ def records_problem(head: Any, trailer: Any, trailer_at: int, tensor: tuple[torc
 def trailer_problem(trailer: Any, trailer_at: int, tensor: tuple[torch.dtype, tuple[int, ...]] | None,
                     value_bytes: int = 0) -> str | None:
     """Why ``trailer`` (at ``trailer_at`` from its item's start) is not the trailer of a packed
-    ``tensor`` (dtype, shape), or of a value pickle of ``value_bytes``; None when it is exactly that."""
+    ``tensor`` (dtype, shape), or of a value pickle of ``value_bytes``; None when it is exactly that.
+    A ``data.pkl`` record it names outside itself must lie in its gap (``shared_records_problem``
+    checks what is there)."""
     trailer = memoryview(trailer).cast("B")
-    if len(trailer) < _END.size + _CENTRAL.size:
-        return "its trailer is too short for a central directory"
-    fields = _END.unpack_from(trailer, len(trailer) - _END.size)
-    directory = fields[6] - trailer_at  # where the central directory starts inside the trailer
-    if not 0 <= directory <= len(trailer) - _CENTRAL.size:
+    found = _named_records(trailer, trailer_at)
+    if found is None:
         return "its end record points outside its trailer"
-    version_at = _CENTRAL.unpack_from(trailer, directory)[16]  # the first entry: the version record
-    if trailer != _trailer(tensor, value_bytes, trailer_at, version_at):
+    version_at, shared_at = found
+    pickle_at = None  # in the trailer, where ``_trailer`` puts it: compared below with the rest
+    if tensor is not None and shared_at < trailer_at:
+        dtype, shape = tensor
+        head_end = DATA_OFFSET + math.prod(shape) * dtype.itemsize
+        if not head_end <= shared_at <= trailer_at - len(_tensor_records(dtype, shape)[0]):
+            return f"its central directory names a data.pkl record at byte {shared_at}, outside its gap"
+        pickle_at = shared_at
+    if trailer != _trailer(tensor, value_bytes, trailer_at, version_at, pickle_at):
         what = f"a {tensor[0]} tensor {list(tensor[1])}" if tensor is not None else "a pickled value"
         return f"its zip trailer is not the one of {what} (plain DCP would read something else)"
     return None
 
 
-def version_record_problem(trailer: Any, trailer_at: int, read_at: Callable[[int, int], Any]) -> str | None:
-    """Why the version record a packed item's central directory names is not the pack's; ``read_at(at,
-    n)`` gives bytes of the item's range (the record lies in the item's gap for all but a pack's first
-    item: a check for where the whole pack is at hand, as in ``verify``)."""
-    trailer = memoryview(trailer).cast("B")
+def _named_records(trailer: memoryview, trailer_at: int) -> tuple[int, int] | None:
+    """Where a packed item's central directory says the version record and the ``data.pkl`` record
+    are (from the item's start): its first two entries; None when its end record points outside
+    ``trailer``."""
+    if len(trailer) < _END.size + 2 * _CENTRAL.size:
+        return None
     directory = _END.unpack_from(trailer, len(trailer) - _END.size)[6] - trailer_at
-    version_at = _CENTRAL.unpack_from(trailer, directory)[16]
+    if not 0 <= directory <= len(trailer) - _END.size - 2 * _CENTRAL.size:
+        return None
+    version = _CENTRAL.unpack_from(trailer, directory)
+    pickle_entry = directory + _CENTRAL.size + version[10]
+    if pickle_entry + _CENTRAL.size > len(trailer):
+        return None
+    return version[16], _CENTRAL.unpack_from(trailer, pickle_entry)[16]
+
+
+def shared_records_problem(trailer: Any, trailer_at: int, tensor: tuple[torch.dtype, tuple[int, ...]] | None,
+                           read_at: Callable[[int, int], Any]) -> str | None:
+    """Why the records a packed item's central directory names in its gap (the pack's version record;
+    a tensor's ``data.pkl`` when another trailer carries it) are not what they must be; ``read_at(at,
+    n)`` gives bytes of the item's range: a check for where the whole pack is at hand, as in
+    ``verify``. The trailer itself must have passed ``trailer_problem``."""
+    found = _named_records(memoryview(trailer).cast("B"), trailer_at)
+    if found is None:
+        return "its end record points outside its trailer"
+    version_at, pickle_at = found
     if version_at < 0 or bytes(read_at(version_at, len(_VERSION_RECORD))) != _VERSION_RECORD:
         return f"its central directory names a version record at byte {version_at} where there is none"
+    if tensor is not None and pickle_at < trailer_at:
+        record = _tensor_records(*tensor)[0]
+        if bytes(read_at(pickle_at, len(record))) != record:
+            return (f"its central directory names the data.pkl record of a {tensor[0]} tensor {list(tensor[1])} "
+                    f"at byte {pickle_at} where there is none")
     return None
 
 

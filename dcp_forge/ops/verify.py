@@ -52,9 +52,9 @@ from ..format.pack import (
     DATA_OFFSET,
     data_header,
     records_problem,
+    shared_records_problem,
     trailer_problem,
     value_zip,
-    version_record_problem,
 )
 from ..format.safe_load import UnsafeCheckpointError, load_dcp_metadata, load_object
 from ..format.torch_blob import (
@@ -360,17 +360,19 @@ def _pack_problems(where: str, handle: InputFile, extents: Sequence[_Extent],
                                     extent.component))
             continue
         head = read_at(extent.offset, min(head_length, DATA_OFFSET) if extent.kind == "tensor" else head_length)
-        if extent.chunk is not None:
-            nbytes = math.prod(extent.chunk.sizes) * extent.chunk.dtype.itemsize
+        described = (extent.chunk.dtype, extent.chunk.sizes) if extent.chunk is not None else None
+        if described is not None:
+            nbytes = math.prod(described[1]) * described[0].itemsize
             why = (None if head_length == DATA_OFFSET + nbytes and head == data_header(nbytes) else
-                   f"its head is not the data record of a {extent.chunk.dtype} tensor {list(extent.chunk.sizes)}")
-            why = why or trailer_problem(tail, tail_at, (extent.chunk.dtype, extent.chunk.sizes))
+                   f"its head is not the data record of a {described[0]} tensor {list(described[1])}")
+            why = why or trailer_problem(tail, tail_at, described)
         else:
             why = records_problem(head, tail, tail_at, None)
+
         def read_in_item(at: int, size: int, item_at: int = extent.offset) -> memoryview:
             return read_at(item_at + at, size)
 
-        why = why or version_record_problem(tail, tail_at, read_in_item)
+        why = why or shared_records_problem(tail, tail_at, described, read_in_item)
         if why is not None:
             problems.append(Problem(ProblemKind.WRONG_LAYOUT, f"{at}: {why}", extent.file, extent.component))
         elif extent.kind != "tensor":

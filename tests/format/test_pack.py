@@ -22,9 +22,9 @@ from dcp_forge.format.pack import (
     pack_in_memory,
     packable_tensor,
     records_problem,
+    shared_records_problem,
     value_pickle,
     value_zip,
-    version_record_problem,
 )
 from dcp_forge.format.torch_blob import open_blob, tensor_blob_layout
 from tests.support.strategies import SAVABLE_DTYPES
@@ -83,7 +83,8 @@ def test_every_item_of_a_pack_loads_back_exactly_and_its_records_are_the_expecte
         head, tail = item_range[head_at:head_at + head_length], item_range[tail_at:tail_at + tail_length]
         for start, length in ((item.offset + head_at, head_length), (item.offset + tail_at, tail_length)):
             covered[start:start + length] = bytes(a + 1 for a in covered[start:start + length])
-        assert version_record_problem(tail, tail_at, lambda o, n, r=item_range: r[o:o + n]) is None
+        described = (value.dtype, tuple(value.shape)) if isinstance(value, torch.Tensor) else None
+        assert shared_records_problem(tail, tail_at, described, lambda o, n, r=item_range: r[o:o + n]) is None
         checksum = xxhash.xxh3_64(head)
         checksum.update(tail)
         assert checksum.hexdigest() == item.checksum
@@ -116,7 +117,7 @@ def test_a_changed_record_byte_is_seen(entries, data):
     head, tail = item_range[:head_length], item_range[tail_at:]
     described = (value.dtype, tuple(value.shape)) if tensor else None
     assert (records_problem(head, tail, tail_at, described) is not None
-            or version_record_problem(tail, tail_at, lambda o, n: item_range[o:o + n]) is not None)
+            or shared_records_problem(tail, tail_at, described, lambda o, n: item_range[o:o + n]) is not None)
 
 
 def test_a_large_tensor_is_written_from_its_own_memory_between_small_heads():
@@ -125,6 +126,47 @@ def test_a_large_tensor_is_written_from_its_own_memory_between_small_heads():
     for item, tensor in zip(items, (small, large, small), strict=True):
         loaded = torch.load(io.BytesIO(pack[item.offset:item.offset + item.length]), weights_only=True)
         assert torch.equal(loaded, tensor)
+
+
+def _item_parts(pack: bytes, item) -> tuple[bytes, bytes, int]:
+    """An item's range, its trailer, and where that starts in the range."""
+    item_range = pack[item.offset:item.offset + item.length]
+    (_, _), (tail_at, _) = own_pieces(item.length, item.gap_offset, item.gap_length)
+    return item_range, item_range[tail_at:], tail_at
+
+
+def test_tensors_of_one_dtype_and_shape_share_one_data_pkl_record():
+    same = [torch.full((3, 2), float(i)) for i in range(4)]
+    pack, items = pack_in_memory(same)
+    apart, _ = pack_in_memory([torch.full((3, i + 1), float(i)) for i in range(4)])
+    assert pack.count(b"_rebuild_tensor_v2") == 1 and apart.count(b"_rebuild_tensor_v2") == 4
+    assert len(pack) < len(apart)
+    for item, tensor in zip(items, same, strict=True):
+        item_range, tail, tail_at = _item_parts(pack, item)
+        assert torch.equal(torch.load(io.BytesIO(item_range), weights_only=True), tensor)
+        assert shared_records_problem(tail, tail_at, (torch.float32, (3, 2)), lambda o, n, r=item_range: r[o:o + n]) is None
+    # the record lies in the first trailer: damaged there, every tensor naming it is told
+    damaged = bytearray(pack)
+    at = pack.index(b"_rebuild_tensor_v2")
+    damaged[at] ^= 1
+    for item in items[1:]:
+        item_range, tail, tail_at = _item_parts(bytes(damaged), item)
+        assert records_problem(item_range[:item.gap_offset], tail, tail_at, (torch.float32, (3, 2))) is None
+        why = shared_records_problem(tail, tail_at, (torch.float32, (3, 2)), lambda o, n, r=item_range: r[o:o + n])
+        assert "data.pkl record of a torch.float32 tensor [3, 2]" in why
+
+
+def test_a_data_pkl_record_named_outside_the_gap_is_a_problem():
+    pack, items = pack_in_memory([torch.zeros(2), torch.ones(2)])
+    item_range, tail, tail_at = _item_parts(pack, items[1])
+    # the data.pkl entry is the second of the central directory: its header offset, pointed into the head
+    directory = int.from_bytes(tail[-6:-2], "little") - tail_at
+    pickle_entry = directory + 46 + len(b"a/version")
+    for pointed in (0, DATA_OFFSET, tail_at - 1):
+        forged = bytearray(tail)
+        forged[pickle_entry + 42:pickle_entry + 46] = pointed.to_bytes(4, "little")
+        why = records_problem(item_range[:items[1].gap_offset], forged, tail_at, (torch.float32, (2,)))
+        assert why is not None
 
 
 def test_another_dtype_or_shape_than_recorded_is_a_problem():
