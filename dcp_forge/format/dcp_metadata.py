@@ -13,10 +13,12 @@ in ``planner_data`` and in every ``MetadataIndex`` of ``storage_data``). Nothing
 type, so the unpickled metadata is equal to the one written; only the pickle gets shorter and
 quicker to write and read.
 
-``metadata_pickle`` then writes it with DCP's record classes rebuilt by their constructors from
-their fields in order (pickle's ``REDUCE``), instead of an empty object and a dict naming each field
-(``NEWOBJ`` and ``BUILD``): the same objects come back, without a field name per field per item.
-``storage_data`` is written first, so that its classes, met once per item, get pickle's short memo
+``metadata_pickle`` then writes it with the chunk, tensor and location records rebuilt by their
+constructors from their fields in order (pickle's ``REDUCE``), instead of an empty object and a dict
+naming each field (``NEWOBJ`` and ``BUILD``): the same objects come back, without a field name per
+field per item. ``MetadataIndex`` keeps its default record: its ``__init__`` builds a new
+``torch.Size``, which would cost a load more than the names it saves. ``storage_data`` is written
+first, so that what its items share (their classes, the data files' names) gets pickle's short memo
 references (the first 256 objects written).
 """
 
@@ -124,14 +126,6 @@ def _tensor_reduce(md: TensorStorageMetadata) -> Any:
     return _as_fields(md, TensorStorageMetadata, (md.properties, md.size, md.chunks))
 
 
-def _index_reduce(index: MetadataIndex) -> Any:
-    # Its __init__ makes the offset a torch.Size: an offset of another type keeps the default record.
-    if index.offset is not None and type(index.offset) is not torch.Size:
-        return index.__reduce_ex__(4)
-    args = (index.fqn, index.offset) if index.index is None else (index.fqn, index.offset, index.index)
-    return _as_fields(index, MetadataIndex, args)
-
-
 def _storage_reduce(info: Any) -> Any:
     args: tuple = (info.relative_path, info.offset, info.length)
     descriptors = getattr(info, "transform_descriptors", None)
@@ -150,11 +144,10 @@ def _as_fields(value: Any, cls: type, args: tuple) -> Any:
 
 _FIELDS: dict[type, frozenset[str]] = {
     cls: frozenset(f.name for f in dataclasses.fields(cls))
-    for cls in (ChunkStorageMetadata, TensorStorageMetadata, MetadataIndex, StorageInfo)}
+    for cls in (ChunkStorageMetadata, TensorStorageMetadata, StorageInfo)}
 _COMPACT_REDUCERS: dict[type, Any] = {
     Metadata: _metadata_reduce,
     ChunkStorageMetadata: _chunk_reduce,
     TensorStorageMetadata: _tensor_reduce,
-    MetadataIndex: _index_reduce,
     StorageInfo: _storage_reduce,
 }
