@@ -30,7 +30,9 @@ if TYPE_CHECKING:  # torch stays unimported until a save needs it (inspection to
 
 # 2: small items may be packed (format/pack.py): their ranges overlap, and the index's gap columns say
 # which bytes of a range its checksum covers. Readers of format 1 would refuse such checksums.
-FORMAT_VERSION = 2
+# 3: a pack holds one data.pkl record per dtype and shape, which the other tensors of that dtype and
+# shape name in their gap. Readers of format 2 would refuse their trailers.
+FORMAT_VERSION = 3
 
 
 def checksum_bytes(data: bytes | memoryview) -> str:

@@ -32,6 +32,7 @@ from dcp_forge import (
     verify_checkpoint,
 )
 from dcp_forge.core.placement import ChunkPolicy
+from dcp_forge.format.manifest import FORMAT_VERSION
 from dcp_forge.format.names import COMMIT_FILE, MANIFEST_FILE
 from tests.support.statefuls import Box
 from tests.support.tamper import reseal
@@ -319,7 +320,7 @@ CASES = [
     Case("truncated manifest, checksums off", ValueError, r"checkpoint manifest is malformed",
          _tampered(_edit_manifest(lambda text: text[:len(text) // 2], seal=False), verify=False)),
     Case("checkpoint of a newer format version", ValueError, r"manifest format version 99 is newer than this "
-         r"dcp_forge understands \(2\); upgrade dcp_forge", _tampered(_edit_manifest(_newer_format, seal=True))),
+         rf"dcp_forge understands \({FORMAT_VERSION}\); upgrade dcp_forge", _tampered(_edit_manifest(_newer_format, seal=True))),
     Case("corrupted commit marker", ValueError, r"commit marker .*_COMMITTED is malformed",
          _tampered(lambda path: Path(os.path.join(path, COMMIT_FILE)).write_text("{"))),
 ]

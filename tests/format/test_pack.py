@@ -13,12 +13,14 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dcp_forge.format import pack as pack_module
 from dcp_forge.format.index import own_pieces
 from dcp_forge.format.pack import (
     DATA_OFFSET,
     PACKED_TENSOR_MAX_BYTES,
     SMALL_ITEM_BYTES,
     VALUE_OFFSET,
+    data_header,
     pack_in_memory,
     packable_tensor,
     records_problem,
@@ -154,6 +156,27 @@ def test_tensors_of_one_dtype_and_shape_share_one_data_pkl_record():
         assert records_problem(item_range[:item.gap_offset], tail, tail_at, (torch.float32, (3, 2))) is None
         why = shared_records_problem(tail, tail_at, (torch.float32, (3, 2)), lambda o, n, r=item_range: r[o:o + n])
         assert "data.pkl record of a torch.float32 tensor [3, 2]" in why
+
+
+def test_a_pack_as_format_2_wrote_it_still_reads():
+    # format 2 gave every tensor's trailer a data.pkl record of its own
+    tensors = [torch.zeros(3), torch.ones(3), torch.full((3,), 2.0)]
+    heads = [data_header(12) + _raw(t) for t in tensors]
+    starts = [sum(map(len, heads[:i])) for i in range(len(heads))]
+    version_at = at = sum(map(len, heads))
+    trailers = []
+    for start in starts:
+        trailers.append(pack_module._trailer((torch.float32, (3,)), 12, at - start, version_at - start, None))
+        at += len(trailers[-1])
+    pack = b"".join(heads + trailers)
+    assert pack.count(b"_rebuild_tensor_v2") == 3
+    for i, (start, tensor) in enumerate(zip(starts, tensors, strict=True)):
+        end = version_at + sum(map(len, trailers[:i + 1]))
+        item_range, tail_at = pack[start:end], end - start - len(trailers[i])
+        assert torch.equal(torch.load(io.BytesIO(item_range), weights_only=True), tensor)
+        assert records_problem(heads[i], trailers[i], tail_at, (torch.float32, (3,))) is None
+        assert shared_records_problem(trailers[i], tail_at, (torch.float32, (3,)),
+                                      lambda o, n, r=item_range: r[o:o + n]) is None
 
 
 def test_a_data_pkl_record_named_outside_the_gap_is_a_problem():
