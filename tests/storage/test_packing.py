@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -169,6 +170,40 @@ def test_a_damaged_trailer_is_its_own_items_fault(tmp_path):
     flip_byte(os.path.join(path, row.file), row.offset + tail_at + tail_length // 2)
     problems = verify_checkpoint(path)
     assert len(problems) == 1 and "model.norms.7.bias" in problems[0].message
+
+
+def test_a_damaged_shared_data_pkl_is_its_carriers_fault_and_named_for_each_tensor_naming_it(tmp_path):
+    """Tensors of one dtype and shape in a pack share one data.pkl record, in the first one's trailer:
+    damaged, that item fails its checksum, and verify names every other tensor plain DCP could no longer
+    read; dcp_forge still loads those exactly (it reads their bytes, not the record)."""
+    path, model, _ = _save(tmp_path)
+    rows = [r for r in _records(path) if r.gap_offset is not None]
+
+    def trailer_at(row) -> int:
+        return row.offset + own_pieces(row.length, row.gap_offset, row.gap_length)[1][0]
+
+    def trailer(row) -> bytes:
+        with open(os.path.join(path, row.file), "rb") as f:
+            f.seek(trailer_at(row))
+            return f.read(row.offset + row.length - trailer_at(row))
+
+    carrier = next(r for r in rows if r.fqn == "model.norms.0.weight")
+    assert b"_rebuild_tensor" in trailer(carrier)  # the first (16,) float32 tensor of its pack
+    record_at = trailer_at(carrier) + trailer(carrier).index(b"_rebuild_tensor")
+    naming = {r.fqn for r in rows if r is not carrier and (r.file, r.dtype, r.shape) == (carrier.file, carrier.dtype,
+              carrier.shape) and r.offset < record_at < trailer_at(r)}
+    assert {f"model.norms.{i}.{p}" for i in range(40) for p in ("weight", "bias")} - {carrier.fqn} <= naming
+    flip_byte(os.path.join(path, carrier.file), record_at)
+    problems = verify_checkpoint(path)
+    assert [p.kind for p in problems if f"'{carrier.fqn}'" in p.message] == [ProblemKind.CHECKSUM_MISMATCH]
+    named = {re.search(r"packed item of '([^']+)'", p.message).group(1)
+             for p in problems if p.kind == ProblemKind.WRONG_LAYOUT and "names the data.pkl record" in p.message}
+    assert named == naming and len(problems) == len(naming) + 1
+    others = {"model": {name: torch.zeros(16) for name in model.state_dict()
+                        if name.startswith("norms.") and f"model.{name}" in naming}}  # all but the carrier
+    dcp.load(others, storage_reader=ForgeStorageReader(path), no_dist=True)
+    assert len(others["model"]) == 2 * 40 - 1  # every norm weight and bias but the carrier
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in others["model"].items())
 
 
 @pytest.mark.parametrize("field, delta", [("gap_offset", 4), ("gap_length", -4), ("data_offset", 4)])
