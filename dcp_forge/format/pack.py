@@ -43,8 +43,7 @@ import math
 import struct
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import xxhash
@@ -181,10 +180,9 @@ def value_pickle(zipped: Any) -> memoryview | None:
     return found
 
 
-@dataclass(frozen=True)
-class PackedItem:
+class PackedItem(NamedTuple):
     """One item of a pack: its range (what DCP reads), from the pack's first byte, its gap, and the
-    checksum of the bytes it owns."""
+    checksum of the bytes it owns. (A tuple: a pack makes one per item.)"""
 
     offset: int
     length: int
@@ -262,7 +260,7 @@ class PackWriter:
         """Add a tensor ``packable_tensor`` accepts; it must not change until it is written."""
         tensor = tensor.contiguous()
         nbytes = tensor.nbytes
-        header = _local_header(_DATA_NAME, nbytes)
+        header = data_header(nbytes)
         small = nbytes <= SMALL_ITEM_BYTES
         # a small tensor's bytes copied at once (one call), a large one's viewed in place
         data = ctypes.string_at(tensor.data_ptr(), nbytes) if small else _memory(tensor)
