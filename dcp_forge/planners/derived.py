@@ -27,6 +27,7 @@ import bisect
 import dataclasses
 import hashlib
 import marshal
+import operator
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from operator import itemgetter
@@ -275,12 +276,15 @@ def summarize(local_plan: SavePlan, holders: Callable[[WriteItem], tuple[bytes, 
     return PlanSummary(rank, world_size, tuple(sets), set_of_item)
 
 
-def verified_global_plan(reports: Sequence[CommitReport], world_size: int, where: str
-                         ) -> tuple[list[SavePlan], Metadata]:
+def verified_global_plan(reports: Sequence[CommitReport], world_size: int, where: str,
+                         digested: Sequence[SetShare] = ()) -> tuple[list[SavePlan], Metadata]:
     """Every rank's final plan and the checkpoint's metadata, from every rank's report (coordinator).
 
     Raises IncompleteSaveError unless every set was reported by each of its members, all of them
     with the same digest, and the items written for it are exactly the set's items, each once.
+    ``digested``: sets whose digest this process already took (the coordinator's own summary); where
+    the items written for such a set are those very item objects, in its order, their digest is
+    that one and is not taken again.
     """
     problems = []
     if len(reports) != world_size:
@@ -297,8 +301,41 @@ def verified_global_plan(reports: Sequence[CommitReport], world_size: int, where
                 not 0 <= i < len(report.sets) for i in report.item_sets):
             problems.append(f"rank {rank}'s report does not say which ranks hold each item it wrote")
             continue
+        if len(set(report.item_sets)) == 1:  # every item of one set (one rank's whole plan): no walk per item
+            written.setdefault(report.sets[report.item_sets[0]][0], []).extend(report.plan.items)
+            continue
         for item, set_index in zip(report.plan.items, report.item_sets, strict=True):
             written.setdefault(report.sets[set_index][0], []).append(item)
+    if len(written) > 1:  # with one set, no item can have been written for two
+        problems += _written_for_two_sets(written)
+    own = {share.name: share for share in digested}
+    for name, by_position in sorted(claims.items()):
+        members = decode_ranks(name.decode())
+        if [by_position.get(p, (None,))[0] for p in range(len(members))] != list(members):
+            problems.append(f"the ranks holding the same state as {name.decode()} did not all report it "
+                            f"(reported by {sorted(r for r, _ in by_position.values())})")
+            continue
+        digests = {digest for _, digest in by_position.values()}
+        got = written.get(name, [])
+        share = own.get(name)
+        if len(digests) != 1:
+            problems.append(f"ranks {name.decode()} hold different items under the same declaration")
+        elif (share.digest if share is not None and _same_objects(got, share.items) else items_digest(got)) \
+                != digests.pop():
+            twice = sorted(f"{k[0]}" for k, n in Counter(item_key(i) for i in got).items() if n > 1)
+            problems.append(f"the {len(got)} item(s) written for ranks {name.decode()} are not exactly what they "
+                            f"hold" + (f" (written twice: {twice[:3]})" if twice else " (an item is missing)"))
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise IncompleteSaveError(f"not committing checkpoint {where}: {shown}")
+    plans = [report.plan for report in reports]
+    global_plan, metadata = create_default_global_save_plan(plans, rewrite_index_hints=False)
+    return global_plan, dataclasses.replace(metadata, planner_data=merged_paths(plans))
+
+
+def _written_for_two_sets(written: Mapping[bytes, Sequence[WriteItem]]) -> list[str]:
+    """Each item written for two sets, each of which holds it as its only copy."""
+    problems = []
     holders_of: dict[ItemKey, bytes] = {}
     for name, items in written.items():
         for item in items:
@@ -309,26 +346,13 @@ def verified_global_plan(reports: Sequence[CommitReport], world_size: int, where
                     f"{other.decode()} and by ranks {name.decode()}, which each hold it as the only copy: a "
                     "DTensor kept on several device meshes (tensor parallelism inside data-parallel replicas) "
                     "is one copy per replica: declare it PER_GROUP over the ranks holding the same shard")
-    for name, by_position in sorted(claims.items()):
-        members = decode_ranks(name.decode())
-        if [by_position.get(p, (None,))[0] for p in range(len(members))] != list(members):
-            problems.append(f"the ranks holding the same state as {name.decode()} did not all report it "
-                            f"(reported by {sorted(r for r, _ in by_position.values())})")
-            continue
-        digests = {digest for _, digest in by_position.values()}
-        got = written.get(name, [])
-        if len(digests) != 1:
-            problems.append(f"ranks {name.decode()} hold different items under the same declaration")
-        elif items_digest(got) != digests.pop():
-            twice = sorted(f"{k[0]}" for k, n in Counter(item_key(i) for i in got).items() if n > 1)
-            problems.append(f"the {len(got)} item(s) written for ranks {name.decode()} are not exactly what they "
-                            f"hold" + (f" (written twice: {twice[:3]})" if twice else " (an item is missing)"))
-    if problems:
-        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise IncompleteSaveError(f"not committing checkpoint {where}: {shown}")
-    plans = [report.plan for report in reports]
-    global_plan, metadata = create_default_global_save_plan(plans, rewrite_index_hints=False)
-    return global_plan, dataclasses.replace(metadata, planner_data=merged_paths(plans))
+    return problems
+
+
+def _same_objects(items: Sequence[WriteItem], others: Sequence[WriteItem]) -> bool:
+    """Whether ``items`` are the very objects ``others`` are, in the same order: then they describe
+    the same items (a WriteItem is frozen, and nothing edits its tensor data once planned)."""
+    return len(items) == len(others) and all(map(operator.is_, items, others))
 
 
 def merged_paths(plans: Sequence[SavePlan]) -> dict[str, Any]:

@@ -451,7 +451,8 @@ class ForgeSavePlanner(DefaultSavePlanner):
             if len(sent) != len(reports):
                 raise IncompleteSaveError(f"not committing checkpoint {where}: rank(s) "
                                           f"{[r for r, rep in enumerate(reports) if rep is None]} sent no plan")
-            self.global_plan, self.metadata = verified_global_plan(sent, self.topology.world_size, where)
+            digested = self._summary.sets if isinstance(self._summary, PlanSummary) else ()
+            self.global_plan, self.metadata = verified_global_plan(sent, self.topology.world_size, where, digested)
         return self.global_plan, self.metadata
 
     def committed(self, generation: str) -> None:

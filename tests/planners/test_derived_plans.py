@@ -233,6 +233,33 @@ def test_the_coordinator_refuses_reports_missing_or_repeating_an_item():
         verified_global_plan([reports[0], reports[1], dataclasses.replace(reports[2], sets=())], 3, "ckpt")
 
 
+def test_the_coordinator_s_own_digests_vouch_only_for_its_own_items():
+    """Passing the sets the coordinator digested while planning changes nothing it accepts or refuses:
+    its digest stands for exactly the items it summarized, so an item dropped, repeated or changed in
+    the report is still found."""
+    layouts = {"model": ComponentLayout("model", SharingPattern.REPLICATED),
+               "rng": ComponentLayout("rng", SharingPattern.PER_RANK)}
+    states = [{"model": {f"t{i}": torch.empty(4 + i, device="meta") for i in range(5)},
+               "rng": {"s": torch.empty(3, device="meta")}}]
+    derived = derived_plans(states, layouts, Topology.uniform(0, 1), ChunkPolicy())
+    (report,) = commit_reports(derived)
+    digested = derived.summaries[0].sets
+    verified_global_plan([report], 1, "ckpt", digested)
+    items, sets = list(report.plan.items), report.item_sets
+    bigger = dataclasses.replace(items[1], tensor_data=dataclasses.replace(
+        items[1].tensor_data, size=torch.Size([99]),
+        chunk=ChunkStorageMetadata(torch.Size([0]), torch.Size([99]))))
+    tampered = {
+        "an item is missing": (items[1:], sets[1:]),
+        "written twice": (items + items[:1], sets + sets[:1]),
+        "not exactly what they hold": ([items[0], bigger, *items[2:]], sets),
+    }
+    for why, (changed, changed_sets) in tampered.items():
+        bad = dataclasses.replace(report, plan=SavePlan(changed), item_sets=changed_sets)
+        with pytest.raises(IncompleteSaveError, match=why):
+            verified_global_plan([bad], 1, "ckpt", digested)
+
+
 def test_the_coordinator_s_global_values_count_in_the_balance():
     layouts = {"model": ComponentLayout("model", SharingPattern.REPLICATED),
                "ema": ComponentLayout("ema", SharingPattern.GLOBAL)}
