@@ -116,12 +116,16 @@ def _is_index(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _one_whole_chunk(shape: tuple, offsets: tuple, sizes: tuple) -> bool:
+def one_whole_chunk(shape: tuple, offsets: tuple, sizes: tuple) -> bool:
     """Whether one chunk at ``offsets`` of ``sizes`` is exactly the whole tensor of ``shape``: plain
     ints (bools and other int subclasses go to ``tiling_problem``'s full checks), no negative size,
-    zero offsets, the same sizes."""
+    zero offsets, the same sizes. True means ``tiling_problem(shape, [(offsets, sizes)])`` is None:
+    callers checking many tensors ask this first, without building the boxes."""
     return (sizes == shape and len(offsets) == len(shape) and not any(offsets)
-            and {*map(type, shape), *map(type, offsets), *map(type, sizes)} <= {int} and all(s >= 0 for s in shape))
+            and {*map(type, shape), *map(type, offsets), *map(type, sizes)} <= _INT and min(shape, default=0) >= 0)
+
+
+_INT = frozenset({int})
 
 
 def tiling_problem(shape: Sequence[int], boxes: Sequence[tuple[Sequence[int], Sequence[int]]], *,
@@ -137,7 +141,7 @@ def tiling_problem(shape: Sequence[int], boxes: Sequence[tuple[Sequence[int], Se
     tensors compare each box with a few neighbours only.
     """
     shape = tuple(shape)
-    if len(boxes) == 1 and _one_whole_chunk(shape, tuple(boxes[0][0]), tuple(boxes[0][1])):
+    if len(boxes) == 1 and one_whole_chunk(shape, tuple(boxes[0][0]), tuple(boxes[0][1])):
         return None  # how unsharded tensors are stored: checked for every tensor of a save and a load
     if not all(map(_is_index, shape)) or any(s < 0 for s in shape):
         return f"its shape {list(shape)} is not a list of sizes"

@@ -43,7 +43,7 @@ from ..core.agreement import rank_terms
 from ..core.components import ComponentLayout
 from ..core.keys import decode_ranks, encode_ranks
 from ..core.patterns import SharingPattern
-from ..core.placement import describe_item, index_key, index_order, item_bytes
+from ..core.placement import describe_item, index_order, indexed_key, item_bytes
 from ..core.set_placement import Item, derive_writers
 from ..core.tensors import dtype_text, is_plain_tensor
 from ..core.topology import Topology
@@ -53,8 +53,7 @@ ItemKey = tuple[str, Any]  # index_key: (fqn, offsets), as DCP's MetadataIndex c
 Members = Sequence[int]  # sorted ranks: a range for the whole world, else a tuple
 
 
-def item_key(item: WriteItem) -> ItemKey:
-    return index_key(item.index)
+item_key: Callable[[WriteItem], ItemKey] = indexed_key  # index_key of the item's index
 
 
 def items_digest(items: Iterable[WriteItem]) -> bytes:

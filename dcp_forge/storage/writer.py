@@ -52,7 +52,13 @@ from ..core.topology import Topology
 from ..errors import IncompleteSaveError, os_error_context
 from ..format.dcp_metadata import metadata_pickle, share_equal_parts
 from ..format.index import StoredItem, encode_index
-from ..format.manifest import CheckpointManifest, checksum_bytes, component_manifests, item_records, versions
+from ..format.manifest import (
+    CheckpointManifest,
+    checksum_bytes,
+    component_manifests,
+    item_records_and_locations,
+    versions,
+)
 from ..format.names import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE, data_file_name, new_save_id
 from ..format.pack import (
     LARGE_PACK_BYTES,
@@ -433,11 +439,7 @@ class ForgeStorageWriter(StorageWriter):
         if self.commit_gate is not None:
             self.commit_gate()
         topology = self._topology or Topology(rank=0, world_size=max(1, len(results)))
-        records = item_records(metadata, results, self._layouts)
-        metadata.storage_data = {
-            r.index: StorageInfo(r.storage_data.relative_path, r.storage_data.offset, r.storage_data.length)
-            for rank_results in results for r in rank_results
-        }
+        records, metadata.storage_data = item_records_and_locations(metadata, results, self._layouts, StorageInfo)
         # As DCP's FileSystemWriter.finish records them: readers look for the save's ids and the version.
         metadata.storage_meta = self.storage_meta()
         metadata.version = CURRENT_DCP_VERSION
