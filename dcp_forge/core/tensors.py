@@ -84,10 +84,12 @@ def exact_storage(tensor: torch.Tensor) -> torch.Tensor:
     as-is would write the full parent tensor. A contiguous CPU view gets a zero-copy storage slice;
     a non-contiguous one is copied; other devices are copied to the CPU by the writer anyway. A lazy
     conjugate / negative view keeps its flags over its storage's bytes, as ``torch.save`` stores it:
-    the copy or slice is taken of its raw storage and flagged again.
+    the copy or slice is taken of its raw storage and flagged again. The result is outside autograd:
+    ``tensor`` itself where it already is (a save resolves every item: no alias made for nothing).
     """
-    tensor = tensor.detach()
-    if tensor.device.type != "cpu":
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if not tensor.is_cpu:
         return tensor
     bits = math_bits(tensor)
     if bits is not None:

@@ -95,7 +95,9 @@ class ForgeSavePlanner(DefaultSavePlanner):
                  exchange: RankExchange | None = None, plan_cache: PlanCache | None = None) -> None:
         # DCP's plan caching stays off: it caches plans at class level, a known source of stale
         # plans. ``plan_cache`` (planning on every rank only) is this planner's own, per coordinator.
-        super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True, enable_plan_caching=False)
+        # DCP's flattening of nested ShardedTensors walks the whole state once more, and changes
+        # ShardedTensor values alone: set_up_planner asks for it only when the state holds one.
+        super().__init__(flatten_state_dict=True, flatten_sharded_tensors=False, enable_plan_caching=False)
         self.layouts: dict[str, ComponentLayout] = layouts_from(components)
         self._topology = topology
         self._topology_given = topology is not None
@@ -152,6 +154,9 @@ class ForgeSavePlanner(DefaultSavePlanner):
         renamed = {self.key_map[k]: v for k, v in state_dict.items()}
         try:
             super().set_up_planner(renamed, storage_meta, is_coordinator)
+            if any(type(value) is not torch.Tensor and hasattr(value, "local_shards")
+                   for value in self.state_dict.values()):
+                self.state_dict = _sharded_tensors_flattened(self.state_dict)
         except ValueError as err:  # DCP's flattening: two keys with the same str() ({1: a, "1": b})
             if "duplicated flatten key" not in str(err):
                 raise
@@ -488,6 +493,13 @@ class ForgeSavePlanner(DefaultSavePlanner):
                 return exact_storage(narrow_box(obj, chunk.offsets, chunk.sizes))
         data = super().resolve_data(write_item)
         return exact_storage(data) if isinstance(data, torch.Tensor) else data
+
+
+def _sharded_tensors_flattened(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with its nested ShardedTensors flattened, as ``DefaultSavePlanner`` does."""
+    flattener = DefaultSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=True)
+    flattener.set_up_planner(state_dict)
+    return flattener.state_dict
 
 
 # The key of a local plan's planner_data under which it lists its empty-dictionary items (no fqn is "").

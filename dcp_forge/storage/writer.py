@@ -131,11 +131,12 @@ def _bins(items: Sequence[WriteItem], count: int) -> list[list[WriteItem]]:
     """Split items into ``count`` lists of about equal bytes (largest first onto the lightest)."""
     bins: list[list[WriteItem]] = [[] for _ in range(max(1, count))]
     loads = [0] * len(bins)
-    for size, _, item in sorted(((item_bytes(item), i, item) for i, item in enumerate(items)),
-                                key=lambda sized: (-sized[0], sized[1])):
+    sizes = list(map(item_bytes, items))
+    # Largest first; the sort is stable, so items of one size keep their order.
+    for at in sorted(range(len(items)), key=sizes.__getitem__, reverse=True):
         i = loads.index(min(loads))
-        bins[i].append(item)
-        loads[i] += size
+        bins[i].append(items[at])
+        loads[i] += sizes[at]
     return [b for b in bins if b]
 
 
