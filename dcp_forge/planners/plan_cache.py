@@ -18,6 +18,7 @@ coordinator reuse its metadata skeleton too. A plan is stored only once its save
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import marshal
@@ -29,7 +30,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan
 from torch.distributed.tensor import DTensor
 
-from ..core.tensors import is_plain_tensor, math_bits, raw_view
+from ..core.tensors import dtype_text, is_plain_tensor, math_bits, raw_view
 from ..core.topology import Topology
 from ..format.values import has_opaque_layout
 from .derived import PlanSummary
@@ -44,8 +45,14 @@ def _tensor_description(tensor: torch.Tensor) -> tuple:
     opaque = has_opaque_layout(tensor)
     # A lazy view's flags are not the plan's business: its storage's pinning is.
     pinned = (tensor if math_bits(tensor) is None else raw_view(tensor)).is_pinned() if not opaque else None
-    return (tuple(tensor.shape) if not tensor.is_nested else None, str(tensor.dtype), str(tensor.layout),
+    return (tuple(tensor.shape) if not tensor.is_nested else None, dtype_text(tensor.dtype), _layout_text(tensor.layout),
             tensor.requires_grad, pinned, opaque)
+
+
+@functools.cache
+def _layout_text(layout: torch.layout) -> str:
+    """``str(layout)``, built once per layout (as ``dtype_text`` is per dtype)."""
+    return str(layout)
 
 
 def state_signature(flat_state: Mapping[str, Any], paths: Mapping[str, Any], context: bytes) -> bytes | None:

@@ -29,7 +29,6 @@ With ``plan_cache`` (one per coordinator), a save whose structure is unchanged r
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 from collections.abc import Sequence
 from typing import Any
@@ -57,6 +56,7 @@ from ..rank_exchange import RankExchange, travelling
 from .derived import (
     CommitReport,
     HolderSets,
+    Members,
     PlanSummary,
     merged_paths,
     set_name,
@@ -230,7 +230,7 @@ class ForgeSavePlanner(DefaultSavePlanner):
             if has_opaque_layout(value):
                 self._opaque.add(fqn)
             if self._owns(fqn):
-                refuse_unstorable_tensor(value, functools.partial(self._where, fqn), allow_meta=self.planning_only)
+                refuse_unstorable_tensor(value, self._where, fqn, allow_meta=self.planning_only)
 
     def _local_plan(self) -> SavePlan:
         # DCP's default local plan, except that opaque tensors (quantized, sparse, nested) are stored
@@ -279,10 +279,18 @@ class ForgeSavePlanner(DefaultSavePlanner):
         """Who holds each item of this rank's ``local_plan`` (derived.summarize), or why some item's
         holders cannot be named by this rank alone. Needs ``set_up_planner`` first."""
         holder_sets = HolderSets(self.topology)
-        return summarize(
-            local_plan, lambda item: holder_sets.of(item, self.state_dict.get(item.index.fqn),
-                                                    self._layout_of_storage_key.get(top_level_key(item.index.fqn))),
-            self.topology.rank, self.topology.world_size)
+        of_whole_values: dict[str, tuple[bytes, Members] | None] = {}  # storage key -> the holders of its whole values
+
+        def holders(item: WriteItem) -> tuple[bytes, Members] | None:
+            fqn = item.index.fqn
+            key = top_level_key(fqn)
+            if item.type is not WriteItemType.SHARD:  # a whole value: its holders are its storage key's
+                if key not in of_whole_values:
+                    of_whole_values[key] = holder_sets.of(item, None, self._layout_of_storage_key.get(key))
+                return of_whole_values[key]
+            return holder_sets.of(item, self.state_dict.get(fqn), self._layout_of_storage_key.get(key))
+
+        return summarize(local_plan, holders, self.topology.rank, self.topology.world_size)
 
     def _check_values(self, plan: SavePlan) -> None:
         """Refuse what would not come back exactly (before anything is written), keep each proven
