@@ -92,16 +92,27 @@ def empty_mappings(state_dict: Mapping[Any, Any]) -> list[tuple[tuple, KeyPath, 
     path and its path of real keys: DCP's flattening keeps leaves only, so an empty dictionary
     (a fresh optimizer's ``state``) would not come back at all."""
     found: list[tuple[tuple, KeyPath, Mapping]] = []
+    # Whether values of a type may hold a dictionary (mappings and lists), asked once per type:
+    # a leaf (a tensor, a number) is not walked into, so its path is never built.
+    may_hold: dict[type, bool] = {dict: True, list: True}
+
+    def walked(item: Any) -> bool:
+        kind = type(item)
+        if (holds := may_hold.get(kind)) is None:
+            holds = may_hold[kind] = isinstance(item, (Mapping, list))
+        return holds
 
     def walk(value: Any, path: tuple, steps: KeyPath) -> None:
         if isinstance(value, Mapping):
             if not value:
                 found.append((path, steps, value))
             for key, item in value.items():
-                walk(item, (*path, str(key)), (*steps, Step(key)))
+                if walked(item):
+                    walk(item, (*path, str(key)), (*steps, Step(key)))
         elif isinstance(value, list) and _walked_by_dcp(value):
             for i, item in enumerate(value):
-                walk(item, (*path, i), (*steps, Step(i, index=True)))
+                if walked(item):
+                    walk(item, (*path, i), (*steps, Step(i, index=True)))
 
     for key, value in state_dict.items():
         walk(value, (str(key),), (Step(key),))

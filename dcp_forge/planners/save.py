@@ -418,11 +418,12 @@ class ForgeSavePlanner(DefaultSavePlanner):
     def global_value_bytes(self) -> int:
         """Bytes of the GLOBAL plain values in this rank's local plan (rank 0 alone plans them; DTensor
         shards follow their mesh): what the coordinator writes besides its share of shared state."""
-        def is_global(item: WriteItem) -> bool:
-            layout = self._layout_of_storage_key.get(top_level_key(item.index.fqn))
-            return layout is not None and layout.pattern is SharingPattern.GLOBAL and item.type != WriteItemType.SHARD
-
-        return sum(item_bytes(item) for item in self.plan.items if is_global(item))
+        global_keys = {key for key, layout in self._layout_of_storage_key.items()
+                       if layout is not None and layout.pattern is SharingPattern.GLOBAL}
+        if not global_keys:  # nothing declared GLOBAL: no item to look at
+            return 0
+        return sum(item_bytes(item) for item in self.plan.items
+                   if item.type != WriteItemType.SHARD and top_level_key(item.index.fqn) in global_keys)
 
     def _gather_and_scatter(self, local_plan: SavePlan) -> SavePlan:
         """DCP's path: every rank's local plan on the coordinator, which places them and sends each
