@@ -482,19 +482,20 @@ class ForgeSavePlanner(DefaultSavePlanner):
                                             self._coordinator_bytes, generation), skeleton)
 
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor | Any:
-        if write_item.type == WriteItemType.BYTE_IO:
+        kind = write_item.type  # compared by identity (enum members): this runs once per written item
+        if kind is _TENSOR:
+            obj = self.state_dict.get(write_item.index.fqn)
+            # What DCP's lookup returns for a plain tensor at its origin, without its per-item
+            # lookups (unless a subclass changed how objects are looked up or transformed).
+            if type(obj) is torch.Tensor and self._default_lookup:
+                offset = write_item.index.offset
+                if offset is None or (not any(offset) and len(offset) == obj.dim()):
+                    return exact_storage(obj)
+        elif kind is _BYTE_IO:
             pickled = self._pickled.pop(write_item.index.fqn, None)
             if pickled is not None:
                 return pickled
-        if write_item.type == WriteItemType.TENSOR:
-            obj = self.state_dict.get(write_item.index.fqn)
-            offset = write_item.index.offset
-            # What DCP's lookup returns for a plain tensor at its origin, without its per-item
-            # lookups (unless a subclass changed how objects are looked up or transformed).
-            if type(obj) is torch.Tensor and (offset is None or (len(offset) == obj.dim() and not any(offset))) \
-                    and self._default_lookup:
-                return exact_storage(obj)
-        if write_item.type == WriteItemType.SHARD:
+        elif kind is _SHARD:
             obj = self.state_dict.get(write_item.index.fqn)
             if is_plain_tensor(obj):  # one of our row-chunks of a plain tensor
                 assert write_item.tensor_data is not None, "a SHARD item describes its chunk"
@@ -510,6 +511,8 @@ def _sharded_tensors_flattened(state_dict: dict[str, Any]) -> dict[str, Any]:
     flattener.set_up_planner(state_dict)
     return flattener.state_dict
 
+
+_TENSOR, _BYTE_IO, _SHARD = WriteItemType.TENSOR, WriteItemType.BYTE_IO, WriteItemType.SHARD
 
 # The key of a local plan's planner_data under which it lists its empty-dictionary items (no fqn is "").
 _EMPTY_MAPPINGS = ""
