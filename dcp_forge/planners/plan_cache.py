@@ -80,7 +80,8 @@ def state_signature(flat_state: Mapping[str, Any], paths: Mapping[str, Any], con
             return None
         else:  # pickled as bytes: the plan only knows its key
             described.append((key, "bytes"))
-    signed = (described, sorted((k, tuple(p)) for k, p in paths.items()))
+    # In the state's order, as ``described`` is: a state of the same structure lists them alike.
+    signed = (described, [(k, tuple(p)) for k, p in paths.items()])
     try:  # values only, no references (derived.items_digest): quicker than the repr
         encoded = b"marshal " + marshal.dumps(signed, 0)
     except ValueError:

@@ -296,14 +296,15 @@ class ForgeSavePlanner(DefaultSavePlanner):
         """Refuse what would not come back exactly (before anything is written), keep each proven
         pickle for writing, and note each value's saved form."""
         self._pickled, self.saved_forms = {}, {}
+        state, opaque_fqns, key_paths = self.state_dict, self._opaque, self._key_paths
         for item in plan.items:
             fqn = item.index.fqn
-            value = self.state_dict.get(fqn)
-            opaque = fqn in self._opaque
-            if item.type == WriteItemType.BYTE_IO and not opaque:
+            value = state.get(fqn)
+            opaque = fqn in opaque_fqns
+            if item.type is _BYTE_IO and not opaque:
                 original = value.mapping if isinstance(value, _EmptyMapping) else value
                 self._pickled[fqn] = pickled_value(original, self._where(fqn))
-            key_path = self._key_paths.get(fqn)
+            key_path = key_paths.get(fqn)
             bits = math_bits(value) if not opaque and is_plain_tensor(value) else None
             if key_path is not None or bits is not None:  # a SavedForm holding neither is not kept
                 self.saved_forms[fqn] = SavedForm(key_path[1:] if key_path is not None else None, bits)
