@@ -1,7 +1,7 @@
 """ForgeSavePlanner flattens a state exactly as DCP's DefaultSavePlanner does (flatten_state_dict and
 flatten_sharded_tensors both on), though it walks the state a second time only for ShardedTensors;
-and it finds every empty dictionary of the state (which DCP's flattening drops), though it walks
-into containers only."""
+it finds every empty dictionary of the state (which DCP's flattening drops), and every name whose
+path passes a key that is not a string, though it walks into containers only."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from collections.abc import Mapping
 
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-from dcp_forge.core.key_paths import Step, empty_mappings
+from dcp_forge._torch_compat import flatten_state_dict
+from dcp_forge.core.key_paths import Step, empty_mappings, typed_paths
 from dcp_forge.planners import ForgeSavePlanner
 from tests.support.strategies import build_values, value_trees
 
@@ -82,3 +84,30 @@ def test_every_empty_mapping_is_found_with_its_path(tree: dict) -> None:
     assert [(p, s) for p, s, _ in empty_mappings(state)] == [(p, s) for p, s, _ in _every_empty_mapping(state)]
     assert all(found is expected for (_, _, found), (_, _, expected)
                in zip(empty_mappings(state), _every_empty_mapping(state), strict=True))
+
+
+def _typed_by_following_each_name(root: dict, flat_paths: dict) -> dict:
+    """typed_paths by its definition: follow each name's path and keep those passing a non-str key."""
+    out = {}
+    for name, path in flat_paths.items():
+        node, steps = root, []
+        for part in path:
+            if isinstance(node, Mapping):
+                key = next(k for k in node if str(k) == part)
+                steps.append(Step(key))
+            else:
+                key = part
+                steps.append(Step(key, index=True))
+            node = node[key]
+        if any(not s.index and type(s.key) is not str for s in steps):
+            out[name] = tuple(steps)
+    return out
+
+
+@settings(max_examples=80, deadline=None)
+@given(value_trees(), st.booleans())
+def test_typed_paths_are_those_through_a_key_that_is_not_a_string(tree: dict, nest_in_list: bool) -> None:
+    inner = build_values(tree)
+    state = {"model": [torch.zeros(1), inner] if nest_in_list else inner, "other": {"w": torch.ones(2)}}
+    flat, paths = flatten_state_dict(state)
+    assert typed_paths(state, paths) == _typed_by_following_each_name(state, paths)
