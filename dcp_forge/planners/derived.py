@@ -55,6 +55,7 @@ Members = Sequence[int]  # sorted ranks: a range for the whole world, else a tup
 
 
 item_key: Callable[[WriteItem], ItemKey] = indexed_key  # index_key of the item's index
+_FQN_OF_ITEM = operator.attrgetter("index.fqn")
 
 
 def items_digest(items: Iterable[WriteItem]) -> bytes:
@@ -240,18 +241,22 @@ class PlanSummary:
 
     def final_plan(self, local_plan: SavePlan, base: Mapping[int, int] | None = None) -> SavePlan:
         """The items of ``local_plan`` this rank writes (call once the sets are proven to agree)."""
+        if all(share.size == 1 for share in self.sets):  # this rank alone holds each of its items
+            return dataclasses.replace(local_plan, items=list(local_plan.items))
         writer = self.writers(base)
         mine = [item for item in local_plan.items
                 if self.sets[self.set_of_item[item_key(item)]].size == 1 or writer[item_key(item)] == self.rank]
         return dataclasses.replace(local_plan, items=mine)
 
     def commit_report(self, final_plan: SavePlan) -> CommitReport:
-        written = {item.index.fqn for item in final_plan.items}
-        paths = {fqn: path for fqn, path in (final_plan.planner_data or {}).items() if fqn in written}
+        written = set(map(_FQN_OF_ITEM, final_plan.items))
+        paths = final_plan.planner_data or {}
+        if not paths.keys() <= written:  # keep only the paths of written items
+            paths = {fqn: path for fqn, path in paths.items() if fqn in written}
         return CommitReport(
-            plan=dataclasses.replace(final_plan, planner_data=paths, storage_data=None),
+            plan=dataclasses.replace(final_plan, planner_data=dict(paths), storage_data=None),
             sets=tuple((s.name, s.size, s.position, s.digest) for s in self.sets),
-            item_sets=tuple(self.set_of_item[item_key(item)] for item in final_plan.items))
+            item_sets=tuple(map(self.set_of_item.__getitem__, map(item_key, final_plan.items))))
 
 
 def summarize(local_plan: SavePlan, holders: Callable[[WriteItem], tuple[bytes, Members] | None],
