@@ -30,21 +30,29 @@ def unstored_pieces(metadata: Metadata, stored: Collection[MetadataIndex]) -> di
     stored_keys = set(map(index_key, stored))
     missing = {}
     for fqn, md in metadata.state_dict_metadata.items():
-        if isinstance(md, BytesStorageMetadata):
-            if (fqn, None) not in stored_keys:
-                missing[fqn] = [MetadataIndex(fqn)]
-        elif isinstance(md, TensorStorageMetadata):
+        if isinstance(md, TensorStorageMetadata):
             # Keys as index_key gives them (a MetadataIndex holds its offsets as a torch.Size, which
             # compares and hashes as its tuple): a MetadataIndex is only made for a missing piece.
-            lacking = [offsets for offsets in map(_OFFSETS, md.chunks)
-                       if (fqn, offsets if offsets is None or isinstance(offsets, tuple) else torch.Size(offsets))
-                       not in stored_keys]
+            chunks = md.chunks
+            if len(chunks) == 1:  # a whole tensor, or one piece of it: no list built per tensor
+                offsets = chunks[0].offsets
+                if (fqn, _as_offsets(offsets)) not in stored_keys:
+                    missing[fqn] = [MetadataIndex(fqn, offsets)]
+                continue
+            lacking = [offsets for offsets in map(_OFFSETS, chunks) if (fqn, _as_offsets(offsets)) not in stored_keys]
             if lacking:
                 missing[fqn] = [MetadataIndex(fqn, offsets) for offsets in lacking]
+        elif isinstance(md, BytesStorageMetadata) and (fqn, None) not in stored_keys:
+            missing[fqn] = [MetadataIndex(fqn)]
     return dict(sorted(missing.items()))
 
 
 _OFFSETS = operator.attrgetter("offsets")
+
+
+def _as_offsets(offsets: Sequence[int] | None) -> Sequence[int] | None:
+    """``offsets`` as ``MetadataIndex`` would hold them (a torch.Size, or None)."""
+    return offsets if offsets is None or isinstance(offsets, tuple) else torch.Size(offsets)
 
 
 def _describe(indexes: Sequence[MetadataIndex], limit: int = 3) -> str:
