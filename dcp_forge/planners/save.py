@@ -224,12 +224,13 @@ class ForgeSavePlanner(DefaultSavePlanner):
         """Refuse the plain tensors this rank plans whose values cannot be stored (before DCP's
         planning, which would fail on some), and note the opaque ones (``_opaque``)."""
         self._opaque = set()
+        owns_all = self.topology.rank == 0  # asked once, not per tensor (see _owns)
         for fqn, value in self.state_dict.items():
-            if not is_plain_tensor(value):
+            if type(value) is not torch.Tensor and not is_plain_tensor(value):
                 continue
             if has_opaque_layout(value):
                 self._opaque.add(fqn)
-            if self._owns(fqn):
+            if owns_all or self._owns(fqn):
                 refuse_unstorable_tensor(value, self._where, fqn, allow_meta=self.planning_only)
 
     def _local_plan(self) -> SavePlan:
