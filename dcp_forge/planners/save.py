@@ -267,7 +267,7 @@ class ForgeSavePlanner(DefaultSavePlanner):
         state's structure is unchanged since the last committed save."""
         self._check_tensors()
         if self.plan_cache is not None:
-            self._signature = state_signature(self.state_dict, self.mappings, self._signature_context())
+            self._signature = state_signature(self.state_dict, self.mappings, self._signature_context(), self._opaque)
             self._cached = self.plan_cache.lookup(self._signature)
         if self._cached is not None:  # the values are new: pickled and their forms noted afresh
             self.plan, self._summary = self._cached.local_plan, self._cached.summary
