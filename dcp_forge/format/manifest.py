@@ -8,6 +8,7 @@ detected. Per-item detail lives in ``index.parquet`` (format/index.py).
 
 from __future__ import annotations
 
+import itertools
 import json
 import operator
 from collections import defaultdict
@@ -213,8 +214,8 @@ def pattern_of(storage_key: str, layouts: Mapping[str, ComponentLayout]) -> Shar
 def component_manifests(records: Sequence[ItemRecord], layouts: Mapping[str, ComponentLayout],
                         topology: Topology) -> dict[str, ComponentManifest]:
     by_copy: dict[str, list[ItemRecord]] = defaultdict(list)
-    for r in records:
-        by_copy[r.storage_key].append(r)
+    for skey, run in itertools.groupby(records, key=_STORAGE_KEY):  # a copy's records mostly come together
+        by_copy[skey] += run
     components: dict[str, ComponentManifest] = {}
     for skey in sorted(by_copy):
         items = by_copy[skey]
@@ -223,9 +224,11 @@ def component_manifests(records: Sequence[ItemRecord], layouts: Mapping[str, Com
         layout = layouts.get(parsed.component)
         group = parsed.group_name or (layout.group_name if layout else None)
         holders = _holders_of_copy(parsed, pattern, topology)
+        # Field by field in C (a copy may hold thousands of records); the bytes are each record's stored_bytes.
         copy = CopyManifest(
-            holders=list(holders), writers=sorted({r.rank for r in items}),
-            size_bytes=sum(r.stored_bytes for r in items), checksum=combine_checksums([r.checksum for r in items]),
+            holders=list(holders), writers=sorted(set(map(_RANK, items))),
+            size_bytes=sum(map(_LENGTH, items)) - sum(filter(None, map(_GAP_LENGTH, items))),
+            checksum=combine_checksums(list(map(_CHECKSUM, items))),
         )
         comp = components.setdefault(parsed.component, ComponentManifest(
             key=parsed.component, sharing_pattern=pattern.value, ranks=[], replicated_across=None,
@@ -239,6 +242,10 @@ def component_manifests(records: Sequence[ItemRecord], layouts: Mapping[str, Com
                                     SharingPattern.PER_NODE.value):
             comp.replicated_across = sorted({h for c in comp.copies.values() for h in c.holders})
     return components
+
+
+_STORAGE_KEY, _RANK, _LENGTH, _GAP_LENGTH, _CHECKSUM = map(
+    operator.attrgetter, ("storage_key", "rank", "length", "gap_length", "checksum"))
 
 
 def _holders_of_copy(parsed: StorageKey, pattern: SharingPattern, topology: Topology) -> tuple[int, ...]:

@@ -1,6 +1,6 @@
 """The index records and DCP locations a commit builds from its write results (manifest.py): one
 record per result, in (fqn, chunk offsets) order whatever order the writers reported in, and each
-result's location under its own index."""
+result's location under its own index; and the manifest's sums over each copy's records."""
 
 from __future__ import annotations
 
@@ -20,8 +20,12 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.storage import WriteResult
 
 from dcp_forge._torch_compat import StorageInfo
-from dcp_forge.format.index import StoredItem
-from dcp_forge.format.manifest import item_records_and_locations
+from dcp_forge.core.components import ComponentLayout
+from dcp_forge.core.keys import StorageKey, parse_storage_key
+from dcp_forge.core.patterns import SharingPattern
+from dcp_forge.core.topology import Topology
+from dcp_forge.format.index import StoredItem, new_record
+from dcp_forge.format.manifest import combine_checksums, component_manifests, item_records_and_locations
 
 
 def _saved(kinds: list[int]) -> tuple[Metadata, list[WriteResult]]:
@@ -62,3 +66,29 @@ def test_records_are_in_key_order_and_locations_under_their_own_index(kinds: lis
             assert (record.kind, record.shape, record.chunk_sizes) == ("tensor", tuple(md.size), (1, 3))
         else:
             assert (record.kind, record.shape, record.chunk_offsets) == ("bytes", None, None)
+
+
+RANK_KEY = str(StorageKey("rng", SharingPattern.PER_RANK, rank=1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["model", "opt", RANK_KEY]), st.integers(0, 3), st.integers(1, 500),
+                          st.one_of(st.none(), st.integers(0, 100)), st.text("0123456789abcdef", min_size=1,
+                                                                            max_size=4)), max_size=25))
+def test_each_copy_sums_its_records_wherever_they_come_in_the_list(rows: list) -> None:
+    records = [new_record({
+        "component": parse_storage_key(key).component, "pattern": "replicated", "storage_key": key, "fqn": f"{key}.v{i}",
+        "kind": "bytes", "dtype": None, "shape": None, "chunk_offsets": None, "chunk_sizes": None,
+        "file": "__0_0.distcp", "offset": 0, "length": length + (gap or 0), "checksum": checksum, "rank": rank,
+        "data_offset": None, "key_path": None, "math_bits": None, "gap_offset": 0 if gap else None,
+        "gap_length": gap}) for i, (key, rank, length, gap, checksum) in enumerate(rows)]
+    layouts = {"model": ComponentLayout("model", SharingPattern.REPLICATED),
+               "opt": ComponentLayout("opt", SharingPattern.REPLICATED),
+               "rng": ComponentLayout("rng", SharingPattern.PER_RANK)}
+    manifests = component_manifests(records, layouts, Topology(rank=0, world_size=4))
+    for key in {r.storage_key for r in records}:
+        mine = [r for r in records if r.storage_key == key]
+        copy = manifests[parse_storage_key(key).component].copies[key]
+        assert copy.size_bytes == sum(r.stored_bytes for r in mine)
+        assert copy.writers == sorted({r.rank for r in mine})
+        assert copy.checksum == combine_checksums([r.checksum for r in mine])
