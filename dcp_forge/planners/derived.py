@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import hashlib
 import itertools
 import marshal
@@ -192,21 +193,27 @@ class SetShare:
     members: Members
     position: int  # this rank's place among the members
     items: tuple[WriteItem, ...]  # every item the set holds
-    digest: bytes
 
     @property
     def size(self) -> int:
         return len(self.members)
+
+    @functools.cached_property
+    def digest(self) -> bytes:
+        """``items_digest`` of the set's items, taken when first asked: a set this rank alone holds
+        needs none when its report stays in this process (``PlanSummary.commit_report``)."""
+        return items_digest(self.items)
 
 
 @dataclasses.dataclass(frozen=True)
 class CommitReport:
     """What one rank tells the coordinator after writing: its final plan (the items it wrote, and the
     flattening paths of their keys), each set it is in as ``(name, size, position, digest)``, and
-    for each written item the index of its set."""
+    for each written item the index of its set. The digest is None for a set the coordinator alone
+    holds, in a report that never leaves its process: the very items it summarized vouch for it."""
 
     plan: SavePlan
-    sets: tuple[tuple[bytes, int, int, bytes], ...]
+    sets: tuple[tuple[bytes, int, int, bytes | None], ...]
     item_sets: tuple[int, ...]
 
 
@@ -248,14 +255,18 @@ class PlanSummary:
                 if self.sets[self.set_of_item[item_key(item)]].size == 1 or writer[item_key(item)] == self.rank]
         return dataclasses.replace(local_plan, items=mine)
 
-    def commit_report(self, final_plan: SavePlan) -> CommitReport:
+    def commit_report(self, final_plan: SavePlan, in_process: bool = False) -> CommitReport:
+        """``in_process``: the report reaches the coordinator's ``verified_global_plan`` as this very
+        object (this rank is the coordinator and nothing is pickled on the way), given this summary's
+        sets as ``digested``: the sets this rank alone holds then go without a digest."""
         written = set(map(_FQN_OF_ITEM, final_plan.items))
         paths = final_plan.planner_data or {}
         if not paths.keys() <= written:  # keep only the paths of written items
             paths = {fqn: path for fqn, path in paths.items() if fqn in written}
         return CommitReport(
             plan=dataclasses.replace(final_plan, planner_data=dict(paths), storage_data=None),
-            sets=tuple((s.name, s.size, s.position, s.digest) for s in self.sets),
+            sets=tuple((s.name, s.size, s.position, None if in_process and s.size == 1 else s.digest)
+                       for s in self.sets),
             item_sets=tuple(map(self.set_of_item.__getitem__, map(item_key, final_plan.items))))
 
 
@@ -279,7 +290,7 @@ def summarize(local_plan: SavePlan, holders: Callable[[WriteItem], tuple[bytes, 
         position = bisect.bisect_left(members, rank)
         if position == len(members) or members[position] != rank:
             return f"rank {rank} holds {items[0].index.fqn!r} but is not among its holders {encode_ranks(members)}"
-        sets.append(SetShare(name, members, position, tuple(items), items_digest(items)))
+        sets.append(SetShare(name, members, position, tuple(items)))
         set_of_item.update(zip(map(item_key, items), itertools.repeat(index)))
     return PlanSummary(rank, world_size, tuple(sets), set_of_item)
 
@@ -290,14 +301,15 @@ def verified_global_plan(reports: Sequence[CommitReport], world_size: int, where
 
     Raises IncompleteSaveError unless every set was reported by each of its members, all of them
     with the same digest, and the items written for it are exactly the set's items, each once.
-    ``digested``: sets whose digest this process already took (the coordinator's own summary); where
-    the items written for such a set are those very item objects, in its order, their digest is
-    that one and is not taken again.
+    ``digested``: the coordinator's own summary's sets; where the items written for such a set are
+    those very item objects, in its order, they are the items it holds: their digest is that set's
+    (not taken again), and a set it alone holds needs no digest in its report (``commit_report``).
+    A report without a digest for any other set is refused.
     """
     problems = []
     if len(reports) != world_size:
         problems.append(f"{len(reports)} rank(s) reported, the save has {world_size}")
-    claims: dict[bytes, dict[int, tuple[int, bytes]]] = {}
+    claims: dict[bytes, dict[int, tuple[int, bytes | None]]] = {}
     sizes: dict[bytes, int] = {}
     written: dict[bytes, list[WriteItem]] = {}
     for rank, report in enumerate(reports):
@@ -328,8 +340,13 @@ def verified_global_plan(reports: Sequence[CommitReport], world_size: int, where
         share = own.get(name)
         if len(digests) != 1:
             problems.append(f"ranks {name.decode()} hold different items under the same declaration")
-        elif (share.digest if share is not None and _same_objects(got, share.items) else items_digest(got)) \
-                != digests.pop():
+            continue
+        claimed = digests.pop()
+        if share is not None and _same_objects(got, share.items):  # the coordinator's own items
+            exact = claimed is None or claimed == share.digest
+        else:
+            exact = claimed is not None and claimed == items_digest(got)
+        if not exact:
             twice = sorted(f"{k[0]}" for k, n in Counter(item_key(i) for i in got).items() if n > 1)
             problems.append(f"the {len(got)} item(s) written for ranks {name.decode()} are not exactly what they "
                             f"hold" + (f" (written twice: {twice[:3]})" if twice else " (an item is missing)"))

@@ -448,7 +448,10 @@ class ForgeSavePlanner(DefaultSavePlanner):
         if self._error is not None:
             raise self._error
         if self.planned_by == "declarations" and isinstance(self._summary, PlanSummary) and self._final is not None:
-            return self._summary.commit_report(self._final)
+            # One process: the exchange hands the coordinator this report itself, to check against
+            # this summary (global_plan_and_metadata).
+            in_process = self.exchange is not None and self.exchange.hands_objects_over
+            return self._summary.commit_report(self._final, in_process)
         return None
 
     def global_plan_and_metadata(self, reports: Sequence[CommitReport | None], where: str
