@@ -74,6 +74,12 @@ class RankExchange:
         dist.all_reduce(tensor, group=self.group)
         return [int(v) for v in tensor.tolist()]
 
+    @property
+    def hands_objects_over(self) -> bool:
+        """Whether ``gather`` gives the coordinator its own object itself: a save of one process, where
+        nothing is pickled (an exchange standing in for several ranks in one process is not one)."""
+        return self.group is None and self.world_size == 1
+
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's ``obj``, in rank order, on the coordinator (None on the others)."""
         if self.group is None:

@@ -8,6 +8,7 @@ chunks of a tensor tile it is ``tensors.tiling_problem``.
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from collections.abc import Collection, Sequence
 
@@ -21,27 +22,35 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan
 from torch.distributed.checkpoint.storage import WriteResult
 
-from .placement import index_key
+from .placement import index_key, indexed_key
 
 
 def unstored_pieces(metadata: Metadata, stored: Collection[MetadataIndex]) -> dict[str, list[MetadataIndex]]:
     """The pieces (a tensor's chunks, a bytes value) ``metadata`` lists that ``stored`` lacks, by key."""
-    stored_keys = {index_key(index) for index in stored}
+    stored_keys = set(map(index_key, stored))
     missing = {}
     for fqn, md in metadata.state_dict_metadata.items():
-        if isinstance(md, BytesStorageMetadata):
-            if (fqn, None) not in stored_keys:
-                missing[fqn] = [MetadataIndex(fqn)]
-        elif isinstance(md, TensorStorageMetadata):
+        if isinstance(md, TensorStorageMetadata):
             # Keys as index_key gives them (a MetadataIndex holds its offsets as a torch.Size, which
             # compares and hashes as its tuple): a MetadataIndex is only made for a missing piece.
-            lacking = [chunk.offsets for chunk in md.chunks if (fqn, _as_offsets(chunk.offsets)) not in stored_keys]
+            chunks = md.chunks
+            if len(chunks) == 1:  # a whole tensor, or one piece of it: no list built per tensor
+                offsets = chunks[0].offsets
+                if (fqn, _as_offsets(offsets)) not in stored_keys:
+                    missing[fqn] = [MetadataIndex(fqn, offsets)]
+                continue
+            lacking = [offsets for offsets in map(_OFFSETS, chunks) if (fqn, _as_offsets(offsets)) not in stored_keys]
             if lacking:
                 missing[fqn] = [MetadataIndex(fqn, offsets) for offsets in lacking]
+        elif isinstance(md, BytesStorageMetadata) and (fqn, None) not in stored_keys:
+            missing[fqn] = [MetadataIndex(fqn)]
     return dict(sorted(missing.items()))
 
 
-def _as_offsets(offsets: Sequence[int] | None) -> tuple[int, ...] | None:
+_OFFSETS = operator.attrgetter("offsets")
+
+
+def _as_offsets(offsets: Sequence[int] | None) -> Sequence[int] | None:
     """``offsets`` as ``MetadataIndex`` would hold them (a torch.Size, or None)."""
     return offsets if offsets is None or isinstance(offsets, tuple) else torch.Size(offsets)
 
@@ -62,9 +71,9 @@ def write_result_problems(plans: Sequence[SavePlan], results: Sequence[Sequence[
         if got is None:
             problems.append(f"rank {rank} returned no write results ({len(plan.items)} item(s) planned there)")
             continue
-        planned = Counter(index_key(item.index) for item in plan.items)
-        written = Counter(index_key(result.index) for result in got)
-        if planned == written:
+        planned = Counter(map(indexed_key, plan.items))
+        written = Counter(map(indexed_key, got))
+        if dict.__eq__(planned, written):  # counts of what was counted: all positive, so equal as dicts
             continue
         missing = sorted((MetadataIndex(*key) for key in planned - written), key=str)
         unplanned = sorted((MetadataIndex(*key) for key in written - planned), key=str)

@@ -16,7 +16,7 @@ position (DCP walks lists holding tensors position by position).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,8 +62,11 @@ def typed_paths(root: Mapping[str, Any], flat_paths: Mapping[str, tuple]) -> dic
     """For each flattened name whose DCP path (``flat_paths``: mapping keys as ``str(key)``, list
     positions as ints) passes through a key that is not a ``str``, the path with the real keys.
 
-    Names whose keys are all strings are left out: DCP's own path is exact for them.
+    Names whose keys are all strings are left out: DCP's own path is exact for them. (A state whose
+    every mapping is keyed by strings, the usual case, has none: found without following each name.)
     """
+    if _only_string_keys(root):
+        return {}
     lookups: dict[int, dict[str, Any] | None] = {}  # per mapping: str(key) -> key, None if all keys are str
     out: dict[str, KeyPath] = {}
     for name, path in flat_paths.items():
@@ -87,21 +90,61 @@ def typed_paths(root: Mapping[str, Any], flat_paths: Mapping[str, tuple]) -> dic
     return out
 
 
+def _only_string_keys(root: Mapping[str, Any]) -> bool:
+    """Whether every mapping a DCP path can pass through (``root`` included) is keyed by strings only:
+    the mappings reached through mappings and through the lists DCP walks item by item."""
+    may_hold = _may_hold_mappings()
+    stack: list[Any] = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Mapping):
+            if not set(map(type, node)) <= _STR:
+                return False
+            values: Any = node.values()
+        elif isinstance(node, list) and _walked_by_dcp(node):
+            values = node
+        else:
+            continue
+        stack += filter(may_hold, values)
+    return True
+
+
+_STR = frozenset({str})
+
+
+def _may_hold_mappings() -> Callable[[Any], bool]:
+    """A test whether a value may hold a mapping DCP walks into: a mapping or a list. Asked once per
+    type, so the leaves (tensors, numbers) of a large state are passed over quickly."""
+    holds_by_type: dict[type, bool] = {dict: True, list: True}
+
+    def may_hold(value: Any) -> bool:
+        kind = type(value)
+        if (holds := holds_by_type.get(kind)) is None:
+            holds = holds_by_type[kind] = isinstance(value, (Mapping, list))
+        return holds
+
+    return may_hold
+
+
 def empty_mappings(state_dict: Mapping[Any, Any]) -> list[tuple[tuple, KeyPath, Mapping]]:
     """Every empty dictionary in ``state_dict`` (a component's whole state included), with its DCP
     path and its path of real keys: DCP's flattening keeps leaves only, so an empty dictionary
     (a fresh optimizer's ``state``) would not come back at all."""
     found: list[tuple[tuple, KeyPath, Mapping]] = []
+    # A leaf (a tensor, a number) is not walked into, so its path is never built.
+    walked = _may_hold_mappings()
 
     def walk(value: Any, path: tuple, steps: KeyPath) -> None:
         if isinstance(value, Mapping):
             if not value:
                 found.append((path, steps, value))
             for key, item in value.items():
-                walk(item, (*path, str(key)), (*steps, Step(key)))
+                if walked(item):
+                    walk(item, (*path, str(key)), (*steps, Step(key)))
         elif isinstance(value, list) and _walked_by_dcp(value):
             for i, item in enumerate(value):
-                walk(item, (*path, i), (*steps, Step(i, index=True)))
+                if walked(item):
+                    walk(item, (*path, i), (*steps, Step(i, index=True)))
 
     for key, value in state_dict.items():
         walk(value, (str(key),), (Step(key),))

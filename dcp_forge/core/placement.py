@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
+import operator
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
 
@@ -134,10 +135,13 @@ def describe_item(item: WriteItem) -> tuple:
     return (item.type, tuple(td.size), td.properties.dtype, chunk)
 
 
-def index_key(index: MetadataIndex) -> tuple[str, Any]:
-    """``(fqn, offset)``: what DCP's MetadataIndex compares and hashes, as a plain tuple. Hashed in C,
-    where a MetadataIndex hashes through a Python method: sets and counts of many items key by this."""
-    return (index.fqn, index.offset)
+# ``(fqn, offset)`` of a MetadataIndex: what DCP's MetadataIndex compares and hashes, as a plain
+# tuple. Hashed in C, where a MetadataIndex hashes through a Python method: sets and counts of many
+# items key by this. Taken in C too (an attrgetter, not a Python function): a save keys every item
+# several times.
+index_key: Callable[[MetadataIndex], tuple[str, Any]] = operator.attrgetter("fqn", "offset")
+# ``index_key`` of a write item's or a write result's index.
+indexed_key: Callable[[Any], tuple[str, Any]] = operator.attrgetter("index.fqn", "index.offset")
 
 
 def index_order(index: MetadataIndex) -> tuple:

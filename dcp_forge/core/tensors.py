@@ -84,10 +84,12 @@ def exact_storage(tensor: torch.Tensor) -> torch.Tensor:
     as-is would write the full parent tensor. A contiguous CPU view gets a zero-copy storage slice;
     a non-contiguous one is copied; other devices are copied to the CPU by the writer anyway. A lazy
     conjugate / negative view keeps its flags over its storage's bytes, as ``torch.save`` stores it:
-    the copy or slice is taken of its raw storage and flagged again.
+    the copy or slice is taken of its raw storage and flagged again. The result is outside autograd:
+    ``tensor`` itself where it already is (a save resolves every item: no alias made for nothing).
     """
-    tensor = tensor.detach()
-    if tensor.device.type != "cpu":
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if not tensor.is_cpu:
         return tensor
     bits = math_bits(tensor)
     if bits is not None:
@@ -116,12 +118,16 @@ def _is_index(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _one_whole_chunk(shape: tuple, offsets: tuple, sizes: tuple) -> bool:
+def one_whole_chunk(shape: tuple, offsets: tuple, sizes: tuple) -> bool:
     """Whether one chunk at ``offsets`` of ``sizes`` is exactly the whole tensor of ``shape``: plain
     ints (bools and other int subclasses go to ``tiling_problem``'s full checks), no negative size,
-    zero offsets, the same sizes."""
+    zero offsets, the same sizes. True means ``tiling_problem(shape, [(offsets, sizes)])`` is None:
+    callers checking many tensors ask this first, without building the boxes."""
     return (sizes == shape and len(offsets) == len(shape) and not any(offsets)
-            and {*map(type, shape), *map(type, offsets), *map(type, sizes)} <= {int} and all(s >= 0 for s in shape))
+            and {*map(type, shape), *map(type, offsets), *map(type, sizes)} <= _INT and min(shape, default=0) >= 0)
+
+
+_INT = frozenset({int})
 
 
 def tiling_problem(shape: Sequence[int], boxes: Sequence[tuple[Sequence[int], Sequence[int]]], *,
@@ -137,7 +143,7 @@ def tiling_problem(shape: Sequence[int], boxes: Sequence[tuple[Sequence[int], Se
     tensors compare each box with a few neighbours only.
     """
     shape = tuple(shape)
-    if len(boxes) == 1 and _one_whole_chunk(shape, tuple(boxes[0][0]), tuple(boxes[0][1])):
+    if len(boxes) == 1 and one_whole_chunk(shape, tuple(boxes[0][0]), tuple(boxes[0][1])):
         return None  # how unsharded tensors are stored: checked for every tensor of a save and a load
     if not all(map(_is_index, shape)) or any(s < 0 for s in shape):
         return f"its shape {list(shape)} is not a list of sizes"

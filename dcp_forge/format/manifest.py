@@ -8,12 +8,14 @@ detected. Per-item detail lives in ``index.parquet`` (format/index.py).
 
 from __future__ import annotations
 
+import itertools
 import json
+import operator
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import xxhash
 
@@ -25,8 +27,10 @@ from ..errors import ComponentDeclarationError, IntegrityError, UnsupportedForma
 from .index import ItemRecord, StoredItem, new_record
 
 if TYPE_CHECKING:  # torch stays unimported until a save needs it (inspection tools start without it)
-    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
     from torch.distributed.checkpoint.storage import WriteResult
+
+L = TypeVar("L")  # what a caller records as an item's location
 
 # 2: small items may be packed (format/pack.py): their ranges overlap, and the index's gap columns say
 # which bytes of a range its checksum covers. Readers of format 1 would refuse such checksums.
@@ -138,26 +142,32 @@ def versions() -> dict[str, str]:
     return {"dcp_forge": __version__, "torch": torch.__version__, "format": str(FORMAT_VERSION)}
 
 
-def item_records(metadata: Metadata, results: Sequence[Sequence[WriteResult]],
-                 layouts: Mapping[str, ComponentLayout]) -> list[ItemRecord]:
-    """One record per stored item, joining DCP's metadata with what each writer reported."""
+def item_records_and_locations(metadata: Metadata, results: Sequence[Sequence[WriteResult]],
+                               layouts: Mapping[str, ComponentLayout], location: Callable[[str, int, int], L]
+                               ) -> tuple[list[ItemRecord], dict[MetadataIndex, L]]:
+    """One record per stored item, joining DCP's metadata with what each writer reported, and DCP's
+    ``storage_data``: each item's ``location(file, offset, length)``; both from one walk over the
+    results, as a save of many small items pays for every walk."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from ..core.tensors import dtype_text
 
     saved = metadata.state_dict_metadata
     records = []
+    locations: dict[MetadataIndex, L] = {}
     # (component, pattern) of each storage key: a component's items all share a few keys.
     of_key: dict[str, tuple[str, str]] = {}
     for rank_results in results:
         for result in rank_results:
             info: StoredItem = result.storage_data
-            fqn = result.index.fqn
+            index = result.index
+            fqn = index.fqn
+            locations[index] = location(info.relative_path, info.offset, info.length)
             skey = top_level_key(fqn)
             if (known := of_key.get(skey)) is None:
                 known = of_key[skey] = (parse_storage_key(skey).component, pattern_of(skey, layouts).value)
             md = saved.get(fqn)
-            offsets = tuple(result.index.offset) if result.index.offset is not None else None
+            offsets = tuple(index.offset) if index.offset is not None else None
             if isinstance(md, TensorStorageMetadata):
                 kind, dtype, shape = "tensor", dtype_text(md.properties.dtype), tuple(md.size)
                 sizes = _chunk_sizes(md, offsets)
@@ -170,8 +180,14 @@ def item_records(metadata: Metadata, results: Sequence[Sequence[WriteResult]],
                 "rank": info.rank, "data_offset": info.data_offset, "key_path": info.key_path,
                 "math_bits": info.math_bits, "gap_offset": info.gap_offset, "gap_length": info.gap_length,
             }))
-    records.sort(key=_record_order)
-    return records
+    # Where every fqn is stored once (no tensor in chunks), its name alone orders the records as
+    # _record_order does, and strings compare quicker than tuples.
+    distinct = len(set(map(_FQN, records))) == len(records)
+    records.sort(key=_FQN if distinct else _record_order)
+    return records, locations
+
+
+_FQN = operator.attrgetter("fqn")
 
 
 def _chunk_sizes(md: TensorStorageMetadata, offsets: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -198,8 +214,8 @@ def pattern_of(storage_key: str, layouts: Mapping[str, ComponentLayout]) -> Shar
 def component_manifests(records: Sequence[ItemRecord], layouts: Mapping[str, ComponentLayout],
                         topology: Topology) -> dict[str, ComponentManifest]:
     by_copy: dict[str, list[ItemRecord]] = defaultdict(list)
-    for r in records:
-        by_copy[r.storage_key].append(r)
+    for skey, run in itertools.groupby(records, key=_STORAGE_KEY):  # a copy's records mostly come together
+        by_copy[skey] += run
     components: dict[str, ComponentManifest] = {}
     for skey in sorted(by_copy):
         items = by_copy[skey]
@@ -208,9 +224,11 @@ def component_manifests(records: Sequence[ItemRecord], layouts: Mapping[str, Com
         layout = layouts.get(parsed.component)
         group = parsed.group_name or (layout.group_name if layout else None)
         holders = _holders_of_copy(parsed, pattern, topology)
+        # Field by field in C (a copy may hold thousands of records); the bytes are each record's stored_bytes.
         copy = CopyManifest(
-            holders=list(holders), writers=sorted({r.rank for r in items}),
-            size_bytes=sum(r.stored_bytes for r in items), checksum=combine_checksums([r.checksum for r in items]),
+            holders=list(holders), writers=sorted(set(map(_RANK, items))),
+            size_bytes=sum(map(_LENGTH, items)) - sum(filter(None, map(_GAP_LENGTH, items))),
+            checksum=combine_checksums(list(map(_CHECKSUM, items))),
         )
         comp = components.setdefault(parsed.component, ComponentManifest(
             key=parsed.component, sharing_pattern=pattern.value, ranks=[], replicated_across=None,
@@ -224,6 +242,10 @@ def component_manifests(records: Sequence[ItemRecord], layouts: Mapping[str, Com
                                     SharingPattern.PER_NODE.value):
             comp.replicated_across = sorted({h for c in comp.copies.values() for h in c.holders})
     return components
+
+
+_STORAGE_KEY, _RANK, _LENGTH, _GAP_LENGTH, _CHECKSUM = map(
+    operator.attrgetter, ("storage_key", "rank", "length", "gap_length", "checksum"))
 
 
 def _holders_of_copy(parsed: StorageKey, pattern: SharingPattern, topology: Topology) -> tuple[int, ...]:

@@ -89,18 +89,20 @@ def opaque_copy(tensor: torch.Tensor) -> torch.Tensor:
     return copy.deepcopy(tensor) if tensor.is_quantized else tensor.clone()
 
 
-def refuse_unstorable_tensor(tensor: torch.Tensor, where: Callable[[], str], *, allow_meta: bool = False) -> None:
+def refuse_unstorable_tensor(tensor: torch.Tensor, where: Callable[[str], str], name: str, *,
+                             allow_meta: bool = False) -> None:
     """Refuse a tensor whose values cannot be stored: a meta tensor (it describes a value without
-    holding one), or a lazy view whose flags torch cannot resolve for its dtype. ``where()`` names it."""
-    if tensor.device.type == "meta" and not allow_meta:
+    holding one), or a lazy view whose flags torch cannot resolve for its dtype. ``where(name)`` names
+    it (asked only for the error: a save checks every tensor)."""
+    if tensor.is_meta and not allow_meta:
         raise UnsupportedValueError(
-            f"{where()} is a tensor on the meta device: it holds no data to save (materialise it first, "
+            f"{where(name)} is a tensor on the meta device: it holds no data to save (materialise it first, "
             "e.g. module.to_empty(device=...) and initialise it)")
     bits = math_bits(tensor)
     if bits and not _resolvable(tensor.dtype, bits):
         raise UnsupportedValueError(
-            f"{where()} is a {tensor.dtype} tensor with the lazy {bits} view flags, for which torch has no kernel "
-            "to compute its values, so they cannot be stored")
+            f"{where(name)} is a {tensor.dtype} tensor with the lazy {bits} view flags, for which torch has no "
+            "kernel to compute its values, so they cannot be stored")
 
 
 @functools.cache

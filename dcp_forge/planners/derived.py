@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import hashlib
+import itertools
 import marshal
+import operator
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from operator import itemgetter
@@ -42,7 +45,7 @@ from ..core.agreement import rank_terms
 from ..core.components import ComponentLayout
 from ..core.keys import decode_ranks, encode_ranks
 from ..core.patterns import SharingPattern
-from ..core.placement import describe_item, index_key, index_order, item_bytes
+from ..core.placement import index_order, indexed_key, item_bytes
 from ..core.set_placement import Item, derive_writers
 from ..core.tensors import dtype_text, is_plain_tensor
 from ..core.topology import Topology
@@ -52,8 +55,8 @@ ItemKey = tuple[str, Any]  # index_key: (fqn, offsets), as DCP's MetadataIndex c
 Members = Sequence[int]  # sorted ranks: a range for the whole world, else a tuple
 
 
-def item_key(item: WriteItem) -> ItemKey:
-    return index_key(item.index)
+item_key: Callable[[WriteItem], ItemKey] = indexed_key  # index_key of the item's index
+_FQN_OF_ITEM = operator.attrgetter("index.fqn")
 
 
 def items_digest(items: Iterable[WriteItem]) -> bytes:
@@ -72,12 +75,15 @@ def items_digest(items: Iterable[WriteItem]) -> bytes:
 
 
 def _builtin_description(item: WriteItem) -> tuple:
-    """``describe_item`` in builtin values: the kind's number and the dtype's name."""
-    described = describe_item(item)
-    if len(described) == 1:
-        return (described[0].value,)
-    kind, size, dtype, chunk = described
-    return (kind.value, size, dtype_text(dtype), chunk)
+    """``describe_item`` in builtin values: the kind's number and the dtype's name. Read from the item
+    directly (a set digests every item it holds); test_derived_plans checks that two items' digests
+    agree exactly when their ``describe_item`` do."""
+    td = item.tensor_data
+    if td is None:
+        return (item.type.value,)
+    chunk = td.chunk
+    return (item.type.value, tuple(td.size), dtype_text(td.properties.dtype),
+            (tuple(chunk.offsets), tuple(chunk.sizes)) if chunk is not None else None)
 
 
 def set_name(members: Members) -> bytes:
@@ -187,21 +193,27 @@ class SetShare:
     members: Members
     position: int  # this rank's place among the members
     items: tuple[WriteItem, ...]  # every item the set holds
-    digest: bytes
 
     @property
     def size(self) -> int:
         return len(self.members)
+
+    @functools.cached_property
+    def digest(self) -> bytes:
+        """``items_digest`` of the set's items, taken when first asked: a set this rank alone holds
+        needs none when its report stays in this process (``PlanSummary.commit_report``)."""
+        return items_digest(self.items)
 
 
 @dataclasses.dataclass(frozen=True)
 class CommitReport:
     """What one rank tells the coordinator after writing: its final plan (the items it wrote, and the
     flattening paths of their keys), each set it is in as ``(name, size, position, digest)``, and
-    for each written item the index of its set."""
+    for each written item the index of its set. The digest is None for a set the coordinator alone
+    holds, in a report that never leaves its process: the very items it summarized vouch for it."""
 
     plan: SavePlan
-    sets: tuple[tuple[bytes, int, int, bytes], ...]
+    sets: tuple[tuple[bytes, int, int, bytes | None], ...]
     item_sets: tuple[int, ...]
 
 
@@ -236,18 +248,26 @@ class PlanSummary:
 
     def final_plan(self, local_plan: SavePlan, base: Mapping[int, int] | None = None) -> SavePlan:
         """The items of ``local_plan`` this rank writes (call once the sets are proven to agree)."""
+        if all(share.size == 1 for share in self.sets):  # this rank alone holds each of its items
+            return dataclasses.replace(local_plan, items=list(local_plan.items))
         writer = self.writers(base)
         mine = [item for item in local_plan.items
                 if self.sets[self.set_of_item[item_key(item)]].size == 1 or writer[item_key(item)] == self.rank]
         return dataclasses.replace(local_plan, items=mine)
 
-    def commit_report(self, final_plan: SavePlan) -> CommitReport:
-        written = {item.index.fqn for item in final_plan.items}
-        paths = {fqn: path for fqn, path in (final_plan.planner_data or {}).items() if fqn in written}
+    def commit_report(self, final_plan: SavePlan, in_process: bool = False) -> CommitReport:
+        """``in_process``: the report reaches the coordinator's ``verified_global_plan`` as this very
+        object (this rank is the coordinator and nothing is pickled on the way), given this summary's
+        sets as ``digested``: the sets this rank alone holds then go without a digest."""
+        written = set(map(_FQN_OF_ITEM, final_plan.items))
+        paths = final_plan.planner_data or {}
+        if not paths.keys() <= written:  # keep only the paths of written items
+            paths = {fqn: path for fqn, path in paths.items() if fqn in written}
         return CommitReport(
-            plan=dataclasses.replace(final_plan, planner_data=paths, storage_data=None),
-            sets=tuple((s.name, s.size, s.position, s.digest) for s in self.sets),
-            item_sets=tuple(self.set_of_item[item_key(item)] for item in final_plan.items))
+            plan=dataclasses.replace(final_plan, planner_data=dict(paths), storage_data=None),
+            sets=tuple((s.name, s.size, s.position, None if in_process and s.size == 1 else s.digest)
+                       for s in self.sets),
+            item_sets=tuple(map(self.set_of_item.__getitem__, map(item_key, final_plan.items))))
 
 
 def summarize(local_plan: SavePlan, holders: Callable[[WriteItem], tuple[bytes, Members] | None],
@@ -270,22 +290,26 @@ def summarize(local_plan: SavePlan, holders: Callable[[WriteItem], tuple[bytes, 
         position = bisect.bisect_left(members, rank)
         if position == len(members) or members[position] != rank:
             return f"rank {rank} holds {items[0].index.fqn!r} but is not among its holders {encode_ranks(members)}"
-        sets.append(SetShare(name, members, position, tuple(items), items_digest(items)))
-        set_of_item.update((item_key(item), index) for item in items)
+        sets.append(SetShare(name, members, position, tuple(items)))
+        set_of_item.update(zip(map(item_key, items), itertools.repeat(index)))
     return PlanSummary(rank, world_size, tuple(sets), set_of_item)
 
 
-def verified_global_plan(reports: Sequence[CommitReport], world_size: int, where: str
-                         ) -> tuple[list[SavePlan], Metadata]:
+def verified_global_plan(reports: Sequence[CommitReport], world_size: int, where: str,
+                         digested: Sequence[SetShare] = ()) -> tuple[list[SavePlan], Metadata]:
     """Every rank's final plan and the checkpoint's metadata, from every rank's report (coordinator).
 
     Raises IncompleteSaveError unless every set was reported by each of its members, all of them
     with the same digest, and the items written for it are exactly the set's items, each once.
+    ``digested``: the coordinator's own summary's sets; where the items written for such a set are
+    those very item objects, in its order, they are the items it holds: their digest is that set's
+    (not taken again), and a set it alone holds needs no digest in its report (``commit_report``).
+    A report without a digest for any other set is refused.
     """
     problems = []
     if len(reports) != world_size:
         problems.append(f"{len(reports)} rank(s) reported, the save has {world_size}")
-    claims: dict[bytes, dict[int, tuple[int, bytes]]] = {}
+    claims: dict[bytes, dict[int, tuple[int, bytes | None]]] = {}
     sizes: dict[bytes, int] = {}
     written: dict[bytes, list[WriteItem]] = {}
     for rank, report in enumerate(reports):
@@ -297,8 +321,46 @@ def verified_global_plan(reports: Sequence[CommitReport], world_size: int, where
                 not 0 <= i < len(report.sets) for i in report.item_sets):
             problems.append(f"rank {rank}'s report does not say which ranks hold each item it wrote")
             continue
+        if len(set(report.item_sets)) == 1:  # every item of one set (one rank's whole plan): no walk per item
+            written.setdefault(report.sets[report.item_sets[0]][0], []).extend(report.plan.items)
+            continue
         for item, set_index in zip(report.plan.items, report.item_sets, strict=True):
             written.setdefault(report.sets[set_index][0], []).append(item)
+    if len(written) > 1:  # with one set, no item can have been written for two
+        problems += _written_for_two_sets(written)
+    own = {share.name: share for share in digested}
+    for name, by_position in sorted(claims.items()):
+        members = decode_ranks(name.decode())
+        if [by_position.get(p, (None,))[0] for p in range(len(members))] != list(members):
+            problems.append(f"the ranks holding the same state as {name.decode()} did not all report it "
+                            f"(reported by {sorted(r for r, _ in by_position.values())})")
+            continue
+        digests = {digest for _, digest in by_position.values()}
+        got = written.get(name, [])
+        share = own.get(name)
+        if len(digests) != 1:
+            problems.append(f"ranks {name.decode()} hold different items under the same declaration")
+            continue
+        claimed = digests.pop()
+        if share is not None and _same_objects(got, share.items):  # the coordinator's own items
+            exact = claimed is None or claimed == share.digest
+        else:
+            exact = claimed is not None and claimed == items_digest(got)
+        if not exact:
+            twice = sorted(f"{k[0]}" for k, n in Counter(item_key(i) for i in got).items() if n > 1)
+            problems.append(f"the {len(got)} item(s) written for ranks {name.decode()} are not exactly what they "
+                            f"hold" + (f" (written twice: {twice[:3]})" if twice else " (an item is missing)"))
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise IncompleteSaveError(f"not committing checkpoint {where}: {shown}")
+    plans = [report.plan for report in reports]
+    global_plan, metadata = create_default_global_save_plan(plans, rewrite_index_hints=False)
+    return global_plan, dataclasses.replace(metadata, planner_data=merged_paths(plans))
+
+
+def _written_for_two_sets(written: Mapping[bytes, Sequence[WriteItem]]) -> list[str]:
+    """Each item written for two sets, each of which holds it as its only copy."""
+    problems = []
     holders_of: dict[ItemKey, bytes] = {}
     for name, items in written.items():
         for item in items:
@@ -309,26 +371,13 @@ def verified_global_plan(reports: Sequence[CommitReport], world_size: int, where
                     f"{other.decode()} and by ranks {name.decode()}, which each hold it as the only copy: a "
                     "DTensor kept on several device meshes (tensor parallelism inside data-parallel replicas) "
                     "is one copy per replica: declare it PER_GROUP over the ranks holding the same shard")
-    for name, by_position in sorted(claims.items()):
-        members = decode_ranks(name.decode())
-        if [by_position.get(p, (None,))[0] for p in range(len(members))] != list(members):
-            problems.append(f"the ranks holding the same state as {name.decode()} did not all report it "
-                            f"(reported by {sorted(r for r, _ in by_position.values())})")
-            continue
-        digests = {digest for _, digest in by_position.values()}
-        got = written.get(name, [])
-        if len(digests) != 1:
-            problems.append(f"ranks {name.decode()} hold different items under the same declaration")
-        elif items_digest(got) != digests.pop():
-            twice = sorted(f"{k[0]}" for k, n in Counter(item_key(i) for i in got).items() if n > 1)
-            problems.append(f"the {len(got)} item(s) written for ranks {name.decode()} are not exactly what they "
-                            f"hold" + (f" (written twice: {twice[:3]})" if twice else " (an item is missing)"))
-    if problems:
-        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise IncompleteSaveError(f"not committing checkpoint {where}: {shown}")
-    plans = [report.plan for report in reports]
-    global_plan, metadata = create_default_global_save_plan(plans, rewrite_index_hints=False)
-    return global_plan, dataclasses.replace(metadata, planner_data=merged_paths(plans))
+    return problems
+
+
+def _same_objects(items: Sequence[WriteItem], others: Sequence[WriteItem]) -> bool:
+    """Whether ``items`` are the very objects ``others`` are, in the same order: then they describe
+    the same items (a WriteItem is frozen, and nothing edits its tensor data once planned)."""
+    return len(items) == len(others) and all(map(operator.is_, items, others))
 
 
 def merged_paths(plans: Sequence[SavePlan]) -> dict[str, Any]:

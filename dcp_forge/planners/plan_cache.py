@@ -18,10 +18,11 @@ coordinator reuse its metadata skeleton too. A plan is stored only once its save
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import marshal
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan
 from torch.distributed.tensor import DTensor
 
-from ..core.tensors import is_plain_tensor, math_bits, raw_view
+from ..core.tensors import dtype_text, is_plain_tensor, math_bits, raw_view
 from ..core.topology import Topology
 from ..format.values import has_opaque_layout
 from .derived import PlanSummary
@@ -38,23 +39,37 @@ from .derived import PlanSummary
 _SIGNATURE_VERSION = b"dcp_forge plan signature 2"
 
 
-def _tensor_description(tensor: torch.Tensor) -> tuple:
+def _tensor_description(tensor: torch.Tensor, opaque: bool | None = None) -> tuple:
     """What DCP's ``TensorProperties.create_from_tensor`` and a write item's shape read, and whether
-    the tensor is stored whole as a pickle (quantized, sparse, nested: ``values.is_opaque_tensor``)."""
-    opaque = has_opaque_layout(tensor)
-    # A lazy view's flags are not the plan's business: its storage's pinning is.
-    pinned = (tensor if math_bits(tensor) is None else raw_view(tensor)).is_pinned() if not opaque else None
-    return (tuple(tensor.shape) if not tensor.is_nested else None, str(tensor.dtype), str(tensor.layout),
-            tensor.requires_grad, pinned, opaque)
+    the tensor is stored whole as a pickle (quantized, sparse, nested: ``values.is_opaque_tensor``;
+    ``opaque``: ``has_opaque_layout(tensor)``, where the caller knows it)."""
+    if opaque is None:
+        opaque = has_opaque_layout(tensor)
+    if opaque:
+        return (tuple(tensor.shape) if not tensor.is_nested else None, dtype_text(tensor.dtype),
+                _layout_text(tensor.layout), tensor.requires_grad, None, True)
+    # A lazy view's flags are not the plan's business: its storage's pinning is. (Not opaque: not nested.)
+    pinned = (tensor if math_bits(tensor) is None else raw_view(tensor)).is_pinned()
+    return (tuple(tensor.shape), dtype_text(tensor.dtype), _layout_text(tensor.layout), tensor.requires_grad, pinned,
+            False)
 
 
-def state_signature(flat_state: Mapping[str, Any], paths: Mapping[str, Any], context: bytes) -> bytes | None:
+@functools.cache
+def _layout_text(layout: torch.layout) -> str:
+    """``str(layout)``, built once per layout (as ``dtype_text`` is per dtype)."""
+    return str(layout)
+
+
+def state_signature(flat_state: Mapping[str, Any], paths: Mapping[str, Any], context: bytes,
+                    opaque: Collection[str] | None = None) -> bytes | None:
     """A digest of everything a rank's save plan is made from (never values); None if some value is
     of a kind whose plan the signature cannot vouch for (a ShardedTensor, a custom
     ``__create_write_items__``): such a state is planned afresh every time.
 
     ``flat_state``: the flattened state dict, keyed by storage keys; ``paths``: DCP's flattening
-    paths; ``context``: the rank, topology, declarations and chunk policy, encoded by the caller.
+    paths; ``context``: the rank, topology, declarations and chunk policy, encoded by the caller;
+    ``opaque``: the keys of the plain tensors with an opaque layout (``has_opaque_layout``) where the
+    caller found them already (None: each tensor is asked).
     """
     meshes: dict[int, tuple] = {}
     described: list[tuple[object, ...]] = []  # one description per key, its form by kind
@@ -67,13 +82,14 @@ def state_signature(flat_state: Mapping[str, Any], paths: Mapping[str, Any], con
                                     mesh.get_coordinate())
             described.append((key, "dtensor", tuple(value.shape), repr(tuple(value.placements)), meshes[id(mesh)],
                               _tensor_description(value.to_local())))
-        elif is_plain_tensor(value):
-            described.append((key, "tensor", _tensor_description(value)))
+        elif type(value) is torch.Tensor or is_plain_tensor(value):
+            described.append((key, "tensor", _tensor_description(value, None if opaque is None else key in opaque)))
         elif isinstance(value, torch.Tensor) or hasattr(value, "__create_write_items__"):
             return None
         else:  # pickled as bytes: the plan only knows its key
             described.append((key, "bytes"))
-    signed = (described, sorted((k, tuple(p)) for k, p in paths.items()))
+    # In the state's order, as ``described`` is: a state of the same structure lists them alike.
+    signed = (described, [(k, tuple(p)) for k, p in paths.items()])
     try:  # values only, no references (derived.items_digest): quicker than the repr
         encoded = b"marshal " + marshal.dumps(signed, 0)
     except ValueError:

@@ -29,7 +29,6 @@ With ``plan_cache`` (one per coordinator), a save whose structure is unchanged r
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 from collections.abc import Sequence
 from typing import Any
@@ -57,6 +56,7 @@ from ..rank_exchange import RankExchange, travelling
 from .derived import (
     CommitReport,
     HolderSets,
+    Members,
     PlanSummary,
     merged_paths,
     set_name,
@@ -95,7 +95,9 @@ class ForgeSavePlanner(DefaultSavePlanner):
                  exchange: RankExchange | None = None, plan_cache: PlanCache | None = None) -> None:
         # DCP's plan caching stays off: it caches plans at class level, a known source of stale
         # plans. ``plan_cache`` (planning on every rank only) is this planner's own, per coordinator.
-        super().__init__(flatten_state_dict=True, flatten_sharded_tensors=True, enable_plan_caching=False)
+        # DCP's flattening of nested ShardedTensors walks the whole state once more, and changes
+        # ShardedTensor values alone: set_up_planner asks for it only when the state holds one.
+        super().__init__(flatten_state_dict=True, flatten_sharded_tensors=False, enable_plan_caching=False)
         self.layouts: dict[str, ComponentLayout] = layouts_from(components)
         self._topology = topology
         self._topology_given = topology is not None
@@ -152,6 +154,9 @@ class ForgeSavePlanner(DefaultSavePlanner):
         renamed = {self.key_map[k]: v for k, v in state_dict.items()}
         try:
             super().set_up_planner(renamed, storage_meta, is_coordinator)
+            if any(type(value) is not torch.Tensor and hasattr(value, "local_shards")
+                   for value in self.state_dict.values()):
+                self.state_dict = _sharded_tensors_flattened(self.state_dict)
         except ValueError as err:  # DCP's flattening: two keys with the same str() ({1: a, "1": b})
             if "duplicated flatten key" not in str(err):
                 raise
@@ -219,13 +224,14 @@ class ForgeSavePlanner(DefaultSavePlanner):
         """Refuse the plain tensors this rank plans whose values cannot be stored (before DCP's
         planning, which would fail on some), and note the opaque ones (``_opaque``)."""
         self._opaque = set()
+        owns_all = self.topology.rank == 0  # asked once, not per tensor (see _owns)
         for fqn, value in self.state_dict.items():
-            if not is_plain_tensor(value):
+            if type(value) is not torch.Tensor and not is_plain_tensor(value):
                 continue
             if has_opaque_layout(value):
                 self._opaque.add(fqn)
-            if self._owns(fqn):
-                refuse_unstorable_tensor(value, functools.partial(self._where, fqn), allow_meta=self.planning_only)
+            if owns_all or self._owns(fqn):
+                refuse_unstorable_tensor(value, self._where, fqn, allow_meta=self.planning_only)
 
     def _local_plan(self) -> SavePlan:
         # DCP's default local plan, except that opaque tensors (quantized, sparse, nested) are stored
@@ -261,7 +267,7 @@ class ForgeSavePlanner(DefaultSavePlanner):
         state's structure is unchanged since the last committed save."""
         self._check_tensors()
         if self.plan_cache is not None:
-            self._signature = state_signature(self.state_dict, self.mappings, self._signature_context())
+            self._signature = state_signature(self.state_dict, self.mappings, self._signature_context(), self._opaque)
             self._cached = self.plan_cache.lookup(self._signature)
         if self._cached is not None:  # the values are new: pickled and their forms noted afresh
             self.plan, self._summary = self._cached.local_plan, self._cached.summary
@@ -274,23 +280,32 @@ class ForgeSavePlanner(DefaultSavePlanner):
         """Who holds each item of this rank's ``local_plan`` (derived.summarize), or why some item's
         holders cannot be named by this rank alone. Needs ``set_up_planner`` first."""
         holder_sets = HolderSets(self.topology)
-        return summarize(
-            local_plan, lambda item: holder_sets.of(item, self.state_dict.get(item.index.fqn),
-                                                    self._layout_of_storage_key.get(top_level_key(item.index.fqn))),
-            self.topology.rank, self.topology.world_size)
+        of_whole_values: dict[str, tuple[bytes, Members] | None] = {}  # storage key -> the holders of its whole values
+
+        def holders(item: WriteItem) -> tuple[bytes, Members] | None:
+            fqn = item.index.fqn
+            key = top_level_key(fqn)
+            if item.type is not WriteItemType.SHARD:  # a whole value: its holders are its storage key's
+                if key not in of_whole_values:
+                    of_whole_values[key] = holder_sets.of(item, None, self._layout_of_storage_key.get(key))
+                return of_whole_values[key]
+            return holder_sets.of(item, self.state_dict.get(fqn), self._layout_of_storage_key.get(key))
+
+        return summarize(local_plan, holders, self.topology.rank, self.topology.world_size)
 
     def _check_values(self, plan: SavePlan) -> None:
         """Refuse what would not come back exactly (before anything is written), keep each proven
         pickle for writing, and note each value's saved form."""
         self._pickled, self.saved_forms = {}, {}
+        state, opaque_fqns, key_paths = self.state_dict, self._opaque, self._key_paths
         for item in plan.items:
             fqn = item.index.fqn
-            value = self.state_dict.get(fqn)
-            opaque = fqn in self._opaque
-            if item.type == WriteItemType.BYTE_IO and not opaque:
+            value = state.get(fqn)
+            opaque = fqn in opaque_fqns
+            if item.type is _BYTE_IO and not opaque:
                 original = value.mapping if isinstance(value, _EmptyMapping) else value
                 self._pickled[fqn] = pickled_value(original, self._where(fqn))
-            key_path = self._key_paths.get(fqn)
+            key_path = key_paths.get(fqn)
             bits = math_bits(value) if not opaque and is_plain_tensor(value) else None
             if key_path is not None or bits is not None:  # a SavedForm holding neither is not kept
                 self.saved_forms[fqn] = SavedForm(key_path[1:] if key_path is not None else None, bits)
@@ -405,11 +420,12 @@ class ForgeSavePlanner(DefaultSavePlanner):
     def global_value_bytes(self) -> int:
         """Bytes of the GLOBAL plain values in this rank's local plan (rank 0 alone plans them; DTensor
         shards follow their mesh): what the coordinator writes besides its share of shared state."""
-        def is_global(item: WriteItem) -> bool:
-            layout = self._layout_of_storage_key.get(top_level_key(item.index.fqn))
-            return layout is not None and layout.pattern is SharingPattern.GLOBAL and item.type != WriteItemType.SHARD
-
-        return sum(item_bytes(item) for item in self.plan.items if is_global(item))
+        global_keys = {key for key, layout in self._layout_of_storage_key.items()
+                       if layout is not None and layout.pattern is SharingPattern.GLOBAL}
+        if not global_keys:  # nothing declared GLOBAL: no item to look at
+            return 0
+        return sum(item_bytes(item) for item in self.plan.items
+                   if item.type != WriteItemType.SHARD and top_level_key(item.index.fqn) in global_keys)
 
     def _gather_and_scatter(self, local_plan: SavePlan) -> SavePlan:
         """DCP's path: every rank's local plan on the coordinator, which places them and sends each
@@ -432,7 +448,10 @@ class ForgeSavePlanner(DefaultSavePlanner):
         if self._error is not None:
             raise self._error
         if self.planned_by == "declarations" and isinstance(self._summary, PlanSummary) and self._final is not None:
-            return self._summary.commit_report(self._final)
+            # One process: the exchange hands the coordinator this report itself, to check against
+            # this summary (global_plan_and_metadata).
+            in_process = self.exchange is not None and self.exchange.hands_objects_over
+            return self._summary.commit_report(self._final, in_process)
         return None
 
     def global_plan_and_metadata(self, reports: Sequence[CommitReport | None], where: str
@@ -451,7 +470,8 @@ class ForgeSavePlanner(DefaultSavePlanner):
             if len(sent) != len(reports):
                 raise IncompleteSaveError(f"not committing checkpoint {where}: rank(s) "
                                           f"{[r for r, rep in enumerate(reports) if rep is None]} sent no plan")
-            self.global_plan, self.metadata = verified_global_plan(sent, self.topology.world_size, where)
+            digested = self._summary.sets if isinstance(self._summary, PlanSummary) else ()
+            self.global_plan, self.metadata = verified_global_plan(sent, self.topology.world_size, where, digested)
         return self.global_plan, self.metadata
 
     def committed(self, generation: str) -> None:
@@ -467,19 +487,20 @@ class ForgeSavePlanner(DefaultSavePlanner):
                                             self._coordinator_bytes, generation), skeleton)
 
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor | Any:
-        if write_item.type == WriteItemType.BYTE_IO:
+        kind = write_item.type  # compared by identity (enum members): this runs once per written item
+        if kind is _TENSOR:
+            obj = self.state_dict.get(write_item.index.fqn)
+            # What DCP's lookup returns for a plain tensor at its origin, without its per-item
+            # lookups (unless a subclass changed how objects are looked up or transformed).
+            if type(obj) is torch.Tensor and self._default_lookup:
+                offset = write_item.index.offset
+                if offset is None or (not any(offset) and len(offset) == obj.dim()):
+                    return exact_storage(obj)
+        elif kind is _BYTE_IO:
             pickled = self._pickled.pop(write_item.index.fqn, None)
             if pickled is not None:
                 return pickled
-        if write_item.type == WriteItemType.TENSOR:
-            obj = self.state_dict.get(write_item.index.fqn)
-            offset = write_item.index.offset
-            # What DCP's lookup returns for a plain tensor at its origin, without its per-item
-            # lookups (unless a subclass changed how objects are looked up or transformed).
-            if type(obj) is torch.Tensor and (offset is None or (len(offset) == obj.dim() and not any(offset))) \
-                    and self._default_lookup:
-                return exact_storage(obj)
-        if write_item.type == WriteItemType.SHARD:
+        elif kind is _SHARD:
             obj = self.state_dict.get(write_item.index.fqn)
             if is_plain_tensor(obj):  # one of our row-chunks of a plain tensor
                 assert write_item.tensor_data is not None, "a SHARD item describes its chunk"
@@ -488,6 +509,15 @@ class ForgeSavePlanner(DefaultSavePlanner):
         data = super().resolve_data(write_item)
         return exact_storage(data) if isinstance(data, torch.Tensor) else data
 
+
+def _sharded_tensors_flattened(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with its nested ShardedTensors flattened, as ``DefaultSavePlanner`` does."""
+    flattener = DefaultSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=True)
+    flattener.set_up_planner(state_dict)
+    return flattener.state_dict
+
+
+_TENSOR, _BYTE_IO, _SHARD = WriteItemType.TENSOR, WriteItemType.BYTE_IO, WriteItemType.SHARD
 
 # The key of a local plan's planner_data under which it lists its empty-dictionary items (no fqn is "").
 _EMPTY_MAPPINGS = ""

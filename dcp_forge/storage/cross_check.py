@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor
 from ..core.components import ComponentLayout
 from ..core.keys import NAMESPACE_SEP, parse_storage_key, top_level_key
 from ..core.patterns import SharingPattern
-from ..core.tensors import dtype_text, tiling_problem
+from ..core.tensors import dtype_text, one_whole_chunk, tiling_problem
 from ..core.topology import Topology
 from ..errors import ComponentDeclarationError
 from ..format.index import ItemRecord
@@ -61,10 +61,14 @@ def coverage_problems(metadata: Metadata, fqns: Iterable[str], where: str) -> li
     copy that ``holds_part`` of it: whose chunks reach outside it or overlap)."""
     found = []
     saved = metadata.state_dict_metadata
-    for fqn in set(fqns):
+    for fqn in fqns if isinstance(fqns, Mapping) else set(fqns):  # a mapping's keys are distinct already
         md = saved.get(fqn)
         if not isinstance(md, TensorStorageMetadata):
             continue
+        chunks = md.chunks
+        if len(chunks) == 1 and type(md.size) is torch.Size and type(chunks[0].offsets) is torch.Size \
+                and type(chunks[0].sizes) is torch.Size and one_whole_chunk(md.size, chunks[0].offsets, chunks[0].sizes):
+            continue  # how unsharded tensors are stored: their one chunk is the tensor
         why = tiling_problem(md.size, [(c.offsets, c.sizes) for c in md.chunks], whole=not holds_part(fqn))
         if why is not None:
             found.append((fqn, why))

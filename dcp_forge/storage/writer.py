@@ -52,7 +52,13 @@ from ..core.topology import Topology
 from ..errors import IncompleteSaveError, os_error_context
 from ..format.dcp_metadata import metadata_pickle, share_equal_parts
 from ..format.index import StoredItem, encode_index
-from ..format.manifest import CheckpointManifest, checksum_bytes, component_manifests, item_records, versions
+from ..format.manifest import (
+    CheckpointManifest,
+    checksum_bytes,
+    component_manifests,
+    item_records_and_locations,
+    versions,
+)
 from ..format.names import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE, data_file_name, new_save_id
 from ..format.pack import (
     LARGE_PACK_BYTES,
@@ -125,11 +131,12 @@ def _bins(items: Sequence[WriteItem], count: int) -> list[list[WriteItem]]:
     """Split items into ``count`` lists of about equal bytes (largest first onto the lightest)."""
     bins: list[list[WriteItem]] = [[] for _ in range(max(1, count))]
     loads = [0] * len(bins)
-    for size, _, item in sorted(((item_bytes(item), i, item) for i, item in enumerate(items)),
-                                key=lambda sized: (-sized[0], sized[1])):
+    sizes = list(map(item_bytes, items))
+    # Largest first; the sort is stable, so items of one size keep their order.
+    for at in sorted(range(len(items)), key=sizes.__getitem__, reverse=True):
         i = loads.index(min(loads))
-        bins[i].append(item)
-        loads[i] += size
+        bins[i].append(items[at])
+        loads[i] += sizes[at]
     return [b for b in bins if b]
 
 
@@ -146,7 +153,7 @@ def _write_item(stream: _HashingStream, item: WriteItem, data: Any) -> None:
 def _packable(item: WriteItem, data: Any, form: Any) -> torch.Tensor | memoryview | None:
     """What of ``data`` goes into a pack (pack.py): a plain tensor, or the pickle of a small value
     holding no tensor; None for everything stored in a zip of its own."""
-    if item.type == WriteItemType.BYTE_IO:
+    if item.type is _BYTE_IO:
         return value_pickle(data.getbuffer() if isinstance(data, io.BytesIO) else data)
     if form is not None and form.math_bits is not None:
         return None  # stored as torch.save stores flagged tensors, with its flags in data.pkl
@@ -157,43 +164,49 @@ def _packable(item: WriteItem, data: Any, form: Any) -> torch.Tensor | memoryvie
     return tensor if packable_tensor(tensor) else None
 
 
+_BYTE_IO = WriteItemType.BYTE_IO  # compared by identity (an enum member) once per written item
+
+
 class _Packs:
     """The pack being filled in one data file: small items and large tensors each in packs of their
     own kind (pack.py), one pack open at a time, closed when full, when an item of the other kind
-    comes, and at the end; one result per item."""
+    comes, and at the end; each closed pack adds one result per item to ``results``."""
 
-    def __init__(self, out: OutputStream, name: str, rank: int) -> None:
-        self.out, self.name, self.rank = out, name, rank
+    def __init__(self, out: OutputStream, name: str, rank: int, results: list[WriteResult]) -> None:
+        self.out, self.name, self.rank, self.results = out, name, rank, results
         self._pack: PackWriter | None = None
         self._large = False
+        self._limit = PACK_BYTES
         self._base = 0
         self._items: list[tuple[WriteItem, Any]] = []
 
-    def add(self, item: WriteItem, packed: torch.Tensor | memoryview, form: Any) -> list[WriteResult]:
+    def add(self, item: WriteItem, packed: torch.Tensor | memoryview, form: Any) -> None:
         large = isinstance(packed, torch.Tensor) and packed.nbytes > SMALL_ITEM_BYTES
-        results = self.close() if self._pack is not None and large != self._large else []
+        if self._pack is not None and large != self._large:
+            self.close()
         if self._pack is None:
             self._pack, self._large, self._base = PackWriter(self.out), large, self.out.tell()
+            self._limit = LARGE_PACK_BYTES if large else PACK_BYTES
         if isinstance(packed, torch.Tensor):
             self._pack.add_tensor(packed)
         else:
             self._pack.add_value(packed)
         self._items.append((item, form))
-        if self._pack.size >= (LARGE_PACK_BYTES if large else PACK_BYTES):
-            results += self.close()
-        return results
+        if self._pack.size >= self._limit:
+            self.close()
 
-    def close(self) -> list[WriteResult]:
-        """Write the open pack's trailers (if one is open); the results of its items."""
+    def close(self) -> None:
+        """Write the open pack's trailers (if one is open) and the results of its items."""
         if self._pack is None:
-            return []
+            return
         placed = self._pack.close()
         items, self._items, self._pack = self._items, [], None
-        return [WriteResult(index=item.index, size_in_bytes=where.length - where.gap_length, storage_data=StoredItem(
-                    self.name, self._base + where.offset, where.length, where.checksum, self.rank, where.data_offset,
-                    key_path=encode_path(form.key_path) if form is not None and form.key_path else None,
-                    gap_offset=where.gap_offset, gap_length=where.gap_length))
-                for (item, form), where in zip(items, placed, strict=True)]
+        self.results += [
+            WriteResult(index=item.index, size_in_bytes=where.length - where.gap_length, storage_data=StoredItem(
+                self.name, self._base + where.offset, where.length, where.checksum, self.rank, where.data_offset,
+                key_path=encode_path(form.key_path) if form is not None and form.key_path else None,
+                gap_offset=where.gap_offset, gap_length=where.gap_length))
+            for (item, form), where in zip(items, placed, strict=True)]
 
 
 class ForgeStorageWriter(StorageWriter):
@@ -330,18 +343,18 @@ class ForgeStorageWriter(StorageWriter):
                      rank: int) -> list[WriteResult]:
         out = self.backend.open_output(full)
         stream = _HashingStream(out)
-        packs = _Packs(out, name, rank)
+        results: list[WriteResult] = []
+        packs = _Packs(out, name, rank, results)
         forms = getattr(planner, "saved_forms", None) or {}  # what DCP's metadata cannot say (values.py)
-        results = []
         try:
             for item in items:
                 data = planner.resolve_data(item)
                 form = forms.get(item.index.fqn)
                 packed = _packable(item, data, form)
                 if packed is not None:
-                    results += packs.add(item, packed, form)
+                    packs.add(item, packed, form)
                     continue
-                results += packs.close()  # a pack's items stay next to each other
+                packs.close()  # a pack's items stay next to each other
                 stream.begin_item()
                 _write_item(stream, item, data)
                 offset, length, checksum = stream.end_item()
@@ -351,7 +364,7 @@ class ForgeStorageWriter(StorageWriter):
                     name, offset, length, checksum, rank, data_offset,
                     key_path=encode_path(form.key_path) if form is not None and form.key_path else None,
                     math_bits=form.math_bits if form is not None else None)))
-            results += packs.close()
+            packs.close()
             out.close()
         except BaseException as err:
             discard_after(out, err)
@@ -433,11 +446,7 @@ class ForgeStorageWriter(StorageWriter):
         if self.commit_gate is not None:
             self.commit_gate()
         topology = self._topology or Topology(rank=0, world_size=max(1, len(results)))
-        records = item_records(metadata, results, self._layouts)
-        metadata.storage_data = {
-            r.index: StorageInfo(r.storage_data.relative_path, r.storage_data.offset, r.storage_data.length)
-            for rank_results in results for r in rank_results
-        }
+        records, metadata.storage_data = item_records_and_locations(metadata, results, self._layouts, StorageInfo)
         # As DCP's FileSystemWriter.finish records them: readers look for the save's ids and the version.
         metadata.storage_meta = self.storage_meta()
         metadata.version = CURRENT_DCP_VERSION

@@ -13,8 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.distributed.checkpoint.default_planner import create_default_local_load_plan
 from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
     ChunkStorageMetadata,
     Metadata,
+    MetadataIndex,
     TensorProperties,
     TensorStorageMetadata,
 )
@@ -28,7 +30,7 @@ from dcp_forge import (
     verify_checkpoint,
 )
 from dcp_forge.core.components import layouts_from
-from dcp_forge.core.coverage import write_result_problems
+from dcp_forge.core.coverage import unstored_pieces, write_result_problems
 from dcp_forge.core.keys import StorageKey
 from dcp_forge.core.patterns import SharingPattern
 from dcp_forge.core.placement import ChunkPolicy
@@ -166,3 +168,25 @@ def test_a_save_planned_by_fewer_ranks_than_the_topology_writes_nothing(tmp_path
     assert isinstance(original, IncompleteSaveError)
     assert "planned by 1 rank(s), but the topology has 2 (rank 1)" in str(original)
     assert not os.path.exists(path)  # not even claimed
+
+
+@SETTINGS
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=12), st.data())
+def test_unstored_pieces_are_exactly_the_listed_pieces_without_a_result(kinds, data):
+    """Bytes values, whole tensors and tensors in row-chunks; any subset of their pieces stored."""
+    entries, pieces = {}, []
+    for i, chunks in enumerate(kinds):
+        fqn = f"model.v{i}"
+        if chunks == 0:
+            entries[fqn] = BytesStorageMetadata()
+            pieces.append(MetadataIndex(fqn))
+            continue
+        rows = [ChunkStorageMetadata(torch.Size([r, 0]), torch.Size([1, 2])) for r in range(chunks)]
+        entries[fqn] = TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size([chunks, 2]), rows)
+        pieces += [MetadataIndex(fqn, row.offsets) for row in rows]
+    stored = data.draw(st.lists(st.sampled_from(pieces), unique=True))
+    expected = {}
+    for piece in pieces:
+        if piece not in stored:
+            expected.setdefault(piece.fqn, []).append(piece)
+    assert unstored_pieces(Metadata(entries), stored) == dict(sorted(expected.items()))

@@ -28,7 +28,7 @@ from dcp_forge.core.placement import (
 )
 from dcp_forge.core.topology import Topology
 from dcp_forge.errors import IncompleteSaveError
-from dcp_forge.planners.derived import PlanSummary, item_key, items_digest, verified_global_plan
+from dcp_forge.planners.derived import PlanSummary, item_key, items_digest, summarize, verified_global_plan
 from tests.support.strategies import (
     RESHARD_LAYOUTS,
     commit_reports,
@@ -231,6 +231,61 @@ def test_the_coordinator_refuses_reports_missing_or_repeating_an_item():
         verified_global_plan(doubled, 3, "ckpt")
     with pytest.raises(IncompleteSaveError, match="did not all report"):
         verified_global_plan([reports[0], reports[1], dataclasses.replace(reports[2], sets=())], 3, "ckpt")
+
+
+def test_the_coordinator_s_own_digests_vouch_only_for_its_own_items():
+    """Passing the sets the coordinator digested while planning changes nothing it accepts or refuses:
+    its digest stands for exactly the items it summarized, so an item dropped, repeated or changed in
+    the report is still found."""
+    layouts = {"model": ComponentLayout("model", SharingPattern.REPLICATED),
+               "rng": ComponentLayout("rng", SharingPattern.PER_RANK)}
+    states = [{"model": {f"t{i}": torch.empty(4 + i, device="meta") for i in range(5)},
+               "rng": {"s": torch.empty(3, device="meta")}}]
+    derived = derived_plans(states, layouts, Topology.uniform(0, 1), ChunkPolicy())
+    (report,) = commit_reports(derived)
+    digested = derived.summaries[0].sets
+    verified_global_plan([report], 1, "ckpt", digested)
+    items, sets = list(report.plan.items), report.item_sets
+    bigger = dataclasses.replace(items[1], tensor_data=dataclasses.replace(
+        items[1].tensor_data, size=torch.Size([99]),
+        chunk=ChunkStorageMetadata(torch.Size([0]), torch.Size([99]))))
+    tampered = {
+        "an item is missing": (items[1:], sets[1:]),
+        "written twice": (items + items[:1], sets + sets[:1]),
+        "not exactly what they hold": ([items[0], bigger, *items[2:]], sets),
+    }
+    for why, (changed, changed_sets) in tampered.items():
+        bad = dataclasses.replace(report, plan=SavePlan(changed), item_sets=changed_sets)
+        with pytest.raises(IncompleteSaveError, match=why):
+            verified_global_plan([bad], 1, "ckpt", digested)
+
+
+def test_a_report_that_stays_in_the_coordinator_s_process_is_checked_by_its_very_items():
+    """In one process the coordinator's report leaves out the digests of the sets it alone holds: the
+    very items it summarized vouch for them, so none is taken; any other report, or any change to
+    the items, is still refused."""
+    layouts = {"model": ComponentLayout("model", SharingPattern.REPLICATED)}
+    states = [{"model": {f"t{i}": torch.empty(4 + i, device="meta") for i in range(5)}}]
+    derived = derived_plans(states, layouts, Topology.uniform(0, 1), ChunkPolicy())
+    summary, final = derived.summaries[0], derived.finals[0]
+    assert isinstance(summary, PlanSummary)
+    fresh = summarize(final, lambda item: (b"0", range(1)), 0, 1)  # the same set, not yet digested
+    assert isinstance(fresh, PlanSummary)
+    report = fresh.commit_report(final, in_process=True)
+    assert [digest for _, _, _, digest in report.sets] == [None]
+    verified_global_plan([report], 1, "ckpt", fresh.sets)
+    assert "digest" not in vars(fresh.sets[0])  # never taken
+    with pytest.raises(IncompleteSaveError, match="not exactly what they hold"):
+        verified_global_plan([report], 1, "ckpt")  # no summary to vouch for it
+    alike = derived_plans(states, layouts, Topology.uniform(0, 1), ChunkPolicy()).summaries[0]
+    with pytest.raises(IncompleteSaveError, match="not exactly what they hold"):
+        verified_global_plan([report], 1, "ckpt", alike.sets)  # equal items, but other objects
+    verified_global_plan([summary.commit_report(final)], 1, "ckpt", alike.sets)  # with its digest: accepted
+    items = list(report.plan.items)
+    for changed, changed_sets in [(items[1:], report.item_sets[1:]), (items + items[:1], report.item_sets * 2)]:
+        bad = dataclasses.replace(report, plan=SavePlan(changed), item_sets=changed_sets[:len(changed)])
+        with pytest.raises(IncompleteSaveError, match="not exactly what they hold"):
+            verified_global_plan([bad], 1, "ckpt", fresh.sets)
 
 
 def test_the_coordinator_s_global_values_count_in_the_balance():

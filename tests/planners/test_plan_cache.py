@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
 from torch.distributed.tensor import Replicate, Shard
 
 from dcp_forge import AsyncOptions, CheckpointCoordinator, CheckpointExistsError, StateComponent
 from dcp_forge._torch_compat import flatten_state_dict
 from dcp_forge.core.placement import ChunkPolicy
+from dcp_forge.core.tensors import is_plain_tensor
+from dcp_forge.format.values import has_opaque_layout
 from dcp_forge.planners.plan_cache import state_signature
 from tests.support.statefuls import Box, Counter
-from tests.support.strategies import dtensor_on_rank
+from tests.support.strategies import build_values, dtensor_on_rank, value_trees
 
 
 def _state(**changes) -> dict:
@@ -116,3 +119,13 @@ def test_each_coordinator_keeps_its_own_plans(tmp_path):
     second.save_checkpoint(checkpoint_id="a")
     assert first.plan_cache.hits == second.plan_cache.hits == 0
     assert first.plan_cache.plan is not second.plan_cache.plan
+
+
+@settings(max_examples=60, deadline=None)
+@given(value_trees())
+def test_the_signature_is_the_same_whether_the_opaque_tensors_are_told_or_found(tree):
+    """The planner tells state_signature which tensors it found opaque (quantized, sparse, nested):
+    the signature must not change by it."""
+    flat, paths = flatten_state_dict({"model": build_values(tree)})
+    opaque = {k for k, v in flat.items() if is_plain_tensor(v) and has_opaque_layout(v)}
+    assert state_signature(flat, paths, b"ctx", opaque) == state_signature(flat, paths, b"ctx")
