@@ -9,6 +9,8 @@ tier     what the test does                              fixture that puts it th
 ``s3``   talks to a real S3 server                       ``s3_server_info``, ``moto_server_info``,
                                                          ``s3_servers`` (and all built on them)
 ``kill`` kills processes it started (crash harnesses)    ``kills``
+``proc`` starts Python interpreters of its own (upload   ``interpreters``, or a ``proc`` mark on
+         processes, subprocesses): seconds of imports    the variants that start one
 ``unit`` none of the above: in-process, fast             -
 ======== =============================================== =====================================
 
@@ -24,6 +26,7 @@ Nothing is mocked: a test that uses these fixtures talks SigV4-signed HTTP to a 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -36,6 +39,7 @@ TIER_FIXTURES = {
     "dist": {"ranks", "rank_processes", "kills"},
     "s3": {"s3_server_info", "moto_server_info", "s3_servers"},
     "kill": {"kills"},
+    "proc": {"interpreters"},
 }
 TIERS = ("unit", *TIER_FIXTURES)
 
@@ -76,6 +80,12 @@ def rank_processes():
 def kills(rank_processes):
     """For tests that kill the processes they start (crash harnesses): the rank process context."""
     return rank_processes
+
+
+@pytest.fixture(scope="session")
+def interpreters() -> str:
+    """For tests that start Python interpreters of their own (subprocesses): the one to start."""
+    return sys.executable
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import random
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +18,8 @@ from tests.support.statefuls import Box
 ROOT = str(REPO)
 
 
-@pytest.mark.parametrize("options", [AsyncOptions(), AsyncOptions(staging="overlapped", upload="process")],
+@pytest.mark.parametrize("options", [AsyncOptions(), pytest.param(AsyncOptions(staging="overlapped", upload="process"),
+                                                                   marks=pytest.mark.proc)],
                          ids=["blocking-thread", "overlapped-process"])
 def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint_latest(kills, tmp_path, options):
     """Upload processes die with their training process (checked by run_trials), never to commit later."""
@@ -58,15 +58,15 @@ print("STARTED", flush=True)
 """
 
 
-def _run(script: str, directory, mode: str) -> subprocess.CompletedProcess:
+def _run(python: str, script: str, directory, mode: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "-c", script, str(directory), mode], capture_output=True, text=True,
+    return subprocess.run([python, "-c", script, str(directory), mode], capture_output=True, text=True,
                           env=env, timeout=180)
 
 
 @pytest.mark.parametrize("mode", ["blocking-thread", "overlapped-process"])
-def test_interpreter_exit_finishes_the_in_flight_save_and_reports_unraised_failures(tmp_path, mode):
-    proc = _run(SCRIPT_ENDING_MID_SAVE, tmp_path, mode)
+def test_interpreter_exit_finishes_the_in_flight_save_and_reports_unraised_failures(interpreters, tmp_path, mode):
+    proc = _run(interpreters, SCRIPT_ENDING_MID_SAVE, tmp_path, mode)
     assert proc.returncode == 0, proc.stderr
     assert "STARTED" in proc.stdout
     uploads = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("UPLOAD")]

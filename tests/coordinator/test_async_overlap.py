@@ -60,7 +60,7 @@ def _data_files_equal(a: str, b: str) -> None:
             assert fa.read() == fb.read(), name
 
 
-@pytest.mark.parametrize("upload", ["thread", "process"])
+@pytest.mark.parametrize("upload", ["thread", pytest.param("process", marks=pytest.mark.proc)])
 def test_checkpoint_is_the_sync_save_of_the_same_step_while_training_goes_on(tmp_path, upload):
     model, opt, counter, comps = _training()
     options = AsyncOptions(staging="overlapped", upload=upload, lazy_min_bytes=4096)

@@ -23,7 +23,7 @@ from dcp_forge.core.placement import ChunkPolicy
 from tests.support.statefuls import Box
 from tests.support.states import tricky_state
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.proc]  # each test starts upload processes
 
 PROCESS = AsyncOptions(upload="process", lazy_min_bytes=4096)
 

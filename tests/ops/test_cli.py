@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -315,18 +314,20 @@ print(json.dumps(out))
 """
 
 
-def cli_session(*argvs, env=None):
-    done = subprocess.run([sys.executable, "-c", _CLI_SESSION, json.dumps([[str(a) for a in argv] for argv in argvs])],
+def cli_session(python, *argvs, env=None):
+    """Each of ``argvs`` run through ``cli.main`` in one fresh interpreter (``python``)."""
+    done = subprocess.run([python, "-c", _CLI_SESSION, json.dumps([[str(a) for a in argv] for argv in argvs])],
                           env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     return [subprocess.CompletedProcess(argv, code, stdout, stderr)
             for argv, (code, stdout, stderr) in zip(argvs, json.loads(done.stdout), strict=True)]
 
 
-def test_entry_point_exit_codes(run, tmp_path):
+def test_entry_point_exit_codes(run, tmp_path, interpreters):
     _, a, _, _ = run
     nowhere = tmp_path / "nowhere"
     ok, missing, convert_missing, verify_missing, to_pt, to_safetensors, back = cli_session(
+        interpreters,
         ("verify", a), ("inspect", nowhere), ("convert", nowhere, tmp_path / "out.pt"), ("verify", nowhere),
         ("convert", a, tmp_path / "out.pt", "--component", "model"),
         ("convert", a, tmp_path / "out.safetensors", "--component", "model"),
@@ -341,18 +342,18 @@ def test_entry_point_exit_codes(run, tmp_path):
     for proc in (to_pt, to_safetensors, back):
         assert proc.returncode == EXIT_OK and proc.stderr == "", proc.stderr
     # the console entry point itself
-    assert subprocess.run([sys.executable, "-m", "dcp_forge.cli", "verify", str(a)], cwd=ROOT,
+    assert subprocess.run([interpreters, "-m", "dcp_forge.cli", "verify", str(a)], cwd=ROOT,
                           capture_output=True, timeout=120).returncode == EXIT_OK
 
 
 def test_every_command_works_on_s3_with_credentials_from_the_environment(s3_url, s3_storage_options, s3_env,
-                                                                          tmp_path):
+                                                                          tmp_path, interpreters):
     a = _save(s3_url, "checkpoint-10", s3_storage_options)
     b = _save(s3_url, "checkpoint-20", s3_storage_options, seed=1, step=20)
     env = dict(os.environ, PYTHONPATH=ROOT, **s3_env)
 
     def cli(*args):
-        done = subprocess.run([sys.executable, "-m", "dcp_forge.cli", *map(str, args)], env=env,
+        done = subprocess.run([interpreters, "-m", "dcp_forge.cli", *map(str, args)], env=env,
                               capture_output=True, text=True, timeout=120)
         assert s3_env["AWS_SECRET_ACCESS_KEY"] not in done.stdout + done.stderr
         return done
@@ -383,7 +384,7 @@ def test_usage_errors_and_help(run, capsys):
         assert len(capsys.readouterr().out) > 200  # a description, not just the usage line
 
 
-def test_ls_and_inspect_start_without_torch(run):
+def test_ls_and_inspect_start_without_torch(run, interpreters):
     """Listing and inspecting must not import torch (seconds of start-up): see dcp_forge/__init__.py."""
     root, a, _, _ = run
     script = ("import sys, dcp_forge.cli as cli\n"
@@ -391,6 +392,6 @@ def test_ls_and_inspect_start_without_torch(run):
               "heavy = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
               "print('TORCH', heavy[:5], codes, file=sys.stderr)\n"
               "sys.exit(1 if heavy or codes != [0, 0] else 0)\n")
-    done = subprocess.run([sys.executable, "-c", script, str(root), str(a)], env=dict(os.environ, PYTHONPATH=ROOT),
+    done = subprocess.run([interpreters, "-c", script, str(root), str(a)], env=dict(os.environ, PYTHONPATH=ROOT),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

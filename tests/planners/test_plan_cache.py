@@ -93,7 +93,7 @@ def test_repeated_saves_reuse_the_plan_until_the_structure_changes(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # DCP's single-process notice, from its upload thread
-@pytest.mark.parametrize("upload", ["thread", "process"])
+@pytest.mark.parametrize("upload", ["thread", pytest.param("process", marks=pytest.mark.proc)])
 def test_async_saves_reuse_the_plan_wherever_they_upload(tmp_path, upload):
     model, step = Box({"w": torch.arange(12.0).reshape(4, 3)}), Counter(1)
     with CheckpointCoordinator(_components(model, step), output_dir=tmp_path,

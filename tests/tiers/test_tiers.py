@@ -134,7 +134,8 @@ def test_each_tier_keeps_its_own_checkpoints_and_every_nth_save_is_drained(tmp_p
 
 
 @pytest.mark.parametrize("options", [AsyncOptions(), AsyncOptions(staging="overlapped", lazy_min_bytes=1024),
-                                     AsyncOptions(upload="process")], ids=["blocking", "overlapped", "process"])
+                                     pytest.param(AsyncOptions(upload="process"), marks=pytest.mark.proc)],
+                         ids=["blocking", "overlapped", "process"])
 def test_async_tiered_saves_keep_the_state_of_the_call(tmp_path, options):
     box = Box(state(1))
     with coordinator(tmp_path, box, async_options=options) as coord:

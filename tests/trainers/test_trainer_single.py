@@ -7,7 +7,6 @@ import copy
 import dataclasses
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -35,7 +34,7 @@ ROOT = str(REPO)
 CONFIG = TinyLMConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, max_seq_len=16, dropout=0.1)
 
 
-def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
+def test_resume_in_a_fresh_process_is_bit_exact(tmp_path, interpreters):
     """40 steps (past an epoch end) uninterrupted vs interrupted after step 25 (last checkpoint: 20)
     and resumed by `python -m dcp_forge.trainers.run --resume` in a new process; the interrupted and
     the resumed run save asynchronously, the reference synchronously."""
@@ -48,7 +47,7 @@ def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
     assert interrupted.output.step_losses == reference.output.step_losses[:25]
     results = tmp_path / "resumed.pt"
     proc = subprocess.run(
-        [sys.executable, "-m", "dcp_forge.trainers.run", "--trainer", "single", "--max-steps", "40",
+        [interpreters, "-m", "dcp_forge.trainers.run", "--trainer", "single", "--max-steps", "40",
          "--save-steps", "10", "--output-dir", job.output_dir, "--resume", "--async-save",
          "--results-file", str(results)],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
@@ -61,7 +60,7 @@ def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
     assert all(torch.equal(resumed["params"][k], reference.params[k]) for k in reference.params)
 
 
-@pytest.mark.parametrize("upload", ["thread", "process"])
+@pytest.mark.parametrize("upload", ["thread", pytest.param("process", marks=pytest.mark.proc)])
 def test_overlapped_async_checkpoints_are_the_sync_ones(tmp_path, upload):
     """Saves that copy parameters and AdamW state during the next steps (the optimizer step waits for
     what is left), uploaded on a thread or by an upload process, write the files a sync save writes."""
