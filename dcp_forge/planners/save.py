@@ -302,7 +302,7 @@ class ForgeSavePlanner(DefaultSavePlanner):
             fqn = item.index.fqn
             value = state.get(fqn)
             opaque = fqn in opaque_fqns
-            if item.type is _BYTE_IO and not opaque:
+            if item.type is WriteItemType.BYTE_IO and not opaque:
                 original = value.mapping if isinstance(value, _EmptyMapping) else value
                 self._pickled[fqn] = pickled_value(original, self._where(fqn))
             key_path = key_paths.get(fqn)
@@ -487,8 +487,8 @@ class ForgeSavePlanner(DefaultSavePlanner):
                                             self._coordinator_bytes, generation), skeleton)
 
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor | Any:
-        kind = write_item.type  # compared by identity (enum members): this runs once per written item
-        if kind is _TENSOR:
+        kind = write_item.type
+        if kind is WriteItemType.TENSOR:
             obj = self.state_dict.get(write_item.index.fqn)
             # What DCP's lookup returns for a plain tensor at its origin, without its per-item
             # lookups (unless a subclass changed how objects are looked up or transformed).
@@ -496,11 +496,11 @@ class ForgeSavePlanner(DefaultSavePlanner):
                 offset = write_item.index.offset
                 if offset is None or (not any(offset) and len(offset) == obj.dim()):
                     return exact_storage(obj)
-        elif kind is _BYTE_IO:
+        elif kind is WriteItemType.BYTE_IO:
             pickled = self._pickled.pop(write_item.index.fqn, None)
             if pickled is not None:
                 return pickled
-        elif kind is _SHARD:
+        elif kind is WriteItemType.SHARD:
             obj = self.state_dict.get(write_item.index.fqn)
             if is_plain_tensor(obj):  # one of our row-chunks of a plain tensor
                 assert write_item.tensor_data is not None, "a SHARD item describes its chunk"
@@ -516,8 +516,6 @@ def _sharded_tensors_flattened(state_dict: dict[str, Any]) -> dict[str, Any]:
     flattener.set_up_planner(state_dict)
     return flattener.state_dict
 
-
-_TENSOR, _BYTE_IO, _SHARD = WriteItemType.TENSOR, WriteItemType.BYTE_IO, WriteItemType.SHARD
 
 # The key of a local plan's planner_data under which it lists its empty-dictionary items (no fqn is "").
 _EMPTY_MAPPINGS = ""

@@ -153,7 +153,7 @@ def _write_item(stream: _HashingStream, item: WriteItem, data: Any) -> None:
 def _packable(item: WriteItem, data: Any, form: Any) -> torch.Tensor | memoryview | None:
     """What of ``data`` goes into a pack (pack.py): a plain tensor, or the pickle of a small value
     holding no tensor; None for everything stored in a zip of its own."""
-    if item.type is _BYTE_IO:
+    if item.type is WriteItemType.BYTE_IO:
         return value_pickle(data.getbuffer() if isinstance(data, io.BytesIO) else data)
     if form is not None and form.math_bits is not None:
         return None  # stored as torch.save stores flagged tensors, with its flags in data.pkl
@@ -163,8 +163,6 @@ def _packable(item: WriteItem, data: Any, form: Any) -> torch.Tensor | memoryvie
         tensor = tensor.cpu()
     return tensor if packable_tensor(tensor) else None
 
-
-_BYTE_IO = WriteItemType.BYTE_IO  # compared by identity (an enum member) once per written item
 
 
 class _Packs:
