@@ -8,12 +8,18 @@ saves it with each contender (``torch.save`` + fsync of the file and directory; 
 (``torch.load`` + copy; dcp_forge's ``load_checkpoint``), and checks the loaded values. The order of
 the contenders alternates between repetitions; ratios are taken within a repetition and reported as
 medians. Bytes on disk are every file of the saved directory.
+
+``--floor`` adds a save that writes nothing: ``dcp.save`` with DCP's default planner and a storage
+writer that reads every item's data and pickles the metadata, as ``FileSystemWriter`` does, to
+memory, with the collector paused as dcp_forge's saves run. It is what any save that plain DCP can
+read pays before a byte reaches the disk (DCP's per-item plan and metadata objects, their pickle).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import shutil
 import statistics
 import sys
@@ -25,10 +31,16 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+from torch.futures import Future
 
 from benchmarks.disk import drop_page_cache
 from benchmarks.results import write_json
 from benchmarks.save_load import _forge_load, _forge_save, _torch_load, _torch_save
+from dcp_forge.gc_pause import paused_gc
 
 Action = Callable[[str, dict[str, torch.Tensor]], None]
 
@@ -41,13 +53,59 @@ def _dcp_load(path: str, state: dict[str, torch.Tensor]) -> None:
     dcp.load({"model": state}, storage_reader=FileSystemReader(path), no_dist=True)
 
 
-# name -> (save, load)
-CONTENDERS: dict[str, tuple[Action, Action]] = {
+class _WritesNothing(StorageWriter):
+    """DCP's storage writer protocol with no storage: every item's data is resolved (a writer must
+    read it) and the metadata pickled as ``FileSystemWriter.finish`` pickles it, into memory."""
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        pass
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return True
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        return plans
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        results = []
+        for at, item in enumerate(plan.items):
+            planner.resolve_data(item)
+            results.append(WriteResult(index=item.index, size_in_bytes=1,
+                                       storage_data=_StorageInfo("__0_0.distcp", at, 1)))
+        done: Future[list[WriteResult]] = Future()
+        done.set_result(results)
+        return done
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        metadata.storage_data = {result.index: result.storage_data for rank in results for result in rank}
+        metadata.storage_meta = self.storage_meta()
+        pickle.dumps(metadata)
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta()
+
+
+def _floor_save(path: str, state: dict[str, torch.Tensor]) -> None:
+    with paused_gc():
+        dcp.save({"model": state}, storage_writer=_WritesNothing(), no_dist=True)
+
+
+# name -> (save, load); a contender without a load only saves
+CONTENDERS: dict[str, tuple[Action, Action | None]] = {
     "torch.save / torch.load": (_torch_save, _torch_load),
     "dcp_forge": (_forge_save, _forge_load),
     "DCP FileSystemWriter (thread_count=2) / FileSystemReader": (_dcp_save, _dcp_load),
+    "DCP's save protocol, nothing written": (_floor_save, None),
 }
 REFERENCE = "torch.save / torch.load"
+FLOOR = "DCP's save protocol, nothing written"
 
 
 def make_state(count: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -83,9 +141,11 @@ def run_count(count: int, repetitions: int, root: str, contenders: Sequence[str]
             save, _ = CONTENDERS[name]
             path = os.path.join(rep_dir, name.split()[0].strip("/"))
             seconds[name]["save"].append(_timed(lambda save=save, path=path: save(path, state)))
-            sizes[name] = _bytes_on_disk(path)
+            sizes[name] = _bytes_on_disk(path) if os.path.exists(path) else 0
         for name in order:
             _, load = CONTENDERS[name]
+            if load is None:
+                continue
             path = os.path.join(rep_dir, name.split()[0].strip("/"))
             drop_page_cache(path)
             for value in target.values():
@@ -95,14 +155,16 @@ def run_count(count: int, repetitions: int, root: str, contenders: Sequence[str]
             if bad:
                 raise AssertionError(f"{name} loaded {len(bad)} wrong tensor(s), e.g. {bad[0]}")
         log(f"  {count} tensors, repetition {rep + 1}/{repetitions}: " + ", ".join(
-            f"{name.split()[0]} save {seconds[name]['save'][-1]:.2f}s load {seconds[name]['load'][-1]:.2f}s"
-            for name in contenders))
+            f"{name.split()[0]} save {seconds[name]['save'][-1]:.2f}s"
+            + (f" load {seconds[name]['load'][-1]:.2f}s" if seconds[name]["load"] else "") for name in contenders))
         shutil.rmtree(rep_dir)
     ref = seconds[REFERENCE]
     rows = {}
     for name in contenders:
         row: dict[str, Any] = {"bytes": sizes[name], "bytes_ratio": sizes[name] / sizes[REFERENCE]}
         for phase in ("save", "load"):
+            if not seconds[name][phase]:
+                continue
             ratios = [mine / theirs for mine, theirs in zip(seconds[name][phase], ref[phase], strict=True)]
             row[phase] = {"seconds": seconds[name][phase], "median_s": statistics.median(seconds[name][phase]),
                           "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
@@ -117,12 +179,13 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for result in results:
         for name, row in result["contenders"].items():
-            save, load = row["save"], row["load"]
+            save, load = row["save"], row.get("load")
+            loaded = (f"{load['median_s']:.2f} | {load['ratio_median']:.2f} "
+                      f"({load['ratio_min']:.2f}–{load['ratio_max']:.2f})" if load else "– | –")
+            stored = f"{row['bytes'] / 1e6:.1f} MB | {row['bytes_ratio']:.2f}" if row["bytes"] else "– | –"
             lines.append(
                 f"| {result['count']:,} | {name} | {save['median_s']:.2f} | {save['ratio_median']:.2f} "
-                f"({save['ratio_min']:.2f}–{save['ratio_max']:.2f}) | {load['median_s']:.2f} | "
-                f"{load['ratio_median']:.2f} ({load['ratio_min']:.2f}–{load['ratio_max']:.2f}) | "
-                f"{row['bytes'] / 1e6:.1f} MB | {row['bytes_ratio']:.2f} |")
+                f"({save['ratio_min']:.2f}–{save['ratio_max']:.2f}) | {loaded} | {stored} |")
     return "\n".join(lines)
 
 
@@ -132,11 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--counts", type=int, nargs="+", default=[10_000, 100_000], help="tensor counts")
     parser.add_argument("--repetitions", type=int, default=3, help="repetitions per count (medians reported)")
     parser.add_argument("--dcp", action="store_true", help="also run DCP's FileSystemWriter / FileSystemReader")
+    parser.add_argument("--floor", action="store_true",
+                        help="also run DCP's save protocol writing nothing (what a DCP-readable save pays first)")
     parser.add_argument("--dir", default=None, help="directory on the disk to measure (default: the temp dir)")
     parser.add_argument("--json", default=None, help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
     contenders = [REFERENCE, "dcp_forge"] + (["DCP FileSystemWriter (thread_count=2) / FileSystemReader"]
-                                             if args.dcp else [])
+                                             if args.dcp else []) + ([FLOOR] if args.floor else [])
     import warnings
 
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
