@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import itertools
 import pickle
 import warnings
@@ -203,6 +204,27 @@ def fsspec_reader_class() -> type:
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
     return FsspecReader
+
+
+# --- process groups ----------------------------------------------------------------------------------
+def default_group_timeout() -> datetime.timedelta | None:
+    """How long the job's default process group waits in a collective (``init_process_group(timeout=)``),
+    None without one or where this torch does not say. No public API reads it back, and groups made by
+    ``new_group`` do not inherit it (they get their backend's default: 30 minutes for gloo). Without it
+    the caller keeps that default, as before."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        group = dist.distributed_c10d._get_default_group()
+        for device in group._device_types:
+            timeout = group._get_backend(device).options._timeout
+            if isinstance(timeout, datetime.timedelta):
+                return timeout
+    except (AttributeError, RuntimeError, ValueError):  # pragma: no cover - depends on the torch release
+        return None
+    return None
 
 
 # --- DTensor layouts ------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ missing. So a killed job's save in flight is never committed, as with thread upl
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import logging
 import mmap
@@ -63,7 +64,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.constants import default_pg_timeout
 
-from ._torch_compat import single_process_dcp
+from ._torch_compat import default_group_timeout, single_process_dcp
 from .errors import first_rank_failure
 from .format.manifest import CheckpointManifest
 from .gc_pause import paused_gc
@@ -259,10 +260,13 @@ class UploadProcess:
         self.arenas = SharedArenas()
         if not sys.executable:
             raise RuntimeError("AsyncOptions(upload='process') needs sys.executable to start the upload process")
+        # The upload group waits in its collectives as long as the job's own group does.
+        timeout = default_group_timeout() or default_pg_timeout
         parent_end, child_end = socket.socketpair()
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-c", _BOOTSTRAP, str(child_end.fileno()), str(rank), str(world_size), str(os.getpid())],
+                [sys.executable, "-c", _BOOTSTRAP, str(child_end.fileno()), str(rank), str(world_size), str(os.getpid()),
+                 str(timeout.total_seconds())],
                 pass_fds=(child_end.fileno(),))
         except BaseException:
             parent_end.close()
@@ -386,18 +390,19 @@ from multiprocessing.connection import Connection
 conn = Connection(int(sys.argv[1]))
 sys.path[:] = conn.recv()
 from dcp_forge.async_process import serve
-serve(conn, int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+serve(conn, int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
 """
 
 
-def serve(conn: Any, rank: int, world_size: int, parent_pid: int) -> None:
-    """The upload process: join the upload group, then save what the training process sends."""
+def serve(conn: Any, rank: int, world_size: int, parent_pid: int, timeout_s: float) -> None:
+    """The upload process: join the upload group (its collectives waiting up to ``timeout_s``), then save
+    what the training process sends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="forge-upload-watchdog", daemon=True).start()
     torch.set_num_threads(1)  # serialization and hashing run on the writer's threads, not torch's
     try:
-        _join_upload_group(conn, rank, world_size)
+        _join_upload_group(conn, rank, world_size, datetime.timedelta(seconds=timeout_s))
     except BaseException as err:  # reported to the training process, which raises it
         conn.send(("error", _portable(err)))
         return
@@ -418,12 +423,9 @@ def _exit_with_parent(parent_pid: int) -> None:
     os._exit(1)
 
 
-def _join_upload_group(conn: Any, rank: int, world_size: int) -> None:
+def _join_upload_group(conn: Any, rank: int, world_size: int, timeout: datetime.timedelta) -> None:
     if world_size == 1:
         return
-    # torch's default for process groups, as the thread uploads' background group has: a collective
-    # of a save waits for the slowest rank's writes.
-    timeout = default_pg_timeout
     if rank == 0:  # hosts the store, on a port the system picks (no race for a "free" port)
         store = dist.TCPStore("0.0.0.0", 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
         conn.send(("store", store.port))

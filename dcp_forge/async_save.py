@@ -66,7 +66,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from . import teardown
 from .async_process import UploadProcess, master_host, save_failure
 from .async_staging import ForgeStager, StagingInFlight, plain_buffer, staged_bytes, staging_options
-from .collectives import release_group
+from .collectives import checkpoint_group, release_group
 from .errors import AsyncSaveError
 from .format.manifest import CheckpointManifest
 from .planners import ForgeSavePlanner
@@ -314,7 +314,7 @@ class AsyncSaver:
         """The process group background saves run over (None in a single process); the first call
         creates it, a collective: every rank reaches its first async save together (call protocol)."""
         if self.group is not None and self.background_group is None:
-            self.background_group = dist.new_group(backend="gloo")
+            self.background_group = checkpoint_group()
         return self.background_group
 
     def _prepare(self) -> ForgeStager:

@@ -150,11 +150,11 @@ class CheckpointCoordinator(ClosesOnExit):
         self.verify_checksums = verify_checksums
         self.training_args_hash = training_args_hash
         # A group of its own keeps checkpoint collectives off the training loop's (possibly NCCL) group.
-        self.group = dist.new_group(backend="gloo") if _distributed() else None
+        self.group = collectives.checkpoint_group() if _distributed() else None
         self.topology: Topology = gather_topology(self.process_groups, node=node, group=self.group)
         self._check_declarations_agree()
         # Replication checks run beside a save, on a thread and group of their own (replication.py).
-        self._validation_group = (dist.new_group(backend="gloo")
+        self._validation_group = (collectives.checkpoint_group()
                                   if _distributed() and needs_replication_check(self.components) else None)
         self.last_manifest: CheckpointManifest | None = None
         self.async_options = async_options if async_options is not None else AsyncOptions()

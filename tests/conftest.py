@@ -61,8 +61,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.fixture(scope="session")
 def ranks():
-    """``ranks(fn, world_size, *args, ranks_per_node=None, timeout=180)``: ``fn(rank, world_size, *args)``
-    on real gloo ranks (tests/support/dist.py), results in rank order."""
+    """``ranks(fn, world_size, *args, ranks_per_node=None, timeout=180, collective_timeout=None)``:
+    ``fn(rank, world_size, *args)`` on real gloo ranks (tests/support/dist.py), results in rank order."""
     from tests.support.dist import run_ranks
 
     return run_ranks

@@ -15,8 +15,6 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch.distributed as dist
-
 from .. import collectives
 from ..errors import ComponentDeclarationError, os_error_context
 from ..format.names import new_save_id
@@ -80,8 +78,8 @@ class TieredStorage:
         if tier.peer_copies:
             peer_targets(topology, topology.rank, tier.peer_copies)  # raises unless the job has enough nodes
         _check_node_local(self.site, group)
-        self.commit_group = dist.new_group(backend="gloo") if group is not None else None
-        self.drainer = Drainer(dist.new_group(backend="gloo") if group is not None else None, topology.rank)
+        self.commit_group = collectives.checkpoint_group() if group is not None else None
+        self.drainer = Drainer(collectives.checkpoint_group() if group is not None else None, topology.rank)
         self._saves = 0
         self.last_commit: LocalCommit | None = None
         self.last_loaded: Source | None = None  # the copy the last load read (set by the coordinator)

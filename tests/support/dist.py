@@ -3,8 +3,8 @@
 Rendezvous goes through a FileStore in a temp dir, so tests never race for TCP ports. Simulated
 nodes: ``ranks_per_node`` sets LOCAL_RANK / LOCAL_WORLD_SIZE the way torchrun would. Each rank runs
 torch with one intra-op thread: on a 2-core machine shared by several ranks, more threads per process
-only add contention. Collectives time out after ``timeout`` seconds too, so a rank whose peer died
-fails instead of waiting forever.
+only add contention. Collectives time out after ``timeout`` seconds too (``collective_timeout``, where
+given), so a rank whose peer died fails instead of waiting forever.
 
 Ranks start from a fork server that has imported torch and dcp_forge once (``spawn`` would import
 torch afresh in every rank: seconds each on a loaded 2-core machine, against ~50 ms for a fork).
@@ -68,7 +68,7 @@ def _worker(rank: int, world_size: int, init_file: str, ranks_per_node: int, tim
 
 
 def run_ranks(fn: Callable, world_size: int, *args: Any, ranks_per_node: int | None = None,
-              timeout: float = 180.0) -> list[Any]:
+              timeout: float = 180.0, collective_timeout: float | None = None) -> list[Any]:
     """``fn(rank, world_size, *args)`` on every rank; returns the results in rank order.
 
     Raises AssertionError with every failing rank's traceback if any rank fails or times out.
@@ -78,7 +78,8 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, ranks_per_node: int | N
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         procs = [ctx.Process(target=_worker, daemon=True,
-                             args=(r, world_size, init_file, ranks_per_node or world_size, timeout, fn, args, results,
+                             args=(r, world_size, init_file, ranks_per_node or world_size,
+                                   collective_timeout or timeout, fn, args, results,
                                    dict(os.environ)))
                  for r in range(world_size)]
         for p in procs:
