@@ -49,6 +49,16 @@ def test_private_classes_exist_as_we_use_them():
     assert "_init_backend" in inspect.signature(torch.distributed.device_mesh.DeviceMesh.__init__).parameters
 
 
+def test_the_default_group_s_timeout_is_read_where_we_read_it():
+    # read for real on gloo ranks by tests/coordinator/test_collective_timeout_dist.py
+    from torch._C._distributed_c10d import Backend, ProcessGroup
+
+    assert hasattr(ProcessGroup, "_device_types") and hasattr(ProcessGroup, "_get_backend")
+    assert hasattr(Backend.Options, "_timeout")
+    assert callable(torch.distributed.distributed_c10d._get_default_group)
+    assert compat.default_group_timeout() is None, "no process group in this process: nothing to follow"
+
+
 def _nested():
     return {"model": {"w": torch.arange(3.0), "blocks": [torch.ones(2), {"b": torch.zeros(1)}]},
             "step": 7, "empty": {}, "names": ["a", "b"]}
