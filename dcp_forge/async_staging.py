@@ -42,11 +42,11 @@ from concurrent.futures import Future
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.staging import AsyncStager, StagingOptions
 from torch.distributed.tensor import DTensor
 
 from ._torch_compat import DeferredCopyStager, flatten_state_dict, tensor_version, tree_leaves
+from .collectives import failures
 from .core.tensors import is_plain_tensor, math_bits, with_math_bits
 from .errors import AsyncSaveError, UndeclaredMutationError
 from .format.values import is_opaque_tensor, opaque_copy
@@ -125,22 +125,13 @@ def agree(error: BaseException | None, group: Any, rank: int, what: str) -> None
     """Raise on every rank if ``error`` happened on any (so no rank starts a save the others skip).
     Collective over ``group`` (None: this process alone). The failing rank raises its own error, the
     others an AsyncSaveError naming it."""
-    if group is None:
-        if error is not None:
-            raise error
-        return
-    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64)
-    dist.all_reduce(flag, group=group)
-    if int(flag.item()) == 0:
-        return
-    reports: list[Any] = [None] * dist.get_world_size(group)
-    mine = None if error is None else f"{type(error).__name__}: {error}"
-    dist.all_gather_object(reports, mine, group=group)
+    failed = failures(group, error)
     if error is not None:
         raise error
-    failed = {r: text for r, text in enumerate(reports) if text is not None}
-    raise AsyncSaveError(f"{what} on rank(s) {sorted(failed)} (rank {min(failed)}: {failed[min(failed)]}); "
-                         f"rank {rank} was fine")
+    if failed:
+        first = min(failed)
+        raise AsyncSaveError(f"{what} on rank(s) {sorted(failed)} (rank {first}: {type(failed[first]).__name__}: "
+                             f"{failed[first]}); rank {rank} was fine")
 
 
 class StagingInFlight:

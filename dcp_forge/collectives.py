@@ -55,10 +55,29 @@ def raise_first(errors: list[BaseException | None], me: int) -> None:
     raise first
 
 
+def failures(group: Any, error: BaseException | None) -> dict[int, BaseException]:
+    """Every failing rank's error by group rank, on every rank ({}: none failed); ``error`` is this
+    rank's (None: it succeeded), given back as itself. One all-reduce when no rank failed; the
+    errors travel (pickled) only when one did."""
+    me = group_rank(group)
+    if group is None:
+        return {} if error is None else {me: error}
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64)
+    dist.all_reduce(flag, group=group)
+    if int(flag.item()) == 0:
+        return {}
+    gathered = all_gather(group, None if error is None else picklable_error(error, me))
+    failed = {rank: err for rank, err in enumerate(gathered) if err is not None}
+    if error is not None:
+        failed[me] = error  # its own traceback, not the travelled copy
+    return failed
+
+
 def agree(group: Any, error: BaseException | None) -> None:
     """Share this rank's failure (None: it succeeded); raise the lowest failing rank's on every rank."""
-    me = group_rank(group)
-    raise_first(all_gather(group, None if error is None else picklable_error(error, me)), me)
+    failed = failures(group, error)
+    if failed:
+        raise_first([failed.get(rank) for rank in range(group_size(group))], group_rank(group))
 
 
 def gather_results(group: Any, fn: Callable[[], Any]) -> list[Any]:
@@ -80,12 +99,11 @@ def on_every_rank(group: Any, fn: Callable[[], Any]) -> Any:
     For steps taken before a collective: a rank raising alone would leave the others waiting in the
     collective for it.
     """
-    me = group_rank(group)
     try:
         value, error = fn(), None
     except Exception as err:  # shared below, then raised on every rank
-        value, error = None, picklable_error(err, me)
-    raise_first(all_gather(group, error), me)
+        value, error = None, err
+    agree(group, error)
     return value
 
 
