@@ -27,7 +27,7 @@ import io
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -43,10 +43,10 @@ from torch.futures import Future
 
 from .._torch_compat import StorageInfo
 from ..core.components import ComponentLayout
-from ..core.coverage import unstored_pieces, write_result_problems
+from ..core.coverage import metadata_gaps, write_result_gaps
 from ..core.key_paths import encode_path
 from ..core.keys import top_level_key
-from ..core.placement import item_bytes
+from ..core.placement import indexed_key, item_bytes
 from ..core.tensors import math_bits, raw_view, with_math_bits
 from ..core.topology import Topology
 from ..errors import IncompleteSaveError, os_error_context
@@ -410,14 +410,19 @@ class ForgeStorageWriter(StorageWriter):
         world = self._topology.world_size if self._topology is not None else None
         if self._global_plan is None:
             problems.append("no global plan was made on this writer (prepare_global_plan was not called)")
+            written: Container[tuple[str, Any]] = {indexed_key(result) for rank_results in results
+                                                   if rank_results is not None for result in rank_results}
         else:
             if world is not None and len(self._global_plan) != world:
                 problems.append(f"the global plan has {len(self._global_plan)} rank(s), the save's topology {world}")
-            problems += write_result_problems(self._global_plan, results)
-        problems += [p.message for p in coverage_problems(metadata, metadata.state_dict_metadata, redact_url(self.url))]
-        written = [result.index for rank_results in results if rank_results is not None for result in rank_results]
+            result_gaps = write_result_gaps(self._global_plan, results)
+            problems += result_gaps.problems
+            written = result_gaps.written
+        # One walk over the metadata finds its unstored pieces and the tensors whose tiling needs checking.
+        gaps = metadata_gaps(metadata, written)
+        problems += [p.message for p in coverage_problems(metadata, gaps.not_whole, redact_url(self.url))]
         problems += [f"{len(missing)} piece(s) of {fqn!r} in the metadata have no write result"
-                     for fqn, missing in unstored_pieces(metadata, written).items()]
+                     for fqn, missing in gaps.unstored.items()]
         if problems:
             shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
             raise IncompleteSaveError(f"not committing checkpoint {redact_url(self.url)}: {shown}")
