@@ -51,12 +51,12 @@ from ..core.tensors import math_bits, raw_view, with_math_bits
 from ..core.topology import Topology
 from ..errors import IncompleteSaveError, os_error_context
 from ..format.dcp_metadata import metadata_pickle, share_equal_parts
-from ..format.index import StoredItem, encode_index
+from ..format.index import StoredItem, encode_columns
 from ..format.manifest import (
     CheckpointManifest,
     checksum_bytes,
-    component_manifests,
-    item_records_and_locations,
+    component_manifests_of,
+    item_columns_and_locations,
     versions,
 )
 from ..format.names import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE, data_file_name, new_save_id
@@ -449,16 +449,16 @@ class ForgeStorageWriter(StorageWriter):
         if self.commit_gate is not None:
             self.commit_gate()
         topology = self._topology or Topology(rank=0, world_size=max(1, len(results)))
-        records, metadata.storage_data = item_records_and_locations(metadata, results, self._layouts, StorageInfo)
+        columns, metadata.storage_data = item_columns_and_locations(metadata, results, self._layouts, StorageInfo)
         # As DCP's FileSystemWriter.finish records them: readers look for the save's ids and the version.
         metadata.storage_meta = self.storage_meta()
         metadata.version = CURRENT_DCP_VERSION
         share_equal_parts(metadata)
-        index_bytes = encode_index(records)
+        index_bytes = encode_columns(columns)
         metadata_bytes = metadata_pickle(metadata)
         manifest = CheckpointManifest(
             checkpoint_path=redact_url(self.url), world_size=topology.world_size,
-            timestamp=datetime.now(UTC), components=component_manifests(records, self._layouts, topology),
+            timestamp=datetime.now(UTC), components=component_manifests_of(columns, self._layouts, topology),
             training_args_hash=self.training_args_hash, versions=versions(), topology=topology.to_json(),
             files={METADATA_FILE: checksum_bytes(metadata_bytes), INDEX_FILE: checksum_bytes(index_bytes)},
             extra=self.extra,
@@ -477,7 +477,7 @@ class ForgeStorageWriter(StorageWriter):
         committed = self.commit_directory(record)
         self.manifest = manifest
         logger.info("%s %s: %d items, %d bytes (finish %.3fs)", "committed" if committed else "wrote the records of",
-                    redact_url(self.url), len(records), sum(r.length for r in records), time.perf_counter() - started)
+                    redact_url(self.url), len(columns["fqn"]), sum(columns["length"]), time.perf_counter() - started)
         if self.on_committed is not None:
             self.on_committed(manifest)
 
