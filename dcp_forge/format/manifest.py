@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # torch stays unimported until a save needs it (inspection to
     from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
     from torch.distributed.checkpoint.storage import WriteResult
 
+K = TypeVar("K")  # what a caller keys an item's location by
 L = TypeVar("L")  # what a caller records as an item's location
 
 # 2: small items may be packed (format/pack.py): their ranges overlap, and the index's gap columns say
@@ -143,19 +144,21 @@ def versions() -> dict[str, str]:
 
 
 def item_columns_and_locations(metadata: Metadata, results: Sequence[Sequence[WriteResult]],
-                               layouts: Mapping[str, ComponentLayout], location: Callable[[str, int, int], L]
-                               ) -> tuple[IndexColumns, dict[MetadataIndex, L]]:
+                               layouts: Mapping[str, ComponentLayout],
+                               location: Callable[[MetadataIndex, str, int, int], tuple[K, L]]
+                               ) -> tuple[IndexColumns, dict[K, L]]:
     """The index's columns, one value per stored item, joining DCP's metadata with what each writer
-    reported, and DCP's ``storage_data``: each item's ``location(file, offset, length)``; both from one
-    walk over the results, as a save of many small items pays for every walk. Each item's values go
-    into one tuple (no record per item), the tuples are sorted, then turned into columns."""
+    reported, and DCP's ``storage_data``: each item's entry ``location(index, file, offset, length)``
+    (its key and value); both from one walk over the results, as a save of many small items pays for
+    every walk. Each item's values go into one tuple (no record per item), the tuples are sorted, then
+    turned into columns."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from ..core.tensors import dtype_text
 
     saved = metadata.state_dict_metadata
     rows = []
-    locations: dict[MetadataIndex, L] = {}
+    locations: dict[K, L] = {}
     # (component, pattern) of each storage key: a component's items all share a few keys.
     of_key: dict[str, tuple[str, str]] = {}
     for rank_results in results:
@@ -163,7 +166,7 @@ def item_columns_and_locations(metadata: Metadata, results: Sequence[Sequence[Wr
             info: StoredItem = result.storage_data
             index = result.index
             fqn = index.fqn
-            locations[index] = location(info.relative_path, info.offset, info.length)
+            key, locations[key] = location(index, info.relative_path, info.offset, info.length)
             skey = top_level_key(fqn)
             if (known := of_key.get(skey)) is None:
                 known = of_key[skey] = (parse_storage_key(skey).component, pattern_of(skey, layouts).value)

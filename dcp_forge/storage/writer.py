@@ -41,7 +41,6 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from .._torch_compat import StorageInfo
 from ..core.components import ComponentLayout
 from ..core.coverage import metadata_gaps, write_result_gaps
 from ..core.key_paths import encode_path
@@ -50,7 +49,7 @@ from ..core.placement import indexed_key, item_bytes
 from ..core.tensors import math_bits, raw_view, with_math_bits
 from ..core.topology import Topology
 from ..errors import IncompleteSaveError, os_error_context
-from ..format.dcp_metadata import metadata_pickle, share_equal_parts
+from ..format.dcp_metadata import metadata_pickle, share_tensor_parts
 from ..format.index import StoredItem, encode_columns
 from ..format.manifest import (
     CheckpointManifest,
@@ -449,11 +448,13 @@ class ForgeStorageWriter(StorageWriter):
         if self.commit_gate is not None:
             self.commit_gate()
         topology = self._topology or Topology(rank=0, world_size=max(1, len(results)))
-        columns, metadata.storage_data = item_columns_and_locations(metadata, results, self._layouts, StorageInfo)
+        # Equal parts of the metadata made one object each (the pickle writes them once), its
+        # storage_data made of them as it is built.
+        parts = share_tensor_parts(metadata)
+        columns, metadata.storage_data = item_columns_and_locations(metadata, results, self._layouts, parts.location)
         # As DCP's FileSystemWriter.finish records them: readers look for the save's ids and the version.
         metadata.storage_meta = self.storage_meta()
         metadata.version = CURRENT_DCP_VERSION
-        share_equal_parts(metadata)
         index_bytes = encode_columns(columns)
         metadata_bytes = metadata_pickle(metadata)
         manifest = CheckpointManifest(

@@ -60,6 +60,10 @@ def _saved(kinds: list[int]) -> tuple[Metadata, list[WriteResult]]:
     return Metadata(state_dict_metadata=entries), results
 
 
+def _location(index: MetadataIndex, path: str, offset: int, length: int) -> tuple[MetadataIndex, StorageInfo]:
+    return index, StorageInfo(path, offset, length)
+
+
 def _stored(i: int, row: int, data: st.DataObject) -> StoredItem:
     """What a writer reports for item ``i``'s ``row``: every optional field drawn."""
     maybe = lambda strategy: data.draw(st.one_of(st.none(), strategy))  # noqa: E731
@@ -81,7 +85,7 @@ def test_columns_are_the_records_in_key_order_and_locations_under_their_own_inde
     rng.shuffle(results)
     per_rank = [results[r::ranks] for r in range(ranks)]
     layouts = {"model": ComponentLayout("model", SharingPattern.REPLICATED)}
-    columns, locations = item_columns_and_locations(metadata, per_rank, layouts, StorageInfo)
+    columns, locations = item_columns_and_locations(metadata, per_rank, layouts, _location)
     assert locations == {res.index: StorageInfo(res.storage_data.relative_path, res.storage_data.offset,
                                                 res.storage_data.length) for res in results}
     # Each record as its constructor builds it from the metadata and the result, field by field by name.
