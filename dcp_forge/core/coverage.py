@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Container, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch.distributed.checkpoint.metadata import (
@@ -23,28 +24,48 @@ from torch.distributed.checkpoint.planner import SavePlan
 from torch.distributed.checkpoint.storage import WriteResult
 
 from .placement import index_key, indexed_key
+from .tensors import one_whole_chunk
 
 
 def unstored_pieces(metadata: Metadata, stored: Collection[MetadataIndex]) -> dict[str, list[MetadataIndex]]:
     """The pieces (a tensor's chunks, a bytes value) ``metadata`` lists that ``stored`` lacks, by key."""
-    stored_keys = set(map(index_key, stored))
+    return metadata_gaps(metadata, set(map(index_key, stored))).unstored
+
+
+class MetadataGaps(NamedTuple):
+    """What one walk over a save's metadata finds (``metadata_gaps``)."""
+
+    unstored: dict[str, list[MetadataIndex]]  # as unstored_pieces gives them
+    # The tensors whose chunks are not their one whole chunk (as ``tensors.one_whole_chunk`` decides),
+    # in metadata order: the only ones whose tiling ``tensors.tiling_problem`` has to check.
+    not_whole: list[str]
+
+
+def metadata_gaps(metadata: Metadata, stored_keys: Container[tuple[str, Any]]) -> MetadataGaps:
+    """The pieces ``metadata`` lists whose ``index_key`` ``stored_keys`` lacks, and the tensors not
+    stored as one whole chunk, from one walk over the metadata: a commit asks both of every item."""
     missing = {}
+    not_whole = []
     for fqn, md in metadata.state_dict_metadata.items():
         if isinstance(md, TensorStorageMetadata):
             # Keys as index_key gives them (a MetadataIndex holds its offsets as a torch.Size, which
             # compares and hashes as its tuple): a MetadataIndex is only made for a missing piece.
             chunks = md.chunks
             if len(chunks) == 1:  # a whole tensor, or one piece of it: no list built per tensor
-                offsets = chunks[0].offsets
-                if (fqn, _as_offsets(offsets)) not in stored_keys:
+                chunk = chunks[0]
+                offsets = chunk.offsets
+                if (fqn, offsets if type(offsets) is torch.Size else _as_offsets(offsets)) not in stored_keys:
                     missing[fqn] = [MetadataIndex(fqn, offsets)]
+                if not one_whole_chunk(md.size, offsets, chunk.sizes):
+                    not_whole.append(fqn)
                 continue
+            not_whole.append(fqn)
             lacking = [offsets for offsets in map(_OFFSETS, chunks) if (fqn, _as_offsets(offsets)) not in stored_keys]
             if lacking:
                 missing[fqn] = [MetadataIndex(fqn, offsets) for offsets in lacking]
         elif isinstance(md, BytesStorageMetadata) and (fqn, None) not in stored_keys:
             missing[fqn] = [MetadataIndex(fqn)]
-    return dict(sorted(missing.items()))
+    return MetadataGaps(dict(sorted(missing.items())), not_whole)
 
 
 _OFFSETS = operator.attrgetter("offsets")
@@ -63,23 +84,48 @@ def _describe(indexes: Sequence[MetadataIndex], limit: int = 3) -> str:
 def write_result_problems(plans: Sequence[SavePlan], results: Sequence[Sequence[WriteResult] | None]) -> list[str]:
     """How the write results differ from the global plan: a rank with no results, an item planned
     on a rank that did not report writing it, or one reported that was not planned there."""
+    return write_result_gaps(plans, results).problems
+
+
+class WriteResultGaps(NamedTuple):
+    """What one walk over a save's write results finds (``write_result_gaps``)."""
+
+    problems: list[str]  # as write_result_problems gives them
+    written: Container[tuple[str, Any]]  # the index_key of every result of every rank that returned results
+
+
+def write_result_gaps(plans: Sequence[SavePlan], results: Sequence[Sequence[WriteResult] | None]) -> WriteResultGaps:
+    """``write_result_problems`` and the keys of what was written, keying each result once."""
     problems = []
     if len(results) != len(plans):
         problems.append(f"results came from {len(results)} rank(s), the plan has {len(plans)}")
+    written_keys: list[set[tuple[str, Any]]] = []
     for rank, plan in enumerate(plans):
         got = results[rank] if rank < len(results) else None
         if got is None:
             problems.append(f"rank {rank} returned no write results ({len(plan.items)} item(s) planned there)")
             continue
-        planned = Counter(map(indexed_key, plan.items))
-        written = Counter(map(indexed_key, got))
-        if dict.__eq__(planned, written):  # counts of what was counted: all positive, so equal as dicts
-            continue
-        missing = sorted((MetadataIndex(*key) for key in planned - written), key=str)
-        unplanned = sorted((MetadataIndex(*key) for key in written - planned), key=str)
-        if missing:
-            problems.append(f"rank {rank} wrote {len(got)} of its {len(plan.items)} planned item(s); "
-                            f"missing: {_describe(missing)}")
-        if unplanned:
-            problems.append(f"rank {rank} reported {len(unplanned)} item(s) not planned there: {_describe(unplanned)}")
+        written = set(map(indexed_key, got))
+        written_keys.append(written)
+        # Distinct keys on both sides (every sound save's) compare as sets; where a key repeats, the
+        # counts tell an item reported twice from one reported once.
+        planned = set(map(indexed_key, plan.items))
+        if not (len(written) == len(got) and len(planned) == len(plan.items) and planned == written):
+            problems += _rank_problems(rank, plan, got)
+    written_keys += [set(map(indexed_key, got)) for got in results[len(plans):] if got is not None]
+    return WriteResultGaps(problems, written_keys[0] if len(written_keys) == 1 else set().union(*written_keys))
+
+
+def _rank_problems(rank: int, plan: SavePlan, got: Sequence[WriteResult]) -> list[str]:
+    """How rank ``rank``'s results ``got`` differ from its plan, counting repeated keys."""
+    planned = Counter(map(indexed_key, plan.items))
+    written = Counter(map(indexed_key, got))
+    missing = sorted((MetadataIndex(*key) for key in planned - written), key=str)
+    unplanned = sorted((MetadataIndex(*key) for key in written - planned), key=str)
+    problems = []
+    if missing:
+        problems.append(f"rank {rank} wrote {len(got)} of its {len(plan.items)} planned item(s); "
+                        f"missing: {_describe(missing)}")
+    if unplanned:
+        problems.append(f"rank {rank} reported {len(unplanned)} item(s) not planned there: {_describe(unplanned)}")
     return problems

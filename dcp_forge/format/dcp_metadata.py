@@ -11,7 +11,9 @@ of each item is written apart from the name its index and flattening path use.
 distinct ``torch.Size``, each data file's name, and each key (the one ``state_dict_metadata`` uses,
 in ``planner_data`` and in every ``MetadataIndex`` of ``storage_data``). Nothing changes value or
 type, so the unpickled metadata is equal to the one written; only the pickle gets shorter and
-quicker to write and read.
+quicker to write and read. A commit shares the tensors' parts first (``share_tensor_parts``) and
+makes each ``storage_data`` entry of the shared parts as it builds it (``SharedParts.location``),
+instead of rebuilding ``storage_data`` afterwards: the same objects, one pass fewer over the items.
 
 ``metadata_pickle`` then writes it with the chunk, tensor and location records rebuilt by their
 constructors from their fields in order (pickle's ``REDUCE``), instead of an empty object and a dict
@@ -44,15 +46,50 @@ from .._torch_compat import StorageInfo
 def share_equal_parts(metadata: Metadata) -> None:
     """Make equal parts of ``metadata`` one object each (module docstring), in place. Only the
     containers of ``metadata`` are replaced or updated; every value stays equal and of its type."""
-    sizes: dict[tuple[int, ...], torch.Size] = {}
-    properties: dict[tuple, Any] = {}
+    parts = share_tensor_parts(metadata)
+    if type(metadata.storage_data) is dict:
+        storage_data = {}
+        for index, info in metadata.storage_data.items():
+            path = getattr(info, "relative_path", None)
+            if type(path) is str:
+                info.relative_path = parts.texts.setdefault(path, path)
+            storage_data[parts.index(index)] = info
+        metadata.storage_data = storage_data
 
-    def shared_size(value: Any) -> Any:
+
+class SharedParts:
+    """The one object of each equal part of a metadata (``share_tensor_parts``): what its
+    ``storage_data`` shares, whether it is shared afterwards (``share_equal_parts``) or made shared
+    (``location``)."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[tuple[int, ...], torch.Size] = {}  # a Size hashes and compares as its tuple
+        self.keys: dict[str, str] = {}  # each key of state_dict_metadata, as that dict holds it
+        self.texts: dict[str, str] = {}  # the data files' names
+
+    def size(self, value: Any) -> Any:
         if type(value) is not torch.Size:  # a plain tuple stays a tuple: only torch.Size is shared
             return value
-        return sizes.setdefault(value, value)  # a Size hashes and compares as its tuple
+        return self.sizes.setdefault(value, value)
 
-    keys: dict[str, str] = {}
+    def index(self, index: Any) -> Any:
+        """``index`` naming the shared key and offset (itself if it names them already)."""
+        if type(index) is not MetadataIndex:
+            return index
+        return _shared_index(index, self.keys.get(index.fqn, index.fqn), self.size(index.offset))
+
+    def location(self, index: MetadataIndex, path: str, offset: int, length: int) -> tuple[Any, StorageInfo]:
+        """The ``storage_data`` entry of item ``index`` stored at ``offset`` of file ``path``, made
+        of the shared parts as ``share_equal_parts`` would leave it."""
+        return self.index(index), StorageInfo(self.texts.setdefault(path, path), offset, length)
+
+
+def share_tensor_parts(metadata: Metadata) -> SharedParts:
+    """``share_equal_parts`` for all but ``storage_data``: each tensor's properties and sizes, and the
+    keys of ``planner_data``; returns the parts, which its ``storage_data`` is then made of."""
+    parts = SharedParts()
+    size, keys = parts.size, parts.keys
+    properties: dict[tuple, Any] = {}
     for fqn, md in metadata.state_dict_metadata.items():
         keys[fqn] = fqn
         if type(md) is not TensorStorageMetadata:
@@ -61,24 +98,14 @@ def share_equal_parts(metadata: Metadata) -> None:
             md.properties = properties.setdefault(_properties_key(md.properties), md.properties)
         except TypeError:  # a field that cannot be a key: this one stays as it is
             pass
-        md.size = shared_size(md.size)
+        md.size = size(md.size)
         for chunk in md.chunks:
-            chunk.offsets = shared_size(chunk.offsets)
-            chunk.sizes = shared_size(chunk.sizes)
+            chunk.offsets = size(chunk.offsets)
+            chunk.sizes = size(chunk.sizes)
     if type(metadata.planner_data) is dict:
         metadata.planner_data = {keys.get(k, k) if type(k) is str else k: path
                                  for k, path in metadata.planner_data.items()}
-    if type(metadata.storage_data) is dict:
-        texts: dict[str, str] = {}
-        storage_data = {}
-        for index, info in metadata.storage_data.items():
-            if type(index) is MetadataIndex:
-                index = _shared_index(index, keys.get(index.fqn, index.fqn), shared_size(index.offset))
-            path = getattr(info, "relative_path", None)
-            if type(path) is str:
-                info.relative_path = texts.setdefault(path, path)
-            storage_data[index] = info
-        metadata.storage_data = storage_data
+    return parts
 
 
 def _properties_key(value: Any) -> tuple:

@@ -121,8 +121,8 @@ INDEX_SCHEMA = pa.schema([
 _OPTIONAL_COLUMNS = frozenset({"data_offset", "key_path", "math_bits", "gap_offset", "gap_length"})
 
 
-_RECORD_FIELDS = tuple(f.name for f in fields(ItemRecord))
-_record_row = operator.attrgetter(*_RECORD_FIELDS)
+RECORD_FIELDS = tuple(f.name for f in fields(ItemRecord))
+_record_row = operator.attrgetter(*RECORD_FIELDS)
 
 
 def new_record(fields: dict[str, Any]) -> ItemRecord:
@@ -134,11 +134,30 @@ def new_record(fields: dict[str, Any]) -> ItemRecord:
     return record
 
 
-def encode_index(records: Sequence[ItemRecord]) -> bytes:
+# The index's columns by name, each holding one value per item (in INDEX_SCHEMA's order, which is
+# ItemRecord's field order): how a commit builds the index without a record per item.
+IndexColumns = dict[str, list[Any]]
+
+
+def record_columns(records: Sequence[ItemRecord]) -> IndexColumns:
+    """The columns of ``records``."""
     # Row by row, then transposed: one visit per record, where a pass per column would walk every
     # record once for each field.
-    transposed = zip(*map(_record_row, records), strict=True) if records else ([] for _ in _RECORD_FIELDS)
-    columns = {name: list(column) for name, column in zip(_RECORD_FIELDS, transposed, strict=True)}
+    return row_columns(list(map(_record_row, records)))
+
+
+def row_columns(rows: Sequence[tuple]) -> IndexColumns:
+    """The columns of ``rows``, each a tuple of an item's values in RECORD_FIELDS order."""
+    transposed = zip(*rows, strict=True) if rows else ([] for _ in RECORD_FIELDS)
+    return {name: list(column) for name, column in zip(RECORD_FIELDS, transposed, strict=True)}
+
+
+def encode_index(records: Sequence[ItemRecord]) -> bytes:
+    return encode_columns(record_columns(records))
+
+
+def encode_columns(columns: IndexColumns) -> bytes:
+    """``index.parquet`` holding ``columns`` (every column of INDEX_SCHEMA)."""
     table = pa.table(columns, schema=INDEX_SCHEMA)
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd", use_dictionary=_DICTIONARY_COLUMNS,
@@ -200,7 +219,7 @@ def decode_index(data: bytes) -> list[ItemRecord]:
 def records_from_table(table: pa.Table) -> list[ItemRecord]:
     """One ``ItemRecord`` per row of an index table with every column (``read_index_table``)."""
     # Column by column, then one record per row: twice as fast as table.to_pylist()'s dict per row.
-    names = _RECORD_FIELDS
+    names = RECORD_FIELDS
     columns = [_tuples(table[name]) if name in _TUPLE_COLUMNS else table[name].to_pylist() for name in names]
     return [new_record(dict(zip(names, row, strict=True))) for row in zip(*columns, strict=True)]
 

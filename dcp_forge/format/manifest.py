@@ -24,12 +24,13 @@ from ..core.keys import StorageKey, parse_storage_key, top_level_key
 from ..core.patterns import SharingPattern
 from ..core.topology import Topology
 from ..errors import ComponentDeclarationError, IntegrityError, UnsupportedFormatError
-from .index import ItemRecord, StoredItem, new_record
+from .index import RECORD_FIELDS, IndexColumns, ItemRecord, StoredItem, row_columns
 
 if TYPE_CHECKING:  # torch stays unimported until a save needs it (inspection tools start without it)
     from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
     from torch.distributed.checkpoint.storage import WriteResult
 
+K = TypeVar("K")  # what a caller keys an item's location by
 L = TypeVar("L")  # what a caller records as an item's location
 
 # 2: small items may be packed (format/pack.py): their ranges overlap, and the index's gap columns say
@@ -142,19 +143,22 @@ def versions() -> dict[str, str]:
     return {"dcp_forge": __version__, "torch": torch.__version__, "format": str(FORMAT_VERSION)}
 
 
-def item_records_and_locations(metadata: Metadata, results: Sequence[Sequence[WriteResult]],
-                               layouts: Mapping[str, ComponentLayout], location: Callable[[str, int, int], L]
-                               ) -> tuple[list[ItemRecord], dict[MetadataIndex, L]]:
-    """One record per stored item, joining DCP's metadata with what each writer reported, and DCP's
-    ``storage_data``: each item's ``location(file, offset, length)``; both from one walk over the
-    results, as a save of many small items pays for every walk."""
+def item_columns_and_locations(metadata: Metadata, results: Sequence[Sequence[WriteResult]],
+                               layouts: Mapping[str, ComponentLayout],
+                               location: Callable[[MetadataIndex, str, int, int], tuple[K, L]]
+                               ) -> tuple[IndexColumns, dict[K, L]]:
+    """The index's columns, one value per stored item, joining DCP's metadata with what each writer
+    reported, and DCP's ``storage_data``: each item's entry ``location(index, file, offset, length)``
+    (its key and value); both from one walk over the results, as a save of many small items pays for
+    every walk. Each item's values go into one tuple (no record per item), the tuples are sorted, then
+    turned into columns."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from ..core.tensors import dtype_text
 
     saved = metadata.state_dict_metadata
-    records = []
-    locations: dict[MetadataIndex, L] = {}
+    rows = []
+    locations: dict[K, L] = {}
     # (component, pattern) of each storage key: a component's items all share a few keys.
     of_key: dict[str, tuple[str, str]] = {}
     for rank_results in results:
@@ -162,7 +166,7 @@ def item_records_and_locations(metadata: Metadata, results: Sequence[Sequence[Wr
             info: StoredItem = result.storage_data
             index = result.index
             fqn = index.fqn
-            locations[index] = location(info.relative_path, info.offset, info.length)
+            key, locations[key] = location(index, info.relative_path, info.offset, info.length)
             skey = top_level_key(fqn)
             if (known := of_key.get(skey)) is None:
                 known = of_key[skey] = (parse_storage_key(skey).component, pattern_of(skey, layouts).value)
@@ -173,21 +177,20 @@ def item_records_and_locations(metadata: Metadata, results: Sequence[Sequence[Wr
                 sizes = _chunk_sizes(md, offsets)
             else:
                 kind, dtype, shape, sizes = "bytes", None, None, None
-            records.append(new_record({
-                "component": known[0], "pattern": known[1], "storage_key": skey, "fqn": fqn, "kind": kind,
-                "dtype": dtype, "shape": shape, "chunk_offsets": offsets, "chunk_sizes": sizes,
-                "file": info.relative_path, "offset": info.offset, "length": info.length, "checksum": info.checksum,
-                "rank": info.rank, "data_offset": info.data_offset, "key_path": info.key_path,
-                "math_bits": info.math_bits, "gap_offset": info.gap_offset, "gap_length": info.gap_length,
-            }))
-    # Where every fqn is stored once (no tensor in chunks), its name alone orders the records as
-    # _record_order does, and strings compare quicker than tuples.
-    distinct = len(set(map(_FQN, records))) == len(records)
-    records.sort(key=_FQN if distinct else _record_order)
-    return records, locations
+            # In RECORD_FIELDS order: the item's record, then the rest as its writer reported it.
+            rows.append((known[0], known[1], skey, fqn, kind, dtype, shape, offsets, sizes, *_STORED(info)))
+    # Where every fqn is stored once (no tensor in chunks), its name alone orders the rows as
+    # _row_order does, and strings compare quicker than tuples.
+    distinct = len(set(map(_FQN, rows))) == len(rows)
+    rows.sort(key=_FQN if distinct else _row_order)
+    return row_columns(rows), locations
 
 
-_FQN = operator.attrgetter("fqn")
+# What a writer reported of an item (StoredItem), in RECORD_FIELDS order from "file" on.
+_STORED = operator.attrgetter("relative_path", "offset", "length", "checksum", "rank", "data_offset", "key_path",
+                              "math_bits", "gap_offset", "gap_length")
+_FQN = operator.itemgetter(RECORD_FIELDS.index("fqn"))
+_CHUNK_OFFSETS = RECORD_FIELDS.index("chunk_offsets")
 
 
 def _chunk_sizes(md: TensorStorageMetadata, offsets: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -199,8 +202,8 @@ def _chunk_sizes(md: TensorStorageMetadata, offsets: tuple[int, ...] | None) -> 
     return tuple(chunk.sizes) if chunk is not None else tuple(md.size)
 
 
-def _record_order(record: ItemRecord) -> tuple:
-    return (record.fqn, record.chunk_offsets or ())
+def _row_order(row: tuple) -> tuple:
+    return (_FQN(row), row[_CHUNK_OFFSETS] or ())
 
 
 def pattern_of(storage_key: str, layouts: Mapping[str, ComponentLayout]) -> SharingPattern:
@@ -213,22 +216,40 @@ def pattern_of(storage_key: str, layouts: Mapping[str, ComponentLayout]) -> Shar
 
 def component_manifests(records: Sequence[ItemRecord], layouts: Mapping[str, ComponentLayout],
                         topology: Topology) -> dict[str, ComponentManifest]:
-    by_copy: dict[str, list[ItemRecord]] = defaultdict(list)
-    for skey, run in itertools.groupby(records, key=_STORAGE_KEY):  # a copy's records mostly come together
-        by_copy[skey] += run
+    """The manifest of each component ``records`` hold (``component_manifests_of`` their columns)."""
+    columns = {name: list(map(operator.attrgetter(name), records)) for name in _MANIFEST_COLUMNS}
+    return component_manifests_of(columns, layouts, topology)
+
+
+# The index columns a component's manifest adds up.
+_MANIFEST_COLUMNS = ("storage_key", "rank", "length", "gap_length", "checksum")
+
+
+def component_manifests_of(columns: Mapping[str, Sequence[Any]], layouts: Mapping[str, ComponentLayout],
+                           topology: Topology) -> dict[str, ComponentManifest]:
+    """The manifest of each component whose items ``columns`` (the index's columns, at least
+    ``_MANIFEST_COLUMNS``) hold."""
+    skeys, ranks, lengths, gaps, checksums = (columns[name] for name in _MANIFEST_COLUMNS)
+    # Each copy's items as runs of positions: a copy's items mostly come together.
+    by_copy: dict[str, list[slice]] = defaultdict(list)
+    start = 0
+    for skey, run in itertools.groupby(skeys):
+        stop = start + len(list(run))
+        by_copy[skey].append(slice(start, stop))
+        start = stop
     components: dict[str, ComponentManifest] = {}
     for skey in sorted(by_copy):
-        items = by_copy[skey]
+        runs = by_copy[skey]
         parsed = parse_storage_key(skey)
         pattern = pattern_of(skey, layouts)
         layout = layouts.get(parsed.component)
         group = parsed.group_name or (layout.group_name if layout else None)
         holders = _holders_of_copy(parsed, pattern, topology)
-        # Field by field in C (a copy may hold thousands of records); the bytes are each record's stored_bytes.
+        # Summed in C (a copy may hold thousands of items); the bytes are each item's stored_bytes.
         copy = CopyManifest(
-            holders=list(holders), writers=sorted(set(map(_RANK, items))),
-            size_bytes=sum(map(_LENGTH, items)) - sum(filter(None, map(_GAP_LENGTH, items))),
-            checksum=combine_checksums(list(map(_CHECKSUM, items))),
+            holders=list(holders), writers=sorted(set(_gathered(ranks, runs))),
+            size_bytes=sum(_gathered(lengths, runs)) - sum(filter(None, _gathered(gaps, runs))),
+            checksum=combine_checksums(_gathered(checksums, runs)),
         )
         comp = components.setdefault(parsed.component, ComponentManifest(
             key=parsed.component, sharing_pattern=pattern.value, ranks=[], replicated_across=None,
@@ -244,8 +265,11 @@ def component_manifests(records: Sequence[ItemRecord], layouts: Mapping[str, Com
     return components
 
 
-_STORAGE_KEY, _RANK, _LENGTH, _GAP_LENGTH, _CHECKSUM = map(
-    operator.attrgetter, ("storage_key", "rank", "length", "gap_length", "checksum"))
+
+
+def _gathered(column: Sequence[Any], runs: Sequence[slice]) -> Sequence[Any]:
+    """The values of ``column`` in ``runs``, one run after the other."""
+    return column[runs[0]] if len(runs) == 1 else [value for run in runs for value in column[run]]
 
 
 def _holders_of_copy(parsed: StorageKey, pattern: SharingPattern, topology: Topology) -> tuple[int, ...]:

@@ -27,7 +27,7 @@ import io
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -41,22 +41,21 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from .._torch_compat import StorageInfo
 from ..core.components import ComponentLayout
-from ..core.coverage import unstored_pieces, write_result_problems
+from ..core.coverage import metadata_gaps, write_result_gaps
 from ..core.key_paths import encode_path
 from ..core.keys import top_level_key
-from ..core.placement import item_bytes
+from ..core.placement import indexed_key, item_bytes
 from ..core.tensors import math_bits, raw_view, with_math_bits
 from ..core.topology import Topology
 from ..errors import IncompleteSaveError, os_error_context
-from ..format.dcp_metadata import metadata_pickle, share_equal_parts
-from ..format.index import StoredItem, encode_index
+from ..format.dcp_metadata import metadata_pickle, share_tensor_parts
+from ..format.index import StoredItem, encode_columns
 from ..format.manifest import (
     CheckpointManifest,
     checksum_bytes,
-    component_manifests,
-    item_records_and_locations,
+    component_manifests_of,
+    item_columns_and_locations,
     versions,
 )
 from ..format.names import COMMIT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE, data_file_name, new_save_id
@@ -410,14 +409,19 @@ class ForgeStorageWriter(StorageWriter):
         world = self._topology.world_size if self._topology is not None else None
         if self._global_plan is None:
             problems.append("no global plan was made on this writer (prepare_global_plan was not called)")
+            written: Container[tuple[str, Any]] = {indexed_key(result) for rank_results in results
+                                                   if rank_results is not None for result in rank_results}
         else:
             if world is not None and len(self._global_plan) != world:
                 problems.append(f"the global plan has {len(self._global_plan)} rank(s), the save's topology {world}")
-            problems += write_result_problems(self._global_plan, results)
-        problems += [p.message for p in coverage_problems(metadata, metadata.state_dict_metadata, redact_url(self.url))]
-        written = [result.index for rank_results in results if rank_results is not None for result in rank_results]
+            result_gaps = write_result_gaps(self._global_plan, results)
+            problems += result_gaps.problems
+            written = result_gaps.written
+        # One walk over the metadata finds its unstored pieces and the tensors whose tiling needs checking.
+        gaps = metadata_gaps(metadata, written)
+        problems += [p.message for p in coverage_problems(metadata, gaps.not_whole, redact_url(self.url))]
         problems += [f"{len(missing)} piece(s) of {fqn!r} in the metadata have no write result"
-                     for fqn, missing in unstored_pieces(metadata, written).items()]
+                     for fqn, missing in gaps.unstored.items()]
         if problems:
             shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
             raise IncompleteSaveError(f"not committing checkpoint {redact_url(self.url)}: {shown}")
@@ -444,16 +448,18 @@ class ForgeStorageWriter(StorageWriter):
         if self.commit_gate is not None:
             self.commit_gate()
         topology = self._topology or Topology(rank=0, world_size=max(1, len(results)))
-        records, metadata.storage_data = item_records_and_locations(metadata, results, self._layouts, StorageInfo)
+        # Equal parts of the metadata made one object each (the pickle writes them once), its
+        # storage_data made of them as it is built.
+        parts = share_tensor_parts(metadata)
+        columns, metadata.storage_data = item_columns_and_locations(metadata, results, self._layouts, parts.location)
         # As DCP's FileSystemWriter.finish records them: readers look for the save's ids and the version.
         metadata.storage_meta = self.storage_meta()
         metadata.version = CURRENT_DCP_VERSION
-        share_equal_parts(metadata)
-        index_bytes = encode_index(records)
+        index_bytes = encode_columns(columns)
         metadata_bytes = metadata_pickle(metadata)
         manifest = CheckpointManifest(
             checkpoint_path=redact_url(self.url), world_size=topology.world_size,
-            timestamp=datetime.now(UTC), components=component_manifests(records, self._layouts, topology),
+            timestamp=datetime.now(UTC), components=component_manifests_of(columns, self._layouts, topology),
             training_args_hash=self.training_args_hash, versions=versions(), topology=topology.to_json(),
             files={METADATA_FILE: checksum_bytes(metadata_bytes), INDEX_FILE: checksum_bytes(index_bytes)},
             extra=self.extra,
@@ -472,7 +478,7 @@ class ForgeStorageWriter(StorageWriter):
         committed = self.commit_directory(record)
         self.manifest = manifest
         logger.info("%s %s: %d items, %d bytes (finish %.3fs)", "committed" if committed else "wrote the records of",
-                    redact_url(self.url), len(records), sum(r.length for r in records), time.perf_counter() - started)
+                    redact_url(self.url), len(columns["fqn"]), sum(columns["length"]), time.perf_counter() - started)
         if self.on_committed is not None:
             self.on_committed(manifest)
 

@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.planner_helpers import _create_write_items
 
 from dcp_forge._torch_compat import StorageInfo
 from dcp_forge.core.placement import ChunkPolicy, split_large_tensors
-from dcp_forge.format.dcp_metadata import metadata_pickle, share_equal_parts
+from dcp_forge.format.dcp_metadata import metadata_pickle, share_equal_parts, share_tensor_parts
 from dcp_forge.format.safe_load import load_dcp_metadata
 
 _values = st.one_of(
@@ -62,6 +62,26 @@ def test_shared_metadata_unpickles_equal_with_the_same_types(state: dict[str, ob
             assert loaded == original
             assert _typed(loaded) == _typed(original)
     assert len(compact) <= len(written) <= len(pickle.dumps(original))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.text("ab.", min_size=1, max_size=6).map(lambda s: "model." + s), _values, max_size=8),
+       st.lists(st.sampled_from(["__0_0.distcp", "__0_1.distcp", "__1_0.distcp"]), min_size=1, max_size=3))
+def test_locations_made_of_the_shared_parts_pickle_as_locations_shared_afterwards(state: dict[str, object],
+                                                                                   files: list[str]) -> None:
+    """How a commit builds storage_data (each entry made of the shared parts as it is built) writes the
+    same bytes as sharing every part of the finished metadata."""
+    afterwards = _metadata(state, files)
+    for info in afterwards.storage_data.values():  # each name its own object, as the writers report them
+        info.relative_path = "".join(info.relative_path)
+    as_built = copy.deepcopy(afterwards)
+    share_equal_parts(afterwards)
+    parts = share_tensor_parts(as_built)
+    entries = [parts.location(index, info.relative_path, info.offset, info.length)
+               for index, info in as_built.storage_data.items()]
+    as_built.storage_data = dict(entries)
+    assert metadata_pickle(as_built) == metadata_pickle(afterwards)
+    assert pickle.loads(metadata_pickle(as_built)) == pickle.loads(metadata_pickle(afterwards))
 
 
 def test_equal_parts_are_written_once() -> None:

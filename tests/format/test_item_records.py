@@ -1,6 +1,7 @@
-"""The index records and DCP locations a commit builds from its write results (manifest.py): one
-record per result, in (fqn, chunk offsets) order whatever order the writers reported in, and each
-result's location under its own index; and the manifest's sums over each copy's records."""
+"""The index columns and DCP locations a commit builds from its write results (manifest.py): the
+columns of the records the metadata and each result make, in (fqn, chunk offsets) order whatever order
+the writers reported in, and each result's location under its own index; and the manifest's sums over
+each copy's items."""
 
 from __future__ import annotations
 
@@ -24,8 +25,21 @@ from dcp_forge.core.components import ComponentLayout
 from dcp_forge.core.keys import StorageKey, parse_storage_key
 from dcp_forge.core.patterns import SharingPattern
 from dcp_forge.core.topology import Topology
-from dcp_forge.format.index import StoredItem, new_record
-from dcp_forge.format.manifest import combine_checksums, component_manifests, item_records_and_locations
+from dcp_forge.format.index import (
+    ItemRecord,
+    StoredItem,
+    decode_index,
+    encode_columns,
+    encode_index,
+    new_record,
+    record_columns,
+)
+from dcp_forge.format.manifest import (
+    combine_checksums,
+    component_manifests,
+    component_manifests_of,
+    item_columns_and_locations,
+)
 
 
 def _saved(kinds: list[int]) -> tuple[Metadata, list[WriteResult]]:
@@ -46,26 +60,53 @@ def _saved(kinds: list[int]) -> tuple[Metadata, list[WriteResult]]:
     return Metadata(state_dict_metadata=entries), results
 
 
+def _location(index: MetadataIndex, path: str, offset: int, length: int) -> tuple[MetadataIndex, StorageInfo]:
+    return index, StorageInfo(path, offset, length)
+
+
+def _stored(i: int, row: int, data: st.DataObject) -> StoredItem:
+    """What a writer reports for item ``i``'s ``row``: every optional field drawn."""
+    maybe = lambda strategy: data.draw(st.one_of(st.none(), strategy))  # noqa: E731
+    gap_offset = maybe(st.integers(0, 5))
+    return StoredItem(data.draw(st.sampled_from(["__0_0.distcp", "__1_0.distcp"])), 100 * i + row, 12,
+                      f"{i}-{row}", data.draw(st.integers(0, 3)), maybe(st.integers(0, 9)),
+                      maybe(st.sampled_from(['["a", 1]', '[2]'])), maybe(st.sampled_from(["conj", "neg"])),
+                      gap_offset, None if gap_offset is None else data.draw(st.integers(0, 5)))
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(0, 3), min_size=1, max_size=30), st.randoms(use_true_random=False),
-       st.integers(1, 3))
-def test_records_are_in_key_order_and_locations_under_their_own_index(kinds: list[int], rng: random.Random,
-                                                                      ranks: int) -> None:
+       st.integers(1, 3), st.data())
+def test_columns_are_the_records_in_key_order_and_locations_under_their_own_index(
+        kinds: list[int], rng: random.Random, ranks: int, data: st.DataObject) -> None:
     metadata, results = _saved(kinds)
+    results = [WriteResult(r.index, r.size_in_bytes, _stored(i, int((r.index.offset or [0])[0]), data))
+               for i, r in enumerate(results)]
     rng.shuffle(results)
     per_rank = [results[r::ranks] for r in range(ranks)]
-    records, locations = item_records_and_locations(metadata, per_rank, {}, StorageInfo)
-    assert len(records) == len(results)
-    order = [(r.fqn, r.chunk_offsets or ()) for r in records]
-    assert order == sorted(order)
+    layouts = {"model": ComponentLayout("model", SharingPattern.REPLICATED)}
+    columns, locations = item_columns_and_locations(metadata, per_rank, layouts, _location)
     assert locations == {res.index: StorageInfo(res.storage_data.relative_path, res.storage_data.offset,
                                                 res.storage_data.length) for res in results}
-    for record in records:
-        md = metadata.state_dict_metadata[record.fqn]
-        if isinstance(md, TensorStorageMetadata):
-            assert (record.kind, record.shape, record.chunk_sizes) == ("tensor", tuple(md.size), (1, 3))
-        else:
-            assert (record.kind, record.shape, record.chunk_offsets) == ("bytes", None, None)
+    # Each record as its constructor builds it from the metadata and the result, field by field by name.
+    expected = []
+    for res in results:
+        info, md = res.storage_data, metadata.state_dict_metadata[res.index.fqn]
+        tensor = isinstance(md, TensorStorageMetadata)
+        offsets = tuple(res.index.offset) if res.index.offset is not None else None
+        expected.append(ItemRecord(
+            component="model", pattern="replicated", storage_key="model", fqn=res.index.fqn,
+            kind="tensor" if tensor else "bytes", dtype="torch.float32" if tensor else None,
+            shape=tuple(md.size) if tensor else None, chunk_offsets=offsets, chunk_sizes=(1, 3) if tensor else None,
+            file=info.relative_path, offset=info.offset, length=info.length, checksum=info.checksum, rank=info.rank,
+            data_offset=info.data_offset, key_path=info.key_path, math_bits=info.math_bits,
+            gap_offset=info.gap_offset, gap_length=info.gap_length))
+    expected.sort(key=lambda r: (r.fqn, r.chunk_offsets or ()))
+    assert record_columns(expected) == columns
+    assert encode_columns(columns) == encode_index(expected)
+    assert decode_index(encode_columns(columns)) == expected
+    assert component_manifests_of(columns, layouts, Topology(rank=0, world_size=4)) == component_manifests(
+        expected, layouts, Topology(rank=0, world_size=4))
 
 
 RANK_KEY = str(StorageKey("rng", SharingPattern.PER_RANK, rank=1))

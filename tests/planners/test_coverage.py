@@ -4,6 +4,7 @@ rank loads), and the writer and planner refusing a save that lacks a rank."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -30,10 +31,11 @@ from dcp_forge import (
     verify_checkpoint,
 )
 from dcp_forge.core.components import layouts_from
-from dcp_forge.core.coverage import unstored_pieces, write_result_problems
+from dcp_forge.core.coverage import metadata_gaps, unstored_pieces, write_result_gaps, write_result_problems
 from dcp_forge.core.keys import StorageKey
 from dcp_forge.core.patterns import SharingPattern
 from dcp_forge.core.placement import ChunkPolicy
+from dcp_forge.core.tensors import tiling_problem
 from dcp_forge.core.topology import Topology
 from dcp_forge.errors import first_rank_failure
 from dcp_forge.planners import ForgeSavePlanner
@@ -52,6 +54,7 @@ from tests.support.strategies import (
     reshard_cases,
     save_metadata,
     save_plans,
+    tilings,
 )
 
 SETTINGS = settings(max_examples=100, deadline=None)
@@ -190,3 +193,91 @@ def test_unstored_pieces_are_exactly_the_listed_pieces_without_a_result(kinds, d
         if piece not in stored:
             expected.setdefault(piece.fqn, []).append(piece)
     assert unstored_pieces(Metadata(entries), stored) == dict(sorted(expected.items()))
+
+
+# --- the commit's one walk over results and one over metadata find every defect ------------------------
+
+
+@pytest.fixture(scope="module")
+def two_rank_save(tmp_path_factory):
+    """One real two-rank save's writer, metadata and results; examples damage copies of them."""
+    return _two_rank_save(str(tmp_path_factory.mktemp("save") / "c"))
+
+
+def _damaged(defect: str, metadata: Metadata, results: list, data) -> tuple[Metadata, list, str]:
+    """Copies of a sound save's ``metadata`` and ``results`` with one ``defect``, and what the refusal says."""
+    metadata, results = copy.deepcopy(metadata), [list(got) for got in results]
+    rank = data.draw(st.integers(0, 1), label="rank")
+    at = data.draw(st.integers(0, len(results[rank]) - 1), label="result")
+    result = results[rank][at]
+    if defect == "missing":
+        del results[rank][at]
+        return metadata, results, f"rank {rank} wrote {len(results[rank])} of its"
+    if defect == "duplicated":
+        results[rank].append(result)
+        return metadata, results, f"rank {rank} reported 1 item(s) not planned there"
+    if defect == "unplanned":
+        results[rank].append(WriteResult(MetadataIndex("model.ghost"), 1, result.storage_data))
+        return metadata, results, f"rank {rank} reported 1 item(s) not planned there: model.ghost"
+    if defect == "moved":  # reported by the other rank than the one it was planned on
+        results[1 - rank].append(results[rank].pop(at))
+        return metadata, results, f"rank {1 - rank} reported 1 item(s) not planned there"
+    if defect == "no rank":
+        results[rank] = None
+        return metadata, results, f"rank {rank} returned no write results"
+    if defect == "unstored":  # the metadata lists a value no rank wrote
+        metadata.state_dict_metadata["model.ghost"] = BytesStorageMetadata()
+        return metadata, results, "1 piece(s) of 'model.ghost' in the metadata have no write result"
+    # The chunks of "model.w" (cut into four row-chunks) no longer tile it.
+    chunks = metadata.state_dict_metadata["model.w"].chunks
+    chunk = chunks[data.draw(st.integers(0, len(chunks) - 1), label="chunk")]
+    if defect == "gap":
+        chunk.sizes = torch.Size([chunk.sizes[0] - 1])
+        return metadata, results, "tensor 'model.w' of component 'model' cannot be loaded exactly: its chunks cover"
+    chunk.offsets = torch.Size([chunk.offsets[0] + 1])  # "shifted": it overlaps its neighbour or leaves the tensor
+    return metadata, results, "tensor 'model.w' of component 'model' cannot be loaded exactly"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["missing", "duplicated", "unplanned", "moved", "no rank", "unstored", "gap", "shifted"]),
+       st.data())
+def test_each_kind_of_defect_is_refused_by_the_commit(two_rank_save, defect, data):
+    writer, metadata, results = two_rank_save
+    assert len(metadata.state_dict_metadata["model.w"].chunks) > 1
+    damaged, partial, said = _damaged(defect, metadata, results, data)
+    with pytest.raises(IncompleteSaveError, match="not committing checkpoint") as err:
+        writer.finish(damaged, partial)
+    assert said in str(err.value)
+    backend, native = open_backend(writer.url)
+    assert checkpoint_state(backend, native) is CheckpointState.PARTIAL
+
+
+@SETTINGS
+@given(st.lists(tilings(), min_size=1, max_size=5))
+def test_the_metadata_walk_leaves_out_only_tensors_whose_chunks_tile_them(cases):
+    """Every tensor the walk takes for one whole chunk is tiled by it: the commit checks the others."""
+    entries = {}
+    for i, (shape, boxes) in enumerate(cases):
+        chunks = [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in boxes]
+        entries[f"model.t{i}"] = TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size(shape), chunks)
+    metadata = Metadata(entries)
+    gaps = metadata_gaps(metadata, set())
+    for fqn, md in entries.items():
+        if fqn not in gaps.not_whole:
+            assert tiling_problem(md.size, [(c.offsets, c.sizes) for c in md.chunks]) is None
+    assert coverage_problems(metadata, gaps.not_whole, "ckpt") == coverage_problems(metadata, entries, "ckpt")
+    assert sorted(gaps.unstored) == sorted(fqn for fqn, md in entries.items() if md.chunks)
+
+
+@SETTINGS
+@given(jobs(max_world=4), st.data())
+def test_the_written_keys_are_those_of_every_result(job, data):
+    plans, planners = local_plans(job)
+    global_plans, _ = planners[0].create_global_plan(plans)
+    results = [[WriteResult(item.index, 1, None) for item in plan.items] for plan in global_plans]
+    if data.draw(st.booleans()):
+        results[data.draw(st.integers(0, len(results) - 1))] = None
+    gaps = write_result_gaps(global_plans, results)
+    every = {(result.index.fqn, result.index.offset) for got in results if got is not None for result in got}
+    assert {key for key in every if key in gaps.written} == every
+    assert gaps.problems == write_result_problems(global_plans, results)
