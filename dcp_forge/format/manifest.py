@@ -265,8 +265,6 @@ def component_manifests_of(columns: Mapping[str, Sequence[Any]], layouts: Mappin
     return components
 
 
-
-
 def _gathered(column: Sequence[Any], runs: Sequence[slice]) -> Sequence[Any]:
     """The values of ``column`` in ``runs``, one run after the other."""
     return column[runs[0]] if len(runs) == 1 else [value for run in runs for value in column[run]]
