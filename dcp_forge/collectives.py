@@ -22,8 +22,8 @@ def checkpoint_group() -> Any:
     """A new gloo group of every rank, for dcp_forge's own collectives (collective: every rank calls it).
 
     It waits as long as the job's default group (``init_process_group(timeout=)``): made with
-    ``new_group`` alone it would wait gloo's 30 minutes, so a rank whose peer died in a save would hang
-    that long whatever the job asked for."""
+    ``new_group`` alone it would wait gloo's 30 minutes, so a rank whose peer is stuck (alive, never
+    reaching the save's collective) would wait that long whatever the job asked for."""
     return dist.new_group(backend="gloo", timeout=default_group_timeout())
 
 
