@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from collections.abc import Collection, Container, Sequence
+from collections.abc import Container, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -23,19 +23,14 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan
 from torch.distributed.checkpoint.storage import WriteResult
 
-from .placement import index_key, indexed_key
+from .placement import indexed_key
 from .tensors import one_whole_chunk
-
-
-def unstored_pieces(metadata: Metadata, stored: Collection[MetadataIndex]) -> dict[str, list[MetadataIndex]]:
-    """The pieces (a tensor's chunks, a bytes value) ``metadata`` lists that ``stored`` lacks, by key."""
-    return metadata_gaps(metadata, set(map(index_key, stored))).unstored
 
 
 class MetadataGaps(NamedTuple):
     """What one walk over a save's metadata finds (``metadata_gaps``)."""
 
-    unstored: dict[str, list[MetadataIndex]]  # as unstored_pieces gives them
+    unstored: dict[str, list[MetadataIndex]]  # the pieces (a tensor's chunks, a bytes value) lacking, by key
     # The tensors whose chunks are not their one whole chunk (as ``tensors.one_whole_chunk`` decides),
     # in metadata order: the only ones whose tiling ``tensors.tiling_problem`` has to check.
     not_whole: list[str]
@@ -81,21 +76,18 @@ def _describe(indexes: Sequence[MetadataIndex], limit: int = 3) -> str:
     return ", ".join(shown) + (f" and {len(indexes) - limit} more" if len(indexes) > limit else "")
 
 
-def write_result_problems(plans: Sequence[SavePlan], results: Sequence[Sequence[WriteResult] | None]) -> list[str]:
-    """How the write results differ from the global plan: a rank with no results, an item planned
-    on a rank that did not report writing it, or one reported that was not planned there."""
-    return write_result_gaps(plans, results).problems
-
-
 class WriteResultGaps(NamedTuple):
     """What one walk over a save's write results finds (``write_result_gaps``)."""
 
-    problems: list[str]  # as write_result_problems gives them
+    # How the write results differ from the global plan: a rank with no results, an item planned
+    # on a rank that did not report writing it, or one reported that was not planned there.
+    problems: list[str]
     written: Container[tuple[str, Any]]  # the index_key of every result of every rank that returned results
 
 
 def write_result_gaps(plans: Sequence[SavePlan], results: Sequence[Sequence[WriteResult] | None]) -> WriteResultGaps:
-    """``write_result_problems`` and the keys of what was written, keying each result once."""
+    """How the write results differ from the plans, and the keys of what was written, keying each
+    result once."""
     problems = []
     if len(results) != len(plans):
         problems.append(f"results came from {len(results)} rank(s), the plan has {len(plans)}")

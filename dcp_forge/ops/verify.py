@@ -42,7 +42,8 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from ..core.coverage import unstored_pieces
+from ..core.coverage import metadata_gaps
+from ..core.placement import index_key
 from ..core.tensors import dtype_named
 from ..errors import IntegrityError
 from ..format.index import ItemRecord, own_pieces
@@ -217,11 +218,13 @@ def _metadata_problems(metadata: Metadata, records: Sequence[ItemRecord] | None,
         if not isinstance(md, (BytesStorageMetadata, TensorStorageMetadata)):
             problems.append(Problem(ProblemKind.MALFORMED, f"{where}/{METADATA_FILE}: {fqn!r} has unknown "
                                     f"metadata {type(md).__name__}", METADATA_FILE, component_of(fqn)))
-    for fqn, missing in unstored_pieces(metadata, locations).items():
+    # One walk over the metadata finds its pieces without a location and the tensors whose tiling needs checking.
+    gaps = metadata_gaps(metadata, set(map(index_key, locations)))
+    for fqn, missing in gaps.unstored.items():
         problems.append(Problem(
             ProblemKind.INCOMPLETE, f"{where}/{METADATA_FILE}: {len(missing)} stored piece(s) of {fqn!r} "
             f"have no location (e.g. offsets {tuple(missing[0].offset or ())})", METADATA_FILE, component_of(fqn)))
-    problems += coverage_problems(metadata, metadata.state_dict_metadata, where)
+    problems += coverage_problems(metadata, gaps.not_whole, where)
 
     check = ItemCheck(metadata, records, where)
     listed: set[tuple[str, int]] = set()

@@ -31,10 +31,10 @@ from dcp_forge import (
     verify_checkpoint,
 )
 from dcp_forge.core.components import layouts_from
-from dcp_forge.core.coverage import metadata_gaps, unstored_pieces, write_result_gaps, write_result_problems
+from dcp_forge.core.coverage import metadata_gaps, write_result_gaps
 from dcp_forge.core.keys import StorageKey
 from dcp_forge.core.patterns import SharingPattern
-from dcp_forge.core.placement import ChunkPolicy
+from dcp_forge.core.placement import ChunkPolicy, index_key
 from dcp_forge.core.tensors import tiling_problem
 from dcp_forge.core.topology import Topology
 from dcp_forge.errors import first_rank_failure
@@ -106,18 +106,18 @@ def test_write_results_must_cover_every_planned_item_of_every_rank(job, data):
     global_plans, metadata = planners[0].create_global_plan(plans)
     assert coverage_problems(metadata, metadata.state_dict_metadata, "ckpt") == []
     results = [[WriteResult(item.index, 1, None) for item in plan.items] for plan in global_plans]
-    assert write_result_problems(global_plans, results) == []
+    assert write_result_gaps(global_plans, results).problems == []
 
     rank = data.draw(st.integers(0, len(results) - 1))
     without_rank = [None if r == rank else got for r, got in enumerate(results)]
-    assert any(f"rank {rank} returned no write results" in p for p in write_result_problems(global_plans, without_rank))
-    assert write_result_problems(global_plans, results[:rank])  # fewer ranks reported than planned
+    assert any(f"rank {rank} returned no write results" in p for p in write_result_gaps(global_plans, without_rank).problems)
+    assert write_result_gaps(global_plans, results[:rank]).problems  # fewer ranks reported than planned
     if results[rank]:
         dropped = data.draw(st.integers(0, len(results[rank]) - 1))
         short = [got if r != rank else got[:dropped] + got[dropped + 1:] for r, got in enumerate(results)]
-        assert any(p.startswith(f"rank {rank} wrote") for p in write_result_problems(global_plans, short))
+        assert any(p.startswith(f"rank {rank} wrote") for p in write_result_gaps(global_plans, short).problems)
         doubled = [got if r != rank else got + got[:1] for r, got in enumerate(results)]
-        assert any(f"rank {rank} reported" in p for p in write_result_problems(global_plans, doubled))
+        assert any(f"rank {rank} reported" in p for p in write_result_gaps(global_plans, doubled).problems)
 
 
 # --- the writer and planner refuse -------------------------------------------------------------
@@ -192,7 +192,7 @@ def test_unstored_pieces_are_exactly_the_listed_pieces_without_a_result(kinds, d
     for piece in pieces:
         if piece not in stored:
             expected.setdefault(piece.fqn, []).append(piece)
-    assert unstored_pieces(Metadata(entries), stored) == dict(sorted(expected.items()))
+    assert metadata_gaps(Metadata(entries), set(map(index_key, stored))).unstored == dict(sorted(expected.items()))
 
 
 # --- the commit's one walk over results and one over metadata find every defect ------------------------
@@ -280,4 +280,3 @@ def test_the_written_keys_are_those_of_every_result(job, data):
     gaps = write_result_gaps(global_plans, results)
     every = {(result.index.fqn, result.index.offset) for got in results if got is not None for result in got}
     assert {key for key in every if key in gaps.written} == every
-    assert gaps.problems == write_result_problems(global_plans, results)
