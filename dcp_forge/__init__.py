@@ -16,6 +16,7 @@ _EXPORTS = {
     "DrainError": "errors",
     "CheckpointExistsError": "errors",
     "CheckpointNotFoundError": "errors",
+    "CollectiveTimeoutError": "errors",
     "ComponentDeclarationError": "errors",
     "ForgeError": "errors",
     "IncompleteSaveError": "errors",
@@ -74,7 +75,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AsyncOptions", "AsyncSaveError", "AsyncSaveHandle", "CheckpointCoordinator", "CheckpointExistsError",
-    "CheckpointManifest", "CheckpointNotFoundError", "ComponentDeclarationError", "ComponentManifest", "DrainError",
+    "CheckpointManifest", "CheckpointNotFoundError", "CollectiveTimeoutError", "ComponentDeclarationError", "ComponentManifest", "DrainError",
     "ForgeError", "IncompleteSaveError", "IntegrityError", "LoadResult", "LocalTier", "LocationNotFoundError",
     "MissingComponentError", "ModelState", "OptimizerState",
     "Problem", "ProblemKind", "RNGState", "ReplicationError", "SharingPattern", "StateComponent", "StateMismatchError",

@@ -8,6 +8,7 @@ The errors they share travel pickled; one that cannot be pickled still stops eve
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ._torch_compat import default_group_timeout
+from .errors import collective_timeout_context
 from .rank_exchange import picklable_error
 
 
@@ -25,6 +27,19 @@ def checkpoint_group() -> Any:
     ``new_group`` alone it would wait gloo's 30 minutes, so a rank whose peer is stuck (alive, never
     reaching the save's collective) would wait that long whatever the job asked for."""
     return dist.new_group(backend="gloo", timeout=default_group_timeout())
+
+
+def waiting_in(group: Any, step: str) -> contextlib.AbstractContextManager[None]:
+    """Around ``step``, which runs collectives over ``group`` (dcp_forge's; None: one process, none):
+    if one times out, a CollectiveTimeoutError naming this rank, the step and how long it waited."""
+    if group is None:
+        return contextlib.nullcontext()
+
+    def context() -> str:
+        timeout = default_group_timeout()
+        waited = f"{timeout} (the job's collective timeout)" if timeout is not None else "its collective timeout"
+        return f"rank {dist.get_rank(group)} of {dist.get_world_size(group)} waited {waited} in {step}"
+    return collective_timeout_context(context)
 
 
 def group_rank(group: Any) -> int:

@@ -31,7 +31,7 @@ import os
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -106,6 +106,21 @@ def _rank_errors(failed_save: ForgeStorageWriter | None = None, group: Any = Non
         if original is None:
             raise
         raise original from exc
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _collective(method: Callable[Concatenate[CheckpointCoordinator, _P], _R]
+                ) -> Callable[Concatenate[CheckpointCoordinator, _P], _R]:
+    """A public method whose collectives (ours and DCP's, over the coordinator's group), if one times
+    out waiting for a peer rank, raise CollectiveTimeoutError naming the method, the rank and the wait."""
+    @functools.wraps(method)
+    def call(self: CheckpointCoordinator, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with collectives.waiting_in(self.group, f"{method.__name__} (its collectives over dcp_forge's process group)"):
+            return method(self, *args, **kwargs)
+    return call
 
 
 class CheckpointCoordinator(ClosesOnExit):
@@ -283,6 +298,7 @@ class CheckpointCoordinator(ClosesOnExit):
     def _state_to_save(self) -> dict[str, Any]:
         return {c.key: c.stateful for c in self.components}
 
+    @_collective
     def save_checkpoint(self, checkpoint_path: str | os.PathLike | None = None, checkpoint_id: str | None = None,
                         validate: bool = False, extra: Mapping[str, Any] | None = None, *,
                         drain: bool | None = None) -> str:
@@ -316,6 +332,7 @@ class CheckpointCoordinator(ClosesOnExit):
         logger.info("rank %d: saved %s", self.rank, redact_url(path))
         return path
 
+    @_collective
     def async_save(self, checkpoint_path: str | os.PathLike | None = None, checkpoint_id: str | None = None,
                    validate: bool = False, extra: Mapping[str, Any] | None = None, *,
                    drain: bool | None = None) -> AsyncSaveHandle:
@@ -424,6 +441,7 @@ class CheckpointCoordinator(ClosesOnExit):
             raise CheckpointNotFoundError(f"no committed checkpoint under {redact_url(self.output_dir)}")
         return latest
 
+    @_collective
     def load_checkpoint(self, checkpoint_path: str | os.PathLike | None = None, strict: bool = True, *,
                         components: Iterable[str] | None = None, keys: Mapping[str, Iterable[str]] | None = None,
                         read_once: bool | None = None) -> LoadResult:

@@ -115,6 +115,12 @@ class DrainError(ForgeError, RuntimeError):
     """
 
 
+class CollectiveTimeoutError(ForgeError, TimeoutError):
+    """A collective over dcp_forge's own process group waited the job's collective timeout
+    (``init_process_group(timeout=)``) for a peer rank that never reached it: stuck, or not calling the
+    same collective operation (a save, a load) as the others."""
+
+
 class UndeclaredMutationError(AsyncSaveError):
     """An overlapped async save saw its state change in place before its staging copy was done.
 
@@ -197,6 +203,21 @@ def os_error_with_context(err: OSError, context: str, path: str | None = None) -
     for note in getattr(err, "__notes__", ()):
         rebuilt.add_note(note)
     return rebuilt
+
+
+@contextlib.contextmanager
+def collective_timeout_context(context: Callable[[], str]) -> Iterator[None]:
+    """A collective inside that times out raises CollectiveTimeoutError saying ``context()`` (which
+    rank waited, in what, for how long). The backends report a timeout as a RuntimeError whose text
+    says it timed out; every other error passes unchanged."""
+    try:
+        yield
+    except ForgeError:
+        raise
+    except RuntimeError as err:
+        if "timed out" not in str(err).lower():
+            raise
+        raise CollectiveTimeoutError(f"{context()}: a peer rank never reached it ({err})") from err
 
 
 @contextlib.contextmanager

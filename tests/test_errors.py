@@ -1,4 +1,5 @@
-"""expect_type: the declaration type check every public constructor runs, returning the value it checked."""
+"""expect_type: the declaration type check every public constructor runs, returning the value it checked;
+collective_timeout_context: a collective that timed out says which rank waited, in what, for how long."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dcp_forge.errors import DeclarationTypeError, expect_type
+from dcp_forge.errors import (
+    CollectiveTimeoutError,
+    DeclarationTypeError,
+    IncompleteSaveError,
+    collective_timeout_context,
+    expect_type,
+)
 
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=4),
                    st.binary(max_size=4), st.lists(st.integers(), max_size=2),
@@ -38,3 +45,21 @@ def test_bools_are_not_ints_unless_bool_is_expected():
     with pytest.raises(DeclarationTypeError, match="must be <int> .*got True that is a <bool>"):
         expect_type("n", True, int)
     assert expect_type("flag", True, bool) is True
+
+
+def test_a_timed_out_collective_is_a_timeout_error_saying_who_waited_in_what():
+    gloo = RuntimeError("[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 10000ms for recv operation")
+    waited = "rank 0 of 2 waited 0:00:10 in save_checkpoint"
+    with pytest.raises(CollectiveTimeoutError) as caught, collective_timeout_context(lambda: waited):
+        raise gloo
+    assert isinstance(caught.value, TimeoutError) and caught.value.__cause__ is gloo
+    assert str(caught.value).startswith("rank 0 of 2 waited 0:00:10 in save_checkpoint: a peer rank never reached "
+                                        "it ([../gloo")
+
+
+@pytest.mark.parametrize("error", [RuntimeError("Connection closed by peer"), ValueError("timed out"),
+                                   IncompleteSaveError("timed out, but ours")])
+def test_other_errors_pass_a_collective_s_context_unchanged(error):
+    with pytest.raises(type(error)) as caught, collective_timeout_context(lambda: "unused"):
+        raise error
+    assert caught.value is error

@@ -54,6 +54,10 @@ def test_a_save_whose_peer_never_comes_fails_after_the_job_s_timeout(ranks, tmp_
     assert first["job"] == second["job"] == job
     assert first["checkpoint"] == second["checkpoint"] == job, "the checkpoint group waits as long as the job's"
     assert "error" in first, f"rank 0's save without its peer returned ({first['seconds']:.1f} s)"
+    called = "save_checkpoint" if mode == "sync" else "async_save"
+    assert first["error"].startswith(f"CollectiveTimeoutError: rank 0 of 2 waited 0:00:10 (the job's collective "
+                                     f"timeout) in {called} (its collectives over dcp_forge's process group)"), first["error"]
+    assert "a peer rank never reached it" in first["error"]
     # one or two collectives of the failed save (its own, then its cleanup's) each wait out the timeout
     assert first["seconds"] < 6 * JOB_TIMEOUT_S, (first["seconds"], first["error"])
     assert not os.path.exists(os.path.join(root, "checkpoint-1", COMMIT_FILE)), "nothing committed"
