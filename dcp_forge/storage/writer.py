@@ -163,7 +163,6 @@ def _packable(item: WriteItem, data: Any, form: Any) -> torch.Tensor | memoryvie
     return tensor if packable_tensor(tensor) else None
 
 
-
 class _Packs:
     """The pack being filled in one data file: small items and large tensors each in packs of their
     own kind (pack.py), one pack open at a time, closed when full, when an item of the other kind
